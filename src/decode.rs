@@ -1,0 +1,235 @@
+//! Request bodies to record values. JSON is validated without building a tree and forwarded as
+//! the original bytes; NDJSON lines are slices of the body; only forms are re-encoded.
+
+use bytes::Bytes;
+use serde::de::IgnoredAny;
+
+use crate::config::Payload;
+
+/// How a body is read, from the route's payload setting and the Content-Type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// One JSON document.
+    Json,
+    /// `application/x-www-form-urlencoded`, produced as a JSON object.
+    Form,
+    /// One JSON document per non-empty line.
+    Ndjson,
+    /// Bytes as they are.
+    Raw,
+}
+
+/// Why a body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Nothing to produce.
+    #[error("empty body")]
+    Empty,
+    /// Not JSON.
+    #[error("invalid json: {0}")]
+    Json(String),
+    /// One NDJSON line is not JSON (1-based line number).
+    #[error("line {0}: invalid json: {1}")]
+    Line(usize, String),
+    /// A form that does not decode.
+    #[error("invalid form: {0}")]
+    Form(String),
+    /// A Content-Type this route does not read.
+    #[error("unsupported content type {0:?}; use application/json, application/x-www-form-urlencoded or application/x-ndjson")]
+    UnsupportedType(String),
+    /// More NDJSON records than `max_records`.
+    #[error("more than {0} records in one request")]
+    TooManyRecords(usize),
+}
+
+impl BodyKind {
+    /// Picks the reader for a body. A missing Content-Type means JSON.
+    pub fn of(payload: Payload, content_type: Option<&str>) -> Result<BodyKind, DecodeError> {
+        if payload == Payload::Raw {
+            return Ok(BodyKind::Raw);
+        }
+        let Some(ct) = content_type else {
+            return Ok(BodyKind::Json);
+        };
+        let media = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        match media.as_str() {
+            "application/json" | "text/json" => Ok(BodyKind::Json),
+            m if m.starts_with("application/") && m.ends_with("+json") => Ok(BodyKind::Json),
+            "application/x-www-form-urlencoded" => Ok(BodyKind::Form),
+            "application/x-ndjson" | "application/ndjson" | "application/jsonl"
+            | "application/x-jsonlines" | "application/jsonlines" => Ok(BodyKind::Ndjson),
+            _ => Err(DecodeError::UnsupportedType(ct.to_string())),
+        }
+    }
+}
+
+/// Turns a body into record values, all or nothing.
+pub fn decode(kind: BodyKind, body: Bytes, max_records: usize) -> Result<Vec<Bytes>, DecodeError> {
+    if body.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    match kind {
+        BodyKind::Raw => Ok(vec![body]),
+        BodyKind::Json => {
+            check_json(&body).map_err(DecodeError::Json)?;
+            Ok(vec![body])
+        }
+        BodyKind::Form => Ok(vec![form_to_json(&body)?]),
+        BodyKind::Ndjson => ndjson(body, max_records),
+    }
+}
+
+/// Strict JSON check: UTF-8 first (serde_json skips string bytes unchecked), then one document
+/// with nothing but whitespace after it. No tree is built.
+pub fn check_json(bytes: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+    serde_json::from_str::<IgnoredAny>(text).map(drop).map_err(|e| e.to_string())
+}
+
+fn ndjson(body: Bytes, max_records: usize) -> Result<Vec<Bytes>, DecodeError> {
+    let mut records = Vec::new();
+    let mut start = 0;
+    for (index, line) in body.split(|&b| b == b'\n').enumerate() {
+        let end = start + line.len();
+        let line_start = start;
+        start = end + 1;
+        let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
+        if trimmed.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        check_json(trimmed).map_err(|e| DecodeError::Line(index + 1, e))?;
+        if records.len() == max_records {
+            return Err(DecodeError::TooManyRecords(max_records));
+        }
+        records.push(body.slice(line_start..line_start + trimmed.len()));
+    }
+    if records.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    Ok(records)
+}
+
+/// `a=1&b=2&a=3` → `{"a":["1","3"],"b":"2"}`: keys in first-seen order, repeated keys as arrays.
+pub fn form_to_json(body: &[u8]) -> Result<Bytes, DecodeError> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_bytes(body).map_err(|e| DecodeError::Form(e.to_string()))?;
+    let mut fields: Vec<(String, Vec<String>)> = Vec::new();
+    for (key, value) in pairs {
+        match fields.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, values)) => values.push(value),
+            None => fields.push((key, vec![value])),
+        }
+    }
+    let mut out = Vec::with_capacity(body.len() + 16);
+    out.push(b'{');
+    for (i, (key, values)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_string(&mut out, key);
+        out.push(b':');
+        match values.as_slice() {
+            [one] => write_json_string(&mut out, one),
+            many => {
+                out.push(b'[');
+                for (j, v) in many.iter().enumerate() {
+                    if j > 0 {
+                        out.push(b',');
+                    }
+                    write_json_string(&mut out, v);
+                }
+                out.push(b']');
+            }
+        }
+    }
+    out.push(b'}');
+    Ok(Bytes::from(out))
+}
+
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn content_types() {
+        let of = |ct| BodyKind::of(Payload::Auto, ct);
+        assert_eq!(of(None), Ok(BodyKind::Json));
+        assert_eq!(of(Some("application/json; charset=utf-8")), Ok(BodyKind::Json));
+        assert_eq!(of(Some("Application/Vnd.API+JSON")), Ok(BodyKind::Json));
+        assert_eq!(of(Some("application/x-www-form-urlencoded")), Ok(BodyKind::Form));
+        assert_eq!(of(Some("application/x-ndjson")), Ok(BodyKind::Ndjson));
+        assert!(matches!(of(Some("text/plain")), Err(DecodeError::UnsupportedType(_))));
+        assert_eq!(BodyKind::of(Payload::Raw, Some("image/png")), Ok(BodyKind::Raw));
+    }
+
+    #[test]
+    fn json_gate_is_strict() {
+        for bad in [
+            &b"{\"a\":1,}"[..],
+            b"[1,2",
+            b"tru",
+            b"\"\xff\"",
+            b"\"a\x01\"",
+            b"\"\\q\"",
+            b"{} x",
+            b"01",
+            b"\"\\u12G4\"",
+            b"1 2",
+            b"   ",
+        ] {
+            assert!(check_json(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        for good in [&b"{\"a\":[1,2.5,null,true]}"[..], b" 1 ", b"\"\\ud800\"", b"{}\n"] {
+            assert!(check_json(good).is_ok());
+        }
+    }
+
+    #[test]
+    fn json_is_forwarded_byte_for_byte() {
+        let body = Bytes::from_static(b" {\"b\": 1,\n \"a\":2} ");
+        assert_eq!(decode(BodyKind::Json, body.clone(), 10).unwrap(), vec![body]);
+        assert_eq!(decode(BodyKind::Json, Bytes::new(), 10), Err(DecodeError::Empty));
+    }
+
+    #[test]
+    fn forms_become_objects() {
+        let json = form_to_json(b"b=x+y&a=%22q%22&b=2&flag").unwrap();
+        assert_eq!(&json[..], br#"{"b":["x y","2"],"a":"\"q\"","flag":""}"#);
+        assert_eq!(&form_to_json(b"test=a").unwrap()[..], br#"{"test":"a"}"#);
+    }
+
+    #[test]
+    fn ndjson_is_all_or_nothing() {
+        let body = Bytes::from_static(b"{\"a\":1}\r\n\n  \n[2]\n");
+        let recs = decode(BodyKind::Ndjson, body, 10).unwrap();
+        assert_eq!(recs, vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"[2]")]);
+        let err = decode(BodyKind::Ndjson, Bytes::from_static(b"1\n2\n{x\n"), 10).unwrap_err();
+        assert!(matches!(err, DecodeError::Line(3, _)), "{err}");
+        let err = decode(BodyKind::Ndjson, Bytes::from_static(b"1\n2\n3"), 2).unwrap_err();
+        assert_eq!(err, DecodeError::TooManyRecords(2));
+        assert_eq!(decode(BodyKind::Ndjson, Bytes::from_static(b"\n\n"), 2), Err(DecodeError::Empty));
+    }
+
+    proptest! {
+        #[test]
+        fn form_output_is_valid_json_with_every_key(pairs in proptest::collection::vec(("[a-z%+=& ]{0,6}", ".{0,6}"), 0..8)) {
+            let body = serde_urlencoded::to_string(&pairs).unwrap();
+            let json = form_to_json(body.as_bytes()).unwrap();
+            let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            for (k, _) in &pairs {
+                prop_assert!(value.get(k).is_some());
+            }
+        }
+
+        #[test]
+        fn ndjson_never_panics(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode(BodyKind::Ndjson, Bytes::from(body), 5);
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The one place where an outcome becomes an HTTP status. Every failed request ends here, so the
+//! contract in the README (503 = not written, 504 = maybe written) is decided in one function.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use rdkafka::error::RDKafkaErrorCode;
+use serde::Serialize;
+
+use crate::decode::DecodeError;
+use crate::kafka::SendError;
+use crate::kafka::delivery::Persisted;
+
+/// Per-record result in a failed multi-record sync reply.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum RecordReport {
+    /// Written here.
+    Written {
+        /// Partition.
+        partition: i32,
+        /// Offset.
+        offset: i64,
+    },
+    /// Not acknowledged.
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+/// Why a request was not (fully) served.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// 400: the request itself is wrong.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 403: the brokers refuse kafboy this topic.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404: no such path.
+    #[error("not found")]
+    NoRoute,
+    /// 404: no such topic, or not on the allowlist.
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    /// 413: too large.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 415: a body type this route does not read.
+    #[error("{0}")]
+    UnsupportedType(String),
+    /// 503 + Retry-After: not accepted; definitely not written.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 504: the outcome is unknown; the record may have been written.
+    #[error("{0}")]
+    Unknown(String),
+    /// A sync request with several records where some were not acknowledged.
+    #[error("{message}")]
+    Partial {
+        /// Status decided by [`delivery_status`] over all records.
+        status: StatusCode,
+        /// Summary.
+        message: String,
+        /// One entry per record, in request order.
+        records: Vec<RecordReport>,
+    },
+}
+
+impl IngestError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            IngestError::Forbidden(_) => StatusCode::FORBIDDEN,
+            IngestError::NoRoute | IngestError::UnknownTopic(_) => StatusCode::NOT_FOUND,
+            IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::UnsupportedType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Unknown(_) => StatusCode::GATEWAY_TIMEOUT,
+            IngestError::Partial { status, .. } => *status,
+        }
+    }
+
+    /// The error for one record that librdkafka reported as failed.
+    pub fn from_delivery(error: RDKafkaErrorCode, persisted: Persisted) -> IngestError {
+        let message = format!("not delivered: {error}");
+        match delivery_status(error, persisted) {
+            StatusCode::PAYLOAD_TOO_LARGE => IngestError::TooLarge(message),
+            StatusCode::NOT_FOUND => IngestError::UnknownTopic(message),
+            StatusCode::FORBIDDEN => IngestError::Forbidden(message),
+            StatusCode::BAD_REQUEST => IngestError::BadRequest(message),
+            StatusCode::SERVICE_UNAVAILABLE => IngestError::Unavailable(message),
+            _ => IngestError::Unknown(format!("{message}; the record may have been written")),
+        }
+    }
+}
+
+/// Status for a record librdkafka gave up on. Permanent refusals by the broker keep their
+/// meaning; everything else is 503 when librdkafka says the record was never persisted and 504
+/// when it may have been.
+pub fn delivery_status(error: RDKafkaErrorCode, persisted: Persisted) -> StatusCode {
+    use RDKafkaErrorCode as E;
+    match (error, persisted) {
+        (E::MessageSizeTooLarge | E::InvalidMessageSize | E::MessageBatchTooLarge, _) => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        (E::UnknownTopicOrPartition | E::UnknownTopic | E::UnknownPartition, Persisted::No) => {
+            StatusCode::NOT_FOUND
+        }
+        (E::TopicAuthorizationFailed | E::ClusterAuthorizationFailed, Persisted::No) => {
+            StatusCode::FORBIDDEN
+        }
+        (E::InvalidRecord | E::InvalidMessage, Persisted::No) => {
+            StatusCode::BAD_REQUEST
+        }
+        (_, Persisted::No) => StatusCode::SERVICE_UNAVAILABLE,
+        (_, Persisted::Possibly) => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
+impl From<DecodeError> for IngestError {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::UnsupportedType(_) => IngestError::UnsupportedType(e.to_string()),
+            DecodeError::TooManyRecords(_) => IngestError::TooLarge(e.to_string()),
+            _ => IngestError::BadRequest(e.to_string()),
+        }
+    }
+}
+
+impl From<SendError> for IngestError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::QueueFull => IngestError::Unavailable("producer queue full".into()),
+            SendError::TooBig => IngestError::TooLarge("request larger than the producer queue".into()),
+            SendError::Fatal => IngestError::Unavailable("producer failed; restarting".into()),
+            SendError::Refused { accepted: 0, error } => {
+                IngestError::from_delivery(error, Persisted::No)
+            }
+            SendError::Refused { accepted, error } => IngestError::Unknown(format!(
+                "only the first {accepted} records were queued ({error}); they may be written"
+            )),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    records: Option<&'a [RecordReport]>,
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = self.to_string();
+        let records = match &self {
+            IngestError::Partial { records, .. } => Some(records.as_slice()),
+            _ => None,
+        };
+        let mut response = crate::server::json(status, &Body { error: &message, records });
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_persisted_is_503_possibly_persisted_is_504() {
+        use RDKafkaErrorCode as E;
+        assert_eq!(delivery_status(E::MessageTimedOut, Persisted::No), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(delivery_status(E::MessageTimedOut, Persisted::Possibly), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(delivery_status(E::PurgeQueue, Persisted::No), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(delivery_status(E::MessageSizeTooLarge, Persisted::No), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(delivery_status(E::UnknownTopicOrPartition, Persisted::Possibly), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(delivery_status(E::TopicAuthorizationFailed, Persisted::No), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn partial_enqueue_is_never_503() {
+        let e = IngestError::from(SendError::Refused { accepted: 2, error: RDKafkaErrorCode::QueueFull });
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+        let e = IngestError::from(SendError::Refused { accepted: 0, error: RDKafkaErrorCode::QueueFull });
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn error_bodies_are_escaped_json_with_retry_after_on_503() {
+        let r = IngestError::Unavailable("a \"quoted\"\nline".into()).into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+    }
+}

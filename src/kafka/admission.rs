@@ -1,0 +1,111 @@
+//! Room in a producer's queue, counted by kafboy itself: a request takes room for all its records
+//! at once (so an NDJSON request is queued whole or not at all), waits a bounded time for it, and
+//! delivery reports give it back. librdkafka's own limits sit above these, so its QueueFull is
+//! not the normal path.
+
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+/// Record and byte budgets of one producer queue.
+#[derive(Debug)]
+pub struct Admission {
+    records: Semaphore,
+    bytes: Semaphore,
+    max_records: usize,
+    max_bytes: usize,
+}
+
+/// Why room could not be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The wait ran out; the queue is full.
+    Full,
+    /// The request alone is bigger than the whole queue.
+    TooBig,
+}
+
+impl Admission {
+    /// A queue of at most `max_records` records and `max_bytes` key + value bytes.
+    pub fn new(max_records: usize, max_bytes: usize) -> Admission {
+        let max_records = max_records.min(Semaphore::MAX_PERMITS);
+        let max_bytes = max_bytes.min(Semaphore::MAX_PERMITS);
+        Admission {
+            records: Semaphore::new(max_records),
+            bytes: Semaphore::new(max_bytes),
+            max_records,
+            max_bytes,
+        }
+    }
+
+    /// Takes room for `records` records of `bytes` bytes in all, waiting at most `wait`.
+    pub async fn acquire(&self, records: usize, bytes: usize, wait: Duration) -> Result<(), Refused> {
+        if records > self.max_records || bytes > self.max_bytes {
+            return Err(Refused::TooBig);
+        }
+        let (Ok(n), Ok(b)) = (u32::try_from(records), u32::try_from(bytes)) else {
+            return Err(Refused::TooBig);
+        };
+        // Fast path without a timer: most requests find room at once.
+        if let Ok(permit) = self.records.try_acquire_many(n) {
+            if let Ok(bytes_permit) = self.bytes.try_acquire_many(b) {
+                permit.forget();
+                bytes_permit.forget();
+                return Ok(());
+            }
+            drop(permit);
+        }
+        let both = async {
+            // Closing is never done, so acquiring can only wait, not fail.
+            let r = self.records.acquire_many(n).await.map_err(|_| Refused::Full)?;
+            let b = self.bytes.acquire_many(b).await.map_err(|_| Refused::Full)?;
+            r.forget();
+            b.forget();
+            Ok(())
+        };
+        tokio::time::timeout(wait, both).await.unwrap_or(Err(Refused::Full))
+    }
+
+    /// Gives back room taken by [`Admission::acquire`].
+    pub fn release(&self, records: usize, bytes: usize) {
+        self.records.add_permits(records);
+        self.bytes.add_permits(bytes);
+    }
+
+    /// Records currently holding room.
+    pub fn queued(&self) -> usize {
+        self.max_records - self.records.available_permits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn full_queue_refuses_after_the_wait_and_reopens_on_release() {
+        let a = Admission::new(3, 100);
+        let wait = Duration::from_millis(100);
+        a.acquire(2, 10, wait).await.unwrap();
+        assert_eq!(a.acquire(2, 10, wait).await, Err(Refused::Full));
+        a.acquire(1, 10, wait).await.unwrap();
+        assert_eq!(a.queued(), 3);
+        a.release(2, 10);
+        a.acquire(2, 10, wait).await.unwrap();
+        assert_eq!(a.acquire(1, 1000, wait).await, Err(Refused::TooBig));
+        assert_eq!(a.acquire(4, 1, wait).await, Err(Refused::TooBig));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gets_room_released_during_its_wait() {
+        let a = std::sync::Arc::new(Admission::new(1, 100));
+        a.acquire(1, 1, Duration::ZERO).await.unwrap();
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { a.acquire(1, 1, Duration::from_secs(1)).await })
+        };
+        tokio::task::yield_now().await;
+        a.release(1, 1);
+        assert_eq!(waiter.await.unwrap(), Ok(()));
+    }
+}

@@ -1,0 +1,173 @@
+//! The producer context: delivery reports, librdkafka's logs and errors. This is the one module
+//! that calls librdkafka directly, for the message status that rust-rdkafka's `FutureProducer`
+//! throws away: it is what tells "definitely not written" (503) from "maybe written" (504).
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rdkafka::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::IntoOpaque;
+use tokio::sync::oneshot;
+
+use super::admission::Admission;
+
+/// Whether a record that failed may be on the broker anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persisted {
+    /// It was never sent, or the broker refused it: retrying cannot duplicate.
+    No,
+    /// It was sent and no answer came: a retry may duplicate.
+    Possibly,
+}
+
+/// What became of one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Acknowledged by the broker.
+    Delivered {
+        /// Partition written.
+        partition: i32,
+        /// Offset written.
+        offset: i64,
+    },
+    /// Not acknowledged.
+    Failed {
+        /// librdkafka's error.
+        error: RDKafkaErrorCode,
+        /// Whether it may have been written anyway.
+        persisted: Persisted,
+    },
+}
+
+/// Per-record tag handed through librdkafka: where to send the outcome, if anyone waits for it.
+/// `None` (async records) costs no allocation: it travels as a null pointer.
+pub struct Waiter(pub Option<Box<oneshot::Sender<Outcome>>>);
+
+impl IntoOpaque for Waiter {
+    fn into_ptr(self) -> *mut c_void {
+        match self.0 {
+            Some(sender) => Box::into_raw(sender).cast(),
+            None => std::ptr::null_mut(),
+        }
+    }
+
+    unsafe fn from_ptr(ptr: *mut c_void) -> Self {
+        if ptr.is_null() {
+            return Waiter(None);
+        }
+        // SAFETY: a non-null pointer came from `Box::into_raw` in `into_ptr`, and librdkafka hands
+        // each message's opaque back exactly once (delivery report, or a failed send).
+        Waiter(Some(unsafe { Box::from_raw(ptr.cast()) }))
+    }
+}
+
+/// Counters of what happened to the records a producer accepted.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Records acknowledged by the broker.
+    pub delivered: AtomicU64,
+    /// Records that failed after they were accepted.
+    pub failed: AtomicU64,
+}
+
+/// The context every kafboy producer runs with.
+pub struct Context {
+    /// Name of the producer, for logs.
+    pub name: String,
+    /// Queue room, given back as reports arrive.
+    pub admission: Arc<Admission>,
+    /// Delivery counters.
+    pub tally: Arc<Tally>,
+    /// Set once librdkafka reports a fatal error; the producer accepts nothing after it.
+    pub fatal: Arc<AtomicBool>,
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        let name = &self.name;
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(producer = %name, fac, "{message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(producer = %name, fac, "{message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(producer = %name, fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(producer = %name, fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            self.fatal.store(true, Ordering::SeqCst);
+            tracing::error!(producer = %self.name, %reason, "fatal producer error; not ready");
+        } else {
+            // Transport errors come and go with broker restarts; librdkafka retries them itself.
+            tracing::warn!(producer = %self.name, %error, %reason, "kafka client error");
+        }
+    }
+}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = Waiter;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, waiter: Waiter) {
+        let (message, error) = match result {
+            Ok(m) => (m, None),
+            Err((e, m)) => (m, Some(e)),
+        };
+        self.admission.release(1, record_bytes(message));
+        let outcome = match error {
+            None => {
+                self.tally.delivered.fetch_add(1, Ordering::Relaxed);
+                Outcome::Delivered {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                }
+            }
+            Some(error) => {
+                self.tally.failed.fetch_add(1, Ordering::Relaxed);
+                let code = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+                Outcome::Failed {
+                    error: code,
+                    persisted: persisted(message),
+                }
+            }
+        };
+        match (waiter.0, &outcome) {
+            // The requester may have given up (deadline, disconnect); the outcome is counted anyway.
+            (Some(tx), _) => drop(tx.send(outcome)),
+            (None, Outcome::Failed { error, persisted }) => tracing::warn!(
+                producer = %self.name,
+                topic = message.topic(),
+                error = %error,
+                ?persisted,
+                "accepted record not delivered"
+            ),
+            (None, Outcome::Delivered { .. }) => {}
+        }
+    }
+}
+
+/// Key plus value bytes: what [`Admission`] counts for a record.
+pub fn record_bytes(message: &BorrowedMessage<'_>) -> usize {
+    message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len)
+}
+
+fn persisted(message: &BorrowedMessage<'_>) -> Persisted {
+    // SAFETY: `ptr()` is the live rd_kafka_message_t of this delivery report, valid for the
+    // duration of the callback; rd_kafka_message_status only reads it.
+    let status = unsafe { rdkafka::bindings::rd_kafka_message_status(message.ptr()) };
+    match status {
+        rdkafka::bindings::rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_NOT_PERSISTED => Persisted::No,
+        _ => Persisted::Possibly,
+    }
+}

@@ -1,0 +1,176 @@
+//! The topics the brokers have, cached: a known topic costs a hash lookup, an unknown one gets a
+//! fast 404 instead of librdkafka's 30 s wait for metadata that never comes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{Producer as _, ThreadedProducer};
+
+use super::delivery::Context;
+use super::partition::Rotation;
+
+/// What kafboy knows of one topic.
+#[derive(Debug, Default)]
+pub struct TopicInfo {
+    /// Number of partitions.
+    pub partitions: i32,
+    /// State of the round-robin and sticky strategies.
+    pub rotation: Rotation,
+}
+
+#[derive(Debug)]
+enum Entry {
+    Known(Arc<TopicInfo>),
+    Missing(Instant),
+}
+
+/// Why a topic could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookupError {
+    /// The brokers do not have it.
+    Unknown,
+    /// The brokers could not be asked.
+    Unavailable(String),
+}
+
+/// Remembered missing topics beyond this are forgotten early, so random names cannot grow memory.
+const MAX_MISSING: usize = 10_000;
+
+/// The cache, shared by all requests.
+pub struct Topics {
+    entries: RwLock<HashMap<String, Entry>>,
+    client: ThreadedProducer<Context>,
+    lookup: tokio::sync::Mutex<()>,
+    fetched: AtomicBool,
+    timeout: Duration,
+    missing_ttl: Duration,
+}
+
+impl Topics {
+    /// A cache that asks the brokers through `client`.
+    pub fn new(client: ThreadedProducer<Context>, timeout: Duration, missing_ttl: Duration) -> Self {
+        Topics {
+            entries: RwLock::default(),
+            client,
+            lookup: tokio::sync::Mutex::new(()),
+            fetched: AtomicBool::new(false),
+            timeout,
+            missing_ttl,
+        }
+    }
+
+    /// Whether metadata was fetched from the brokers at least once.
+    pub fn fetched(&self) -> bool {
+        self.fetched.load(Ordering::Acquire)
+    }
+
+    fn cached(&self, topic: &str) -> Option<Result<Arc<TopicInfo>, LookupError>> {
+        // A poisoned lock only means a panic elsewhere mid-insert; the map itself stays usable.
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        match entries.get(topic)? {
+            Entry::Known(info) => Some(Ok(info.clone())),
+            Entry::Missing(at) if at.elapsed() < self.missing_ttl => Some(Err(LookupError::Unknown)),
+            Entry::Missing(_) => None,
+        }
+    }
+
+    /// The topic's metadata, asking the brokers on a miss (one lookup at a time, bounded wait).
+    pub async fn lookup(self: &Arc<Self>, topic: &str) -> Result<Arc<TopicInfo>, LookupError> {
+        if let Some(hit) = self.cached(topic) {
+            return hit;
+        }
+        let busy = || LookupError::Unavailable("metadata lookup timed out".into());
+        let _turn = tokio::time::timeout(self.timeout, self.lookup.lock()).await.map_err(|_| busy())?;
+        if let Some(hit) = self.cached(topic) {
+            return hit;
+        }
+        let this = self.clone();
+        let name = topic.to_string();
+        let fetched = tokio::task::spawn_blocking(move || this.fetch(Some(&name)))
+            .await
+            .map_err(|e| LookupError::Unavailable(e.to_string()))?;
+        let found = fetched.map_err(LookupError::Unavailable)?;
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        match found.into_iter().find(|(name, _)| name == topic) {
+            Some((_, partitions)) if partitions > 0 => {
+                let info = Arc::new(TopicInfo { partitions, ..TopicInfo::default() });
+                entries.insert(topic.to_string(), Entry::Known(info.clone()));
+                Ok(info)
+            }
+            _ => {
+                if entries.len() > MAX_MISSING {
+                    entries.retain(|_, e| matches!(e, Entry::Known(_)));
+                }
+                entries.insert(topic.to_string(), Entry::Missing(Instant::now()));
+                Err(LookupError::Unknown)
+            }
+        }
+    }
+
+    /// Re-reads every topic; known entries keep their rotation state while their partition
+    /// count is unchanged. Blocking: run it off the async workers.
+    pub fn refresh_all(&self) -> Result<usize, String> {
+        let found = self.fetch(None)?;
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        let mut fresh = HashMap::with_capacity(found.len());
+        for (name, partitions) in found.into_iter().filter(|(_, p)| *p > 0) {
+            let info = match entries.remove(&name) {
+                Some(Entry::Known(old)) if old.partitions == partitions => old,
+                _ => Arc::new(TopicInfo { partitions, ..TopicInfo::default() }),
+            };
+            fresh.insert(name, Entry::Known(info));
+        }
+        // Topics still missing are remembered until their TTL runs out.
+        for (name, entry) in entries.drain() {
+            if let Entry::Missing(at) = entry {
+                fresh.entry(name).or_insert(Entry::Missing(at));
+            }
+        }
+        let count = fresh.len();
+        *entries = fresh;
+        self.fetched.store(true, Ordering::Release);
+        Ok(count)
+    }
+
+    /// `(topic, partition count)` pairs; a topic the broker reports as unknown is left out.
+    fn fetch(&self, topic: Option<&str>) -> Result<Vec<(String, i32)>, String> {
+        let metadata = self
+            .client
+            .client()
+            .fetch_metadata(topic, self.timeout)
+            .map_err(|e| format!("metadata request failed: {e}"))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().map(RDKafkaErrorCode::from) != Some(RDKafkaErrorCode::UnknownTopicOrPartition))
+            .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+            .collect())
+    }
+
+    /// Refreshes every `period` for as long as the cache lives; retries every second until the
+    /// first success, which makes the server ready.
+    pub fn spawn_refresher(self: &Arc<Self>, period: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(topics) = weak.upgrade() else { return };
+                let result = tokio::task::spawn_blocking(move || topics.refresh_all()).await;
+                let wait = match result {
+                    Ok(Ok(count)) => {
+                        tracing::debug!(topics = count, "metadata refreshed");
+                        period
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "metadata refresh failed");
+                        period.min(Duration::from_secs(1))
+                    }
+                    Err(_) => return,
+                };
+                tokio::time::sleep(wait).await;
+            }
+        });
+    }
+}

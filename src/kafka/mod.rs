@@ -1,0 +1,327 @@
+//! The producers: one low-latency producer for `async`/`sync`, one batching producer for the batch
+//! modes plus one per group of topics with their own batch settings. Built once, shared by every
+//! request.
+
+pub mod admission;
+pub mod delivery;
+pub mod metadata;
+pub mod partition;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rdkafka::ClientConfig;
+use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
+use tokio::sync::oneshot;
+
+use crate::config::{Acks, BatchConfig, Compression, Config, KafkaConfig, Mode};
+use admission::{Admission, Refused};
+use delivery::{Context, Outcome, Tally, Waiter};
+use metadata::Topics;
+
+/// One record ready to produce. The value is a slice of the request body.
+#[derive(Debug)]
+pub struct Record {
+    /// Record key.
+    pub key: Option<Bytes>,
+    /// Partition, or `None` for librdkafka's choice.
+    pub partition: Option<i32>,
+    /// Record headers.
+    pub headers: Option<OwnedHeaders>,
+    /// Record value.
+    pub value: Bytes,
+}
+
+/// Why records were not (all) queued.
+#[derive(Debug)]
+pub enum SendError {
+    /// No room in the queue within the wait; nothing queued.
+    QueueFull,
+    /// The request is bigger than the whole queue; nothing queued.
+    TooBig,
+    /// The producer hit a fatal error; nothing queued.
+    Fatal,
+    /// librdkafka refused record number `accepted` (0-based); the ones before it are queued.
+    Refused {
+        /// Records queued before the refusal.
+        accepted: usize,
+        /// librdkafka's error.
+        error: RDKafkaErrorCode,
+    },
+}
+
+/// One librdkafka producer with kafboy's queue accounting.
+pub struct Producer {
+    inner: ThreadedProducer<Context>,
+    admission: Arc<Admission>,
+    tally: Arc<Tally>,
+    fatal: Arc<AtomicBool>,
+}
+
+impl Producer {
+    fn build(name: &str, kafka: &KafkaConfig, mut client: ClientConfig) -> Result<Self, KafkaError> {
+        let admission = Arc::new(Admission::new(kafka.queue_max_messages, kafka.queue_max_bytes));
+        let tally = Arc::new(Tally::default());
+        let fatal = Arc::new(AtomicBool::new(false));
+        // librdkafka's own limits sit above kafboy's, with room for reports still being handed
+        // back, so its QueueFull stays an exception.
+        let slack_msgs = kafka.queue_max_messages + kafka.queue_max_messages / 10 + 1000;
+        let slack_kb = (kafka.queue_max_bytes + kafka.queue_max_bytes / 10) / 1024 + 1024;
+        client
+            .set("queue.buffering.max.messages", slack_msgs.min(i32::MAX as usize).to_string())
+            .set("queue.buffering.max.kbytes", slack_kb.min(i32::MAX as usize).to_string());
+        let context = Context {
+            name: name.to_string(),
+            admission: admission.clone(),
+            tally: tally.clone(),
+            fatal: fatal.clone(),
+        };
+        let inner = ThreadedProducer::from_config_and_context(&client, context)?;
+        Ok(Producer { inner, admission, tally, fatal })
+    }
+
+    /// Queues `records` on `topic`, all or nothing as far as kafboy's queue accounting goes.
+    /// With `report`, each record gets a receiver for its delivery outcome.
+    pub async fn send(
+        &self,
+        topic: &str,
+        records: Vec<Record>,
+        report: bool,
+        wait: Duration,
+    ) -> Result<Vec<oneshot::Receiver<Outcome>>, SendError> {
+        if self.fatal.load(Ordering::Relaxed) {
+            return Err(SendError::Fatal);
+        }
+        let bytes: usize = records.iter().map(|r| r.value.len() + r.key.as_ref().map_or(0, Bytes::len)).sum();
+        self.admission.acquire(records.len(), bytes, wait).await.map_err(|r| match r {
+            Refused::Full => SendError::QueueFull,
+            Refused::TooBig => SendError::TooBig,
+        })?;
+        let mut receivers = Vec::with_capacity(if report { records.len() } else { 0 });
+        let total = records.len();
+        let mut handed_bytes = 0;
+        for (i, record) in records.into_iter().enumerate() {
+            let waiter = if report {
+                let (tx, rx) = oneshot::channel();
+                receivers.push(rx);
+                Waiter(Some(Box::new(tx)))
+            } else {
+                Waiter(None)
+            };
+            let size = record.value.len() + record.key.as_ref().map_or(0, Bytes::len);
+            let mut base = BaseRecord::<[u8], [u8], Waiter>::with_opaque_to(topic, waiter)
+                .payload(&record.value[..]);
+            if let Some(key) = &record.key {
+                base = base.key(&key[..]);
+            }
+            if let Some(p) = record.partition {
+                base = base.partition(p);
+            }
+            if let Some(h) = record.headers {
+                base = base.headers(h);
+            }
+            if let Err((error, _)) = self.inner.send(base) {
+                // Give back the room of this record and of the ones never handed over; records
+                // already queued give theirs back through their delivery reports.
+                self.admission.release(total - i, bytes - handed_bytes);
+                let error = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+                return Err(SendError::Refused { accepted: i, error });
+            }
+            handed_bytes += size;
+        }
+        Ok(receivers)
+    }
+
+    /// Records queued or in flight.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight_count().max(0) as usize
+    }
+
+    /// Records delivered and failed since start.
+    pub fn tally(&self) -> (u64, u64) {
+        (self.tally.delivered.load(Ordering::Relaxed), self.tally.failed.load(Ordering::Relaxed))
+    }
+
+    /// Whether librdkafka reported a fatal error.
+    pub fn is_fatal(&self) -> bool {
+        self.fatal.load(Ordering::Relaxed)
+    }
+
+    /// Records holding room in kafboy's queue accounting.
+    pub fn queued(&self) -> usize {
+        self.admission.queued()
+    }
+}
+
+/// Every producer kafboy runs, and the topic cache.
+pub struct Producers {
+    latency: Producer,
+    batch: Producer,
+    /// Batching producers for topics with their own batch settings.
+    batch_by_topic: HashMap<String, Arc<Producer>>,
+    groups: Vec<Arc<Producer>>,
+    /// Metadata of the topics the brokers have.
+    pub topics: Arc<Topics>,
+}
+
+impl Producers {
+    /// Builds the producers. Errors name the config key at fault.
+    pub fn build(config: &Config) -> Result<Producers, String> {
+        let kafka = &config.kafka;
+        let base = client_config(kafka)?;
+        let fail = |what: &str, e: KafkaError| format!("kafka: {what} producer: {e}");
+        let mut latency_cfg = base.clone();
+        latency_cfg.set("linger.ms", millis(kafka.linger));
+        let latency = Producer::build("latency", kafka, latency_cfg).map_err(|e| fail("latency", e))?;
+        let batch = Producer::build("batch", kafka, batch_config(&base, &config.batch))
+            .map_err(|e| fail("batch", e))?;
+        let mut batch_by_topic = HashMap::new();
+        let mut groups: Vec<(BatchConfig, Arc<Producer>)> = Vec::new();
+        for (topic, o) in &config.topics.overrides {
+            if o.batch_size.is_none() && o.flush_timeout.is_none() {
+                continue;
+            }
+            let settings = BatchConfig {
+                batch_size: o.batch_size.unwrap_or(config.batch.batch_size),
+                flush_timeout: o.flush_timeout.unwrap_or(config.batch.flush_timeout),
+            };
+            let producer = match groups.iter().find(|(s, _)| *s == settings) {
+                Some((_, p)) => p.clone(),
+                None => {
+                    let name = format!("batch-{}", groups.len() + 1);
+                    let p = Producer::build(&name, kafka, batch_config(&base, &settings))
+                        .map_err(|e| fail(&name, e))?;
+                    let p = Arc::new(p);
+                    groups.push((settings, p.clone()));
+                    p
+                }
+            };
+            batch_by_topic.insert(topic.clone(), producer);
+        }
+        let topics = Arc::new(Topics::new(
+            latency.inner.clone(),
+            kafka.metadata_timeout,
+            kafka.unknown_topic_ttl,
+        ));
+        let groups = groups.into_iter().map(|(_, p)| p).collect();
+        Ok(Producers { latency, batch, batch_by_topic, groups, topics })
+    }
+
+    /// The producer that serves `mode` for `topic`.
+    pub fn for_mode(&self, mode: Mode, topic: &str) -> &Producer {
+        match mode {
+            Mode::Async | Mode::Sync => &self.latency,
+            Mode::BatchAsync | Mode::BatchSync => {
+                self.batch_by_topic.get(topic).map_or(&self.batch, |p| p.as_ref())
+            }
+        }
+    }
+
+    /// Every producer, for flushing and reporting.
+    pub fn all(&self) -> impl Iterator<Item = &Producer> {
+        [&self.latency, &self.batch].into_iter().chain(self.groups.iter().map(|p| p.as_ref()))
+    }
+
+    /// Why the server is not ready, if it is not.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if !self.topics.fetched() {
+            Some("no broker metadata yet")
+        } else if self.all().any(Producer::is_fatal) {
+            Some("fatal producer error")
+        } else {
+            None
+        }
+    }
+
+    /// Waits until every queued record is delivered or failed, or `deadline` passes; returns
+    /// how many records are still undelivered.
+    pub async fn flush(self: &Arc<Self>, deadline: Duration) -> usize {
+        let this = self.clone();
+        let flushed = tokio::task::spawn_blocking(move || {
+            let start = std::time::Instant::now();
+            for p in this.all() {
+                // The return code is not trusted (librdkafka#4103); in_flight_count decides.
+                let _ = p.inner.flush(deadline.saturating_sub(start.elapsed()));
+            }
+            this.all().map(Producer::in_flight).sum()
+        });
+        flushed.await.unwrap_or(usize::MAX)
+    }
+}
+
+fn millis(d: Duration) -> String {
+    // librdkafka takes fractional milliseconds for linger.ms.
+    format!("{}", d.as_secs_f64() * 1000.0)
+}
+
+fn batch_config(base: &ClientConfig, batch: &BatchConfig) -> ClientConfig {
+    let mut c = base.clone();
+    c.set("linger.ms", millis(batch.flush_timeout))
+        .set("batch.num.messages", batch.batch_size.to_string());
+    c
+}
+
+/// librdkafka properties that typed settings own; `kafka.options` may not set them.
+const TYPED_KEYS: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "client.id",
+    "acks",
+    "request.required.acks",
+    "enable.idempotence",
+    "compression.type",
+    "compression.codec",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "message.max.bytes",
+    "batch.num.messages",
+    "allow.auto.create.topics",
+    "partitioner",
+];
+
+/// The settings shared by every producer.
+pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
+    if kafka.brokers.is_empty() {
+        return Err("kafka.brokers: at least one broker is needed".into());
+    }
+    if kafka.idempotence && kafka.acks != Acks::All {
+        return Err("kafka.acks: idempotence needs acks = \"all\"".into());
+    }
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", kafka.brokers.join(","))
+        .set("client.id", &kafka.client_id)
+        .set("acks", match kafka.acks {
+            Acks::All => "all",
+            Acks::Leader => "1",
+            Acks::None => "0",
+        })
+        .set("enable.idempotence", kafka.idempotence.to_string())
+        .set("compression.type", match kafka.compression {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        })
+        .set("message.timeout.ms", kafka.message_timeout.as_millis().to_string())
+        .set("message.max.bytes", kafka.message_max_bytes.to_string())
+        .set("allow.auto.create.topics", kafka.auto_create_topics.to_string())
+        .set("partitioner", "murmur2_random");
+    for (key, value) in &kafka.options {
+        if TYPED_KEYS.contains(&key.as_str()) {
+            return Err(format!("kafka.options.\"{key}\": set by a typed kafka setting; use that instead"));
+        }
+        c.set(key, value);
+    }
+    Ok(c)
+}

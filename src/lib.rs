@@ -1,0 +1,23 @@
+//! kafboy: an HTTP server that writes what is POSTed to it into Apache Kafka.
+//!
+//! # Layout
+//! - [`config`]: the configuration tree (TOML, `KAFBOY_*` env, flags).
+//! - [`routes`]: routes compiled from config; topic name rules and the allowlist.
+//! - [`decode`]: request bodies to record values (JSON gate, form → JSON, NDJSON).
+//! - [`ingest`]: the produce handler.
+//! - [`error`]: every failure's HTTP status, in one place.
+//! - [`kafka`]: producers, queue accounting, delivery reports, metadata, partitioning.
+//! - [`server`]: state built once from config, the router, and [`App::run`].
+//! - [`shutdown`]: the SIGTERM/SIGINT future.
+
+pub mod config;
+pub mod decode;
+pub mod error;
+pub mod ingest;
+pub mod kafka;
+pub mod routes;
+pub mod server;
+pub mod shutdown;
+
+pub use config::Config;
+pub use server::{App, ShutdownReport};

@@ -1,0 +1,76 @@
+//! The `kafboy` command: read config, bind, serve until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use kafboy::config::{Overrides, split_list};
+use kafboy::{App, Config};
+
+/// A low-latency HTTP server that writes what is POSTed to it into Apache Kafka.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (see kafboy.example.toml).
+    #[arg(long, short, env = "KAFBOY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:8000 (overrides server.listen).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Bootstrap brokers, HOST:PORT[,HOST:PORT...] (overrides kafka.brokers).
+    #[arg(long)]
+    brokers: Option<String>,
+}
+
+/// Exit status for a configuration error (EX_USAGE), before anything is bound.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KAFBOY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        listen: cli.listen,
+        brokers: cli.brokers.as_deref().map(split_list),
+    };
+    let config = match Config::load(cli.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e.to_string()),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kafboy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let app = match App::build(&config) {
+        Ok(app) => app,
+        Err(e) => return config_error(&e),
+    };
+    let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("kafboy: cannot listen on {}: {e}", config.server.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().map_or(config.server.listen, |a| a);
+    tracing::info!(%addr, brokers = %config.kafka.brokers.join(","), "kafboy listening");
+    let report = app.run(listener, kafboy::shutdown::signal()).await;
+    if report.undelivered > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+fn config_error(message: &str) -> ExitCode {
+    eprintln!("kafboy: config error: {message}");
+    ExitCode::from(EXIT_CONFIG)
+}

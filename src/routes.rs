@@ -1,0 +1,252 @@
+//! Routes compiled from config: path patterns in axum's syntax, each with its own mode, payload
+//! handling and partition strategy; plus the topic rules (Kafka's name grammar and the allowlist).
+
+use std::collections::HashMap;
+
+use crate::config::{Config, Mode, Partitioner, Payload, RouteConfig};
+
+/// Where a route's topic comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicSource {
+    /// The `{topic}` path segment.
+    Path,
+    /// A topic fixed by config.
+    Fixed(String),
+}
+
+/// A route ready to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Pattern in axum syntax (`/1/foo/{topic}`).
+    pub pattern: String,
+    /// The path as configured, for messages and metrics.
+    pub path: String,
+    /// Topic source.
+    pub topic: TopicSource,
+    /// What the route waits for.
+    pub mode: Mode,
+    /// Body handling.
+    pub payload: Payload,
+    /// Strategy set on the route, if any.
+    pub partitioner: Option<Partitioner>,
+}
+
+/// Paths kafboy serves itself; a configured route may not take them.
+pub const RESERVED_PATHS: &[&str] = &["/health", "/ready"];
+
+/// Compiles the built-in and configured routes, refusing clashes and bad patterns.
+pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
+    let mut routes = Vec::new();
+    if config.server.default_routes {
+        for (path, mode) in [
+            ("/async/:topic", Mode::Async),
+            ("/sync/:topic", Mode::Sync),
+            ("/batch/async/:topic", Mode::BatchAsync),
+            ("/batch/sync/:topic", Mode::BatchSync),
+        ] {
+            let rc = RouteConfig {
+                path: path.into(),
+                topic: None,
+                mode,
+                payload: Payload::Auto,
+                partitioner: None,
+            };
+            routes.push(compile_one(&rc).map_err(|e| format!("default route {path}: {e}"))?);
+        }
+    }
+    for (i, rc) in config.routes.iter().enumerate() {
+        routes.push(compile_one(rc).map_err(|e| format!("routes[{i}] ({}): {e}", rc.path))?);
+    }
+    let mut seen: HashMap<String, &str> = RESERVED_PATHS
+        .iter()
+        .map(|p| (shape(p), "a built-in endpoint"))
+        .collect();
+    for route in &routes {
+        if let Some(other) = seen.insert(shape(&route.pattern), &route.path) {
+            return Err(format!("route {} clashes with {other}", route.path));
+        }
+    }
+    Ok(routes)
+}
+
+fn compile_one(rc: &RouteConfig) -> Result<Route, String> {
+    if !rc.path.starts_with('/') {
+        return Err("path must start with '/'".into());
+    }
+    let mut segments = Vec::new();
+    let mut has_topic = false;
+    for seg in rc.path.split('/').filter(|s| !s.is_empty()) {
+        let name = seg
+            .strip_prefix(':')
+            .or_else(|| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')));
+        match name {
+            Some("topic") if has_topic => return Err("`:topic` appears twice".into()),
+            Some("topic") => {
+                has_topic = true;
+                segments.push("{topic}".to_string());
+            }
+            Some(other) => return Err(format!("unknown path parameter `{other}`; only `:topic`")),
+            None if seg.contains(['{', '}', '*', ':']) => {
+                return Err(format!("segment `{seg}` has a reserved character"));
+            }
+            None => segments.push(seg.to_string()),
+        }
+    }
+    let topic = match (&rc.topic, has_topic) {
+        (Some(_), true) => return Err("set either `:topic` in the path or `topic`, not both".into()),
+        (None, false) => return Err("needs `:topic` in the path or a fixed `topic`".into()),
+        (None, true) => TopicSource::Path,
+        (Some(t), false) => {
+            validate_topic(t).map_err(|e| format!("topic: {e}"))?;
+            TopicSource::Fixed(t.clone())
+        }
+    };
+    Ok(Route {
+        pattern: format!("/{}", segments.join("/")),
+        path: rc.path.clone(),
+        topic,
+        mode: rc.mode,
+        payload: rc.payload,
+        partitioner: rc.partitioner,
+    })
+}
+
+/// The part of a pattern that decides what it matches: parameters are interchangeable and the
+/// trailing slash is optional, so `/a/{topic}` and `/a/:x/` have the same shape.
+fn shape(pattern: &str) -> String {
+    pattern
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| if s.starts_with([':', '{']) { "{}" } else { s })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Kafka's rules for a topic name: 1–249 of `[A-Za-z0-9._-]`, not `.` or `..`. Internal topics
+/// (`__consumer_offsets` and friends) are refused as well.
+pub fn validate_topic(topic: &str) -> Result<(), &'static str> {
+    if topic.is_empty() || topic.len() > 249 {
+        return Err("topic name must be 1 to 249 characters");
+    }
+    if topic == "." || topic == ".." {
+        return Err("topic name may not be '.' or '..'");
+    }
+    if topic.starts_with("__") {
+        return Err("topic names starting with '__' are internal");
+    }
+    if !topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+        return Err("topic name may only hold letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+/// The topics that may be written: exact names and prefixes (from `prefix*`).
+#[derive(Debug, Clone, Default)]
+pub struct Allowlist {
+    exact: std::collections::HashSet<String>,
+    prefixes: Vec<String>,
+}
+
+impl Allowlist {
+    /// Builds the list; an empty list allows every topic.
+    pub fn new(entries: &[String]) -> Result<Allowlist, String> {
+        let mut list = Allowlist::default();
+        for (i, entry) in entries.iter().enumerate() {
+            match entry.strip_suffix('*') {
+                Some(prefix) if prefix.contains('*') => {
+                    return Err(format!("topics.allow[{i}]: only a trailing '*' is allowed"));
+                }
+                Some(prefix) => list.prefixes.push(prefix.to_string()),
+                None => {
+                    validate_topic(entry).map_err(|e| format!("topics.allow[{i}]: {e}"))?;
+                    list.exact.insert(entry.clone());
+                }
+            }
+        }
+        Ok(list)
+    }
+
+    /// Whether `topic` may be written.
+    pub fn allows(&self, topic: &str) -> bool {
+        (self.exact.is_empty() && self.prefixes.is_empty())
+            || self.exact.contains(topic)
+            || self.prefixes.iter().any(|p| topic.starts_with(p.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config(routes: &str) -> Config {
+        Config::from_toml(routes).unwrap()
+    }
+
+    #[test]
+    fn patterns_are_translated_and_modes_kept() {
+        let c = config(
+            "[[routes]]\npath = \"/1/foo/:topic\"\nmode = \"batch_async\"\n\
+             [[routes]]\npath = \"/events\"\ntopic = \"clicks\"\nmode = \"sync\"\npayload = \"raw\"",
+        );
+        let routes = compile(&c).unwrap();
+        assert_eq!(routes.len(), 6);
+        assert_eq!(routes[4].pattern, "/1/foo/{topic}");
+        assert_eq!(routes[4].mode, Mode::BatchAsync);
+        assert_eq!(routes[5].topic, TopicSource::Fixed("clicks".into()));
+        assert_eq!(routes[5].payload, Payload::Raw);
+    }
+
+    #[test]
+    fn clashes_are_config_errors() {
+        let c = config("[[routes]]\npath = \"/async/{topic}/\"\nmode = \"sync\"");
+        let err = compile(&c).unwrap_err();
+        assert!(err.contains("clashes with /async/:topic"), "{err}");
+        let c = config("[[routes]]\npath = \"/health\"\ntopic = \"t\"\nmode = \"sync\"");
+        assert!(compile(&c).unwrap_err().contains("built-in"));
+    }
+
+    #[test]
+    fn bad_routes_are_named() {
+        for (toml, want) in [
+            ("path = \"/x\"\nmode = \"sync\"", "needs `:topic`"),
+            ("path = \"/x/:topic\"\ntopic = \"t\"\nmode = \"sync\"", "not both"),
+            ("path = \"/x/:id\"\nmode = \"sync\"", "unknown path parameter"),
+            ("path = \"x/:topic\"\nmode = \"sync\"", "start with"),
+            ("path = \"/x\"\ntopic = \"a b\"\nmode = \"sync\"", "topic:"),
+        ] {
+            let err = compile(&config(&format!("[[routes]]\n{toml}"))).unwrap_err();
+            assert!(err.contains("routes[0]") && err.contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn topic_rules() {
+        for ok in ["a", "A.b_c-9", &"x".repeat(249), "_one"] {
+            assert!(validate_topic(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "__consumer_offsets", "a b", "a/b", "é", &"x".repeat(250)] {
+            assert!(validate_topic(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn allowlist_exact_and_prefix() {
+        let list = Allowlist::new(&["clicks".into(), "logs.*".into()]).unwrap();
+        assert!(list.allows("clicks") && list.allows("logs.app") && list.allows("logs."));
+        assert!(!list.allows("click") && !list.allows("logs") && !list.allows("other"));
+        assert!(Allowlist::new(&[]).unwrap().allows("anything"));
+        assert!(Allowlist::new(&["a*b*".into()]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn validator_accepts_exactly_the_legal_set(s in "[ -~]{0,260}") {
+            let legal = (1..=249).contains(&s.len())
+                && s != "." && s != ".."
+                && !s.starts_with("__")
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            prop_assert_eq!(validate_topic(&s).is_ok(), legal);
+        }
+    }
+}
