@@ -299,21 +299,41 @@ struct Written {
     offset: i64,
 }
 
+/// `{"ok":1,"topic":..,"partition":..,"offset":..}`, fields in that order.
+#[derive(Serialize)]
+struct One<'a> {
+    ok: usize,
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+}
+
+/// `{"ok":N,"topic":..,"records":[..]}`.
+#[derive(Serialize)]
+struct Many<'a> {
+    ok: usize,
+    topic: &'a str,
+    records: Vec<Written>,
+}
+
+#[derive(Serialize)]
+struct AcceptedBody {
+    ok: usize,
+}
+
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
         use crate::server::json;
         match self {
-            Reply::Accepted(n) => json(StatusCode::ACCEPTED, &serde_json::json!({ "ok": n })),
+            Reply::Accepted(n) => json(StatusCode::ACCEPTED, &AcceptedBody { ok: n }),
             Reply::Acked { topic, written, list: false } if written.len() == 1 => {
                 let (partition, offset) = written[0];
-                let body = serde_json::json!({ "ok": 1, "topic": topic, "partition": partition, "offset": offset });
-                json(StatusCode::OK, &body)
+                json(StatusCode::OK, &One { ok: 1, topic: &topic, partition, offset })
             }
             Reply::Acked { topic, written, .. } => {
                 let records: Vec<Written> =
                     written.iter().map(|&(partition, offset)| Written { partition, offset }).collect();
-                let body = serde_json::json!({ "ok": records.len(), "topic": topic, "records": records });
-                json(StatusCode::OK, &body)
+                json(StatusCode::OK, &Many { ok: records.len(), topic: &topic, records })
             }
         }
     }

@@ -1,0 +1,265 @@
+//! Test fixtures: a tansu broker per test binary, kafboy on port 0 from a TOML string, unique
+//! topics, and a consumer that reads records back with a deadline.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use kafboy::{App, Config, ShutdownReport};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How tansu is found: `KAFBOY_TANSU`, then `.tools/bin/tansu` (what `scripts/install-tansu`
+/// puts there), then `PATH`.
+pub fn tansu_path() -> PathBuf {
+    if let Ok(p) = std::env::var("KAFBOY_TANSU") {
+        return PathBuf::from(p);
+    }
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/tansu");
+    if local.is_file() {
+        return local;
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths).map(|d| d.join("tansu")).find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "the tansu broker is needed by this test and was not found.\n\
+             Install it with `scripts/install-tansu` (or run everything with `scripts/test`),\n\
+             or point KAFBOY_TANSU at a tansu binary."
+        )
+    })
+}
+
+/// A tansu broker on a free loopback port, shared by the tests of one test binary. It stops when
+/// the test process exits (a watchdog shell kills it).
+pub struct Broker {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+static BROKER: OnceLock<Broker> = OnceLock::new();
+
+/// The shared broker, started on first use.
+pub fn broker() -> &'static Broker {
+    BROKER.get_or_init(start_broker)
+}
+
+fn start_broker() -> Broker {
+    let tansu = tansu_path();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().expect("temp dir").keep();
+    let url = format!("tcp://{addr}");
+    // tansu reads .env from its working directory, hence the empty temp dir. The watchdog polls
+    // this process and stops the broker when it is gone.
+    let script = format!(
+        "\"$0\" broker --listener-url {url} --advertised-listener-url {url} \
+         --storage-engine memory://tansu/ >broker.log 2>&1 & b=$!; \
+         while kill -0 {pid} 2>/dev/null && kill -0 $b 2>/dev/null; do sleep 1; done; kill $b",
+        pid = std::process::id()
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(&tansu)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start tansu");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "tansu did not listen on {addr}; see {}/broker.log", dir.display());
+        std::thread::yield_now();
+    }
+    Broker { addr }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl Broker {
+    /// Creates a topic with a name unique to this process and returns the name.
+    pub fn topic(&self, prefix: &str, partitions: u32) -> String {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        self.create_topic(&name, partitions);
+        name
+    }
+
+    /// Creates `name` with `partitions` partitions.
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let out = Command::new(tansu_path())
+            .args(["topic", "create", "--broker", &format!("tcp://{}", self.addr)])
+            .args(["--partitions", &partitions.to_string(), name])
+            .output()
+            .expect("run tansu topic create");
+        assert!(out.status.success(), "topic create: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// A record read back from the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads `topic` from the beginning until `want` records arrived or 15 s passed.
+pub fn consume(brokers: &str, topic: &str, want: usize) -> Vec<Consumed> {
+    consume_for(brokers, topic, want, Duration::from_secs(15))
+}
+
+/// Reads `topic` until `want` records arrived or `wait` passed, whichever is first.
+pub fn consume_for(brokers: &str, topic: &str, want: usize, wait: Duration) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("check-{topic}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("consumer");
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("offset");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + wait;
+    let mut out = Vec::new();
+    while out.len() < want && Instant::now() < deadline {
+        let Some(msg) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let msg = msg.expect("consume");
+        let headers = msg
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(Consumed {
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(<[u8]>::to_vec),
+            value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers,
+        });
+    }
+    out.sort_by_key(|c| (c.partition, c.offset));
+    out
+}
+
+/// kafboy serving on `127.0.0.1:<free port>`.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<ShutdownReport>,
+}
+
+/// Starts kafboy from `toml` (merged over the defaults) with `brokers`, and waits until `/ready`.
+pub async fn gateway(brokers: &str, toml: &str) -> Gateway {
+    let gw = gateway_unready(brokers, toml).await;
+    gw.wait_ready().await;
+    gw
+}
+
+/// Starts kafboy without waiting for readiness.
+pub async fn gateway_unready(brokers: &str, toml: &str) -> Gateway {
+    let mut config = Config::from_toml(toml).expect("test config");
+    config.kafka.brokers = vec![brokers.to_string()];
+    let app = App::build(&config).expect("build app");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run(listener, async {
+        let _ = stopped.await;
+    }));
+    Gateway { addr, url: format!("http://{addr}"), stop: Some(stop), task }
+}
+
+impl Gateway {
+    /// Polls `/ready` for up to 20 s.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = client().get(format!("{}/ready", self.url)).send().await;
+            if r.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "kafboy not ready within 20 s");
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends SIGTERM's equivalent and waits for the shutdown report.
+    pub async fn stop(mut self) -> ShutdownReport {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.expect("server task")
+    }
+
+    /// POSTs `body` with `content_type` to `path`.
+    pub async fn post(&self, path: &str, content_type: Option<&str>, body: impl Into<reqwest::Body>) -> Reply {
+        let mut req = client().post(format!("{}{path}", self.url)).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        Reply::read(req.send().await.expect("request")).await
+    }
+
+    /// POSTs a JSON body.
+    pub async fn post_json(&self, path: &str, body: &str) -> Reply {
+        self.post(path, Some("application/json"), body.to_string()).await
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub async fn read(r: reqwest::Response) -> Reply {
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body = r.text().await.expect("body");
+        Reply { status, headers, body }
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// The `error` message of an error body.
+    pub fn error(&self) -> String {
+        self.json()["error"].as_str().unwrap_or_else(|| panic!("no error field: {}", self.body)).to_string()
+    }
+}
+
+/// A plain HTTP client.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().expect("client")
+}
