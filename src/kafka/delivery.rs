@@ -171,3 +171,18 @@ fn persisted(message: &BorrowedMessage<'_>) -> Persisted {
         _ => Persisted::Possibly,
     }
 }
+
+/// Waits until `producer` has no queued or in-flight records, or `timeout` passes, sending
+/// lingering batches at once. rust-rdkafka's own `flush` calls `rd_kafka_flush` with a zero
+/// timeout in a loop, so librdkafka's "flushing" state (which makes linger.ms immediate) is only
+/// ever on for an instant and a long linger is waited out; one call with the real timeout
+/// keeps it on. Delivery reports keep flowing through the producer's polling thread.
+pub fn flush(producer: &rdkafka::producer::ThreadedProducer<Context>, timeout: std::time::Duration) {
+    use rdkafka::producer::Producer as _;
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the handle is alive for the whole call (borrowed from `producer`); rd_kafka_flush
+    // is thread-safe and, with event-based delivery reports, only waits on the message count.
+    unsafe {
+        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms);
+    }
+}
