@@ -35,7 +35,9 @@ pub enum DecodeError {
     #[error("invalid form: {0}")]
     Form(String),
     /// A Content-Type this route does not read.
-    #[error("unsupported content type {0:?}; use application/json, application/x-www-form-urlencoded or application/x-ndjson")]
+    #[error(
+        "unsupported content type {0:?}; use application/json, application/x-www-form-urlencoded or application/x-ndjson"
+    )]
     UnsupportedType(String),
     /// More NDJSON records than `max_records`.
     #[error("more than {0} records in one request")]
@@ -51,13 +53,21 @@ impl BodyKind {
         let Some(ct) = content_type else {
             return Ok(BodyKind::Json);
         };
-        let media = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        let media = ct
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
         match media.as_str() {
             "application/json" | "text/json" => Ok(BodyKind::Json),
             m if m.starts_with("application/") && m.ends_with("+json") => Ok(BodyKind::Json),
             "application/x-www-form-urlencoded" => Ok(BodyKind::Form),
-            "application/x-ndjson" | "application/ndjson" | "application/jsonl"
-            | "application/x-jsonlines" | "application/jsonlines" => Ok(BodyKind::Ndjson),
+            "application/x-ndjson"
+            | "application/ndjson"
+            | "application/jsonl"
+            | "application/x-jsonlines"
+            | "application/jsonlines" => Ok(BodyKind::Ndjson),
             _ => Err(DecodeError::UnsupportedType(ct.to_string())),
         }
     }
@@ -83,7 +93,9 @@ pub fn decode(kind: BodyKind, body: Bytes, max_records: usize) -> Result<Vec<Byt
 /// with nothing but whitespace after it. No tree is built.
 pub fn check_json(bytes: &[u8]) -> Result<(), String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
-    serde_json::from_str::<IgnoredAny>(text).map(drop).map_err(|e| e.to_string())
+    serde_json::from_str::<IgnoredAny>(text)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 fn ndjson(body: Bytes, max_records: usize) -> Result<Vec<Bytes>, DecodeError> {
@@ -160,12 +172,24 @@ mod tests {
     fn content_types() {
         let of = |ct| BodyKind::of(Payload::Auto, ct);
         assert_eq!(of(None), Ok(BodyKind::Json));
-        assert_eq!(of(Some("application/json; charset=utf-8")), Ok(BodyKind::Json));
+        assert_eq!(
+            of(Some("application/json; charset=utf-8")),
+            Ok(BodyKind::Json)
+        );
         assert_eq!(of(Some("Application/Vnd.API+JSON")), Ok(BodyKind::Json));
-        assert_eq!(of(Some("application/x-www-form-urlencoded")), Ok(BodyKind::Form));
+        assert_eq!(
+            of(Some("application/x-www-form-urlencoded")),
+            Ok(BodyKind::Form)
+        );
         assert_eq!(of(Some("application/x-ndjson")), Ok(BodyKind::Ndjson));
-        assert!(matches!(of(Some("text/plain")), Err(DecodeError::UnsupportedType(_))));
-        assert_eq!(BodyKind::of(Payload::Raw, Some("image/png")), Ok(BodyKind::Raw));
+        assert!(matches!(
+            of(Some("text/plain")),
+            Err(DecodeError::UnsupportedType(_))
+        ));
+        assert_eq!(
+            BodyKind::of(Payload::Raw, Some("image/png")),
+            Ok(BodyKind::Raw)
+        );
     }
 
     #[test]
@@ -183,9 +207,18 @@ mod tests {
             b"1 2",
             b"   ",
         ] {
-            assert!(check_json(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                check_json(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
-        for good in [&b"{\"a\":[1,2.5,null,true]}"[..], b" 1 ", b"\"\\ud800\"", b"{}\n"] {
+        for good in [
+            &b"{\"a\":[1,2.5,null,true]}"[..],
+            b" 1 ",
+            b"\"\\ud800\"",
+            b"{}\n",
+        ] {
             assert!(check_json(good).is_ok());
         }
     }
@@ -193,8 +226,14 @@ mod tests {
     #[test]
     fn json_is_forwarded_byte_for_byte() {
         let body = Bytes::from_static(b" {\"b\": 1,\n \"a\":2} ");
-        assert_eq!(decode(BodyKind::Json, body.clone(), 10).unwrap(), vec![body]);
-        assert_eq!(decode(BodyKind::Json, Bytes::new(), 10), Err(DecodeError::Empty));
+        assert_eq!(
+            decode(BodyKind::Json, body.clone(), 10).unwrap(),
+            vec![body]
+        );
+        assert_eq!(
+            decode(BodyKind::Json, Bytes::new(), 10),
+            Err(DecodeError::Empty)
+        );
     }
 
     #[test]
@@ -208,12 +247,18 @@ mod tests {
     fn ndjson_is_all_or_nothing() {
         let body = Bytes::from_static(b"{\"a\":1}\r\n\n  \n[2]\n");
         let recs = decode(BodyKind::Ndjson, body, 10).unwrap();
-        assert_eq!(recs, vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"[2]")]);
+        assert_eq!(
+            recs,
+            vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"[2]")]
+        );
         let err = decode(BodyKind::Ndjson, Bytes::from_static(b"1\n2\n{x\n"), 10).unwrap_err();
         assert!(matches!(err, DecodeError::Line(3, _)), "{err}");
         let err = decode(BodyKind::Ndjson, Bytes::from_static(b"1\n2\n3"), 2).unwrap_err();
         assert_eq!(err, DecodeError::TooManyRecords(2));
-        assert_eq!(decode(BodyKind::Ndjson, Bytes::from_static(b"\n\n"), 2), Err(DecodeError::Empty));
+        assert_eq!(
+            decode(BodyKind::Ndjson, Bytes::from_static(b"\n\n"), 2),
+            Err(DecodeError::Empty)
+        );
     }
 
     proptest! {

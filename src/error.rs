@@ -111,9 +111,7 @@ pub fn delivery_status(error: RDKafkaErrorCode, persisted: Persisted) -> StatusC
         (E::TopicAuthorizationFailed | E::ClusterAuthorizationFailed, Persisted::No) => {
             StatusCode::FORBIDDEN
         }
-        (E::InvalidRecord | E::InvalidMessage, Persisted::No) => {
-            StatusCode::BAD_REQUEST
-        }
+        (E::InvalidRecord | E::InvalidMessage, Persisted::No) => StatusCode::BAD_REQUEST,
         (_, Persisted::No) => StatusCode::SERVICE_UNAVAILABLE,
         (_, Persisted::Possibly) => StatusCode::GATEWAY_TIMEOUT,
     }
@@ -133,7 +131,9 @@ impl From<SendError> for IngestError {
     fn from(e: SendError) -> Self {
         match e {
             SendError::QueueFull => IngestError::Unavailable("producer queue full".into()),
-            SendError::TooBig => IngestError::TooLarge("request larger than the producer queue".into()),
+            SendError::TooBig => {
+                IngestError::TooLarge("request larger than the producer queue".into())
+            }
             SendError::Fatal => IngestError::Unavailable("producer failed; restarting".into()),
             SendError::Refused { accepted: 0, error } => {
                 IngestError::from_delivery(error, Persisted::No)
@@ -160,9 +160,17 @@ impl IntoResponse for IngestError {
             IngestError::Partial { records, .. } => Some(records.as_slice()),
             _ => None,
         };
-        let mut response = crate::server::json(status, &Body { error: &message, records });
+        let mut response = crate::server::json(
+            status,
+            &Body {
+                error: &message,
+                records,
+            },
+        );
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -175,19 +183,43 @@ mod tests {
     #[test]
     fn not_persisted_is_503_possibly_persisted_is_504() {
         use RDKafkaErrorCode as E;
-        assert_eq!(delivery_status(E::MessageTimedOut, Persisted::No), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(delivery_status(E::MessageTimedOut, Persisted::Possibly), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(delivery_status(E::PurgeQueue, Persisted::No), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(delivery_status(E::MessageSizeTooLarge, Persisted::No), StatusCode::PAYLOAD_TOO_LARGE);
-        assert_eq!(delivery_status(E::UnknownTopicOrPartition, Persisted::Possibly), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(delivery_status(E::TopicAuthorizationFailed, Persisted::No), StatusCode::FORBIDDEN);
+        assert_eq!(
+            delivery_status(E::MessageTimedOut, Persisted::No),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            delivery_status(E::MessageTimedOut, Persisted::Possibly),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            delivery_status(E::PurgeQueue, Persisted::No),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            delivery_status(E::MessageSizeTooLarge, Persisted::No),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(
+            delivery_status(E::UnknownTopicOrPartition, Persisted::Possibly),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            delivery_status(E::TopicAuthorizationFailed, Persisted::No),
+            StatusCode::FORBIDDEN
+        );
     }
 
     #[test]
     fn partial_enqueue_is_never_503() {
-        let e = IngestError::from(SendError::Refused { accepted: 2, error: RDKafkaErrorCode::QueueFull });
+        let e = IngestError::from(SendError::Refused {
+            accepted: 2,
+            error: RDKafkaErrorCode::QueueFull,
+        });
         assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
-        let e = IngestError::from(SendError::Refused { accepted: 0, error: RDKafkaErrorCode::QueueFull });
+        let e = IngestError::from(SendError::Refused {
+            accepted: 0,
+            error: RDKafkaErrorCode::QueueFull,
+        });
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 

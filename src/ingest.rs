@@ -71,16 +71,26 @@ async fn ingest(app: &AppState, route: &Route, request: Request) -> Result<Reply
         return Err(IngestError::Unavailable("shutting down".into()));
     }
     let meta = RecordMeta::from_parts(&parts)?;
-    let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
     let kind = BodyKind::of(route.payload, content_type)?;
     let limit = app.server.max_body_bytes;
     if declared_length(&parts).is_some_and(|n| n > limit) {
         return Err(too_large(limit));
     }
-    let info = app.producers.topics.lookup(&topic).await.map_err(|e| match e {
-        LookupError::Unknown => IngestError::UnknownTopic(topic.clone()),
-        LookupError::Unavailable(why) => IngestError::Unavailable(format!("kafka metadata: {why}")),
-    })?;
+    let info = app
+        .producers
+        .topics
+        .lookup(&topic)
+        .await
+        .map_err(|e| match e {
+            LookupError::Unknown => IngestError::UnknownTopic(topic.clone()),
+            LookupError::Unavailable(why) => {
+                IngestError::Unavailable(format!("kafka metadata: {why}"))
+            }
+        })?;
     let body = read_body(body, limit).await?;
     let values = decode::decode(kind, body, app.server.max_records)?;
     let strategy = app.partitioner_for(route, &topic);
@@ -88,13 +98,19 @@ async fn ingest(app: &AppState, route: &Route, request: Request) -> Result<Reply
     let count = records.len();
     let sync = matches!(route.mode, Mode::Sync | Mode::BatchSync);
     let producer = app.producers.for_mode(route.mode, &topic);
-    let receivers = producer.send(&topic, records, sync, app.server.enqueue_timeout).await?;
+    let receivers = producer
+        .send(&topic, records, sync, app.server.enqueue_timeout)
+        .await?;
     if !sync {
         return Ok(Reply::Accepted(count));
     }
     let list = kind == BodyKind::Ndjson;
     let written = await_acks(receivers, app.server.sync_timeout).await?;
-    Ok(Reply::Acked { topic, written, list })
+    Ok(Reply::Acked {
+        topic,
+        written,
+        list,
+    })
 }
 
 async fn topic_of(route: &Route, parts: &mut Parts) -> Result<String, IngestError> {
@@ -115,7 +131,13 @@ async fn topic_of(route: &Route, parts: &mut Parts) -> Result<String, IngestErro
 }
 
 fn declared_length(parts: &Parts) -> Option<usize> {
-    parts.headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    parts
+        .headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn too_large(limit: usize) -> IngestError {
@@ -127,7 +149,11 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, IngestError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let over = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if over { too_large(limit) } else { IngestError::BadRequest(format!("reading body: {e}")) }
+        if over {
+            too_large(limit)
+        } else {
+            IngestError::BadRequest(format!("reading body: {e}"))
+        }
     })
 }
 
@@ -156,7 +182,9 @@ impl RecordMeta {
         let header = |name: &str| parts.headers.get(name).map(|v| v.as_bytes());
         let key = match (query_key, header("x-kafka-key")) {
             (Some(q), Some(h)) if q != h => {
-                return Err(IngestError::BadRequest("key given twice, differently".into()));
+                return Err(IngestError::BadRequest(
+                    "key given twice, differently".into(),
+                ));
             }
             (Some(q), _) => Some(q),
             (None, h) => h.map(Bytes::copy_from_slice),
@@ -174,7 +202,11 @@ impl RecordMeta {
                 Some((name.to_string(), Bytes::copy_from_slice(value.as_bytes())))
             })
             .collect();
-        Ok(RecordMeta { key, partition, headers })
+        Ok(RecordMeta {
+            key,
+            partition,
+            headers,
+        })
     }
 
     fn into_records(
@@ -196,12 +228,24 @@ impl RecordMeta {
             .map(|value| {
                 let partition = match self.partition {
                     Some(p) => Some(p),
-                    None => partition::choose(strategy, self.key.as_deref(), info.partitions, &info.rotation)
-                        .map_err(|_| {
-                            IngestError::BadRequest("this route partitions by key: send ?key= or X-Kafka-Key".into())
-                        })?,
+                    None => partition::choose(
+                        strategy,
+                        self.key.as_deref(),
+                        info.partitions,
+                        &info.rotation,
+                    )
+                    .map_err(|_| {
+                        IngestError::BadRequest(
+                            "this route partitions by key: send ?key= or X-Kafka-Key".into(),
+                        )
+                    })?,
                 };
-                Ok(Record { key: self.key.clone(), partition, headers: self.owned_headers(), value })
+                Ok(Record {
+                    key: self.key.clone(),
+                    partition,
+                    headers: self.owned_headers(),
+                    value,
+                })
             })
             .collect()
     }
@@ -212,7 +256,10 @@ impl RecordMeta {
         }
         let mut owned = OwnedHeaders::new_with_capacity(self.headers.len());
         for (key, value) in &self.headers {
-            owned = owned.insert(Header { key, value: Some(&value[..]) });
+            owned = owned.insert(Header {
+                key,
+                value: Some(&value[..]),
+            });
         }
         Some(owned)
     }
@@ -255,10 +302,13 @@ async fn await_acks(
 }
 
 fn failure(outcomes: Vec<Option<Outcome>>, timeout: std::time::Duration) -> IngestError {
-    let timed_out = format!("no acknowledgement within {timeout:?}; the record may still be written");
+    let timed_out =
+        format!("no acknowledgement within {timeout:?}; the record may still be written");
     if let [one] = outcomes.as_slice() {
         return match one {
-            Some(Outcome::Failed { error, persisted }) => IngestError::from_delivery(*error, *persisted),
+            Some(Outcome::Failed { error, persisted }) => {
+                IngestError::from_delivery(*error, *persisted)
+            }
             _ => IngestError::Unknown(timed_out),
         };
     }
@@ -266,11 +316,14 @@ fn failure(outcomes: Vec<Option<Outcome>>, timeout: std::time::Duration) -> Inge
     let statuses: Vec<StatusCode> = outcomes
         .iter()
         .map(|o| match o {
-            Some(Outcome::Failed { error, persisted: Persisted::No }) => delivery_status(*error, Persisted::No),
+            Some(Outcome::Failed {
+                error,
+                persisted: Persisted::No,
+            }) => delivery_status(*error, Persisted::No),
             _ => StatusCode::GATEWAY_TIMEOUT,
         })
         .collect();
-    let status = match statuses.iter().any(|s| *s == StatusCode::GATEWAY_TIMEOUT) {
+    let status = match statuses.contains(&StatusCode::GATEWAY_TIMEOUT) {
         true => StatusCode::GATEWAY_TIMEOUT,
         false if statuses.windows(2).all(|w| w[0] == w[1]) => statuses[0],
         false => StatusCode::SERVICE_UNAVAILABLE,
@@ -278,14 +331,22 @@ fn failure(outcomes: Vec<Option<Outcome>>, timeout: std::time::Duration) -> Inge
     let records: Vec<RecordReport> = outcomes
         .iter()
         .map(|o| match o {
-            Some(Outcome::Delivered { partition, offset }) => {
-                RecordReport::Written { partition: *partition, offset: *offset }
-            }
-            Some(Outcome::Failed { error, .. }) => RecordReport::Failed { error: error.to_string() },
-            None => RecordReport::Failed { error: timed_out.clone() },
+            Some(Outcome::Delivered { partition, offset }) => RecordReport::Written {
+                partition: *partition,
+                offset: *offset,
+            },
+            Some(Outcome::Failed { error, .. }) => RecordReport::Failed {
+                error: error.to_string(),
+            },
+            None => RecordReport::Failed {
+                error: timed_out.clone(),
+            },
         })
         .collect();
-    let failed = records.iter().filter(|r| matches!(r, RecordReport::Failed { .. })).count();
+    let failed = records
+        .iter()
+        .filter(|r| matches!(r, RecordReport::Failed { .. }))
+        .count();
     IngestError::Partial {
         status,
         message: format!("{failed} of {} records not acknowledged", records.len()),
@@ -326,14 +387,35 @@ impl IntoResponse for Reply {
         use crate::server::json;
         match self {
             Reply::Accepted(n) => json(StatusCode::ACCEPTED, &AcceptedBody { ok: n }),
-            Reply::Acked { topic, written, list: false } if written.len() == 1 => {
+            Reply::Acked {
+                topic,
+                written,
+                list: false,
+            } if written.len() == 1 => {
                 let (partition, offset) = written[0];
-                json(StatusCode::OK, &One { ok: 1, topic: &topic, partition, offset })
+                json(
+                    StatusCode::OK,
+                    &One {
+                        ok: 1,
+                        topic: &topic,
+                        partition,
+                        offset,
+                    },
+                )
             }
             Reply::Acked { topic, written, .. } => {
-                let records: Vec<Written> =
-                    written.iter().map(|&(partition, offset)| Written { partition, offset }).collect();
-                json(StatusCode::OK, &Many { ok: records.len(), topic: &topic, records })
+                let records: Vec<Written> = written
+                    .iter()
+                    .map(|&(partition, offset)| Written { partition, offset })
+                    .collect();
+                json(
+                    StatusCode::OK,
+                    &Many {
+                        ok: records.len(),
+                        topic: &topic,
+                        records,
+                    },
+                )
             }
         }
     }

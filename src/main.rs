@@ -28,6 +28,7 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KAFBOY_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -42,7 +43,10 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_error(&e.to_string()),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("kafboy: cannot start the runtime: {e}");
@@ -67,7 +71,11 @@ async fn serve(config: Config) -> ExitCode {
     let addr = listener.local_addr().map_or(config.server.listen, |a| a);
     tracing::info!(%addr, brokers = %config.kafka.brokers.join(","), "kafboy listening");
     let report = app.run(listener, kafboy::shutdown::signal()).await;
-    if report.undelivered > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if report.undelivered > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn config_error(message: &str) -> ExitCode {

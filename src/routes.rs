@@ -93,7 +93,9 @@ fn compile_one(rc: &RouteConfig) -> Result<Route, String> {
         }
     }
     let topic = match (&rc.topic, has_topic) {
-        (Some(_), true) => return Err("set either `:topic` in the path or `topic`, not both".into()),
+        (Some(_), true) => {
+            return Err("set either `:topic` in the path or `topic`, not both".into());
+        }
         (None, false) => return Err("needs `:topic` in the path or a fixed `topic`".into()),
         (None, true) => TopicSource::Path,
         (Some(t), false) => {
@@ -134,7 +136,10 @@ pub fn validate_topic(topic: &str) -> Result<(), &'static str> {
     if topic.starts_with("__") {
         return Err("topic names starting with '__' are internal");
     }
-    if !topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+    if !topic
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
         return Err("topic name may only hold letters, digits, '.', '_' and '-'");
     }
     Ok(())
@@ -210,8 +215,14 @@ mod tests {
     fn bad_routes_are_named() {
         for (toml, want) in [
             ("path = \"/x\"\nmode = \"sync\"", "needs `:topic`"),
-            ("path = \"/x/:topic\"\ntopic = \"t\"\nmode = \"sync\"", "not both"),
-            ("path = \"/x/:id\"\nmode = \"sync\"", "unknown path parameter"),
+            (
+                "path = \"/x/:topic\"\ntopic = \"t\"\nmode = \"sync\"",
+                "not both",
+            ),
+            (
+                "path = \"/x/:id\"\nmode = \"sync\"",
+                "unknown path parameter",
+            ),
             ("path = \"x/:topic\"\nmode = \"sync\"", "start with"),
             ("path = \"/x\"\ntopic = \"a b\"\nmode = \"sync\"", "topic:"),
         ] {
@@ -225,7 +236,16 @@ mod tests {
         for ok in ["a", "A.b_c-9", &"x".repeat(249), "_one"] {
             assert!(validate_topic(ok).is_ok(), "{ok}");
         }
-        for bad in ["", ".", "..", "__consumer_offsets", "a b", "a/b", "é", &"x".repeat(250)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "__consumer_offsets",
+            "a b",
+            "a/b",
+            "é",
+            &"x".repeat(250),
+        ] {
             assert!(validate_topic(bad).is_err(), "{bad}");
         }
     }

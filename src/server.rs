@@ -77,7 +77,9 @@ impl App {
             metadata_refresh: config.kafka.metadata_refresh,
             shutting_down: AtomicBool::new(false),
         };
-        Ok(App { state: Arc::new(state) })
+        Ok(App {
+            state: Arc::new(state),
+        })
     }
 
     /// The HTTP router, without a socket (tests drive it with `oneshot`).
@@ -111,9 +113,16 @@ impl App {
     /// Serves `listener` until `shutdown` resolves; then stops accepting, lets in-flight requests
     /// finish (at most `server.shutdown_timeout`), and flushes the producers (again at most that
     /// long). The listener is bound by the caller, so tests can use port 0.
-    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> ShutdownReport {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> ShutdownReport {
         let state = self.state.clone();
-        state.producers.topics.spawn_refresher(state.metadata_refresh);
+        state
+            .producers
+            .topics
+            .spawn_refresher(state.metadata_refresh);
         let grace = state.server.shutdown_timeout;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let on_signal = {
@@ -129,7 +138,9 @@ impl App {
             // Replies are small; waiting for Nagle would add tens of milliseconds.
             let _ = tcp.set_nodelay(true);
         });
-        let app = self.router().into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
         let serve = axum::serve(listener, app).with_graceful_shutdown(on_signal);
         let drain_deadline = async move {
             let mut rx = stop_rx;
@@ -146,7 +157,10 @@ impl App {
         }
         let undelivered = state.producers.flush(grace).await;
         if undelivered > 0 {
-            tracing::error!(undelivered, "records still undelivered at the flush deadline");
+            tracing::error!(
+                undelivered,
+                "records still undelivered at the flush deadline"
+            );
         } else {
             tracing::info!("all accepted records delivered or reported");
         }
@@ -175,9 +189,10 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     // Serializing these plain structs cannot fail; an empty object is the fallback anyway.
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut response = (status, bytes).into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -186,7 +201,9 @@ async fn method_not_allowed() -> Response {
         StatusCode::METHOD_NOT_ALLOWED,
         &serde_json::json!({ "error": "method not allowed; use POST" }),
     );
-    response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("POST"));
     response
 }
 
@@ -195,7 +212,11 @@ async fn health() -> Response {
 }
 
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
-    let why = if app.shutting_down() { Some("shutting down") } else { app.producers.not_ready() };
+    let why = if app.shutting_down() {
+        Some("shutting down")
+    } else {
+        app.producers.not_ready()
+    };
     match why {
         None => json(StatusCode::OK, &serde_json::json!({ "ok": "ready" })),
         Some(why) => IngestError::Unavailable(format!("not ready: {why}")).into_response(),

@@ -13,7 +13,10 @@ const NDJSON: Option<&str> = Some("application/x-ndjson");
 const FORM: Option<&str> = Some("application/x-www-form-urlencoded");
 
 fn values(records: &[Consumed]) -> Vec<String> {
-    records.iter().map(|r| String::from_utf8_lossy(&r.value).into_owned()).collect()
+    records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,18 +42,32 @@ async fn sync_replies_with_the_partition_and_offset_the_broker_assigned() {
     let gw = gateway(&b.addr, "").await;
     let mut replies = Vec::new();
     for i in 0..6 {
-        let r = gw.post_json(&format!("/sync/{topic}/"), &format!("{{\"i\":{i}}}")).await;
+        let r = gw
+            .post_json(&format!("/sync/{topic}/"), &format!("{{\"i\":{i}}}"))
+            .await;
         assert_eq!(r.status, 200, "{}", r.body);
         let j = r.json();
         assert_eq!(j["ok"], 1);
         assert_eq!(j["topic"], topic.as_str());
-        assert!(r.body.starts_with(&format!("{{\"ok\":1,\"topic\":\"{topic}\",\"partition\":")), "{}", r.body);
-        replies.push((j["partition"].as_i64().unwrap() as i32, j["offset"].as_i64().unwrap(), i));
+        assert!(
+            r.body
+                .starts_with(&format!("{{\"ok\":1,\"topic\":\"{topic}\",\"partition\":")),
+            "{}",
+            r.body
+        );
+        replies.push((
+            j["partition"].as_i64().unwrap() as i32,
+            j["offset"].as_i64().unwrap(),
+            i,
+        ));
     }
     let got = consume(&b.addr, &topic, 6);
     assert_eq!(got.len(), 6);
     for (partition, offset, i) in replies {
-        let rec = got.iter().find(|c| c.partition == partition && c.offset == offset).expect("acked record on broker");
+        let rec = got
+            .iter()
+            .find(|c| c.partition == partition && c.offset == offset)
+            .expect("acked record on broker");
         assert_eq!(rec.value, format!("{{\"i\":{i}}}").as_bytes());
     }
     gw.stop().await;
@@ -67,11 +84,15 @@ async fn batch_routes_flush_by_size_and_time_and_batch_sync_waits_for_the_ack() 
     );
     let gw = gateway(&b.addr, &toml).await;
     for i in 0..10 {
-        let r = gw.post_json(&format!("/batch/async/{topic}"), &format!("[{i}]")).await;
+        let r = gw
+            .post_json(&format!("/batch/async/{topic}"), &format!("[{i}]"))
+            .await;
         assert_eq!((r.status, r.body.as_str()), (202, r#"{"ok":1}"#));
     }
     let start = Instant::now();
-    let r = gw.post_json(&format!("/batch/sync/{topic}"), "\"last\"").await;
+    let r = gw
+        .post_json(&format!("/batch/sync/{topic}"), "\"last\"")
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.json()["offset"].is_i64());
     assert!(start.elapsed() < Duration::from_secs(5));
@@ -80,7 +101,11 @@ async fn batch_routes_flush_by_size_and_time_and_batch_sync_waits_for_the_ack() 
     let start = Instant::now();
     let r = gw.post_json(&format!("/batch/sync/{slow}"), "1").await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(start.elapsed() >= Duration::from_millis(350), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(350),
+        "{:?}",
+        start.elapsed()
+    );
     gw.stop().await;
 }
 
@@ -89,10 +114,19 @@ async fn forms_become_json_objects() {
     let b = broker();
     let topic = b.topic("form", 1);
     let gw = gateway(&b.addr, "").await;
-    let r = gw.post(&format!("/sync/{topic}"), FORM, "test=a&tag=x&tag=y+z&q=%7B%22%7D").await;
+    let r = gw
+        .post(
+            &format!("/sync/{topic}"),
+            FORM,
+            "test=a&tag=x&tag=y+z&q=%7B%22%7D",
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let got = consume(&b.addr, &topic, 1);
-    assert_eq!(values(&got), [r#"{"test":"a","tag":["x","y z"],"q":"{\"}"}"#]);
+    assert_eq!(
+        values(&got),
+        [r#"{"test":"a","tag":["x","y z"],"q":"{\"}"}"#]
+    );
     gw.stop().await;
 }
 
@@ -101,17 +135,45 @@ async fn ndjson_produces_one_record_per_line_in_order_or_nothing() {
     let b = broker();
     let topic = b.topic("ndjson", 1);
     let gw = gateway(&b.addr, "").await;
-    let bad = gw.post(&format!("/sync/{topic}"), NDJSON, "{\"a\":1}\n{\"a\":2}\n{oops}\n").await;
+    let bad = gw
+        .post(
+            &format!("/sync/{topic}"),
+            NDJSON,
+            "{\"a\":1}\n{\"a\":2}\n{oops}\n",
+        )
+        .await;
     assert_eq!(bad.status, 400);
-    assert!(bad.error().starts_with("line 3: invalid json"), "{}", bad.body);
-    let r = gw.post(&format!("/sync/{topic}"), NDJSON, "{\"a\":1}\r\n\n[2]\n\"three\"").await;
+    assert!(
+        bad.error().starts_with("line 3: invalid json"),
+        "{}",
+        bad.body
+    );
+    let r = gw
+        .post(
+            &format!("/sync/{topic}"),
+            NDJSON,
+            "{\"a\":1}\r\n\n[2]\n\"three\"",
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let j = r.json();
     assert_eq!(j["ok"], 3);
-    let offsets: Vec<i64> = j["records"].as_array().unwrap().iter().map(|r| r["offset"].as_i64().unwrap()).collect();
-    assert_eq!(offsets, [0, 1, 2], "nothing from the refused request came first");
+    let offsets: Vec<i64> = j["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["offset"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        offsets,
+        [0, 1, 2],
+        "nothing from the refused request came first"
+    );
     let async_reply = gw.post(&format!("/async/{topic}"), NDJSON, "1\n2\n").await;
-    assert_eq!((async_reply.status, async_reply.body.as_str()), (202, r#"{"ok":2}"#));
+    assert_eq!(
+        (async_reply.status, async_reply.body.as_str()),
+        (202, r#"{"ok":2}"#)
+    );
     let got = consume(&b.addr, &topic, 5);
     assert_eq!(values(&got), [r#"{"a":1}"#, "[2]", "\"three\"", "1", "2"]);
     gw.stop().await;
@@ -125,13 +187,32 @@ async fn keys_partitions_and_headers_reach_the_record() {
     let client = common::client();
     let url = |q: &str| format!("{}/sync/{topic}{q}", gw.url);
     let send = |req: reqwest::RequestBuilder| async move {
-        common::Reply::read(req.header("content-type", "application/json").body("{}").send().await.unwrap()).await
+        common::Reply::read(
+            req.header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
     };
     let by_query = send(client.post(url("?key=user%2042"))).await;
-    let by_header = send(client.post(url("")).header("X-Kafka-Key", "k9").header("X-Kafka-Partition", "3")).await;
+    let by_header = send(
+        client
+            .post(url(""))
+            .header("X-Kafka-Key", "k9")
+            .header("X-Kafka-Partition", "3"),
+    )
+    .await;
     let by_query_partition = send(client.post(url("?partition=4"))).await;
     let headers = send(
-        client.post(url("")).header("X-Kafka-Header-Trace-Id", "abc").header("x-kafka-header-source", reqwest::header::HeaderValue::from_bytes(b"web\xe9").unwrap()),
+        client
+            .post(url(""))
+            .header("X-Kafka-Header-Trace-Id", "abc")
+            .header(
+                "x-kafka-header-source",
+                reqwest::header::HeaderValue::from_bytes(b"web\xe9").unwrap(),
+            ),
     )
     .await;
     for r in [&by_query, &by_header, &by_query_partition, &headers] {
@@ -144,7 +225,10 @@ async fn keys_partitions_and_headers_reach_the_record() {
     let find = |r: &common::Reply| {
         let j = r.json();
         got.iter()
-            .find(|c| i64::from(c.partition) == j["partition"].as_i64().unwrap() && c.offset == j["offset"].as_i64().unwrap())
+            .find(|c| {
+                i64::from(c.partition) == j["partition"].as_i64().unwrap()
+                    && c.offset == j["offset"].as_i64().unwrap()
+            })
             .cloned()
             .expect("record on broker")
     };
@@ -154,14 +238,22 @@ async fn keys_partitions_and_headers_reach_the_record() {
     let h = find(&headers).headers;
     assert!(h.contains(&("trace-id".into(), b"abc".to_vec())), "{h:?}");
     assert!(h.contains(&("source".into(), b"web\xe9".to_vec())), "{h:?}");
-    for (q, want) in [("?partition=5", "out of range"), ("?partition=-1", "non-negative"), ("?partition=x", "non-negative")] {
+    for (q, want) in [
+        ("?partition=5", "out of range"),
+        ("?partition=-1", "non-negative"),
+        ("?partition=x", "non-negative"),
+    ] {
         let r = send(client.post(url(q))).await;
         assert_eq!(r.status, 400);
         assert!(r.error().contains(want), "{}", r.body);
     }
     let r = send(client.post(url("?key=a")).header("x-kafka-key", "b")).await;
     assert_eq!(r.status, 400);
-    assert_eq!(consume_for(&b.addr, &topic, 5, Duration::from_millis(500)).len(), 4, "refusals wrote nothing");
+    assert_eq!(
+        consume_for(&b.addr, &topic, 5, Duration::from_millis(500)).len(),
+        4,
+        "refusals wrote nothing"
+    );
     gw.stop().await;
 }
 
@@ -196,18 +288,42 @@ async fn configured_routes_take_their_mode_from_the_route() {
 async fn bad_requests_get_clear_errors_and_write_nothing() {
     let b = broker();
     let topic = b.topic("bad", 1);
-    let gw = gateway(&b.addr, "[server]\nmax_body_bytes = 1000\n[kafka]\nmessage_max_bytes = 2000").await;
+    let gw = gateway(
+        &b.addr,
+        "[server]\nmax_body_bytes = 1000\n[kafka]\nmessage_max_bytes = 2000",
+    )
+    .await;
     let p = format!("/async/{topic}");
     let cases: Vec<(common::Reply, u16, &str)> = vec![
         (gw.post_json(&p, "{\"a\":1,}").await, 400, "invalid json: "),
         (gw.post(&p, None, "[1, 2").await, 400, "invalid json: "),
-        (gw.post(&p, None, b"\"\xff\"".to_vec()).await, 400, "not UTF-8"),
+        (
+            gw.post(&p, None, b"\"\xff\"".to_vec()).await,
+            400,
+            "not UTF-8",
+        ),
         (gw.post_json(&p, "").await, 400, "empty body"),
         (gw.post(&p, FORM, "").await, 400, "empty body"),
-        (gw.post(&p, Some("text/plain"), "hi").await, 415, "unsupported content type"),
-        (gw.post_json(&p, &format!("\"{}\"", "x".repeat(1000))).await, 413, "larger than 1000"),
-        (gw.post_json("/async/a%20b", "{}").await, 400, "letters, digits"),
-        (gw.post_json("/async/__consumer_offsets", "{}").await, 400, "internal"),
+        (
+            gw.post(&p, Some("text/plain"), "hi").await,
+            415,
+            "unsupported content type",
+        ),
+        (
+            gw.post_json(&p, &format!("\"{}\"", "x".repeat(1000))).await,
+            413,
+            "larger than 1000",
+        ),
+        (
+            gw.post_json("/async/a%20b", "{}").await,
+            400,
+            "letters, digits",
+        ),
+        (
+            gw.post_json("/async/__consumer_offsets", "{}").await,
+            400,
+            "internal",
+        ),
         (gw.post_json("/async/..", "{}").await, 404, "not found"),
         (gw.post_json("/nowhere", "{}").await, 404, "not found"),
         (gw.post_json("/async/", "{}").await, 404, "not found"),
@@ -225,12 +341,25 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
     );
     let answer = common::raw_http(gw.addr, request.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    let r = common::client().get(format!("{}{p}", gw.url)).send().await.unwrap();
+    let r = common::client()
+        .get(format!("{}{p}", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["allow"], "POST");
-    let r = common::client().put(format!("{}{p}", gw.url)).body("{}").send().await.unwrap();
+    let r = common::client()
+        .put(format!("{}{p}", gw.url))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 405);
-    assert_eq!(consume_for(&b.addr, &topic, 1, Duration::from_millis(500)), vec![], "nothing was written");
+    assert_eq!(
+        consume_for(&b.addr, &topic, 1, Duration::from_millis(500)),
+        vec![],
+        "nothing was written"
+    );
     gw.stop().await;
 }
 
@@ -239,7 +368,11 @@ async fn unknown_and_unlisted_topics_are_a_fast_404() {
     let b = broker();
     let listed = b.topic("listed", 1);
     let unlisted = b.topic("unlisted", 1);
-    let gw = gateway(&b.addr, &format!("[topics]\nallow = [\"{listed}\", \"missing-*\"]")).await;
+    let gw = gateway(
+        &b.addr,
+        &format!("[topics]\nallow = [\"{listed}\", \"missing-*\"]"),
+    )
+    .await;
     let start = Instant::now();
     let r = gw.post_json(&format!("/sync/{unlisted}"), "{}").await;
     assert_eq!(r.status, 404);
@@ -248,9 +381,19 @@ async fn unknown_and_unlisted_topics_are_a_fast_404() {
     assert_eq!(r.status, 404, "{}", r.body);
     let r = gw.post_json("/async/missing-topic-xyz", "{}").await;
     assert_eq!(r.status, 404, "cached: {}", r.body);
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
-    assert_eq!(gw.post_json(&format!("/sync/{listed}"), "{}").await.status, 200);
-    assert_eq!(consume_for(&b.addr, &unlisted, 1, Duration::from_millis(300)), vec![]);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        gw.post_json(&format!("/sync/{listed}"), "{}").await.status,
+        200
+    );
+    assert_eq!(
+        consume_for(&b.addr, &unlisted, 1, Duration::from_millis(300)),
+        vec![]
+    );
     gw.stop().await;
 }
 
@@ -259,7 +402,10 @@ async fn a_topic_created_after_start_is_found() {
     let b = broker();
     let gw = gateway(&b.addr, "[kafka]\nunknown_topic_ttl = \"100ms\"").await;
     let name = format!("late-{}", std::process::id());
-    assert_eq!(gw.post_json(&format!("/sync/{name}"), "{}").await.status, 404);
+    assert_eq!(
+        gw.post_json(&format!("/sync/{name}"), "{}").await.status,
+        404
+    );
     b.create_topic(&name, 1);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -278,13 +424,13 @@ async fn a_topic_created_after_start_is_found() {
 async fn strategies_spread_records_over_256_partitions() {
     let b = broker();
     let topic = b.topic("wide", 256);
-    let toml = format!(
-        "[[routes]]\npath = \"/rr/:topic\"\nmode = \"async\"\npartitioner = \"round_robin\"\n\
-         [[routes]]\npath = \"/rnd/:topic\"\nmode = \"async\"\npartitioner = \"random\""
-    );
-    let gw = gateway(&b.addr, &toml).await;
+    let toml = "[[routes]]\npath = \"/rr/:topic\"\nmode = \"async\"\npartitioner = \"round_robin\"\n\
+         [[routes]]\npath = \"/rnd/:topic\"\nmode = \"async\"\npartitioner = \"random\"";
+    let gw = gateway(&b.addr, toml).await;
     let lines: String = (0..512).map(|i| format!("{i}\n")).collect();
-    let r = gw.post(&format!("/rr/{topic}"), NDJSON, lines.clone()).await;
+    let r = gw
+        .post(&format!("/rr/{topic}"), NDJSON, lines.clone())
+        .await;
     assert_eq!((r.status, r.body.as_str()), (202, r#"{"ok":512}"#));
     let r = gw.post(&format!("/rnd/{topic}"), NDJSON, lines).await;
     assert_eq!(r.status, 202);
@@ -306,14 +452,23 @@ async fn shutdown_flushes_what_was_accepted() {
     let b = broker();
     let topic = b.topic("drain", 2);
     // A long flush timeout keeps records queued until shutdown flushes them.
-    let gw = gateway(&b.addr, "[batch]\nflush_timeout = \"10s\"\nbatch_size = 100000").await;
+    let gw = gateway(
+        &b.addr,
+        "[batch]\nflush_timeout = \"10s\"\nbatch_size = 100000",
+    )
+    .await;
     let lines: String = (0..200).map(|i| format!("{{\"n\":{i}}}\n")).collect();
-    let r = gw.post(&format!("/batch/async/{topic}"), NDJSON, lines).await;
+    let r = gw
+        .post(&format!("/batch/async/{topic}"), NDJSON, lines)
+        .await;
     assert_eq!(r.status, 202);
     let start = Instant::now();
     let report = gw.stop().await;
     assert_eq!(report.undelivered, 0);
-    assert!(start.elapsed() < Duration::from_secs(5), "flush must not wait out the linger");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "flush must not wait out the linger"
+    );
     assert_eq!(consume(&b.addr, &topic, 200).len(), 200);
 }
 
@@ -321,11 +476,23 @@ async fn shutdown_flushes_what_was_accepted() {
 async fn health_and_ready() {
     let b = broker();
     let gw = gateway(&b.addr, "").await;
-    let r = common::client().get(format!("{}/health", gw.url)).send().await.unwrap();
+    let r = common::client()
+        .get(format!("{}/health", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = common::client().get(format!("{}/ready", gw.url)).send().await.unwrap();
+    let r = common::client()
+        .get(format!("{}/ready", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = common::client().post(format!("{}/ready", gw.url)).send().await.unwrap();
+    let r = common::client()
+        .post(format!("{}/ready", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 405);
     gw.stop().await;
 }

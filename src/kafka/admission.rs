@@ -39,7 +39,12 @@ impl Admission {
     }
 
     /// Takes room for `records` records of `bytes` bytes in all, waiting at most `wait`.
-    pub async fn acquire(&self, records: usize, bytes: usize, wait: Duration) -> Result<(), Refused> {
+    pub async fn acquire(
+        &self,
+        records: usize,
+        bytes: usize,
+        wait: Duration,
+    ) -> Result<(), Refused> {
         if records > self.max_records || bytes > self.max_bytes {
             return Err(Refused::TooBig);
         }
@@ -57,13 +62,23 @@ impl Admission {
         }
         let both = async {
             // Closing is never done, so acquiring can only wait, not fail.
-            let r = self.records.acquire_many(n).await.map_err(|_| Refused::Full)?;
-            let b = self.bytes.acquire_many(b).await.map_err(|_| Refused::Full)?;
+            let r = self
+                .records
+                .acquire_many(n)
+                .await
+                .map_err(|_| Refused::Full)?;
+            let b = self
+                .bytes
+                .acquire_many(b)
+                .await
+                .map_err(|_| Refused::Full)?;
             r.forget();
             b.forget();
             Ok(())
         };
-        tokio::time::timeout(wait, both).await.unwrap_or(Err(Refused::Full))
+        tokio::time::timeout(wait, both)
+            .await
+            .unwrap_or(Err(Refused::Full))
     }
 
     /// Gives back room taken by [`Admission::acquire`].

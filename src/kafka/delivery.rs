@@ -167,7 +167,9 @@ fn persisted(message: &BorrowedMessage<'_>) -> Persisted {
     // duration of the callback; rd_kafka_message_status only reads it.
     let status = unsafe { rdkafka::bindings::rd_kafka_message_status(message.ptr()) };
     match status {
-        rdkafka::bindings::rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_NOT_PERSISTED => Persisted::No,
+        rdkafka::bindings::rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_NOT_PERSISTED => {
+            Persisted::No
+        }
         _ => Persisted::Possibly,
     }
 }
@@ -177,7 +179,10 @@ fn persisted(message: &BorrowedMessage<'_>) -> Persisted {
 /// timeout in a loop, so librdkafka's "flushing" state (which makes linger.ms immediate) is only
 /// ever on for an instant and a long linger is waited out; one call with the real timeout
 /// keeps it on. Delivery reports keep flowing through the producer's polling thread.
-pub fn flush(producer: &rdkafka::producer::ThreadedProducer<Context>, timeout: std::time::Duration) {
+pub fn flush(
+    producer: &rdkafka::producer::ThreadedProducer<Context>,
+    timeout: std::time::Duration,
+) {
     use rdkafka::producer::Producer as _;
     let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: the handle is alive for the whole call (borrowed from `producer`); rd_kafka_flush

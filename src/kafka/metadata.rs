@@ -51,7 +51,11 @@ pub struct Topics {
 
 impl Topics {
     /// A cache that asks the brokers through `client`.
-    pub fn new(client: ThreadedProducer<Context>, timeout: Duration, missing_ttl: Duration) -> Self {
+    pub fn new(
+        client: ThreadedProducer<Context>,
+        timeout: Duration,
+        missing_ttl: Duration,
+    ) -> Self {
         Topics {
             entries: RwLock::default(),
             client,
@@ -72,7 +76,9 @@ impl Topics {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         match entries.get(topic)? {
             Entry::Known(info) => Some(Ok(info.clone())),
-            Entry::Missing(at) if at.elapsed() < self.missing_ttl => Some(Err(LookupError::Unknown)),
+            Entry::Missing(at) if at.elapsed() < self.missing_ttl => {
+                Some(Err(LookupError::Unknown))
+            }
             Entry::Missing(_) => None,
         }
     }
@@ -83,7 +89,9 @@ impl Topics {
             return hit;
         }
         let busy = || LookupError::Unavailable("metadata lookup timed out".into());
-        let _turn = tokio::time::timeout(self.timeout, self.lookup.lock()).await.map_err(|_| busy())?;
+        let _turn = tokio::time::timeout(self.timeout, self.lookup.lock())
+            .await
+            .map_err(|_| busy())?;
         if let Some(hit) = self.cached(topic) {
             return hit;
         }
@@ -96,7 +104,10 @@ impl Topics {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         match found.into_iter().find(|(name, _)| name == topic) {
             Some((_, partitions)) if partitions > 0 => {
-                let info = Arc::new(TopicInfo { partitions, ..TopicInfo::default() });
+                let info = Arc::new(TopicInfo {
+                    partitions,
+                    ..TopicInfo::default()
+                });
                 entries.insert(topic.to_string(), Entry::Known(info.clone()));
                 Ok(info)
             }
@@ -119,7 +130,10 @@ impl Topics {
         for (name, partitions) in found.into_iter().filter(|(_, p)| *p > 0) {
             let info = match entries.remove(&name) {
                 Some(Entry::Known(old)) if old.partitions == partitions => old,
-                _ => Arc::new(TopicInfo { partitions, ..TopicInfo::default() }),
+                _ => Arc::new(TopicInfo {
+                    partitions,
+                    ..TopicInfo::default()
+                }),
             };
             fresh.insert(name, Entry::Known(info));
         }
@@ -145,7 +159,10 @@ impl Topics {
         Ok(metadata
             .topics()
             .iter()
-            .filter(|t| t.error().map(RDKafkaErrorCode::from) != Some(RDKafkaErrorCode::UnknownTopicOrPartition))
+            .filter(|t| {
+                t.error().map(RDKafkaErrorCode::from)
+                    != Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+            })
             .map(|t| (t.name().to_string(), t.partitions().len() as i32))
             .collect())
     }

@@ -65,8 +65,15 @@ pub struct Producer {
 }
 
 impl Producer {
-    fn build(name: &str, kafka: &KafkaConfig, mut client: ClientConfig) -> Result<Self, KafkaError> {
-        let admission = Arc::new(Admission::new(kafka.queue_max_messages, kafka.queue_max_bytes));
+    fn build(
+        name: &str,
+        kafka: &KafkaConfig,
+        mut client: ClientConfig,
+    ) -> Result<Self, KafkaError> {
+        let admission = Arc::new(Admission::new(
+            kafka.queue_max_messages,
+            kafka.queue_max_bytes,
+        ));
         let tally = Arc::new(Tally::default());
         let fatal = Arc::new(AtomicBool::new(false));
         // librdkafka's own limits sit above kafboy's, with room for reports still being handed
@@ -74,8 +81,14 @@ impl Producer {
         let slack_msgs = kafka.queue_max_messages + kafka.queue_max_messages / 10 + 1000;
         let slack_kb = (kafka.queue_max_bytes + kafka.queue_max_bytes / 10) / 1024 + 1024;
         client
-            .set("queue.buffering.max.messages", slack_msgs.min(i32::MAX as usize).to_string())
-            .set("queue.buffering.max.kbytes", slack_kb.min(i32::MAX as usize).to_string());
+            .set(
+                "queue.buffering.max.messages",
+                slack_msgs.min(i32::MAX as usize).to_string(),
+            )
+            .set(
+                "queue.buffering.max.kbytes",
+                slack_kb.min(i32::MAX as usize).to_string(),
+            );
         let context = Context {
             name: name.to_string(),
             admission: admission.clone(),
@@ -83,7 +96,12 @@ impl Producer {
             fatal: fatal.clone(),
         };
         let inner = ThreadedProducer::from_config_and_context(&client, context)?;
-        Ok(Producer { inner, admission, tally, fatal })
+        Ok(Producer {
+            inner,
+            admission,
+            tally,
+            fatal,
+        })
     }
 
     /// Queues `records` on `topic`, all or nothing as far as kafboy's queue accounting goes.
@@ -98,11 +116,17 @@ impl Producer {
         if self.fatal.load(Ordering::Relaxed) {
             return Err(SendError::Fatal);
         }
-        let bytes: usize = records.iter().map(|r| r.value.len() + r.key.as_ref().map_or(0, Bytes::len)).sum();
-        self.admission.acquire(records.len(), bytes, wait).await.map_err(|r| match r {
-            Refused::Full => SendError::QueueFull,
-            Refused::TooBig => SendError::TooBig,
-        })?;
+        let bytes: usize = records
+            .iter()
+            .map(|r| r.value.len() + r.key.as_ref().map_or(0, Bytes::len))
+            .sum();
+        self.admission
+            .acquire(records.len(), bytes, wait)
+            .await
+            .map_err(|r| match r {
+                Refused::Full => SendError::QueueFull,
+                Refused::TooBig => SendError::TooBig,
+            })?;
         let mut receivers = Vec::with_capacity(if report { records.len() } else { 0 });
         let total = records.len();
         let mut handed_bytes = 0;
@@ -145,7 +169,10 @@ impl Producer {
 
     /// Records delivered and failed since start.
     pub fn tally(&self) -> (u64, u64) {
-        (self.tally.delivered.load(Ordering::Relaxed), self.tally.failed.load(Ordering::Relaxed))
+        (
+            self.tally.delivered.load(Ordering::Relaxed),
+            self.tally.failed.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether librdkafka reported a fatal error.
@@ -178,7 +205,8 @@ impl Producers {
         let fail = |what: &str, e: KafkaError| format!("kafka: {what} producer: {e}");
         let mut latency_cfg = base.clone();
         latency_cfg.set("linger.ms", millis(kafka.linger));
-        let latency = Producer::build("latency", kafka, latency_cfg).map_err(|e| fail("latency", e))?;
+        let latency =
+            Producer::build("latency", kafka, latency_cfg).map_err(|e| fail("latency", e))?;
         let batch = Producer::build("batch", kafka, batch_config(&base, &config.batch))
             .map_err(|e| fail("batch", e))?;
         let mut batch_by_topic = HashMap::new();
@@ -210,22 +238,31 @@ impl Producers {
             kafka.unknown_topic_ttl,
         ));
         let groups = groups.into_iter().map(|(_, p)| p).collect();
-        Ok(Producers { latency, batch, batch_by_topic, groups, topics })
+        Ok(Producers {
+            latency,
+            batch,
+            batch_by_topic,
+            groups,
+            topics,
+        })
     }
 
     /// The producer that serves `mode` for `topic`.
     pub fn for_mode(&self, mode: Mode, topic: &str) -> &Producer {
         match mode {
             Mode::Async | Mode::Sync => &self.latency,
-            Mode::BatchAsync | Mode::BatchSync => {
-                self.batch_by_topic.get(topic).map_or(&self.batch, |p| p.as_ref())
-            }
+            Mode::BatchAsync | Mode::BatchSync => self
+                .batch_by_topic
+                .get(topic)
+                .map_or(&self.batch, |p| p.as_ref()),
         }
     }
 
     /// Every producer, for flushing and reporting.
     pub fn all(&self) -> impl Iterator<Item = &Producer> {
-        [&self.latency, &self.batch].into_iter().chain(self.groups.iter().map(|p| p.as_ref()))
+        [&self.latency, &self.batch]
+            .into_iter()
+            .chain(self.groups.iter().map(|p| p.as_ref()))
     }
 
     /// Why the server is not ready, if it is not.
@@ -306,26 +343,40 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", kafka.brokers.join(","))
         .set("client.id", &kafka.client_id)
-        .set("acks", match kafka.acks {
-            Acks::All => "all",
-            Acks::Leader => "1",
-            Acks::None => "0",
-        })
+        .set(
+            "acks",
+            match kafka.acks {
+                Acks::All => "all",
+                Acks::Leader => "1",
+                Acks::None => "0",
+            },
+        )
         .set("enable.idempotence", kafka.idempotence.to_string())
-        .set("compression.type", match kafka.compression {
-            Compression::None => "none",
-            Compression::Gzip => "gzip",
-            Compression::Snappy => "snappy",
-            Compression::Lz4 => "lz4",
-            Compression::Zstd => "zstd",
-        })
-        .set("message.timeout.ms", kafka.message_timeout.as_millis().to_string())
+        .set(
+            "compression.type",
+            match kafka.compression {
+                Compression::None => "none",
+                Compression::Gzip => "gzip",
+                Compression::Snappy => "snappy",
+                Compression::Lz4 => "lz4",
+                Compression::Zstd => "zstd",
+            },
+        )
+        .set(
+            "message.timeout.ms",
+            kafka.message_timeout.as_millis().to_string(),
+        )
         .set("message.max.bytes", kafka.message_max_bytes.to_string())
-        .set("allow.auto.create.topics", kafka.auto_create_topics.to_string())
+        .set(
+            "allow.auto.create.topics",
+            kafka.auto_create_topics.to_string(),
+        )
         .set("partitioner", "murmur2_random");
     for (key, value) in &kafka.options {
         if TYPED_KEYS.contains(&key.as_str()) {
-            return Err(format!("kafka.options.\"{key}\": set by a typed kafka setting; use that instead"));
+            return Err(format!(
+                "kafka.options.\"{key}\": set by a typed kafka setting; use that instead"
+            ));
         }
         c.set(key, value);
     }

@@ -121,10 +121,18 @@ mod tests {
             (b"foobar", -790332482),
             (b"a-little-bit-long-string", -985981536),
             (b"a-little-bit-longer-string", -1486304829),
-            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
             (b"abc", 479470107),
         ] {
-            assert_eq!(murmur2(input) as i32, want, "{}", String::from_utf8_lossy(input));
+            assert_eq!(
+                murmur2(input) as i32,
+                want,
+                "{}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
@@ -140,15 +148,26 @@ mod tests {
 
     #[test]
     fn round_robin_is_exactly_even() {
-        assert!(spread(Partitioner::RoundRobin, None, 7, 700).iter().all(|&c| c == 100));
-        assert!(spread(Partitioner::RoundRobin, Some(b"k"), 256, 2560).iter().all(|&c| c == 10));
+        assert!(
+            spread(Partitioner::RoundRobin, None, 7, 700)
+                .iter()
+                .all(|&c| c == 100)
+        );
+        assert!(
+            spread(Partitioner::RoundRobin, Some(b"k"), 256, 2560)
+                .iter()
+                .all(|&c| c == 10)
+        );
     }
 
     #[test]
     fn random_is_uniform_and_not_sticky() {
         let counts = spread(Partitioner::Random, None, 8, 80_000);
         // Each bucket expects 10000 (sd ≈ 94); 10 sd of slack keeps this from ever flaking.
-        assert!(counts.iter().all(|&c| (9_000..11_000).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (9_000..11_000).contains(&c)),
+            "{counts:?}"
+        );
         let rotation = Rotation::default();
         let firsts: std::collections::HashSet<_> = (0..64)
             .map(|_| choose(Partitioner::Random, None, 8, &rotation).unwrap())
@@ -161,13 +180,22 @@ mod tests {
         let rotation = Rotation::default();
         let p = |k: &str| choose(Partitioner::KeyHash, Some(k.as_bytes()), 3, &rotation).unwrap();
         // Where librdkafka's murmur2 partitioner put these keys on a 3-partition topic.
-        assert_eq!([p("k0"), p("k1"), p("k2"), p("k9")], [Some(2), Some(2), Some(0), Some(2)]);
+        assert_eq!(
+            [p("k0"), p("k1"), p("k2"), p("k9")],
+            [Some(2), Some(2), Some(0), Some(2)]
+        );
         let mut counts = [0usize; 16];
         for i in 0..16_000 {
             counts[key_hash(format!("user-{i}").as_bytes(), 16) as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
-        assert_eq!(choose(Partitioner::KeyHash, None, 3, &rotation), Err(KeyRequired));
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+        assert_eq!(
+            choose(Partitioner::KeyHash, None, 3, &rotation),
+            Err(KeyRequired)
+        );
     }
 
     #[test]
@@ -175,7 +203,10 @@ mod tests {
         let rotation = Rotation::default();
         assert_eq!(choose(Partitioner::Auto, None, 8, &rotation), Ok(None));
         let want = key_hash(b"abc", 8) as i32;
-        assert_eq!(choose(Partitioner::Auto, Some(b"abc"), 8, &rotation), Ok(Some(want)));
+        assert_eq!(
+            choose(Partitioner::Auto, Some(b"abc"), 8, &rotation),
+            Ok(Some(want))
+        );
     }
 
     #[test]

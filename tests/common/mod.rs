@@ -28,7 +28,9 @@ pub fn tansu_path() -> PathBuf {
         return local;
     }
     let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|d| d.join("tansu")).find(|p| p.is_file())
+        std::env::split_paths(&paths)
+            .map(|d| d.join("tansu"))
+            .find(|p| p.is_file())
     });
     found.unwrap_or_else(|| {
         panic!(
@@ -44,6 +46,8 @@ pub fn tansu_path() -> PathBuf {
 pub struct Broker {
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    /// The watchdog shell; it outlives the tests on purpose and ends with this process.
+    _watchdog: std::process::Child,
 }
 
 static BROKER: OnceLock<Broker> = OnceLock::new();
@@ -67,7 +71,7 @@ fn start_broker() -> Broker {
          while kill -0 {pid} 2>/dev/null && kill -0 $b 2>/dev/null; do sleep 1; done; kill $b",
         pid = std::process::id()
     );
-    Command::new("sh")
+    let watchdog = Command::new("sh")
         .arg("-c")
         .arg(script)
         .arg(&tansu)
@@ -77,10 +81,14 @@ fn start_broker() -> Broker {
         .expect("start tansu");
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "tansu did not listen on {addr}; see {}/broker.log", dir.display());
+        assert!(
+            Instant::now() < deadline,
+            "tansu did not listen on {addr}; see {}/broker.log",
+            dir.display()
+        );
         std::thread::yield_now();
     }
-    Broker { addr }
+    Broker { addr, _watchdog: watchdog }
 }
 
 fn free_port() -> u16 {
@@ -92,7 +100,11 @@ impl Broker {
     /// Creates a topic with a name unique to this process and returns the name.
     pub fn topic(&self, prefix: &str, partitions: u32) -> String {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         self.create_topic(&name, partitions);
         name
     }
@@ -100,11 +112,20 @@ impl Broker {
     /// Creates `name` with `partitions` partitions.
     pub fn create_topic(&self, name: &str, partitions: u32) {
         let out = Command::new(tansu_path())
-            .args(["topic", "create", "--broker", &format!("tcp://{}", self.addr)])
+            .args([
+                "topic",
+                "create",
+                "--broker",
+                &format!("tcp://{}", self.addr),
+            ])
             .args(["--partitions", &partitions.to_string(), name])
             .output()
             .expect("run tansu topic create");
-        assert!(out.status.success(), "topic create: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "topic create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -133,23 +154,33 @@ pub fn consume_for(brokers: &str, topic: &str, want: usize, wait: Duration) -> V
         .set("allow.auto.create.topics", "false")
         .create()
         .expect("consumer");
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
     let partitions = metadata.topics()[0].partitions().len() as i32;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("offset");
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("offset");
     }
     consumer.assign(&tpl).expect("assign");
     let deadline = Instant::now() + wait;
     let mut out = Vec::new();
     while out.len() < want && Instant::now() < deadline {
-        let Some(msg) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
         let msg = msg.expect("consume");
         let headers = msg
             .headers()
             .map(|hs| {
                 hs.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -185,13 +216,20 @@ pub async fn gateway_unready(brokers: &str, toml: &str) -> Gateway {
     let mut config = Config::from_toml(toml).expect("test config");
     config.kafka.brokers = vec![brokers.to_string()];
     let app = App::build(&config).expect("build app");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run(listener, async {
         let _ = stopped.await;
     }));
-    Gateway { addr, url: format!("http://{addr}"), stop: Some(stop), task }
+    Gateway {
+        addr,
+        url: format!("http://{addr}"),
+        stop: Some(stop),
+        task,
+    }
 }
 
 impl Gateway {
@@ -218,7 +256,12 @@ impl Gateway {
     }
 
     /// POSTs `body` with `content_type` to `path`.
-    pub async fn post(&self, path: &str, content_type: Option<&str>, body: impl Into<reqwest::Body>) -> Reply {
+    pub async fn post(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> Reply {
         let mut req = client().post(format!("{}{path}", self.url)).body(body);
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
@@ -228,7 +271,8 @@ impl Gateway {
 
     /// POSTs a JSON body.
     pub async fn post_json(&self, path: &str, body: &str) -> Reply {
-        self.post(path, Some("application/json"), body.to_string()).await
+        self.post(path, Some("application/json"), body.to_string())
+            .await
     }
 }
 
@@ -245,7 +289,11 @@ impl Reply {
         let status = r.status().as_u16();
         let headers = r.headers().clone();
         let body = r.text().await.expect("body");
-        Reply { status, headers, body }
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 
     /// The body as JSON.
@@ -255,13 +303,19 @@ impl Reply {
 
     /// The `error` message of an error body.
     pub fn error(&self) -> String {
-        self.json()["error"].as_str().unwrap_or_else(|| panic!("no error field: {}", self.body)).to_string()
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {}", self.body))
+            .to_string()
     }
 }
 
 /// A plain HTTP client.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().expect("client")
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
 }
 
 /// Sends raw bytes on a fresh connection and returns everything read until the server closes
@@ -287,10 +341,16 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
 
 fn response_complete(out: &[u8]) -> bool {
     let text = String::from_utf8_lossy(out);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else { return false };
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
     let length = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
         .and_then(|v| v.parse::<usize>().ok());
     length.is_some_and(|n| body.len() >= n)
 }

@@ -1,0 +1,160 @@
+//! The `kafboy` binary: config errors exit 64 before binding, env and flags override the file,
+//! and SIGTERM drains and flushes (exit 0), or reports what it could not deliver (exit 1).
+
+mod common;
+
+use std::io::Read;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{broker, consume};
+use rdkafka::mocking::MockCluster;
+
+fn kafboy() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kafboy"));
+    c.env_remove("KAFBOY_CONFIG").env("KAFBOY_LOG", "info").stdin(Stdio::null());
+    c
+}
+
+fn run_to_end(mut cmd: Command) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn kafboy");
+    wait_exit(&mut child, Duration::from_secs(20));
+    child.wait_with_output().expect("output")
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("kafboy did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp");
+    std::io::Write::write_all(&mut f, text.as_bytes()).expect("write");
+    f
+}
+
+#[test]
+fn config_errors_exit_64_and_name_the_key() {
+    let port = free_port();
+    let cases: Vec<(Vec<(&str, &str)>, String, &str)> = vec![
+        (vec![], "[kafka]\nbroker = \"x:1\"".into(), "broker"),
+        (vec![], "[server]\nmax_body_bytes = \"big\"".into(), "max_body_bytes"),
+        (vec![], "[[routes]]\npath = \"/sync/:topic\"\nmode = \"async\"".into(), "clashes"),
+        (vec![], "[server]\nmax_body_bytes = 5000000".into(), "kafka.message_max_bytes"),
+        (vec![], "[kafka.options]\n\"linger.ms\" = \"5\"".into(), "kafka.options.\"linger.ms\""),
+        (vec![], "[kafka.options]\n\"no.such.property\" = \"1\"".into(), "no.such.property"),
+        (vec![], "[kafka]\nacks = \"leader\"".into(), "kafka.acks"),
+        (vec![("KAFBOY_SERVER__MAX_RECORDS", "many")], String::new(), "max_records"),
+    ];
+    for (env, toml, want) in cases {
+        let file = config_file(&toml);
+        let mut cmd = kafboy();
+        cmd.arg("--config").arg(file.path()).args(["--listen", &format!("127.0.0.1:{port}")]);
+        cmd.envs(env);
+        let out = run_to_end(cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{toml}: {stderr}");
+        assert!(stderr.to_lowercase().contains(want), "want {want:?} in: {stderr}");
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "nothing may be bound");
+    }
+    let out = run_to_end({
+        let mut c = kafboy();
+        c.args(["--config", "/no/such/file.toml"]);
+        c
+    });
+    assert_eq!(out.status.code(), Some(64));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts the binary on a free port and waits for `/ready`.
+async fn start(mut cmd: Command) -> (Child, String) {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = common::client().get(format!("{url}/ready")).send().await
+            && r.status() == 200
+        {
+            return (child, url);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("kafboy exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "kafboy not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(ok.success());
+}
+
+fn output_of(mut child: Child) -> (Option<i32>, String) {
+    wait_exit(&mut child, Duration::from_secs(30));
+    let mut text = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut text).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut text).unwrap();
+    (child.wait().unwrap().code(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_every_accepted_record_and_exits_0() {
+    let b = broker();
+    let topic = b.topic("term", 2);
+    let mut cmd = kafboy();
+    // Settings from the environment: a flush timeout far longer than the test.
+    cmd.args(["--brokers", &b.addr])
+        .env("KAFBOY_BATCH__FLUSH_TIMEOUT", "60s")
+        .env("KAFBOY_BATCH__BATCH_SIZE", "100000");
+    let (child, url) = start(cmd).await;
+    let lines: String = (0..100).map(|i| format!("{{\"i\":{i}}}\n")).collect();
+    for _ in 0..3 {
+        let r = common::client()
+            .post(format!("{url}/batch/async/{topic}"))
+            .header("content-type", "application/x-ndjson")
+            .body(lines.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    sigterm(&child);
+    let (code, log) = output_of(child);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("all accepted records delivered"), "{log}");
+    assert_eq!(consume(&b.addr, &topic, 300).len(), 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_brokers_down_reports_undelivered_and_exits_1() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("down", 1, 1).unwrap();
+    let mut cmd = kafboy();
+    cmd.args(["--brokers", &cluster.bootstrap_servers()])
+        .env("KAFBOY_SERVER__SHUTDOWN_TIMEOUT", "1s")
+        .env("KAFBOY_KAFKA__MESSAGE_TIMEOUT", "5m");
+    let (child, url) = start(cmd).await;
+    cluster.broker_down(1).unwrap();
+    for i in 0..5 {
+        let r = common::client().post(format!("{url}/async/down")).body(format!("{i}")).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let start = Instant::now();
+    sigterm(&child);
+    let (code, log) = output_of(child);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("undelivered=5"), "{log}");
+    assert!(start.elapsed() < Duration::from_secs(10), "bounded by the shutdown timeout");
+}
