@@ -134,7 +134,7 @@ impl From<SendError> for IngestError {
             SendError::TooBig => {
                 IngestError::TooLarge("request larger than the producer queue".into())
             }
-            SendError::Fatal => IngestError::Unavailable("producer failed; restarting".into()),
+            SendError::Fatal => IngestError::Unavailable("producer hit a fatal error".into()),
             SendError::Refused { accepted: 0, error } => {
                 IngestError::from_delivery(error, Persisted::No)
             }

@@ -496,3 +496,50 @@ async fn health_and_ready() {
     assert_eq!(r.status(), 405);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_producer_error_makes_the_server_unready_and_refuses_with_503() {
+    let b = broker();
+    let topic = b.topic("fatal", 1);
+    let mut config = kafboy::Config::default();
+    config.kafka.brokers = vec![b.addr.clone()];
+    let app = kafboy::App::build(&config).unwrap();
+    let producers = app.producers().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(app.run(listener, async {
+        let _ = stopped.await;
+    }));
+    let client = common::client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .get(format!("{url}/ready"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let post = || client.post(format!("{url}/sync/{topic}")).body("{}").send();
+    assert_eq!(post().await.unwrap().status(), 200);
+    producers.inject_fatal_error();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client.get(format!("{url}/ready")).send().await.unwrap();
+        if r.status() == 503 {
+            assert_eq!(r.headers()["retry-after"], "1");
+            break;
+        }
+        assert!(Instant::now() < deadline, "fatal error never noticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = common::Reply::read(post().await.unwrap()).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.error().contains("fatal"), "{}", r.body);
+    let _ = stop.send(());
+    task.await.unwrap();
+}

@@ -85,8 +85,9 @@ pub struct Context {
     pub admission: Arc<Admission>,
     /// Delivery counters.
     pub tally: Arc<Tally>,
-    /// Set once librdkafka reports a fatal error; the producer accepts nothing after it.
-    pub fatal: Arc<AtomicBool>,
+    /// Set by every error event. The event carries the underlying code, not "fatal", so the
+    /// producer asks librdkafka whether it is fatal when this is set.
+    pub error_seen: Arc<AtomicBool>,
 }
 
 impl ClientContext for Context {
@@ -106,13 +107,9 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
-            self.fatal.store(true, Ordering::SeqCst);
-            tracing::error!(producer = %self.name, %reason, "fatal producer error; not ready");
-        } else {
-            // Transport errors come and go with broker restarts; librdkafka retries them itself.
-            tracing::warn!(producer = %self.name, %error, %reason, "kafka client error");
-        }
+        self.error_seen.store(true, Ordering::Release);
+        // Transport errors come and go with broker restarts; librdkafka retries them itself.
+        tracing::warn!(producer = %self.name, %error, %reason, "kafka client error");
     }
 }
 
@@ -189,5 +186,23 @@ pub fn flush(
     // is thread-safe and, with event-based delivery reports, only waits on the message count.
     unsafe {
         rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms);
+    }
+}
+
+/// Raises a fatal error in `producer` the way a broker-side idempotence failure would, so tests
+/// can check what kafboy does after one. Not for production use.
+#[doc(hidden)]
+pub fn inject_fatal_error(producer: &rdkafka::producer::ThreadedProducer<Context>) {
+    use rdkafka::producer::Producer as _;
+    let err =
+        rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
+    // SAFETY: the handle is alive (borrowed from `producer`) and the reason is a NUL-terminated
+    // static string; librdkafka copies it.
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(
+            producer.client().native_ptr(),
+            err,
+            c"injected fatal error".as_ptr(),
+        );
     }
 }

@@ -61,7 +61,8 @@ pub struct Producer {
     inner: ThreadedProducer<Context>,
     admission: Arc<Admission>,
     tally: Arc<Tally>,
-    fatal: Arc<AtomicBool>,
+    error_seen: Arc<AtomicBool>,
+    fatal: AtomicBool,
 }
 
 impl Producer {
@@ -75,7 +76,7 @@ impl Producer {
             kafka.queue_max_bytes,
         ));
         let tally = Arc::new(Tally::default());
-        let fatal = Arc::new(AtomicBool::new(false));
+        let error_seen = Arc::new(AtomicBool::new(false));
         // librdkafka's own limits sit above kafboy's, with room for reports still being handed
         // back, so its QueueFull stays an exception.
         let slack_msgs = kafka.queue_max_messages + kafka.queue_max_messages / 10 + 1000;
@@ -93,14 +94,15 @@ impl Producer {
             name: name.to_string(),
             admission: admission.clone(),
             tally: tally.clone(),
-            fatal: fatal.clone(),
+            error_seen: error_seen.clone(),
         };
         let inner = ThreadedProducer::from_config_and_context(&client, context)?;
         Ok(Producer {
             inner,
             admission,
             tally,
-            fatal,
+            error_seen,
+            fatal: AtomicBool::new(false),
         })
     }
 
@@ -113,7 +115,7 @@ impl Producer {
         report: bool,
         wait: Duration,
     ) -> Result<Vec<oneshot::Receiver<Outcome>>, SendError> {
-        if self.fatal.load(Ordering::Relaxed) {
+        if self.is_fatal() {
             return Err(SendError::Fatal);
         }
         let bytes: usize = records
@@ -175,9 +177,19 @@ impl Producer {
         )
     }
 
-    /// Whether librdkafka reported a fatal error.
+    /// Whether librdkafka reported a fatal error. Only asks librdkafka after an error event.
     pub fn is_fatal(&self) -> bool {
-        self.fatal.load(Ordering::Relaxed)
+        if self.fatal.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.error_seen.swap(false, Ordering::AcqRel)
+            && let Some((code, reason)) = self.inner.client().fatal_error()
+        {
+            tracing::error!(%code, %reason, "fatal producer error: not ready, refusing records");
+            self.fatal.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 
     /// Records holding room in kafboy's queue accounting.
@@ -263,6 +275,12 @@ impl Producers {
         [&self.latency, &self.batch]
             .into_iter()
             .chain(self.groups.iter().map(|p| p.as_ref()))
+    }
+
+    /// Raises a fatal error in the low-latency producer, for fault tests.
+    #[doc(hidden)]
+    pub fn inject_fatal_error(&self) {
+        delivery::inject_fatal_error(&self.latency.inner);
     }
 
     /// Why the server is not ready, if it is not.
