@@ -1,6 +1,8 @@
 //! The `kafboy` binary: config errors exit 64 before binding, env and flags override the file,
 //! and SIGTERM drains and flushes (exit 0), or reports what it could not deliver (exit 1).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::Read;
@@ -12,12 +14,18 @@ use rdkafka::mocking::MockCluster;
 
 fn kafboy() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kafboy"));
-    c.env_remove("KAFBOY_CONFIG").env("KAFBOY_LOG", "info").stdin(Stdio::null());
+    c.env_remove("KAFBOY_CONFIG")
+        .env("KAFBOY_LOG", "info")
+        .stdin(Stdio::null());
     c
 }
 
 fn run_to_end(mut cmd: Command) -> Output {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn kafboy");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kafboy");
     wait_exit(&mut child, Duration::from_secs(20));
     child.wait_with_output().expect("output")
 }
@@ -34,7 +42,10 @@ fn wait_exit(child: &mut Child, limit: Duration) {
 }
 
 fn config_file(text: &str) -> tempfile::NamedTempFile {
-    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp");
+    let mut f = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp");
     std::io::Write::write_all(&mut f, text.as_bytes()).expect("write");
     f
 }
@@ -42,26 +53,59 @@ fn config_file(text: &str) -> tempfile::NamedTempFile {
 #[test]
 fn config_errors_exit_64_and_name_the_key() {
     let port = free_port();
-    let cases: Vec<(Vec<(&str, &str)>, String, &str)> = vec![
+    type Case = (Vec<(&'static str, &'static str)>, String, &'static str);
+    let cases: Vec<Case> = vec![
         (vec![], "[kafka]\nbroker = \"x:1\"".into(), "broker"),
-        (vec![], "[server]\nmax_body_bytes = \"big\"".into(), "max_body_bytes"),
-        (vec![], "[[routes]]\npath = \"/sync/:topic\"\nmode = \"async\"".into(), "clashes"),
-        (vec![], "[server]\nmax_body_bytes = 5000000".into(), "kafka.message_max_bytes"),
-        (vec![], "[kafka.options]\n\"linger.ms\" = \"5\"".into(), "kafka.options.\"linger.ms\""),
-        (vec![], "[kafka.options]\n\"no.such.property\" = \"1\"".into(), "no.such.property"),
+        (
+            vec![],
+            "[server]\nmax_body_bytes = \"big\"".into(),
+            "max_body_bytes",
+        ),
+        (
+            vec![],
+            "[[routes]]\npath = \"/sync/:topic\"\nmode = \"async\"".into(),
+            "clashes",
+        ),
+        (
+            vec![],
+            "[server]\nmax_body_bytes = 5000000".into(),
+            "kafka.message_max_bytes",
+        ),
+        (
+            vec![],
+            "[kafka.options]\n\"linger.ms\" = \"5\"".into(),
+            "kafka.options.\"linger.ms\"",
+        ),
+        (
+            vec![],
+            "[kafka.options]\n\"no.such.property\" = \"1\"".into(),
+            "no.such.property",
+        ),
         (vec![], "[kafka]\nacks = \"leader\"".into(), "kafka.acks"),
-        (vec![("KAFBOY_SERVER__MAX_RECORDS", "many")], String::new(), "max_records"),
+        (
+            vec![("KAFBOY_SERVER__MAX_RECORDS", "many")],
+            String::new(),
+            "max_records",
+        ),
     ];
     for (env, toml, want) in cases {
         let file = config_file(&toml);
         let mut cmd = kafboy();
-        cmd.arg("--config").arg(file.path()).args(["--listen", &format!("127.0.0.1:{port}")]);
+        cmd.arg("--config")
+            .arg(file.path())
+            .args(["--listen", &format!("127.0.0.1:{port}")]);
         cmd.envs(env);
         let out = run_to_end(cmd);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{toml}: {stderr}");
-        assert!(stderr.to_lowercase().contains(want), "want {want:?} in: {stderr}");
-        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "nothing may be bound");
+        assert!(
+            stderr.to_lowercase().contains(want),
+            "want {want:?} in: {stderr}"
+        );
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "nothing may be bound"
+        );
     }
     let out = run_to_end({
         let mut c = kafboy();
@@ -72,7 +116,11 @@ fn config_errors_exit_64_and_name_the_key() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts the binary on a free port and waits for `/ready`.
@@ -80,7 +128,11 @@ async fn start(mut cmd: Command) -> (Child, String) {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(r) = common::client().get(format!("{url}/ready")).send().await
@@ -97,15 +149,28 @@ async fn start(mut cmd: Command) -> (Child, String) {
 }
 
 fn sigterm(child: &Child) {
-    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(ok.success());
 }
 
 fn output_of(mut child: Child) -> (Option<i32>, String) {
     wait_exit(&mut child, Duration::from_secs(30));
     let mut text = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut text).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut text).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
     (child.wait().unwrap().code(), text)
 }
 
@@ -148,7 +213,12 @@ async fn sigterm_with_brokers_down_reports_undelivered_and_exits_1() {
     let (child, url) = start(cmd).await;
     cluster.broker_down(1).unwrap();
     for i in 0..5 {
-        let r = common::client().post(format!("{url}/async/down")).body(format!("{i}")).send().await.unwrap();
+        let r = common::client()
+            .post(format!("{url}/async/down"))
+            .body(format!("{i}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 202);
     }
     let start = Instant::now();
@@ -156,5 +226,8 @@ async fn sigterm_with_brokers_down_reports_undelivered_and_exits_1() {
     let (code, log) = output_of(child);
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("undelivered=5"), "{log}");
-    assert!(start.elapsed() < Duration::from_secs(10), "bounded by the shutdown timeout");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "bounded by the shutdown timeout"
+    );
 }

@@ -2,6 +2,8 @@
 //! and header option, read back from the broker and compared byte for byte; and every refusal,
 //! checked to leave nothing behind.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
