@@ -5,6 +5,8 @@
 //! - [`routes`]: routes compiled from config; topic name rules and the allowlist.
 //! - [`decode`]: request bodies to record values (JSON gate, form → JSON, NDJSON).
 //! - [`ingest`]: the produce handler.
+//! - [`record`]: key, partition and headers of the records a request asks for.
+//! - [`reply`]: success replies and the wait for delivery reports.
 //! - [`error`]: every failure's HTTP status, in one place.
 //! - [`kafka`]: producers, queue accounting, delivery reports, metadata, partitioning.
 //! - [`server`]: state built once from config, the router, and [`App::run`].
@@ -15,6 +17,8 @@ pub mod decode;
 pub mod error;
 pub mod ingest;
 pub mod kafka;
+pub mod record;
+pub mod reply;
 pub mod routes;
 pub mod server;
 pub mod shutdown;

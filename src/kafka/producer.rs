@@ -1,0 +1,191 @@
+//! One librdkafka producer with kafboy's queue accounting: records go in all or nothing, each
+//! optionally with a receiver for its delivery outcome.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rdkafka::ClientConfig;
+use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
+use tokio::sync::oneshot;
+
+use super::admission::{Admission, Refused};
+use super::delivery::{Context, Outcome, Tally, Waiter};
+use crate::config::KafkaConfig;
+
+/// One record ready to produce. The value is a slice of the request body.
+#[derive(Debug)]
+pub struct Record {
+    /// Record key.
+    pub key: Option<Bytes>,
+    /// Partition, or `None` for librdkafka's choice.
+    pub partition: Option<i32>,
+    /// Record headers.
+    pub headers: Option<OwnedHeaders>,
+    /// Record value.
+    pub value: Bytes,
+}
+
+/// Why records were not (all) queued.
+#[derive(Debug)]
+pub enum SendError {
+    /// No room in the queue within the wait; nothing queued.
+    QueueFull,
+    /// The request is bigger than the whole queue; nothing queued.
+    TooBig,
+    /// The producer hit a fatal error; nothing queued.
+    Fatal,
+    /// librdkafka refused record number `accepted` (0-based); the ones before it are queued.
+    Refused {
+        /// Records queued before the refusal.
+        accepted: usize,
+        /// librdkafka's error.
+        error: RDKafkaErrorCode,
+    },
+}
+
+/// One librdkafka producer with kafboy's queue accounting.
+pub struct Producer {
+    pub(super) inner: ThreadedProducer<Context>,
+    admission: Arc<Admission>,
+    tally: Arc<Tally>,
+    error_seen: Arc<AtomicBool>,
+    fatal: AtomicBool,
+}
+
+impl Producer {
+    pub(super) fn build(
+        name: &str,
+        kafka: &KafkaConfig,
+        mut client: ClientConfig,
+    ) -> Result<Self, KafkaError> {
+        let admission = Arc::new(Admission::new(
+            kafka.queue_max_messages,
+            kafka.queue_max_bytes,
+        ));
+        let tally = Arc::new(Tally::default());
+        let error_seen = Arc::new(AtomicBool::new(false));
+        // librdkafka's own limits sit above kafboy's, with room for reports still being handed
+        // back, so its QueueFull stays an exception.
+        let slack_msgs = kafka.queue_max_messages + kafka.queue_max_messages / 10 + 1000;
+        let slack_kb = (kafka.queue_max_bytes + kafka.queue_max_bytes / 10) / 1024 + 1024;
+        client
+            .set(
+                "queue.buffering.max.messages",
+                slack_msgs.min(i32::MAX as usize).to_string(),
+            )
+            .set(
+                "queue.buffering.max.kbytes",
+                slack_kb.min(i32::MAX as usize).to_string(),
+            );
+        let context = Context {
+            name: name.to_string(),
+            admission: admission.clone(),
+            tally: tally.clone(),
+            error_seen: error_seen.clone(),
+        };
+        let inner = ThreadedProducer::from_config_and_context(&client, context)?;
+        Ok(Producer {
+            inner,
+            admission,
+            tally,
+            error_seen,
+            fatal: AtomicBool::new(false),
+        })
+    }
+
+    /// Queues `records` on `topic`, all or nothing as far as kafboy's queue accounting goes.
+    /// With `report`, each record gets a receiver for its delivery outcome.
+    pub async fn send(
+        &self,
+        topic: &str,
+        records: Vec<Record>,
+        report: bool,
+        wait: Duration,
+    ) -> Result<Vec<oneshot::Receiver<Outcome>>, SendError> {
+        if self.is_fatal() {
+            return Err(SendError::Fatal);
+        }
+        let bytes: usize = records
+            .iter()
+            .map(|r| r.value.len() + r.key.as_ref().map_or(0, Bytes::len))
+            .sum();
+        self.admission
+            .acquire(records.len(), bytes, wait)
+            .await
+            .map_err(|r| match r {
+                Refused::Full => SendError::QueueFull,
+                Refused::TooBig => SendError::TooBig,
+            })?;
+        let mut receivers = Vec::with_capacity(if report { records.len() } else { 0 });
+        let total = records.len();
+        let mut handed_bytes = 0;
+        for (i, record) in records.into_iter().enumerate() {
+            let waiter = if report {
+                let (tx, rx) = oneshot::channel();
+                receivers.push(rx);
+                Waiter(Some(Box::new(tx)))
+            } else {
+                Waiter(None)
+            };
+            let size = record.value.len() + record.key.as_ref().map_or(0, Bytes::len);
+            let mut base = BaseRecord::<[u8], [u8], Waiter>::with_opaque_to(topic, waiter)
+                .payload(&record.value[..]);
+            if let Some(key) = &record.key {
+                base = base.key(&key[..]);
+            }
+            if let Some(p) = record.partition {
+                base = base.partition(p);
+            }
+            if let Some(h) = record.headers {
+                base = base.headers(h);
+            }
+            if let Err((error, _)) = self.inner.send(base) {
+                // Give back the room of this record and of the ones never handed over; records
+                // already queued give theirs back through their delivery reports.
+                self.admission.release(total - i, bytes - handed_bytes);
+                let error = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+                return Err(SendError::Refused { accepted: i, error });
+            }
+            handed_bytes += size;
+        }
+        Ok(receivers)
+    }
+
+    /// Records queued or in flight.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight_count().max(0) as usize
+    }
+
+    /// Records delivered and failed since start.
+    pub fn tally(&self) -> (u64, u64) {
+        (
+            self.tally.delivered.load(Ordering::Relaxed),
+            self.tally.failed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether librdkafka reported a fatal error. Only asks librdkafka after an error event.
+    pub fn is_fatal(&self) -> bool {
+        if self.fatal.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.error_seen.swap(false, Ordering::AcqRel)
+            && let Some((code, reason)) = self.inner.client().fatal_error()
+        {
+            tracing::error!(%code, %reason, "fatal producer error: not ready, refusing records");
+            self.fatal.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Records holding room in kafboy's queue accounting.
+    pub fn queued(&self) -> usize {
+        self.admission.queued()
+    }
+}

@@ -1,0 +1,137 @@
+//! What a request asks of its records besides the value: key, partition and headers, from the
+//! query string or `X-Kafka-*` headers; and the records themselves, partition chosen.
+
+use axum::http::request::Parts;
+use bytes::Bytes;
+use rdkafka::message::{Header, OwnedHeaders};
+
+use crate::config::Partitioner;
+use crate::error::IngestError;
+use crate::kafka::Record;
+use crate::kafka::metadata::TopicInfo;
+use crate::kafka::partition;
+
+/// Prefix of request headers copied into Kafka record headers.
+const HEADER_PREFIX: &str = "x-kafka-header-";
+
+/// Key, partition and headers asked for by query string or request headers.
+pub struct RecordMeta {
+    /// Record key.
+    pub key: Option<Bytes>,
+    /// Explicit partition.
+    pub partition: Option<i32>,
+    /// Record headers, name and value.
+    pub headers: Vec<(String, Bytes)>,
+}
+
+impl RecordMeta {
+    /// Reads `?key=`, `?partition=`, `X-Kafka-Key`, `X-Kafka-Partition` and
+    /// `X-Kafka-Header-*`.
+    pub fn from_parts(parts: &Parts) -> Result<RecordMeta, IngestError> {
+        let mut query_key = None;
+        let mut query_partition = None;
+        if let Some(q) = parts.uri.query() {
+            let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q)
+                .map_err(|e| IngestError::BadRequest(format!("query string: {e}")))?;
+            for (name, value) in pairs {
+                match name.as_str() {
+                    "key" => query_key = Some(Bytes::from(value)),
+                    "partition" => query_partition = Some(value),
+                    _ => {}
+                }
+            }
+        }
+        let header = |name: &str| parts.headers.get(name).map(|v| v.as_bytes());
+        let key = match (query_key, header("x-kafka-key")) {
+            (Some(q), Some(h)) if q != h => {
+                return Err(IngestError::BadRequest(
+                    "key given twice, differently".into(),
+                ));
+            }
+            (Some(q), _) => Some(q),
+            (None, h) => h.map(Bytes::copy_from_slice),
+        };
+        let partition = match (query_partition, header("x-kafka-partition")) {
+            (Some(q), _) => Some(parse_partition(q.as_bytes())?),
+            (None, Some(h)) => Some(parse_partition(h)?),
+            (None, None) => None,
+        };
+        let headers = parts
+            .headers
+            .iter()
+            .filter_map(|(name, value)| {
+                let name = name.as_str().strip_prefix(HEADER_PREFIX)?;
+                Some((name.to_string(), Bytes::copy_from_slice(value.as_bytes())))
+            })
+            .collect();
+        Ok(RecordMeta {
+            key,
+            partition,
+            headers,
+        })
+    }
+
+    /// One record per value, with the partition chosen by `strategy` unless one was given.
+    pub fn into_records(
+        self,
+        values: Vec<Bytes>,
+        strategy: Partitioner,
+        info: &TopicInfo,
+    ) -> Result<Vec<Record>, IngestError> {
+        if let Some(p) = self.partition
+            && p >= info.partitions
+        {
+            return Err(IngestError::BadRequest(format!(
+                "partition {p} out of range; the topic has {} partitions",
+                info.partitions
+            )));
+        }
+        values
+            .into_iter()
+            .map(|value| {
+                let partition = match self.partition {
+                    Some(p) => Some(p),
+                    None => partition::choose(
+                        strategy,
+                        self.key.as_deref(),
+                        info.partitions,
+                        &info.rotation,
+                    )
+                    .map_err(|_| {
+                        IngestError::BadRequest(
+                            "this route partitions by key: send ?key= or X-Kafka-Key".into(),
+                        )
+                    })?,
+                };
+                Ok(Record {
+                    key: self.key.clone(),
+                    partition,
+                    headers: self.owned_headers(),
+                    value,
+                })
+            })
+            .collect()
+    }
+
+    fn owned_headers(&self) -> Option<OwnedHeaders> {
+        if self.headers.is_empty() {
+            return None;
+        }
+        let mut owned = OwnedHeaders::new_with_capacity(self.headers.len());
+        for (key, value) in &self.headers {
+            owned = owned.insert(Header {
+                key,
+                value: Some(&value[..]),
+            });
+        }
+        Some(owned)
+    }
+}
+
+fn parse_partition(raw: &[u8]) -> Result<i32, IngestError> {
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|p| *p >= 0)
+        .ok_or_else(|| IngestError::BadRequest("partition must be a non-negative integer".into()))
+}

@@ -1,0 +1,173 @@
+//! Successful replies, and the wait for delivery reports that decides between a 200 and an error.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::error::{IngestError, RecordReport, delivery_status};
+use crate::kafka::delivery::{Outcome, Persisted};
+
+/// What a successful request answers.
+#[derive(Debug)]
+pub enum Reply {
+    /// 202: queued, not yet delivered.
+    Accepted(usize),
+    /// 200: every record acknowledged.
+    Acked {
+        /// Topic written.
+        topic: String,
+        /// Partition and offset of each record, in request order.
+        written: Vec<(i32, i64)>,
+        /// Answer with a `records` list even for one record (NDJSON bodies).
+        list: bool,
+    },
+}
+
+/// Waits for every record's report until `timeout`; any failure makes the request fail, with
+/// 503 only when no record can have been written.
+pub async fn await_acks(
+    receivers: Vec<oneshot::Receiver<Outcome>>,
+    timeout: std::time::Duration,
+) -> Result<Vec<(i32, i64)>, IngestError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut outcomes = Vec::with_capacity(receivers.len());
+    for rx in receivers {
+        outcomes.push(match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(outcome)) => Some(outcome),
+            // A dropped sender or the deadline: the record is somewhere between queue and broker.
+            Ok(Err(_)) | Err(_) => None,
+        });
+    }
+    if let Some(written) = outcomes
+        .iter()
+        .map(|o| match o {
+            Some(Outcome::Delivered { partition, offset }) => Some((*partition, *offset)),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()
+    {
+        return Ok(written);
+    }
+    Err(failure(outcomes, timeout))
+}
+
+fn failure(outcomes: Vec<Option<Outcome>>, timeout: std::time::Duration) -> IngestError {
+    let timed_out =
+        format!("no acknowledgement within {timeout:?}; the record may still be written");
+    if let [one] = outcomes.as_slice() {
+        return match one {
+            Some(Outcome::Failed { error, persisted }) => {
+                IngestError::from_delivery(*error, *persisted)
+            }
+            _ => IngestError::Unknown(timed_out),
+        };
+    }
+    // Only when every record was refused unwritten is there nothing a retry could duplicate.
+    let statuses: Vec<StatusCode> = outcomes
+        .iter()
+        .map(|o| match o {
+            Some(Outcome::Failed {
+                error,
+                persisted: Persisted::No,
+            }) => delivery_status(*error, Persisted::No),
+            _ => StatusCode::GATEWAY_TIMEOUT,
+        })
+        .collect();
+    let status = match statuses.contains(&StatusCode::GATEWAY_TIMEOUT) {
+        true => StatusCode::GATEWAY_TIMEOUT,
+        false if statuses.windows(2).all(|w| w[0] == w[1]) => statuses[0],
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let records: Vec<RecordReport> = outcomes
+        .iter()
+        .map(|o| match o {
+            Some(Outcome::Delivered { partition, offset }) => RecordReport::Written {
+                partition: *partition,
+                offset: *offset,
+            },
+            Some(Outcome::Failed { error, .. }) => RecordReport::Failed {
+                error: error.to_string(),
+            },
+            None => RecordReport::Failed {
+                error: timed_out.clone(),
+            },
+        })
+        .collect();
+    let failed = records
+        .iter()
+        .filter(|r| matches!(r, RecordReport::Failed { .. }))
+        .count();
+    IngestError::Partial {
+        status,
+        message: format!("{failed} of {} records not acknowledged", records.len()),
+        records,
+    }
+}
+
+#[derive(Serialize)]
+struct Written {
+    partition: i32,
+    offset: i64,
+}
+
+/// `{"ok":1,"topic":..,"partition":..,"offset":..}`, fields in that order.
+#[derive(Serialize)]
+struct One<'a> {
+    ok: usize,
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+}
+
+/// `{"ok":N,"topic":..,"records":[..]}`.
+#[derive(Serialize)]
+struct Many<'a> {
+    ok: usize,
+    topic: &'a str,
+    records: Vec<Written>,
+}
+
+#[derive(Serialize)]
+struct AcceptedBody {
+    ok: usize,
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        use crate::server::json;
+        match self {
+            Reply::Accepted(n) => json(StatusCode::ACCEPTED, &AcceptedBody { ok: n }),
+            Reply::Acked {
+                topic,
+                written,
+                list: false,
+            } if written.len() == 1 => {
+                let (partition, offset) = written[0];
+                json(
+                    StatusCode::OK,
+                    &One {
+                        ok: 1,
+                        topic: &topic,
+                        partition,
+                        offset,
+                    },
+                )
+            }
+            Reply::Acked { topic, written, .. } => {
+                let records: Vec<Written> = written
+                    .iter()
+                    .map(|&(partition, offset)| Written { partition, offset })
+                    .collect();
+                json(
+                    StatusCode::OK,
+                    &Many {
+                        ok: records.len(),
+                        topic: &topic,
+                        records,
+                    },
+                )
+            }
+        }
+    }
+}
