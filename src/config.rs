@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
@@ -23,8 +23,36 @@ pub struct Config {
     pub batch: BatchConfig,
     /// Which topics may be written, and per-topic settings.
     pub topics: TopicsConfig,
+    /// Edit hooks: a Lua script for every route, and the limits hooks run under.
+    pub hook: HookConfig,
     /// Extra routes, each with its own mode.
     pub routes: Vec<RouteConfig>,
+}
+
+/// Hooks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HookConfig {
+    /// Lua script run on every produce route (a route's own `hook` wins). Default: none.
+    pub script: Option<PathBuf>,
+    /// Time budget of one hook call; past it the request fails with 500. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Lua VM instructions one call may run. Default 10000000.
+    pub max_instructions: u64,
+    /// Memory one Lua state (one per worker thread and script) may use, in bytes. Default 64 MiB.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for HookConfig {
+    fn default() -> Self {
+        HookConfig {
+            script: None,
+            timeout: Duration::from_secs(1),
+            max_instructions: 10_000_000,
+            max_memory_bytes: 64 << 20,
+        }
+    }
 }
 
 /// HTTP side.
@@ -200,6 +228,9 @@ pub struct RouteConfig {
     /// Partition strategy for this route; wins over the topic's.
     #[serde(default)]
     pub partitioner: Option<Partitioner>,
+    /// Lua hook script for this route; wins over `hook.script`.
+    #[serde(default)]
+    pub hook: Option<PathBuf>,
 }
 
 /// What a route waits for before it answers.

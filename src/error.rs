@@ -55,6 +55,17 @@ pub enum IngestError {
     /// 504: the outcome is unknown; the record may have been written.
     #[error("{0}")]
     Unknown(String),
+    /// Refused by a hook, with the hook's status and message; nothing produced.
+    #[error("{message}")]
+    Rejected {
+        /// Status chosen by the hook.
+        status: StatusCode,
+        /// Message chosen by the hook.
+        message: String,
+    },
+    /// 500: the hook failed or ran out of time; nothing produced.
+    #[error("{0}")]
+    HookFailed(String),
     /// A sync request with several records where some were not acknowledged.
     #[error("{message}")]
     Partial {
@@ -78,7 +89,8 @@ impl IngestError {
             IngestError::UnsupportedType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Unknown(_) => StatusCode::GATEWAY_TIMEOUT,
-            IngestError::Partial { status, .. } => *status,
+            IngestError::Rejected { status, .. } | IngestError::Partial { status, .. } => *status,
+            IngestError::HookFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 

@@ -12,18 +12,27 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
+
 use crate::config::Mode;
-use crate::decode::{self, BodyKind};
+use crate::decode::{self, BodyKind, DecodeError};
 use crate::error::IngestError;
-use crate::kafka::metadata::LookupError;
+use crate::hook::{Failure, Forward, Hook, HookRequest, Verdict};
+use crate::kafka::metadata::{LookupError, TopicInfo};
 use crate::record::RecordMeta;
 use crate::reply::{Reply, await_acks};
 use crate::routes::{Route, TopicSource, validate_topic};
 use crate::server::AppState;
 
+/// The hook of a route, if it has one.
+pub type RouteHook = Option<Arc<dyn Hook>>;
+
 /// Serves one produce request on `route`.
-pub async fn handle(app: Arc<AppState>, route: Arc<Route>, request: Request) -> Response {
-    match ingest(&app, &route, request).await {
+pub async fn handle(app: Arc<AppState>, route: Arc<Route>, hook: RouteHook, request: Request) -> Response {
+    let mut topic = None;
+    match ingest(&app, &route, &hook, request, &mut topic).await {
         Ok(reply) => reply.into_response(),
         Err(error) => {
             let status = error.status();
@@ -32,62 +41,166 @@ pub async fn handle(app: Arc<AppState>, route: Arc<Route>, request: Request) -> 
             } else {
                 tracing::debug!(path = %route.path, %status, %error, "request refused");
             }
+            if let Some(hook) = &hook {
+                let message = error.to_string();
+                hook.on_error(&Failure { status, message: &message, topic: topic.as_deref() });
+            }
             error.into_response()
         }
     }
 }
 
-async fn ingest(app: &AppState, route: &Route, request: Request) -> Result<Reply, IngestError> {
+/// Topic rules checked before anything else: Kafka's name grammar and the allowlist.
+fn check_topic(app: &AppState, topic: &str) -> Result<(), IngestError> {
+    validate_topic(topic).map_err(|e| IngestError::BadRequest(e.into()))?;
+    if !app.allow.allows(topic) {
+        return Err(IngestError::UnknownTopic(topic.to_string()));
+    }
+    Ok(())
+}
+
+async fn ingest(
+    app: &Arc<AppState>,
+    route: &Arc<Route>,
+    hook: &RouteHook,
+    request: Request,
+    topic_seen: &mut Option<String>,
+) -> Result<Reply, IngestError> {
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
     let (mut parts, body) = request.into_parts();
     let topic = topic_of(route, &mut parts).await?;
-    validate_topic(&topic).map_err(|e| IngestError::BadRequest(e.into()))?;
-    if !app.allow.allows(&topic) {
-        return Err(IngestError::UnknownTopic(topic));
-    }
+    *topic_seen = Some(topic.clone());
+    check_topic(app, &topic)?;
     if app.shutting_down() {
         return Err(IngestError::Unavailable("shutting down".into()));
     }
     let meta = RecordMeta::from_parts(&parts)?;
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
+    let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let kind = BodyKind::of(route.payload, content_type)?;
     let limit = app.server.max_body_bytes;
     if declared_length(&parts).is_some_and(|n| n > limit) {
         return Err(too_large(limit));
     }
-    let info = app
-        .producers
-        .topics
-        .lookup(&topic)
-        .await
-        .map_err(|e| match e {
-            LookupError::Unknown => IngestError::UnknownTopic(topic.clone()),
-            LookupError::Unavailable(why) => {
-                IngestError::Unavailable(format!("kafka metadata: {why}"))
-            }
-        })?;
+    let Some(hook) = hook else {
+        // Without a hook the topic is known before the body is read, so a bad one costs nothing.
+        let info = lookup(app, &topic).await?;
+        let body = read_body(body, limit).await?;
+        let values = decode::decode(kind, body, app.server.max_records)?;
+        return produce(app, route, route.mode, topic, &info, meta, values, kind).await;
+    };
     let body = read_body(body, limit).await?;
-    let values = decode::decode(kind, body, app.server.max_records)?;
+    let request = Arc::new(HookRequest::new(
+        topic,
+        route.mode,
+        parts.method,
+        parts.uri.path().to_string(),
+        parts.uri.query().map(String::from),
+        parts.headers,
+        peer,
+        body,
+        kind,
+    ));
+    let verdict = match tokio::time::timeout(app.hook_timeout, hook.on_request(request.clone())).await {
+        Ok(Ok(verdict)) => verdict,
+        Ok(Err(e)) => return Err(IngestError::HookFailed(format!("hook failed: {e}"))),
+        Err(_) => {
+            return Err(IngestError::HookFailed(format!("hook gave no answer within {:?}", app.hook_timeout)));
+        }
+    };
+    match verdict {
+        Verdict::Reject { status, message } => Err(IngestError::Rejected { status, message }),
+        Verdict::Forward(forward) => {
+            let (topic, info, meta, values) = forwarded(app, &request, meta, forward).await?;
+            *topic_seen = Some(topic.clone());
+            produce(app, route, route.mode, topic, &info, meta, values, kind).await
+        }
+        Verdict::Respond(respond) => {
+            if let Some((mode, forward)) = respond.then {
+                produce_after_reply(app.clone(), route.clone(), hook.clone(), request, meta, mode, forward);
+            }
+            let content_type = respond.content_type.unwrap_or_else(|| "application/json".into());
+            Ok(Reply::Custom { status: respond.status, body: respond.body, content_type })
+        }
+    }
+}
+
+/// Applies a hook's edits: topic (checked again), key, partition, headers, body.
+async fn forwarded(
+    app: &AppState,
+    request: &HookRequest,
+    mut meta: RecordMeta,
+    forward: Forward,
+) -> Result<(String, Arc<TopicInfo>, RecordMeta, Vec<Bytes>), IngestError> {
+    let topic = forward.topic.unwrap_or_else(|| request.topic.clone());
+    check_topic(app, &topic)?;
+    let info = lookup(app, &topic).await?;
+    meta.key = forward.key.or(meta.key);
+    meta.partition = forward.partition.or(meta.partition);
+    meta.headers.extend(forward.headers);
+    let values = match forward.body {
+        Some(body) if body.is_empty() => return Err(DecodeError::Empty.into()),
+        Some(body) => vec![body],
+        None => decode::decode(request.kind(), request.body.clone(), app.server.max_records)?,
+    };
+    Ok((topic, info, meta, values))
+}
+
+/// Produces what a hook asked for after it replied itself. The client already has its answer,
+/// so failures go to the log and the error hook.
+fn produce_after_reply(
+    app: Arc<AppState>,
+    route: Arc<Route>,
+    hook: Arc<dyn Hook>,
+    request: Arc<HookRequest>,
+    meta: RecordMeta,
+    mode: Mode,
+    forward: Forward,
+) {
+    tokio::spawn(async move {
+        let result = async {
+            let (topic, info, meta, values) = forwarded(&app, &request, meta, forward).await?;
+            produce(&app, &route, mode, topic, &info, meta, values, request.kind()).await
+        }
+        .await;
+        if let Err(error) = result {
+            let status = error.status();
+            let message = format!("after the hook's reply: {error}");
+            tracing::warn!(path = %route.path, %status, %message, "produce failed");
+            hook.on_error(&Failure { status, message: &message, topic: Some(&request.topic) });
+        }
+    });
+}
+
+async fn lookup(app: &AppState, topic: &str) -> Result<Arc<TopicInfo>, IngestError> {
+    app.producers.topics.lookup(topic).await.map_err(|e| match e {
+        LookupError::Unknown => IngestError::UnknownTopic(topic.to_string()),
+        LookupError::Unavailable(why) => IngestError::Unavailable(format!("kafka metadata: {why}")),
+    })
+}
+
+/// Records to the producer of `mode`; waits for acknowledgements on the sync modes.
+#[allow(clippy::too_many_arguments)]
+async fn produce(
+    app: &AppState,
+    route: &Route,
+    mode: Mode,
+    topic: String,
+    info: &TopicInfo,
+    meta: RecordMeta,
+    values: Vec<Bytes>,
+    kind: BodyKind,
+) -> Result<Reply, IngestError> {
     let strategy = app.partitioner_for(route, &topic);
-    let records = meta.into_records(values, strategy, &info)?;
+    let records = meta.into_records(values, strategy, info)?;
     let count = records.len();
-    let sync = matches!(route.mode, Mode::Sync | Mode::BatchSync);
-    let producer = app.producers.for_mode(route.mode, &topic);
-    let receivers = producer
-        .send(&topic, records, sync, app.server.enqueue_timeout)
-        .await?;
+    let sync = matches!(mode, Mode::Sync | Mode::BatchSync);
+    let producer = app.producers.for_mode(mode, &topic);
+    let receivers = producer.send(&topic, records, sync, app.server.enqueue_timeout).await?;
     if !sync {
         return Ok(Reply::Accepted(count));
     }
-    let list = kind == BodyKind::Ndjson;
     let written = await_acks(receivers, app.server.sync_timeout).await?;
-    Ok(Reply::Acked {
-        topic,
-        written,
-        list,
-    })
+    Ok(Reply::Acked { topic, written, list: kind == BodyKind::Ndjson })
 }
 
 async fn topic_of(route: &Route, parts: &mut Parts) -> Result<String, IngestError> {

@@ -15,6 +15,7 @@
 pub mod config;
 pub mod decode;
 pub mod error;
+pub mod hook;
 pub mod ingest;
 pub mod kafka;
 pub mod record;

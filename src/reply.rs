@@ -22,6 +22,15 @@ pub enum Reply {
         /// Answer with a `records` list even for one record (NDJSON bodies).
         list: bool,
     },
+    /// A reply chosen by a hook, sent as it is.
+    Custom {
+        /// Status.
+        status: StatusCode,
+        /// Body.
+        body: bytes::Bytes,
+        /// Content-Type.
+        content_type: String,
+    },
 }
 
 /// Waits for every record's report until `timeout`; any failure makes the request fail, with
@@ -153,6 +162,13 @@ impl IntoResponse for Reply {
                         offset,
                     },
                 )
+            }
+            Reply::Custom { status, body, content_type } => {
+                let mut response = (status, body).into_response();
+                if let Ok(ct) = axum::http::HeaderValue::from_str(&content_type) {
+                    response.headers_mut().insert(axum::http::header::CONTENT_TYPE, ct);
+                }
+                response
             }
             Reply::Acked { topic, written, .. } => {
                 let records: Vec<Written> = written

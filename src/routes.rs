@@ -29,6 +29,8 @@ pub struct Route {
     pub payload: Payload,
     /// Strategy set on the route, if any.
     pub partitioner: Option<Partitioner>,
+    /// Lua hook script of this route, if any.
+    pub hook: Option<std::path::PathBuf>,
 }
 
 /// Paths kafboy serves itself; a configured route may not take them.
@@ -50,6 +52,7 @@ pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
                 mode,
                 payload: Payload::Auto,
                 partitioner: None,
+                hook: None,
             };
             routes.push(compile_one(&rc).map_err(|e| format!("default route {path}: {e}"))?);
         }
@@ -110,6 +113,7 @@ fn compile_one(rc: &RouteConfig) -> Result<Route, String> {
         mode: rc.mode,
         payload: rc.payload,
         partitioner: rc.partitioner,
+        hook: rc.hook.clone(),
     })
 }
 

@@ -17,7 +17,8 @@ use tokio::net::TcpListener;
 
 use crate::config::{Config, Partitioner, ServerConfig};
 use crate::error::IngestError;
-use crate::ingest;
+use crate::hook::{Failure, Hook};
+use crate::ingest::{self, RouteHook};
 use crate::kafka::Producers;
 use crate::routes::{self, Allowlist, Route};
 
@@ -29,10 +30,12 @@ pub struct AppState {
     pub allow: Allowlist,
     /// The producers and the topic cache.
     pub producers: Arc<Producers>,
-    routes: Vec<Arc<Route>>,
+    routes: Vec<(Arc<Route>, RouteHook)>,
     default_partitioner: Partitioner,
     topic_partitioner: HashMap<String, Partitioner>,
     metadata_refresh: std::time::Duration,
+    /// Time budget of one hook call.
+    pub hook_timeout: std::time::Duration,
     shutting_down: AtomicBool,
 }
 
@@ -48,16 +51,44 @@ pub struct ShutdownReport {
     pub undelivered: usize,
 }
 
+/// Builds an [`App`], optionally with a Rust hook for every produce route.
+pub struct AppBuilder {
+    config: Config,
+    hook: Option<Arc<dyn Hook>>,
+}
+
+impl AppBuilder {
+    /// Runs `hook` on every produce route that has no Lua script of its own.
+    pub fn hook(mut self, hook: impl Hook) -> AppBuilder {
+        self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Checks the config and builds routes, hooks and producers. Errors name the key at fault.
+    pub fn build(self) -> Result<App, String> {
+        App::assemble(&self.config, self.hook)
+    }
+}
+
 impl App {
+    /// A builder, for running kafboy with a Rust hook from your own `main`.
+    pub fn builder(config: Config) -> AppBuilder {
+        AppBuilder { config, hook: None }
+    }
+
     /// Checks the config and builds routes and producers. The message names the key at fault.
     pub fn build(config: &Config) -> Result<App, String> {
+        App::assemble(config, None)
+    }
+
+    fn assemble(config: &Config, rust_hook: Option<Arc<dyn Hook>>) -> Result<App, String> {
         if config.server.max_body_bytes > config.kafka.message_max_bytes {
             return Err(format!(
                 "server.max_body_bytes ({}) exceeds kafka.message_max_bytes ({})",
                 config.server.max_body_bytes, config.kafka.message_max_bytes
             ));
         }
-        let routes = routes::compile(config)?.into_iter().map(Arc::new).collect();
+        let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
         let allow = Allowlist::new(&config.topics.allow)?;
         let mut topic_partitioner = HashMap::new();
         for (topic, o) in &config.topics.overrides {
@@ -75,6 +106,7 @@ impl App {
             default_partitioner: config.topics.partitioner,
             topic_partitioner,
             metadata_refresh: config.kafka.metadata_refresh,
+            hook_timeout: config.hook.timeout,
             shutting_down: AtomicBool::new(false),
         };
         Ok(App {
@@ -85,14 +117,18 @@ impl App {
     /// The HTTP router, without a socket (tests drive it with `oneshot`).
     pub fn router(&self) -> Router {
         let mut router = Router::new();
-        for route in &self.state.routes {
+        for (route, hook) in &self.state.routes {
             let handler = {
-                let route = route.clone();
+                let (route, hook) = (route.clone(), hook.clone());
                 move |State(app): State<Arc<AppState>>, request: Request| {
-                    ingest::handle(app, route.clone(), request)
+                    ingest::handle(app, route.clone(), hook.clone(), request)
                 }
             };
-            let method = post(handler).fallback(method_not_allowed);
+            let refused = {
+                let hook = hook.clone();
+                move || method_not_allowed(hook.clone())
+            };
+            let method = post(handler).fallback(refused);
             router = router.route(&route.pattern, method.clone());
             if route.pattern != "/" {
                 router = router.route(&format!("{}/", route.pattern), method);
@@ -196,11 +232,12 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     response
 }
 
-async fn method_not_allowed() -> Response {
-    let mut response = json(
-        StatusCode::METHOD_NOT_ALLOWED,
-        &serde_json::json!({ "error": "method not allowed; use POST" }),
-    );
+async fn method_not_allowed(hook: RouteHook) -> Response {
+    let message = "method not allowed; use POST";
+    if let Some(hook) = hook {
+        hook.on_error(&Failure { status: StatusCode::METHOD_NOT_ALLOWED, message, topic: None });
+    }
+    let mut response = json(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({ "error": message }));
     response
         .headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static("POST"));

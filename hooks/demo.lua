@@ -1,0 +1,33 @@
+-- The demo hook: the original kafboy's massage_json, in Lua.
+--
+-- kafboy calls on_request(req) for every produce request on the routes this script is set for,
+-- and on_error(status, message, topic) for every request that failed.
+--
+-- req gives: req:topic(), req:mode(), req:method(), req:path(), req:query([name]),
+-- req:header(name), req:peer(), req:body(), req:get(path), req:fields(), req:key();
+-- and edits: req:set_topic(t), req:set_body(s), req:set(path, v), req:delete(path),
+-- req:set_key(k), req:set_partition(n), req:set_header(name, value).
+-- Return forward() (or nothing) to produce, reject(status, message) to refuse,
+-- respond(status, body[, mode]) to answer yourself and then, with a mode, produce the record.
+
+function on_request(req)
+  -- Nothing to write: refuse, naming the topic.
+  if #req:body() == 0 then
+    return reject(400, req:topic() .. ".insufficient")
+  end
+
+  -- Exactly one field, "hello": produce its value, and reply as the route normally does.
+  local fields = req:fields()
+  if fields and #fields == 1 and fields[1] == "hello" then
+    req:set_body(req:get("hello"))
+    return forward()
+  end
+
+  -- Anything else: reply at once, then add a field and produce on the batching path.
+  req:set("extra", "true")
+  return respond(200, '{"ok":"fast reply"}', "batch_async")
+end
+
+function on_error(status, message, topic)
+  print("some " .. status .. " error: " .. message .. " (topic " .. tostring(topic) .. ")")
+end

@@ -1,0 +1,240 @@
+//! Lua hooks (Lua 5.4). Each worker thread has its own sandboxed state per script: no io, os,
+//! package or debug, no file loading, an instruction budget, a wall-clock budget and a memory
+//! limit. A script sees the request through accessors (`req:get("user.id")`), so a body is only
+//! parsed when the script asks, and never turned into a Lua table whole.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, VmState};
+
+use super::{Failure, Forward, Hook, HookError, HookFuture, HookRequest, Respond, Verdict, ready};
+use crate::config::Mode;
+
+mod request;
+
+use request::LuaRequest;
+
+/// Limits of one script.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Wall-clock budget per call.
+    pub timeout: Duration,
+    /// VM instructions per call.
+    pub max_instructions: u64,
+    /// Bytes the state may allocate.
+    pub max_memory: usize,
+}
+
+/// A Lua script serving as a hook.
+pub struct LuaHook {
+    id: u64,
+    path: PathBuf,
+    source: Arc<str>,
+    limits: Limits,
+}
+
+/// Helpers every script gets before its own code runs.
+const PRELUDE: &str = r#"
+function forward() return { action = "forward" } end
+function reject(status, message) return { action = "reject", status = status, message = message } end
+function respond(status, body, produce) return { action = "respond", status = status, body = body, produce = produce } end
+"#;
+
+/// How often the budget is checked, in VM instructions.
+const CHECK_EVERY: u32 = 1000;
+
+struct Budget {
+    instructions_left: Cell<u64>,
+    deadline: Cell<Instant>,
+}
+
+struct State {
+    lua: Lua,
+    on_request: Function,
+    on_error: Option<Function>,
+}
+
+thread_local! {
+    static STATES: RefCell<HashMap<u64, State>> = RefCell::new(HashMap::new());
+}
+
+impl LuaHook {
+    /// Loads `path` and checks it: syntax errors and a missing `on_request` are reported with the
+    /// file and line.
+    pub fn load(path: &Path, limits: Limits) -> Result<LuaHook, String> {
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| format!("hook script {}: {e}", path.display()))?;
+        LuaHook::from_source(path, &source, limits)
+    }
+
+    /// A hook from script text; `path` names it in messages.
+    pub fn from_source(path: &Path, source: &str, limits: Limits) -> Result<LuaHook, String> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let hook = LuaHook {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            path: path.to_path_buf(),
+            source: source.into(),
+            limits,
+        };
+        hook.new_state().map_err(|e| format!("hook script {}: {e}", path.display()))?;
+        Ok(hook)
+    }
+
+    fn new_state(&self) -> mlua::Result<State> {
+        let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8;
+        let lua = Lua::new_with(libs, LuaOptions::default())?;
+        let globals = lua.globals();
+        // The base library can read files and load bytecode; scripts get neither.
+        for name in ["dofile", "loadfile", "load", "require", "collectgarbage"] {
+            globals.set(name, mlua::Nil)?;
+        }
+        globals.set(
+            "print",
+            lua.create_function(|_, msg: mlua::Variadic<String>| {
+                tracing::info!(target: "kafboy::hook::lua", "{}", msg.join("\t"));
+                Ok(())
+            })?,
+        )?;
+        lua.load(PRELUDE).set_name("=prelude").exec()?;
+        lua.set_memory_limit(self.limits.max_memory)?;
+        lua.set_app_data(Budget { instructions_left: Cell::new(u64::MAX), deadline: Cell::new(far_future()) });
+        lua.set_hook(HookTriggers::new().every_nth_instruction(CHECK_EVERY), |lua, _| {
+            let budget = lua.app_data_ref::<Budget>().ok_or_else(|| mlua::Error::runtime("no budget"))?;
+            let left = budget.instructions_left.get().saturating_sub(u64::from(CHECK_EVERY));
+            budget.instructions_left.set(left);
+            if left == 0 {
+                return Err(mlua::Error::runtime("instruction budget exceeded"));
+            }
+            if Instant::now() > budget.deadline.get() {
+                return Err(mlua::Error::runtime("time budget exceeded"));
+            }
+            Ok(VmState::Continue)
+        })?;
+        lua.load(&*self.source).set_name(format!("@{}", self.path.display())).exec()?;
+        let on_request: Function = lua
+            .globals()
+            .get::<Option<Function>>("on_request")?
+            .ok_or_else(|| mlua::Error::runtime("the script defines no function on_request(req)"))?;
+        let on_error = lua.globals().get::<Option<Function>>("on_error")?;
+        Ok(State { lua, on_request, on_error })
+    }
+
+    /// Runs `f` with this thread's state for the script, creating it on first use.
+    fn with_state<R>(&self, f: impl FnOnce(&State) -> mlua::Result<R>) -> Result<R, HookError> {
+        STATES.with(|states| {
+            let mut states = states.borrow_mut();
+            if !states.contains_key(&self.id) {
+                let state = self.new_state().map_err(|e| HookError(e.to_string()))?;
+                states.insert(self.id, state);
+            }
+            let state = &states[&self.id];
+            let budget = state.lua.app_data_ref::<Budget>().ok_or_else(|| HookError("no budget".into()))?;
+            budget.instructions_left.set(self.limits.max_instructions.max(u64::from(CHECK_EVERY)));
+            budget.deadline.set(Instant::now() + self.limits.timeout);
+            drop(budget);
+            f(state).map_err(|e| HookError(format!("{}: {}", self.path.display(), flatten(&e))))
+        })
+    }
+
+    fn call(&self, request: Arc<HookRequest>) -> Result<Verdict, HookError> {
+        self.with_state(|state| {
+            let ud = state.lua.create_userdata(LuaRequest::new(request))?;
+            let result: mlua::Value = state.on_request.call(&ud)?;
+            let edits = ud.take::<LuaRequest>()?.into_forward()?;
+            verdict(result, edits)
+        })
+    }
+}
+
+impl Hook for LuaHook {
+    fn on_request(&self, request: Arc<HookRequest>) -> HookFuture {
+        ready(self.call(request))
+    }
+
+    fn on_error(&self, failure: &Failure<'_>) {
+        let result = self.with_state(|state| match &state.on_error {
+            Some(f) => f.call::<()>((failure.status.as_u16(), failure.message, failure.topic)),
+            None => Ok(()),
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "lua on_error failed");
+        }
+    }
+}
+
+/// Turns what `on_request` returned into a verdict. `nil` means forward.
+fn verdict(result: mlua::Value, edits: Forward) -> mlua::Result<Verdict> {
+    let table = match result {
+        mlua::Value::Nil => return Ok(Verdict::Forward(edits)),
+        mlua::Value::Table(t) => t,
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "on_request must return forward(), reject(..), respond(..) or nil, not a {}",
+                other.type_name()
+            )));
+        }
+    };
+    let action: String = table.get("action")?;
+    match action.as_str() {
+        "forward" => Ok(Verdict::Forward(edits)),
+        "reject" => Ok(Verdict::Reject {
+            status: status(&table, 400)?,
+            message: table.get::<Option<String>>("message")?.unwrap_or_else(|| "rejected".into()),
+        }),
+        "respond" => {
+            let body: mlua::LuaString = table.get("body")?;
+            let then = match table.get::<mlua::Value>("produce")? {
+                mlua::Value::Nil | mlua::Value::Boolean(false) => None,
+                mlua::Value::String(m) => Some((mode(&m.to_str()?)?, edits)),
+                _ => return Err(mlua::Error::runtime("respond's third argument is a mode name")),
+            };
+            Ok(Verdict::Respond(Respond {
+                status: status(&table, 200)?,
+                body: Bytes::copy_from_slice(&body.as_bytes()),
+                content_type: None,
+                then,
+            }))
+        }
+        other => Err(mlua::Error::runtime(format!("unknown action {other:?}"))),
+    }
+}
+
+fn status(table: &Table, default: u16) -> mlua::Result<StatusCode> {
+    let code = table.get::<Option<u16>>("status")?.unwrap_or(default);
+    StatusCode::from_u16(code)
+        .ok()
+        .filter(|s| !s.is_informational())
+        .ok_or_else(|| mlua::Error::runtime(format!("{code} is not an HTTP status")))
+}
+
+fn mode(name: &str) -> mlua::Result<Mode> {
+    match name {
+        "async" => Ok(Mode::Async),
+        "sync" => Ok(Mode::Sync),
+        "batch_async" => Ok(Mode::BatchAsync),
+        "batch_sync" => Ok(Mode::BatchSync),
+        other => Err(mlua::Error::runtime(format!("unknown mode {other:?}"))),
+    }
+}
+
+/// mlua wraps callback errors in layers; the innermost message is the useful one.
+fn flatten(e: &mlua::Error) -> String {
+    match e {
+        mlua::Error::CallbackError { cause, traceback } => {
+            let inner = flatten(cause);
+            traceback.lines().nth(1).map_or(inner.clone(), |l| format!("{inner} ({})", l.trim()))
+        }
+        other => other.to_string(),
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}

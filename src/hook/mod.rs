@@ -1,0 +1,201 @@
+//! Edit hooks: user code that sees each produce request before Kafka does and forwards it (maybe
+//! edited), rejects it, or answers it itself (maybe producing afterwards). A hook is either Rust
+//! (implement [`Hook`] and pass it to [`crate::AppBuilder::hook`]) or a Lua script ([`lua`]).
+
+pub mod lua;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+
+use axum::http::{HeaderMap, Method, StatusCode};
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::config::Mode;
+use crate::decode::{self, BodyKind};
+
+/// One produce request, as a hook sees it.
+#[derive(Debug)]
+pub struct HookRequest {
+    /// Topic from the route (path segment or fixed).
+    pub topic: String,
+    /// The route's mode.
+    pub mode: Mode,
+    /// HTTP method.
+    pub method: Method,
+    /// Request path.
+    pub path: String,
+    /// Raw query string, if any.
+    pub query: Option<String>,
+    /// Request headers.
+    pub headers: HeaderMap,
+    /// Client address.
+    pub peer: Option<SocketAddr>,
+    /// The body as received (may be empty).
+    pub body: Bytes,
+    kind: BodyKind,
+    parsed: OnceLock<Result<Value, String>>,
+}
+
+impl HookRequest {
+    /// A request for a hook; `kind` is how the route reads this body.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        topic: String,
+        mode: Mode,
+        method: Method,
+        path: String,
+        query: Option<String>,
+        headers: HeaderMap,
+        peer: Option<SocketAddr>,
+        body: Bytes,
+        kind: BodyKind,
+    ) -> HookRequest {
+        let parsed = OnceLock::new();
+        HookRequest { topic, mode, method, path, query, headers, peer, body, kind, parsed }
+    }
+
+    /// How the route reads this body.
+    pub fn kind(&self) -> BodyKind {
+        self.kind
+    }
+
+    /// The body as JSON, parsed on first use: a JSON body as it is, a form as the object kafboy
+    /// would produce. NDJSON and raw bodies are not one JSON document.
+    pub fn json(&self) -> Result<&Value, String> {
+        self.parsed.get_or_init(|| parse_body(self.kind, &self.body)).as_ref().map_err(Clone::clone)
+    }
+}
+
+/// Parses a body the way the route would decode it, into one JSON value.
+pub fn parse_body(kind: BodyKind, body: &[u8]) -> Result<Value, String> {
+    match kind {
+        BodyKind::Json => serde_json::from_slice(body).map_err(|e| format!("invalid json: {e}")),
+        BodyKind::Form => {
+            let json = decode::form_to_json(body).map_err(|e| e.to_string())?;
+            serde_json::from_slice(&json).map_err(|e| e.to_string())
+        }
+        BodyKind::Ndjson | BodyKind::Raw => Err("the body is not one JSON document".into()),
+    }
+}
+
+/// What to produce: the route's records, with any of these replaced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forward {
+    /// Produce these bytes as the one record, as they are (no validation).
+    pub body: Option<Bytes>,
+    /// Produce to this topic instead (it must pass the same checks).
+    pub topic: Option<String>,
+    /// Record key.
+    pub key: Option<Bytes>,
+    /// Explicit partition.
+    pub partition: Option<i32>,
+    /// Record headers to add.
+    pub headers: Vec<(String, Bytes)>,
+}
+
+/// A reply chosen by the hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Respond {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Body, sent as it is.
+    pub body: Bytes,
+    /// Content-Type of `body`. Default `application/json`.
+    pub content_type: Option<String>,
+    /// After replying, produce this on that mode's path.
+    pub then: Option<(Mode, Forward)>,
+}
+
+/// A hook's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Produce, maybe edited, and reply as the route does.
+    Forward(Forward),
+    /// Refuse: `{"error":message}` with this status; nothing produced.
+    Reject {
+        /// HTTP status (4xx or 5xx).
+        status: StatusCode,
+        /// Error message.
+        message: String,
+    },
+    /// Reply with this, then maybe produce.
+    Respond(Respond),
+}
+
+/// A failed request, as the error hook sees it.
+#[derive(Debug, Clone)]
+pub struct Failure<'a> {
+    /// Status sent to the client.
+    pub status: StatusCode,
+    /// Error message sent to the client.
+    pub message: &'a str,
+    /// Topic of the request, when it got that far.
+    pub topic: Option<&'a str>,
+}
+
+/// Why a hook gave no verdict.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct HookError(pub String);
+
+/// The future a hook returns.
+pub type HookFuture = Pin<Box<dyn Future<Output = Result<Verdict, HookError>> + Send>>;
+
+/// User code run on every produce request of the routes it is set for.
+pub trait Hook: Send + Sync + 'static {
+    /// Decides what to do with `request`. Runs under the configured time budget; a hook that
+    /// errors or runs out of time fails the request with 500 and produces nothing.
+    fn on_request(&self, request: Arc<HookRequest>) -> HookFuture;
+
+    /// Called for every failed request on the hook's routes, after the reply is decided.
+    fn on_error(&self, _failure: &Failure<'_>) {}
+}
+
+/// Wraps a synchronous decision as a [`HookFuture`].
+pub fn ready(verdict: Result<Verdict, HookError>) -> HookFuture {
+    Box::pin(std::future::ready(verdict))
+}
+
+/// Pairs each route with its hook: the route's own Lua script, else the Rust hook, else
+/// `hook.script`. A script is loaded (and checked) once however many routes name it.
+pub fn attach(
+    config: &crate::Config,
+    routes: Vec<crate::routes::Route>,
+    rust_hook: Option<Arc<dyn Hook>>,
+) -> Result<Vec<(Arc<crate::routes::Route>, Option<Arc<dyn Hook>>)>, String> {
+    let limits = lua::Limits {
+        timeout: config.hook.timeout,
+        max_instructions: config.hook.max_instructions,
+        max_memory: config.hook.max_memory_bytes,
+    };
+    if rust_hook.is_some() && config.hook.script.is_some() {
+        return Err("hook.script: a Rust hook was given as well; use one".into());
+    }
+    let mut loaded: Vec<(std::path::PathBuf, Arc<dyn Hook>)> = Vec::new();
+    let mut load = |path: &std::path::Path| -> Result<Arc<dyn Hook>, String> {
+        if let Some((_, hook)) = loaded.iter().find(|(p, _)| p == path) {
+            return Ok(hook.clone());
+        }
+        let hook: Arc<dyn Hook> = Arc::new(lua::LuaHook::load(path, limits)?);
+        loaded.push((path.to_path_buf(), hook.clone()));
+        Ok(hook)
+    };
+    let default = match (&rust_hook, &config.hook.script) {
+        (Some(hook), _) => Some(hook.clone()),
+        (None, Some(path)) => Some(load(path)?),
+        (None, None) => None,
+    };
+    routes
+        .into_iter()
+        .map(|route| {
+            let hook = match &route.hook {
+                Some(path) => Some(load(path)?),
+                None => default.clone(),
+            };
+            Ok((Arc::new(route), hook))
+        })
+        .collect()
+}
