@@ -10,10 +10,13 @@
 //! - [`error`]: every failure's HTTP status, in one place.
 //! - [`kafka`]: producers, queue accounting, delivery reports, metadata, partitioning.
 //! - [`server`]: state built once from config, the router, and [`App::run`].
+//! - [`hook`]: edit hooks (the [`hook::Hook`] trait, Lua scripts).
+//! - [`demo`]: `kafboy demo`, with an embedded broker.
 //! - [`shutdown`]: the SIGTERM/SIGINT future.
 
 pub mod config;
 pub mod decode;
+pub mod demo;
 pub mod error;
 pub mod hook;
 pub mod ingest;
@@ -25,4 +28,4 @@ pub mod server;
 pub mod shutdown;
 
 pub use config::Config;
-pub use server::{App, ShutdownReport};
+pub use server::{App, AppBuilder, ShutdownReport};

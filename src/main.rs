@@ -12,6 +12,8 @@ use kafboy::{App, Config};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file (see kafboy.example.toml).
     #[arg(long, short, env = "KAFBOY_CONFIG")]
     config: Option<PathBuf>,
@@ -21,6 +23,17 @@ struct Cli {
     /// Bootstrap brokers, HOST:PORT[,HOST:PORT...] (overrides kafka.brokers).
     #[arg(long)]
     brokers: Option<String>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Run the original quick start: an embedded Kafka broker, kafboy with the demo hook, and a
+    /// printout of every record that lands. Needs nothing else.
+    Demo {
+        /// Address to listen on.
+        #[arg(long, default_value = kafboy::demo::DEMO_ADDR)]
+        listen: SocketAddr,
+    },
 }
 
 /// Exit status for a configuration error (EX_USAGE), before anything is bound.
@@ -35,6 +48,15 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    if let Some(Command::Demo { listen }) = cli.command {
+        return match runtime().map(|rt| rt.block_on(kafboy::demo::run(listen, None, kafboy::shutdown::signal()))) {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) | Err(e) => {
+                eprintln!("kafboy demo: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let overrides = Overrides {
         listen: cli.listen,
         brokers: cli.brokers.as_deref().map(split_list),
@@ -43,17 +65,20 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_error(&e.to_string()),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    match runtime() {
+        Ok(rt) => rt.block_on(serve(config)),
+        Err(e) => {
+            eprintln!("kafboy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("kafboy: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(serve(config))
+        .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
 async fn serve(config: Config) -> ExitCode {

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
-use axum::http::{HeaderMap, Method, StatusCode};
+pub use axum::http::{HeaderMap, Method, StatusCode};
 use bytes::Bytes;
 use serde_json::Value;
 

@@ -1,0 +1,63 @@
+//! The demo hook in Rust: the same decisions as `hooks/demo.lua`, as a [`Hook`] from your own
+//! `main`. Run it with `cargo run --example demo_hook` and try the quick start's curl commands
+//! against 127.0.0.1:9903.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kafboy::config::Mode;
+use kafboy::hook::{
+    Failure, Forward, Hook, HookError, HookFuture, HookRequest, Respond, StatusCode, Verdict, ready,
+};
+use serde_json::Value;
+
+/// The original kafboy demo's `massage_json`.
+pub struct DemoHook;
+
+impl Hook for DemoHook {
+    fn on_request(&self, req: Arc<HookRequest>) -> HookFuture {
+        ready(decide(&req))
+    }
+
+    fn on_error(&self, failure: &Failure<'_>) {
+        println!("some {} error: {}", failure.status.as_u16(), failure.message);
+    }
+}
+
+fn decide(req: &HookRequest) -> Result<Verdict, HookError> {
+    // Nothing to write: refuse, naming the topic.
+    if req.body.is_empty() {
+        let message = format!("{}.insufficient", req.topic);
+        return Ok(Verdict::Reject { status: StatusCode::BAD_REQUEST, message });
+    }
+    let json = req.json().map_err(HookError)?;
+    // Exactly one field, "hello": produce its value, and reply as the route normally does.
+    if let Some(fields) = json.as_object()
+        && fields.len() == 1
+        && let Some(hello) = fields.get("hello")
+    {
+        let value = match hello {
+            Value::String(s) => Bytes::from(s.clone()),
+            other => Bytes::from(other.to_string()),
+        };
+        return Ok(Verdict::Forward(Forward { body: Some(value), ..Forward::default() }));
+    }
+    // Anything else: reply at once, then add a field and produce on the batching path.
+    let mut edited = json.clone();
+    if let Some(fields) = edited.as_object_mut() {
+        fields.insert("extra".into(), Value::from("true"));
+    }
+    let body = serde_json::to_vec(&edited).map_err(|e| HookError(e.to_string()))?;
+    Ok(Verdict::Respond(Respond {
+        status: StatusCode::OK,
+        body: Bytes::from_static(br#"{"ok":"fast reply"}"#),
+        content_type: None,
+        then: Some((Mode::BatchAsync, Forward { body: Some(body.into()), ..Forward::default() })),
+    }))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), String> {
+    let listen = kafboy::demo::DEMO_ADDR.parse().map_err(|e| format!("{e}"))?;
+    kafboy::demo::run(listen, Some(Arc::new(DemoHook)), kafboy::shutdown::signal()).await
+}

@@ -1,0 +1,127 @@
+//! `kafboy demo`: the original quick start, with nothing else installed. An embedded Kafka
+//! broker (librdkafka's mock cluster) with topic `ekaf`, kafboy on 127.0.0.1:9903 with the demo
+//! hook (`hooks/demo.lua`, built in), and a consumer that prints every record that lands.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::hook::Hook;
+use crate::hook::lua::{Limits, LuaHook};
+use crate::{App, Config};
+
+/// The demo hook's source, as shipped in `hooks/demo.lua`.
+pub const DEMO_LUA: &str = include_str!("../hooks/demo.lua");
+
+/// Where the demo listens unless told otherwise (the original's port).
+pub const DEMO_ADDR: &str = "127.0.0.1:9903";
+
+/// Topics the embedded broker starts with.
+const TOPICS: &[&str] = &["ekaf", "events"];
+
+/// Runs the demo until `shutdown`: embedded broker, kafboy on `listen` with `hook` (the Lua demo
+/// hook when `None`), and a printout of each delivered record.
+pub async fn run(
+    listen: SocketAddr,
+    hook: Option<Arc<dyn Hook>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let cluster = MockCluster::new(1).map_err(|e| format!("embedded broker: {e}"))?;
+    for topic in TOPICS {
+        cluster.create_topic(topic, 1, 1).map_err(|e| format!("topic {topic}: {e}"))?;
+    }
+    let brokers = cluster.bootstrap_servers();
+    let mut config = Config::default();
+    config.server.listen = listen;
+    config.kafka.brokers = vec![brokers.clone()];
+    // The original demo flushed its batches every 10 ms.
+    config.batch.flush_timeout = Duration::from_millis(10);
+    let hook = match hook {
+        Some(hook) => hook,
+        None => {
+            let limits = Limits {
+                timeout: config.hook.timeout,
+                max_instructions: config.hook.max_instructions,
+                max_memory: config.hook.max_memory_bytes,
+            };
+            Arc::new(LuaHook::from_source(Path::new("hooks/demo.lua"), DEMO_LUA, limits)?)
+        }
+    };
+    let app = App::builder(config).hook(SharedHook(hook)).build()?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let printer = spawn_printer(brokers.clone(), stop.clone());
+    println!("kafboy demo: embedded broker at {brokers}, topics {}", TOPICS.join(", "));
+    println!("kafboy demo: listening on http://{listen}; try");
+    println!("  curl {listen}/batch/async/ekaf -XPOST -d 'test=a'");
+    println!("  curl {listen}/batch/async/ekaf -XPOST -d 'hello=a'");
+    println!("  curl {listen}/batch/async/ekaf -XPOST");
+    let report = app.run(listener, shutdown).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = printer.join();
+    drop(cluster);
+    match report.undelivered {
+        0 => Ok(()),
+        n => Err(format!("{n} records undelivered")),
+    }
+}
+
+/// Lets an `Arc<dyn Hook>` be handed to the builder, which takes a hook by value.
+struct SharedHook(Arc<dyn Hook>);
+
+impl Hook for SharedHook {
+    fn on_request(&self, request: Arc<crate::hook::HookRequest>) -> crate::hook::HookFuture {
+        self.0.on_request(request)
+    }
+
+    fn on_error(&self, failure: &crate::hook::Failure<'_>) {
+        self.0.on_error(failure);
+    }
+}
+
+/// A thread that reads every demo topic from the beginning and prints each record.
+fn spawn_printer(brokers: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let consumer: BaseConsumer = match ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "kafboy-demo")
+            .set("enable.partition.eof", "false")
+            .set("log_level", "3")
+            .create()
+        {
+            Ok(c) => c,
+            Err(e) => return eprintln!("kafboy demo: no printer: {e}"),
+        };
+        // Assigned, not subscribed: no group rebalance to wait for before the first record shows.
+        let mut assignment = TopicPartitionList::new();
+        for topic in TOPICS {
+            let _ = assignment.add_partition_offset(topic, 0, Offset::Beginning);
+        }
+        if let Err(e) = consumer.assign(&assignment) {
+            return eprintln!("kafboy demo: no printer: {e}");
+        }
+        while !stop.load(Ordering::Relaxed) {
+            let Some(Ok(msg)) = consumer.poll(Duration::from_millis(100)) else { continue };
+            let show = |b: Option<&[u8]>| b.map_or("-".into(), |b| String::from_utf8_lossy(b).into_owned());
+            println!(
+                "delivered topic={} partition={} offset={} key={} value={}",
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                show(msg.key()),
+                show(msg.payload())
+            );
+        }
+    })
+}
