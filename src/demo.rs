@@ -37,7 +37,9 @@ pub async fn run(
 ) -> Result<(), String> {
     let cluster = MockCluster::new(1).map_err(|e| format!("embedded broker: {e}"))?;
     for topic in TOPICS {
-        cluster.create_topic(topic, 1, 1).map_err(|e| format!("topic {topic}: {e}"))?;
+        cluster
+            .create_topic(topic, 1, 1)
+            .map_err(|e| format!("topic {topic}: {e}"))?;
     }
     let brokers = cluster.bootstrap_servers();
     let mut config = Config::default();
@@ -53,7 +55,11 @@ pub async fn run(
                 max_instructions: config.hook.max_instructions,
                 max_memory: config.hook.max_memory_bytes,
             };
-            Arc::new(LuaHook::from_source(Path::new("hooks/demo.lua"), DEMO_LUA, limits)?)
+            Arc::new(LuaHook::from_source(
+                Path::new("hooks/demo.lua"),
+                DEMO_LUA,
+                limits,
+            )?)
         }
     };
     let app = App::builder(config).hook(SharedHook(hook)).build()?;
@@ -62,7 +68,10 @@ pub async fn run(
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let printer = spawn_printer(brokers.clone(), stop.clone());
-    println!("kafboy demo: embedded broker at {brokers}, topics {}", TOPICS.join(", "));
+    println!(
+        "kafboy demo: embedded broker at {brokers}, topics {}",
+        TOPICS.join(", ")
+    );
     println!("kafboy demo: listening on http://{listen}; try");
     println!("  curl {listen}/batch/async/ekaf -XPOST -d 'test=a'");
     println!("  curl {listen}/batch/async/ekaf -XPOST -d 'hello=a'");
@@ -112,8 +121,12 @@ fn spawn_printer(brokers: String, stop: Arc<AtomicBool>) -> std::thread::JoinHan
             return eprintln!("kafboy demo: no printer: {e}");
         }
         while !stop.load(Ordering::Relaxed) {
-            let Some(Ok(msg)) = consumer.poll(Duration::from_millis(100)) else { continue };
-            let show = |b: Option<&[u8]>| b.map_or("-".into(), |b| String::from_utf8_lossy(b).into_owned());
+            let Some(Ok(msg)) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let show = |b: Option<&[u8]>| {
+                b.map_or("-".into(), |b| String::from_utf8_lossy(b).into_owned())
+            };
             println!(
                 "delivered topic={} partition={} offset={} key={} value={}",
                 msg.topic(),

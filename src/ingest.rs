@@ -30,7 +30,12 @@ use crate::server::AppState;
 pub type RouteHook = Option<Arc<dyn Hook>>;
 
 /// Serves one produce request on `route`.
-pub async fn handle(app: Arc<AppState>, route: Arc<Route>, hook: RouteHook, request: Request) -> Response {
+pub async fn handle(
+    app: Arc<AppState>,
+    route: Arc<Route>,
+    hook: RouteHook,
+    request: Request,
+) -> Response {
     let mut topic = None;
     match ingest(&app, &route, &hook, request, &mut topic).await {
         Ok(reply) => reply.into_response(),
@@ -43,7 +48,11 @@ pub async fn handle(app: Arc<AppState>, route: Arc<Route>, hook: RouteHook, requ
             }
             if let Some(hook) = &hook {
                 let message = error.to_string();
-                hook.on_error(&Failure { status, message: &message, topic: topic.as_deref() });
+                hook.on_error(&Failure {
+                    status,
+                    message: &message,
+                    topic: topic.as_deref(),
+                });
             }
             error.into_response()
         }
@@ -66,7 +75,10 @@ async fn ingest(
     request: Request,
     topic_seen: &mut Option<String>,
 ) -> Result<Reply, IngestError> {
-    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
     let (mut parts, body) = request.into_parts();
     let topic = topic_of(route, &mut parts).await?;
     *topic_seen = Some(topic.clone());
@@ -75,7 +87,10 @@ async fn ingest(
         return Err(IngestError::Unavailable("shutting down".into()));
     }
     let meta = RecordMeta::from_parts(&parts)?;
-    let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
     let kind = BodyKind::of(route.payload, content_type)?;
     let limit = app.server.max_body_bytes;
     if declared_length(&parts).is_some_and(|n| n > limit) {
@@ -100,13 +115,20 @@ async fn ingest(
         body,
         kind,
     ));
-    let verdict = match tokio::time::timeout(app.hook_timeout, hook.on_request(request.clone())).await {
-        Ok(Ok(verdict)) => verdict,
-        Ok(Err(e)) => return Err(IngestError::HookFailed(format!("hook failed: {e}"))),
-        Err(_) => {
-            return Err(IngestError::HookFailed(format!("hook gave no answer within {:?}", app.hook_timeout)));
-        }
-    };
+    let verdict =
+        match tokio::time::timeout(app.hook_timeout, hook.on_request(request.clone())).await {
+            Ok(Ok(verdict)) => verdict,
+            Ok(Err(e)) => {
+                // The detail (script path, traceback) is for the operator, not the client.
+                tracing::error!(path = %route.path, error = %e, "hook failed");
+                return Err(IngestError::HookFailed("hook failed".into()));
+            }
+            Err(_) => {
+                let message = format!("hook gave no answer within {:?}", app.hook_timeout);
+                tracing::error!(path = %route.path, "{message}");
+                return Err(IngestError::HookFailed(message));
+            }
+        };
     match verdict {
         Verdict::Reject { status, message } => Err(IngestError::Rejected { status, message }),
         Verdict::Forward(forward) => {
@@ -116,10 +138,24 @@ async fn ingest(
         }
         Verdict::Respond(respond) => {
             if let Some((mode, forward)) = respond.then {
-                produce_after_reply(app.clone(), route.clone(), hook.clone(), request, meta, mode, forward);
+                produce_after_reply(
+                    app.clone(),
+                    route.clone(),
+                    hook.clone(),
+                    request,
+                    meta,
+                    mode,
+                    forward,
+                );
             }
-            let content_type = respond.content_type.unwrap_or_else(|| "application/json".into());
-            Ok(Reply::Custom { status: respond.status, body: respond.body, content_type })
+            let content_type = respond
+                .content_type
+                .unwrap_or_else(|| "application/json".into());
+            Ok(Reply::Custom {
+                status: respond.status,
+                body: respond.body,
+                content_type,
+            })
         }
     }
 }
@@ -159,23 +195,43 @@ fn produce_after_reply(
     tokio::spawn(async move {
         let result = async {
             let (topic, info, meta, values) = forwarded(&app, &request, meta, forward).await?;
-            produce(&app, &route, mode, topic, &info, meta, values, request.kind()).await
+            produce(
+                &app,
+                &route,
+                mode,
+                topic,
+                &info,
+                meta,
+                values,
+                request.kind(),
+            )
+            .await
         }
         .await;
         if let Err(error) = result {
             let status = error.status();
             let message = format!("after the hook's reply: {error}");
             tracing::warn!(path = %route.path, %status, %message, "produce failed");
-            hook.on_error(&Failure { status, message: &message, topic: Some(&request.topic) });
+            hook.on_error(&Failure {
+                status,
+                message: &message,
+                topic: Some(&request.topic),
+            });
         }
     });
 }
 
 async fn lookup(app: &AppState, topic: &str) -> Result<Arc<TopicInfo>, IngestError> {
-    app.producers.topics.lookup(topic).await.map_err(|e| match e {
-        LookupError::Unknown => IngestError::UnknownTopic(topic.to_string()),
-        LookupError::Unavailable(why) => IngestError::Unavailable(format!("kafka metadata: {why}")),
-    })
+    app.producers
+        .topics
+        .lookup(topic)
+        .await
+        .map_err(|e| match e {
+            LookupError::Unknown => IngestError::UnknownTopic(topic.to_string()),
+            LookupError::Unavailable(why) => {
+                IngestError::Unavailable(format!("kafka metadata: {why}"))
+            }
+        })
 }
 
 /// Records to the producer of `mode`; waits for acknowledgements on the sync modes.
@@ -195,12 +251,18 @@ async fn produce(
     let count = records.len();
     let sync = matches!(mode, Mode::Sync | Mode::BatchSync);
     let producer = app.producers.for_mode(mode, &topic);
-    let receivers = producer.send(&topic, records, sync, app.server.enqueue_timeout).await?;
+    let receivers = producer
+        .send(&topic, records, sync, app.server.enqueue_timeout)
+        .await?;
     if !sync {
         return Ok(Reply::Accepted(count));
     }
     let written = await_acks(receivers, app.server.sync_timeout).await?;
-    Ok(Reply::Acked { topic, written, list: kind == BodyKind::Ndjson })
+    Ok(Reply::Acked {
+        topic,
+        written,
+        list: kind == BodyKind::Ndjson,
+    })
 }
 
 async fn topic_of(route: &Route, parts: &mut Parts) -> Result<String, IngestError> {

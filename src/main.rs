@@ -49,7 +49,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     if let Some(Command::Demo { listen }) = cli.command {
-        return match runtime().map(|rt| rt.block_on(kafboy::demo::run(listen, None, kafboy::shutdown::signal()))) {
+        return match runtime()
+            .map(|rt| rt.block_on(kafboy::demo::run(listen, None, kafboy::shutdown::signal())))
+        {
             Ok(Ok(())) => ExitCode::SUCCESS,
             Ok(Err(e)) | Err(e) => {
                 eprintln!("kafboy demo: {e}");

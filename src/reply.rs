@@ -163,10 +163,16 @@ impl IntoResponse for Reply {
                     },
                 )
             }
-            Reply::Custom { status, body, content_type } => {
+            Reply::Custom {
+                status,
+                body,
+                content_type,
+            } => {
                 let mut response = (status, body).into_response();
                 if let Ok(ct) = axum::http::HeaderValue::from_str(&content_type) {
-                    response.headers_mut().insert(axum::http::header::CONTENT_TYPE, ct);
+                    response
+                        .headers_mut()
+                        .insert(axum::http::header::CONTENT_TYPE, ct);
                 }
                 response
             }

@@ -235,9 +235,16 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
 async fn method_not_allowed(hook: RouteHook) -> Response {
     let message = "method not allowed; use POST";
     if let Some(hook) = hook {
-        hook.on_error(&Failure { status: StatusCode::METHOD_NOT_ALLOWED, message, topic: None });
+        hook.on_error(&Failure {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message,
+            topic: None,
+        });
     }
-    let mut response = json(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({ "error": message }));
+    let mut response = json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &serde_json::json!({ "error": message }),
+    );
     response
         .headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static("POST"));

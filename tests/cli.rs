@@ -231,3 +231,77 @@ async fn sigterm_with_brokers_down_reports_undelivered_and_exits_1() {
         "bounded by the shutdown timeout"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_original_quick_start_works_as_printed() {
+    let port = free_port();
+    let mut child = kafboy()
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn demo");
+    let url = format!("http://127.0.0.1:{port}/batch/async/ekaf");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // curl -d sends a form; a bare -XPOST sends nothing and no Content-Type.
+    let curl = |body: Option<&'static str>| {
+        let req = common::client().post(&url);
+        match body {
+            Some(b) => req
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(b),
+            None => req,
+        }
+        .send()
+    };
+    let first = loop {
+        if let Ok(r) = curl(Some("test=a")).await {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "demo never answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(first.text().await.unwrap(), r#"{"ok":"fast reply"}"#);
+    assert_eq!(
+        curl(Some("hello=a")).await.unwrap().text().await.unwrap(),
+        r#"{"ok":1}"#
+    );
+    let r = curl(None).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.text().await.unwrap(), r#"{"error":"ekaf.insufficient"}"#);
+    // Both records are printed as they land; read stdout until they are.
+    let mut stdout = child.stdout.take().unwrap();
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let n = stdout.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if text.contains("value=a\n") && text.contains(r#"value={"test":"a","extra":"true"}"#) {
+                break;
+            }
+        }
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !seen.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sigterm(&child);
+    let text = seen.await.unwrap();
+    assert!(
+        text.contains("delivered topic=ekaf partition=0 offset="),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"value={"test":"a","extra":"true"}"#),
+        "{text}"
+    );
+    assert!(text.contains("key=- value=a\n"), "{text}");
+    wait_exit(&mut child, Duration::from_secs(20));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

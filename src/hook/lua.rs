@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,7 +84,8 @@ impl LuaHook {
             source: source.into(),
             limits,
         };
-        hook.new_state().map_err(|e| format!("hook script {}: {e}", path.display()))?;
+        hook.new_state()
+            .map_err(|e| format!("hook script {}: {e}", path.display()))?;
         Ok(hook)
     }
 
@@ -104,39 +106,64 @@ impl LuaHook {
         )?;
         lua.load(PRELUDE).set_name("=prelude").exec()?;
         lua.set_memory_limit(self.limits.max_memory)?;
-        lua.set_app_data(Budget { instructions_left: Cell::new(u64::MAX), deadline: Cell::new(far_future()) });
-        lua.set_hook(HookTriggers::new().every_nth_instruction(CHECK_EVERY), |lua, _| {
-            let budget = lua.app_data_ref::<Budget>().ok_or_else(|| mlua::Error::runtime("no budget"))?;
-            let left = budget.instructions_left.get().saturating_sub(u64::from(CHECK_EVERY));
-            budget.instructions_left.set(left);
-            if left == 0 {
-                return Err(mlua::Error::runtime("instruction budget exceeded"));
-            }
-            if Instant::now() > budget.deadline.get() {
-                return Err(mlua::Error::runtime("time budget exceeded"));
-            }
-            Ok(VmState::Continue)
-        })?;
-        lua.load(&*self.source).set_name(format!("@{}", self.path.display())).exec()?;
+        lua.set_app_data(Budget {
+            instructions_left: Cell::new(u64::MAX),
+            deadline: Cell::new(far_future()),
+        });
+        lua.set_hook(
+            HookTriggers::new().every_nth_instruction(CHECK_EVERY),
+            |lua, _| {
+                let budget = lua
+                    .app_data_ref::<Budget>()
+                    .ok_or_else(|| mlua::Error::runtime("no budget"))?;
+                let left = budget
+                    .instructions_left
+                    .get()
+                    .saturating_sub(u64::from(CHECK_EVERY));
+                budget.instructions_left.set(left);
+                if left == 0 {
+                    return Err(mlua::Error::runtime("instruction budget exceeded"));
+                }
+                if Instant::now() > budget.deadline.get() {
+                    return Err(mlua::Error::runtime("time budget exceeded"));
+                }
+                Ok(VmState::Continue)
+            },
+        )?;
+        lua.load(&*self.source)
+            .set_name(format!("@{}", self.path.display()))
+            .exec()?;
         let on_request: Function = lua
             .globals()
             .get::<Option<Function>>("on_request")?
-            .ok_or_else(|| mlua::Error::runtime("the script defines no function on_request(req)"))?;
+            .ok_or_else(|| {
+                mlua::Error::runtime("the script defines no function on_request(req)")
+            })?;
         let on_error = lua.globals().get::<Option<Function>>("on_error")?;
-        Ok(State { lua, on_request, on_error })
+        Ok(State {
+            lua,
+            on_request,
+            on_error,
+        })
     }
 
     /// Runs `f` with this thread's state for the script, creating it on first use.
     fn with_state<R>(&self, f: impl FnOnce(&State) -> mlua::Result<R>) -> Result<R, HookError> {
         STATES.with(|states| {
             let mut states = states.borrow_mut();
-            if !states.contains_key(&self.id) {
-                let state = self.new_state().map_err(|e| HookError(e.to_string()))?;
-                states.insert(self.id, state);
-            }
-            let state = &states[&self.id];
-            let budget = state.lua.app_data_ref::<Budget>().ok_or_else(|| HookError("no budget".into()))?;
-            budget.instructions_left.set(self.limits.max_instructions.max(u64::from(CHECK_EVERY)));
+            let state = match states.entry(self.id) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    e.insert(self.new_state().map_err(|e| HookError(e.to_string()))?)
+                }
+            };
+            let budget = state
+                .lua
+                .app_data_ref::<Budget>()
+                .ok_or_else(|| HookError("no budget".into()))?;
+            budget
+                .instructions_left
+                .set(self.limits.max_instructions.max(u64::from(CHECK_EVERY)));
             budget.deadline.set(Instant::now() + self.limits.timeout);
             drop(budget);
             f(state).map_err(|e| HookError(format!("{}: {}", self.path.display(), flatten(&e))))
@@ -186,14 +213,20 @@ fn verdict(result: mlua::Value, edits: Forward) -> mlua::Result<Verdict> {
         "forward" => Ok(Verdict::Forward(edits)),
         "reject" => Ok(Verdict::Reject {
             status: status(&table, 400)?,
-            message: table.get::<Option<String>>("message")?.unwrap_or_else(|| "rejected".into()),
+            message: table
+                .get::<Option<String>>("message")?
+                .unwrap_or_else(|| "rejected".into()),
         }),
         "respond" => {
             let body: mlua::LuaString = table.get("body")?;
             let then = match table.get::<mlua::Value>("produce")? {
                 mlua::Value::Nil | mlua::Value::Boolean(false) => None,
                 mlua::Value::String(m) => Some((mode(&m.to_str()?)?, edits)),
-                _ => return Err(mlua::Error::runtime("respond's third argument is a mode name")),
+                _ => {
+                    return Err(mlua::Error::runtime(
+                        "respond's third argument is a mode name",
+                    ));
+                }
             };
             Ok(Verdict::Respond(Respond {
                 status: status(&table, 200)?,
@@ -229,7 +262,10 @@ fn flatten(e: &mlua::Error) -> String {
     match e {
         mlua::Error::CallbackError { cause, traceback } => {
             let inner = flatten(cause);
-            traceback.lines().nth(1).map_or(inner.clone(), |l| format!("{inner} ({})", l.trim()))
+            traceback
+                .lines()
+                .nth(1)
+                .map_or(inner.clone(), |l| format!("{inner} ({})", l.trim()))
         }
         other => other.to_string(),
     }

@@ -54,7 +54,18 @@ impl HookRequest {
         kind: BodyKind,
     ) -> HookRequest {
         let parsed = OnceLock::new();
-        HookRequest { topic, mode, method, path, query, headers, peer, body, kind, parsed }
+        HookRequest {
+            topic,
+            mode,
+            method,
+            path,
+            query,
+            headers,
+            peer,
+            body,
+            kind,
+            parsed,
+        }
     }
 
     /// How the route reads this body.
@@ -65,7 +76,10 @@ impl HookRequest {
     /// The body as JSON, parsed on first use: a JSON body as it is, a form as the object kafboy
     /// would produce. NDJSON and raw bodies are not one JSON document.
     pub fn json(&self) -> Result<&Value, String> {
-        self.parsed.get_or_init(|| parse_body(self.kind, &self.body)).as_ref().map_err(Clone::clone)
+        self.parsed
+            .get_or_init(|| parse_body(self.kind, &self.body))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 }
 
@@ -165,7 +179,7 @@ pub fn attach(
     config: &crate::Config,
     routes: Vec<crate::routes::Route>,
     rust_hook: Option<Arc<dyn Hook>>,
-) -> Result<Vec<(Arc<crate::routes::Route>, Option<Arc<dyn Hook>>)>, String> {
+) -> Result<Vec<(Arc<crate::routes::Route>, crate::ingest::RouteHook)>, String> {
     let limits = lua::Limits {
         timeout: config.hook.timeout,
         max_instructions: config.hook.max_instructions,

@@ -88,7 +88,10 @@ fn start_broker() -> Broker {
         );
         std::thread::yield_now();
     }
-    Broker { addr, _watchdog: watchdog }
+    Broker {
+        addr,
+        _watchdog: watchdog,
+    }
 }
 
 fn free_port() -> u16 {
@@ -215,7 +218,17 @@ pub async fn gateway(brokers: &str, toml: &str) -> Gateway {
 pub async fn gateway_unready(brokers: &str, toml: &str) -> Gateway {
     let mut config = Config::from_toml(toml).expect("test config");
     config.kafka.brokers = vec![brokers.to_string()];
-    let app = App::build(&config).expect("build app");
+    serve_unready(App::build(&config).expect("build app")).await
+}
+
+/// Serves an already built app on a free port and waits until `/ready`.
+pub async fn serve(app: App) -> Gateway {
+    let gw = serve_unready(app).await;
+    gw.wait_ready().await;
+    gw
+}
+
+async fn serve_unready(app: App) -> Gateway {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

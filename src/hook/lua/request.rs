@@ -20,7 +20,12 @@ pub struct LuaRequest {
 
 impl LuaRequest {
     pub fn new(req: Arc<HookRequest>) -> LuaRequest {
-        LuaRequest { req, json: None, dirty: false, forward: Forward::default() }
+        LuaRequest {
+            req,
+            json: None,
+            dirty: false,
+            forward: Forward::default(),
+        }
     }
 
     /// The edits, with a JSON body re-serialized if the script changed it.
@@ -29,7 +34,9 @@ impl LuaRequest {
             && self.forward.body.is_none()
             && let Some(json) = &self.json
         {
-            self.forward.body = Some(Bytes::from(serde_json::to_vec(json).map_err(mlua::Error::external)?));
+            self.forward.body = Some(Bytes::from(
+                serde_json::to_vec(json).map_err(mlua::Error::external)?,
+            ));
         }
         Ok(self.forward)
     }
@@ -38,38 +45,59 @@ impl LuaRequest {
         if self.json.is_none() {
             let parsed = match &self.forward.body {
                 // A body set by the script is what later accessors see.
-                Some(body) => serde_json::from_slice(body).map_err(|e| format!("invalid json: {e}")),
+                Some(body) => {
+                    serde_json::from_slice(body).map_err(|e| format!("invalid json: {e}"))
+                }
                 None => self.req.json().cloned(),
             };
             self.json = Some(parsed.map_err(mlua::Error::runtime)?);
         }
         // Just filled when it was empty.
-        self.json.as_mut().ok_or_else(|| mlua::Error::runtime("no body"))
+        self.json
+            .as_mut()
+            .ok_or_else(|| mlua::Error::runtime("no body"))
     }
 }
 
 impl UserData for LuaRequest {
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
         m.add_method("topic", |_, this, ()| {
-            Ok(this.forward.topic.clone().unwrap_or_else(|| this.req.topic.clone()))
+            Ok(this
+                .forward
+                .topic
+                .clone()
+                .unwrap_or_else(|| this.req.topic.clone()))
         });
         m.add_method_mut("set_topic", |_, this, topic: String| {
             this.forward.topic = Some(topic);
             Ok(())
         });
         m.add_method("mode", |_, this, ()| Ok(mode_name(this.req.mode)));
-        m.add_method("method", |_, this, ()| Ok(this.req.method.as_str().to_string()));
+        m.add_method("method", |_, this, ()| {
+            Ok(this.req.method.as_str().to_string())
+        });
         m.add_method("path", |_, this, ()| Ok(this.req.path.clone()));
         m.add_method("query", |_, this, name: Option<String>| {
-            let Some(query) = &this.req.query else { return Ok(None) };
-            let Some(name) = name else { return Ok(Some(query.clone())) };
-            let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap_or_default();
+            let Some(query) = &this.req.query else {
+                return Ok(None);
+            };
+            let Some(name) = name else {
+                return Ok(Some(query.clone()));
+            };
+            let pairs: Vec<(String, String)> =
+                serde_urlencoded::from_str(query).unwrap_or_default();
             Ok(pairs.into_iter().find(|(k, _)| *k == name).map(|(_, v)| v))
         });
         m.add_method("header", |lua, this, name: String| {
-            this.req.headers.get(name.as_str()).map(|v| lua.create_string(v.as_bytes())).transpose()
+            this.req
+                .headers
+                .get(name.as_str())
+                .map(|v| lua.create_string(v.as_bytes()))
+                .transpose()
         });
-        m.add_method("peer", |_, this, ()| Ok(this.req.peer.map(|p| p.to_string())));
+        m.add_method("peer", |_, this, ()| {
+            Ok(this.req.peer.map(|p| p.to_string()))
+        });
         m.add_method("body", |lua, this, ()| {
             lua.create_string(this.forward.body.as_deref().unwrap_or(&this.req.body))
         });
@@ -105,10 +133,17 @@ impl UserData for LuaRequest {
             Ok(removed)
         });
         m.add_method_mut("fields", |_, this, ()| {
-            Ok(this.json()?.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()))
+            Ok(this
+                .json()?
+                .as_object()
+                .map(|o| o.keys().cloned().collect::<Vec<_>>()))
         });
         m.add_method("key", |lua, this, ()| {
-            this.forward.key.as_deref().map(|k| lua.create_string(k)).transpose()
+            this.forward
+                .key
+                .as_deref()
+                .map(|k| lua.create_string(k))
+                .transpose()
         });
         m.add_method_mut("set_key", |_, this, key: mlua::LuaString| {
             this.forward.key = Some(Bytes::copy_from_slice(&key.as_bytes()));
@@ -118,10 +153,15 @@ impl UserData for LuaRequest {
             this.forward.partition = Some(partition);
             Ok(())
         });
-        m.add_method_mut("set_header", |_, this, (name, value): (String, mlua::LuaString)| {
-            this.forward.headers.push((name, Bytes::copy_from_slice(&value.as_bytes())));
-            Ok(())
-        });
+        m.add_method_mut(
+            "set_header",
+            |_, this, (name, value): (String, mlua::LuaString)| {
+                this.forward
+                    .headers
+                    .push((name, Bytes::copy_from_slice(&value.as_bytes())));
+                Ok(())
+            },
+        );
     }
 }
 
@@ -160,10 +200,18 @@ fn slot<'v>(mut value: &'v mut Value, path: &str) -> mlua::Result<&'v mut Value>
         value = match value {
             Value::Object(map) => map.entry(seg).or_insert(Value::Null),
             Value::Array(items) => {
-                let i: usize = seg.parse().map_err(|_| mlua::Error::runtime(format!("{seg:?} is not an index")))?;
-                items.get_mut(i).ok_or_else(|| mlua::Error::runtime(format!("index {i} out of range")))?
+                let i: usize = seg
+                    .parse()
+                    .map_err(|_| mlua::Error::runtime(format!("{seg:?} is not an index")))?;
+                items
+                    .get_mut(i)
+                    .ok_or_else(|| mlua::Error::runtime(format!("index {i} out of range")))?
             }
-            _ => return Err(mlua::Error::runtime(format!("cannot set {path:?}: not an object"))),
+            _ => {
+                return Err(mlua::Error::runtime(format!(
+                    "cannot set {path:?}: not an object"
+                )));
+            }
         };
     }
     Ok(value)
@@ -205,7 +253,10 @@ mod tests {
         *slot(&mut v, "user.tags.0").unwrap() = json!("z");
         assert!(remove(&mut v, "user.id"));
         assert!(!remove(&mut v, "user.id"));
-        assert_eq!(v, json!({"user": {"tags": ["z", "b"]}, "meta": {"source": "web"}}));
+        assert_eq!(
+            v,
+            json!({"user": {"tags": ["z", "b"]}, "meta": {"source": "web"}})
+        );
         assert!(slot(&mut json!({"a": 1}), "a.b").is_err());
     }
 }

@@ -1,0 +1,338 @@
+//! Hooks end to end on tansu: every outcome (forward with edits, topic rewrite, reject, respond,
+//! respond-then-produce, timeout, failure, error hook) through a Lua script and through a Rust
+//! hook that make the same decisions, checked against what lands on the broker.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Gateway, Reply, broker, consume, consume_for};
+use kafboy::config::Mode;
+use kafboy::hook::{
+    Failure, Forward, Hook, HookError, HookFuture, HookRequest, Respond, StatusCode, Verdict,
+};
+use serde_json::{Value, json};
+
+/// The Lua side of the test hook; the Rust side below makes the same decisions.
+const SCRIPT: &str = r#"
+errors = 0
+function on_request(req)
+  local case = req:header("x-case")
+  if case == "edit" then
+    req:set("extra", 1)
+    req:set("user.tags", {"a", "b"})
+    req:delete("secret")
+    req:set_key("k-" .. req:get("user.id"))
+    req:set_header("seen-by", "hook")
+    return forward()
+  elseif case == "topic" then
+    req:set_topic(req:query("to"))
+    return nil
+  elseif case == "reject" then
+    return reject(403, "no " .. req:topic())
+  elseif case == "respond" then
+    return respond(201, '{"hi":"' .. req:method() .. " " .. req:path() .. " " .. req:query() .. '"}')
+  elseif case == "later" then
+    req:set("extra", "true")
+    return respond(200, '{"ok":"fast reply"}', "sync")
+  elseif case == "slow" then
+    while true do end
+  elseif case == "fail" then
+    error("boom")
+  elseif case == "escape" then
+    os.execute("touch /tmp/kafboy-escaped")
+  elseif case == "hog" then
+    local s = string.rep("x", 1024 * 1024 * 1024)
+    return respond(200, s)
+  elseif case == "errors" then
+    return respond(200, tostring(errors))
+  end
+end
+
+function on_error(status, message, topic)
+  errors = errors + 1
+end
+"#;
+
+/// A failure as the error hook saw it: status, message, topic.
+type Seen = (u16, String, Option<String>);
+type Errors = Arc<Mutex<Vec<Seen>>>;
+
+/// The Rust side.
+struct TestHook {
+    errors: Errors,
+}
+
+impl Hook for TestHook {
+    fn on_request(&self, req: Arc<HookRequest>) -> HookFuture {
+        let errors = self.errors.clone();
+        Box::pin(async move { decide(&req, &errors).await })
+    }
+
+    fn on_error(&self, f: &Failure<'_>) {
+        self.errors.lock().unwrap().push((
+            f.status.as_u16(),
+            f.message.to_string(),
+            f.topic.map(String::from),
+        ));
+    }
+}
+
+async fn decide(req: &HookRequest, errors: &Mutex<Vec<Seen>>) -> Result<Verdict, HookError> {
+    let case = req
+        .headers
+        .get("x-case")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let query = |name: &str| {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(req.query.as_deref().unwrap_or("")).unwrap();
+        pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    };
+    let edited = |f: &dyn Fn(&mut Value)| -> Result<Bytes, HookError> {
+        let mut v = req.json().map_err(HookError)?.clone();
+        f(&mut v);
+        Ok(Bytes::from(serde_json::to_vec(&v).unwrap()))
+    };
+    Ok(match case.as_str() {
+        "edit" => {
+            let id = req.json().map_err(HookError)?["user"]["id"].clone();
+            Verdict::Forward(Forward {
+                body: Some(edited(&|v| {
+                    v["extra"] = json!(1);
+                    v["user"]["tags"] = json!(["a", "b"]);
+                    v.as_object_mut().unwrap().remove("secret");
+                })?),
+                key: Some(Bytes::from(format!("k-{id}"))),
+                headers: vec![("seen-by".into(), Bytes::from_static(b"hook"))],
+                ..Forward::default()
+            })
+        }
+        "topic" => Verdict::Forward(Forward {
+            topic: query("to"),
+            ..Forward::default()
+        }),
+        "reject" => Verdict::Reject {
+            status: StatusCode::FORBIDDEN,
+            message: format!("no {}", req.topic),
+        },
+        "respond" => Verdict::Respond(Respond {
+            status: StatusCode::CREATED,
+            body: Bytes::from(format!(
+                "{{\"hi\":\"{} {} {}\"}}",
+                req.method,
+                req.path,
+                req.query.clone().unwrap_or_default()
+            )),
+            content_type: None,
+            then: None,
+        }),
+        "later" => Verdict::Respond(Respond {
+            status: StatusCode::OK,
+            body: Bytes::from_static(br#"{"ok":"fast reply"}"#),
+            content_type: None,
+            then: Some((
+                Mode::Sync,
+                Forward {
+                    body: Some(edited(&|v| v["extra"] = json!("true"))?),
+                    ..Forward::default()
+                },
+            )),
+        }),
+        "slow" => {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Verdict::Forward(Forward::default())
+        }
+        "fail" => return Err(HookError("boom".into())),
+        "errors" => Verdict::Respond(Respond {
+            status: StatusCode::OK,
+            body: Bytes::from(errors.lock().unwrap().len().to_string()),
+            content_type: None,
+            then: None,
+        }),
+        _ => Verdict::Forward(Forward::default()),
+    })
+}
+
+const TOML: &str = "[hook]\ntimeout = \"300ms\"\nmax_memory_bytes = 16777216\n";
+
+async fn lua_gateway(addr: &str) -> Gateway {
+    let mut file = tempfile::Builder::new().suffix(".lua").tempfile().unwrap();
+    file.write_all(SCRIPT.as_bytes()).unwrap();
+    let path = file.into_temp_path().keep().unwrap();
+    common::gateway(
+        addr,
+        &format!("{TOML}script = {:?}\n", path.display().to_string()),
+    )
+    .await
+}
+
+async fn rust_gateway(addr: &str, errors: Errors) -> Gateway {
+    let mut config = kafboy::Config::from_toml(TOML).unwrap();
+    config.kafka.brokers = vec![addr.to_string()];
+    let app = kafboy::App::builder(config)
+        .hook(TestHook { errors })
+        .build()
+        .unwrap();
+    common::serve(app).await
+}
+
+async fn post(gw: &Gateway, path: &str, case: &str, body: &str) -> Reply {
+    let r = common::client()
+        .post(format!("{}{path}", gw.url))
+        .header("x-case", case)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    Reply::read(r).await
+}
+
+/// The same checks, whichever language the hook is written in.
+async fn every_outcome(gw: &Gateway, b: &common::Broker) {
+    let topic = b.topic("hook", 1);
+    let other = b.topic("hook-other", 1);
+    let p = format!("/sync/{topic}");
+    let body = r#"{"user":{"id":7},"secret":"pw","z":1}"#;
+
+    let r = post(gw, &p, "edit", body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(gw, &format!("{p}?to={other}"), "topic", body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["topic"], other.as_str());
+    let r = post(gw, &format!("{p}?to=__internal"), "topic", body).await;
+    assert_eq!(
+        r.status, 400,
+        "a rewritten topic passes the same checks: {}",
+        r.body
+    );
+    let r = post(gw, &p, "reject", body).await;
+    assert_eq!((r.status, r.error()), (403, format!("no {topic}")));
+    let r = post(gw, &format!("{p}?q=1"), "respond", body).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (201, format!(r#"{{"hi":"POST {p} q=1"}}"#).as_str())
+    );
+    let r = post(gw, &p, "later", r#"{"n":1}"#).await;
+    assert_eq!((r.status, r.body.as_str()), (200, r#"{"ok":"fast reply"}"#));
+    for case in ["slow", "fail"] {
+        let start = Instant::now();
+        let r = post(gw, &p, case, body).await;
+        assert_eq!(r.status, 500, "{case}: {}", r.body);
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{case} took {:?}",
+            start.elapsed()
+        );
+        if case == "fail" {
+            assert_eq!(r.error(), "hook failed", "details stay in the log");
+        }
+    }
+    let r = post(gw, &p, "plain", "").await;
+    assert_eq!(
+        (r.status, r.error()),
+        (400, "empty body".to_string()),
+        "forwarded empty body is still refused"
+    );
+
+    let got = consume(&b.addr, &topic, 2);
+    assert_eq!(got.len(), 2);
+    let edited: Value = serde_json::from_slice(&got[0].value).unwrap();
+    assert_eq!(
+        edited,
+        json!({"user": {"id": 7, "tags": ["a", "b"]}, "z": 1, "extra": 1})
+    );
+    assert_eq!(got[0].key.as_deref(), Some(&b"k-7"[..]));
+    assert!(
+        got[0]
+            .headers
+            .contains(&("seen-by".into(), b"hook".to_vec()))
+    );
+    assert_eq!(
+        &got[1].value[..],
+        br#"{"n":1,"extra":"true"}"#,
+        "produced after the reply"
+    );
+    assert_eq!(consume(&b.addr, &other, 1)[0].value, body.as_bytes());
+    assert_eq!(
+        consume_for(&b.addr, &topic, 3, Duration::from_millis(300)).len(),
+        2,
+        "nothing else landed"
+    );
+
+    // 405 also reaches the error hook. Failures so far: bad topic, reject, slow, fail, empty, 405.
+    let r = common::client()
+        .put(format!("{}{p}", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let r = post(gw, &p, "errors", "{}").await;
+    assert_eq!(r.body, "6", "error hook calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn lua_hook_outcomes() {
+    let b = broker();
+    let gw = lua_gateway(&b.addr).await;
+    every_outcome(&gw, b).await;
+    let p = "/async/nope";
+    for case in ["escape", "hog"] {
+        let r = post(&gw, p, case, "{}").await;
+        assert_eq!(r.status, 500, "{case}: {}", r.body);
+    }
+    assert!(!std::path::Path::new("/tmp/kafboy-escaped").exists());
+    // The state survives its errors.
+    assert_eq!(post(&gw, p, "reject", "{}").await.status, 403);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn rust_hook_outcomes() {
+    let b = broker();
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let gw = rust_gateway(&b.addr, errors.clone()).await;
+    every_outcome(&gw, b).await;
+    let seen = errors.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|(s, m, t)| *s == 403 && m.starts_with("no ") && t.is_some()),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|(s, m, _)| *s == 500 && m.contains("300ms")),
+        "{seen:?}"
+    );
+    gw.stop().await;
+}
+
+#[test]
+fn script_errors_name_file_and_line() {
+    let mut file = tempfile::Builder::new().suffix(".lua").tempfile().unwrap();
+    file.write_all(b"function on_request(req)\n  return forward(\nend\n")
+        .unwrap();
+    let path = file.path().display().to_string();
+    let config = kafboy::Config::from_toml(&format!("[hook]\nscript = {path:?}")).unwrap();
+    let err = kafboy::App::build(&config)
+        .err()
+        .expect("syntax error refused");
+    assert!(err.contains(&format!("{path}:3:")), "{err}");
+    let mut file = tempfile::Builder::new().suffix(".lua").tempfile().unwrap();
+    file.write_all(b"x = 1\n").unwrap();
+    let config = kafboy::Config::from_toml(&format!(
+        "[hook]\nscript = {:?}",
+        file.path().display().to_string()
+    ))
+    .unwrap();
+    let err = kafboy::App::build(&config)
+        .err()
+        .expect("missing on_request refused");
+    assert!(err.contains("on_request"), "{err}");
+}
