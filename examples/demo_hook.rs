@@ -20,7 +20,11 @@ impl Hook for DemoHook {
     }
 
     fn on_error(&self, failure: &Failure<'_>) {
-        println!("some {} error: {}", failure.status.as_u16(), failure.message);
+        println!(
+            "some {} error: {}",
+            failure.status.as_u16(),
+            failure.message
+        );
     }
 }
 
@@ -28,7 +32,10 @@ fn decide(req: &HookRequest) -> Result<Verdict, HookError> {
     // Nothing to write: refuse, naming the topic.
     if req.body.is_empty() {
         let message = format!("{}.insufficient", req.topic);
-        return Ok(Verdict::Reject { status: StatusCode::BAD_REQUEST, message });
+        return Ok(Verdict::Reject {
+            status: StatusCode::BAD_REQUEST,
+            message,
+        });
     }
     let json = req.json().map_err(HookError)?;
     // Exactly one field, "hello": produce its value, and reply as the route normally does.
@@ -40,7 +47,10 @@ fn decide(req: &HookRequest) -> Result<Verdict, HookError> {
             Value::String(s) => Bytes::from(s.clone()),
             other => Bytes::from(other.to_string()),
         };
-        return Ok(Verdict::Forward(Forward { body: Some(value), ..Forward::default() }));
+        return Ok(Verdict::Forward(Forward {
+            body: Some(value),
+            ..Forward::default()
+        }));
     }
     // Anything else: reply at once, then add a field and produce on the batching path.
     let mut edited = json.clone();
@@ -52,12 +62,20 @@ fn decide(req: &HookRequest) -> Result<Verdict, HookError> {
         status: StatusCode::OK,
         body: Bytes::from_static(br#"{"ok":"fast reply"}"#),
         content_type: None,
-        then: Some((Mode::BatchAsync, Forward { body: Some(body.into()), ..Forward::default() })),
+        then: Some((
+            Mode::BatchAsync,
+            Forward {
+                body: Some(body.into()),
+                ..Forward::default()
+            },
+        )),
     }))
 }
 
 #[tokio::main]
 async fn main() -> Result<(), String> {
-    let listen = kafboy::demo::DEMO_ADDR.parse().map_err(|e| format!("{e}"))?;
+    let listen = kafboy::demo::DEMO_ADDR
+        .parse()
+        .map_err(|e| format!("{e}"))?;
     kafboy::demo::run(listen, Some(Arc::new(DemoHook)), kafboy::shutdown::signal()).await
 }
