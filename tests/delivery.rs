@@ -23,8 +23,14 @@ const PROMPT: Duration = Duration::from_secs(5);
 fn cluster_with_topic(prefix: &str, partitions: i32) -> (Cluster, String) {
     static N: AtomicUsize = AtomicUsize::new(0);
     let cluster = MockCluster::new(1).expect("mock cluster");
-    let topic = format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-    cluster.create_topic(&topic, partitions, 1).expect("create topic");
+    let topic = format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    cluster
+        .create_topic(&topic, partitions, 1)
+        .expect("create topic");
     (cluster, topic)
 }
 
@@ -56,14 +62,20 @@ async fn get(gw: &Gateway, path: &str) -> Reply {
 /// 503 with `Retry-After` and a JSON `{"error": ...}` body.
 fn assert_unavailable(reply: &Reply, what: &str) {
     assert_eq!(reply.status, 503, "{what}: {reply:?}");
-    assert!(reply.headers.contains_key("retry-after"), "{what}: no Retry-After: {reply:?}");
+    assert!(
+        reply.headers.contains_key("retry-after"),
+        "{what}: no Retry-After: {reply:?}"
+    );
     assert!(!reply.error().is_empty(), "{what}: empty error: {reply:?}");
 }
 
 /// 504 with a JSON `{"error": ...}` body.
 fn assert_unknown(reply: &Reply, what: &str) {
     assert_eq!(reply.status, 504, "{what}: {reply:?}");
-    assert!(!reply.headers.contains_key("retry-after"), "{what}: 504 must not invite a blind retry: {reply:?}");
+    assert!(
+        !reply.headers.contains_key("retry-after"),
+        "{what}: 504 must not invite a blind retry: {reply:?}"
+    );
     assert!(!reply.error().is_empty(), "{what}: empty error: {reply:?}");
 }
 
@@ -76,12 +88,29 @@ async fn read_back(bootstrap: &str, topic: &str, want: usize, wait: Duration) ->
 }
 
 fn values(records: &[Consumed]) -> Vec<String> {
-    records.iter().map(|r| String::from_utf8_lossy(&r.value).into_owned()).collect()
+    records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect()
+}
+
+const WARM_UP: &str = r#"{"warm_up":true}"#;
+
+/// One record written and read back, so the producer is connected to the leader and has its
+/// producer id. (A sync request would do the same, but could itself run into a short
+/// `sync_timeout`.)
+async fn warm_up(gw: &Gateway, bootstrap: &str, topic: &str) {
+    let (reply, _) = timed_post(gw, &format!("/async/{topic}"), None, WARM_UP, PROMPT).await;
+    assert_eq!(reply.status, 202, "warm-up: {reply:?}");
+    let got = read_back(bootstrap, topic, 1, Duration::from_secs(10)).await;
+    assert_eq!(values(&got), [WARM_UP], "warm-up: {got:?}");
 }
 
 /// Stops the gateway; `shutdown_timeout` in every config below keeps this bounded.
 async fn stop(gw: Gateway) {
-    tokio::time::timeout(Duration::from_secs(10), gw.stop()).await.expect("gateway stops");
+    tokio::time::timeout(Duration::from_secs(10), gw.stop())
+        .await
+        .expect("gateway stops");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,13 +126,23 @@ async fn sync_with_all_brokers_down_is_503_after_message_timeout() {
     cluster.broker_down(ALL_BROKERS).expect("brokers down");
 
     let limit = message_timeout + Duration::from_secs(4);
-    let (reply, elapsed) = timed_post(&gw, &format!("/sync/{topic}"), None, r#"{"n":1}"#, limit).await;
-    eprintln!("all brokers down: {} after {elapsed:?}: {}", reply.status, reply.body);
+    let (reply, elapsed) =
+        timed_post(&gw, &format!("/sync/{topic}"), None, r#"{"n":1}"#, limit).await;
+    eprintln!(
+        "all brokers down: {} after {elapsed:?}: {}",
+        reply.status, reply.body
+    );
     assert_unavailable(&reply, "record never sent");
     assert!(reply.error().contains("not delivered"), "{reply:?}");
     // It is librdkafka's message timeout that ends the wait, not sync_timeout (10 s).
-    assert!(elapsed >= message_timeout - Duration::from_millis(100), "answered before the message timeout: {elapsed:?}");
-    assert!(elapsed < message_timeout + Duration::from_secs(3), "answered too late: {elapsed:?}");
+    assert!(
+        elapsed >= message_timeout - Duration::from_millis(100),
+        "answered before the message timeout: {elapsed:?}"
+    );
+    assert!(
+        elapsed < message_timeout + Duration::from_secs(3),
+        "answered too late: {elapsed:?}"
+    );
     stop(gw).await;
 }
 
@@ -116,18 +155,35 @@ async fn sync_with_rtt_beyond_message_timeout_is_504() {
         "[kafka]\nmessage_timeout = \"1500ms\"\n[server]\nsync_timeout = \"10s\"\nshutdown_timeout = \"1s\"",
     )
     .await;
+    // Ready only means metadata: the connection to the leader and the idempotent producer id
+    // may still be on their way, and with those delayed the record would never be sent (503).
+    warm_up(&gw, &cluster.bootstrap_servers(), &topic).await;
     // The request is sent on the open connection; its answer would come after the record's
     // message timeout, so librdkafka gives up on a record that may well be written.
-    cluster.broker_round_trip_time(ALL_BROKERS, Duration::from_secs(4)).expect("rtt");
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::from_secs(4))
+        .expect("rtt");
 
     let limit = message_timeout + Duration::from_secs(4);
-    let (reply, elapsed) = timed_post(&gw, &format!("/sync/{topic}"), None, r#"{"n":1}"#, limit).await;
-    eprintln!("rtt beyond message timeout: {} after {elapsed:?}: {}", reply.status, reply.body);
+    let (reply, elapsed) =
+        timed_post(&gw, &format!("/sync/{topic}"), None, r#"{"n":1}"#, limit).await;
+    eprintln!(
+        "rtt beyond message timeout: {} after {elapsed:?}: {}",
+        reply.status, reply.body
+    );
     assert_unknown(&reply, "sent, no answer");
     assert!(reply.error().contains("may have been written"), "{reply:?}");
-    assert!(elapsed >= message_timeout - Duration::from_millis(100), "answered before the message timeout: {elapsed:?}");
-    assert!(elapsed < message_timeout + Duration::from_secs(3), "answered too late: {elapsed:?}");
-    cluster.broker_round_trip_time(ALL_BROKERS, Duration::ZERO).expect("rtt");
+    assert!(
+        elapsed >= message_timeout - Duration::from_millis(100),
+        "answered before the message timeout: {elapsed:?}"
+    );
+    assert!(
+        elapsed < message_timeout + Duration::from_secs(3),
+        "answered too late: {elapsed:?}"
+    );
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::ZERO)
+        .expect("rtt");
     stop(gw).await;
 }
 
@@ -140,19 +196,45 @@ async fn sync_timeout_shorter_than_the_ack_is_504_and_the_record_still_lands() {
         "[kafka]\nmessage_timeout = \"10s\"\n[server]\nsync_timeout = \"500ms\"\nshutdown_timeout = \"1s\"",
     )
     .await;
-    cluster.broker_round_trip_time(ALL_BROKERS, Duration::from_secs(3)).expect("rtt");
+    warm_up(&gw, &cluster.bootstrap_servers(), &topic).await;
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::from_secs(3))
+        .expect("rtt");
 
-    let (reply, elapsed) =
-        timed_post(&gw, &format!("/sync/{topic}"), None, r#"{"late":true}"#, PROMPT).await;
-    eprintln!("sync_timeout before the ack: {} after {elapsed:?}: {}", reply.status, reply.body);
+    let (reply, elapsed) = timed_post(
+        &gw,
+        &format!("/sync/{topic}"),
+        None,
+        r#"{"late":true}"#,
+        PROMPT,
+    )
+    .await;
+    eprintln!(
+        "sync_timeout before the ack: {} after {elapsed:?}: {}",
+        reply.status, reply.body
+    );
     assert_unknown(&reply, "no ack within sync_timeout");
-    assert!(elapsed >= sync_timeout, "answered before sync_timeout: {elapsed:?}");
-    assert!(elapsed < Duration::from_secs(2), "answered too late: {elapsed:?}");
+    assert!(
+        elapsed >= sync_timeout,
+        "answered before sync_timeout: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "answered too late: {elapsed:?}"
+    );
 
     // "May have been written" is what happens here: the ack comes after the reply.
-    cluster.broker_round_trip_time(ALL_BROKERS, Duration::ZERO).expect("rtt");
-    let got = read_back(&cluster.bootstrap_servers(), &topic, 2, Duration::from_secs(8)).await;
-    assert_eq!(values(&got), [r#"{"late":true}"#], "{got:?}");
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::ZERO)
+        .expect("rtt");
+    let got = read_back(
+        &cluster.bootstrap_servers(),
+        &topic,
+        2,
+        Duration::from_secs(8),
+    )
+    .await;
+    assert_eq!(values(&got), [WARM_UP, r#"{"late":true}"#], "{got:?}");
     stop(gw).await;
 }
 
@@ -173,27 +255,50 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
     let refused_within = enqueue_timeout + Duration::from_millis(800);
 
     for n in 0..2 {
-        let (reply, elapsed) = timed_post(&gw, &path, None, &format!(r#"{{"n":{n}}}"#), PROMPT).await;
+        let (reply, elapsed) =
+            timed_post(&gw, &path, None, &format!(r#"{{"n":{n}}}"#), PROMPT).await;
         assert_eq!(reply.status, 202, "record {n}: {reply:?}");
         assert_eq!(reply.json(), serde_json::json!({ "ok": 1 }));
-        assert!(elapsed < Duration::from_secs(1), "record {n} took {elapsed:?}");
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "record {n} took {elapsed:?}"
+        );
     }
     // One slot is left; two records do not fit, and neither is queued.
-    let (reply, elapsed) =
-        timed_post(&gw, &path, Some("application/x-ndjson"), "{\"nd\":1}\n{\"nd\":2}\n", PROMPT).await;
-    eprintln!("ndjson into one free slot: {} after {elapsed:?}: {}", reply.status, reply.body);
+    let (reply, elapsed) = timed_post(
+        &gw,
+        &path,
+        Some("application/x-ndjson"),
+        "{\"nd\":1}\n{\"nd\":2}\n",
+        PROMPT,
+    )
+    .await;
+    eprintln!(
+        "ndjson into one free slot: {} after {elapsed:?}: {}",
+        reply.status, reply.body
+    );
     assert_unavailable(&reply, "two records, one slot");
-    assert!(elapsed >= enqueue_timeout && elapsed < refused_within, "ndjson refused after {elapsed:?}");
+    assert!(
+        elapsed >= enqueue_timeout && elapsed < refused_within,
+        "ndjson refused after {elapsed:?}"
+    );
     // The slot is still free.
     let (reply, _) = timed_post(&gw, &path, None, r#"{"n":2}"#, PROMPT).await;
     assert_eq!(reply.status, 202, "the last slot: {reply:?}");
     assert_eq!(reply.json(), serde_json::json!({ "ok": 1 }));
     for n in 3..5 {
-        let (reply, elapsed) = timed_post(&gw, &path, None, &format!(r#"{{"n":{n}}}"#), PROMPT).await;
-        eprintln!("record {n} into a full queue: {} after {elapsed:?}", reply.status);
+        let (reply, elapsed) =
+            timed_post(&gw, &path, None, &format!(r#"{{"n":{n}}}"#), PROMPT).await;
+        eprintln!(
+            "record {n} into a full queue: {} after {elapsed:?}",
+            reply.status
+        );
         assert_unavailable(&reply, "queue full");
         assert!(reply.error().contains("queue full"), "{reply:?}");
-        assert!(elapsed >= enqueue_timeout && elapsed < refused_within, "refused after {elapsed:?}");
+        assert!(
+            elapsed >= enqueue_timeout && elapsed < refused_within,
+            "refused after {elapsed:?}"
+        );
     }
 
     // Brokers back: the queued records go out, room comes back, and requests succeed again.
@@ -201,7 +306,14 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(15);
     let last = loop {
-        let (reply, _) = timed_post(&gw, &format!("/sync/{topic}"), None, r#"{"n":"after"}"#, Duration::from_secs(8)).await;
+        let (reply, _) = timed_post(
+            &gw,
+            &format!("/sync/{topic}"),
+            None,
+            r#"{"n":"after"}"#,
+            Duration::from_secs(8),
+        )
+        .await;
         if reply.status == 200 {
             break reply.json();
         }
@@ -209,11 +321,24 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
         assert!(Instant::now() < deadline, "queue never drained: {reply:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    eprintln!("queue drained and accepting again {:?} after brokers returned", started.elapsed());
+    eprintln!(
+        "queue drained and accepting again {:?} after brokers returned",
+        started.elapsed()
+    );
     // Exactly the three queued records come before it: nothing refused was written.
     assert_eq!(last["offset"], 3, "{last}");
-    let got = read_back(&cluster.bootstrap_servers(), &topic, 4, Duration::from_secs(10)).await;
-    assert_eq!(values(&got), [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":"after"}"#], "{got:?}");
+    let got = read_back(
+        &cluster.bootstrap_servers(),
+        &topic,
+        4,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        values(&got),
+        [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":"after"}"#],
+        "{got:?}"
+    );
     stop(gw).await;
 }
 
@@ -229,8 +354,18 @@ async fn retriable_produce_errors_are_retried_inside_and_written_once() {
     cluster.request_errors(RDKafkaApiKey::Produce, &[not_enough; 3]);
 
     let path = format!("/sync/{topic}");
-    let (reply, elapsed) = timed_post(&gw, &path, None, r#"{"retried":true}"#, Duration::from_secs(10)).await;
-    eprintln!("after 3 refusals: {} after {elapsed:?}: {}", reply.status, reply.body);
+    let (reply, elapsed) = timed_post(
+        &gw,
+        &path,
+        None,
+        r#"{"retried":true}"#,
+        Duration::from_secs(10),
+    )
+    .await;
+    eprintln!(
+        "after 3 refusals: {} after {elapsed:?}: {}",
+        reply.status, reply.body
+    );
     assert_eq!(reply.status, 200, "{reply:?}");
     let first = reply.json();
     assert_eq!(first["ok"], 1, "{first}");
@@ -238,14 +373,27 @@ async fn retriable_produce_errors_are_retried_inside_and_written_once() {
     assert_eq!(first["partition"], 0, "{first}");
     let offset = first["offset"].as_i64().expect("offset");
     // Three refusals, each followed by a retry backoff (100 ms and up): the errors were met.
-    assert!(elapsed >= Duration::from_millis(150), "no retries happened? {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(150),
+        "no retries happened? {elapsed:?}"
+    );
 
     // A second record lands right after the first: no duplicate between them.
     let (reply, _) = timed_post(&gw, &path, None, r#"{"marker":true}"#, PROMPT).await;
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(reply.json()["offset"], offset + 1, "{reply:?}");
-    let got = read_back(&cluster.bootstrap_servers(), &topic, 2, Duration::from_secs(10)).await;
-    assert_eq!(values(&got), [r#"{"retried":true}"#, r#"{"marker":true}"#], "{got:?}");
+    let got = read_back(
+        &cluster.bootstrap_servers(),
+        &topic,
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        values(&got),
+        [r#"{"retried":true}"#, r#"{"marker":true}"#],
+        "{got:?}"
+    );
     assert_eq!(got[0].offset, offset, "{got:?}");
     stop(gw).await;
 }
@@ -271,10 +419,16 @@ async fn unreachable_brokers_mean_not_ready_and_503() {
     for path in ["/sync/nowhere", "/async/nowhere"] {
         let limit = metadata_timeout + Duration::from_secs(4);
         let (reply, elapsed) = timed_post(&gw, path, None, r#"{"n":1}"#, limit).await;
-        eprintln!("{path} without brokers: {} after {elapsed:?}: {}", reply.status, reply.body);
+        eprintln!(
+            "{path} without brokers: {} after {elapsed:?}: {}",
+            reply.status, reply.body
+        );
         assert_unavailable(&reply, path);
         assert!(reply.error().contains("metadata"), "{reply:?}");
-        assert!(elapsed < metadata_timeout + Duration::from_secs(2), "{path} took {elapsed:?}");
+        assert!(
+            elapsed < metadata_timeout + Duration::from_secs(2),
+            "{path} took {elapsed:?}"
+        );
     }
     // Still not ready after the metadata attempts failed.
     let ready = get(&gw, "/ready").await;
@@ -294,9 +448,18 @@ async fn sync_ndjson_reports_every_record_in_request_order() {
     let lines: Vec<String> = (0..7).map(|i| format!(r#"{{"i":{i}}}"#)).collect();
     let body = lines.join("\n") + "\n";
 
-    let (reply, elapsed) =
-        timed_post(&gw, &format!("/sync/{topic}"), Some("application/x-ndjson"), &body, Duration::from_secs(10)).await;
-    eprintln!("ndjson sync: {} after {elapsed:?}: {}", reply.status, reply.body);
+    let (reply, elapsed) = timed_post(
+        &gw,
+        &format!("/sync/{topic}"),
+        Some("application/x-ndjson"),
+        &body,
+        Duration::from_secs(10),
+    )
+    .await;
+    eprintln!(
+        "ndjson sync: {} after {elapsed:?}: {}",
+        reply.status, reply.body
+    );
     assert_eq!(reply.status, 200, "{reply:?}");
     let json = reply.json();
     assert_eq!(json["ok"], lines.len(), "{json}");
@@ -312,19 +475,35 @@ async fn sync_ndjson_reports_every_record_in_request_order() {
         .collect();
     assert_eq!(written.len(), lines.len(), "{json}");
     let partitions: std::collections::BTreeSet<i32> = written.iter().map(|w| w.0).collect();
-    assert!(partitions.len() > 1, "round robin used one partition: {written:?}");
+    assert!(
+        partitions.len() > 1,
+        "round robin used one partition: {written:?}"
+    );
     for p in partitions {
         let offsets: Vec<i64> = written.iter().filter(|w| w.0 == p).map(|w| w.1).collect();
-        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "partition {p}: {offsets:?}");
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "partition {p}: {offsets:?}"
+        );
     }
 
     // Entry i names where line i was written.
-    let got = read_back(&cluster.bootstrap_servers(), &topic, lines.len(), Duration::from_secs(10)).await;
+    let got = read_back(
+        &cluster.bootstrap_servers(),
+        &topic,
+        lines.len(),
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(got.len(), lines.len(), "{got:?}");
     for (i, (p, o)) in written.iter().enumerate() {
         let record = got.iter().find(|c| c.partition == *p && c.offset == *o);
         let value = record.map(|c| String::from_utf8_lossy(&c.value).into_owned());
-        assert_eq!(value.as_deref(), Some(lines[i].as_str()), "entry {i} at {p}/{o}: {got:?}");
+        assert_eq!(
+            value.as_deref(),
+            Some(lines[i].as_str()),
+            "entry {i} at {p}/{o}: {got:?}"
+        );
     }
     stop(gw).await;
 }

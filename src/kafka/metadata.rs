@@ -88,8 +88,10 @@ impl Topics {
         if let Some(hit) = self.cached(topic) {
             return hit;
         }
+        // One deadline for waiting our turn and for the request itself.
+        let deadline = Instant::now() + self.timeout;
         let busy = || LookupError::Unavailable("metadata lookup timed out".into());
-        let _turn = tokio::time::timeout(self.timeout, self.lookup.lock())
+        let _turn = tokio::time::timeout_at(deadline.into(), self.lookup.lock())
             .await
             .map_err(|_| busy())?;
         if let Some(hit) = self.cached(topic) {
@@ -97,7 +99,8 @@ impl Topics {
         }
         let this = self.clone();
         let name = topic.to_string();
-        let fetched = tokio::task::spawn_blocking(move || this.fetch(Some(&name)))
+        let left = deadline.saturating_duration_since(Instant::now());
+        let fetched = tokio::task::spawn_blocking(move || this.fetch(Some(&name), left))
             .await
             .map_err(|e| LookupError::Unavailable(e.to_string()))?;
         let found = fetched.map_err(LookupError::Unavailable)?;
@@ -124,7 +127,7 @@ impl Topics {
     /// Re-reads every topic; known entries keep their rotation state while their partition
     /// count is unchanged. Blocking: run it off the async workers.
     pub fn refresh_all(&self) -> Result<usize, String> {
-        let found = self.fetch(None)?;
+        let found = self.fetch(None, self.timeout)?;
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         let mut fresh = HashMap::with_capacity(found.len());
         for (name, partitions) in found.into_iter().filter(|(_, p)| *p > 0) {
@@ -150,11 +153,11 @@ impl Topics {
     }
 
     /// `(topic, partition count)` pairs; a topic the broker reports as unknown is left out.
-    fn fetch(&self, topic: Option<&str>) -> Result<Vec<(String, i32)>, String> {
+    fn fetch(&self, topic: Option<&str>, timeout: Duration) -> Result<Vec<(String, i32)>, String> {
         let metadata = self
             .client
             .client()
-            .fetch_metadata(topic, self.timeout)
+            .fetch_metadata(topic, timeout)
             .map_err(|e| format!("metadata request failed: {e}"))?;
         Ok(metadata
             .topics()
