@@ -397,6 +397,7 @@ mod tests {
         let config = Config::from_toml(text).unwrap();
         assert_eq!(config.server, ServerConfig::default());
         assert_eq!(config.batch, BatchConfig::default());
+        assert_eq!(config.hook, HookConfig::default());
         assert_eq!(config.kafka.acks, Acks::All);
         assert!(!config.routes.is_empty());
     }
