@@ -66,6 +66,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Most records one NDJSON request may carry; more gets 413. Default 10000.
     pub max_records: usize,
+    /// Deepest nesting of arrays and objects in a JSON record; deeper gets 400. Default 64.
+    pub max_json_depth: usize,
     /// How long a request may wait for room in the producer queue before it gets 503. Default 100ms.
     #[serde(with = "humantime_serde")]
     pub enqueue_timeout: Duration,
@@ -80,6 +82,20 @@ pub struct ServerConfig {
     /// Serve `/async/{topic}`, `/sync/{topic}`, `/batch/async/{topic}` and `/batch/sync/{topic}`.
     /// Default true.
     pub default_routes: bool,
+    /// Longest wait for a request's headers, including the idle time of a kept-alive
+    /// connection; then the connection is closed (slowloris). Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest pause between two pieces of a request body; then 408. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Most header fields in a request; more gets 431. Default 100.
+    pub max_headers: usize,
+    /// Most bytes of request line and headers; more gets 431. Default 64 KiB.
+    pub max_header_bytes: usize,
+    /// Most connections open at once; past it a new connection gets 503 and is closed.
+    /// Default 10000.
+    pub max_connections: usize,
 }
 
 /// Kafka side. Two kinds of producer are built from this: a low-latency one for `async`/`sync`
@@ -264,10 +280,16 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             max_body_bytes: 1 << 20,
             max_records: 10_000,
+            max_json_depth: 64,
             enqueue_timeout: Duration::from_millis(100),
             sync_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             default_routes: true,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            max_headers: 100,
+            max_header_bytes: 64 << 10,
+            max_connections: 10_000,
         }
     }
 }

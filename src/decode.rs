@@ -73,32 +73,73 @@ impl BodyKind {
     }
 }
 
+/// Limits on what one body may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most NDJSON records.
+    pub max_records: usize,
+    /// Deepest nesting of arrays and objects in a JSON document.
+    pub max_depth: usize,
+}
+
 /// Turns a body into record values, all or nothing.
-pub fn decode(kind: BodyKind, body: Bytes, max_records: usize) -> Result<Vec<Bytes>, DecodeError> {
+pub fn decode(kind: BodyKind, body: Bytes, limits: &Limits) -> Result<Vec<Bytes>, DecodeError> {
     if body.is_empty() {
         return Err(DecodeError::Empty);
     }
     match kind {
         BodyKind::Raw => Ok(vec![body]),
         BodyKind::Json => {
-            check_json(&body).map_err(DecodeError::Json)?;
+            check_json(&body, limits.max_depth).map_err(DecodeError::Json)?;
             Ok(vec![body])
         }
         BodyKind::Form => Ok(vec![form_to_json(&body)?]),
-        BodyKind::Ndjson => ndjson(body, max_records),
+        BodyKind::Ndjson => ndjson(body, limits),
     }
 }
 
 /// Strict JSON check: UTF-8 first (serde_json skips string bytes unchecked), then one document
-/// with nothing but whitespace after it. No tree is built.
-pub fn check_json(bytes: &[u8]) -> Result<(), String> {
+/// with nothing but whitespace after it, nested at most `max_depth` deep. No tree is built.
+pub fn check_json(bytes: &[u8], max_depth: usize) -> Result<(), String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
-    serde_json::from_str::<IgnoredAny>(text)
-        .map(drop)
-        .map_err(|e| e.to_string())
+    serde_json::from_str::<IgnoredAny>(text).map_err(|e| e.to_string())?;
+    check_depth(bytes, max_depth)
 }
 
-fn ndjson(body: Bytes, max_records: usize) -> Result<Vec<Bytes>, DecodeError> {
+/// serde_json skips ignored values without a recursion limit, so a 100000-deep document passes
+/// its check; consumers that parse recursively would not survive it. Runs on valid JSON only.
+fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), String> {
+    // Nesting d deep takes d opening brackets, so short documents cannot be too deep.
+    if bytes.len() <= max_depth {
+        return Ok(());
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(format!("nested deeper than {max_depth} levels"));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn ndjson(body: Bytes, limits: &Limits) -> Result<Vec<Bytes>, DecodeError> {
     let mut records = Vec::new();
     let mut start = 0;
     for (index, line) in body.split(|&b| b == b'\n').enumerate() {
@@ -109,9 +150,9 @@ fn ndjson(body: Bytes, max_records: usize) -> Result<Vec<Bytes>, DecodeError> {
         if trimmed.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        check_json(trimmed).map_err(|e| DecodeError::Line(index + 1, e))?;
-        if records.len() == max_records {
-            return Err(DecodeError::TooManyRecords(max_records));
+        check_json(trimmed, limits.max_depth).map_err(|e| DecodeError::Line(index + 1, e))?;
+        if records.len() == limits.max_records {
+            return Err(DecodeError::TooManyRecords(limits.max_records));
         }
         records.push(body.slice(line_start..line_start + trimmed.len()));
     }
@@ -168,6 +209,29 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn lim(max_records: usize) -> Limits {
+        Limits {
+            max_records,
+            max_depth: 128,
+        }
+    }
+
+    #[test]
+    fn depth_is_limited_outside_strings_only() {
+        let nested = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
+        assert!(check_json(nested(128).as_bytes(), 128).is_ok());
+        assert!(
+            check_json(nested(129).as_bytes(), 128)
+                .unwrap_err()
+                .contains("deeper than 128")
+        );
+        assert!(check_json(nested(100_000).as_bytes(), 128).is_err());
+        let in_string = format!("[\"{}\\\"{}\"]", "[".repeat(500), "{".repeat(500));
+        assert!(check_json(in_string.as_bytes(), 4).is_ok(), "{in_string}");
+        assert!(check_json(br#"{"a":[{"b":[1]}],"c":{}}"#, 4).is_ok());
+        assert!(check_json(br#"{"a":[{"b":[[1]]}]}"#, 4).is_err());
+    }
+
     #[test]
     fn content_types() {
         let of = |ct| BodyKind::of(Payload::Auto, ct);
@@ -208,7 +272,7 @@ mod tests {
             b"   ",
         ] {
             assert!(
-                check_json(bad).is_err(),
+                check_json(bad, 128).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
@@ -219,7 +283,7 @@ mod tests {
             b"\"\\ud800\"",
             b"{}\n",
         ] {
-            assert!(check_json(good).is_ok());
+            assert!(check_json(good, 128).is_ok());
         }
     }
 
@@ -227,11 +291,11 @@ mod tests {
     fn json_is_forwarded_byte_for_byte() {
         let body = Bytes::from_static(b" {\"b\": 1,\n \"a\":2} ");
         assert_eq!(
-            decode(BodyKind::Json, body.clone(), 10).unwrap(),
+            decode(BodyKind::Json, body.clone(), &lim(10)).unwrap(),
             vec![body]
         );
         assert_eq!(
-            decode(BodyKind::Json, Bytes::new(), 10),
+            decode(BodyKind::Json, Bytes::new(), &lim(10)),
             Err(DecodeError::Empty)
         );
     }
@@ -246,17 +310,22 @@ mod tests {
     #[test]
     fn ndjson_is_all_or_nothing() {
         let body = Bytes::from_static(b"{\"a\":1}\r\n\n  \n[2]\n");
-        let recs = decode(BodyKind::Ndjson, body, 10).unwrap();
+        let recs = decode(BodyKind::Ndjson, body, &lim(10)).unwrap();
         assert_eq!(
             recs,
             vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"[2]")]
         );
-        let err = decode(BodyKind::Ndjson, Bytes::from_static(b"1\n2\n{x\n"), 10).unwrap_err();
+        let err = decode(
+            BodyKind::Ndjson,
+            Bytes::from_static(b"1\n2\n{x\n"),
+            &lim(10),
+        )
+        .unwrap_err();
         assert!(matches!(err, DecodeError::Line(3, _)), "{err}");
-        let err = decode(BodyKind::Ndjson, Bytes::from_static(b"1\n2\n3"), 2).unwrap_err();
+        let err = decode(BodyKind::Ndjson, Bytes::from_static(b"1\n2\n3"), &lim(2)).unwrap_err();
         assert_eq!(err, DecodeError::TooManyRecords(2));
         assert_eq!(
-            decode(BodyKind::Ndjson, Bytes::from_static(b"\n\n"), 2),
+            decode(BodyKind::Ndjson, Bytes::from_static(b"\n\n"), &lim(2)),
             Err(DecodeError::Empty)
         );
     }
@@ -274,7 +343,7 @@ mod tests {
 
         #[test]
         fn ndjson_never_panics(body in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode(BodyKind::Ndjson, Bytes::from(body), 5);
+            let _ = decode(BodyKind::Ndjson, Bytes::from(body), &lim(5));
         }
     }
 }

@@ -43,6 +43,9 @@ pub enum IngestError {
     /// 404: no such topic, or not on the allowlist.
     #[error("unknown topic {0:?}")]
     UnknownTopic(String),
+    /// 408: the body stopped arriving.
+    #[error("no request body data for {0:?}")]
+    BodyTimeout(std::time::Duration),
     /// 413: too large.
     #[error("{0}")]
     TooLarge(String),
@@ -85,6 +88,7 @@ impl IngestError {
             IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
             IngestError::Forbidden(_) => StatusCode::FORBIDDEN,
             IngestError::NoRoute | IngestError::UnknownTopic(_) => StatusCode::NOT_FOUND,
+            IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::UnsupportedType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use axum::RequestPartsExt;
-use axum::body::Body;
 use axum::extract::{RawPathParams, Request};
 use axum::http::header;
 use axum::http::request::Parts;
@@ -16,6 +15,7 @@ use std::net::SocketAddr;
 
 use axum::extract::ConnectInfo;
 
+use crate::body::{self, Encoding};
 use crate::config::Mode;
 use crate::decode::{self, BodyKind, DecodeError};
 use crate::error::IngestError;
@@ -79,7 +79,7 @@ async fn ingest(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let (mut parts, body) = request.into_parts();
+    let (mut parts, incoming) = request.into_parts();
     let topic = topic_of(route, &mut parts).await?;
     *topic_seen = Some(topic.clone());
     check_topic(app, &topic)?;
@@ -92,18 +92,20 @@ async fn ingest(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let kind = BodyKind::of(route.payload, content_type)?;
+    let encoding = Encoding::of(&parts.headers)?;
     let limit = app.server.max_body_bytes;
-    if declared_length(&parts).is_some_and(|n| n > limit) {
-        return Err(too_large(limit));
+    if body::declared_length(&parts.headers).is_some_and(|n| n > limit) {
+        return Err(body::too_large(limit));
     }
+    let idle = app.server.body_read_timeout;
     let Some(hook) = hook else {
         // Without a hook the topic is known before the body is read, so a bad one costs nothing.
         let info = lookup(app, &topic).await?;
-        let body = read_body(body, limit).await?;
-        let values = decode::decode(kind, body, app.server.max_records)?;
+        let body = body::read(incoming, encoding, limit, idle).await?;
+        let values = decode::decode(kind, body, &app.decode_limits)?;
         return produce(app, route, route.mode, topic, &info, meta, values, kind).await;
     };
-    let body = read_body(body, limit).await?;
+    let body = body::read(incoming, encoding, limit, idle).await?;
     let request = Arc::new(HookRequest::new(
         topic,
         route.mode,
@@ -176,7 +178,7 @@ async fn forwarded(
     let values = match forward.body {
         Some(body) if body.is_empty() => return Err(DecodeError::Empty.into()),
         Some(body) => vec![body],
-        None => decode::decode(request.kind(), request.body.clone(), app.server.max_records)?,
+        None => decode::decode(request.kind(), request.body.clone(), &app.decode_limits)?,
     };
     Ok((topic, info, meta, values))
 }
@@ -280,31 +282,4 @@ async fn topic_of(route: &Route, parts: &mut Parts) -> Result<String, IngestErro
                 .ok_or_else(|| IngestError::BadRequest("no topic in path".into()))
         }
     }
-}
-
-fn declared_length(parts: &Parts) -> Option<usize> {
-    parts
-        .headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
-fn too_large(limit: usize) -> IngestError {
-    IngestError::TooLarge(format!("body larger than {limit} bytes"))
-}
-
-/// Reads the whole body, refusing it as soon as it passes `limit` (chunked bodies included).
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, IngestError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let over = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if over {
-            too_large(limit)
-        } else {
-            IngestError::BadRequest(format!("reading body: {e}"))
-        }
-    })
 }

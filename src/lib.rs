@@ -3,17 +3,20 @@
 //! # Layout
 //! - [`config`]: the configuration tree (TOML, `KAFBOY_*` env, flags).
 //! - [`routes`]: routes compiled from config; topic name rules and the allowlist.
+//! - [`body`]: reading request bodies under size, time and compression limits.
 //! - [`decode`]: request bodies to record values (JSON gate, form → JSON, NDJSON).
 //! - [`ingest`]: the produce handler.
 //! - [`record`]: key, partition and headers of the records a request asks for.
 //! - [`reply`]: success replies and the wait for delivery reports.
 //! - [`error`]: every failure's HTTP status, in one place.
 //! - [`kafka`]: producers, queue accounting, delivery reports, metadata, partitioning.
+//! - [`listener`]: the accept loop and its connection limits.
 //! - [`server`]: state built once from config, the router, and [`App::run`].
 //! - [`hook`]: edit hooks (the [`hook::Hook`] trait, Lua scripts).
 //! - [`demo`]: `kafboy demo`, with an embedded broker.
 //! - [`shutdown`]: the SIGTERM/SIGINT future.
 
+pub mod body;
 pub mod config;
 pub mod decode;
 pub mod demo;
@@ -21,6 +24,7 @@ pub mod error;
 pub mod hook;
 pub mod ingest;
 pub mod kafka;
+pub mod listener;
 pub mod record;
 pub mod reply;
 pub mod routes;

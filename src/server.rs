@@ -11,7 +11,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -36,6 +35,8 @@ pub struct AppState {
     metadata_refresh: std::time::Duration,
     /// Time budget of one hook call.
     pub hook_timeout: std::time::Duration,
+    /// Record count and nesting limits of bodies.
+    pub decode_limits: crate::decode::Limits,
     shutting_down: AtomicBool,
 }
 
@@ -107,6 +108,10 @@ impl App {
             topic_partitioner,
             metadata_refresh: config.kafka.metadata_refresh,
             hook_timeout: config.hook.timeout,
+            decode_limits: crate::decode::Limits {
+                max_records: config.server.max_records,
+                max_depth: config.server.max_json_depth,
+            },
             shutting_down: AtomicBool::new(false),
         };
         Ok(App {
@@ -161,35 +166,23 @@ impl App {
             .spawn_refresher(state.metadata_refresh);
         let grace = state.server.shutdown_timeout;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let on_signal = {
+        {
             let state = state.clone();
-            async move {
+            tokio::spawn(async move {
                 shutdown.await;
                 state.shutting_down.store(true, Ordering::SeqCst);
                 tracing::info!("shutting down: no new connections, finishing requests");
                 let _ = stop_tx.send(true);
-            }
+            });
+        }
+        let limits = crate::listener::Limits {
+            header_read_timeout: state.server.header_read_timeout,
+            max_headers: state.server.max_headers,
+            max_header_bytes: state.server.max_header_bytes,
+            max_connections: state.server.max_connections,
         };
-        let listener = listener.tap_io(|tcp| {
-            // Replies are small; waiting for Nagle would add tens of milliseconds.
-            let _ = tcp.set_nodelay(true);
-        });
-        let app = self
-            .router()
-            .into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(on_signal);
-        let drain_deadline = async move {
-            let mut rx = stop_rx;
-            let _ = rx.wait_for(|stopped| *stopped).await;
-            tokio::time::sleep(grace).await;
-        };
-        tokio::select! {
-            result = serve => {
-                if let Err(error) = result {
-                    tracing::error!(%error, "server error");
-                }
-            }
-            () = drain_deadline => tracing::warn!(?grace, "requests still open at the shutdown deadline"),
+        if !crate::listener::serve(listener, self.router(), limits, stop_rx, grace).await {
+            tracing::warn!(?grace, "requests still open at the shutdown deadline");
         }
         let undelivered = state.producers.flush(grace).await;
         if undelivered > 0 {

@@ -1,0 +1,103 @@
+//! The accept loop: HTTP/1.1 connections served by hyper with kafboy's limits on them. Slow
+//! headers are cut off (slowloris), header floods get 431 from hyper, and past the connection cap
+//! a new connection gets a 503 and is closed at once instead of waiting in the backlog.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tower::ServiceExt;
+
+/// Connection limits, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest wait for a request's headers, idle keep-alive time included.
+    pub header_read_timeout: Duration,
+    /// Most header fields in a request.
+    pub max_headers: usize,
+    /// Most bytes of request line plus headers.
+    pub max_header_bytes: usize,
+    /// Most connections open at once.
+    pub max_connections: usize,
+}
+
+const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+retry-after: 1\r\nconnection: close\r\ncontent-length: 33\r\n\r\n{\"error\":\"too many connections\"}\n";
+
+/// Serves `router` on `listener` until `stop` turns true, then lets open connections finish
+/// their requests for up to `grace`. Returns whether they all finished in time.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) -> bool {
+    let graceful = GracefulShutdown::new();
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes);
+    let stopped = async move {
+        // The guard `wait_for` returns must not be held across the loop's awaits.
+        let _ = stop.wait_for(|stopped| *stopped).await.map(|_| ());
+    };
+    tokio::pin!(stopped);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stopped => break,
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(tcp));
+            continue;
+        };
+        // Replies are small; waiting for Nagle would add tens of milliseconds.
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone().map_request(
+            move |mut request: axum::http::Request<Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(ConnectInfo::<SocketAddr>(peer));
+                request
+            },
+        ));
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_ok()
+}
+
+async fn refuse(mut tcp: TcpStream) {
+    tracing::warn!("connection refused: too many open connections");
+    let _ = tcp.write_all(TOO_MANY).await;
+    let _ = tcp.shutdown().await;
+}

@@ -1,0 +1,235 @@
+//! HTTP abuse: each test sends the abuse, checks the answer, and checks that a good client is
+//! still served while it goes on.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{Gateway, broker, consume, gateway, raw_http};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn good_request(gw: &Gateway, topic: &str) {
+    let r = gw
+        .post_json(&format!("/sync/{topic}"), "{\"good\":true}")
+        .await;
+    assert_eq!(r.status, 200, "a good client is served: {}", r.body);
+}
+
+/// Waits until the server closes `stream` (EOF or reset), for at most `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_are_cut_off_while_good_clients_are_served() {
+    let b = broker();
+    let topic = b.topic("slowloris", 1);
+    let gw = gateway(&b.addr, "[server]\nheader_read_timeout = \"1s\"").await;
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(b"POST /async/x HTTP/1.1\r\nhost: a\r\nx-slow: ")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    let start = Instant::now();
+    for _ in 0..20 {
+        good_request(&gw, &topic).await;
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "good clients waited {:?}",
+        start.elapsed()
+    );
+    for s in &mut slow {
+        assert!(
+            closed_within(s, Duration::from_secs(3)).await,
+            "slow connection left open"
+        );
+    }
+    assert!(start.elapsed() < Duration::from_secs(4));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_gets_408() {
+    let b = broker();
+    let topic = b.topic("slowbody", 1);
+    let gw = gateway(&b.addr, "[server]\nbody_read_timeout = \"500ms\"").await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /async/{topic} HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"a\":"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let start = Instant::now();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("{\"error\":"), "{answer}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    good_request(&gw, &topic).await;
+    assert_eq!(
+        consume(&b.addr, &topic, 1).len(),
+        1,
+        "only the good record landed"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_floods_get_431() {
+    let b = broker();
+    let topic = b.topic("headers", 1);
+    let gw = gateway(
+        &b.addr,
+        "[server]\nmax_headers = 100\nmax_header_bytes = 8192",
+    )
+    .await;
+    let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let request =
+        format!("POST /async/{topic} HTTP/1.1\r\nhost: a\r\n{many}content-length: 2\r\n\r\n{{}}");
+    let answer = raw_http(gw.addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let big = format!("x-big: {}\r\n", "v".repeat(9000));
+    let request =
+        format!("POST /async/{topic} HTTP/1.1\r\nhost: a\r\n{big}content-length: 2\r\n\r\n{{}}");
+    let answer = raw_http(gw.addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    good_request(&gw, &topic).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_cap_new_connections_get_503() {
+    let b = broker();
+    let topic = b.topic("conns", 1);
+    let gw = gateway(&b.addr, "[server]\nmax_connections = 4").await;
+    // The readiness probe's connection may still be closing; wait until all 4 slots hold ours.
+    let mut held = Vec::new();
+    while held.len() < 4 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).await.unwrap();
+        if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200") {
+            held.push(s);
+        }
+    }
+    let answer = raw_http(gw.addr, b"GET /health HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.contains("retry-after: 1") && answer.contains("too many connections"),
+        "{answer}"
+    );
+    held.pop();
+    // Once a slot is free the next client is served (the close takes a moment to be noticed).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = raw_http(
+            gw.addr,
+            b"GET /health HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed: {answer}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held);
+    gw.stop().await;
+    let _ = topic;
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_bodies_are_inflated_and_limited_after_inflating() {
+    let b = broker();
+    let topic = b.topic("inflate", 1);
+    let gw = gateway(&b.addr, "[server]\nmax_body_bytes = 100000").await;
+    let send = |body: Vec<u8>, encoding: &'static str| {
+        common::client()
+            .post(format!("{}/sync/{topic}", gw.url))
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(body)
+            .send()
+    };
+    let r = send(gzip(br#"{"z":"gzip"}"#), "gzip").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = send(
+        zstd::encode_all(&br#"{"z":"zstd"}"#[..], 3).unwrap(),
+        "zstd",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let bomb = gzip(format!("[\"{}\"]", "a".repeat(5_000_000)).as_bytes());
+    assert!(bomb.len() < 100_000);
+    let r = common::Reply::read(send(bomb, "gzip").await.unwrap()).await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    let r = common::Reply::read(send(b"{}".to_vec(), "br").await.unwrap()).await;
+    assert_eq!(r.status, 415, "{}", r.body);
+    let got = consume(&b.addr, &topic, 2);
+    assert_eq!(common_values(&got), [r#"{"z":"gzip"}"#, r#"{"z":"zstd"}"#]);
+    gw.stop().await;
+}
+
+fn common_values(records: &[common::Consumed]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_json_and_too_many_records_are_refused() {
+    let b = broker();
+    let topic = b.topic("deep", 1);
+    let gw = gateway(
+        &b.addr,
+        "[server]\nmax_records = 100\nmax_body_bytes = 1000000",
+    )
+    .await;
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let r = gw.post_json(&format!("/async/{topic}"), &deep).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().contains("deeper than 64"), "{}", r.body);
+    let lines: String = (0..101).map(|i| format!("{i}\n")).collect();
+    let r = gw
+        .post(
+            &format!("/async/{topic}"),
+            Some("application/x-ndjson"),
+            lines,
+        )
+        .await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    good_request(&gw, &topic).await;
+    assert_eq!(consume(&b.addr, &topic, 1).len(), 1);
+    gw.stop().await;
+}
