@@ -164,6 +164,10 @@ impl App {
             .producers
             .topics
             .spawn_refresher(state.metadata_refresh);
+        // Fatal producer errors are rare; a tenth of a second to notice one is plenty.
+        state
+            .producers
+            .spawn_supervisor(std::time::Duration::from_millis(100));
         let grace = state.server.shutdown_timeout;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         {

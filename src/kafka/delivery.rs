@@ -77,6 +77,16 @@ pub struct Tally {
     pub failed: AtomicU64,
 }
 
+impl Tally {
+    /// (delivered, failed).
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.delivered.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// The context every kafboy producer runs with.
 pub struct Context {
     /// Name of the producer, for logs.

@@ -42,7 +42,7 @@ const MAX_MISSING: usize = 10_000;
 /// The cache, shared by all requests.
 pub struct Topics {
     entries: RwLock<HashMap<String, Entry>>,
-    client: ThreadedProducer<Context>,
+    client: RwLock<ThreadedProducer<Context>>,
     lookup: tokio::sync::Mutex<()>,
     fetched: AtomicBool,
     timeout: Duration,
@@ -58,12 +58,17 @@ impl Topics {
     ) -> Self {
         Topics {
             entries: RwLock::default(),
-            client,
+            client: RwLock::new(client),
             lookup: tokio::sync::Mutex::new(()),
             fetched: AtomicBool::new(false),
             timeout,
             missing_ttl,
         }
+    }
+
+    /// Asks through `client` from now on (after the old one was replaced).
+    pub fn set_client(&self, client: ThreadedProducer<Context>) {
+        *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
     }
 
     /// Whether metadata was fetched from the brokers at least once.
@@ -154,8 +159,12 @@ impl Topics {
 
     /// `(topic, partition count)` pairs; a topic the broker reports as unknown is left out.
     fn fetch(&self, topic: Option<&str>, timeout: Duration) -> Result<Vec<(String, i32)>, String> {
-        let metadata = self
+        let client = self
             .client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let metadata = client
             .client()
             .fetch_metadata(topic, timeout)
             .map_err(|e| format!("metadata request failed: {e}"))?;

@@ -11,7 +11,7 @@ mod producer;
 pub use producer::{Producer, Record, SendError};
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -20,13 +20,60 @@ use rdkafka::error::KafkaError;
 use crate::config::{Acks, BatchConfig, Compression, Config, KafkaConfig, Mode};
 use metadata::Topics;
 
+/// A producer that is replaced when librdkafka reports a fatal error. Requests take the current
+/// one; a replaced producer keeps delivering what it had in flight, then goes.
+pub struct Slot {
+    name: String,
+    recipe: ClientConfig,
+    kafka: Arc<KafkaConfig>,
+    tally: Arc<delivery::Tally>,
+    current: RwLock<Arc<Producer>>,
+}
+
+impl Slot {
+    fn new(name: &str, kafka: &Arc<KafkaConfig>, recipe: ClientConfig) -> Result<Slot, String> {
+        let tally = Arc::new(delivery::Tally::default());
+        let producer = Producer::build(name, kafka, recipe.clone(), tally.clone())
+            .map_err(|e| format!("kafka: {name} producer: {e}"))?;
+        Ok(Slot {
+            name: name.to_string(),
+            recipe,
+            kafka: kafka.clone(),
+            tally,
+            current: RwLock::new(Arc::new(producer)),
+        })
+    }
+
+    /// The producer requests use now.
+    pub fn current(&self) -> Arc<Producer> {
+        // A poisoned lock only means a panic elsewhere during a swap; the Arc in it is whole.
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Builds a fresh producer and puts it in place of the current one; returns the old one.
+    fn replace(&self) -> Result<Arc<Producer>, KafkaError> {
+        let fresh = Producer::build(
+            &self.name,
+            &self.kafka,
+            self.recipe.clone(),
+            self.tally.clone(),
+        )?;
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        Ok(std::mem::replace(&mut *current, Arc::new(fresh)))
+    }
+}
+
 /// Every producer kafboy runs, and the topic cache.
 pub struct Producers {
-    latency: Producer,
-    batch: Producer,
+    latency: Slot,
+    batch: Slot,
     /// Batching producers for topics with their own batch settings.
-    batch_by_topic: HashMap<String, Arc<Producer>>,
-    groups: Vec<Arc<Producer>>,
+    groups: Vec<Slot>,
+    /// Topic → index in `groups`.
+    batch_by_topic: HashMap<String, usize>,
     /// Metadata of the topics the brokers have.
     pub topics: Arc<Topics>,
 }
@@ -34,17 +81,15 @@ pub struct Producers {
 impl Producers {
     /// Builds the producers. Errors name the config key at fault.
     pub fn build(config: &Config) -> Result<Producers, String> {
-        let kafka = &config.kafka;
-        let base = client_config(kafka)?;
-        let fail = |what: &str, e: KafkaError| format!("kafka: {what} producer: {e}");
+        let kafka = Arc::new(config.kafka.clone());
+        let base = client_config(&kafka)?;
         let mut latency_cfg = base.clone();
         latency_cfg.set("linger.ms", millis(kafka.linger));
-        let latency =
-            Producer::build("latency", kafka, latency_cfg).map_err(|e| fail("latency", e))?;
-        let batch = Producer::build("batch", kafka, batch_config(&base, &config.batch))
-            .map_err(|e| fail("batch", e))?;
+        let latency = Slot::new("latency", &kafka, latency_cfg)?;
+        let batch = Slot::new("batch", &kafka, batch_config(&base, &config.batch))?;
         let mut batch_by_topic = HashMap::new();
-        let mut groups: Vec<(BatchConfig, Arc<Producer>)> = Vec::new();
+        let mut settings_of: Vec<BatchConfig> = Vec::new();
+        let mut groups = Vec::new();
         for (topic, o) in &config.topics.overrides {
             if o.batch_size.is_none() && o.flush_timeout.is_none() {
                 continue;
@@ -53,88 +98,135 @@ impl Producers {
                 batch_size: o.batch_size.unwrap_or(config.batch.batch_size),
                 flush_timeout: o.flush_timeout.unwrap_or(config.batch.flush_timeout),
             };
-            let producer = match groups.iter().find(|(s, _)| *s == settings) {
-                Some((_, p)) => p.clone(),
+            let index = match settings_of.iter().position(|s| *s == settings) {
+                Some(i) => i,
                 None => {
                     let name = format!("batch-{}", groups.len() + 1);
-                    let p = Producer::build(&name, kafka, batch_config(&base, &settings))
-                        .map_err(|e| fail(&name, e))?;
-                    let p = Arc::new(p);
-                    groups.push((settings, p.clone()));
-                    p
+                    groups.push(Slot::new(&name, &kafka, batch_config(&base, &settings))?);
+                    settings_of.push(settings);
+                    groups.len() - 1
                 }
             };
-            batch_by_topic.insert(topic.clone(), producer);
+            batch_by_topic.insert(topic.clone(), index);
         }
         let topics = Arc::new(Topics::new(
-            latency.inner.clone(),
+            latency.current().inner.clone(),
             kafka.metadata_timeout,
             kafka.unknown_topic_ttl,
         ));
-        let groups = groups.into_iter().map(|(_, p)| p).collect();
         Ok(Producers {
             latency,
             batch,
-            batch_by_topic,
             groups,
+            batch_by_topic,
             topics,
         })
     }
 
     /// The producer that serves `mode` for `topic`.
-    pub fn for_mode(&self, mode: Mode, topic: &str) -> &Producer {
+    pub fn for_mode(&self, mode: Mode, topic: &str) -> Arc<Producer> {
         match mode {
-            Mode::Async | Mode::Sync => &self.latency,
-            Mode::BatchAsync | Mode::BatchSync => self
-                .batch_by_topic
-                .get(topic)
-                .map_or(&self.batch, |p| p.as_ref()),
+            Mode::Async | Mode::Sync => self.latency.current(),
+            Mode::BatchAsync | Mode::BatchSync => match self.batch_by_topic.get(topic) {
+                Some(&i) => self.groups[i].current(),
+                None => self.batch.current(),
+            },
         }
     }
 
-    /// Every producer, for flushing and reporting.
-    pub fn all(&self) -> impl Iterator<Item = &Producer> {
+    /// Every slot.
+    pub fn slots(&self) -> impl Iterator<Item = &Slot> {
         [&self.latency, &self.batch]
             .into_iter()
-            .chain(self.groups.iter().map(|p| p.as_ref()))
+            .chain(self.groups.iter())
+    }
+
+    /// The current producer of every slot, for flushing and reporting.
+    pub fn all(&self) -> Vec<Arc<Producer>> {
+        self.slots().map(Slot::current).collect()
+    }
+
+    /// Records delivered and failed since start, over all producers (replaced ones included).
+    pub fn tally(&self) -> (u64, u64) {
+        self.slots().fold((0, 0), |(d, f), slot| {
+            let (sd, sf) = slot.tally.counts();
+            (d + sd, f + sf)
+        })
     }
 
     /// Raises a fatal error in the low-latency producer, for fault tests.
     #[doc(hidden)]
     pub fn inject_fatal_error(&self) {
-        delivery::inject_fatal_error(&self.latency.inner);
+        delivery::inject_fatal_error(&self.latency.current().inner);
     }
 
     /// Why the server is not ready, if it is not.
     pub fn not_ready(&self) -> Option<&'static str> {
         if !self.topics.fetched() {
             Some("no broker metadata yet")
-        } else if self.all().any(Producer::is_fatal) {
+        } else if self.all().iter().any(|p| p.is_fatal()) {
             Some("fatal producer error")
         } else {
             None
         }
     }
 
+    /// Replaces every producer that hit a fatal error. librdkafka has already purged its queue
+    /// (those records were answered 503); what it had in flight is flushed before it goes.
+    pub fn replace_failed(&self) {
+        for (index, slot) in self.slots().enumerate() {
+            if !slot.current().is_fatal() {
+                continue;
+            }
+            match slot.replace() {
+                Ok(old) => {
+                    tracing::warn!(producer = %slot.name, "fatal error: producer replaced");
+                    if index == 0 {
+                        self.topics.set_client(slot.current().inner.clone());
+                    }
+                    let retire_within = slot.kafka.message_timeout;
+                    tokio::task::spawn_blocking(move || {
+                        delivery::flush(&old.inner, retire_within);
+                        drop(old);
+                    });
+                }
+                Err(error) => {
+                    tracing::error!(producer = %slot.name, %error, "cannot replace producer")
+                }
+            }
+        }
+    }
+
+    /// Checks for fatal producer errors every `period` for as long as the producers live.
+    pub fn spawn_supervisor(self: &Arc<Self>, period: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(producers) = weak.upgrade() else {
+                    return;
+                };
+                producers.replace_failed();
+            }
+        });
+    }
+
     /// Waits until every queued record is delivered or failed, or `deadline` passes; returns
     /// how many records are still undelivered.
-    pub async fn flush(self: &Arc<Self>, deadline: Duration) -> usize {
-        let count = self.all().count();
-        let flushes: Vec<_> = (0..count)
-            .map(|i| {
-                let this = self.clone();
-                tokio::task::spawn_blocking(move || {
-                    if let Some(p) = this.all().nth(i) {
-                        delivery::flush(&p.inner, deadline);
-                    }
-                })
+    pub async fn flush(&self, deadline: Duration) -> usize {
+        let producers = self.all();
+        let flushes: Vec<_> = producers
+            .iter()
+            .map(|p| {
+                let p = p.clone();
+                tokio::task::spawn_blocking(move || delivery::flush(&p.inner, deadline))
             })
             .collect();
         for f in flushes {
             let _ = f.await;
         }
         // librdkafka#4103: flush's return code is not trusted; the queue length decides.
-        self.all().map(Producer::in_flight).sum()
+        producers.iter().map(|p| p.in_flight()).sum()
     }
 }
 

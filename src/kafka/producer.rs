@@ -62,12 +62,12 @@ impl Producer {
         name: &str,
         kafka: &KafkaConfig,
         mut client: ClientConfig,
+        tally: Arc<Tally>,
     ) -> Result<Self, KafkaError> {
         let admission = Arc::new(Admission::new(
             kafka.queue_max_messages,
             kafka.queue_max_bytes,
         ));
-        let tally = Arc::new(Tally::default());
         let error_seen = Arc::new(AtomicBool::new(false));
         // librdkafka's own limits sit above kafboy's, with room for reports still being handed
         // back, so its QueueFull stays an exception.
@@ -163,10 +163,7 @@ impl Producer {
 
     /// Records delivered and failed since start.
     pub fn tally(&self) -> (u64, u64) {
-        (
-            self.tally.delivered.load(Ordering::Relaxed),
-            self.tally.failed.load(Ordering::Relaxed),
-        )
+        self.tally.counts()
     }
 
     /// Whether librdkafka reported a fatal error. Only asks librdkafka after an error event.
