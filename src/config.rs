@@ -141,6 +141,10 @@ pub struct KafkaConfig {
     pub unknown_topic_ttl: Duration,
     /// Let a metadata lookup of an unknown topic ask the broker to create it. Default false.
     pub auto_create_topics: bool,
+    /// How often librdkafka reports statistics (broker state, round-trip times, retries) for
+    /// `/metrics` and the status page; 0 turns them off. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub statistics_interval: Duration,
     /// Any other librdkafka property, as strings. Keys set by the typed fields above are refused.
     pub options: BTreeMap<String, String>,
 }
@@ -263,6 +267,18 @@ pub enum Mode {
     BatchSync,
 }
 
+impl Mode {
+    /// The name used in config, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Async => "async",
+            Mode::Sync => "sync",
+            Mode::BatchAsync => "batch_async",
+            Mode::BatchSync => "batch_sync",
+        }
+    }
+}
+
 /// How a route reads bodies.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -311,6 +327,7 @@ impl Default for KafkaConfig {
             metadata_timeout: Duration::from_secs(5),
             unknown_topic_ttl: Duration::from_secs(2),
             auto_create_topics: false,
+            statistics_interval: Duration::from_secs(5),
             options: BTreeMap::new(),
         }
     }

@@ -3,6 +3,7 @@
 //! never reaches Kafka.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::RequestPartsExt;
 use axum::extract::{RawPathParams, Request};
@@ -24,29 +25,29 @@ use crate::kafka::metadata::{LookupError, TopicInfo};
 use crate::record::RecordMeta;
 use crate::reply::{Reply, await_acks};
 use crate::routes::{Route, TopicSource, validate_topic};
-use crate::server::AppState;
+use crate::server::RequestId;
+use crate::state::{AppState, Served};
 
 /// The hook of a route, if it has one.
 pub type RouteHook = Option<Arc<dyn Hook>>;
 
-/// Serves one produce request on `route`.
-pub async fn handle(
-    app: Arc<AppState>,
-    route: Arc<Route>,
-    hook: RouteHook,
-    request: Request,
-) -> Response {
+/// Serves one produce request on a route.
+pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -> Response {
+    let start = Instant::now();
+    let id = request.extensions().get::<RequestId>().cloned();
     let mut topic = None;
-    match ingest(&app, &route, &hook, request, &mut topic).await {
+    let response = match ingest(&app, &served.route, &served.hook, request, &mut topic).await {
         Ok(reply) => reply.into_response(),
         Err(error) => {
-            let status = error.status();
+            let (status, path) = (error.status(), &served.route.path);
+            let id = id.as_ref().map_or("-", |i| i.0.as_str());
             if status.is_server_error() {
-                tracing::warn!(path = %route.path, %status, %error, "request failed");
+                tracing::warn!(request_id = id, %path, %status, %error, "request failed");
             } else {
-                tracing::debug!(path = %route.path, %status, %error, "request refused");
+                // Client mistakes are not the operator's problem; they are counted, not shouted.
+                tracing::debug!(request_id = id, %path, %status, %error, "request refused");
             }
-            if let Some(hook) = &hook {
+            if let Some(hook) = &served.hook {
                 let message = error.to_string();
                 hook.on_error(&Failure {
                     status,
@@ -56,7 +57,11 @@ pub async fn handle(
             }
             error.into_response()
         }
-    }
+    };
+    let status = response.status().as_u16();
+    served.metrics.request(status, start.elapsed());
+    app.stats.answer(status);
+    response
 }
 
 /// Topic rules checked before anything else: Kafka's name grammar and the allowlist.
@@ -253,9 +258,30 @@ async fn produce(
     let count = records.len();
     let sync = matches!(mode, Mode::Sync | Mode::BatchSync);
     let producer = app.producers.for_mode(mode, &topic);
-    let receivers = producer
+    let counters = app.topic_metrics.get(&topic);
+    let receivers = match producer
         .send(&topic, records, sync, app.server.enqueue_timeout)
-        .await?;
+        .await
+    {
+        Ok(receivers) => receivers,
+        Err(error) => {
+            // Records queued before a refusal are on their way; only the rest were dropped.
+            let queued = match &error {
+                crate::kafka::SendError::Refused { accepted, .. } => *accepted,
+                _ => 0,
+            };
+            counters.accepted.increment(queued as u64);
+            app.stats
+                .accepted
+                .fetch_add(queued as u64, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::dropped(&counters.label, error.reason(), (count - queued) as u64);
+            return Err(error.into());
+        }
+    };
+    counters.accepted.increment(count as u64);
+    app.stats
+        .accepted
+        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
     if !sync {
         return Ok(Reply::Accepted(count));
     }

@@ -11,9 +11,13 @@
 //! - [`error`]: every failure's HTTP status, in one place.
 //! - [`kafka`]: producers, queue accounting, delivery reports, metadata, partitioning.
 //! - [`listener`]: the accept loop and its connection limits.
+//! - [`metrics`]: metric names, the Prometheus recorder, per-topic counters.
 //! - [`server`]: state built once from config, the router, and [`App::run`].
 //! - [`hook`]: edit hooks (the [`hook::Hook`] trait, Lua scripts).
 //! - [`demo`]: `kafboy demo`, with an embedded broker.
+//! - [`state`]: shared state built once from config.
+//! - [`status`]: the live status page and its JSON.
+//! - [`openapi`]: the OpenAPI description of the HTTP contract.
 //! - [`shutdown`]: the SIGTERM/SIGINT future.
 
 pub mod body;
@@ -25,11 +29,15 @@ pub mod hook;
 pub mod ingest;
 pub mod kafka;
 pub mod listener;
+pub mod metrics;
+pub mod openapi;
 pub mod record;
 pub mod reply;
 pub mod routes;
 pub mod server;
 pub mod shutdown;
+pub mod state;
+pub mod status;
 
 pub use config::Config;
 pub use server::{App, AppBuilder, ShutdownReport};

@@ -1,10 +1,8 @@
 //! The running server: state built once from config, the router, and `run`, which serves a bound
 //! listener until a shutdown future resolves, then drains requests and flushes the producers.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -14,35 +12,17 @@ use axum::routing::{get, post};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::config::{Config, Partitioner, ServerConfig};
+use crate::config::Config;
 use crate::error::IngestError;
 use crate::hook::{Failure, Hook};
-use crate::ingest::{self, RouteHook};
+use crate::ingest;
 use crate::kafka::Producers;
-use crate::routes::{self, Allowlist, Route};
-
-/// Everything a request needs, built once from config.
-pub struct AppState {
-    /// Limits and deadlines.
-    pub server: ServerConfig,
-    /// Topics that may be written.
-    pub allow: Allowlist,
-    /// The producers and the topic cache.
-    pub producers: Arc<Producers>,
-    routes: Vec<(Arc<Route>, RouteHook)>,
-    default_partitioner: Partitioner,
-    topic_partitioner: HashMap<String, Partitioner>,
-    metadata_refresh: std::time::Duration,
-    /// Time budget of one hook call.
-    pub hook_timeout: std::time::Duration,
-    /// Record count and nesting limits of bodies.
-    pub decode_limits: crate::decode::Limits,
-    shutting_down: AtomicBool,
-}
+use crate::state::{AppState, Served};
 
 /// A server ready to run: config turned into runtime types.
 pub struct App {
     state: Arc<AppState>,
+    admin: Option<TcpListener>,
 }
 
 /// What shutdown left behind.
@@ -83,66 +63,43 @@ impl App {
     }
 
     fn assemble(config: &Config, rust_hook: Option<Arc<dyn Hook>>) -> Result<App, String> {
-        if config.server.max_body_bytes > config.kafka.message_max_bytes {
-            return Err(format!(
-                "server.max_body_bytes ({}) exceeds kafka.message_max_bytes ({})",
-                config.server.max_body_bytes, config.kafka.message_max_bytes
-            ));
-        }
-        let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
-        let allow = Allowlist::new(&config.topics.allow)?;
-        let mut topic_partitioner = HashMap::new();
-        for (topic, o) in &config.topics.overrides {
-            routes::validate_topic(topic).map_err(|e| format!("topics.overrides.{topic}: {e}"))?;
-            if let Some(p) = o.partitioner {
-                topic_partitioner.insert(topic.clone(), p);
-            }
-        }
-        let producers = Arc::new(Producers::build(config)?);
-        let state = AppState {
-            server: config.server.clone(),
-            allow,
-            producers,
-            routes,
-            default_partitioner: config.topics.partitioner,
-            topic_partitioner,
-            metadata_refresh: config.kafka.metadata_refresh,
-            hook_timeout: config.hook.timeout,
-            decode_limits: crate::decode::Limits {
-                max_records: config.server.max_records,
-                max_depth: config.server.max_json_depth,
-            },
-            shutting_down: AtomicBool::new(false),
-        };
         Ok(App {
-            state: Arc::new(state),
+            state: Arc::new(AppState::build(config, rust_hook)?),
+            admin: None,
         })
+    }
+
+    /// Serves `/metrics`, `/health`, `/ready`, `/`, `/status.json` and `/openapi.json` on
+    /// `listener` as well, and `/metrics` only there.
+    pub fn with_admin_listener(mut self, listener: TcpListener) -> App {
+        self.admin = Some(listener);
+        self
     }
 
     /// The HTTP router, without a socket (tests drive it with `oneshot`).
     pub fn router(&self) -> Router {
         let mut router = Router::new();
-        for (route, hook) in &self.state.routes {
+        for served in self.state.served() {
             let handler = {
-                let (route, hook) = (route.clone(), hook.clone());
+                let served = served.clone();
                 move |State(app): State<Arc<AppState>>, request: Request| {
-                    ingest::handle(app, route.clone(), hook.clone(), request)
+                    ingest::handle(app, served.clone(), request)
                 }
             };
             let refused = {
-                let hook = hook.clone();
-                move || method_not_allowed(hook.clone())
+                let served = served.clone();
+                move || method_not_allowed(served.clone())
             };
             let method = post(handler).fallback(refused);
-            router = router.route(&route.pattern, method.clone());
-            if route.pattern != "/" {
-                router = router.route(&format!("{}/", route.pattern), method);
+            router = router.route(&served.route.pattern, method.clone());
+            if served.route.pattern != "/" {
+                router = router.route(&format!("{}/", served.route.pattern), method);
             }
         }
+        let router = router.merge(operations(self.admin.is_none()));
         router
-            .route("/health", get(health))
-            .route("/ready", get(ready))
-            .fallback(|| async { IngestError::NoRoute })
+            .fallback(not_found)
+            .layer(axum::middleware::from_fn(request_id))
             .with_state(self.state.clone())
     }
 
@@ -168,13 +125,14 @@ impl App {
         state
             .producers
             .spawn_supervisor(std::time::Duration::from_millis(100));
+        crate::status::spawn_sampler(Arc::downgrade(&state));
         let grace = state.server.shutdown_timeout;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         {
             let state = state.clone();
             tokio::spawn(async move {
                 shutdown.await;
-                state.shutting_down.store(true, Ordering::SeqCst);
+                state.begin_shutdown();
                 tracing::info!("shutting down: no new connections, finishing requests");
                 let _ = stop_tx.send(true);
             });
@@ -185,7 +143,21 @@ impl App {
             max_header_bytes: state.server.max_header_bytes,
             max_connections: state.server.max_connections,
         };
-        if !crate::listener::serve(listener, self.router(), limits, stop_rx, grace).await {
+        let router = self.router();
+        if let Some(admin) = self.admin {
+            let admin_router = operations(true)
+                .fallback(not_found)
+                .with_state(state.clone());
+            let stop = stop_rx.clone();
+            tokio::spawn(crate::listener::serve(
+                admin,
+                admin_router,
+                limits,
+                stop,
+                grace,
+            ));
+        }
+        if !crate::listener::serve(listener, router, limits, stop_rx, grace).await {
             tracing::warn!(?grace, "requests still open at the shutdown deadline");
         }
         let undelivered = state.producers.flush(grace).await;
@@ -201,22 +173,6 @@ impl App {
     }
 }
 
-impl AppState {
-    /// Whether shutdown has begun.
-    pub fn shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Relaxed)
-    }
-
-    /// The partition strategy for `topic` on `route`: the route's, else the topic's, else the
-    /// default.
-    pub fn partitioner_for(&self, route: &Route, topic: &str) -> Partitioner {
-        route
-            .partitioner
-            .or_else(|| self.topic_partitioner.get(topic).copied())
-            .unwrap_or(self.default_partitioner)
-    }
-}
-
 /// A JSON response.
 pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     // Serializing these plain structs cannot fail; an empty object is the fallback anyway.
@@ -229,15 +185,16 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     response
 }
 
-async fn method_not_allowed(hook: RouteHook) -> Response {
+async fn method_not_allowed(served: Arc<Served>) -> Response {
     let message = "method not allowed; use POST";
-    if let Some(hook) = hook {
+    if let Some(hook) = &served.hook {
         hook.on_error(&Failure {
             status: StatusCode::METHOD_NOT_ALLOWED,
             message,
             topic: None,
         });
     }
+    served.metrics.request(405, std::time::Duration::ZERO);
     let mut response = json(
         StatusCode::METHOD_NOT_ALLOWED,
         &serde_json::json!({ "error": message }),
@@ -248,18 +205,78 @@ async fn method_not_allowed(hook: RouteHook) -> Response {
     response
 }
 
+async fn not_found() -> Response {
+    IngestError::NoRoute.into_response()
+}
+
+/// The operational endpoints; `/metrics` only when `with_metrics` (it moves to the admin
+/// listener when there is one).
+fn operations(with_metrics: bool) -> Router<Arc<AppState>> {
+    let router = Router::new()
+        .route("/", get(crate::status::page))
+        .route("/status.json", get(crate::status::status_json))
+        .route("/openapi.json", get(crate::openapi::serve))
+        .route("/health", get(health))
+        .route("/ready", get(ready));
+    if with_metrics {
+        router.route("/metrics", get(metrics))
+    } else {
+        router
+    }
+}
+
 async fn health() -> Response {
     json(StatusCode::OK, &serde_json::json!({ "ok": "alive" }))
 }
 
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
-    let why = if app.shutting_down() {
-        Some("shutting down")
-    } else {
-        app.producers.not_ready()
-    };
-    match why {
+    match app.not_ready() {
         None => json(StatusCode::OK, &serde_json::json!({ "ok": "ready" })),
         Some(why) => IngestError::Unavailable(format!("not ready: {why}")).into_response(),
     }
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    for slot in app.producers.slots() {
+        let current = slot.current();
+        let name = slot.name().to_string();
+        ::metrics::gauge!(crate::metrics::QUEUED, "producer" => name.clone())
+            .set(current.queued() as f64);
+        ::metrics::gauge!(crate::metrics::IN_FLIGHT, "producer" => name)
+            .set(current.in_flight() as f64);
+    }
+    ::metrics::gauge!(crate::metrics::READY).set(if app.not_ready().is_none() { 1.0 } else { 0.0 });
+    let handle = crate::metrics::handle();
+    handle.run_upkeep();
+    let mut response = (StatusCode::OK, handle.render()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// The id of a request: the client's `X-Request-Id` when it sent a sane one, else a new one.
+/// It is returned in the response and named in the log line of a failed request.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+const REQUEST_ID: &str = "x-request-id";
+
+async fn request_id(mut request: Request, next: axum::middleware::Next) -> Response {
+    let given = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
+    let id = match given {
+        Some(id) => id.to_string(),
+        None => format!("{:016x}", rand::random::<u64>()),
+    };
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
 }

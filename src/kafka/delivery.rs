@@ -4,8 +4,8 @@
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -98,9 +98,17 @@ pub struct Context {
     /// Set by every error event. The event carries the underlying code, not "fatal", so the
     /// producer asks librdkafka whether it is fatal when this is set.
     pub error_seen: Arc<AtomicBool>,
+    /// Per-topic delivery counters.
+    pub topics: Arc<crate::metrics::Topics>,
+    /// Broker states from the latest statistics, for the status page.
+    pub brokers: Arc<Mutex<Vec<crate::metrics::BrokerState>>>,
 }
 
 impl ClientContext for Context {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        crate::metrics::statistics(&self.name, &statistics, &self.brokers);
+    }
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         let name = &self.name;
         match level {
@@ -135,6 +143,7 @@ impl ProducerContext for Context {
         let outcome = match error {
             None => {
                 self.tally.delivered.fetch_add(1, Ordering::Relaxed);
+                self.topics.get(message.topic()).delivered.increment(1);
                 Outcome::Delivered {
                     partition: message.partition(),
                     offset: message.offset(),
@@ -143,6 +152,10 @@ impl ProducerContext for Context {
             Some(error) => {
                 self.tally.failed.fetch_add(1, Ordering::Relaxed);
                 let code = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+                crate::metrics::failed(
+                    &self.topics.get(message.topic()).label,
+                    &format!("{code:?}"),
+                );
                 Outcome::Failed {
                     error: code,
                     persisted: persisted(message),

@@ -71,6 +71,21 @@ impl Topics {
         *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
     }
 
+    /// Up to `limit` known topics with their partition counts, by name.
+    pub fn known(&self, limit: usize) -> Vec<(String, i32)> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let mut known: Vec<(String, i32)> = entries
+            .iter()
+            .filter_map(|(name, e)| match e {
+                Entry::Known(info) => Some((name.clone(), info.partitions)),
+                Entry::Missing(_) => None,
+            })
+            .collect();
+        known.sort();
+        known.truncate(limit);
+        known
+    }
+
     /// Whether metadata was fetched from the brokers at least once.
     pub fn fetched(&self) -> bool {
         self.fetched.load(Ordering::Acquire)

@@ -8,7 +8,7 @@ pub mod metadata;
 pub mod partition;
 mod producer;
 
-pub use producer::{Producer, Record, SendError};
+pub use producer::{Producer, Record, SendError, Shared};
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -26,22 +26,45 @@ pub struct Slot {
     name: String,
     recipe: ClientConfig,
     kafka: Arc<KafkaConfig>,
-    tally: Arc<delivery::Tally>,
+    shared: Shared,
     current: RwLock<Arc<Producer>>,
 }
 
 impl Slot {
-    fn new(name: &str, kafka: &Arc<KafkaConfig>, recipe: ClientConfig) -> Result<Slot, String> {
-        let tally = Arc::new(delivery::Tally::default());
-        let producer = Producer::build(name, kafka, recipe.clone(), tally.clone())
+    fn new(
+        name: &str,
+        kafka: &Arc<KafkaConfig>,
+        recipe: ClientConfig,
+        topics: &Arc<crate::metrics::Topics>,
+    ) -> Result<Slot, String> {
+        let shared = Shared {
+            tally: Arc::default(),
+            topics: topics.clone(),
+            brokers: Arc::default(),
+        };
+        let producer = Producer::build(name, kafka, recipe.clone(), &shared)
             .map_err(|e| format!("kafka: {name} producer: {e}"))?;
         Ok(Slot {
             name: name.to_string(),
             recipe,
             kafka: kafka.clone(),
-            tally,
+            shared,
             current: RwLock::new(Arc::new(producer)),
         })
+    }
+
+    /// The producer's name (`latency`, `batch`, `batch-N`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Brokers as the latest statistics saw them.
+    pub fn brokers(&self) -> Vec<crate::metrics::BrokerState> {
+        self.shared
+            .brokers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The producer requests use now.
@@ -55,12 +78,7 @@ impl Slot {
 
     /// Builds a fresh producer and puts it in place of the current one; returns the old one.
     fn replace(&self) -> Result<Arc<Producer>, KafkaError> {
-        let fresh = Producer::build(
-            &self.name,
-            &self.kafka,
-            self.recipe.clone(),
-            self.tally.clone(),
-        )?;
+        let fresh = Producer::build(&self.name, &self.kafka, self.recipe.clone(), &self.shared)?;
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         Ok(std::mem::replace(&mut *current, Arc::new(fresh)))
     }
@@ -80,13 +98,16 @@ pub struct Producers {
 
 impl Producers {
     /// Builds the producers. Errors name the config key at fault.
-    pub fn build(config: &Config) -> Result<Producers, String> {
+    pub fn build(
+        config: &Config,
+        topics: &Arc<crate::metrics::Topics>,
+    ) -> Result<Producers, String> {
         let kafka = Arc::new(config.kafka.clone());
         let base = client_config(&kafka)?;
         let mut latency_cfg = base.clone();
         latency_cfg.set("linger.ms", millis(kafka.linger));
-        let latency = Slot::new("latency", &kafka, latency_cfg)?;
-        let batch = Slot::new("batch", &kafka, batch_config(&base, &config.batch))?;
+        let latency = Slot::new("latency", &kafka, latency_cfg, topics)?;
+        let batch = Slot::new("batch", &kafka, batch_config(&base, &config.batch), topics)?;
         let mut batch_by_topic = HashMap::new();
         let mut settings_of: Vec<BatchConfig> = Vec::new();
         let mut groups = Vec::new();
@@ -102,7 +123,12 @@ impl Producers {
                 Some(i) => i,
                 None => {
                     let name = format!("batch-{}", groups.len() + 1);
-                    groups.push(Slot::new(&name, &kafka, batch_config(&base, &settings))?);
+                    groups.push(Slot::new(
+                        &name,
+                        &kafka,
+                        batch_config(&base, &settings),
+                        topics,
+                    )?);
                     settings_of.push(settings);
                     groups.len() - 1
                 }
@@ -149,7 +175,7 @@ impl Producers {
     /// Records delivered and failed since start, over all producers (replaced ones included).
     pub fn tally(&self) -> (u64, u64) {
         self.slots().fold((0, 0), |(d, f), slot| {
-            let (sd, sf) = slot.tally.counts();
+            let (sd, sf) = slot.shared.tally.counts();
             (d + sd, f + sf)
         })
     }
@@ -262,6 +288,7 @@ const TYPED_KEYS: &[&str] = &[
     "batch.num.messages",
     "allow.auto.create.topics",
     "partitioner",
+    "statistics.interval.ms",
 ];
 
 /// The settings shared by every producer.
@@ -303,7 +330,11 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
             "allow.auto.create.topics",
             kafka.auto_create_topics.to_string(),
         )
-        .set("partitioner", "murmur2_random");
+        .set("partitioner", "murmur2_random")
+        .set(
+            "statistics.interval.ms",
+            kafka.statistics_interval.as_millis().to_string(),
+        );
     for (key, value) in &kafka.options {
         if TYPED_KEYS.contains(&key.as_str()) {
             return Err(format!(

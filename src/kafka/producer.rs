@@ -48,6 +48,29 @@ pub enum SendError {
     },
 }
 
+/// What a producer shares with the producers that replace it after a fatal error.
+#[derive(Clone)]
+pub struct Shared {
+    /// Delivery counts.
+    pub tally: Arc<Tally>,
+    /// Per-topic counters.
+    pub topics: Arc<crate::metrics::Topics>,
+    /// Broker states from statistics.
+    pub brokers: Arc<std::sync::Mutex<Vec<crate::metrics::BrokerState>>>,
+}
+
+impl SendError {
+    /// A short, bounded name for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SendError::QueueFull => "queue_full",
+            SendError::TooBig => "too_big",
+            SendError::Fatal => "fatal",
+            SendError::Refused { .. } => "refused",
+        }
+    }
+}
+
 /// One librdkafka producer with kafboy's queue accounting.
 pub struct Producer {
     pub(super) inner: ThreadedProducer<Context>,
@@ -62,7 +85,7 @@ impl Producer {
         name: &str,
         kafka: &KafkaConfig,
         mut client: ClientConfig,
-        tally: Arc<Tally>,
+        shared: &Shared,
     ) -> Result<Self, KafkaError> {
         let admission = Arc::new(Admission::new(
             kafka.queue_max_messages,
@@ -85,14 +108,16 @@ impl Producer {
         let context = Context {
             name: name.to_string(),
             admission: admission.clone(),
-            tally: tally.clone(),
+            tally: shared.tally.clone(),
             error_seen: error_seen.clone(),
+            topics: shared.topics.clone(),
+            brokers: shared.brokers.clone(),
         };
         let inner = ThreadedProducer::from_config_and_context(&client, context)?;
         Ok(Producer {
             inner,
             admission,
-            tally,
+            tally: shared.tally.clone(),
             error_seen,
             fatal: AtomicBool::new(false),
         })

@@ -72,7 +72,7 @@ impl UserData for LuaRequest {
             this.forward.topic = Some(topic);
             Ok(())
         });
-        m.add_method("mode", |_, this, ()| Ok(mode_name(this.req.mode)));
+        m.add_method("mode", |_, this, ()| Ok(this.req.mode.as_str()));
         m.add_method("method", |_, this, ()| {
             Ok(this.req.method.as_str().to_string())
         });
@@ -162,16 +162,6 @@ impl UserData for LuaRequest {
                 Ok(())
             },
         );
-    }
-}
-
-fn mode_name(mode: crate::config::Mode) -> &'static str {
-    use crate::config::Mode;
-    match mode {
-        Mode::Async => "async",
-        Mode::Sync => "sync",
-        Mode::BatchAsync => "batch_async",
-        Mode::BatchSync => "batch_sync",
     }
 }
 

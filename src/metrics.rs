@@ -1,0 +1,224 @@
+//! Metrics: names in one place, the Prometheus recorder, and per-topic counter handles built once
+//! so the per-record path is an atomic add. Topic labels are bounded: topics named in the config
+//! (allowlist entries, overrides, fixed routes) by name, every other topic as `other`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use metrics::{Counter, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use rdkafka::statistics::Statistics;
+
+/// HTTP requests, by route, mode and status class.
+pub const REQUESTS: &str = "kafboy_http_requests_total";
+/// HTTP request latency, by route and mode.
+pub const REQUEST_SECONDS: &str = "kafboy_http_request_duration_seconds";
+/// Records per produce request.
+pub const REQUEST_RECORDS: &str = "kafboy_request_records";
+/// Records queued (202/200 path), by topic.
+pub const ACCEPTED: &str = "kafboy_records_accepted_total";
+/// Records acknowledged by the broker, by topic.
+pub const DELIVERED: &str = "kafboy_records_delivered_total";
+/// Records that failed after they were queued, by topic and reason.
+pub const FAILED: &str = "kafboy_records_failed_total";
+/// Records refused before they were queued (queue full, fatal error, shutting down), by topic
+/// and reason. Nothing is ever dropped silently: a refused record got a 503.
+pub const DROPPED: &str = "kafboy_records_dropped_total";
+/// Records in kafboy's queue accounting, by producer.
+pub const QUEUED: &str = "kafboy_producer_queued_records";
+/// Records librdkafka holds (queued or in flight), by producer.
+pub const IN_FLIGHT: &str = "kafboy_producer_in_flight_records";
+/// 1 when a broker connection is up, by producer and broker.
+pub const BROKER_UP: &str = "kafboy_broker_up";
+/// Broker round-trip time, by producer, broker and quantile (from librdkafka statistics).
+pub const BROKER_RTT: &str = "kafboy_broker_rtt_seconds";
+/// Produce request retries, by producer and broker.
+pub const BROKER_RETRIES: &str = "kafboy_broker_retries_total";
+/// Requests to a broker that timed out, by producer and broker.
+pub const BROKER_TIMEOUTS: &str = "kafboy_broker_request_timeouts_total";
+/// Records per batch librdkafka sent, by producer and quantile.
+pub const BATCH_RECORDS: &str = "kafboy_kafka_batch_records";
+/// 1 when `/ready` answers 200.
+pub const READY: &str = "kafboy_ready";
+
+/// The recorder, installed once per process (tests build many servers in one process).
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let seconds = [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
+        ];
+        let records = [
+            1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0, 10000.0,
+        ];
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(REQUEST_SECONDS.into()),
+                &seconds,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(REQUEST_RECORDS.into()),
+                    &records,
+                )
+            });
+        match builder.and_then(PrometheusBuilder::install_recorder) {
+            Ok(handle) => handle,
+            // Another recorder is installed (an embedding program's): keep ours unattached, so
+            // /metrics still renders.
+            Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+        }
+    })
+}
+
+/// Counter handles of one topic label.
+#[derive(Debug)]
+pub struct TopicCounters {
+    /// Label value: the topic, or `other`.
+    pub label: Arc<str>,
+    /// [`ACCEPTED`].
+    pub accepted: Counter,
+    /// [`DELIVERED`].
+    pub delivered: Counter,
+}
+
+/// Per-topic handles for the configured topics, and one for all others.
+#[derive(Debug)]
+pub struct Topics {
+    known: HashMap<String, TopicCounters>,
+    other: TopicCounters,
+}
+
+impl Topics {
+    /// Handles for `names` and for `other`.
+    pub fn new(names: impl IntoIterator<Item = String>) -> Topics {
+        handle();
+        let known = names
+            .into_iter()
+            .map(|n| (n.clone(), TopicCounters::new(&n)))
+            .collect();
+        Topics {
+            known,
+            other: TopicCounters::new("other"),
+        }
+    }
+
+    /// The handles for `topic`.
+    pub fn get(&self, topic: &str) -> &TopicCounters {
+        self.known.get(topic).unwrap_or(&self.other)
+    }
+}
+
+impl TopicCounters {
+    fn new(label: &str) -> TopicCounters {
+        let label: Arc<str> = label.into();
+        TopicCounters {
+            accepted: counter!(ACCEPTED, "topic" => label.to_string()),
+            delivered: counter!(DELIVERED, "topic" => label.to_string()),
+            label,
+        }
+    }
+}
+
+/// A record that failed after it was queued.
+pub fn failed(label: &str, reason: &str) {
+    counter!(FAILED, "topic" => label.to_string(), "reason" => reason.to_string()).increment(1);
+}
+
+/// Records refused before they were queued.
+pub fn dropped(label: &str, reason: &'static str, n: u64) {
+    counter!(DROPPED, "topic" => label.to_string(), "reason" => reason).increment(n);
+}
+
+/// Handles for one route's requests.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    route: String,
+    mode: &'static str,
+    seconds: Histogram,
+    records: Histogram,
+}
+
+impl RouteMetrics {
+    /// Handles for the route at `path` in `mode`.
+    pub fn new(path: &str, mode: &'static str) -> RouteMetrics {
+        handle();
+        RouteMetrics {
+            route: path.to_string(),
+            mode,
+            seconds: histogram!(REQUEST_SECONDS, "route" => path.to_string(), "mode" => mode),
+            records: histogram!(REQUEST_RECORDS, "route" => path.to_string(), "mode" => mode),
+        }
+    }
+
+    /// One request answered with `status` after `elapsed`.
+    pub fn request(&self, status: u16, elapsed: Duration) {
+        let class = match status {
+            200..=299 => "2xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        counter!(REQUESTS, "route" => self.route.clone(), "mode" => self.mode, "class" => class)
+            .increment(1);
+        self.seconds.record(elapsed.as_secs_f64());
+    }
+
+    /// A request carried `n` records.
+    pub fn records(&self, n: usize) {
+        self.records.record(n as f64);
+    }
+}
+
+/// What the status page shows of the brokers, from the latest librdkafka statistics.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BrokerState {
+    /// librdkafka's broker name (`host:port/id`).
+    pub name: String,
+    /// `UP`, `DOWN`, `CONNECT`, ...
+    pub state: String,
+    /// Average round-trip time in milliseconds, if known.
+    pub rtt_ms: Option<f64>,
+}
+
+/// Exports one producer's librdkafka statistics and keeps the broker view for the status page.
+pub fn statistics(producer: &str, stats: &Statistics, brokers: &Mutex<Vec<BrokerState>>) {
+    let mut view = Vec::new();
+    for b in stats.brokers.values().filter(|b| b.nodeid >= 0) {
+        let labels = [
+            ("producer", producer.to_string()),
+            ("broker", b.name.clone()),
+        ];
+        gauge!(BROKER_UP, &labels).set(if b.state == "UP" { 1.0 } else { 0.0 });
+        counter!(BROKER_RETRIES, &labels).absolute(b.txretries);
+        counter!(BROKER_TIMEOUTS, &labels).absolute(b.req_timeouts);
+        if let Some(rtt) = &b.rtt {
+            for (q, v) in [("avg", rtt.avg), ("0.99", rtt.p99)] {
+                let l = [
+                    labels[0].clone(),
+                    labels[1].clone(),
+                    ("quantile", q.to_string()),
+                ];
+                gauge!(BROKER_RTT, &l).set(v as f64 / 1e6);
+            }
+        }
+        view.push(BrokerState {
+            name: b.name.clone(),
+            state: b.state.clone(),
+            rtt_ms: b
+                .rtt
+                .as_ref()
+                .filter(|w| w.cnt > 0)
+                .map(|w| w.avg as f64 / 1e3),
+        });
+    }
+    for t in stats.topics.values().filter(|t| t.batchcnt.cnt > 0) {
+        for (q, v) in [("0.5", t.batchcnt.p50), ("0.99", t.batchcnt.p99)] {
+            gauge!(BATCH_RECORDS, "producer" => producer.to_string(), "quantile" => q)
+                .set(v as f64);
+        }
+    }
+    view.sort_by(|a, b| a.name.cmp(&b.name));
+    *brokers.lock().unwrap_or_else(|e| e.into_inner()) = view;
+}

@@ -1,0 +1,77 @@
+//! The OpenAPI 3.1 description of the HTTP contract: `docs/openapi.json` as kept in the repo
+//! (the default routes and the operational endpoints), plus the routes this server's config
+//! adds, each described like the built-in route of its mode.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde_json::Value;
+
+use crate::server::json;
+use crate::state::AppState;
+
+/// The description of the default configuration.
+pub const SPEC: &str = include_str!("../docs/openapi.json");
+
+/// The built-in route whose description a configured route of each mode copies.
+fn template(mode: crate::config::Mode) -> &'static str {
+    use crate::config::Mode;
+    match mode {
+        Mode::Async => "/async/{topic}",
+        Mode::Sync => "/sync/{topic}",
+        Mode::BatchAsync => "/batch/async/{topic}",
+        Mode::BatchSync => "/batch/sync/{topic}",
+    }
+}
+
+/// The description of what `app` serves.
+pub fn describe(app: &AppState) -> Value {
+    // The file is part of the build and checked by a test; it always parses.
+    let mut spec: Value = serde_json::from_str(SPEC).unwrap_or(Value::Null);
+    let Some(paths) = spec.get_mut("paths").and_then(Value::as_object_mut) else {
+        return spec;
+    };
+    let builtin: Vec<String> = paths.keys().cloned().collect();
+    let served: Vec<&str> = app.served().map(|s| s.route.pattern.as_str()).collect();
+    for served in app.served() {
+        let route = &served.route;
+        if builtin.contains(&route.pattern) {
+            continue;
+        }
+        let mut item = paths
+            .get(template(route.mode))
+            .cloned()
+            .unwrap_or(Value::Null);
+        if let crate::routes::TopicSource::Fixed(topic) = &route.topic
+            && let Some(op) = item.get_mut("post").and_then(Value::as_object_mut)
+        {
+            op.remove("parameters");
+            op.insert(
+                "description".into(),
+                Value::from(format!("Writes to topic `{topic}`.")),
+            );
+        }
+        paths.insert(route.pattern.clone(), item);
+    }
+    // Default routes turned off in config are not served, so not described.
+    paths.retain(|path, _| !is_default_route(path) || served.contains(&path.as_str()));
+    spec
+}
+
+fn is_default_route(path: &str) -> bool {
+    [
+        crate::config::Mode::Async,
+        crate::config::Mode::Sync,
+        crate::config::Mode::BatchAsync,
+        crate::config::Mode::BatchSync,
+    ]
+    .iter()
+    .any(|m| template(*m) == path)
+}
+
+/// `GET /openapi.json`.
+pub async fn serve(State(app): State<Arc<AppState>>) -> Response {
+    json(StatusCode::OK, &describe(&app))
+}

@@ -1,0 +1,158 @@
+//! Everything a request needs, built once from config: routes with their hooks and metrics, the
+//! allowlist, partition strategies, limits, the producers and the running totals.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, Partitioner, ServerConfig};
+use crate::hook::Hook;
+use crate::kafka::Producers;
+use crate::metrics::{self, RouteMetrics};
+use crate::routes::{self, Allowlist, Route, TopicSource};
+use crate::status::Stats;
+
+/// One served route: where it writes, its hook, its metric handles.
+pub struct Served {
+    /// The route.
+    pub route: Arc<Route>,
+    /// Its hook, if any.
+    pub hook: Option<Arc<dyn Hook>>,
+    /// Its metric handles.
+    pub metrics: RouteMetrics,
+}
+
+/// Shared state of a running server.
+pub struct AppState {
+    /// Limits and deadlines.
+    pub server: ServerConfig,
+    /// Topics that may be written.
+    pub allow: Allowlist,
+    /// The producers and the topic cache.
+    pub producers: Arc<Producers>,
+    /// Per-topic counter handles.
+    pub topic_metrics: Arc<metrics::Topics>,
+    /// Totals for the status page.
+    pub stats: Stats,
+    /// When the server was built.
+    pub started: Instant,
+    /// Time budget of one hook call.
+    pub hook_timeout: Duration,
+    /// Record count and nesting limits of bodies.
+    pub decode_limits: crate::decode::Limits,
+    /// How often topic metadata is refreshed.
+    pub metadata_refresh: Duration,
+    served: Vec<Arc<Served>>,
+    default_partitioner: Partitioner,
+    topic_partitioner: HashMap<String, Partitioner>,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    /// Checks the config and builds routes, hooks and producers. Errors name the key at fault.
+    pub fn build(config: &Config, rust_hook: Option<Arc<dyn Hook>>) -> Result<AppState, String> {
+        if config.server.max_body_bytes > config.kafka.message_max_bytes {
+            return Err(format!(
+                "server.max_body_bytes ({}) exceeds kafka.message_max_bytes ({})",
+                config.server.max_body_bytes, config.kafka.message_max_bytes
+            ));
+        }
+        let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
+        let allow = Allowlist::new(&config.topics.allow)?;
+        let mut topic_partitioner = HashMap::new();
+        for (topic, o) in &config.topics.overrides {
+            routes::validate_topic(topic).map_err(|e| format!("topics.overrides.{topic}: {e}"))?;
+            if let Some(p) = o.partitioner {
+                topic_partitioner.insert(topic.clone(), p);
+            }
+        }
+        let topic_metrics = Arc::new(metrics::Topics::new(labelled_topics(config, &routes)));
+        let producers = Arc::new(Producers::build(config, &topic_metrics)?);
+        let served = routes
+            .into_iter()
+            .map(|(route, hook)| {
+                let metrics = RouteMetrics::new(&route.path, route.mode.as_str());
+                Arc::new(Served {
+                    route,
+                    hook,
+                    metrics,
+                })
+            })
+            .collect();
+        Ok(AppState {
+            server: config.server.clone(),
+            allow,
+            producers,
+            topic_metrics,
+            stats: Stats::default(),
+            started: Instant::now(),
+            hook_timeout: config.hook.timeout,
+            decode_limits: crate::decode::Limits {
+                max_records: config.server.max_records,
+                max_depth: config.server.max_json_depth,
+            },
+            metadata_refresh: config.kafka.metadata_refresh,
+            served,
+            default_partitioner: config.topics.partitioner,
+            topic_partitioner,
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// The served routes.
+    pub fn served(&self) -> impl Iterator<Item = &Arc<Served>> {
+        self.served.iter()
+    }
+
+    /// Whether shutdown has begun.
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Starts shutdown: new requests get 503 and `/ready` turns false.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Why `/ready` is not 200, if it is not.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if self.shutting_down() {
+            Some("shutting down")
+        } else {
+            self.producers.not_ready()
+        }
+    }
+
+    /// The partition strategy for `topic` on `route`: the route's, else the topic's, else the
+    /// default.
+    pub fn partitioner_for(&self, route: &Route, topic: &str) -> Partitioner {
+        route
+            .partitioner
+            .or_else(|| self.topic_partitioner.get(topic).copied())
+            .unwrap_or(self.default_partitioner)
+    }
+}
+
+/// Topics that get their own metric label: named in the allowlist, in overrides, or as a fixed
+/// route topic. Every other topic is `other`, so clients cannot grow the label set.
+fn labelled_topics(
+    config: &Config,
+    routes: &[(Arc<Route>, crate::ingest::RouteHook)],
+) -> Vec<String> {
+    let mut names: Vec<String> = config
+        .topics
+        .allow
+        .iter()
+        .filter(|t| !t.ends_with('*'))
+        .cloned()
+        .collect();
+    names.extend(config.topics.overrides.keys().cloned());
+    names.extend(routes.iter().filter_map(|(r, _)| match &r.topic {
+        TopicSource::Fixed(t) => Some(t.clone()),
+        TopicSource::Path => None,
+    }));
+    names.sort();
+    names.dedup();
+    names
+}
