@@ -25,8 +25,40 @@ pub struct Config {
     pub topics: TopicsConfig,
     /// Edit hooks: a Lua script for every route, and the limits hooks run under.
     pub hook: HookConfig,
+    /// Logs.
+    pub log: LogConfig,
     /// Extra routes, each with its own mode.
     pub routes: Vec<RouteConfig>,
+}
+
+/// Logs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for a terminal, `json` (one object per line) for a log pipeline. Default `text`.
+    pub format: LogFormat,
+    /// tracing filter, e.g. `info` or `warn,kafboy=debug`; `KAFBOY_LOG` wins. Default `info`.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
 }
 
 /// Hooks.
@@ -61,6 +93,9 @@ impl Default for HookConfig {
 pub struct ServerConfig {
     /// Address to listen on. Default `127.0.0.1:8000` (the original's port, loopback only).
     pub listen: SocketAddr,
+    /// A second address for `/metrics` (then served only there), `/health`, `/ready` and the
+    /// status page, e.g. to keep them off a public listener. Default: none.
+    pub admin_listen: Option<SocketAddr>,
     /// Largest request body accepted, after any chunked transfer; bigger gets 413. Must not exceed
     /// `kafka.message_max_bytes`. Default 1 MiB.
     pub max_body_bytes: usize,
@@ -294,6 +329,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            admin_listen: None,
             max_body_bytes: 1 << 20,
             max_records: 10_000,
             max_json_depth: 64,

@@ -1,11 +1,12 @@
 //! The `kafboy` command: read config, bind, serve until SIGTERM/SIGINT.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use kafboy::config::{Overrides, split_list};
+use kafboy::config::{LogFormat, Overrides, split_list};
 use kafboy::{App, Config};
 
 /// A low-latency HTTP server that writes what is POSTed to it into Apache Kafka.
@@ -15,24 +16,27 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// TOML configuration file (see kafboy.example.toml).
-    #[arg(long, short, env = "KAFBOY_CONFIG")]
+    #[arg(long, short, env = "KAFBOY_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 0.0.0.0:8000 (overrides server.listen).
-    #[arg(long)]
+    #[arg(long, global = true)]
     listen: Option<SocketAddr>,
     /// Bootstrap brokers, HOST:PORT[,HOST:PORT...] (overrides kafka.brokers).
-    #[arg(long)]
+    #[arg(long, global = true)]
     brokers: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Run the original quick start: an embedded Kafka broker, kafboy with the demo hook, and a
-    /// printout of every record that lands. Needs nothing else.
-    Demo {
-        /// Address to listen on.
-        #[arg(long, default_value = kafboy::demo::DEMO_ADDR)]
-        listen: SocketAddr,
+    /// printout of every record that lands. Needs nothing else. Listens on 127.0.0.1:9903
+    /// unless --listen says otherwise.
+    Demo,
+    /// Check a configuration file and print the effective configuration (defaults, file,
+    /// KAFBOY_* environment and flags merged). Exits 64 if it is not valid.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
     },
 }
 
@@ -40,39 +44,79 @@ enum Command {
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KAFBOY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let cli = Cli::parse();
-    if let Some(Command::Demo { listen }) = cli.command {
-        return match runtime()
-            .map(|rt| rt.block_on(kafboy::demo::run(listen, None, kafboy::shutdown::signal())))
-        {
-            Ok(Ok(())) => ExitCode::SUCCESS,
-            Ok(Err(e)) | Err(e) => {
-                eprintln!("kafboy demo: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
     let overrides = Overrides {
         listen: cli.listen,
         brokers: cli.brokers.as_deref().map(split_list),
     };
-    let config = match Config::load(cli.config.as_deref(), &overrides) {
+    match cli.command {
+        Some(Command::Demo) => demo(cli.listen),
+        Some(Command::CheckConfig { file }) => check_config(&file, &overrides),
+        None => match Config::load(cli.config.as_deref(), &overrides) {
+            Ok(config) => {
+                init_logs(config.log.format, &config.log.level);
+                match runtime() {
+                    Ok(rt) => rt.block_on(serve(config)),
+                    Err(e) => fail(&e),
+                }
+            }
+            Err(e) => config_error(&e.to_string()),
+        },
+    }
+}
+
+fn demo(listen: Option<SocketAddr>) -> ExitCode {
+    init_logs(LogFormat::Text, "info");
+    let listen = match listen {
+        Some(l) => l,
+        None => match kafboy::demo::DEMO_ADDR.parse() {
+            Ok(l) => l,
+            Err(e) => return fail(&format!("{e}")),
+        },
+    };
+    let result = runtime()
+        .and_then(|rt| rt.block_on(kafboy::demo::run(listen, None, kafboy::shutdown::signal())));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("demo: {e}")),
+    }
+}
+
+fn check_config(file: &std::path::Path, overrides: &Overrides) -> ExitCode {
+    let config = match Config::load(Some(file), overrides) {
         Ok(c) => c,
         Err(e) => return config_error(&e.to_string()),
     };
-    match runtime() {
-        Ok(rt) => rt.block_on(serve(config)),
-        Err(e) => {
-            eprintln!("kafboy: {e}");
-            ExitCode::FAILURE
+    // Building checks what parsing cannot: routes, hooks, librdkafka properties. Nothing is
+    // bound and no broker is contacted.
+    if let Err(e) = App::build(&config) {
+        return config_error(&e);
+    }
+    match toml::to_string_pretty(&config) {
+        Ok(text) => {
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "# {}: valid; effective configuration:\n{text}",
+                file.display()
+            );
+            ExitCode::SUCCESS
         }
+        Err(e) => fail(&format!("cannot print the configuration: {e}")),
+    }
+}
+
+fn init_logs(format: LogFormat, level: &str) {
+    // KAFBOY_LOG wins over log.level, for a quick look without editing the file.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KAFBOY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
     }
 }
 
@@ -84,25 +128,33 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 async fn serve(config: Config) -> ExitCode {
-    let app = match App::build(&config) {
+    let mut app = match App::build(&config) {
         Ok(app) => app,
         Err(e) => return config_error(&e),
     };
     let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("kafboy: cannot listen on {}: {e}", config.server.listen);
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(&format!("cannot listen on {}: {e}", config.server.listen)),
     };
+    if let Some(admin) = config.server.admin_listen {
+        match tokio::net::TcpListener::bind(admin).await {
+            Ok(l) => app = app.with_admin_listener(l),
+            Err(e) => return fail(&format!("cannot listen on {admin}: {e}")),
+        }
+    }
     let addr = listener.local_addr().map_or(config.server.listen, |a| a);
-    tracing::info!(%addr, brokers = %config.kafka.brokers.join(","), "kafboy listening");
+    tracing::info!(%addr, brokers = %config.kafka.brokers.join(","), version = env!("CARGO_PKG_VERSION"), "kafboy listening");
     let report = app.run(listener, kafboy::shutdown::signal()).await;
     if report.undelivered > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("kafboy: {message}");
+    ExitCode::FAILURE
 }
 
 fn config_error(message: &str) -> ExitCode {

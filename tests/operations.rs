@@ -1,0 +1,502 @@
+//! What operators see: `/metrics` (scraped and parsed), request ids, `/status.json`, the status
+//! page rendered in headless Chromium while traffic flows, `/openapi.json` against the routes
+//! really served, and the admin listener.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{broker, client, gateway};
+
+/// One sample of the Prometheus text format: name, labels, value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: HashMap<String, String>,
+    value: f64,
+}
+
+/// Parses the exposition format strictly enough that a malformed line fails the test.
+fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(meta) = line.strip_prefix("# ") {
+            let mut parts = meta.split_whitespace();
+            let kind = parts.next().unwrap();
+            assert!(kind == "TYPE" || kind == "HELP", "bad comment: {line}");
+            if kind == "TYPE" {
+                let t = parts.nth(1).unwrap();
+                assert!(
+                    ["counter", "gauge", "histogram", "summary"].contains(&t),
+                    "{line}"
+                );
+            }
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), HashMap::new()),
+            Some((name, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("unclosed labels: {line}"));
+                let labels = body
+                    .split("\",")
+                    .filter(|p| !p.is_empty())
+                    .map(|p| {
+                        let (k, v) = p
+                            .split_once("=\"")
+                            .unwrap_or_else(|| panic!("bad label: {line}"));
+                        (k.to_string(), v.trim_end_matches('"').to_string())
+                    })
+                    .collect();
+                (name.to_string(), labels)
+            }
+        };
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
+        samples.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    samples
+}
+
+fn find<'a>(samples: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> Option<&'a Sample> {
+    samples.iter().find(|s| {
+        s.name == name
+            && labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_records_and_broker_state_with_bounded_labels() {
+    let b = broker();
+    let listed = b.topic("metered", 2);
+    let unlisted = b.topic("unmetered", 1);
+    let toml = format!(
+        "[topics]\nallow = [\"{listed}\", \"unmetered-*\"]\n[kafka]\nstatistics_interval = \"200ms\""
+    );
+    let gw = gateway(&b.addr, &toml).await;
+    for _ in 0..3 {
+        assert_eq!(
+            gw.post_json(&format!("/sync/{listed}"), "{}").await.status,
+            200
+        );
+    }
+    assert_eq!(
+        gw.post_json(&format!("/sync/{unlisted}"), "{}")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        gw.post_json(&format!("/sync/{listed}"), "{bad")
+            .await
+            .status,
+        400
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let samples = loop {
+        let text = client()
+            .get(format!("{}/metrics", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let samples = parse_exposition(&text);
+        if find(&samples, "kafboy_broker_up", &[("producer", "latency")]).is_some() {
+            break samples;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no broker statistics in /metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let ok = find(
+        &samples,
+        "kafboy_http_requests_total",
+        &[("route", "/sync/:topic"), ("class", "2xx")],
+    )
+    .unwrap();
+    assert!(ok.value >= 4.0, "{ok:?}");
+    assert!(
+        find(
+            &samples,
+            "kafboy_http_requests_total",
+            &[("route", "/sync/:topic"), ("class", "4xx")]
+        )
+        .is_some()
+    );
+    assert_eq!(
+        find(
+            &samples,
+            "kafboy_records_accepted_total",
+            &[("topic", &listed)]
+        )
+        .unwrap()
+        .value,
+        3.0
+    );
+    assert_eq!(
+        find(
+            &samples,
+            "kafboy_records_delivered_total",
+            &[("topic", &listed)]
+        )
+        .unwrap()
+        .value,
+        3.0
+    );
+    assert!(
+        find(
+            &samples,
+            "kafboy_records_accepted_total",
+            &[("topic", "other")]
+        )
+        .unwrap()
+        .value
+            >= 1.0
+    );
+    assert!(
+        samples
+            .iter()
+            .all(|s| s.labels.get("topic") != Some(&unlisted)),
+        "a topic not named in the config never becomes a label"
+    );
+    assert!(
+        find(
+            &samples,
+            "kafboy_http_request_duration_seconds_bucket",
+            &[("le", "+Inf")]
+        )
+        .is_some()
+    );
+    assert!(
+        find(
+            &samples,
+            "kafboy_producer_queued_records",
+            &[("producer", "latency")]
+        )
+        .is_some()
+    );
+    assert!(
+        find(
+            &samples,
+            "kafboy_producer_in_flight_records",
+            &[("producer", "batch")]
+        )
+        .is_some()
+    );
+    assert_eq!(
+        find(&samples, "kafboy_broker_up", &[("producer", "latency")])
+            .unwrap()
+            .value,
+        1.0
+    );
+    assert_eq!(find(&samples, "kafboy_ready", &[]).unwrap().value, 1.0);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_echoed_or_generated() {
+    let b = broker();
+    let topic = b.topic("reqid", 1);
+    let gw = gateway(&b.addr, "").await;
+    let url = format!("{}/async/{topic}", gw.url);
+    let r = client()
+        .post(&url)
+        .header("x-request-id", "abc-123")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc-123");
+    let r = client()
+        .post(&url)
+        .body("{")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_and_the_admin_listener() {
+    let b = broker();
+    let topic = b.topic("status", 3);
+    let mut config =
+        kafboy::Config::from_toml("[[routes]]\npath = \"/events\"\ntopic = \"x\"\nmode = \"sync\"")
+            .unwrap();
+    config.kafka.brokers = vec![b.addr.clone()];
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_url = format!("http://{}", admin.local_addr().unwrap());
+    let app = kafboy::App::build(&config)
+        .unwrap()
+        .with_admin_listener(admin);
+    let gw = common::serve(app).await;
+    assert_eq!(
+        gw.post_json(&format!("/sync/{topic}"), "{}").await.status,
+        200
+    );
+    let status: serde_json::Value = serde_json::from_str(
+        &client()
+            .get(format!("{}/status.json", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["ready"], true);
+    assert!(
+        status["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["path"] == "/events" && r["mode"] == "sync")
+    );
+    assert!(
+        status["topics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == topic.as_str() && t["partitions"] == 3)
+    );
+    assert!(status["totals"]["records_accepted"].as_u64().unwrap() >= 1);
+    assert_eq!(status["producers"][0]["name"], "latency");
+    // With an admin listener, /metrics lives there only.
+    assert_eq!(
+        client()
+            .get(format!("{}/metrics", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let r = client()
+        .get(format!("{admin_url}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("kafboy_http_requests_total")
+    );
+    assert_eq!(
+        client()
+            .get(format!("{admin_url}/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client()
+            .post(format!("{admin_url}/async/{topic}"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    gw.stop().await;
+}
+
+fn chromium() -> String {
+    if let Ok(p) = std::env::var("KAFBOY_CHROMIUM") {
+        return p;
+    }
+    for p in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
+        if std::path::Path::new(p).exists() {
+            return p.to_string();
+        }
+    }
+    panic!(
+        "headless Chromium is needed by this test: run scripts/test (it installs Debian's chromium) or set KAFBOY_CHROMIUM"
+    );
+}
+
+fn headless(args: &[&str]) -> std::process::Output {
+    let profile = tempfile::tempdir().unwrap();
+    Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+        ])
+        .args([
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-quic",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .output()
+        .expect("run chromium")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_renders_numbers_and_a_chart_while_traffic_flows() {
+    let b = broker();
+    let topic = b.topic("page", 2);
+    let gw = gateway(&b.addr, "").await;
+    let url = format!("{}/async/{topic}", gw.url);
+    let traffic = tokio::spawn(async move {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(12) {
+            let _ = client().post(&url).body("{\"n\":1}").send().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    // The chart needs a few one-second samples.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let page = format!("{}/", gw.url);
+    let dom = tokio::task::spawn_blocking(move || {
+        let out = headless(&["--virtual-time-budget=4000", "--dump-dom", &page]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap();
+    traffic.abort();
+    assert!(
+        dom.contains("data-rendered=\"yes\""),
+        "page never rendered:\n{dom}"
+    );
+    assert!(dom.contains(">ready<"), "{dom}");
+    let points = dom
+        .split("id=\"line-accepted\"")
+        .nth(1)
+        .unwrap()
+        .split("points=\"")
+        .nth(1)
+        .unwrap();
+    let points = &points[..points.find('"').unwrap()];
+    assert!(
+        points.split(' ').count() >= 2,
+        "the chart has a line: {points:?}"
+    );
+    let accepted = dom.split("id=\"accepted\">").nth(1).unwrap();
+    let accepted: String = accepted.chars().take_while(|c| *c != '<').collect();
+    assert!(accepted != "0", "records are counted: {accepted}");
+    assert!(dom.contains(&topic), "topics are listed");
+    assert!(dom.contains("/batch/async/:topic"), "routes are listed");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_describes_exactly_the_routes_served() {
+    let b = broker();
+    let spec: serde_json::Value = serde_json::from_str(kafboy::openapi::SPEC).unwrap();
+    assert_eq!(spec["openapi"], "3.1.0");
+    let toml = "[[routes]]\npath = \"/1/foo/:topic\"\nmode = \"batch_sync\"\n\
+                [[routes]]\npath = \"/events\"\ntopic = \"clicks\"\nmode = \"async\"";
+    let gw = gateway(&b.addr, toml).await;
+    let served: serde_json::Value = serde_json::from_str(
+        &client()
+            .get(format!("{}/openapi.json", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let paths: Vec<&String> = served["paths"].as_object().unwrap().keys().collect();
+    let mut want = vec![
+        "/async/{topic}",
+        "/sync/{topic}",
+        "/batch/async/{topic}",
+        "/batch/sync/{topic}",
+        "/1/foo/{topic}",
+        "/events",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/",
+        "/status.json",
+        "/openapi.json",
+    ];
+    want.sort();
+    let mut got: Vec<&str> = paths.iter().map(|p| p.as_str()).collect();
+    got.sort();
+    assert_eq!(got, want);
+    assert!(
+        served["paths"]["/1/foo/{topic}"]["post"]["responses"]["504"].is_object(),
+        "batch_sync may answer 504"
+    );
+    assert!(
+        served["paths"]["/events"]["post"]["parameters"].is_null(),
+        "a fixed topic takes no parameter"
+    );
+    // Every described path and method is really served (never the 404 fallback).
+    for (path, item) in served["paths"].as_object().unwrap() {
+        let concrete = path.replace("{topic}", "nope");
+        for method in item.as_object().unwrap().keys() {
+            let req = match method.as_str() {
+                "get" => client().get(format!("{}{concrete}", gw.url)),
+                "post" => client().post(format!("{}{concrete}", gw.url)).body("{}"),
+                other => panic!("unexpected method {other}"),
+            };
+            let r = req.send().await.unwrap();
+            let body = r.text().await.unwrap();
+            assert!(
+                !body.contains("\"not found\""),
+                "{method} {path} is not served"
+            );
+        }
+    }
+    gw.stop().await;
+    let gw = gateway(&b.addr, "[server]\ndefault_routes = false\n[[routes]]\npath = \"/e\"\ntopic = \"t\"\nmode = \"sync\"").await;
+    let served: serde_json::Value = serde_json::from_str(
+        &client()
+            .get(format!("{}/openapi.json", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(served["paths"]["/async/{topic}"].is_null() && served["paths"]["/e"].is_object());
+    gw.stop().await;
+}
