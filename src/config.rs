@@ -27,8 +27,25 @@ pub struct Config {
     pub hook: HookConfig,
     /// Logs.
     pub log: LogConfig,
+    /// API keys and rate limits.
+    pub auth: AuthConfig,
     /// Extra routes, each with its own mode.
     pub routes: Vec<RouteConfig>,
+}
+
+/// API keys and rate limits. Auth is on as soon as a key or a key file is configured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A TOML file of `[[keys]]` entries, re-read on SIGHUP and when it changes; a bad file keeps
+    /// the keys in force and logs why. Default: none.
+    pub keys_file: Option<PathBuf>,
+    /// Requests per second over all clients; past it 429. Default: no limit.
+    pub global_rate: Option<f64>,
+    /// Requests the global limit lets through at once. Default: one second's worth.
+    pub global_burst: Option<f64>,
+    /// Keys given inline, as in the key file.
+    pub keys: Vec<crate::auth::KeyConfig>,
 }
 
 /// Logs.
@@ -96,6 +113,10 @@ pub struct ServerConfig {
     /// A second address for `/metrics` (then served only there), `/health`, `/ready` and the
     /// status page, e.g. to keep them off a public listener. Default: none.
     pub admin_listen: Option<SocketAddr>,
+    /// Serve HTTPS on `listen` with these files. Default: plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// Cross-origin access for browser clients. Default: none.
+    pub cors: Option<CorsConfig>,
     /// Largest request body accepted, after any chunked transfer; bigger gets 413. Must not exceed
     /// `kafka.message_max_bytes`. Default 1 MiB.
     pub max_body_bytes: usize,
@@ -131,6 +152,57 @@ pub struct ServerConfig {
     /// Most connections open at once; past it a new connection gets 503 and is closed.
     /// Default 10000.
     pub max_connections: usize,
+}
+
+/// HTTPS. Certificate and key are re-read on SIGHUP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS), and the
+    /// certificate's subject can stand for an API key (`client_cert_subject`).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// CORS for browser clients. Preflight requests are answered without touching Kafka.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins allowed, e.g. `https://app.example.com`; `*` for any (without credentials).
+    pub allowed_origins: Vec<String>,
+    /// Methods allowed. Default `["POST"]`.
+    pub allowed_methods: Vec<String>,
+    /// Request headers allowed. Default: Content-Type, Content-Encoding, Authorization,
+    /// X-Api-Key, X-Request-Id, X-Kafka-Key, X-Kafka-Partition.
+    pub allowed_headers: Vec<String>,
+    /// How long a browser may cache a preflight answer. Default 10m.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            allowed_origins: Vec::new(),
+            allowed_methods: vec!["POST".into()],
+            allowed_headers: [
+                "content-type",
+                "content-encoding",
+                "authorization",
+                "x-api-key",
+                "x-request-id",
+                "x-kafka-key",
+                "x-kafka-partition",
+            ]
+            .map(String::from)
+            .to_vec(),
+            max_age: Duration::from_secs(600),
+        }
+    }
 }
 
 /// Kafka side. Two kinds of producer are built from this: a low-latency one for `async`/`sync`
@@ -330,6 +402,8 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             admin_listen: None,
+            tls: None,
+            cors: None,
             max_body_bytes: 1 << 20,
             max_records: 10_000,
             max_json_depth: 64,

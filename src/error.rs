@@ -34,7 +34,13 @@ pub enum IngestError {
     /// 400: the request itself is wrong.
     #[error("{0}")]
     BadRequest(String),
-    /// 403: the brokers refuse kafboy this topic.
+    /// 401: no API key, or an unknown one.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// 429: over a rate limit; retry after this many seconds.
+    #[error("rate limit exceeded; retry in {0} s")]
+    Limited(u64),
+    /// 403: the brokers refuse kafboy this topic, or the key may not use it.
     #[error("{0}")]
     Forbidden(String),
     /// 404: no such path.
@@ -86,6 +92,8 @@ impl IngestError {
     pub fn status(&self) -> StatusCode {
         match self {
             IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            IngestError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            IngestError::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
             IngestError::Forbidden(_) => StatusCode::FORBIDDEN,
             IngestError::NoRoute | IngestError::UnknownTopic(_) => StatusCode::NOT_FOUND,
             IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -130,6 +138,17 @@ pub fn delivery_status(error: RDKafkaErrorCode, persisted: Persisted) -> StatusC
         (E::InvalidRecord | E::InvalidMessage, Persisted::No) => StatusCode::BAD_REQUEST,
         (_, Persisted::No) => StatusCode::SERVICE_UNAVAILABLE,
         (_, Persisted::Possibly) => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
+impl From<crate::auth::Denied> for IngestError {
+    fn from(d: crate::auth::Denied) -> Self {
+        use crate::auth::Denied;
+        match d {
+            Denied::Unauthenticated(why) => IngestError::Unauthenticated(why.into()),
+            Denied::Forbidden(why) => IngestError::Forbidden(why),
+            Denied::Limited(secs) => IngestError::Limited(secs),
+        }
     }
 }
 

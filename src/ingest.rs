@@ -85,8 +85,14 @@ async fn ingest(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let (mut parts, incoming) = request.into_parts();
+    // Who is asking is settled before anything else is looked at.
+    let key = app.authenticate(&parts)?;
     let topic = topic_of(route, &mut parts).await?;
     *topic_seen = Some(topic.clone());
+    validate_topic(&topic).map_err(|e| IngestError::BadRequest(e.into()))?;
+    if let Some(key) = &key {
+        key.permit(&topic, route.mode).map_err(IngestError::from)?;
+    }
     check_topic(app, &topic)?;
     if app.shutting_down() {
         return Err(IngestError::Unavailable("shutting down".into()));

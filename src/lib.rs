@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`config`]: the configuration tree (TOML, `KAFBOY_*` env, flags).
 //! - [`routes`]: routes compiled from config; topic name rules and the allowlist.
+//! - [`auth`]: API keys and rate limits.
 //! - [`body`]: reading request bodies under size, time and compression limits.
 //! - [`decode`]: request bodies to record values (JSON gate, form → JSON, NDJSON).
 //! - [`ingest`]: the produce handler.
@@ -18,8 +19,10 @@
 //! - [`state`]: shared state built once from config.
 //! - [`status`]: the live status page and its JSON.
 //! - [`openapi`]: the OpenAPI description of the HTTP contract.
+//! - [`tls`]: HTTPS and mutual TLS on the listener.
 //! - [`shutdown`]: the SIGTERM/SIGINT future.
 
+pub mod auth;
 pub mod body;
 pub mod config;
 pub mod decode;
@@ -38,6 +41,7 @@ pub mod server;
 pub mod shutdown;
 pub mod state;
 pub mod status;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{App, AppBuilder, ShutdownReport};

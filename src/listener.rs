@@ -11,12 +11,15 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
+
+use crate::auth::ClientSubject;
+use crate::tls::Tls;
 
 /// Connection limits, from `[server]`.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +43,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<Arc<Tls>>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> bool {
@@ -50,6 +54,7 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_headers(limits.max_headers)
         .max_header_size(limits.max_header_bytes);
+    let http = Arc::new(http);
     let stopped = async move {
         // The guard `wait_for` returns must not be held across the loop's awaits.
         let _ = stop.wait_for(|stopped| *stopped).await.map(|_| ());
@@ -74,21 +79,40 @@ pub async fn serve(
         };
         // Replies are small; waiting for Nagle would add tens of milliseconds.
         let _ = tcp.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone().map_request(
-            move |mut request: axum::http::Request<Incoming>| {
-                request
-                    .extensions_mut()
-                    .insert(ConnectInfo::<SocketAddr>(peer));
-                request
-            },
-        ));
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+        let connection = Connection {
+            http: http.clone(),
+            router: router.clone(),
+            peer,
+            watcher: graceful.watcher(),
+        };
+        let handshake = limits.header_read_timeout;
+        match &tls {
+            None => {
+                tokio::spawn(async move {
+                    connection.serve(TokioIo::new(tcp), None).await;
+                    drop(permit);
+                });
             }
-            drop(permit);
-        });
+            Some(tls) => {
+                let acceptor = tls.acceptor();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let subject = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(crate::tls::client_subject);
+                            connection.serve(TokioIo::new(stream), subject).await;
+                        }
+                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
+            }
+        }
     }
     drop(listener);
     tokio::time::timeout(grace, graceful.shutdown())
@@ -96,8 +120,87 @@ pub async fn serve(
         .is_ok()
 }
 
+/// What one connection needs to be served.
+struct Connection {
+    http: Arc<http1::Builder>,
+    router: Router,
+    peer: SocketAddr,
+    watcher: Watcher,
+}
+
+impl Connection {
+    async fn serve<IO>(self, io: TokioIo<IO>, subject: Option<String>)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = self.peer;
+        let service = TowerToHyperService::new(self.router.map_request(
+            move |mut request: axum::http::Request<Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(ConnectInfo::<SocketAddr>(peer));
+                if let Some(subject) = &subject {
+                    request
+                        .extensions_mut()
+                        .insert(ClientSubject(subject.clone()));
+                }
+                request
+            },
+        ));
+        let connection = self.watcher.watch(self.http.serve_connection(io, service));
+        if let Err(error) = connection.await {
+            tracing::debug!(%peer, %error, "connection ended with an error");
+        }
+    }
+}
+
 async fn refuse(mut tcp: TcpStream) {
     tracing::warn!("connection refused: too many open connections");
     let _ = tcp.write_all(TOO_MANY).await;
     let _ = tcp.shutdown().await;
+}
+
+/// The CORS layer for `[server.cors]`: preflight requests are answered by it, so they never
+/// reach a handler or Kafka.
+pub fn cors(c: &crate::config::CorsConfig) -> Result<tower_http::cors::CorsLayer, String> {
+    use axum::http::{HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins = if c.allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = c
+            .allowed_origins
+            .iter()
+            .map(|o| {
+                HeaderValue::from_str(o)
+                    .map_err(|_| format!("server.cors.allowed_origins: bad origin {o:?}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(list)
+    };
+    let methods = c
+        .allowed_methods
+        .iter()
+        .map(|m| {
+            Method::from_bytes(m.as_bytes())
+                .map_err(|_| format!("server.cors.allowed_methods: bad method {m:?}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let headers = c
+        .allowed_headers
+        .iter()
+        .map(|h| {
+            HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| format!("server.cors.allowed_headers: bad header {h:?}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods(methods)
+        .allow_headers(headers)
+        .expose_headers([
+            HeaderName::from_static("x-request-id"),
+            axum::http::header::RETRY_AFTER,
+        ])
+        .max_age(c.max_age))
 }

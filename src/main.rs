@@ -38,6 +38,8 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Print a new random API key and the SHA-256 to put in the config (`sha256 = "..."`).
+    HashKey,
 }
 
 /// Exit status for a configuration error (EX_USAGE), before anything is bound.
@@ -52,6 +54,11 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Demo) => demo(cli.listen),
         Some(Command::CheckConfig { file }) => check_config(&file, &overrides),
+        Some(Command::HashKey) => {
+            let (key, digest) = kafboy::auth::new_key();
+            println!("key:    {key}\nsha256: {digest}");
+            ExitCode::SUCCESS
+        }
         None => match Config::load(cli.config.as_deref(), &overrides) {
             Ok(config) => {
                 init_logs(config.log.format, &config.log.level);
@@ -143,6 +150,9 @@ async fn serve(config: Config) -> ExitCode {
         }
     }
     let addr = listener.local_addr().map_or(config.server.listen, |a| a);
+    if !addr.ip().is_loopback() && config.auth.keys.is_empty() && config.auth.keys_file.is_none() {
+        tracing::warn!(%addr, "auth is off and kafboy listens beyond loopback: anyone who can reach it can write; see docs/SECURITY.md");
+    }
     tracing::info!(%addr, brokers = %config.kafka.brokers.join(","), version = env!("CARGO_PKG_VERSION"), "kafboy listening");
     let report = app.run(listener, kafboy::shutdown::signal()).await;
     if report.undelivered > 0 {

@@ -175,6 +175,11 @@ impl Allowlist {
         Ok(list)
     }
 
+    /// Whether the list names nothing (for the global list: everything is allowed).
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefixes.is_empty()
+    }
+
     /// Whether `topic` may be written.
     pub fn allows(&self, topic: &str) -> bool {
         (self.exact.is_empty() && self.prefixes.is_empty())

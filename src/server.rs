@@ -23,6 +23,8 @@ use crate::state::{AppState, Served};
 pub struct App {
     state: Arc<AppState>,
     admin: Option<TcpListener>,
+    cors: Option<tower_http::cors::CorsLayer>,
+    tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// What shutdown left behind.
@@ -63,9 +65,24 @@ impl App {
     }
 
     fn assemble(config: &Config, rust_hook: Option<Arc<dyn Hook>>) -> Result<App, String> {
+        let cors = config
+            .server
+            .cors
+            .as_ref()
+            .map(crate::listener::cors)
+            .transpose()?;
+        let tls = config
+            .server
+            .tls
+            .as_ref()
+            .map(crate::tls::Tls::load)
+            .transpose()?
+            .map(Arc::new);
         Ok(App {
             state: Arc::new(AppState::build(config, rust_hook)?),
             admin: None,
+            cors,
+            tls,
         })
     }
 
@@ -97,10 +114,14 @@ impl App {
             }
         }
         let router = router.merge(operations(self.admin.is_none()));
-        router
+        let router = router
             .fallback(not_found)
-            .layer(axum::middleware::from_fn(request_id))
-            .with_state(self.state.clone())
+            .layer(axum::middleware::from_fn(request_id));
+        let router = match &self.cors {
+            Some(cors) => router.layer(cors.clone()),
+            None => router,
+        };
+        router.with_state(self.state.clone())
     }
 
     /// The producers, for inspection.
@@ -126,6 +147,9 @@ impl App {
             .producers
             .spawn_supervisor(std::time::Duration::from_millis(100));
         crate::status::spawn_sampler(Arc::downgrade(&state));
+        if let Some(keys) = &state.keys {
+            crate::auth::spawn_watch(keys);
+        }
         let grace = state.server.shutdown_timeout;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         {
@@ -153,11 +177,16 @@ impl App {
                 admin,
                 admin_router,
                 limits,
+                None,
                 stop,
                 grace,
             ));
         }
-        if !crate::listener::serve(listener, router, limits, stop_rx, grace).await {
+        if let Some(tls) = &self.tls {
+            tls.spawn_watch();
+        }
+        if !crate::listener::serve(listener, router, limits, self.tls.clone(), stop_rx, grace).await
+        {
             tracing::warn!(?grace, "requests still open at the shutdown deadline");
         }
         let undelivered = state.producers.flush(grace).await;

@@ -23,3 +23,30 @@ pub async fn signal() {
         () = term => tracing::info!("SIGTERM received"),
     }
 }
+
+/// SIGHUPs, one `next()` per signal; never resolves where there are none.
+pub struct Hangups(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
+
+/// Listens for SIGHUP (reload keys and certificates).
+pub fn hangups() -> Hangups {
+    #[cfg(unix)]
+    {
+        Hangups(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok())
+    }
+    #[cfg(not(unix))]
+    {
+        Hangups()
+    }
+}
+
+impl Hangups {
+    /// The next SIGHUP.
+    pub async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = &mut self.0 {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await;
+    }
+}

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::auth::{Bucket, ClientSubject, Denied, Key, Keys};
 use crate::config::{Config, Partitioner, ServerConfig};
 use crate::hook::Hook;
 use crate::kafka::Producers;
@@ -43,6 +44,9 @@ pub struct AppState {
     pub decode_limits: crate::decode::Limits,
     /// How often topic metadata is refreshed.
     pub metadata_refresh: Duration,
+    /// API keys, when auth is on.
+    pub keys: Option<Arc<Keys>>,
+    global_limit: Option<Bucket>,
     served: Vec<Arc<Served>>,
     default_partitioner: Partitioner,
     topic_partitioner: HashMap<String, Partitioner>,
@@ -80,7 +84,20 @@ impl AppState {
                 })
             })
             .collect();
+        let auth = &config.auth;
+        let keys = match (&auth.keys_file, auth.keys.is_empty()) {
+            (None, true) => None,
+            _ => Some(Arc::new(
+                Keys::load(&auth.keys, auth.keys_file.as_deref())
+                    .map_err(|e| format!("auth: {e}"))?,
+            )),
+        };
+        if auth.global_rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+            return Err("auth.global_rate must be above 0".into());
+        }
         Ok(AppState {
+            keys,
+            global_limit: auth.global_rate.map(|r| Bucket::new(r, auth.global_burst)),
             server: config.server.clone(),
             allow,
             producers,
@@ -98,6 +115,36 @@ impl AppState {
             topic_partitioner,
             shutting_down: AtomicBool::new(false),
         })
+    }
+
+    /// The key a request presents (client certificate subject, `Authorization: Bearer` or
+    /// `X-Api-Key`), checked before anything else; `None` when auth is off. Also takes a token
+    /// from the global rate limit.
+    pub fn authenticate(
+        &self,
+        parts: &axum::http::request::Parts,
+    ) -> Result<Option<Arc<Key>>, Denied> {
+        if let Some(bucket) = &self.global_limit {
+            bucket
+                .take()
+                .map_err(|wait| Denied::Limited(wait.as_secs_f64().ceil().max(1.0) as u64))?;
+        }
+        let Some(keys) = &self.keys else {
+            return Ok(None);
+        };
+        let set = keys.current();
+        if let Some(key) = parts
+            .extensions
+            .get::<ClientSubject>()
+            .and_then(|s| set.by_subject(&s.0))
+        {
+            return Ok(Some(key));
+        }
+        let presented = crate::auth::presented(&parts.headers)
+            .ok_or(Denied::Unauthenticated("API key required"))?;
+        set.find(presented)
+            .map(Some)
+            .ok_or(Denied::Unauthenticated("unknown API key"))
     }
 
     /// The served routes.

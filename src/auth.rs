@@ -1,0 +1,410 @@
+//! API keys and rate limits. Keys are configured by their SHA-256 digest, never in clear; a
+//! presented key is hashed and compared against every configured digest in constant time, so
+//! neither the position of the first differing byte nor which key matched shows in the timing.
+//! Each key names the topics and modes it may use and may carry its own token bucket.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::http::HeaderMap;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::Mode;
+use crate::routes::Allowlist;
+
+/// One API key as configured.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Name, for logs and metrics.
+    pub name: String,
+    /// Hex SHA-256 of the key (`kafboy hash-key` prints one). Optional when the key is a client
+    /// certificate subject only.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// With mTLS: a client certificate with this subject (e.g. `CN=partner-a`) is this key.
+    #[serde(default)]
+    pub client_cert_subject: Option<String>,
+    /// Topics it may write: exact names and `prefix*`. Empty: none.
+    pub topics: Vec<String>,
+    /// Modes it may use. Empty: all.
+    #[serde(default)]
+    pub modes: Vec<Mode>,
+    /// Its own limit in requests per second. Default: none.
+    #[serde(default)]
+    pub rate: Option<f64>,
+    /// Requests it may send at once above the rate. Default: one second's worth.
+    #[serde(default)]
+    pub burst: Option<f64>,
+}
+
+/// The key file: `[[keys]]` entries, as in `[[auth.keys]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    #[serde(default)]
+    keys: Vec<KeyConfig>,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug)]
+pub struct Bucket {
+    rate: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub fn new(rate: f64, burst: Option<f64>) -> Bucket {
+        let burst = burst.unwrap_or(rate).max(1.0);
+        Bucket {
+            rate,
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    pub fn take(&self) -> Result<(), Duration> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let tokens =
+            (state.0 + now.duration_since(state.1).as_secs_f64() * self.rate).min(self.burst);
+        if tokens >= 1.0 {
+            *state = (tokens - 1.0, now);
+            Ok(())
+        } else {
+            *state = (tokens, now);
+            Err(Duration::from_secs_f64((1.0 - tokens) / self.rate))
+        }
+    }
+}
+
+/// A key ready to check requests against.
+#[derive(Debug)]
+pub struct Key {
+    /// Its name.
+    pub name: String,
+    digest: Option<[u8; 32]>,
+    subject: Option<String>,
+    topics: Allowlist,
+    modes: Vec<Mode>,
+    bucket: Option<Bucket>,
+}
+
+/// Why a request was not let through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    /// 401: no key, or not a key we know.
+    Unauthenticated(&'static str),
+    /// 403: a known key that may not do this.
+    Forbidden(String),
+    /// 429: over a rate limit; retry after this many seconds.
+    Limited(u64),
+}
+
+/// The set of keys in force; replaced whole on reload.
+#[derive(Debug, Default)]
+pub struct KeySet {
+    keys: Vec<Arc<Key>>,
+}
+
+impl KeySet {
+    /// Builds keys from config; errors name the entry.
+    pub fn new(configs: &[KeyConfig]) -> Result<KeySet, String> {
+        let keys = configs
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                Key::new(k)
+                    .map(Arc::new)
+                    .map_err(|e| format!("keys[{i}] ({}): {e}", k.name))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(KeySet { keys })
+    }
+
+    /// The key whose digest matches `presented`. Every configured digest is compared, whatever
+    /// matched earlier, each comparison in constant time.
+    pub fn find(&self, presented: &[u8]) -> Option<Arc<Key>> {
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        let mut found = None;
+        for key in &self.keys {
+            let Some(d) = &key.digest else { continue };
+            if bool::from(d.ct_eq(&digest)) {
+                found = Some(key);
+            }
+        }
+        found.cloned()
+    }
+
+    /// The key a client certificate subject stands for.
+    pub fn by_subject(&self, subject: &str) -> Option<Arc<Key>> {
+        self.keys
+            .iter()
+            .find(|k| k.subject.as_deref() == Some(subject))
+            .cloned()
+    }
+}
+
+impl Key {
+    fn new(c: &KeyConfig) -> Result<Key, String> {
+        let digest = match &c.sha256 {
+            Some(hex) => Some(parse_hex32(hex).ok_or("sha256 must be 64 hex digits")?),
+            None => None,
+        };
+        if digest.is_none() && c.client_cert_subject.is_none() {
+            return Err("needs sha256 or client_cert_subject".into());
+        }
+        if c.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+            return Err("rate must be above 0".into());
+        }
+        Ok(Key {
+            name: c.name.clone(),
+            digest,
+            subject: c.client_cert_subject.clone(),
+            topics: Allowlist::new(&c.topics)?,
+            modes: c.modes.clone(),
+            bucket: c.rate.map(|r| Bucket::new(r, c.burst)),
+        })
+    }
+
+    /// Whether this key may write `topic` in `mode`, and has a token left.
+    pub fn permit(&self, topic: &str, mode: Mode) -> Result<(), Denied> {
+        if !self.modes.is_empty() && !self.modes.contains(&mode) {
+            return Err(Denied::Forbidden(format!(
+                "key {} may not use mode {}",
+                self.name,
+                mode.as_str()
+            )));
+        }
+        if self.topics.is_empty() || !self.topics.allows(topic) {
+            return Err(Denied::Forbidden(format!(
+                "key {} may not write topic {topic:?}",
+                self.name
+            )));
+        }
+        match &self.bucket {
+            Some(b) => b
+                .take()
+                .map_err(|wait| Denied::Limited(wait.as_secs_f64().ceil().max(1.0) as u64)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The subject of the client certificate a TLS connection presented (mTLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSubject(pub String);
+
+/// The key a request presents: `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
+pub fn presented(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(v) = headers.get("x-api-key") {
+        return Some(v.as_bytes());
+    }
+    let auth = headers.get(axum::http::header::AUTHORIZATION)?.as_bytes();
+    let (scheme, rest) = auth.split_at(auth.iter().position(|b| *b == b' ')?);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| rest.trim_ascii())
+}
+
+fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new random key and its SHA-256, for `kafboy hash-key`.
+pub fn new_key() -> (String, String) {
+    let raw: [u8; 32] = rand::random();
+    let key = format!("kb_{}", hex(&raw));
+    let digest = hex(&Sha256::digest(key.as_bytes()));
+    (key, digest)
+}
+
+/// The keys in force: from `[[auth.keys]]` plus `auth.keys_file`, reloadable.
+#[derive(Debug)]
+pub struct Keys {
+    inline: Vec<KeyConfig>,
+    file: Option<PathBuf>,
+    current: RwLock<Arc<KeySet>>,
+    loaded_at: Mutex<Option<SystemTime>>,
+}
+
+impl Keys {
+    /// Loads the inline keys and the key file; any error is a config error.
+    pub fn load(inline: &[KeyConfig], file: Option<&Path>) -> Result<Keys, String> {
+        let keys = Keys {
+            inline: inline.to_vec(),
+            file: file.map(Path::to_path_buf),
+            current: RwLock::default(),
+            loaded_at: Mutex::new(None),
+        };
+        let (set, mtime) = keys.read()?;
+        *keys.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        *keys.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = mtime;
+        Ok(keys)
+    }
+
+    fn read(&self) -> Result<(KeySet, Option<SystemTime>), String> {
+        let mut all = self.inline.clone();
+        let mut mtime = None;
+        if let Some(path) = &self.file {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            let parsed: KeyFile =
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            all.extend(parsed.keys);
+        }
+        Ok((KeySet::new(&all)?, mtime))
+    }
+
+    /// The keys in force now.
+    pub fn current(&self) -> Arc<KeySet> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the key file; a bad file keeps the keys in force and says why.
+    pub fn reload(&self) -> Result<usize, String> {
+        let (set, mtime) = self.read()?;
+        let count = set.keys.len();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = mtime;
+        Ok(count)
+    }
+
+    /// Whether the key file changed since it was last read.
+    pub fn file_changed(&self) -> bool {
+        let Some(path) = &self.file else { return false };
+        let now = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        now.is_some() && now != *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Re-reads the key file on SIGHUP and when it changes (checked every 2 s), for as long as the
+/// keys are in use.
+pub fn spawn_watch(keys: &Arc<Keys>) {
+    let weak = Arc::downgrade(keys);
+    tokio::spawn(async move {
+        let mut hangups = crate::shutdown::hangups();
+        loop {
+            let signalled = tokio::select! {
+                () = hangups.next() => true,
+                () = tokio::time::sleep(Duration::from_secs(2)) => false,
+            };
+            let Some(keys) = weak.upgrade() else { return };
+            if !signalled && !keys.file_changed() {
+                continue;
+            }
+            match keys.reload() {
+                Ok(count) => tracing::info!(keys = count, "API keys reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "API keys not reloaded; the previous keys stay in force")
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str, secret: &str, topics: &[&str]) -> KeyConfig {
+        KeyConfig {
+            name: name.into(),
+            sha256: Some(hex(&Sha256::digest(secret.as_bytes()))),
+            client_cert_subject: None,
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            modes: vec![],
+            rate: None,
+            burst: None,
+        }
+    }
+
+    #[test]
+    fn keys_match_by_digest_only() {
+        let set =
+            KeySet::new(&[key("a", "secret-a", &["t"]), key("b", "secret-b", &["u*"])]).unwrap();
+        assert_eq!(set.find(b"secret-b").unwrap().name, "b");
+        assert!(set.find(b"secret-c").is_none());
+        assert!(set.find(b"").is_none());
+        // Any single differing byte, first or last, fails the same way.
+        for i in 0..8 {
+            let mut k = b"secret-a".to_vec();
+            k[i] ^= 1;
+            assert!(set.find(&k).is_none());
+        }
+    }
+
+    #[test]
+    fn permissions_by_topic_and_mode() {
+        let mut c = key("w", "s", &["clicks", "web.*"]);
+        c.modes = vec![Mode::Async];
+        let set = KeySet::new(&[c]).unwrap();
+        let k = set.find(b"s").unwrap();
+        assert!(k.permit("clicks", Mode::Async).is_ok());
+        assert!(k.permit("web.x", Mode::Async).is_ok());
+        assert!(matches!(
+            k.permit("other", Mode::Async),
+            Err(Denied::Forbidden(_))
+        ));
+        assert!(matches!(
+            k.permit("clicks", Mode::Sync),
+            Err(Denied::Forbidden(_))
+        ));
+    }
+
+    #[test]
+    fn buckets_refuse_past_the_burst_and_say_when() {
+        let b = Bucket::new(2.0, Some(3.0));
+        assert!((0..3).all(|_| b.take().is_ok()));
+        let wait = b.take().unwrap_err();
+        assert!(
+            wait <= Duration::from_millis(500) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn presented_keys() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented(&h), None);
+        h.insert("authorization", "Bearer  abc ".parse().unwrap());
+        assert_eq!(presented(&h), Some(&b"abc"[..]));
+        h.insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(presented(&h), None);
+        h.insert("x-api-key", "xyz".parse().unwrap());
+        assert_eq!(presented(&h), Some(&b"xyz"[..]));
+    }
+
+    #[test]
+    fn bad_entries_are_named() {
+        let mut c = key("bad", "s", &["t"]);
+        c.sha256 = Some("zz".into());
+        assert!(KeySet::new(&[c]).unwrap_err().contains("keys[0] (bad)"));
+        let (k, d) = new_key();
+        assert!(k.starts_with("kb_") && d.len() == 64);
+        assert_eq!(hex(&Sha256::digest(k.as_bytes())), d);
+    }
+}
