@@ -110,8 +110,9 @@ impl Default for HookConfig {
 pub struct ServerConfig {
     /// Address to listen on. Default `127.0.0.1:8000` (the original's port, loopback only).
     pub listen: SocketAddr,
-    /// A second address for `/metrics` (then served only there), `/health`, `/ready` and the
-    /// status page, e.g. to keep them off a public listener. Default: none.
+    /// A second address serving `/metrics` (which then leaves the main listener), `/health`,
+    /// `/ready`, the status page and `/openapi.json` (which stay on the main listener too).
+    /// Default: none.
     pub admin_listen: Option<SocketAddr>,
     /// Serve HTTPS on `listen` with these files. Default: plain HTTP.
     pub tls: Option<TlsConfig>,
@@ -252,8 +253,58 @@ pub struct KafkaConfig {
     /// `/metrics` and the status page; 0 turns them off. Default 5s.
     #[serde(with = "humantime_serde")]
     pub statistics_interval: Duration,
+    /// TLS to the brokers. Default: plaintext.
+    pub tls: Option<KafkaTlsConfig>,
+    /// SASL authentication to the brokers. Default: none.
+    pub sasl: Option<SaslConfig>,
     /// Any other librdkafka property, as strings. Keys set by the typed fields above are refused.
     pub options: BTreeMap<String, String>,
+}
+
+/// TLS to the brokers (`security.protocol` ssl, or sasl_ssl with `[kafka.sasl]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaTlsConfig {
+    /// PEM CA bundle to verify the brokers with. Default: the system's.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for brokers that require one.
+    pub cert_file: Option<PathBuf>,
+    /// PEM client key.
+    pub key_file: Option<PathBuf>,
+    /// Environment variable holding the client key's password, if it has one.
+    pub key_password_env: Option<String>,
+    /// Skip checking that the broker certificate names the host. Default false.
+    pub skip_hostname_check: bool,
+}
+
+/// SASL to the brokers. The password comes from the environment or a file, never from the TOML.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SaslConfig {
+    /// `plain`, `scram-sha-256` or `scram-sha-512`.
+    pub mechanism: SaslMechanism,
+    /// User name.
+    pub username: String,
+    /// Environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// File holding the password (a trailing newline is dropped).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// SASL mechanism, named as Kafka names them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum SaslMechanism {
+    /// PLAIN (use it over TLS only).
+    #[serde(rename = "plain", alias = "PLAIN")]
+    Plain,
+    /// SCRAM-SHA-256.
+    #[serde(rename = "scram-sha-256", alias = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM-SHA-512.
+    #[serde(rename = "scram-sha-512", alias = "SCRAM-SHA-512")]
+    ScramSha512,
 }
 
 /// `acks`.
@@ -332,9 +383,9 @@ pub enum Partitioner {
     Random,
     /// Each partition in turn, per topic.
     RoundRobin,
-    /// Java-compatible murmur2 of the key (records without a key fall back to `sticky`).
+    /// Java-compatible murmur2 of the key; a request without a key gets 400.
     KeyHash,
-    /// librdkafka's sticky partitioning: keyless records fill one partition's batch, then move.
+    /// One partition for 10 ms at a time, key or no key.
     Sticky,
 }
 
@@ -438,6 +489,8 @@ impl Default for KafkaConfig {
             unknown_topic_ttl: Duration::from_secs(2),
             auto_create_topics: false,
             statistics_interval: Duration::from_secs(5),
+            tls: None,
+            sasl: None,
             options: BTreeMap::new(),
         }
     }

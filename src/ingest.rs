@@ -37,7 +37,10 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
     let id = request.extensions().get::<RequestId>().cloned();
     let mut topic = None;
     let response = match ingest(&app, &served.route, &served.hook, request, &mut topic).await {
-        Ok(reply) => reply.into_response(),
+        Ok(reply) => {
+            served.metrics.records(reply.records());
+            reply.into_response()
+        }
         Err(error) => {
             let (status, path) = (error.status(), &served.route.path);
             let id = id.as_ref().map_or("-", |i| i.0.as_str());

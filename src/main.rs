@@ -94,12 +94,18 @@ fn check_config(file: &std::path::Path, overrides: &Overrides) -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_error(&e.to_string()),
     };
-    // Building checks what parsing cannot: routes, hooks, librdkafka properties. Nothing is
-    // bound and no broker is contacted.
-    if let Err(e) = App::build(&config) {
+    // What parsing cannot check: routes, hooks, keys, librdkafka properties. Nothing is bound
+    // and no producer is created, so no broker is contacted.
+    if let Err(e) = kafboy::state::AppState::check(&config) {
         return config_error(&e);
     }
-    match toml::to_string_pretty(&config) {
+    let mut shown = config.clone();
+    for (key, value) in shown.kafka.options.iter_mut() {
+        if key.contains("password") || key.contains("secret") {
+            *value = "<redacted>".into();
+        }
+    }
+    match toml::to_string_pretty(&shown) {
         Ok(text) => {
             // A closed pipe (`| head`) is not an error worth a panic.
             let mut out = std::io::stdout().lock();

@@ -22,8 +22,9 @@ pub const ACCEPTED: &str = "kafboy_records_accepted_total";
 pub const DELIVERED: &str = "kafboy_records_delivered_total";
 /// Records that failed after they were queued, by topic and reason.
 pub const FAILED: &str = "kafboy_records_failed_total";
-/// Records refused before they were queued (queue full, fatal error, shutting down), by topic
-/// and reason. Nothing is ever dropped silently: a refused record got a 503.
+/// Records the producer refused to queue (`queue_full`, `fatal`, `too_big`, `refused`), by topic
+/// and reason; each got a 503 (413 for `too_big`), never a 2xx. Requests refused earlier
+/// (bad input, unknown topic, shutting down) are counted in [`REQUESTS`] only.
 pub const DROPPED: &str = "kafboy_records_dropped_total";
 /// Records in kafboy's queue accounting, by producer.
 pub const QUEUED: &str = "kafboy_producer_queued_records";
@@ -37,10 +38,19 @@ pub const BROKER_RTT: &str = "kafboy_broker_rtt_seconds";
 pub const BROKER_RETRIES: &str = "kafboy_broker_retries_total";
 /// Requests to a broker that timed out, by producer and broker.
 pub const BROKER_TIMEOUTS: &str = "kafboy_broker_request_timeouts_total";
-/// Records per batch librdkafka sent, by producer and quantile.
+/// Records per batch librdkafka sent, by producer, topic label and quantile.
 pub const BATCH_RECORDS: &str = "kafboy_kafka_batch_records";
 /// 1 when `/ready` answers 200.
 pub const READY: &str = "kafboy_ready";
+
+/// Milliseconds since the process first asked, a cheap monotonic clock for throttles.
+pub fn uptime_ms() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
 
 /// The recorder, installed once per process (tests build many servers in one process).
 pub fn handle() -> &'static PrometheusHandle {
@@ -155,9 +165,11 @@ impl RouteMetrics {
 
     /// One request answered with `status` after `elapsed`.
     pub fn request(&self, status: u16, elapsed: Duration) {
-        let class = match status {
-            200..=299 => "2xx",
-            400..=499 => "4xx",
+        let class = match status / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
             _ => "5xx",
         };
         counter!(REQUESTS, "route" => self.route.clone(), "mode" => self.mode, "class" => class)
@@ -183,9 +195,19 @@ pub struct BrokerState {
 }
 
 /// Exports one producer's librdkafka statistics and keeps the broker view for the status page.
-pub fn statistics(producer: &str, stats: &Statistics, brokers: &Mutex<Vec<BrokerState>>) {
+pub fn statistics(
+    producer: &str,
+    stats: &Statistics,
+    topics: &Topics,
+    brokers: &Mutex<Vec<BrokerState>>,
+) {
     let mut view = Vec::new();
-    for b in stats.brokers.values().filter(|b| b.nodeid >= 0) {
+    // A broker librdkafka never needed to connect to stays in INIT; it is not down.
+    for b in stats
+        .brokers
+        .values()
+        .filter(|b| b.nodeid >= 0 && b.state != "INIT")
+    {
         let labels = [
             ("producer", producer.to_string()),
             ("broker", b.name.clone()),
@@ -214,9 +236,14 @@ pub fn statistics(producer: &str, stats: &Statistics, brokers: &Mutex<Vec<Broker
         });
     }
     for t in stats.topics.values().filter(|t| t.batchcnt.cnt > 0) {
+        let label = topics.get(&t.topic).label.to_string();
         for (q, v) in [("0.5", t.batchcnt.p50), ("0.99", t.batchcnt.p99)] {
-            gauge!(BATCH_RECORDS, "producer" => producer.to_string(), "quantile" => q)
-                .set(v as f64);
+            let l = [
+                ("producer", producer.to_string()),
+                ("topic", label.clone()),
+                ("quantile", q.to_string()),
+            ];
+            gauge!(BATCH_RECORDS, &l).set(v as f64);
         }
     }
     view.sort_by(|a, b| a.name.cmp(&b.name));

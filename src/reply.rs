@@ -142,6 +142,17 @@ struct AcceptedBody {
     ok: usize,
 }
 
+impl Reply {
+    /// Records the request queued or wrote (0 for a hook's own reply).
+    pub fn records(&self) -> usize {
+        match self {
+            Reply::Accepted(n) => *n,
+            Reply::Acked { written, .. } => written.len(),
+            Reply::Custom { .. } => 0,
+        }
+    }
+}
+
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
         use crate::server::json;

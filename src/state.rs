@@ -56,24 +56,14 @@ pub struct AppState {
 impl AppState {
     /// Checks the config and builds routes, hooks and producers. Errors name the key at fault.
     pub fn build(config: &Config, rust_hook: Option<Arc<dyn Hook>>) -> Result<AppState, String> {
-        if config.server.max_body_bytes > config.kafka.message_max_bytes {
-            return Err(format!(
-                "server.max_body_bytes ({}) exceeds kafka.message_max_bytes ({})",
-                config.server.max_body_bytes, config.kafka.message_max_bytes
-            ));
-        }
-        let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
-        let allow = Allowlist::new(&config.topics.allow)?;
-        let mut topic_partitioner = HashMap::new();
-        for (topic, o) in &config.topics.overrides {
-            routes::validate_topic(topic).map_err(|e| format!("topics.overrides.{topic}: {e}"))?;
-            if let Some(p) = o.partitioner {
-                topic_partitioner.insert(topic.clone(), p);
-            }
-        }
-        let topic_metrics = Arc::new(metrics::Topics::new(labelled_topics(config, &routes)));
+        let checked = Checked::new(config, rust_hook)?;
+        let topic_metrics = Arc::new(metrics::Topics::new(labelled_topics(
+            config,
+            &checked.routes,
+        )));
         let producers = Arc::new(Producers::build(config, &topic_metrics)?);
-        let served = routes
+        let served = checked
+            .routes
             .into_iter()
             .map(|(route, hook)| {
                 let metrics = RouteMetrics::new(&route.path, route.mode.as_str());
@@ -85,21 +75,11 @@ impl AppState {
             })
             .collect();
         let auth = &config.auth;
-        let keys = match (&auth.keys_file, auth.keys.is_empty()) {
-            (None, true) => None,
-            _ => Some(Arc::new(
-                Keys::load(&auth.keys, auth.keys_file.as_deref())
-                    .map_err(|e| format!("auth: {e}"))?,
-            )),
-        };
-        if auth.global_rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
-            return Err("auth.global_rate must be above 0".into());
-        }
         Ok(AppState {
-            keys,
+            keys: checked.keys,
             global_limit: auth.global_rate.map(|r| Bucket::new(r, auth.global_burst)),
             server: config.server.clone(),
-            allow,
+            allow: checked.allow,
             producers,
             topic_metrics,
             stats: Stats::default(),
@@ -112,9 +92,16 @@ impl AppState {
             metadata_refresh: config.kafka.metadata_refresh,
             served,
             default_partitioner: config.topics.partitioner,
-            topic_partitioner,
+            topic_partitioner: checked.topic_partitioner,
             shutting_down: AtomicBool::new(false),
         })
+    }
+
+    /// Everything [`AppState::build`] checks, without creating producers, so no broker is
+    /// contacted (`kafboy check-config`).
+    pub fn check(config: &Config) -> Result<(), String> {
+        Checked::new(config, None)?;
+        crate::kafka::check(config)
     }
 
     /// The key a request presents (client certificate subject, `Authorization: Bearer` or
@@ -202,4 +189,49 @@ fn labelled_topics(
     names.sort();
     names.dedup();
     names
+}
+
+/// The parts of a config that are checked and compiled before any producer exists.
+struct Checked {
+    routes: Vec<(Arc<Route>, crate::ingest::RouteHook)>,
+    allow: Allowlist,
+    topic_partitioner: HashMap<String, Partitioner>,
+    keys: Option<Arc<Keys>>,
+}
+
+impl Checked {
+    fn new(config: &Config, rust_hook: Option<Arc<dyn Hook>>) -> Result<Checked, String> {
+        if config.server.max_body_bytes > config.kafka.message_max_bytes {
+            return Err(format!(
+                "server.max_body_bytes ({}) exceeds kafka.message_max_bytes ({})",
+                config.server.max_body_bytes, config.kafka.message_max_bytes
+            ));
+        }
+        let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
+        let allow = Allowlist::new(&config.topics.allow)?;
+        let mut topic_partitioner = HashMap::new();
+        for (topic, o) in &config.topics.overrides {
+            routes::validate_topic(topic).map_err(|e| format!("topics.overrides.{topic}: {e}"))?;
+            if let Some(p) = o.partitioner {
+                topic_partitioner.insert(topic.clone(), p);
+            }
+        }
+        let auth = &config.auth;
+        if auth.global_rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+            return Err("auth.global_rate must be above 0".into());
+        }
+        let keys = match (&auth.keys_file, auth.keys.is_empty()) {
+            (None, true) => None,
+            _ => Some(Arc::new(
+                Keys::load(&auth.keys, auth.keys_file.as_deref())
+                    .map_err(|e| format!("auth: {e}"))?,
+            )),
+        };
+        Ok(Checked {
+            routes,
+            allow,
+            topic_partitioner,
+            keys,
+        })
+    }
 }

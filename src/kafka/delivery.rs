@@ -102,11 +102,15 @@ pub struct Context {
     pub topics: Arc<crate::metrics::Topics>,
     /// Broker states from the latest statistics, for the status page.
     pub brokers: Arc<Mutex<Vec<crate::metrics::BrokerState>>>,
+    /// When the last client error was logged (ms since start), for throttling.
+    pub last_warning: AtomicU64,
+    /// Client errors not logged since then.
+    pub suppressed: AtomicU64,
 }
 
 impl ClientContext for Context {
     fn stats(&self, statistics: rdkafka::Statistics) {
-        crate::metrics::statistics(&self.name, &statistics, &self.brokers);
+        crate::metrics::statistics(&self.name, &statistics, &self.topics, &self.brokers);
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
@@ -126,8 +130,18 @@ impl ClientContext for Context {
 
     fn error(&self, error: KafkaError, reason: &str) {
         self.error_seen.store(true, Ordering::Release);
-        // Transport errors come and go with broker restarts; librdkafka retries them itself.
-        tracing::warn!(producer = %self.name, %error, %reason, "kafka client error");
+        // Transport errors come and go with broker restarts and librdkafka retries them itself;
+        // during an outage they arrive dozens a second, so at most one warning per 10 s.
+        let now = crate::metrics::uptime_ms();
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if last == 0 || now.saturating_sub(last) >= 10_000 {
+            self.last_warning.store(now.max(1), Ordering::Relaxed);
+            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+            tracing::warn!(producer = %self.name, %error, %reason, suppressed, "kafka client error");
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(producer = %self.name, %error, %reason, "kafka client error");
+        }
     }
 }
 

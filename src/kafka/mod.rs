@@ -84,6 +84,62 @@ impl Slot {
     }
 }
 
+/// The librdkafka settings of every producer kafboy will run.
+struct Plan {
+    latency: ClientConfig,
+    batch: ClientConfig,
+    /// One per distinct batch setting among the topic overrides.
+    groups: Vec<ClientConfig>,
+    /// Topic → index in `groups`.
+    batch_by_topic: HashMap<String, usize>,
+}
+
+impl Plan {
+    fn new(config: &Config) -> Result<Plan, String> {
+        let base = client_config(&config.kafka)?;
+        let mut latency = base.clone();
+        latency.set("linger.ms", millis(config.kafka.linger));
+        let mut batch_by_topic = HashMap::new();
+        let mut settings_of: Vec<BatchConfig> = Vec::new();
+        for (topic, o) in &config.topics.overrides {
+            let settings = BatchConfig {
+                batch_size: o.batch_size.unwrap_or(config.batch.batch_size),
+                flush_timeout: o.flush_timeout.unwrap_or(config.batch.flush_timeout),
+            };
+            // The default batching producer already serves these settings.
+            if settings == config.batch {
+                continue;
+            }
+            let index = settings_of
+                .iter()
+                .position(|s| *s == settings)
+                .unwrap_or_else(|| {
+                    settings_of.push(settings);
+                    settings_of.len() - 1
+                });
+            batch_by_topic.insert(topic.clone(), index);
+        }
+        Ok(Plan {
+            latency,
+            batch: batch_config(&base, &config.batch),
+            groups: settings_of.iter().map(|s| batch_config(&base, s)).collect(),
+            batch_by_topic,
+        })
+    }
+}
+
+/// Checks every producer's librdkafka settings without creating a producer (so without
+/// contacting a broker).
+pub fn check(config: &Config) -> Result<(), String> {
+    let plan = Plan::new(config)?;
+    for recipe in [&plan.latency, &plan.batch].into_iter().chain(&plan.groups) {
+        recipe
+            .create_native_config()
+            .map_err(|e| format!("kafka: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Every producer kafboy runs, and the topic cache.
 pub struct Producers {
     latency: Slot,
@@ -103,38 +159,16 @@ impl Producers {
         topics: &Arc<crate::metrics::Topics>,
     ) -> Result<Producers, String> {
         let kafka = Arc::new(config.kafka.clone());
-        let base = client_config(&kafka)?;
-        let mut latency_cfg = base.clone();
-        latency_cfg.set("linger.ms", millis(kafka.linger));
-        let latency = Slot::new("latency", &kafka, latency_cfg, topics)?;
-        let batch = Slot::new("batch", &kafka, batch_config(&base, &config.batch), topics)?;
-        let mut batch_by_topic = HashMap::new();
-        let mut settings_of: Vec<BatchConfig> = Vec::new();
-        let mut groups = Vec::new();
-        for (topic, o) in &config.topics.overrides {
-            if o.batch_size.is_none() && o.flush_timeout.is_none() {
-                continue;
-            }
-            let settings = BatchConfig {
-                batch_size: o.batch_size.unwrap_or(config.batch.batch_size),
-                flush_timeout: o.flush_timeout.unwrap_or(config.batch.flush_timeout),
-            };
-            let index = match settings_of.iter().position(|s| *s == settings) {
-                Some(i) => i,
-                None => {
-                    let name = format!("batch-{}", groups.len() + 1);
-                    groups.push(Slot::new(
-                        &name,
-                        &kafka,
-                        batch_config(&base, &settings),
-                        topics,
-                    )?);
-                    settings_of.push(settings);
-                    groups.len() - 1
-                }
-            };
-            batch_by_topic.insert(topic.clone(), index);
-        }
+        let plan = Plan::new(config)?;
+        let latency = Slot::new("latency", &kafka, plan.latency, topics)?;
+        let batch = Slot::new("batch", &kafka, plan.batch, topics)?;
+        let groups = plan
+            .groups
+            .into_iter()
+            .enumerate()
+            .map(|(i, recipe)| Slot::new(&format!("batch-{}", i + 1), &kafka, recipe, topics))
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch_by_topic = plan.batch_by_topic;
         let topics = Arc::new(Topics::new(
             latency.current().inner.clone(),
             kafka.metadata_timeout,
@@ -289,6 +323,16 @@ const TYPED_KEYS: &[&str] = &[
     "allow.auto.create.topics",
     "partitioner",
     "statistics.interval.ms",
+    "security.protocol",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "ssl.key.password",
+    "ssl.endpoint.identification.algorithm",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.password",
 ];
 
 /// The settings shared by every producer.
@@ -335,6 +379,7 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
             "statistics.interval.ms",
             kafka.statistics_interval.as_millis().to_string(),
         );
+    security(kafka, &mut c)?;
     for (key, value) in &kafka.options {
         if TYPED_KEYS.contains(&key.as_str()) {
             return Err(format!(
@@ -344,4 +389,114 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
         c.set(key, value);
     }
     Ok(c)
+}
+
+/// `security.protocol` and the TLS and SASL properties, secrets read from env or files.
+fn security(kafka: &KafkaConfig, c: &mut ClientConfig) -> Result<(), String> {
+    let protocol = match (&kafka.tls, &kafka.sasl) {
+        (None, None) => "plaintext",
+        (Some(_), None) => "ssl",
+        (None, Some(_)) => "sasl_plaintext",
+        (Some(_), Some(_)) => "sasl_ssl",
+    };
+    c.set("security.protocol", protocol);
+    if let Some(tls) = &kafka.tls {
+        let path = |p: &std::path::PathBuf| p.display().to_string();
+        if let Some(ca) = &tls.ca_file {
+            c.set("ssl.ca.location", path(ca));
+        }
+        if let Some(cert) = &tls.cert_file {
+            c.set("ssl.certificate.location", path(cert));
+        }
+        if let Some(key) = &tls.key_file {
+            c.set("ssl.key.location", path(key));
+        }
+        if let Some(var) = &tls.key_password_env {
+            c.set(
+                "ssl.key.password",
+                secret_from_env(var, "kafka.tls.key_password_env")?,
+            );
+        }
+        let check = if tls.skip_hostname_check {
+            "none"
+        } else {
+            "https"
+        };
+        c.set("ssl.endpoint.identification.algorithm", check);
+    }
+    if let Some(sasl) = &kafka.sasl {
+        use crate::config::SaslMechanism as M;
+        let mechanism = match sasl.mechanism {
+            M::Plain => "PLAIN",
+            M::ScramSha256 => "SCRAM-SHA-256",
+            M::ScramSha512 => "SCRAM-SHA-512",
+        };
+        let password = match (&sasl.password_env, &sasl.password_file) {
+            (Some(var), None) => secret_from_env(var, "kafka.sasl.password_env")?,
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+                .map_err(|e| format!("kafka.sasl.password_file {}: {e}", file.display()))?,
+            _ => {
+                return Err("kafka.sasl: set exactly one of password_env and password_file".into());
+            }
+        };
+        c.set("sasl.mechanisms", mechanism)
+            .set("sasl.username", &sasl.username)
+            .set("sasl.password", password);
+    }
+    Ok(())
+}
+
+fn secret_from_env(var: &str, key: &str) -> Result<String, String> {
+    std::env::var(var).map_err(|_| format!("{key}: environment variable {var} is not set"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{KafkaTlsConfig, SaslConfig, SaslMechanism};
+
+    #[test]
+    fn tls_and_sasl_map_to_librdkafka_properties() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("pw");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let mut kafka = KafkaConfig::default();
+        assert_eq!(
+            client_config(&kafka).unwrap().get("security.protocol"),
+            Some("plaintext")
+        );
+        kafka.sasl = Some(SaslConfig {
+            mechanism: SaslMechanism::ScramSha512,
+            username: "app".into(),
+            password_env: None,
+            password_file: Some(secret.clone()),
+        });
+        let c = client_config(&kafka).unwrap();
+        assert_eq!(c.get("security.protocol"), Some("sasl_plaintext"));
+        assert_eq!(c.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
+        assert_eq!(c.get("sasl.password"), Some("s3cret"));
+        kafka.tls = Some(KafkaTlsConfig {
+            ca_file: Some("/ca.pem".into()),
+            ..Default::default()
+        });
+        let c = client_config(&kafka).unwrap();
+        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(c.get("ssl.ca.location"), Some("/ca.pem"));
+        assert_eq!(
+            c.get("ssl.endpoint.identification.algorithm"),
+            Some("https")
+        );
+        kafka.sasl.as_mut().unwrap().password_env = Some("KAFBOY_TEST_NO_SUCH_VAR".into());
+        assert!(client_config(&kafka).unwrap_err().contains("exactly one"));
+        kafka.sasl.as_mut().unwrap().password_file = None;
+        assert!(
+            client_config(&kafka)
+                .unwrap_err()
+                .contains("KAFBOY_TEST_NO_SUCH_VAR")
+        );
+        kafka.sasl = None;
+        kafka.options.insert("sasl.password".into(), "x".into());
+        assert!(client_config(&kafka).unwrap_err().contains("typed"));
+    }
 }

@@ -2,7 +2,7 @@
 //! optionally with a receiver for its delivery outcome.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -112,6 +112,8 @@ impl Producer {
             error_seen: error_seen.clone(),
             topics: shared.topics.clone(),
             brokers: shared.brokers.clone(),
+            last_warning: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
         };
         let inner = ThreadedProducer::from_config_and_context(&client, context)?;
         Ok(Producer {
