@@ -29,6 +29,8 @@ pub struct Config {
     pub log: LogConfig,
     /// API keys and rate limits.
     pub auth: AuthConfig,
+    /// Other kafboy nodes to hand overflow to.
+    pub cluster: crate::cluster::ClusterConfig,
     /// Extra routes, each with its own mode.
     pub routes: Vec<RouteConfig>,
 }

@@ -58,6 +58,9 @@ pub enum IngestError {
     /// 415: a body type this route does not read.
     #[error("{0}")]
     UnsupportedType(String),
+    /// 503 + Retry-After: no room in the producer queue within the wait; nothing queued.
+    #[error("producer queue full")]
+    QueueFull,
     /// 503 + Retry-After: not accepted; definitely not written.
     #[error("{0}")]
     Unavailable(String),
@@ -99,7 +102,7 @@ impl IngestError {
             IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::UnsupportedType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Unavailable(_) | IngestError::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Unknown(_) => StatusCode::GATEWAY_TIMEOUT,
             IngestError::Rejected { status, .. } | IngestError::Partial { status, .. } => *status,
             IngestError::HookFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -165,7 +168,7 @@ impl From<DecodeError> for IngestError {
 impl From<SendError> for IngestError {
     fn from(e: SendError) -> Self {
         match e {
-            SendError::QueueFull => IngestError::Unavailable("producer queue full".into()),
+            SendError::QueueFull => IngestError::QueueFull,
             SendError::TooBig => {
                 IngestError::TooLarge("request larger than the producer queue".into())
             }

@@ -116,10 +116,38 @@ async fn ingest(
         // Without a hook the topic is known before the body is read, so a bad one costs nothing.
         let info = lookup(app, &topic).await?;
         let body = body::read(incoming, encoding, limit, idle).await?;
+        if let Some(answer) = overflow(app, route.mode, &topic, &parts, &body).await {
+            return Ok(Reply::Relayed(answer));
+        }
+        let raw = app.cluster.is_some().then(|| body.clone());
         let values = decode::decode(kind, body, &app.decode_limits)?;
-        return produce(app, route, route.mode, topic, &info, meta, values, kind).await;
+        return match produce(
+            app,
+            route,
+            route.mode,
+            topic.clone(),
+            &info,
+            meta,
+            values,
+            kind,
+        )
+        .await
+        {
+            // Room ran out while waiting: a peer may still have some.
+            Err(IngestError::QueueFull) if raw.is_some() => {
+                let raw = raw.unwrap_or_default();
+                match overflow_now(app, &parts, raw).await {
+                    Some(answer) => Ok(Reply::Relayed(answer)),
+                    None => Err(IngestError::QueueFull),
+                }
+            }
+            other => other,
+        };
     };
     let body = body::read(incoming, encoding, limit, idle).await?;
+    if let Some(answer) = overflow(app, route.mode, &topic, &parts, &body).await {
+        return Ok(Reply::Relayed(answer));
+    }
     let request = Arc::new(HookRequest::new(
         topic,
         route.mode,
@@ -174,6 +202,60 @@ async fn ingest(
             })
         }
     }
+}
+
+/// Hands the request to a peer when this node's producer queue is past its high-water mark;
+/// `None` to serve it here. A forwarded request is never forwarded again.
+async fn overflow(
+    app: &AppState,
+    mode: Mode,
+    topic: &str,
+    parts: &Parts,
+    body: &Bytes,
+) -> Option<Response> {
+    if parts.headers.contains_key(crate::cluster::HOP) {
+        ::metrics::counter!(crate::metrics::FORWARDED, "direction" => "received").increment(1);
+        app.stats
+            .forwarded_received
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return None;
+    }
+    let cluster = app.cluster.as_ref()?;
+    let (fill, full) = app.producers.for_mode(mode, topic).fill();
+    if !cluster.should_forward(fill, full, &parts.headers) {
+        return None;
+    }
+    let answer = cluster
+        .forward(
+            parts.method.clone(),
+            &parts.uri,
+            &parts.headers,
+            body.clone(),
+        )
+        .await;
+    if answer.is_some() {
+        app.stats
+            .forwarded_sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    answer
+}
+
+/// Hands the request to a peer whatever this node's fill level (its queue just refused it).
+async fn overflow_now(app: &AppState, parts: &Parts, body: Bytes) -> Option<Response> {
+    let cluster = app.cluster.as_ref()?;
+    if !cluster.should_forward(1.0, true, &parts.headers) {
+        return None;
+    }
+    let answer = cluster
+        .forward(parts.method.clone(), &parts.uri, &parts.headers, body)
+        .await;
+    if answer.is_some() {
+        app.stats
+            .forwarded_sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    answer
 }
 
 /// Applies a hook's edits: topic (checked again), key, partition, headers, body.

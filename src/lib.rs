@@ -4,6 +4,7 @@
 //! - [`config`]: the configuration tree (TOML, `KAFBOY_*` env, flags).
 //! - [`routes`]: routes compiled from config; topic name rules and the allowlist.
 //! - [`auth`]: API keys and rate limits.
+//! - [`cluster`]: peers, their health, and forwarding overflow to them.
 //! - [`body`]: reading request bodies under size, time and compression limits.
 //! - [`decode`]: request bodies to record values (JSON gate, form → JSON, NDJSON).
 //! - [`ingest`]: the produce handler.
@@ -24,6 +25,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod cluster;
 pub mod config;
 pub mod decode;
 pub mod demo;

@@ -40,6 +40,10 @@ pub const BROKER_RETRIES: &str = "kafboy_broker_retries_total";
 pub const BROKER_TIMEOUTS: &str = "kafboy_broker_request_timeouts_total";
 /// Records per batch librdkafka sent, by producer, topic label and quantile.
 pub const BATCH_RECORDS: &str = "kafboy_kafka_batch_records";
+/// Requests handed to a peer (`direction="sent"`) or taken from one (`direction="received"`).
+pub const FORWARDED: &str = "kafboy_forwarded_requests_total";
+/// 1 when a peer answered `/ready` with 200 at the last check, by peer URL.
+pub const PEER_READY: &str = "kafboy_peer_ready";
 /// 1 when `/ready` answers 200.
 pub const READY: &str = "kafboy_ready";
 

@@ -22,6 +22,8 @@ pub enum Reply {
         /// Answer with a `records` list even for one record (NDJSON bodies).
         list: bool,
     },
+    /// A peer's answer to a forwarded request, relayed as it is.
+    Relayed(Response),
     /// A reply chosen by a hook, sent as it is.
     Custom {
         /// Status.
@@ -148,7 +150,7 @@ impl Reply {
         match self {
             Reply::Accepted(n) => *n,
             Reply::Acked { written, .. } => written.len(),
-            Reply::Custom { .. } => 0,
+            Reply::Custom { .. } | Reply::Relayed(_) => 0,
         }
     }
 }
@@ -157,6 +159,7 @@ impl IntoResponse for Reply {
     fn into_response(self) -> Response {
         use crate::server::json;
         match self {
+            Reply::Relayed(response) => response,
             Reply::Accepted(n) => json(StatusCode::ACCEPTED, &AcceptedBody { ok: n }),
             Reply::Acked {
                 topic,

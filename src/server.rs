@@ -147,6 +147,9 @@ impl App {
             .producers
             .spawn_supervisor(std::time::Duration::from_millis(100));
         crate::status::spawn_sampler(Arc::downgrade(&state));
+        if let Some(cluster) = &state.cluster {
+            cluster.spawn();
+        }
         if let Some(keys) = &state.keys {
             crate::auth::spawn_watch(keys);
         }
@@ -246,6 +249,7 @@ fn operations(with_metrics: bool) -> Router<Arc<AppState>> {
         .route("/status.json", get(crate::status::status_json))
         .route("/openapi.json", get(crate::openapi::serve))
         .route("/health", get(health))
+        .route("/disco", get(disco))
         .route("/ready", get(ready));
     if with_metrics {
         router.route("/metrics", get(metrics))
@@ -254,13 +258,30 @@ fn operations(with_metrics: bool) -> Router<Arc<AppState>> {
     }
 }
 
+/// `GET /disco`: this node's name and the URL peers reach it at, as plain text.
+async fn disco(State(app): State<Arc<AppState>>) -> Response {
+    let text = match &app.cluster {
+        Some(c) => format!("{} {}\n", c.name, c.url),
+        None => format!("kafboy@{}\n", app.server.listen),
+    };
+    let mut response = (StatusCode::OK, text).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
 async fn health() -> Response {
     json(StatusCode::OK, &serde_json::json!({ "ok": "alive" }))
 }
 
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
     match app.not_ready() {
-        None => json(StatusCode::OK, &serde_json::json!({ "ok": "ready" })),
+        None => json(
+            StatusCode::OK,
+            &serde_json::json!({ "ok": "ready", "headroom": app.headroom() }),
+        ),
         Some(why) => IngestError::Unavailable(format!("not ready: {why}")).into_response(),
     }
 }

@@ -44,6 +44,8 @@ pub struct AppState {
     pub decode_limits: crate::decode::Limits,
     /// How often topic metadata is refreshed.
     pub metadata_refresh: Duration,
+    /// Peers to hand overflow to, when configured.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// API keys, when auth is on.
     pub keys: Option<Arc<Keys>>,
     global_limit: Option<Bucket>,
@@ -75,7 +77,10 @@ impl AppState {
             })
             .collect();
         let auth = &config.auth;
+        let cluster =
+            crate::cluster::Cluster::new(&config.cluster, config.server.listen)?.map(Arc::new);
         Ok(AppState {
+            cluster,
             keys: checked.keys,
             global_limit: auth.global_rate.map(|r| Bucket::new(r, auth.global_burst)),
             server: config.server.clone(),
@@ -132,6 +137,17 @@ impl AppState {
         set.find(presented)
             .map(Some)
             .ok_or(Denied::Unauthenticated("unknown API key"))
+    }
+
+    /// Free share of the fullest producer queue, 0 to 1, for peers choosing where to forward.
+    pub fn headroom(&self) -> f64 {
+        let fullest = self
+            .producers
+            .all()
+            .iter()
+            .map(|p| p.fill().0)
+            .fold(0.0, f64::max);
+        1.0 - fullest
     }
 
     /// The served routes.

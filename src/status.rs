@@ -28,6 +28,10 @@ pub struct Stats {
     pub answers: [AtomicU64; 3],
     /// Records queued.
     pub accepted: AtomicU64,
+    /// Requests handed to a peer.
+    pub forwarded_sent: AtomicU64,
+    /// Requests taken from a peer.
+    pub forwarded_received: AtomicU64,
     history: Mutex<VecDeque<Sample>>,
 }
 
@@ -104,6 +108,7 @@ struct Status {
     topics: Vec<TopicView>,
     totals: Totals,
     producers: Vec<ProducerView>,
+    peers: Vec<crate::cluster::Peer>,
     history: Vec<Sample>,
 }
 
@@ -128,6 +133,8 @@ struct Totals {
     records_accepted: u64,
     records_delivered: u64,
     records_failed: u64,
+    forwarded_sent: u64,
+    forwarded_received: u64,
 }
 
 #[derive(Serialize)]
@@ -169,7 +176,10 @@ pub async fn status_json(State(app): State<Arc<AppState>>) -> Response {
             records_accepted: totals.accepted,
             records_delivered: totals.delivered,
             records_failed: totals.failed,
+            forwarded_sent: app.stats.forwarded_sent.load(Ordering::Relaxed),
+            forwarded_received: app.stats.forwarded_received.load(Ordering::Relaxed),
         },
+        peers: app.cluster.as_ref().map(|c| c.peers()).unwrap_or_default(),
         producers: app
             .producers
             .slots()

@@ -454,6 +454,7 @@ async fn openapi_describes_exactly_the_routes_served() {
         "/",
         "/status.json",
         "/openapi.json",
+        "/disco",
     ];
     want.sort();
     let mut got: Vec<&str> = paths.iter().map(|p| p.as_str()).collect();

@@ -87,6 +87,16 @@ impl Admission {
         self.bytes.add_permits(bytes);
     }
 
+    /// Share of the record budget in use, 0 to 1.
+    pub fn fill(&self) -> f64 {
+        self.queued() as f64 / self.max_records.max(1) as f64
+    }
+
+    /// Whether not even one more record fits.
+    pub fn full(&self) -> bool {
+        self.records.available_permits() == 0
+    }
+
     /// Records currently holding room.
     pub fn queued(&self) -> usize {
         self.max_records - self.records.available_permits()

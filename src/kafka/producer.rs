@@ -212,4 +212,9 @@ impl Producer {
     pub fn queued(&self) -> usize {
         self.admission.queued()
     }
+
+    /// Share of the queue in use, 0 to 1, and whether it is full.
+    pub fn fill(&self) -> (f64, bool) {
+        (self.admission.fill(), self.admission.full())
+    }
 }

@@ -228,10 +228,23 @@ pub async fn serve(app: App) -> Gateway {
     gw
 }
 
+/// Serves an already built app on a listener bound by the caller, and waits until `/ready`.
+pub async fn serve_on(app: App, listener: tokio::net::TcpListener) -> Gateway {
+    let gw = serve_listener(app, listener);
+    gw.wait_ready().await;
+    gw
+}
+
 async fn serve_unready(app: App) -> Gateway {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    serve_listener(
+        app,
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+    )
+}
+
+fn serve_listener(app: App, listener: tokio::net::TcpListener) -> Gateway {
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run(listener, async {

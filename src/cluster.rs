@@ -1,0 +1,363 @@
+//! Nodes that know each other. Every node can take any request (librdkafka routes each record to
+//! its partition leader), so a node whose producer queue is nearly full hands the whole request
+//! (method, path, query, headers, body) to the ready peer with the most headroom and relays its
+//! answer, instead of answering 503. A hop header makes sure a request is forwarded at most once.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use metrics::{counter, gauge};
+use serde::{Deserialize, Serialize};
+
+/// The header a forwarded request carries: the name of the node that forwarded it.
+pub const HOP: &str = "x-kafboy-forwarded-by";
+
+/// Cluster settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name, as `/disco` tells it. Default: `kafboy@<listen address>`.
+    pub name: Option<String>,
+    /// The URL peers reach this node at. Default: `http://<listen address>`.
+    pub advertise_url: Option<String>,
+    /// Peer base URLs, e.g. `http://10.0.0.2:8000`.
+    pub peers: Vec<String>,
+    /// A URL answering peer base URLs, one per line (e.g. a load balancer in front of
+    /// `/disco`-like endpoints or a file server), re-read every `refresh`.
+    pub discovery_url: Option<String>,
+    /// How often the discovery URL is re-read. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+    /// How often peers are asked `/ready`. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// Share of the producer queue above which requests are handed to a peer. Default 0.8.
+    pub high_water: f64,
+    /// Longest wait for a peer's answer to a forwarded request. Default 35s.
+    #[serde(with = "humantime_serde")]
+    pub forward_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            name: None,
+            advertise_url: None,
+            peers: Vec::new(),
+            discovery_url: None,
+            refresh: Duration::from_secs(10),
+            health_interval: Duration::from_secs(1),
+            high_water: 0.8,
+            forward_timeout: Duration::from_secs(35),
+        }
+    }
+}
+
+/// What this node knows of one peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Peer {
+    /// Base URL.
+    pub url: String,
+    /// Answered `/ready` with 200 at the last check.
+    pub ready: bool,
+    /// Free share of its producer queue, from its `/ready`.
+    pub headroom: f64,
+    /// From the static list (kept when discovery drops it).
+    #[serde(skip)]
+    pub fixed: bool,
+}
+
+/// The cluster as this node sees it.
+pub struct Cluster {
+    /// This node's name.
+    pub name: String,
+    /// This node's URL.
+    pub url: String,
+    config: ClusterConfig,
+    peers: RwLock<BTreeMap<String, Peer>>,
+    client: reqwest::Client,
+}
+
+impl Cluster {
+    /// A cluster view from config; `None` when no peers and no discovery URL are configured.
+    pub fn new(
+        config: &ClusterConfig,
+        listen: std::net::SocketAddr,
+    ) -> Result<Option<Cluster>, String> {
+        if config.peers.is_empty() && config.discovery_url.is_none() {
+            return Ok(None);
+        }
+        if !(0.0..=1.0).contains(&config.high_water) {
+            return Err("cluster.high_water must be between 0 and 1".into());
+        }
+        let url = config
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{listen}"));
+        let peers = config
+            .peers
+            .iter()
+            .map(|p| {
+                normalize(p).map(|u| {
+                    (
+                        u.clone(),
+                        Peer {
+                            url: u,
+                            ready: false,
+                            headroom: 0.0,
+                            fixed: true,
+                        },
+                    )
+                })
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| format!("cluster: {e}"))?;
+        Ok(Some(Cluster {
+            name: config
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("kafboy@{listen}")),
+            url: normalize(&url)?,
+            config: config.clone(),
+            peers: RwLock::new(peers),
+            client,
+        }))
+    }
+
+    /// Whether a request should go to a peer: this node is past its high-water mark (or has no
+    /// room at all), the request was not forwarded already, and some peer is ready.
+    pub fn should_forward(&self, fill: f64, full: bool, headers: &HeaderMap) -> bool {
+        (full || fill >= self.config.high_water)
+            && !headers.contains_key(HOP)
+            && self.best().is_some()
+    }
+
+    /// A ready peer with the most headroom; among peers within 10 % of the best, one at random,
+    /// so equally idle peers share the overflow.
+    fn best(&self) -> Option<String> {
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        let ready: Vec<&Peer> = peers
+            .values()
+            .filter(|p| p.ready && p.url != self.url)
+            .collect();
+        let top = ready
+            .iter()
+            .map(|p| p.headroom)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let near: Vec<&&Peer> = ready.iter().filter(|p| p.headroom >= top - 0.1).collect();
+        (!near.is_empty()).then(|| near[rand::random_range(0..near.len())].url.clone())
+    }
+
+    /// The peers, for the status page.
+    pub fn peers(&self) -> Vec<Peer> {
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Sends the request to the best peer and relays its answer. `None` when no peer could take
+    /// it (the caller then answers as it would have).
+    pub async fn forward(
+        &self,
+        method: Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Option<Response> {
+        let peer = self.best()?;
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut request = self
+            .client
+            .request(method, format!("{peer}{path}"))
+            .timeout(self.config.forward_timeout);
+        for (name, value) in headers {
+            if !hop_by_hop(name) {
+                request = request.header(name, value);
+            }
+        }
+        request = request.header(HOP, &self.name).body(body);
+        match request.send().await {
+            Ok(answer) => {
+                counter!(crate::metrics::FORWARDED, "direction" => "sent").increment(1);
+                Some(relay(answer).await)
+            }
+            Err(error) => {
+                // The peer may have taken it (a timeout after sending): that is a 504, not a retry.
+                tracing::warn!(%peer, %error, "forwarding failed");
+                self.mark(&peer, false, 0.0);
+                if error.is_timeout() {
+                    let e = crate::error::IngestError::Unknown(format!(
+                        "peer {peer} did not answer in time"
+                    ));
+                    return Some(e.into_response());
+                }
+                None
+            }
+        }
+    }
+
+    fn mark(&self, url: &str, ready: bool, headroom: f64) {
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(peer) = peers.get_mut(url) {
+            if peer.ready != ready {
+                tracing::info!(peer = %url, ready, "peer state changed");
+            }
+            peer.ready = ready;
+            peer.headroom = headroom;
+            gauge!(crate::metrics::PEER_READY, "peer" => url.to_string()).set(if ready {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+
+    async fn check(&self, url: &str) {
+        let answer = self
+            .client
+            .get(format!("{url}/ready"))
+            .timeout(self.config.health_interval.max(Duration::from_millis(500)))
+            .send()
+            .await;
+        let (ready, headroom) = match answer {
+            Ok(r) if r.status() == StatusCode::OK => {
+                let headroom = json_of(r)
+                    .await
+                    .and_then(|v| v["headroom"].as_f64())
+                    .unwrap_or(0.0);
+                (true, headroom)
+            }
+            _ => (false, 0.0),
+        };
+        self.mark(url, ready, headroom);
+    }
+
+    async fn discover(&self, source: &str) {
+        let listed = match self
+            .client
+            .get(source)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+            Ok(r) => return tracing::warn!(%source, status = %r.status(), "discovery failed"),
+            Err(error) => return tracing::warn!(%source, %error, "discovery failed"),
+        };
+        let found: Vec<String> = listed
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| normalize(l).ok())
+            .collect();
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        peers.retain(|url, p| {
+            let keep = p.fixed || found.contains(url);
+            if !keep {
+                tracing::info!(peer = %url, "peer left the discovery list");
+            }
+            keep
+        });
+        for url in found.into_iter().filter(|u| *u != self.url) {
+            peers.entry(url.clone()).or_insert_with(|| {
+                tracing::info!(peer = %url, "peer joined from the discovery list");
+                Peer {
+                    url,
+                    ready: false,
+                    headroom: 0.0,
+                    fixed: false,
+                }
+            });
+        }
+    }
+
+    /// Health checks every `health_interval` and discovery every `refresh`, for as long as the
+    /// cluster view lives.
+    pub fn spawn(self: &Arc<Self>) {
+        let weak: Weak<Cluster> = Arc::downgrade(self);
+        let interval = self.config.health_interval;
+        let refresh = self.config.refresh;
+        tokio::spawn(async move {
+            let mut since_discovery = refresh;
+            loop {
+                let Some(cluster) = weak.upgrade() else {
+                    return;
+                };
+                if since_discovery >= refresh {
+                    if let Some(source) = cluster.config.discovery_url.clone() {
+                        cluster.discover(&source).await;
+                    }
+                    since_discovery = Duration::ZERO;
+                }
+                let urls: Vec<String> = cluster.peers().into_iter().map(|p| p.url).collect();
+                for url in urls {
+                    cluster.check(&url).await;
+                }
+                drop(cluster);
+                tokio::time::sleep(interval).await;
+                since_discovery += interval;
+            }
+        });
+    }
+}
+
+/// `http://host:port` without a trailing slash.
+fn normalize(url: &str) -> Result<String, String> {
+    let url = url.trim().trim_end_matches('/');
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!(
+            "cluster peer {url:?} must be an http:// or https:// URL"
+        ));
+    }
+    Ok(url.to_string())
+}
+
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "te"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "content-encoding"
+            | "proxy-connection"
+    )
+}
+
+async fn relay(answer: reqwest::Response) -> Response {
+    let status = answer.status();
+    let keep = [
+        header::CONTENT_TYPE,
+        header::RETRY_AFTER,
+        header::WWW_AUTHENTICATE,
+        header::ALLOW,
+    ];
+    let headers: Vec<(HeaderName, HeaderValue)> = keep
+        .iter()
+        .filter_map(|h| answer.headers().get(h).map(|v| (h.clone(), v.clone())))
+        .collect();
+    let body = answer.bytes().await.unwrap_or_default();
+    let mut response = (status, body).into_response();
+    for (name, value) in headers {
+        response.headers_mut().insert(name, value);
+    }
+    response
+}
+
+async fn json_of(response: reqwest::Response) -> Option<serde_json::Value> {
+    serde_json::from_slice(&response.bytes().await.ok()?).ok()
+}

@@ -1,0 +1,308 @@
+//! Three kafboy nodes on 127.0.0.1, 127.0.0.2 and 127.0.0.3 in front of one broker (librdkafka's
+//! mock cluster): overflow is forwarded to ready peers, nothing is lost or duplicated, nothing is
+//! forwarded twice, a peer going down is skipped, and the discovery URL adds and removes peers.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Gateway, client, consume_for};
+use rdkafka::mocking::MockCluster;
+use serde_json::Value;
+
+async fn node(ip: &str, brokers: &str, toml: &str) -> Gateway {
+    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .unwrap();
+    node_on(listener, brokers, toml).await
+}
+
+async fn node_on(listener: tokio::net::TcpListener, brokers: &str, toml: &str) -> Gateway {
+    let addr = listener.local_addr().unwrap();
+    let mut config = kafboy::Config::from_toml(toml).unwrap();
+    config.kafka.brokers = vec![brokers.to_string()];
+    config.server.listen = addr;
+    config.server.shutdown_timeout = Duration::from_secs(2);
+    let app = kafboy::App::build(&config).unwrap();
+    common::serve_on(app, listener).await
+}
+
+async fn status(gw: &Gateway) -> Value {
+    serde_json::from_str(
+        &client()
+            .get(format!("{}/status.json", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Waits until `gw` sees exactly `want` as its ready peers.
+async fn wait_peers(gw: &Gateway, want: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = status(gw).await;
+        let ready: HashSet<String> = s["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["ready"] == true)
+            .map(|p| p["url"].as_str().unwrap().to_string())
+            .collect();
+        if ready == want.iter().map(|s| s.to_string()).collect() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ready peers {ready:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn counter(s: &Value, name: &str) -> u64 {
+    s["totals"][name].as_u64().unwrap()
+}
+
+fn ids(records: &[common::Consumed]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overflow_is_forwarded_once_and_lands_exactly_once() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("c", 4, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    // B and C would forward everything too (high_water 0, A as their peer) if the hop header
+    // did not stop them.
+    let a_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a_url = format!("http://{}", a_listener.local_addr().unwrap());
+    let peers_of = |urls: &[&str]| {
+        let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        format!(
+            "[cluster]\npeers = [{}]\nhigh_water = 0.0\nhealth_interval = \"100ms\"\n",
+            list.join(",")
+        )
+    };
+    let b = node("127.0.0.2", &brokers, &peers_of(&[&a_url])).await;
+    let c = node("127.0.0.3", &brokers, &peers_of(&[&a_url])).await;
+    let a = node_on(a_listener, &brokers, &peers_of(&[&b.url, &c.url])).await;
+    wait_peers(&a, &[&b.url, &c.url]).await;
+    let mut sent = Vec::new();
+    for i in 0..40 {
+        let body = format!("{{\"id\":{i}}}");
+        let r = a.post_json("/async/c", &body).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        sent.push(body);
+    }
+    let r = a.post_json("/sync/c", "{\"id\":\"sync\"}").await;
+    assert_eq!(
+        r.status, 200,
+        "a forwarded sync request answers with the peer's ack: {}",
+        r.body
+    );
+    assert!(r.json()["offset"].is_i64());
+    sent.push("{\"id\":\"sync\"}".into());
+    let (sa, sb, sc) = (status(&a).await, status(&b).await, status(&c).await);
+    assert_eq!(counter(&sa, "forwarded_sent"), 41);
+    assert_eq!(counter(&sa, "forwarded_received"), 0);
+    assert_eq!(
+        counter(&sb, "forwarded_received") + counter(&sc, "forwarded_received"),
+        41
+    );
+    assert_eq!(
+        counter(&sb, "forwarded_sent") + counter(&sc, "forwarded_sent"),
+        0,
+        "never forwarded twice"
+    );
+    assert!(
+        counter(&sb, "forwarded_received") > 0 && counter(&sc, "forwarded_received") > 0,
+        "both peers used"
+    );
+    let got = tokio::task::spawn_blocking(move || {
+        consume_for(&brokers, "c", 42, Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    let mut got = ids(&got);
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent, "every record exactly once");
+    for g in [a, b, c] {
+        g.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_going_down_is_skipped_and_with_no_peer_left_the_node_serves_itself() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("d", 2, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let b = node("127.0.0.2", &brokers, "").await;
+    let c = node("127.0.0.3", &brokers, "").await;
+    let toml = format!(
+        "[cluster]\npeers = [\"{}\", \"{}\"]\nhigh_water = 0.0\nhealth_interval = \"100ms\"\n",
+        b.url, c.url
+    );
+    let a = node("127.0.0.1", &brokers, &toml).await;
+    wait_peers(&a, &[&b.url, &c.url]).await;
+    let c_url = c.url.clone();
+    c.stop().await;
+    wait_peers(&a, &[&b.url]).await;
+    let before = counter(&status(&b).await, "forwarded_received");
+    for i in 0..10 {
+        assert_eq!(a.post_json("/async/d", &format!("{i}")).await.status, 202);
+    }
+    assert_eq!(
+        counter(&status(&b).await, "forwarded_received") - before,
+        10,
+        "all to the peer still up"
+    );
+    let _ = c_url;
+    b.stop().await;
+    wait_peers(&a, &[]).await;
+    let sent_before = counter(&status(&a).await, "forwarded_sent");
+    assert_eq!(
+        a.post_json("/async/d", "{\"local\":1}").await.status,
+        202,
+        "no ready peer: served here"
+    );
+    assert_eq!(counter(&status(&a).await, "forwarded_sent"), sent_before);
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_discovery_url_adds_and_removes_peers() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("e", 1, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let b = node("127.0.0.2", &brokers, "").await;
+    let c = node("127.0.0.3", &brokers, "").await;
+    let listed = Arc::new(Mutex::new(format!("{}\n", b.url)));
+    let discovery = serve_text(listed.clone()).await;
+    let toml = format!(
+        "[cluster]\ndiscovery_url = \"http://{discovery}/peers\"\nrefresh = \"200ms\"\nhealth_interval = \"100ms\"\n"
+    );
+    let a = node("127.0.0.1", &brokers, &toml).await;
+    wait_peers(&a, &[&b.url]).await;
+    *listed.lock().unwrap() = format!("{}\n{}/\n\n", b.url, c.url);
+    wait_peers(&a, &[&b.url, &c.url]).await;
+    *listed.lock().unwrap() = format!("{}\n", c.url);
+    wait_peers(&a, &[&c.url]).await;
+    let disco = client()
+        .get(format!("{}/disco", a.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(disco, format!("kafboy@{} {}\n", a.addr, a.url));
+    for g in [a, b, c] {
+        g.stop().await;
+    }
+}
+
+/// A tiny HTTP server answering `GET /peers` with the shared text.
+async fn serve_text(text: Arc<Mutex<String>>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/peers",
+        axum::routing::get(move || async move { text.lock().unwrap().clone() }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_tiny_queue_hands_its_overflow_to_peers_instead_of_503() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("f", 2, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let b = node("127.0.0.2", &brokers, "").await;
+    let c = node("127.0.0.3", &brokers, "").await;
+    let tiny = "[kafka]\nqueue_max_messages = 4\n[server]\nenqueue_timeout = \"10ms\"\n";
+    let alone = node("127.0.0.1", &brokers, tiny).await;
+    let toml = format!(
+        "{tiny}[cluster]\npeers = [\"{}\", \"{}\"]\nhealth_interval = \"100ms\"\n",
+        b.url, c.url
+    );
+    let a = node("127.0.0.1", &brokers, &toml).await;
+    wait_peers(&a, &[&b.url, &c.url]).await;
+    // Records now sit in flight for 300 ms, so the tiny queue fills at once.
+    mock.broker_round_trip_time(1, Duration::from_millis(300))
+        .unwrap();
+    let burst = |gw: &Gateway, tag: &'static str| {
+        let url = format!("{}/async/f", gw.url);
+        async move {
+            let sends = (0..30).map(|i| {
+                let url = url.clone();
+                async move {
+                    let r = client()
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(format!("\"{tag}-{i}\""))
+                        .send()
+                        .await
+                        .unwrap();
+                    r.status().as_u16()
+                }
+            });
+            futures_join_all(sends).await
+        }
+    };
+    let alone_codes = burst(&alone, "alone").await;
+    assert!(
+        alone_codes.contains(&503),
+        "without peers the tiny queue refuses: {alone_codes:?}"
+    );
+    let codes = burst(&a, "clustered").await;
+    assert!(
+        codes.iter().all(|c| *c == 202),
+        "with peers nothing is refused: {codes:?}"
+    );
+    assert!(counter(&status(&a).await, "forwarded_sent") > 0);
+    mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
+    let got = tokio::task::spawn_blocking(move || {
+        consume_for(&brokers, "f", 100, Duration::from_secs(8))
+    })
+    .await
+    .unwrap();
+    let clustered: Vec<String> = ids(&got)
+        .into_iter()
+        .filter(|v| v.contains("clustered"))
+        .collect();
+    let unique: HashSet<&String> = clustered.iter().collect();
+    assert_eq!(
+        (clustered.len(), unique.len()),
+        (30, 30),
+        "every accepted record once"
+    );
+    for g in [a, alone, b, c] {
+        g.stop().await;
+    }
+}
+
+async fn futures_join_all<F: std::future::Future<Output = u16> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<u16> {
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
