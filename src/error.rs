@@ -229,30 +229,25 @@ mod tests {
     #[test]
     fn not_persisted_is_503_possibly_persisted_is_504() {
         use RDKafkaErrorCode as E;
-        assert_eq!(
-            delivery_status(E::MessageTimedOut, Persisted::No),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        assert_eq!(
-            delivery_status(E::MessageTimedOut, Persisted::Possibly),
-            StatusCode::GATEWAY_TIMEOUT
-        );
-        assert_eq!(
-            delivery_status(E::PurgeQueue, Persisted::No),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        assert_eq!(
-            delivery_status(E::MessageSizeTooLarge, Persisted::No),
-            StatusCode::PAYLOAD_TOO_LARGE
-        );
-        assert_eq!(
-            delivery_status(E::UnknownTopicOrPartition, Persisted::Possibly),
-            StatusCode::GATEWAY_TIMEOUT
-        );
-        assert_eq!(
-            delivery_status(E::TopicAuthorizationFailed, Persisted::No),
-            StatusCode::FORBIDDEN
-        );
+        use StatusCode as S;
+        for (error, persisted, want) in [
+            (E::MessageTimedOut, Persisted::No, S::SERVICE_UNAVAILABLE),
+            (E::MessageTimedOut, Persisted::Possibly, S::GATEWAY_TIMEOUT),
+            (E::PurgeQueue, Persisted::No, S::SERVICE_UNAVAILABLE),
+            (E::MessageSizeTooLarge, Persisted::No, S::PAYLOAD_TOO_LARGE),
+            (
+                E::UnknownTopicOrPartition,
+                Persisted::Possibly,
+                S::GATEWAY_TIMEOUT,
+            ),
+            (E::TopicAuthorizationFailed, Persisted::No, S::FORBIDDEN),
+        ] {
+            assert_eq!(
+                delivery_status(error, persisted),
+                want,
+                "{error:?} {persisted:?}"
+            );
+        }
     }
 
     #[test]

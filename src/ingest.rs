@@ -136,7 +136,7 @@ async fn ingest(
             // Room ran out while waiting: a peer may still have some.
             Err(IngestError::QueueFull) if raw.is_some() => {
                 let raw = raw.unwrap_or_default();
-                match overflow_now(app, &parts, raw).await {
+                match hand_over(app, &parts, raw, 1.0, true).await {
                     Some(answer) => Ok(Reply::Relayed(answer)),
                     None => Err(IngestError::QueueFull),
                 }
@@ -220,31 +220,21 @@ async fn overflow(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return None;
     }
-    let cluster = app.cluster.as_ref()?;
+    app.cluster.as_ref()?;
     let (fill, full) = app.producers.for_mode(mode, topic).fill();
-    if !cluster.should_forward(fill, full, &parts.headers) {
-        return None;
-    }
-    let answer = cluster
-        .forward(
-            parts.method.clone(),
-            &parts.uri,
-            &parts.headers,
-            body.clone(),
-        )
-        .await;
-    if answer.is_some() {
-        app.stats
-            .forwarded_sent
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    answer
+    hand_over(app, parts, body.clone(), fill, full).await
 }
 
-/// Hands the request to a peer whatever this node's fill level (its queue just refused it).
-async fn overflow_now(app: &AppState, parts: &Parts, body: Bytes) -> Option<Response> {
+/// Forwards to the best ready peer if `fill`/`full` call for it; the peer's answer, if any.
+async fn hand_over(
+    app: &AppState,
+    parts: &Parts,
+    body: Bytes,
+    fill: f64,
+    full: bool,
+) -> Option<Response> {
     let cluster = app.cluster.as_ref()?;
-    if !cluster.should_forward(1.0, true, &parts.headers) {
+    if !cluster.should_forward(fill, full, &parts.headers) {
         return None;
     }
     let answer = cluster
