@@ -19,7 +19,7 @@ use crate::routes::Allowlist;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
-    /// Name, for logs and metrics.
+    /// Name, for logs and error messages.
     pub name: String,
     /// Hex SHA-256 of the key (`kafboy hash-key` prints one). Optional when the key is a client
     /// certificate subject only.
@@ -175,6 +175,17 @@ impl Key {
 
     /// Whether this key may write `topic` in `mode`, and has a token left.
     pub fn permit(&self, topic: &str, mode: Mode) -> Result<(), Denied> {
+        self.allows(topic, mode)?;
+        match &self.bucket {
+            Some(b) => b
+                .take()
+                .map_err(|wait| Denied::Limited(wait.as_secs_f64().ceil().max(1.0) as u64)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this key may write `topic` in `mode` (no token taken).
+    pub fn allows(&self, topic: &str, mode: Mode) -> Result<(), Denied> {
         if !self.modes.is_empty() && !self.modes.contains(&mode) {
             return Err(Denied::Forbidden(format!(
                 "key {} may not use mode {}",
@@ -188,12 +199,7 @@ impl Key {
                 self.name
             )));
         }
-        match &self.bucket {
-            Some(b) => b
-                .take()
-                .map_err(|wait| Denied::Limited(wait.as_secs_f64().ceil().max(1.0) as u64)),
-            None => Ok(()),
-        }
+        Ok(())
     }
 }
 

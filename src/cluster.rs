@@ -140,6 +140,12 @@ impl Cluster {
             && self.best().is_some()
     }
 
+    /// Whether a request may be forwarded at all: one authenticated by its TLS client
+    /// certificate may not, since the certificate does not travel with it.
+    pub fn may_forward(extensions: &axum::http::Extensions) -> bool {
+        extensions.get::<crate::auth::ClientSubject>().is_none()
+    }
+
     /// A ready peer with the most headroom; among peers within 10 % of the best, one at random,
     /// so equally idle peers share the overflow.
     fn best(&self) -> Option<String> {
@@ -315,10 +321,9 @@ impl Cluster {
 /// `http://host:port` without a trailing slash.
 fn normalize(url: &str) -> Result<String, String> {
     let url = url.trim().trim_end_matches('/');
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(format!(
-            "cluster peer {url:?} must be an http:// or https:// URL"
-        ));
+    // Peers talk plain HTTP (forwarding has no TLS client): keep that link on a private network.
+    if !url.starts_with("http://") {
+        return Err(format!("cluster peer {url:?} must be an http:// URL"));
     }
     Ok(url.to_string())
 }

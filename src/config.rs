@@ -112,9 +112,9 @@ impl Default for HookConfig {
 pub struct ServerConfig {
     /// Address to listen on. Default `127.0.0.1:8000` (the original's port, loopback only).
     pub listen: SocketAddr,
-    /// A second address serving `/metrics` (which then leaves the main listener), `/health`,
-    /// `/ready`, the status page and `/openapi.json` (which stay on the main listener too).
-    /// Default: none.
+    /// A second address for `/metrics` and the status page (`/`, `/status.json`), which then
+    /// leave the main listener; `/health`, `/ready`, `/disco` and `/openapi.json` are served on
+    /// both. Default: none.
     pub admin_listen: Option<SocketAddr>,
     /// Serve HTTPS on `listen` with these files. Default: plain HTTP.
     pub tls: Option<TlsConfig>,

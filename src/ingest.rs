@@ -173,15 +173,25 @@ async fn ingest(
                 return Err(IngestError::HookFailed(message));
             }
         };
+    // A hook may move the record to another topic or mode; the key must allow that too.
+    let allowed = |topic: &str, mode: Mode| match &key {
+        Some(key) => key.allows(topic, mode).map_err(IngestError::from),
+        None => Ok(()),
+    };
     match verdict {
         Verdict::Reject { status, message } => Err(IngestError::Rejected { status, message }),
         Verdict::Forward(forward) => {
+            allowed(
+                forward.topic.as_deref().unwrap_or(&request.topic),
+                route.mode,
+            )?;
             let (topic, info, meta, values) = forwarded(app, &request, meta, forward).await?;
             *topic_seen = Some(topic.clone());
             produce(app, route, route.mode, topic, &info, meta, values, kind).await
         }
         Verdict::Respond(respond) => {
             if let Some((mode, forward)) = respond.then {
+                allowed(forward.topic.as_deref().unwrap_or(&request.topic), mode)?;
                 produce_after_reply(
                     app.clone(),
                     route.clone(),
@@ -234,7 +244,9 @@ async fn hand_over(
     full: bool,
 ) -> Option<Response> {
     let cluster = app.cluster.as_ref()?;
-    if !cluster.should_forward(fill, full, &parts.headers) {
+    if !crate::cluster::Cluster::may_forward(&parts.extensions)
+        || !cluster.should_forward(fill, full, &parts.headers)
+    {
         return None;
     }
     let answer = cluster

@@ -74,7 +74,10 @@ pub async fn serve(
             () = &mut stopped => break,
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(tcp));
+            // A plain-text answer would be garbage to a TLS client; it just gets the close.
+            if tls.is_none() {
+                tokio::spawn(refuse(tcp));
+            }
             continue;
         };
         // Replies are small; waiting for Nagle would add tens of milliseconds.

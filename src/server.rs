@@ -147,6 +147,14 @@ impl App {
             .producers
             .spawn_supervisor(std::time::Duration::from_millis(100));
         crate::status::spawn_sampler(Arc::downgrade(&state));
+        // Without a handler SIGHUP would end the process with no drain and no flush.
+        tokio::spawn(async {
+            let mut hangups = crate::shutdown::hangups();
+            loop {
+                hangups.next().await;
+                tracing::info!("SIGHUP received");
+            }
+        });
         if let Some(cluster) = &state.cluster {
             cluster.spawn();
         }
@@ -241,18 +249,20 @@ async fn not_found() -> Response {
     IngestError::NoRoute.into_response()
 }
 
-/// The operational endpoints; `/metrics` only when `with_metrics` (it moves to the admin
-/// listener when there is one).
-fn operations(with_metrics: bool) -> Router<Arc<AppState>> {
+/// The operational endpoints. `/metrics` and the status page only when `private`: on the main
+/// listener without an admin listener, on the admin listener when there is one (they name
+/// topics, brokers and peers).
+fn operations(private: bool) -> Router<Arc<AppState>> {
     let router = Router::new()
-        .route("/", get(crate::status::page))
-        .route("/status.json", get(crate::status::status_json))
         .route("/openapi.json", get(crate::openapi::serve))
         .route("/health", get(health))
         .route("/disco", get(disco))
         .route("/ready", get(ready));
-    if with_metrics {
-        router.route("/metrics", get(metrics))
+    if private {
+        router
+            .route("/metrics", get(metrics))
+            .route("/", get(crate::status::page))
+            .route("/status.json", get(crate::status::status_json))
     } else {
         router
     }

@@ -106,6 +106,12 @@ impl AppState {
     /// contacted (`kafboy check-config`).
     pub fn check(config: &Config) -> Result<(), String> {
         Checked::new(config, None)?;
+        if let Some(tls) = &config.server.tls {
+            crate::tls::Tls::load(tls)?;
+        }
+        if let Some(cors) = &config.server.cors {
+            let _ = crate::listener::cors(cors)?;
+        }
         crate::kafka::check(config)
     }
 
@@ -116,11 +122,17 @@ impl AppState {
         &self,
         parts: &axum::http::request::Parts,
     ) -> Result<Option<Arc<Key>>, Denied> {
+        let key = self.identify(parts)?;
+        // After authentication, so anonymous requests cannot spend the tokens of keyed clients.
         if let Some(bucket) = &self.global_limit {
             bucket
                 .take()
                 .map_err(|wait| Denied::Limited(wait.as_secs_f64().ceil().max(1.0) as u64))?;
         }
+        Ok(key)
+    }
+
+    fn identify(&self, parts: &axum::http::request::Parts) -> Result<Option<Arc<Key>>, Denied> {
         let Some(keys) = &self.keys else {
             return Ok(None);
         };
@@ -235,6 +247,16 @@ impl Checked {
         let auth = &config.auth;
         if auth.global_rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
             return Err("auth.global_rate must be above 0".into());
+        }
+        let by_cert = auth.keys.iter().any(|k| k.client_cert_subject.is_some());
+        if by_cert
+            && config
+                .server
+                .tls
+                .as_ref()
+                .is_none_or(|t| t.client_ca.is_none())
+        {
+            return Err("auth.keys: client_cert_subject needs server.tls.client_ca (mTLS)".into());
         }
         let keys = match (&auth.keys_file, auth.keys.is_empty()) {
             (None, true) => None,

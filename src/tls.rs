@@ -65,7 +65,7 @@ impl Tls {
 }
 
 fn build(files: &TlsConfig) -> Result<ServerConfig, String> {
-    let certs = read_certs(&files.cert)?;
+    let certs = read_certs(&files.cert).map_err(|e| format!("server.tls.cert {e}"))?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| format!("server.tls.key {}: {e}", files.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -76,7 +76,7 @@ fn build(files: &TlsConfig) -> Result<ServerConfig, String> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in read_certs(ca)? {
+            for cert in read_certs(ca).map_err(|e| format!("server.tls.client_ca {e}"))? {
                 roots
                     .add(cert)
                     .map_err(|e| format!("server.tls.client_ca {}: {e}", ca.display()))?;
@@ -104,7 +104,8 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-/// The subject of a verified client certificate, as `CN=...,O=...` (RFC 4514 order as written).
+/// The subject of a verified client certificate, as x509-parser prints it: attributes in
+/// certificate order joined by `", "`, e.g. `C=DE, O=Acme, CN=partner-a`.
 pub fn client_subject(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     Some(parsed.subject().to_string())

@@ -183,7 +183,7 @@ async fn sigterm_flushes_every_accepted_record_and_exits_0() {
     cmd.args(["--brokers", &b.addr])
         .env("KAFBOY_BATCH__FLUSH_TIMEOUT", "60s")
         .env("KAFBOY_BATCH__BATCH_SIZE", "100000");
-    let (child, url) = start(cmd).await;
+    let (mut child, url) = start(cmd).await;
     let lines: String = (0..100).map(|i| format!("{{\"i\":{i}}}\n")).collect();
     for _ in 0..3 {
         let r = common::client()
@@ -194,6 +194,24 @@ async fn sigterm_flushes_every_accepted_record_and_exits_0() {
             .await
             .unwrap();
         assert_eq!(r.status(), 202);
+    }
+    // SIGHUP reloads; it must never end the process (no keys or TLS configured here).
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        assert!(child.try_wait().unwrap().is_none(), "SIGHUP ended kafboy");
+        if common::client()
+            .get(format!("{url}/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
     }
     sigterm(&child);
     let (code, log) = output_of(child);

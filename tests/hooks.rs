@@ -42,6 +42,8 @@ function on_request(req)
     return respond(200, '{"ok":"fast reply"}', "sync")
   elseif case == "slow" then
     while true do end
+  elseif case == "sneaky" then
+    while true do pcall(function() while true do end end) end
   elseif case == "fail" then
     error("boom")
   elseif case == "escape" then
@@ -283,7 +285,7 @@ async fn lua_hook_outcomes() {
     let gw = lua_gateway(&b.addr).await;
     every_outcome(&gw, b).await;
     let p = "/async/nope";
-    for case in ["escape", "hog"] {
+    for case in ["escape", "hog", "sneaky"] {
         let r = post(&gw, p, case, "{}").await;
         assert_eq!(r.status, 500, "{case}: {}", r.body);
     }

@@ -267,7 +267,7 @@ async fn status_json_and_the_admin_listener() {
     );
     let status: serde_json::Value = serde_json::from_str(
         &client()
-            .get(format!("{}/status.json", gw.url))
+            .get(format!("{admin_url}/status.json"))
             .send()
             .await
             .unwrap()

@@ -43,6 +43,19 @@ pub struct LuaHook {
 
 /// Helpers every script gets before its own code runs.
 const PRELUDE: &str = r#"
+-- pcall and xpcall would catch the budget error and let a script run on; once the budget is
+-- spent they pass the error on instead.
+do
+  local raw_pcall, raw_xpcall, exhausted = pcall, xpcall, __kafboy_exhausted
+  local pack, unpack = table.pack, table.unpack
+  __kafboy_exhausted = nil
+  local function check(r)
+    if not r[1] and exhausted() then error(r[2], 0) end
+    return unpack(r, 1, r.n)
+  end
+  pcall = function(...) return check(pack(raw_pcall(...))) end
+  xpcall = function(...) return check(pack(raw_xpcall(...))) end
+end
 function forward() return { action = "forward" } end
 function reject(status, message) return { action = "reject", status = status, message = message } end
 function respond(status, body, produce) return { action = "respond", status = status, body = body, produce = produce } end
@@ -54,6 +67,12 @@ const CHECK_EVERY: u32 = 1000;
 struct Budget {
     instructions_left: Cell<u64>,
     deadline: Cell<Instant>,
+}
+
+impl Budget {
+    fn exhausted(&self) -> bool {
+        self.instructions_left.get() == 0 || Instant::now() > self.deadline.get()
+    }
 }
 
 struct State {
@@ -104,7 +123,6 @@ impl LuaHook {
                 Ok(())
             })?,
         )?;
-        lua.load(PRELUDE).set_name("=prelude").exec()?;
         lua.set_memory_limit(self.limits.max_memory)?;
         lua.set_app_data(Budget {
             instructions_left: Cell::new(u64::MAX),
@@ -130,6 +148,13 @@ impl LuaHook {
                 Ok(VmState::Continue)
             },
         )?;
+        globals.set(
+            "__kafboy_exhausted",
+            lua.create_function(|lua, ()| {
+                Ok(lua.app_data_ref::<Budget>().is_none_or(|b| b.exhausted()))
+            })?,
+        )?;
+        lua.load(PRELUDE).set_name("=prelude").exec()?;
         lua.load(&*self.source)
             .set_name(format!("@{}", self.path.display()))
             .exec()?;

@@ -43,7 +43,7 @@ impl Slot {
             brokers: Arc::default(),
         };
         let producer = Producer::build(name, kafka, recipe.clone(), &shared)
-            .map_err(|e| format!("kafka: {name} producer: {e}"))?;
+            .map_err(|e| format!("{} ({name} producer)", describe(&e)))?;
         Ok(Slot {
             name: name.to_string(),
             recipe,
@@ -133,11 +133,32 @@ impl Plan {
 pub fn check(config: &Config) -> Result<(), String> {
     let plan = Plan::new(config)?;
     for recipe in [&plan.latency, &plan.batch].into_iter().chain(&plan.groups) {
-        recipe
-            .create_native_config()
-            .map_err(|e| format!("kafka: {e}"))?;
+        recipe.create_native_config().map_err(|e| describe(&e))?;
+    }
+    // librdkafka reads these only when a producer starts.
+    if let Some(tls) = &config.kafka.tls {
+        for (key, path) in [
+            ("ca_file", &tls.ca_file),
+            ("cert_file", &tls.cert_file),
+            ("key_file", &tls.key_file),
+        ] {
+            if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
+                return Err(format!(
+                    "kafka.tls.{key}: {} is not a readable file",
+                    path.display()
+                ));
+            }
+        }
     }
     Ok(())
+}
+
+/// A librdkafka error without the property's value (it may be a secret).
+pub fn describe(e: &KafkaError) -> String {
+    match e {
+        KafkaError::ClientConfig(_, desc, key, _) => format!("kafka property {key:?}: {desc}"),
+        other => format!("kafka: {other}"),
+    }
 }
 
 /// Every producer kafboy runs, and the topic cache.
@@ -384,6 +405,23 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
         if TYPED_KEYS.contains(&key.as_str()) {
             return Err(format!(
                 "kafka.options.\"{key}\": set by a typed kafka setting; use that instead"
+            ));
+        }
+        // Security properties (turning certificate checks off, inline keys) only through
+        // [kafka.tls] and [kafka.sasl], where secrets never sit in the file.
+        if [
+            "ssl.",
+            "ssl_",
+            "sasl.",
+            "security.",
+            "enable.ssl.",
+            "enable.sasl.",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+        {
+            return Err(format!(
+                "kafka.options.\"{key}\": security settings go in [kafka.tls] and [kafka.sasl]"
             ));
         }
         c.set(key, value);
