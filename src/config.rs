@@ -31,6 +31,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Other kafboy nodes to hand overflow to.
     pub cluster: crate::cluster::ClusterConfig,
+    /// The durable spool for async routes.
+    pub spool: crate::spool::SpoolConfig,
     /// Extra routes, each with its own mode.
     pub routes: Vec<RouteConfig>,
 }
@@ -411,6 +413,10 @@ pub struct RouteConfig {
     /// Lua hook script for this route; wins over `hook.script`.
     #[serde(default)]
     pub hook: Option<PathBuf>,
+    /// Spool records on local disk before the 202 (async and batch_async only; needs
+    /// `spool.dir`).
+    #[serde(default)]
+    pub spool: bool,
 }
 
 /// What a route waits for before it answers.

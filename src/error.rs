@@ -155,6 +155,18 @@ impl From<crate::auth::Denied> for IngestError {
     }
 }
 
+impl From<crate::spool::SpoolError> for IngestError {
+    fn from(e: crate::spool::SpoolError) -> Self {
+        use crate::spool::SpoolError as S;
+        match e {
+            S::TooLarge(m) => IngestError::TooLarge(m),
+            S::Closed => IngestError::Unavailable("shutting down".into()),
+            // Full and disk errors: not written, retry later.
+            other => IngestError::Unavailable(other.to_string()),
+        }
+    }
+}
+
 impl From<DecodeError> for IngestError {
     fn from(e: DecodeError) -> Self {
         match e {

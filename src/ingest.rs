@@ -349,6 +349,25 @@ async fn produce(
     let strategy = app.partitioner_for(route, &topic);
     let records = meta.into_records(values, strategy, info)?;
     let count = records.len();
+    if route.spool
+        && matches!(mode, Mode::Async | Mode::BatchAsync)
+        && let Some(spool) = &app.spool
+    {
+        let counters = app.topic_metrics.get(&topic);
+        return match spool.append(&topic, &records).await {
+            Ok(()) => {
+                counters.accepted.increment(count as u64);
+                app.stats
+                    .accepted
+                    .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok(Reply::Accepted(count))
+            }
+            Err(error) => {
+                crate::metrics::dropped(&counters.label, error.reason(), count as u64);
+                Err(error.into())
+            }
+        };
+    }
     let sync = matches!(mode, Mode::Sync | Mode::BatchSync);
     let producer = app.producers.for_mode(mode, &topic);
     let counters = app.topic_metrics.get(&topic);

@@ -21,6 +21,7 @@
 //! - [`status`]: the live status page and its JSON.
 //! - [`openapi`]: the OpenAPI description of the HTTP contract.
 //! - [`tls`]: HTTPS and mutual TLS on the listener.
+//! - [`spool`]: the durable disk spool for async routes.
 //! - [`shutdown`]: the SIGTERM/SIGINT future.
 
 pub mod auth;
@@ -41,6 +42,7 @@ pub mod reply;
 pub mod routes;
 pub mod server;
 pub mod shutdown;
+pub mod spool;
 pub mod state;
 pub mod status;
 pub mod tls;

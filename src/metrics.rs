@@ -44,6 +44,26 @@ pub const BATCH_RECORDS: &str = "kafboy_kafka_batch_records";
 pub const FORWARDED: &str = "kafboy_forwarded_requests_total";
 /// 1 when a peer answered `/ready` with 200 at the last check, by peer URL.
 pub const PEER_READY: &str = "kafboy_peer_ready";
+/// Bytes in the disk spool.
+pub const SPOOL_BYTES: &str = "kafboy_spool_bytes";
+/// Records in the disk spool not yet acknowledged.
+pub const SPOOL_RECORDS: &str = "kafboy_spool_records";
+/// Age of the oldest spooled record not yet acknowledged.
+pub const SPOOL_OLDEST: &str = "kafboy_spool_oldest_undelivered_seconds";
+/// Records replayed from the spool at start.
+pub const SPOOL_REPLAYED: &str = "kafboy_spool_replayed_records_total";
+/// Spooled records acknowledged by the broker.
+pub const SPOOL_DELIVERED: &str = "kafboy_spool_delivered_records_total";
+/// Spooled records the broker refused for good, written to the dead-letter file.
+pub const SPOOL_DEAD_LETTERED: &str = "kafboy_spool_dead_lettered_records_total";
+/// Retried sends of spooled records.
+pub const SPOOL_RETRIES: &str = "kafboy_spool_retries_total";
+/// Appends refused because the spool was full.
+pub const SPOOL_FULL: &str = "kafboy_spool_full_total";
+/// Disk errors of the spool.
+pub const SPOOL_DISK_ERRORS: &str = "kafboy_spool_disk_errors_total";
+/// 1 while the spool can write.
+pub const SPOOL_HEALTHY: &str = "kafboy_spool_healthy";
 /// 1 when `/ready` answers 200.
 pub const READY: &str = "kafboy_ready";
 

@@ -31,6 +31,8 @@ pub struct Route {
     pub partitioner: Option<Partitioner>,
     /// Lua hook script of this route, if any.
     pub hook: Option<std::path::PathBuf>,
+    /// Whether records go through the disk spool.
+    pub spool: bool,
 }
 
 /// Paths kafboy serves itself; a configured route may not take them.
@@ -53,6 +55,8 @@ pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
                 payload: Payload::Auto,
                 partitioner: None,
                 hook: None,
+                spool: config.spool.default_routes
+                    && matches!(mode, Mode::Async | Mode::BatchAsync),
             };
             routes.push(compile_one(&rc).map_err(|e| format!("default route {path}: {e}"))?);
         }
@@ -114,6 +118,7 @@ fn compile_one(rc: &RouteConfig) -> Result<Route, String> {
         payload: rc.payload,
         partitioner: rc.partitioner,
         hook: rc.hook.clone(),
+        spool: rc.spool,
     })
 }
 

@@ -155,6 +155,12 @@ impl App {
                 tracing::info!("SIGHUP received");
             }
         });
+        if let Some(spool) = &state.spool {
+            let producers = state.producers.clone();
+            spool.start_sender(move |topic| {
+                producers.for_mode(crate::config::Mode::BatchAsync, topic)
+            });
+        }
         if let Some(cluster) = &state.cluster {
             cluster.spawn();
         }
@@ -199,6 +205,14 @@ impl App {
         if !crate::listener::serve(listener, router, limits, self.tls.clone(), stop_rx, grace).await
         {
             tracing::warn!(?grace, "requests still open at the shutdown deadline");
+        }
+        // Spooled records stay on disk for the next start; they are not lost.
+        let spooled = match &state.spool {
+            Some(spool) => spool.shutdown(grace).await,
+            None => 0,
+        };
+        if spooled > 0 {
+            tracing::info!(spooled, "records kept in the spool for the next start");
         }
         let undelivered = state.producers.flush(grace).await;
         if undelivered > 0 {
@@ -305,6 +319,9 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         ::metrics::gauge!(crate::metrics::IN_FLIGHT, "producer" => name)
             .set(current.in_flight() as f64);
     }
+    if let Some(spool) = &app.spool {
+        spool_metrics(&spool.stats());
+    }
     ::metrics::gauge!(crate::metrics::READY).set(if app.not_ready().is_none() { 1.0 } else { 0.0 });
     let handle = crate::metrics::handle();
     handle.run_upkeep();
@@ -339,4 +356,18 @@ async fn request_id(mut request: Request, next: axum::middleware::Next) -> Respo
         response.headers_mut().insert(REQUEST_ID, value);
     }
     response
+}
+
+fn spool_metrics(s: &crate::spool::Stats) {
+    use crate::metrics as m;
+    ::metrics::gauge!(m::SPOOL_BYTES).set(s.bytes as f64);
+    ::metrics::gauge!(m::SPOOL_RECORDS).set(s.records as f64);
+    ::metrics::gauge!(m::SPOOL_OLDEST).set(s.oldest_undelivered.map_or(0.0, |d| d.as_secs_f64()));
+    ::metrics::counter!(m::SPOOL_REPLAYED).absolute(s.replayed);
+    ::metrics::counter!(m::SPOOL_DELIVERED).absolute(s.delivered);
+    ::metrics::counter!(m::SPOOL_DEAD_LETTERED).absolute(s.dead_lettered);
+    ::metrics::counter!(m::SPOOL_RETRIES).absolute(s.retried);
+    ::metrics::counter!(m::SPOOL_FULL).absolute(s.refused_full);
+    ::metrics::counter!(m::SPOOL_DISK_ERRORS).absolute(s.disk_errors);
+    ::metrics::gauge!(m::SPOOL_HEALTHY).set(if s.healthy { 1.0 } else { 0.0 });
 }

@@ -44,6 +44,8 @@ pub struct AppState {
     pub decode_limits: crate::decode::Limits,
     /// How often topic metadata is refreshed.
     pub metadata_refresh: Duration,
+    /// The disk spool, when `spool.dir` is set.
+    pub spool: Option<Arc<crate::spool::Spool>>,
     /// Peers to hand overflow to, when configured.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// API keys, when auth is on.
@@ -79,7 +81,15 @@ impl AppState {
         let auth = &config.auth;
         let cluster =
             crate::cluster::Cluster::new(&config.cluster, config.server.listen)?.map(Arc::new);
+        // Opened whenever a directory is set, even if no route spools, so leftovers are replayed.
+        let spool = match &config.spool.dir {
+            Some(dir) => Some(Arc::new(
+                crate::spool::Spool::open(dir, &config.spool).map_err(|e| format!("spool: {e}"))?,
+            )),
+            None => None,
+        };
         Ok(AppState {
+            spool,
             cluster,
             keys: checked.keys,
             global_limit: auth.global_rate.map(|r| Bucket::new(r, auth.global_burst)),
@@ -180,10 +190,12 @@ impl AppState {
     /// Why `/ready` is not 200, if it is not.
     pub fn not_ready(&self) -> Option<&'static str> {
         if self.shutting_down() {
-            Some("shutting down")
-        } else {
-            self.producers.not_ready()
+            return Some("shutting down");
         }
+        if self.spool.as_ref().is_some_and(|s| !s.healthy()) {
+            return Some("spool disk error");
+        }
+        self.producers.not_ready()
     }
 
     /// The partition strategy for `topic` on `route`: the route's, else the topic's, else the
@@ -236,6 +248,26 @@ impl Checked {
             ));
         }
         let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
+        config.spool.check()?;
+        for (route, _) in &routes {
+            if route.spool && config.spool.dir.is_none() {
+                return Err(format!(
+                    "route {}: spool = true needs spool.dir",
+                    route.path
+                ));
+            }
+            if route.spool
+                && matches!(
+                    route.mode,
+                    crate::config::Mode::Sync | crate::config::Mode::BatchSync
+                )
+            {
+                return Err(format!(
+                    "route {}: spool is for async and batch_async routes",
+                    route.path
+                ));
+            }
+        }
         let allow = Allowlist::new(&config.topics.allow)?;
         let mut topic_partitioner = HashMap::new();
         for (topic, o) in &config.topics.overrides {

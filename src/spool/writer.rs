@@ -1,0 +1,274 @@
+//! The writer thread: appends from every request, batched into one write and one fsync per
+//! group (group commit), numbered in order, into the current segment; closes a segment past
+//! `segment_bytes` and starts the next.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+
+use super::recover::{PROBE, sync_dir};
+use super::segment::{self, segment_name};
+use super::{Inner, SpoolError, lock, unix_ms};
+
+/// How often an unhealthy writer checks whether the disk takes writes again.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Most bytes gathered into one group before it is written.
+const MAX_GROUP_BYTES: u64 = 8 << 20;
+
+/// What the writer is asked to do.
+pub(super) enum Command {
+    /// Append these records.
+    Append(Append),
+    /// Commit what is queued and stop.
+    Stop,
+}
+
+/// One call's records, encoded without seq and time (the writer stamps them).
+pub(super) struct Append {
+    pub payloads: Vec<Vec<u8>>,
+    /// Bytes reserved for them (frames included).
+    pub bytes: u64,
+    pub reply: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+/// How far the spool is durable: every byte of `segment` before `offset` is fsynced; segments
+/// before it are closed (their lengths are in `Inner::sealed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Durable {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+pub(super) struct Writer {
+    inner: Arc<Inner>,
+    durable: watch::Sender<Durable>,
+    file: Option<File>,
+    /// The current segment number.
+    segment: u64,
+    /// Whether a file was (attempted to be) created for `segment`; the next roll moves past it.
+    spent: bool,
+    /// Durable length of the current segment.
+    offset: u64,
+    next_seq: u64,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    /// A writer that starts segment `segment` (created now) and numbers records from `next_seq`.
+    pub(super) fn start(
+        inner: Arc<Inner>,
+        segment: u64,
+        next_seq: u64,
+    ) -> io::Result<(Writer, watch::Receiver<Durable>)> {
+        let (durable, durable_rx) = watch::channel(Durable { segment, offset: 0 });
+        let mut writer = Writer {
+            inner,
+            durable,
+            file: None,
+            segment,
+            spent: false,
+            offset: 0,
+            next_seq,
+            buf: Vec::new(),
+        };
+        writer.roll()?;
+        Ok((writer, durable_rx))
+    }
+
+    /// Serves `queue` until it is told to stop or every sender is gone.
+    pub(super) fn run(mut self, queue: Receiver<Command>) {
+        let interval = self.inner.config.commit_interval;
+        let max_records = self.inner.config.commit_records;
+        let mut stopping = false;
+        while !stopping {
+            let first = if self.inner.healthy.load(Ordering::Acquire) {
+                match queue.recv() {
+                    Ok(c) => c,
+                    Err(_) => break,
+                }
+            } else {
+                match queue.recv_timeout(PROBE_EVERY) {
+                    Ok(c) => c,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.probe();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            let Command::Append(first) = first else {
+                break;
+            };
+            let mut records = first.payloads.len();
+            let mut bytes = first.bytes;
+            let mut group = vec![first];
+            let deadline = Instant::now() + interval;
+            while records < max_records && bytes < MAX_GROUP_BYTES {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                let next = if wait.is_zero() {
+                    queue.try_recv().map_err(|e| match e {
+                        std::sync::mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                        std::sync::mpsc::TryRecvError::Disconnected => {
+                            RecvTimeoutError::Disconnected
+                        }
+                    })
+                } else {
+                    queue.recv_timeout(wait)
+                };
+                match next {
+                    Ok(Command::Append(a)) => {
+                        records += a.payloads.len();
+                        bytes += a.bytes;
+                        group.push(a);
+                    }
+                    Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                        stopping = true;
+                        break;
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                }
+            }
+            self.commit(group);
+        }
+    }
+
+    /// Writes and fsyncs a group, then answers each of its calls.
+    fn commit(&mut self, mut group: Vec<Append>) {
+        let records: usize = group.iter().map(|a| a.payloads.len()).sum();
+        match self.write(&mut group) {
+            Ok(appended_ms) => {
+                self.inner
+                    .records
+                    .fetch_add(records as u64, Ordering::AcqRel);
+                let _ = self.inner.oldest_ms.compare_exchange(
+                    0,
+                    appended_ms,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                self.inner.mark_healthy();
+                self.durable.send_replace(Durable {
+                    segment: self.segment,
+                    offset: self.offset,
+                });
+                for a in group {
+                    let _ = a.reply.send(Ok(()));
+                }
+            }
+            Err(error) => {
+                let message = self.inner.disk_error("append", &error);
+                for a in group {
+                    self.inner.release(a.bytes);
+                    let _ = a.reply.send(Err(SpoolError::Disk(message.clone())));
+                }
+            }
+        }
+    }
+
+    /// Numbers, frames, writes and fsyncs the group; returns its commit time.
+    fn write(&mut self, group: &mut [Append]) -> io::Result<u64> {
+        if self.file.is_none() || self.offset >= self.inner.config.segment_bytes {
+            self.roll()?;
+        }
+        let appended_ms = unix_ms();
+        self.buf.clear();
+        let mut seq = self.next_seq;
+        for a in group.iter_mut() {
+            for payload in a.payloads.iter_mut() {
+                segment::stamp(payload, seq, appended_ms);
+                segment::frame(payload, &mut self.buf);
+                seq += 1;
+            }
+        }
+        // Numbers are never reused, even when the write fails: they may be on disk.
+        self.next_seq = seq;
+        let Some(file) = self.file.as_mut() else {
+            return Err(io::Error::other("no segment open"));
+        };
+        match file.write_all(&self.buf).and_then(|()| file.sync_data()) {
+            Ok(()) => {
+                self.offset += self.buf.len() as u64;
+                Ok(appended_ms)
+            }
+            Err(error) => {
+                self.rollback();
+                Err(error)
+            }
+        }
+    }
+
+    /// Cuts what a failed write may have left, so records answered with a disk error are never
+    /// sent; a segment that cannot be cut is left behind (the sender reads it only up to its
+    /// durable length).
+    fn rollback(&mut self) {
+        if let Some(file) = &self.file {
+            match file.set_len(self.offset).and_then(|()| file.sync_data()) {
+                Ok(()) => return,
+                Err(error) => tracing::error!(
+                    segment = self.segment,
+                    %error,
+                    "spool: cannot cut a failed write; continuing in a new segment"
+                ),
+            }
+        }
+        self.file = None;
+    }
+
+    /// Closes the current segment (if one was started) and creates the next.
+    fn roll(&mut self) -> io::Result<()> {
+        if self.spent {
+            lock(&self.inner.sealed).insert(self.segment, self.offset);
+            self.segment += 1;
+            self.offset = 0;
+        }
+        self.file = None;
+        self.spent = true;
+        let path = self.inner.dir.join(segment_name(self.segment));
+        // Appending: after a cut (set_len) the next write lands at the new end.
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        if file.metadata()?.len() != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not empty", path.display()),
+            ));
+        }
+        sync_dir(&self.inner.dir)?;
+        self.file = Some(file);
+        self.durable.send_replace(Durable {
+            segment: self.segment,
+            offset: 0,
+        });
+        Ok(())
+    }
+
+    /// Checks whether the disk takes writes again: a small file written, fsynced, deleted.
+    fn probe(&mut self) {
+        let path = self.inner.dir.join(PROBE);
+        let result = (|| {
+            let mut f = File::create(&path)?;
+            f.write_all(&[0u8; 4096])?;
+            f.sync_all()?;
+            std::fs::remove_file(&path)
+        })();
+        let result = result.and_then(|()| {
+            if self.file.is_none() {
+                self.roll()
+            } else {
+                Ok(())
+            }
+        });
+        match result {
+            Ok(()) => self.inner.mark_healthy(),
+            Err(error) => {
+                let _ = std::fs::remove_file(&path);
+                tracing::debug!(%error, "spool: disk probe failed");
+            }
+        }
+    }
+}

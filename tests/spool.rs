@@ -1,0 +1,896 @@
+//! The durable spool (`kafboy::spool`) on its own: appends fsynced by group commit, the sender
+//! feeding a real broker (tansu) or librdkafka's mock cluster, recovery after a crash (in process
+//! and a real `kill -9` of a child process under load), a full spool, a corrupt segment tail,
+//! permanent refusals dead-lettered, and disk errors.
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kafboy::Config;
+use kafboy::config::Mode;
+use kafboy::kafka::{Producers, Record};
+use kafboy::spool::{ID_HEADER, Spool, SpoolConfig, SpoolError};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::{Offset, TopicPartitionList};
+
+type Cluster = MockCluster<'static, DefaultProducerContext>;
+
+/// `broker_down` and `broker_up` apply to every broker with this id.
+const ALL_BROKERS: i32 = -1;
+
+/// Producers for `brokers`, from `toml` over the defaults.
+fn producers(brokers: &str, toml: &str) -> Arc<Producers> {
+    let mut config = Config::from_toml(toml).expect("test config");
+    config.kafka.brokers = vec![brokers.to_string()];
+    let topics = Arc::new(kafboy::metrics::Topics::new(Vec::<String>::new()));
+    Arc::new(Producers::build(&config, &topics).expect("producers"))
+}
+
+/// Starts the sender of `spool` on the low-latency producer of `producers`.
+fn start_sender(spool: &Spool, producers: &Arc<Producers>) {
+    let producers = producers.clone();
+    spool.start_sender(move |topic| producers.for_mode(Mode::Async, topic));
+}
+
+/// A spool config with fast checkpoints and small segments, so tests see deletions.
+fn config() -> SpoolConfig {
+    SpoolConfig {
+        segment_bytes: 4096,
+        checkpoint_interval: Duration::from_millis(20),
+        retry_backoff: Duration::from_millis(50),
+        retry_backoff_max: Duration::from_millis(500),
+        ..SpoolConfig::default()
+    }
+}
+
+fn record(value: impl Into<Bytes>) -> Record {
+    Record {
+        key: None,
+        partition: None,
+        headers: None,
+        value: value.into(),
+    }
+}
+
+/// A one-broker mock cluster with one fresh topic.
+fn mock_cluster(prefix: &str) -> (Cluster, String) {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let topic = format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    cluster.create_topic(&topic, 1, 1).expect("create topic");
+    (cluster, topic)
+}
+
+/// Polls `cond` every 20 ms until it holds; fails the test with `what` after `limit`.
+async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until everything spooled is acknowledged and the checkpoint says so.
+async fn wait_drained(spool: &Spool, limit: Duration) {
+    wait_for("the spool to drain", limit, || {
+        let s = spool.stats();
+        s.records == 0 && s.oldest_undelivered.is_none()
+    })
+    .await;
+}
+
+/// A record read back: value, `kafboy-id`, the other headers, key, partition and offset.
+#[derive(Debug, Clone)]
+struct Got {
+    value: String,
+    id: Option<String>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+    key: Option<Vec<u8>>,
+    offset: i64,
+}
+
+/// Reads `topic` from the start until every value in `want` was seen (then 300 ms more, for
+/// late duplicates) or `limit` passed. Records in partition, offset order.
+async fn read_topic(
+    brokers: &str,
+    topic: &str,
+    want: HashSet<String>,
+    limit: Duration,
+) -> Vec<Got> {
+    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("spool-check-{topic}"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("allow.auto.create.topics", "false")
+            .create()
+            .expect("consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("metadata");
+        let partitions = metadata.topics()[0].partitions().len() as i32;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(&topic, p, Offset::Beginning)
+                .expect("offset");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let deadline = Instant::now() + limit;
+        let mut seen = HashSet::new();
+        let mut out: Vec<(i32, Got)> = Vec::new();
+        let mut complete_at: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if now >= deadline || complete_at.is_some_and(|t| now >= t) {
+                break;
+            }
+            if complete_at.is_none() && want.iter().all(|w| seen.contains(w)) {
+                complete_at = Some(now + Duration::from_millis(300));
+            }
+            let Some(msg) = consumer.poll(Duration::from_millis(50)) else {
+                continue;
+            };
+            let msg = msg.expect("consume");
+            let mut id = None;
+            let mut headers = Vec::new();
+            if let Some(hs) = msg.headers() {
+                for h in hs.iter() {
+                    if h.key == ID_HEADER {
+                        id = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                    } else {
+                        headers.push((h.key.to_string(), h.value.map(<[u8]>::to_vec)));
+                    }
+                }
+            }
+            let value = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
+            seen.insert(value.clone());
+            out.push((
+                msg.partition(),
+                Got {
+                    value,
+                    id,
+                    headers,
+                    key: msg.key().map(<[u8]>::to_vec),
+                    offset: msg.offset(),
+                },
+            ));
+        }
+        out.sort_by_key(|(p, g)| (*p, g.offset));
+        out.into_iter().map(|(_, g)| g).collect()
+    })
+    .await
+    .expect("consumer task")
+}
+
+fn values(got: &[Got]) -> Vec<&str> {
+    got.iter().map(|g| g.value.as_str()).collect()
+}
+
+/// Segment files in `dir`, sorted.
+fn segments(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".seg"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appended_records_reach_kafka_with_stable_ids_and_acked_segments_go() {
+    let broker = common::broker();
+    let topic = broker.topic("spool-roundtrip", 2);
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), &config()).expect("open");
+    let producers = producers(&broker.addr, "[kafka]\nmessage_timeout = \"20s\"");
+    start_sender(&spool, &producers);
+
+    let mut want = Vec::new();
+    for call in 0..30 {
+        let mut records = Vec::new();
+        for i in 0..10 {
+            let value = format!(r#"{{"call":{call},"i":{i},"pad":"{}"}}"#, "x".repeat(40));
+            want.push(value.clone());
+            let mut r = record(value);
+            if i % 2 == 0 {
+                r.key = Some(Bytes::from(format!("k{call}")));
+                r.headers = Some(OwnedHeaders::new().insert(Header {
+                    key: "source",
+                    value: Some("spool-test"),
+                }));
+            }
+            records.push(r);
+        }
+        spool.append(&topic, &records).await.expect("append");
+    }
+    wait_drained(&spool, Duration::from_secs(20)).await;
+    // The checkpoint names the first record not acknowledged: all 300 are.
+    wait_for("checkpoint and deletions", Duration::from_secs(5), || {
+        let s = spool.stats();
+        s.checkpoint == 300 && s.segments == 1
+    })
+    .await;
+    let stats = spool.stats();
+    eprintln!("after delivery: {stats:?}");
+    assert_eq!(stats.delivered, 300);
+    assert_eq!((stats.dead_lettered, stats.replayed), (0, 0));
+    assert!(stats.healthy);
+    // Acknowledged segments were deleted; the one being written stays.
+    assert_eq!(segments(dir.path()).len(), 1, "{:?}", segments(dir.path()));
+
+    let got = read_topic(
+        &broker.addr,
+        &topic,
+        want.iter().cloned().collect(),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(got.len(), 300, "every record once: {}", got.len());
+    let got_values: HashSet<&str> = values(&got).into_iter().collect();
+    assert_eq!(got_values.len(), 300);
+    let ids: HashSet<&str> = got.iter().filter_map(|g| g.id.as_deref()).collect();
+    assert_eq!(ids.len(), 300, "one distinct kafboy-id per record");
+    assert!(
+        ids.iter()
+            .all(|id| id.len() == 33 && id.as_bytes()[16] == b'-')
+    );
+    for g in &got {
+        let keyed = g.key.is_some();
+        assert_eq!(
+            g.headers,
+            if keyed {
+                vec![("source".to_string(), Some(b"spool-test".to_vec()))]
+            } else {
+                vec![]
+            },
+            "{g:?}"
+        );
+    }
+    // Records were sent in spool order: within a partition, calls come in order.
+    let mut last_call: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+    for g in got.iter().filter(|g| g.key.is_some()) {
+        let v: serde_json::Value = serde_json::from_str(&g.value).expect("json");
+        let call = v["call"].as_i64().expect("call") * 100 + v["i"].as_i64().expect("i");
+        let key = g.key.clone().unwrap_or_default();
+        if let Some(prev) = last_call.insert(key, call) {
+            assert!(prev < call, "out of order: {prev} then {call}");
+        }
+    }
+    assert_eq!(spool.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_down_past_the_message_timeout_then_back_delivers_everything() {
+    let (cluster, topic) = mock_cluster("spool-down");
+    let bootstrap = cluster.bootstrap_servers();
+    let message_timeout = Duration::from_millis(1000);
+    let producers = producers(
+        &bootstrap,
+        "[kafka]\nmessage_timeout = \"1s\"\n[kafka.options]\n\"reconnect.backoff.max.ms\" = \"200\"",
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), &config()).expect("open");
+    start_sender(&spool, &producers);
+    spool
+        .append(&topic, &[record("warm-up")])
+        .await
+        .expect("append");
+    wait_drained(&spool, Duration::from_secs(10)).await;
+
+    cluster.broker_down(ALL_BROKERS).expect("brokers down");
+    let down_at = Instant::now();
+    let mut want = vec!["warm-up".to_string()];
+    for call in 0..20 {
+        let records: Vec<Record> = (0..5)
+            .map(|i| {
+                let v = format!("down-{call}-{i}");
+                want.push(v.clone());
+                record(v)
+            })
+            .collect();
+        spool
+            .append(&topic, &records)
+            .await
+            .expect("append while down");
+    }
+    // librdkafka gives up on the records after the message timeout; the spool keeps them.
+    wait_for(
+        "a retry after the message timeout",
+        Duration::from_secs(10),
+        || spool.stats().retried >= 100,
+    )
+    .await;
+    let outage = down_at.elapsed();
+    assert!(outage >= message_timeout, "retried after {outage:?}");
+    let during = spool.stats();
+    eprintln!("brokers down for {outage:?}: {during:?}");
+    assert_eq!(during.records, 100);
+    assert!(
+        during
+            .oldest_undelivered
+            .is_some_and(|d| d >= message_timeout)
+    );
+
+    cluster.broker_up(ALL_BROKERS).expect("brokers up");
+    let back = Instant::now();
+    wait_drained(&spool, Duration::from_secs(20)).await;
+    eprintln!("drained {:?} after brokers returned", back.elapsed());
+    let got = read_topic(
+        &bootstrap,
+        &topic,
+        want.iter().cloned().collect(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let got_values: HashSet<&str> = values(&got).into_iter().collect();
+    for w in &want {
+        assert!(got_values.contains(w.as_str()), "{w} lost");
+    }
+    let stats = spool.stats();
+    eprintln!(
+        "consumed {} records for {} appended ({} duplicates): {stats:?}",
+        got.len(),
+        want.len(),
+        got.len() - got_values.len()
+    );
+    assert_eq!(stats.dead_lettered, 0);
+    assert_eq!(spool.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_acknowledgement_replays_everything_and_a_clean_stop_nothing() {
+    let (cluster, topic) = mock_cluster("spool-replay");
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), &config()).expect("open");
+    let want: Vec<String> = (0..100).map(|i| format!("crash-{i}")).collect();
+    for chunk in want.chunks(7) {
+        let records: Vec<Record> = chunk.iter().map(|v| record(v.clone())).collect();
+        spool.append(&topic, &records).await.expect("append");
+    }
+    assert_eq!(spool.stats().records, 100);
+    // No sender ran: nothing is acknowledged. Gone without a shutdown.
+    spool.crash();
+
+    let spool = Spool::open(dir.path(), &config()).expect("reopen");
+    let stats = spool.stats();
+    assert_eq!((stats.replayed, stats.records), (100, 100), "{stats:?}");
+    assert!(stats.oldest_undelivered.is_some());
+    let producers = producers(&cluster.bootstrap_servers(), "");
+    start_sender(&spool, &producers);
+    wait_drained(&spool, Duration::from_secs(15)).await;
+    let got = read_topic(
+        &cluster.bootstrap_servers(),
+        &topic,
+        want.iter().cloned().collect(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        values(&got),
+        want.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    // A clean stop writes the checkpoint: the next open has nothing to replay.
+    assert_eq!(spool.shutdown(Duration::from_secs(5)).await, 0);
+    drop(spool);
+    let spool = Spool::open(dir.path(), &config()).expect("reopen after a clean stop");
+    let stats = spool.stats();
+    assert_eq!((stats.replayed, stats.records), (0, 0), "{stats:?}");
+    assert_eq!(segments(dir.path()).len(), 1, "only the new segment");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_refuses_all_or_nothing_and_takes_records_again_once_drained() {
+    let dir = tempfile::tempdir().expect("dir");
+    let limits = SpoolConfig {
+        max_bytes: 16 << 10,
+        ..config()
+    };
+    let spool = Spool::open(dir.path(), &limits).expect("open");
+    let value = "v".repeat(1000);
+    let mut accepted = 0;
+    let refused = loop {
+        match spool.append("t", &[record(value.clone())]).await {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted < 100, "the spool never filled");
+    };
+    assert_eq!(refused, SpoolError::Full);
+    let full = spool.stats();
+    eprintln!("full after {accepted} records: {full:?}");
+    assert!(full.bytes <= 16 << 10, "{full:?}");
+    assert_eq!(full.records, accepted);
+    assert_eq!(full.refused_full, 1);
+    // Two small records that would not fit together are refused together.
+    let small = vec![record("a"), record("b".repeat(900))];
+    assert_eq!(spool.append("t", &small).await, Err(SpoolError::Full));
+    assert_eq!(
+        spool.stats().records,
+        accepted,
+        "nothing of a refused call is kept"
+    );
+    assert_eq!(spool.stats().bytes, full.bytes);
+    // Larger than the whole spool: not "full", too large.
+    let huge = record("h".repeat(20 << 10));
+    assert!(matches!(
+        spool.append("t", &[huge]).await,
+        Err(SpoolError::TooLarge(_))
+    ));
+
+    // A sender drains it; deleted segments give the room back.
+    let (cluster, topic) = mock_cluster("spool-full");
+    drop(spool);
+    // Records are spooled per topic; refill a spool for the mock topic.
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), &limits).expect("open");
+    let mut n = 0;
+    while spool.append(&topic, &[record(value.clone())]).await.is_ok() {
+        n += 1;
+    }
+    let producers = producers(&cluster.bootstrap_servers(), "");
+    start_sender(&spool, &producers);
+    wait_drained(&spool, Duration::from_secs(15)).await;
+    wait_for("room given back", Duration::from_secs(5), || {
+        spool.stats().bytes < 8 << 10
+    })
+    .await;
+    for _ in 0..n {
+        spool
+            .append(&topic, &[record(value.clone())])
+            .await
+            .expect("room again");
+    }
+    wait_drained(&spool, Duration::from_secs(15)).await;
+    assert_eq!(spool.stats().delivered, 2 * n);
+    spool.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_segment_tail_is_cut_at_the_last_valid_record() {
+    let (cluster, topic) = mock_cluster("spool-corrupt");
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), &config()).expect("open");
+    for i in 0..10 {
+        spool
+            .append(&topic, &[record(format!("rec-{i}"))])
+            .await
+            .expect("append");
+    }
+    spool.crash();
+    let files = segments(dir.path());
+    let last = dir.path().join(files.last().expect("a segment"));
+    let mut bytes = std::fs::read(&last).expect("read segment");
+    let whole = bytes.len();
+    // Each frame is the same size here; the last record starts one frame before the end.
+    let frame = whole / 10;
+    assert_eq!(frame * 10, whole);
+    // A flipped byte inside the last record, and a torn frame after it.
+    bytes[whole - 3] ^= 0x5a;
+    bytes.extend_from_slice(&[7, 0, 0, 0, 1, 2]);
+    std::fs::write(&last, &bytes).expect("corrupt segment");
+
+    let spool = Spool::open(dir.path(), &config()).expect("reopen");
+    let stats = spool.stats();
+    assert_eq!(stats.replayed, 9, "{stats:?}");
+    assert_eq!(
+        std::fs::metadata(&last).expect("segment").len() as usize,
+        whole - frame,
+        "cut at the last valid record"
+    );
+    // The spool keeps going: new records are taken and everything valid is delivered.
+    spool
+        .append(&topic, &[record("after-recovery")])
+        .await
+        .expect("append after recovery");
+    let producers = producers(&cluster.bootstrap_servers(), "");
+    start_sender(&spool, &producers);
+    wait_drained(&spool, Duration::from_secs(15)).await;
+    let mut want: Vec<String> = (0..9).map(|i| format!("rec-{i}")).collect();
+    want.push("after-recovery".into());
+    let got = read_topic(
+        &cluster.bootstrap_servers(),
+        &topic,
+        want.iter().cloned().collect(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        values(&got),
+        want.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    spool.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_kafka_refuses_for_good_are_dead_lettered_not_retried() {
+    let (cluster, topic) = mock_cluster("spool-dead");
+    let bootstrap = cluster.bootstrap_servers();
+    // librdkafka refuses a record over message.max.bytes itself; the broker refuses the other.
+    let producers = producers(
+        &bootstrap,
+        "[kafka]\nmessage_max_bytes = 10000\nmessage_timeout = \"10s\"",
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), &config()).expect("open");
+    start_sender(&spool, &producers);
+    let big = "B".repeat(20_000);
+    spool
+        .append(
+            &topic,
+            &[record("before"), record(big.clone()), record("after")],
+        )
+        .await
+        .expect("append");
+    wait_drained(&spool, Duration::from_secs(10)).await;
+    assert_eq!(spool.stats().dead_lettered, 1);
+
+    // The broker refuses the next produce request: not authorized. (librdkafka then fails
+    // that topic's records at once for a while; other topics go on.)
+    let denied = format!("{topic}-denied");
+    cluster.create_topic(&denied, 1, 1).expect("create topic");
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    spool
+        .append(&denied, &[record("refused-by-broker")])
+        .await
+        .expect("append");
+    wait_drained(&spool, Duration::from_secs(10)).await;
+    spool
+        .append(&topic, &[record("last")])
+        .await
+        .expect("append");
+    wait_drained(&spool, Duration::from_secs(10)).await;
+    let stats = spool.stats();
+    eprintln!("{stats:?}");
+    assert_eq!(stats.dead_lettered, 2);
+    assert_eq!(stats.delivered, 3);
+
+    let text = std::fs::read_to_string(dir.path().join(kafboy::spool::DEAD_LETTER_FILE))
+        .expect("dead-letter file");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0]["error"], "MessageSizeTooLarge", "{text}");
+    assert_eq!(lines[0]["status"], 413);
+    assert_eq!(lines[0]["value"], big.as_str());
+    assert_eq!(lines[0]["topic"], topic.as_str());
+    assert_eq!(lines[0]["attempts"], 1);
+    assert_eq!(lines[1]["error"], "TopicAuthorizationFailed", "{text}");
+    assert_eq!(lines[1]["status"], 403);
+    assert_eq!(lines[1]["value"], "refused-by-broker");
+    assert_eq!(lines[1]["topic"], denied.as_str());
+    assert_eq!(lines[1]["attempts"], 1);
+    let got = read_topic(
+        &bootstrap,
+        &topic,
+        ["before", "after", "last"].map(String::from).into(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(values(&got), ["before", "after", "last"]);
+    spool.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_error_answers_disk_and_unhealthy_until_writes_work_again() {
+    if !Path::new("/dev/full").exists() {
+        eprintln!("no /dev/full here; skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), &config()).expect("open");
+    let first = segments(dir.path());
+    assert_eq!(first, ["00000000000000000001.seg"]);
+    // The next segment is a file where every write fails with ENOSPC.
+    std::os::unix::fs::symlink("/dev/full", dir.path().join("00000000000000000002.seg"))
+        .expect("symlink");
+    let value = "d".repeat(1000);
+    let mut accepted = 0;
+    let error = loop {
+        match spool.append("t", &[record(value.clone())]).await {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted < 10, "the segment never rolled");
+    };
+    eprintln!("after {accepted} records: {error}");
+    assert!(
+        matches!(&error, SpoolError::Disk(m) if m.contains("No space left")),
+        "{error:?}"
+    );
+    let stats = spool.stats();
+    assert!(!stats.healthy && !spool.healthy(), "{stats:?}");
+    assert_eq!(stats.disk_errors, 1);
+    assert_eq!(stats.records, accepted, "the failed record is not counted");
+    // The writer moves on to a new segment: writes work again, and so does health.
+    spool
+        .append("t", &[record("after")])
+        .await
+        .expect("append after the disk error");
+    assert!(spool.healthy());
+    spool.crash();
+    let spool = Spool::open(dir.path(), &config()).expect("reopen");
+    assert_eq!(spool.stats().replayed, accepted + 1);
+}
+
+/// `kill -9` of a process appending under load: every record it was answered `Ok` for is
+/// delivered after a restart; duplicates (sent but not yet checkpointed) are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_then_restart_delivers_every_acknowledged_record() {
+    let broker = common::broker();
+    let topic = broker.topic("spool-kill", 2);
+    let dir = tempfile::tempdir().expect("dir");
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "spool_child_appends_until_killed",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("SPOOL_CHILD_DIR", dir.path())
+        .env("SPOOL_CHILD_BROKERS", &broker.addr)
+        .env("SPOOL_CHILD_TOPIC", &topic)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start child");
+    let stdout = child.stdout.take().expect("child stdout");
+    // The child prints `acked v1 v2 .. end` after each append it got Ok for.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<String>>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.strip_prefix("acked ")
+                && let Some(vals) = rest.strip_suffix(" end")
+            {
+                let _ = tx.send(vals.split(' ').map(String::from).collect());
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut acked: Vec<String> = Vec::new();
+    // Long enough for the child's sender to deliver and checkpoint part of it.
+    while started.elapsed() < Duration::from_millis(2500) {
+        if let Ok(vals) = rx.recv_timeout(Duration::from_millis(100)) {
+            acked.extend(vals);
+        }
+    }
+    child.kill().expect("kill -9");
+    let status = child.wait().expect("wait");
+    reader.join().expect("reader");
+    acked.extend(rx.try_iter().flatten());
+    eprintln!(
+        "killed the child ({status}) after {:?} with {} records acknowledged",
+        started.elapsed(),
+        acked.len()
+    );
+    assert!(acked.len() >= 500, "too little load: {}", acked.len());
+
+    let spool = Spool::open(dir.path(), &config()).expect("reopen after kill -9");
+    let replayed = spool.stats().replayed;
+    let producers = producers(&broker.addr, "[kafka]\nmessage_timeout = \"20s\"");
+    start_sender(&spool, &producers);
+    wait_drained(&spool, Duration::from_secs(30)).await;
+    let want: HashSet<String> = acked.iter().cloned().collect();
+    let got = read_topic(&broker.addr, &topic, want.clone(), Duration::from_secs(20)).await;
+    let mut copies: HashMap<&str, Vec<Option<&str>>> = HashMap::new();
+    for g in &got {
+        copies.entry(&g.value).or_default().push(g.id.as_deref());
+    }
+    let missing: Vec<&String> = want
+        .iter()
+        .filter(|w| !copies.contains_key(w.as_str()))
+        .collect();
+    let duplicates: usize = copies.values().map(|c| c.len() - 1).sum();
+    eprintln!(
+        "after restart: replayed {replayed}, consumed {} records, {} distinct, {duplicates} \
+         duplicates, {} acknowledged missing",
+        got.len(),
+        copies.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "lost {} records: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(
+        replayed > 0,
+        "nothing was left to replay: the kill came too late to test anything"
+    );
+    // A duplicate carries the same id as its original, so consumers can drop it.
+    for (value, ids) in &copies {
+        assert!(
+            ids.iter().all(|id| id.is_some() && *id == ids[0]),
+            "{value}: {ids:?}"
+        );
+    }
+    spool.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The child process of the kill test: appends under load from several tasks and reports each
+/// acknowledged append on stdout. Does nothing unless started by that test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by kill_9_under_load_then_restart_delivers_every_acknowledged_record"]
+async fn spool_child_appends_until_killed() {
+    let (Ok(dir), Ok(brokers), Ok(topic)) = (
+        std::env::var("SPOOL_CHILD_DIR"),
+        std::env::var("SPOOL_CHILD_BROKERS"),
+        std::env::var("SPOOL_CHILD_TOPIC"),
+    ) else {
+        return;
+    };
+    let spool = Arc::new(Spool::open(&dir, &config()).expect("open"));
+    let producers = producers(&brokers, "[kafka]\nmessage_timeout = \"20s\"");
+    start_sender(&spool, &producers);
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (spool, topic) = (spool.clone(), topic.clone());
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut i = 0u64;
+            // Bounded even if nobody kills it.
+            while started.elapsed() < Duration::from_secs(30) {
+                let n = 1 + (i % 4) as usize;
+                let vals: Vec<String> = (0..n).map(|k| format!("w{w}-{i}-{k}")).collect();
+                let records: Vec<Record> = vals.iter().map(|v| record(v.clone())).collect();
+                if spool.append(&topic, &records).await.is_ok() {
+                    println!("acked {} end", vals.join(" "));
+                }
+                i += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Append latency with fsync (group commit), one appender and 32 concurrent ones; run with
+/// `--nocapture` to see the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_latency_with_fsync() {
+    fn pct(sorted: &[Duration], p: f64) -> Duration {
+        sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Arc::new(Spool::open(dir.path(), &SpoolConfig::default()).expect("open"));
+    let value = Bytes::from("x".repeat(200));
+    let mut one = Vec::new();
+    for _ in 0..300 {
+        let start = Instant::now();
+        spool
+            .append("t", &[record(value.clone())])
+            .await
+            .expect("append");
+        one.push(start.elapsed());
+    }
+    one.sort();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (spool, value) = (spool.clone(), value.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            for _ in 0..50 {
+                let start = Instant::now();
+                spool
+                    .append("t", &[record(value.clone())])
+                    .await
+                    .expect("append");
+                lat.push(start.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut many = Vec::new();
+    for t in tasks {
+        many.extend(t.await.expect("task"));
+    }
+    let elapsed = started.elapsed();
+    many.sort();
+    eprintln!(
+        "append of one 200-byte record with fsync, one appender: p50 {:?} p99 {:?} max {:?}",
+        pct(&one, 0.5),
+        pct(&one, 0.99),
+        one[one.len() - 1]
+    );
+    eprintln!(
+        "32 concurrent appenders: p50 {:?} p99 {:?} max {:?}; {} appends in {elapsed:?} ({:.0}/s)",
+        pct(&many, 0.5),
+        pct(&many, 0.99),
+        many[many.len() - 1],
+        many.len(),
+        many.len() as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(spool.stats().records, 300 + 32 * 50);
+    drop(spool);
+
+    // Without the commit wait: what one write + fdatasync costs here.
+    let dir = tempfile::tempdir().expect("dir");
+    let immediate = SpoolConfig {
+        commit_interval: Duration::ZERO,
+        ..SpoolConfig::default()
+    };
+    let spool = Spool::open(dir.path(), &immediate).expect("open");
+    let mut raw = Vec::new();
+    for _ in 0..300 {
+        let start = Instant::now();
+        spool
+            .append("t", &[record(value.clone())])
+            .await
+            .expect("append");
+        raw.push(start.elapsed());
+    }
+    raw.sort();
+    eprintln!(
+        "commit_interval = 0 (write + fdatasync per append), one appender: p50 {:?} p99 {:?}",
+        pct(&raw, 0.5),
+        pct(&raw, 0.99)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooled_route_answers_202_after_fsync_and_the_record_lands_with_its_id() {
+    let b = common::broker();
+    let topic = b.topic("spooled-route", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[spool]\ndir = {:?}\nmax_bytes = 16384\nsegment_bytes = 4096\n\
+         [[routes]]\npath = \"/durable/:topic\"\nmode = \"async\"\nspool = true\n",
+        dir.path().display().to_string()
+    );
+    let gw = common::gateway(&b.addr, &toml).await;
+    let r = gw
+        .post_json(&format!("/durable/{topic}"), "{\"d\":1}")
+        .await;
+    assert_eq!((r.status, r.body.as_str()), (202, r#"{"ok":1}"#));
+    let got = common::consume(&b.addr, &topic, 1);
+    assert_eq!(got[0].value, b"{\"d\":1}");
+    assert!(
+        got[0].headers.iter().any(|(k, _)| k == "kafboy-id"),
+        "{:?}",
+        got[0].headers
+    );
+    // A request larger than the whole spool is refused, not half written.
+    let big = format!("\"{}\"", "x".repeat(20000));
+    let r = gw.post_json(&format!("/durable/{topic}"), &big).await;
+    assert!(r.status == 413 || r.status == 503, "{}", r.body);
+    let config = kafboy::Config::from_toml(
+        "[[routes]]\npath = \"/d/:topic\"\nmode = \"async\"\nspool = true",
+    )
+    .unwrap();
+    assert!(
+        kafboy::App::build(&config)
+            .err()
+            .unwrap()
+            .contains("spool.dir")
+    );
+    gw.stop().await;
+}
