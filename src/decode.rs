@@ -2,7 +2,6 @@
 //! the original bytes; NDJSON lines are slices of the body; only forms are re-encoded.
 
 use bytes::Bytes;
-use serde::de::IgnoredAny;
 
 use crate::config::Payload;
 
@@ -102,12 +101,61 @@ pub fn decode(kind: BodyKind, body: Bytes, limits: &Limits) -> Result<Vec<Bytes>
 /// with nothing but whitespace after it, nested at most `max_depth` deep. No tree is built.
 pub fn check_json(bytes: &[u8], max_depth: usize) -> Result<(), String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
-    serde_json::from_str::<IgnoredAny>(text).map_err(|e| e.to_string())?;
-    check_depth(bytes, max_depth)
+    // The depth first: it names the configured limit, where serde_json would stop at its own.
+    check_depth(bytes, max_depth)?;
+    serde_json::from_str::<Valid>(text)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
-/// serde_json skips ignored values without a recursion limit, so a 100000-deep document passes
-/// its check; consumers that parse recursively would not survive it. Runs on valid JSON only.
+/// Accepts exactly what `serde_json::Value` accepts (lone surrogates and numbers beyond f64 are
+/// refused; `IgnoredAny` lets both through), without building a tree.
+struct Valid;
+
+impl<'de> serde::Deserialize<'de> for Valid {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Valid, D::Error> {
+        d.deserialize_any(ValidVisitor)
+    }
+}
+
+struct ValidVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ValidVisitor {
+    type Value = Valid;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_unit<E>(self) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
+        while seq.next_element::<Valid>()?.is_some() {}
+        Ok(Valid)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
+        while map.next_entry::<Valid, Valid>()?.is_some() {}
+        Ok(Valid)
+    }
+}
+
+/// Consumers that parse recursively do not survive a 100000-deep document. On text that is not
+/// JSON the count is meaningless, but it is only ever compared with the limit.
 fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), String> {
     // Nesting d deep takes d opening brackets, so short documents cannot be too deep.
     if bytes.len() <= max_depth {
@@ -219,11 +267,11 @@ mod tests {
     #[test]
     fn depth_is_limited_outside_strings_only() {
         let nested = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
-        assert!(check_json(nested(128).as_bytes(), 128).is_ok());
+        assert!(check_json(nested(100).as_bytes(), 100).is_ok());
         assert!(
-            check_json(nested(129).as_bytes(), 128)
+            check_json(nested(101).as_bytes(), 100)
                 .unwrap_err()
-                .contains("deeper than 128")
+                .contains("deeper than 100")
         );
         assert!(check_json(nested(100_000).as_bytes(), 128).is_err());
         let in_string = format!("[\"{}\\\"{}\"]", "[".repeat(500), "{".repeat(500));
@@ -270,6 +318,11 @@ mod tests {
             b"\"\\u12G4\"",
             b"1 2",
             b"   ",
+            // What serde_json::Value refuses, so consumers parsing with it never choke.
+            b"\"\\ud800\"",
+            b"\"\\ud83d:ude00\"",
+            b"1e400",
+            b"[-2e999]",
         ] {
             assert!(
                 check_json(bad, 128).is_err(),
@@ -280,7 +333,7 @@ mod tests {
         for good in [
             &b"{\"a\":[1,2.5,null,true]}"[..],
             b" 1 ",
-            b"\"\\ud800\"",
+            b"\"\\ud83d\\ude00\"",
             b"{}\n",
         ] {
             assert!(check_json(good, 128).is_ok());

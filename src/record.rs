@@ -31,12 +31,14 @@ impl RecordMeta {
         let mut query_key = None;
         let mut query_partition = None;
         if let Some(q) = parts.uri.query() {
-            let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q)
-                .map_err(|e| IngestError::BadRequest(format!("query string: {e}")))?;
-            for (name, value) in pairs {
-                match name.as_str() {
-                    "key" => query_key = Some(Bytes::from(value)),
-                    "partition" => query_partition = Some(value),
+            // Decoded to bytes, not strings: a key is any bytes, and `%FF` must stay 0xFF.
+            for (name, value) in q
+                .split('&')
+                .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+            {
+                match form_decode(name).as_slice() {
+                    b"key" => query_key = Some(Bytes::from(form_decode(value))),
+                    b"partition" => query_partition = Some(form_decode(value)),
                     _ => {}
                 }
             }
@@ -52,7 +54,7 @@ impl RecordMeta {
             (None, h) => h.map(Bytes::copy_from_slice),
         };
         let partition = match (query_partition, header("x-kafka-partition")) {
-            (Some(q), _) => Some(parse_partition(q.as_bytes())?),
+            (Some(q), _) => Some(parse_partition(&q)?),
             (None, Some(h)) => Some(parse_partition(h)?),
             (None, None) => None,
         };
@@ -60,7 +62,10 @@ impl RecordMeta {
             .headers
             .iter()
             .filter_map(|(name, value)| {
-                let name = name.as_str().strip_prefix(HEADER_PREFIX)?;
+                let name = name
+                    .as_str()
+                    .strip_prefix(HEADER_PREFIX)
+                    .filter(|n| !n.is_empty())?;
                 Some((name.to_string(), Bytes::copy_from_slice(value.as_bytes())))
             })
             .collect();
@@ -126,6 +131,13 @@ impl RecordMeta {
         }
         Some(owned)
     }
+}
+
+/// `application/x-www-form-urlencoded` decoding of one query component: `+` is a space, `%XX` a
+/// byte.
+fn form_decode(component: &str) -> Vec<u8> {
+    let spaced = component.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced).collect()
 }
 
 fn parse_partition(raw: &[u8]) -> Result<i32, IngestError> {

@@ -96,6 +96,16 @@ fn compile_one(rc: &RouteConfig) -> Result<Route, String> {
             None if seg.contains(['{', '}', '*', ':']) => {
                 return Err(format!("segment `{seg}` has a reserved character"));
             }
+            // Requests are matched on the raw path, so anything a client must percent-encode
+            // (spaces, non-ASCII, `?`, `#`) would make a route no request can reach.
+            None if !seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()+,;=@%".contains(&b)) =>
+            {
+                return Err(format!(
+                    "segment `{seg}` has characters a URL path cannot hold as they are"
+                ));
+            }
             None => segments.push(seg.to_string()),
         }
     }
@@ -239,6 +249,8 @@ mod tests {
             ),
             ("path = \"x/:topic\"\nmode = \"sync\"", "start with"),
             ("path = \"/x\"\ntopic = \"a b\"\nmode = \"sync\"", "topic:"),
+            ("path = \"/?.\"\ntopic = \"t\"\nmode = \"sync\"", "URL path"),
+            ("path = \"/é/:topic\"\nmode = \"sync\"", "URL path"),
         ] {
             let err = compile(&config(&format!("[[routes]]\n{toml}"))).unwrap_err();
             assert!(err.contains("routes[0]") && err.contains(want), "{err}");

@@ -247,6 +247,10 @@ impl Checked {
                 config.server.max_body_bytes, config.kafka.message_max_bytes
             ));
         }
+        if !(1..=127).contains(&config.server.max_json_depth) {
+            // serde_json, which hooks and most consumers parse with, stops at 127 levels.
+            return Err("server.max_json_depth must be between 1 and 127".into());
+        }
         let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
         config.spool.check()?;
         for (route, _) in &routes {

@@ -400,6 +400,9 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
             "statistics.interval.ms",
             kafka.statistics_interval.as_millis().to_string(),
         );
+    // librdkafka waits up to 10 s between reconnects by default, so service came back up to 10 s
+    // after the brokers did; 1 s keeps recovery within seconds (kafka.options may override).
+    c.set("reconnect.backoff.max.ms", "1000");
     security(kafka, &mut c)?;
     for (key, value) in &kafka.options {
         if TYPED_KEYS.contains(&key.as_str()) {
