@@ -1,0 +1,135 @@
+//! Benchmark broker: librdkafka's mock cluster in a process of its own, so that kafboy, the HTTP
+//! ceiling and the direct producer of one `bench/run` all write to the same broker.
+//!
+//! ```text
+//! bench_broker [--brokers N] [--replication R] --topic NAME:PARTITIONS [--topic ...]
+//! ```
+//!
+//! Prints `bootstrap=HOST:PORT,...` on stdout once the topics exist, then reads commands on stdin,
+//! one per line, and answers each with one line:
+//!
+//! - `wm TOPIC`: `wm TOPIC SUM PARTITIONS`, the sum of the partitions' high watermarks (records
+//!   that reached the broker), from a consumer's `fetch_watermarks` per partition.
+//! - `quit`: exits.
+//!
+//! It exits when stdin closes or on SIGTERM/SIGINT (their default action).
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+
+struct Args {
+    brokers: i32,
+    replication: i32,
+    topics: Vec<(String, i32)>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        brokers: 3,
+        replication: 1,
+        topics: Vec::new(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--brokers" => args.brokers = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--replication" => args.replication = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--topic" => {
+                let v = value()?;
+                let (name, parts) = v
+                    .split_once(':')
+                    .ok_or_else(|| format!("--topic {v}: want NAME:PARTITIONS"))?;
+                let parts = parts.parse().map_err(|e| format!("--topic {v}: {e}"))?;
+                args.topics.push((name.to_string(), parts));
+            }
+            "-h" | "--help" => {
+                return Err(
+                    "usage: bench_broker [--brokers N] [--replication R] --topic NAME:PARTITIONS ..."
+                        .into(),
+                );
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(args)
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("bench_broker: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let args = parse_args()?;
+    let cluster = MockCluster::new(args.brokers).map_err(|e| format!("mock cluster: {e}"))?;
+    let mut partitions_of = std::collections::HashMap::new();
+    for (topic, partitions) in &args.topics {
+        cluster
+            .create_topic(topic, *partitions, args.replication)
+            .map_err(|e| format!("topic {topic}: {e}"))?;
+        partitions_of.insert(topic.clone(), *partitions);
+    }
+    let bootstrap = cluster.bootstrap_servers();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "bench-watermarks")
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3")
+        .create()
+        .map_err(|e| format!("consumer: {e}"))?;
+    // Wait until every topic answers, so the first `wm` is not a metadata wait.
+    for (topic, _) in &args.topics {
+        let mut tries = 0;
+        while let Err(e) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(2)) {
+            tries += 1;
+            if tries > 10 {
+                return Err(format!("topic {topic} never answered: {e}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let stdout = std::io::stdout();
+    let say = |line: String| {
+        let mut out = stdout.lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    };
+    say(format!("bootstrap={bootstrap}"));
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("wm"), Some(topic)) => {
+                let Some(&partitions) = partitions_of.get(topic) else {
+                    say(format!("err unknown topic {topic}"));
+                    continue;
+                };
+                let mut sum = 0i64;
+                let mut failed = None;
+                for p in 0..partitions {
+                    match consumer.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+                        Ok((_, high)) => sum += high,
+                        Err(e) => {
+                            failed = Some(format!("err {topic}[{p}]: {e}"));
+                            break;
+                        }
+                    }
+                }
+                say(failed.unwrap_or_else(|| format!("wm {topic} {sum} {partitions}")));
+            }
+            (Some("quit"), _) => break,
+            (None, _) => {}
+            _ => say(format!("err unknown command {line:?}")),
+        }
+    }
+    drop(consumer);
+    drop(cluster);
+    Ok(())
+}
