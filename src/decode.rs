@@ -52,22 +52,32 @@ impl BodyKind {
         let Some(ct) = content_type else {
             return Ok(BodyKind::Json);
         };
-        let media = ct
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        match media.as_str() {
-            "application/json" | "text/json" => Ok(BodyKind::Json),
-            m if m.starts_with("application/") && m.ends_with("+json") => Ok(BodyKind::Json),
-            "application/x-www-form-urlencoded" => Ok(BodyKind::Form),
-            "application/x-ndjson"
-            | "application/ndjson"
-            | "application/jsonl"
-            | "application/x-jsonlines"
-            | "application/jsonlines" => Ok(BodyKind::Ndjson),
-            _ => Err(DecodeError::UnsupportedType(ct.to_string())),
+        let media = ct.split(';').next().unwrap_or_default().trim();
+        let is = |name: &str| media.eq_ignore_ascii_case(name);
+        let json_suffix = media.len() > 17
+            && media
+                .get(..12)
+                .is_some_and(|p| p.eq_ignore_ascii_case("application/"))
+            && media
+                .get(media.len() - 5..)
+                .is_some_and(|s| s.eq_ignore_ascii_case("+json"));
+        if is("application/json") || is("text/json") || json_suffix {
+            Ok(BodyKind::Json)
+        } else if is("application/x-www-form-urlencoded") {
+            Ok(BodyKind::Form)
+        } else if [
+            "application/x-ndjson",
+            "application/ndjson",
+            "application/jsonl",
+            "application/x-jsonlines",
+            "application/jsonlines",
+        ]
+        .iter()
+        .any(|n| is(n))
+        {
+            Ok(BodyKind::Ndjson)
+        } else {
+            Err(DecodeError::UnsupportedType(ct.to_string()))
         }
     }
 }
@@ -101,11 +111,36 @@ pub fn decode(kind: BodyKind, body: Bytes, limits: &Limits) -> Result<Vec<Bytes>
 /// with nothing but whitespace after it, nested at most `max_depth` deep. No tree is built.
 pub fn check_json(bytes: &[u8], max_depth: usize) -> Result<(), String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
-    // The depth first: it names the configured limit, where serde_json would stop at its own.
-    check_depth(bytes, max_depth)?;
+    DEPTH.with(|d| d.set((0, max_depth)));
     serde_json::from_str::<Valid>(text)
         .map(drop)
         .map_err(|e| e.to_string())
+}
+
+thread_local! {
+    /// Nesting of the document being checked on this thread, and its limit: the depth is
+    /// counted during the one parse instead of a second pass over the bytes.
+    static DEPTH: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, usize::MAX)) };
+}
+
+/// Enters one level of nesting; consumers that parse recursively do not survive a
+/// 100000-deep document, so the limit is the configured one, below serde_json's own 127.
+fn descend<E: serde::de::Error>() -> Result<(), E> {
+    DEPTH.with(|d| {
+        let (depth, max) = d.get();
+        if depth >= max {
+            return Err(E::custom(format!("nested deeper than {max} levels")));
+        }
+        d.set((depth + 1, max));
+        Ok(())
+    })
+}
+
+fn ascend() {
+    DEPTH.with(|d| {
+        let (depth, max) = d.get();
+        d.set((depth.saturating_sub(1), max));
+    });
 }
 
 /// Accepts exactly what `serde_json::Value` accepts (lone surrogates and numbers beyond f64 are
@@ -145,46 +180,17 @@ impl<'de> serde::de::Visitor<'de> for ValidVisitor {
         Ok(Valid)
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
+        descend()?;
         while seq.next_element::<Valid>()?.is_some() {}
+        ascend();
         Ok(Valid)
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
+        descend()?;
         while map.next_entry::<Valid, Valid>()?.is_some() {}
+        ascend();
         Ok(Valid)
     }
-}
-
-/// Consumers that parse recursively do not survive a 100000-deep document. On text that is not
-/// JSON the count is meaningless, but it is only ever compared with the limit.
-fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), String> {
-    // Nesting d deep takes d opening brackets, so short documents cannot be too deep.
-    if bytes.len() <= max_depth {
-        return Ok(());
-    }
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in bytes {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max_depth {
-                    return Err(format!("nested deeper than {max_depth} levels"));
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 fn ndjson(body: Bytes, limits: &Limits) -> Result<Vec<Bytes>, DecodeError> {

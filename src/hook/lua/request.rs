@@ -48,7 +48,8 @@ impl LuaRequest {
                 Some(body) => {
                     serde_json::from_slice(body).map_err(|e| format!("invalid json: {e}"))
                 }
-                None => self.req.json().cloned(),
+                // Parsed for this script alone: cheaper than cloning a shared tree.
+                None => crate::hook::parse_body(self.req.kind(), &self.req.body),
             };
             self.json = Some(parsed.map_err(mlua::Error::runtime)?);
         }
