@@ -165,18 +165,8 @@ fn run() -> Result<(), String> {
         client.set("linger.ms", millis(kafka.linger));
     }
     // As kafboy's Producer::build: librdkafka's limits a little above kafboy's own accounting.
-    let slack_msgs = kafka.queue_max_messages + kafka.queue_max_messages / 10 + 1000;
-    let slack_kb = (kafka.queue_max_bytes + kafka.queue_max_bytes / 10) / 1024 + 1024;
-    client
-        .set(
-            "queue.buffering.max.messages",
-            slack_msgs.min(i32::MAX as usize).to_string(),
-        )
-        .set(
-            "queue.buffering.max.kbytes",
-            slack_kb.min(i32::MAX as usize).to_string(),
-        )
-        .set("log_level", "3");
+    kafboy::kafka::set_queue_limits(&mut client, kafka);
+    client.set("log_level", "3");
 
     let text =
         std::fs::read(&args.payloads).map_err(|e| format!("{}: {e}", args.payloads.display()))?;

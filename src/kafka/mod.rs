@@ -8,7 +8,7 @@ pub mod metadata;
 pub mod partition;
 mod producer;
 
-pub use producer::{Producer, Record, SendError, Shared};
+pub use producer::{Producer, Record, SendError, Shared, set_queue_limits};
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

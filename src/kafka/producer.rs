@@ -71,6 +71,22 @@ impl SendError {
     }
 }
 
+/// librdkafka's own queue limits, set a little above kafboy's accounting (with room for
+/// reports still being handed back) so its QueueFull stays an exception.
+pub fn set_queue_limits(client: &mut ClientConfig, kafka: &KafkaConfig) {
+    let slack_msgs = kafka.queue_max_messages + kafka.queue_max_messages / 10 + 1000;
+    let slack_kb = (kafka.queue_max_bytes + kafka.queue_max_bytes / 10) / 1024 + 1024;
+    client
+        .set(
+            "queue.buffering.max.messages",
+            slack_msgs.min(i32::MAX as usize).to_string(),
+        )
+        .set(
+            "queue.buffering.max.kbytes",
+            slack_kb.min(i32::MAX as usize).to_string(),
+        );
+}
+
 /// One librdkafka producer with kafboy's queue accounting.
 pub struct Producer {
     pub(super) inner: ThreadedProducer<Context>,
@@ -92,19 +108,7 @@ impl Producer {
             kafka.queue_max_bytes,
         ));
         let error_seen = Arc::new(AtomicBool::new(false));
-        // librdkafka's own limits sit above kafboy's, with room for reports still being handed
-        // back, so its QueueFull stays an exception.
-        let slack_msgs = kafka.queue_max_messages + kafka.queue_max_messages / 10 + 1000;
-        let slack_kb = (kafka.queue_max_bytes + kafka.queue_max_bytes / 10) / 1024 + 1024;
-        client
-            .set(
-                "queue.buffering.max.messages",
-                slack_msgs.min(i32::MAX as usize).to_string(),
-            )
-            .set(
-                "queue.buffering.max.kbytes",
-                slack_kb.min(i32::MAX as usize).to_string(),
-            );
+        set_queue_limits(&mut client, kafka);
         let context = Context {
             name: name.to_string(),
             admission: admission.clone(),
