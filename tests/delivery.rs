@@ -305,28 +305,21 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
     cluster.broker_up(ALL_BROKERS).expect("brokers up");
     let started = Instant::now();
     let deadline = started + Duration::from_secs(15);
-    let last = loop {
-        let (reply, _) = timed_post(
-            &gw,
-            &format!("/sync/{topic}"),
-            None,
-            r#"{"n":"after"}"#,
-            Duration::from_secs(8),
-        )
-        .await;
-        if reply.status == 200 {
-            break reply.json();
+    loop {
+        let (reply, _) =
+            timed_post(&gw, &path, None, r#"{"n":"after"}"#, Duration::from_secs(8)).await;
+        if reply.status == 202 {
+            break;
         }
         assert_unavailable(&reply, "while the queue drains");
         assert!(Instant::now() < deadline, "queue never drained: {reply:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
     eprintln!(
         "queue drained and accepting again {:?} after brokers returned",
         started.elapsed()
     );
-    // Exactly the three queued records come before it: nothing refused was written.
-    assert_eq!(last["offset"], 3, "{last}");
+    // Exactly the three queued records come before it, in order: nothing refused was written.
     let got = read_back(
         &cluster.bootstrap_servers(),
         &topic,

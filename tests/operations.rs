@@ -123,7 +123,7 @@ async fn metrics_count_requests_records_and_broker_state_with_bounded_labels() {
             .await
             .unwrap();
         let samples = parse_exposition(&text);
-        if find(&samples, "kafboy_broker_up", &[("producer", "latency")]).is_some() {
+        if find(&samples, "kafboy_broker_up", &[("producer", "sync")]).is_some() {
             break samples;
         }
         assert!(
@@ -195,7 +195,7 @@ async fn metrics_count_requests_records_and_broker_state_with_bounded_labels() {
         find(
             &samples,
             "kafboy_producer_queued_records",
-            &[("producer", "latency")]
+            &[("producer", "sync")]
         )
         .is_some()
     );
@@ -208,7 +208,7 @@ async fn metrics_count_requests_records_and_broker_state_with_bounded_labels() {
         .is_some()
     );
     assert_eq!(
-        find(&samples, "kafboy_broker_up", &[("producer", "latency")])
+        find(&samples, "kafboy_broker_up", &[("producer", "sync")])
             .unwrap()
             .value,
         1.0
@@ -293,7 +293,7 @@ async fn status_json_and_the_admin_listener() {
             .any(|t| t["name"] == topic.as_str() && t["partitions"] == 3)
     );
     assert!(status["totals"]["records_accepted"].as_u64().unwrap() >= 1);
-    assert_eq!(status["producers"][0]["name"], "latency");
+    assert_eq!(status["producers"][0]["name"], "sync");
     // With an admin listener, /metrics lives there only.
     assert_eq!(
         client()

@@ -38,7 +38,7 @@ fn producers(brokers: &str, toml: &str) -> Arc<Producers> {
     Arc::new(Producers::build(&config, &topics).expect("producers"))
 }
 
-/// Starts the sender of `spool` on the low-latency producer of `producers`.
+/// Starts the sender of `spool` on the `async` producer of `producers`.
 fn start_sender(spool: &Spool, producers: &Arc<Producers>) {
     let producers = producers.clone();
     spool.start_sender(move |topic| producers.for_mode(Mode::Async, topic));

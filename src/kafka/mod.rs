@@ -1,6 +1,6 @@
-//! The producers: one low-latency producer for `async`/`sync`, one batching producer for the batch
-//! modes plus one per group of topics with their own batch settings. Built once, shared by every
-//! request.
+//! The producers: one for `sync` (no linger), one for `async` (a short linger), one batching
+//! producer for the batch modes plus one per group of topics with their own batch settings. Built
+//! once, shared by every request.
 
 pub mod admission;
 pub mod delivery;
@@ -53,7 +53,7 @@ impl Slot {
         })
     }
 
-    /// The producer's name (`latency`, `batch`, `batch-N`).
+    /// The producer's name (`sync`, `async`, `batch`, `batch-N`).
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -86,7 +86,8 @@ impl Slot {
 
 /// The librdkafka settings of every producer kafboy will run.
 struct Plan {
-    latency: ClientConfig,
+    sync: ClientConfig,
+    asynchronous: ClientConfig,
     batch: ClientConfig,
     /// One per distinct batch setting among the topic overrides.
     groups: Vec<ClientConfig>,
@@ -97,8 +98,10 @@ struct Plan {
 impl Plan {
     fn new(config: &Config) -> Result<Plan, String> {
         let base = client_config(&config.kafka)?;
-        let mut latency = base.clone();
-        latency.set("linger.ms", millis(config.kafka.linger));
+        let mut sync = base.clone();
+        sync.set("linger.ms", millis(config.kafka.sync_linger));
+        let mut asynchronous = base.clone();
+        asynchronous.set("linger.ms", millis(config.kafka.linger));
         let mut batch_by_topic = HashMap::new();
         let mut settings_of: Vec<BatchConfig> = Vec::new();
         for (topic, o) in &config.topics.overrides {
@@ -120,7 +123,8 @@ impl Plan {
             batch_by_topic.insert(topic.clone(), index);
         }
         Ok(Plan {
-            latency,
+            sync,
+            asynchronous,
             batch: batch_config(&base, &config.batch),
             groups: settings_of.iter().map(|s| batch_config(&base, s)).collect(),
             batch_by_topic,
@@ -132,7 +136,10 @@ impl Plan {
 /// contacting a broker).
 pub fn check(config: &Config) -> Result<(), String> {
     let plan = Plan::new(config)?;
-    for recipe in [&plan.latency, &plan.batch].into_iter().chain(&plan.groups) {
+    for recipe in [&plan.sync, &plan.asynchronous, &plan.batch]
+        .into_iter()
+        .chain(&plan.groups)
+    {
         recipe.create_native_config().map_err(|e| describe(&e))?;
     }
     // librdkafka reads these only when a producer starts.
@@ -163,7 +170,9 @@ pub fn describe(e: &KafkaError) -> String {
 
 /// Every producer kafboy runs, and the topic cache.
 pub struct Producers {
-    latency: Slot,
+    /// First: its client also serves topic metadata.
+    sync: Slot,
+    asynchronous: Slot,
     batch: Slot,
     /// Batching producers for topics with their own batch settings.
     groups: Vec<Slot>,
@@ -181,7 +190,8 @@ impl Producers {
     ) -> Result<Producers, String> {
         let kafka = Arc::new(config.kafka.clone());
         let plan = Plan::new(config)?;
-        let latency = Slot::new("latency", &kafka, plan.latency, topics)?;
+        let sync = Slot::new("sync", &kafka, plan.sync, topics)?;
+        let asynchronous = Slot::new("async", &kafka, plan.asynchronous, topics)?;
         let batch = Slot::new("batch", &kafka, plan.batch, topics)?;
         let groups = plan
             .groups
@@ -191,12 +201,13 @@ impl Producers {
             .collect::<Result<Vec<_>, _>>()?;
         let batch_by_topic = plan.batch_by_topic;
         let topics = Arc::new(Topics::new(
-            latency.current().inner.clone(),
+            sync.current().inner.clone(),
             kafka.metadata_timeout,
             kafka.unknown_topic_ttl,
         ));
         Ok(Producers {
-            latency,
+            sync,
+            asynchronous,
             batch,
             groups,
             batch_by_topic,
@@ -207,7 +218,8 @@ impl Producers {
     /// The producer that serves `mode` for `topic`.
     pub fn for_mode(&self, mode: Mode, topic: &str) -> Arc<Producer> {
         match mode {
-            Mode::Async | Mode::Sync => self.latency.current(),
+            Mode::Sync => self.sync.current(),
+            Mode::Async => self.asynchronous.current(),
             Mode::BatchAsync | Mode::BatchSync => match self.batch_by_topic.get(topic) {
                 Some(&i) => self.groups[i].current(),
                 None => self.batch.current(),
@@ -217,7 +229,7 @@ impl Producers {
 
     /// Every slot.
     pub fn slots(&self) -> impl Iterator<Item = &Slot> {
-        [&self.latency, &self.batch]
+        [&self.sync, &self.asynchronous, &self.batch]
             .into_iter()
             .chain(self.groups.iter())
     }
@@ -235,10 +247,10 @@ impl Producers {
         })
     }
 
-    /// Raises a fatal error in the low-latency producer, for fault tests.
+    /// Raises a fatal error in the `sync` producer, for fault tests.
     #[doc(hidden)]
     pub fn inject_fatal_error(&self) {
-        delivery::inject_fatal_error(&self.latency.current().inner);
+        delivery::inject_fatal_error(&self.sync.current().inner);
     }
 
     /// Why the server is not ready, if it is not.
