@@ -107,90 +107,10 @@ pub fn decode(kind: BodyKind, body: Bytes, limits: &Limits) -> Result<Vec<Bytes>
     }
 }
 
-/// Strict JSON check: UTF-8 first (serde_json skips string bytes unchecked), then one document
-/// with nothing but whitespace after it, nested at most `max_depth` deep. No tree is built.
+/// Strict JSON check ([`crate::json::validate`]): one UTF-8 JSON document with nothing but
+/// whitespace around it, nested at most `max_depth` deep. No tree is built.
 pub fn check_json(bytes: &[u8], max_depth: usize) -> Result<(), String> {
-    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
-    DEPTH.with(|d| d.set((0, max_depth)));
-    serde_json::from_str::<Valid>(text)
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
-thread_local! {
-    /// Nesting of the document being checked on this thread, and its limit: the depth is
-    /// counted during the one parse instead of a second pass over the bytes.
-    static DEPTH: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, usize::MAX)) };
-}
-
-/// Enters one level of nesting; consumers that parse recursively do not survive a
-/// 100000-deep document, so the limit is the configured one, below serde_json's own 127.
-fn descend<E: serde::de::Error>() -> Result<(), E> {
-    DEPTH.with(|d| {
-        let (depth, max) = d.get();
-        if depth >= max {
-            return Err(E::custom(format!("nested deeper than {max} levels")));
-        }
-        d.set((depth + 1, max));
-        Ok(())
-    })
-}
-
-fn ascend() {
-    DEPTH.with(|d| {
-        let (depth, max) = d.get();
-        d.set((depth.saturating_sub(1), max));
-    });
-}
-
-/// Accepts exactly what `serde_json::Value` accepts (lone surrogates and numbers beyond f64 are
-/// refused; `IgnoredAny` lets both through), without building a tree.
-struct Valid;
-
-impl<'de> serde::Deserialize<'de> for Valid {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Valid, D::Error> {
-        d.deserialize_any(ValidVisitor)
-    }
-}
-
-struct ValidVisitor;
-
-impl<'de> serde::de::Visitor<'de> for ValidVisitor {
-    type Value = Valid;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Valid, E> {
-        Ok(Valid)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Valid, E> {
-        Ok(Valid)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Valid, E> {
-        Ok(Valid)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Valid, E> {
-        Ok(Valid)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Valid, E> {
-        Ok(Valid)
-    }
-    fn visit_unit<E>(self) -> Result<Valid, E> {
-        Ok(Valid)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
-        descend()?;
-        while seq.next_element::<Valid>()?.is_some() {}
-        ascend();
-        Ok(Valid)
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
-        descend()?;
-        while map.next_entry::<Valid, Valid>()?.is_some() {}
-        ascend();
-        Ok(Valid)
-    }
+    crate::json::validate(bytes, max_depth)
 }
 
 fn ndjson(body: Bytes, limits: &Limits) -> Result<Vec<Bytes>, DecodeError> {

@@ -8,6 +8,7 @@
 //! - [`body`]: reading request bodies under size, time and compression limits.
 //! - [`decode`]: request bodies to record values (JSON gate, form → JSON, NDJSON).
 //! - [`ingest`]: the produce handler.
+//! - [`json`]: the strict JSON check, without building a tree.
 //! - [`record`]: key, partition and headers of the records a request asks for.
 //! - [`reply`]: success replies and the wait for delivery reports.
 //! - [`error`]: every failure's HTTP status, in one place.
@@ -33,6 +34,7 @@ pub mod demo;
 pub mod error;
 pub mod hook;
 pub mod ingest;
+pub mod json;
 pub mod kafka;
 pub mod listener;
 pub mod metrics;

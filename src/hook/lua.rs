@@ -18,6 +18,7 @@ use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, VmState};
 use super::{Failure, Forward, Hook, HookError, HookFuture, HookRequest, Respond, Verdict, ready};
 use crate::config::Mode;
 
+mod raw;
 mod request;
 
 use request::LuaRequest;

@@ -1,5 +1,6 @@
 //! The `req` object a Lua script receives: accessors over the request and the edits the script
-//! makes. JSON is parsed on the first `get`/`set`/`delete`/`fields`, into a Rust value; only the
+//! makes. A JSON body is checked on the first `get`/`set`/`delete`, then read and edited as bytes
+//! (see [`raw`]); only edits below the top level, `fields` and form bodies build a tree. Only the
 //! parts a script reads are converted to Lua.
 
 use std::sync::Arc;
@@ -8,56 +9,188 @@ use bytes::Bytes;
 use mlua::{LuaSerdeExt, UserData, UserDataMethods};
 use serde_json::Value;
 
+use super::raw;
+use crate::decode::BodyKind;
 use crate::hook::{Forward, HookRequest};
+
+/// Nesting a script's body may have: serde_json's own limit, which the tree has too.
+const MAX_DEPTH: usize = 128;
 
 /// The request handed to `on_request(req)`.
 pub struct LuaRequest {
     req: Arc<HookRequest>,
-    json: Option<Value>,
-    dirty: bool,
+    doc: Doc,
     forward: Forward,
+}
+
+/// The JSON body as the script sees it.
+enum Doc {
+    /// Not looked at yet.
+    Unread,
+    /// Checked JSON, edited as bytes; `edited` once a `set` or `delete` changed it.
+    Raw { doc: raw::RawDoc, edited: bool },
+    /// Parsed, for what the bytes cannot do; `dirty` once changed.
+    Tree { value: Value, dirty: bool },
 }
 
 impl LuaRequest {
     pub fn new(req: Arc<HookRequest>) -> LuaRequest {
         LuaRequest {
             req,
-            json: None,
-            dirty: false,
+            doc: Doc::Unread,
             forward: Forward::default(),
         }
     }
 
-    /// The edits, with a JSON body re-serialized if the script changed it.
+    /// The edits, with the body the script changed.
     pub fn into_forward(mut self) -> mlua::Result<Forward> {
-        if self.dirty
-            && self.forward.body.is_none()
-            && let Some(json) = &self.json
-        {
-            self.forward.body = Some(Bytes::from(
-                serde_json::to_vec(json).map_err(mlua::Error::external)?,
-            ));
+        match self.doc {
+            Doc::Raw { doc, edited: true } => self.forward.body = Some(doc.bytes().clone()),
+            Doc::Tree { value, dirty: true } => {
+                let json = serde_json::to_vec(&value).map_err(mlua::Error::external)?;
+                self.forward.body = Some(Bytes::from(json));
+            }
+            _ => {}
         }
         Ok(self.forward)
     }
 
-    fn json(&mut self) -> mlua::Result<&mut Value> {
-        if self.json.is_none() {
-            let parsed = match &self.forward.body {
-                // A body set by the script is what later accessors see.
-                Some(body) => {
-                    serde_json::from_slice(body).map_err(|e| format!("invalid json: {e}"))
-                }
-                // Parsed for this script alone: cheaper than cloning a shared tree.
-                None => crate::hook::parse_body(self.req.kind(), &self.req.body),
-            };
-            self.json = Some(parsed.map_err(mlua::Error::runtime)?);
+    /// Checks the body on first use: JSON stays bytes, a form becomes a tree.
+    fn load(&mut self) -> mlua::Result<()> {
+        if !matches!(self.doc, Doc::Unread) {
+            return Ok(());
         }
-        // Just filled when it was empty.
-        self.json
-            .as_mut()
-            .ok_or_else(|| mlua::Error::runtime("no body"))
+        // A body set by the script is what later accessors see.
+        let (body, kind) = match &self.forward.body {
+            Some(body) => (body, BodyKind::Json),
+            None => (&self.req.body, self.req.kind()),
+        };
+        self.doc = if kind == BodyKind::Json {
+            let doc = raw::RawDoc::check(body.clone(), MAX_DEPTH)
+                .map_err(|e| mlua::Error::runtime(format!("invalid json: {e}")))?;
+            Doc::Raw { doc, edited: false }
+        } else {
+            let value = crate::hook::parse_body(kind, body).map_err(mlua::Error::runtime)?;
+            Doc::Tree {
+                value,
+                dirty: false,
+            }
+        };
+        Ok(())
     }
+
+    /// The body as a tree, built from the bytes if need be; `dirty` is raised when `edit`.
+    fn tree(&mut self, edit: bool) -> mlua::Result<&mut Value> {
+        self.load()?;
+        if let Doc::Raw { doc, edited } = &self.doc {
+            let value = serde_json::from_slice(doc.bytes())
+                .map_err(|e| mlua::Error::runtime(format!("invalid json: {e}")))?;
+            self.doc = Doc::Tree {
+                value,
+                dirty: *edited,
+            };
+        }
+        match &mut self.doc {
+            Doc::Tree { value, dirty } => {
+                *dirty |= edit;
+                Ok(value)
+            }
+            // Just made a tree above.
+            _ => Err(mlua::Error::runtime("no body")),
+        }
+    }
+
+    /// The bytes, while the body is still bytes; `edited` is raised when `edit`.
+    fn raw(&mut self) -> mlua::Result<Option<&mut raw::RawDoc>> {
+        self.load()?;
+        Ok(match &mut self.doc {
+            Doc::Raw { doc, .. } => Some(doc),
+            _ => None,
+        })
+    }
+
+    fn mark_edited(&mut self) {
+        if let Doc::Raw { edited, .. } = &mut self.doc {
+            *edited = true;
+        }
+    }
+
+    /// `get`: the value at `path`, or nil.
+    fn get(&mut self, lua: &mlua::Lua, path: &str) -> mlua::Result<mlua::Value> {
+        if let Some(doc) = self.raw()? {
+            let segments: Vec<&str> = segments(path).collect();
+            return match doc.find(&segments) {
+                None => Ok(mlua::Value::Nil),
+                Some(text) => {
+                    let value: Value = serde_json::from_slice(text)
+                        .map_err(|e| mlua::Error::runtime(format!("invalid json: {e}")))?;
+                    to_lua(lua, &value)
+                }
+            };
+        }
+        match lookup(self.tree(false)?, path) {
+            Some(value) => to_lua(lua, value),
+            None => Ok(mlua::Value::Nil),
+        }
+    }
+
+    /// `set`: a top-level field is spliced into the bytes; deeper paths go through a tree.
+    fn set(&mut self, path: &str, value: Value) -> mlua::Result<()> {
+        if let Some(name) = single(path)
+            && let Some(doc) = self.raw()?
+        {
+            let text = serde_json::to_vec(&value).map_err(mlua::Error::external)?;
+            if doc.set_top(name, &text) {
+                self.mark_edited();
+                return Ok(());
+            }
+        }
+        *slot(self.tree(true)?, path)? = value;
+        Ok(())
+    }
+
+    /// `delete`: whether something was removed.
+    fn delete(&mut self, path: &str) -> mlua::Result<bool> {
+        if let Some(name) = single(path)
+            && let Some(doc) = self.raw()?
+        {
+            match doc.delete_top(name) {
+                Some(true) => {
+                    self.mark_edited();
+                    return Ok(true);
+                }
+                Some(false) => return Ok(false),
+                None => {}
+            }
+        }
+        let removed = remove(self.tree(false)?, path);
+        if removed && let Doc::Tree { dirty, .. } = &mut self.doc {
+            *dirty = true;
+        }
+        Ok(removed)
+    }
+}
+
+/// The one segment of a top-level path.
+fn single(path: &str) -> Option<&str> {
+    let mut segs = segments(path);
+    match (segs.next(), segs.next()) {
+        (Some(name), None) => Some(name),
+        _ => None,
+    }
+}
+
+fn to_lua(lua: &mlua::Lua, value: &Value) -> mlua::Result<mlua::Value> {
+    Ok(match value {
+        Value::Null => mlua::Value::Nil,
+        Value::String(s) => mlua::Value::String(lua.create_string(s)?),
+        Value::Bool(b) => mlua::Value::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => mlua::Value::Integer(i),
+            None => mlua::Value::Number(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        other => lua.to_value(other)?,
+    })
 }
 
 impl UserData for LuaRequest {
@@ -104,38 +237,18 @@ impl UserData for LuaRequest {
         });
         m.add_method_mut("set_body", |_, this, body: mlua::LuaString| {
             this.forward.body = Some(Bytes::copy_from_slice(&body.as_bytes()));
-            this.json = None;
-            this.dirty = false;
+            this.doc = Doc::Unread;
             Ok(())
         });
-        m.add_method_mut("get", |lua, this, path: String| {
-            let json = this.json()?;
-            match lookup(json, &path) {
-                None | Some(Value::Null) => Ok(mlua::Value::Nil),
-                Some(Value::String(s)) => Ok(mlua::Value::String(lua.create_string(s)?)),
-                Some(Value::Bool(b)) => Ok(mlua::Value::Boolean(*b)),
-                Some(Value::Number(n)) => Ok(match n.as_i64() {
-                    Some(i) => mlua::Value::Integer(i),
-                    None => mlua::Value::Number(n.as_f64().unwrap_or(f64::NAN)),
-                }),
-                Some(other) => lua.to_value(other),
-            }
-        });
+        m.add_method_mut("get", |lua, this, path: String| this.get(lua, &path));
         m.add_method_mut("set", |lua, this, (path, value): (String, mlua::Value)| {
             let value: Value = lua.from_value(value)?;
-            let slot = slot(this.json()?, &path)?;
-            *slot = value;
-            this.dirty = true;
-            Ok(())
+            this.set(&path, value)
         });
-        m.add_method_mut("delete", |_, this, path: String| {
-            let removed = remove(this.json()?, &path);
-            this.dirty |= removed;
-            Ok(removed)
-        });
+        m.add_method_mut("delete", |_, this, path: String| this.delete(&path));
         m.add_method_mut("fields", |_, this, ()| {
             Ok(this
-                .json()?
+                .tree(false)?
                 .as_object()
                 .map(|o| o.keys().cloned().collect::<Vec<_>>()))
         });
