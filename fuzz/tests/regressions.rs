@@ -39,12 +39,10 @@ fn record_inputs() {
     replay("record", kafboy_fuzz::record);
 }
 
-// Findings in kafboy that the fuzz targets tolerate by default (see README.md): each test states
-// the behaviour wanted and is ignored until src/ has it. `KAFBOY_FUZZ_STRICT=1 cargo test` makes
-// the replay above fail on them as well.
+// Findings the fuzz targets made (see README.md), fixed in src/: each test states the behaviour
+// wanted.
 
 #[test]
-#[ignore = "finding: the JSON gate accepts documents serde_json refuses"]
 fn json_gate_refuses_what_serde_json_refuses() {
     for body in [
         &b"1e400"[..],
@@ -64,7 +62,6 @@ fn json_gate_refuses_what_serde_json_refuses() {
 }
 
 #[test]
-#[ignore = "finding: routes::compile accepts paths that no request can match"]
 fn compile_refuses_paths_no_request_can_match() {
     for path in [
         "/?.",
@@ -90,7 +87,6 @@ fn compile_refuses_paths_no_request_can_match() {
 }
 
 #[test]
-#[ignore = "finding: a non-UTF-8 ?key= is silently replaced by U+FFFD"]
 fn query_key_is_bytes_or_refused() {
     let request = axum::http::Request::builder()
         .uri("/t?key=%FF%00a")
