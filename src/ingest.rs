@@ -25,7 +25,7 @@ use crate::kafka::metadata::{LookupError, TopicInfo};
 use crate::record::RecordMeta;
 use crate::reply::{Reply, await_acks};
 use crate::routes::{Route, TopicSource, validate_topic};
-use crate::server::RequestId;
+use crate::server::REQUEST_ID;
 use crate::state::{AppState, Served};
 
 /// The hook of a route, if it has one.
@@ -34,7 +34,7 @@ pub type RouteHook = Option<Arc<dyn Hook>>;
 /// Serves one produce request on a route.
 pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -> Response {
     let start = Instant::now();
-    let id = request.extensions().get::<RequestId>().cloned();
+    let id = request.headers().get(REQUEST_ID).cloned();
     let mut topic = None;
     let response = match ingest(&app, &served.route, &served.hook, request, &mut topic).await {
         Ok(reply) => {
@@ -43,7 +43,7 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
         }
         Err(error) => {
             let (status, path) = (error.status(), &served.route.path);
-            let id = id.as_ref().map_or("-", |i| i.0.as_str());
+            let id = id.as_ref().and_then(|i| i.to_str().ok()).unwrap_or("-");
             if status.is_server_error() {
                 tracing::warn!(request_id = id, %path, %status, %error, "request failed");
             } else {

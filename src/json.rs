@@ -15,7 +15,7 @@ const MAX_TRACKED_DEPTH: usize = 128;
 /// Checks that `bytes` is one UTF-8 JSON document, with nothing but whitespace around it,
 /// nested at most `max_depth` deep. The error says what is wrong and where.
 pub fn validate(bytes: &[u8], max_depth: usize) -> Result<(), String> {
-    check(bytes, max_depth, None)
+    check::<false>(bytes, max_depth, &mut Vec::new())
 }
 
 /// One `"key": value` of the top-level object, as byte ranges (the key with its quotes).
@@ -29,7 +29,7 @@ pub struct Member {
 /// `None` when the document is not an object. The same single pass.
 pub fn validate_indexed(bytes: &[u8], max_depth: usize) -> Result<Option<Vec<Member>>, String> {
     let mut members = Vec::with_capacity(16);
-    check(bytes, max_depth, Some(&mut members))?;
+    check::<true>(bytes, max_depth, &mut members)?;
     let object = bytes
         .iter()
         .find(|b| !b.is_ascii_whitespace())
@@ -37,10 +37,16 @@ pub fn validate_indexed(bytes: &[u8], max_depth: usize) -> Result<Option<Vec<Mem
     Ok(object.then_some(members))
 }
 
-fn check(bytes: &[u8], max_depth: usize, members: Option<&mut Vec<Member>>) -> Result<(), String> {
+/// The check; with `INDEX`, the top-level members go into `members` (a separate instance, so
+/// the plain check pays nothing for it).
+fn check<const INDEX: bool>(
+    bytes: &[u8],
+    max_depth: usize,
+    members: &mut Vec<Member>,
+) -> Result<(), String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
     let max_depth = max_depth.min(MAX_TRACKED_DEPTH);
-    let mut checker = Checker {
+    let mut checker = Checker::<INDEX> {
         b: text.as_bytes(),
         i: 0,
         members,
@@ -78,14 +84,14 @@ fn describe(bytes: &[u8], at: usize, what: &str) -> String {
     format!("{what} at line {line} column {}", at - line_start + 1)
 }
 
-struct Checker<'a> {
+struct Checker<'a, const INDEX: bool> {
     b: &'a [u8],
     i: usize,
-    /// Where the top-level object's members go, if wanted.
-    members: Option<&'a mut Vec<Member>>,
+    /// Where the top-level object's members go, with `INDEX`.
+    members: &'a mut Vec<Member>,
 }
 
-impl Checker<'_> {
+impl<const INDEX: bool> Checker<'_, INDEX> {
     /// The document: values and the containers around them, iteratively. `objects[d]` tells
     /// whether the container at depth `d` is an object.
     fn document(&mut self, max_depth: usize) -> Result<(), Refusal> {
@@ -95,7 +101,7 @@ impl Checker<'_> {
         loop {
             // A value is expected here.
             self.skip_whitespace();
-            if depth == 1 {
+            if INDEX && depth == 1 {
                 value_start = self.i;
             }
             let opened = match self.peek() {
@@ -140,9 +146,10 @@ impl Checker<'_> {
             }
             // A value is complete: close containers until one goes on, or the document ends.
             loop {
-                if depth == 1
+                if INDEX
+                    && depth == 1
                     && objects[0]
-                    && let Some(last) = self.members.as_mut().and_then(|m| m.last_mut())
+                    && let Some(last) = self.members.last_mut()
                 {
                     last.value = value_start..self.i;
                 }
@@ -199,10 +206,8 @@ impl Checker<'_> {
             None => return fail(self.i, "EOF while parsing an object"),
         }
         self.string()?;
-        if depth == 1
-            && let Some(members) = self.members.as_mut()
-        {
-            members.push(Member {
+        if INDEX && depth == 1 {
+            self.members.push(Member {
                 key: start..self.i,
                 value: 0..0,
             });

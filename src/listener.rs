@@ -16,7 +16,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use tower::ServiceExt;
+use tower_http::request_id::PropagateRequestIdLayer;
 
 use crate::auth::ClientSubject;
 use crate::tls::Tls;
@@ -137,8 +137,11 @@ impl Connection {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let peer = self.peer;
-        let service = TowerToHyperService::new(self.router.map_request(
-            move |mut request: axum::http::Request<Incoming>| {
+        // Every response carries the request's id, which `ensure_request_id` settles before
+        // routing. Outside the router: a layer on it would box a future per request.
+        let service = tower::ServiceBuilder::new()
+            .map_request(move |mut request: axum::http::Request<Incoming>| {
+                crate::server::ensure_request_id(request.headers_mut());
                 request
                     .extensions_mut()
                     .insert(ConnectInfo::<SocketAddr>(peer));
@@ -148,8 +151,10 @@ impl Connection {
                         .insert(ClientSubject(subject.clone()));
                 }
                 request
-            },
-        ));
+            })
+            .layer(PropagateRequestIdLayer::new(crate::server::REQUEST_ID))
+            .service(self.router);
+        let service = TowerToHyperService::new(service);
         let connection = self.watcher.watch(self.http.serve_connection(io, service));
         if let Err(error) = connection.await {
             tracing::debug!(%peer, %error, "connection ended with an error");

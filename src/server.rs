@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
@@ -114,9 +114,7 @@ impl App {
             }
         }
         let router = router.merge(operations(self.admin.is_none()));
-        let router = router
-            .fallback(not_found)
-            .layer(axum::middleware::from_fn(request_id));
+        let router = router.fallback(not_found);
         let router = match &self.cors {
             Some(cors) => router.layer(cors.clone()),
             None => router,
@@ -341,29 +339,29 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     response
 }
 
-/// The id of a request: the client's `X-Request-Id` when it sent a sane one, else a new one.
-/// It is returned in the response and named in the log line of a failed request.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub String);
+/// The request id header: the client's when it sent a sane one, else a new one (see
+/// [`ensure_request_id`]). It is returned in the response and named in the log line of a failed
+/// request.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-const REQUEST_ID: &str = "x-request-id";
-
-async fn request_id(mut request: Request, next: axum::middleware::Next) -> Response {
-    let given = request
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
-    let id = match given {
-        Some(id) => id.to_string(),
-        None => format!("{:016x}", rand::random::<u64>()),
-    };
-    request.extensions_mut().insert(RequestId(id.clone()));
-    let mut response = next.run(request).await;
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert(REQUEST_ID, value);
+/// Makes sure the request carries a sane `X-Request-Id` (at most 128 visible ASCII characters),
+/// replacing a missing or odd one with 16 random hex digits. Runs before routing; the listener
+/// copies the header into the response.
+pub fn ensure_request_id(headers: &mut HeaderMap) {
+    let sane = headers.get(&REQUEST_ID).is_some_and(|v| {
+        let v = v.as_bytes();
+        !v.is_empty() && v.len() <= 128 && v.iter().all(u8::is_ascii_graphic)
+    });
+    if sane {
+        return;
     }
-    response
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = rand::random::<u64>();
+    let id: [u8; 16] = std::array::from_fn(|i| HEX[(n >> (60 - 4 * i) & 0xf) as usize]);
+    // Sixteen hex digits are a valid header value.
+    if let Ok(value) = HeaderValue::from_bytes(&id) {
+        headers.insert(REQUEST_ID, value);
+    }
 }
 
 fn spool_metrics(s: &crate::spool::Stats) {
