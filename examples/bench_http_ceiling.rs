@@ -8,8 +8,8 @@
 //!
 //! - `--workers N`: tokio worker threads; by default tokio's own default (one per CPU the process
 //!   may run on, as kafboy's runtime), so `taskset -c 0` gives one worker to both.
-//! - `--validate`: also checks the body the way kafboy checks a JSON body
-//!   (`std::str::from_utf8` + `serde_json::from_str::<IgnoredAny>`); invalid JSON gets 400.
+//! - `--validate`: also checks the body with kafboy's JSON check (`kafboy::json::validate`,
+//!   default depth limit 64); invalid JSON gets 400.
 //! - `--hyper-like-kafboy`: the connection settings kafboy's listener uses (hyper timer with a
 //!   header read timeout, header limits), to tell their cost from the rest of kafboy's.
 //!
@@ -26,7 +26,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::de::IgnoredAny;
 
 #[derive(Clone, Copy)]
 struct Options {
@@ -127,9 +126,7 @@ async fn handle(
 }
 
 fn valid_json(body: &[u8]) -> bool {
-    std::str::from_utf8(body)
-        .ok()
-        .is_some_and(|text| serde_json::from_str::<IgnoredAny>(text).is_ok())
+    kafboy::json::validate(body, 64).is_ok()
 }
 
 fn reply(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

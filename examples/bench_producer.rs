@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! bench_producer --config FILE --brokers B --topic T --payloads FILE
-//!                [--producer latency|batch] [--seconds S | --count N] [--sync] [--whole]
+//!                [--producer sync|async|batch] [--seconds S | --count N] [--sync] [--whole]
 //! ```
 //!
 //! - Throughput (default): sends records as fast as librdkafka's bounded queue takes them (a full
@@ -17,9 +17,9 @@
 //! - `--chunk N`: yield the CPU after every N records (as kafboy does between requests, so
 //!   librdkafka's threads run on the same core); `--window W`: before each chunk, wait while W
 //!   records or more are queued or in flight (a bound on the queue below librdkafka's own).
-//! - `--producer`: `latency` (kafboy's `/async` and `/sync` producer: `linger.ms` =
-//!   `kafka.linger`) or `batch` (the batch modes' producer: `linger.ms` = `batch.flush_timeout`,
-//!   `batch.num.messages` = `batch.batch_size`).
+//! - `--producer`: `sync` (kafboy's `/sync` producer: `linger.ms` = `kafka.sync_linger`),
+//!   `async` (the `/async` producer: `kafka.linger`) or `batch` (the batch modes' producer:
+//!   `linger.ms` = `batch.flush_timeout`, `batch.num.messages` = `batch.batch_size`).
 //!
 //! Prints one JSON object on stdout.
 
@@ -41,7 +41,8 @@ struct Args {
     topic: String,
     payloads: PathBuf,
     whole: bool,
-    batch: bool,
+    /// `sync`, `async` or `batch`.
+    producer: String,
     seconds: Option<f64>,
     count: Option<u64>,
     sync: bool,
@@ -84,7 +85,7 @@ impl ProducerContext for Counting {
 
 fn usage() -> String {
     "usage: bench_producer [--config FILE] [--brokers B] --topic T --payloads FILE [--whole] \
-     [--producer latency|batch] [--seconds S | --count N] [--sync]"
+     [--producer sync|async|batch] [--seconds S | --count N] [--sync]"
         .into()
 }
 
@@ -95,7 +96,7 @@ fn parse_args() -> Result<Args, String> {
         topic: String::new(),
         payloads: PathBuf::new(),
         whole: false,
-        batch: false,
+        producer: "sync".into(),
         seconds: None,
         count: None,
         sync: false,
@@ -112,10 +113,9 @@ fn parse_args() -> Result<Args, String> {
             "--payloads" => args.payloads = value()?.into(),
             "--whole" => args.whole = true,
             "--producer" => {
-                args.batch = match value()?.as_str() {
-                    "latency" => false,
-                    "batch" => true,
-                    other => return Err(format!("--producer {other}: latency or batch")),
+                args.producer = match value()?.as_str() {
+                    p @ ("sync" | "async" | "batch") => p.to_string(),
+                    other => return Err(format!("--producer {other}: sync, async or batch")),
                 }
             }
             "--seconds" => args.seconds = Some(value()?.parse().map_err(|e| format!("{e}"))?),
@@ -157,12 +157,18 @@ fn run() -> Result<(), String> {
     let kafka = &config.kafka;
     let mut client = kafboy::kafka::client_config(kafka)?;
     // As kafboy's Producers::build and batch_config.
-    if args.batch {
-        client
-            .set("linger.ms", millis(config.batch.flush_timeout))
-            .set("batch.num.messages", config.batch.batch_size.to_string());
-    } else {
-        client.set("linger.ms", millis(kafka.linger));
+    match args.producer.as_str() {
+        "batch" => {
+            client
+                .set("linger.ms", millis(config.batch.flush_timeout))
+                .set("batch.num.messages", config.batch.batch_size.to_string());
+        }
+        "async" => {
+            client.set("linger.ms", millis(kafka.linger));
+        }
+        _ => {
+            client.set("linger.ms", millis(kafka.sync_linger));
+        }
     }
     // As kafboy's Producer::build: librdkafka's limits a little above kafboy's own accounting.
     kafboy::kafka::set_queue_limits(&mut client, kafka);
