@@ -4,8 +4,6 @@
 //! parsed when the script asks, and never turned into a Lua table whole.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,7 +55,15 @@ do
   pcall = function(...) return check(pack(raw_pcall(...))) end
   xpcall = function(...) return check(pack(raw_xpcall(...))) end
 end
-function forward() return { action = "forward" } end
+-- One read-only table for every forward(): nothing to allocate, and the host knows it on sight.
+do
+  local verdict = setmetatable({}, {
+    __index = { action = "forward" },
+    __newindex = function() error("forward() is read-only", 2) end,
+  })
+  __kafboy_forward = verdict
+  function forward() return verdict end
+end
 function reject(status, message) return { action = "reject", status = status, message = message } end
 function respond(status, body, produce) return { action = "respond", status = status, body = body, produce = produce } end
 "#;
@@ -80,10 +86,13 @@ struct State {
     lua: Lua,
     on_request: Function,
     on_error: Option<Function>,
+    /// What `forward()` returns.
+    forward: Table,
 }
 
 thread_local! {
-    static STATES: RefCell<HashMap<u64, State>> = RefCell::new(HashMap::new());
+    /// This thread's Lua state per script, by script id (a handful: a list is enough).
+    static STATES: RefCell<Vec<(u64, State)>> = const { RefCell::new(Vec::new()) };
 }
 
 impl LuaHook {
@@ -156,6 +165,8 @@ impl LuaHook {
             })?,
         )?;
         lua.load(PRELUDE).set_name("=prelude").exec()?;
+        let forward: Table = globals.get("__kafboy_forward")?;
+        globals.set("__kafboy_forward", mlua::Value::Nil)?;
         lua.load(&*self.source)
             .set_name(format!("@{}", self.path.display()))
             .exec()?;
@@ -170,6 +181,7 @@ impl LuaHook {
             lua,
             on_request,
             on_error,
+            forward,
         })
     }
 
@@ -177,12 +189,15 @@ impl LuaHook {
     fn with_state<R>(&self, f: impl FnOnce(&State) -> mlua::Result<R>) -> Result<R, HookError> {
         STATES.with(|states| {
             let mut states = states.borrow_mut();
-            let state = match states.entry(self.id) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => {
-                    e.insert(self.new_state().map_err(|e| HookError(e.to_string()))?)
+            let index = match states.iter().position(|(id, _)| *id == self.id) {
+                Some(index) => index,
+                None => {
+                    let state = self.new_state().map_err(|e| HookError(e.to_string()))?;
+                    states.push((self.id, state));
+                    states.len() - 1
                 }
             };
+            let state = &states[index].1;
             let budget = state
                 .lua
                 .app_data_ref::<Budget>()
@@ -201,7 +216,7 @@ impl LuaHook {
             let ud = state.lua.create_userdata(LuaRequest::new(request))?;
             let result: mlua::Value = state.on_request.call(&ud)?;
             let edits = ud.take::<LuaRequest>()?.into_forward()?;
-            verdict(result, edits)
+            verdict(result, edits, &state.forward)
         })
     }
 }
@@ -223,9 +238,12 @@ impl Hook for LuaHook {
 }
 
 /// Turns what `on_request` returned into a verdict. `nil` means forward.
-fn verdict(result: mlua::Value, edits: Forward) -> mlua::Result<Verdict> {
+fn verdict(result: mlua::Value, edits: Forward, forward: &Table) -> mlua::Result<Verdict> {
     let table = match result {
         mlua::Value::Nil => return Ok(Verdict::Forward(edits)),
+        mlua::Value::Table(t) if t.to_pointer() == forward.to_pointer() => {
+            return Ok(Verdict::Forward(edits));
+        }
         mlua::Value::Table(t) => t,
         other => {
             return Err(mlua::Error::runtime(format!(
@@ -299,4 +317,50 @@ fn flatten(e: &mlua::Error) -> String {
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::decode::BodyKind;
+
+    fn run(script: &str, body: &str) -> Result<Verdict, HookError> {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, script.as_bytes()).unwrap();
+        let limits = Limits {
+            timeout: Duration::from_secs(1),
+            max_instructions: 1_000_000,
+            max_memory: 16 << 20,
+        };
+        let hook = LuaHook::load(file.path(), limits).unwrap();
+        let request = HookRequest::new(
+            "t".into(),
+            Mode::Async,
+            axum::http::Method::POST,
+            "/async/t".into(),
+            None,
+            axum::http::HeaderMap::new(),
+            None,
+            Bytes::from(body.to_string()),
+            BodyKind::Json,
+        );
+        hook.call(Arc::new(request))
+    }
+
+    #[test]
+    fn forward_is_shared_and_read_only() {
+        let edit =
+            r#"function on_request(req) req:set("n", req:get("a.b") + 1) return forward() end"#;
+        match run(edit, r#"{"a":{"b":41}}"#).unwrap() {
+            Verdict::Forward(f) => assert_eq!(f.body.unwrap(), &br#"{"a":{"b":41},"n":42}"#[..]),
+            _ => panic!("not forwarded"),
+        }
+        let same = "function on_request(req) return forward() == forward() and forward() end";
+        assert!(matches!(run(same, "{}").unwrap(), Verdict::Forward(_)));
+        let tamper =
+            r#"function on_request(req) local f = forward(); f.action = "reject"; return f end"#;
+        let error = run(tamper, "{}").err().unwrap();
+        assert!(error.0.contains("read-only"), "{error:?}");
+    }
 }
