@@ -271,6 +271,7 @@ fn elements(doc: &[u8], open: usize) -> impl Iterator<Item = Range<usize>> + '_ 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::{Value, json};
 
     const DOC: &[u8] =
@@ -355,5 +356,102 @@ mod tests {
         assert!(!doc(DOC).set_top("user", b"1"));
         assert_eq!(doc(DOC).delete_top("user"), None);
         assert!(!doc(b"[1]").set_top("a", b"1"));
+    }
+
+    /// Small JSON values, keys from a tiny alphabet so that edits hit existing members.
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i32>().prop_map(Value::from),
+            "[a-c\\\\\"é]{0,3}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::vec(("[a-c]{1,2}", inner), 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Set(String, Value),
+        Delete(String),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            ("[a-c]{1,2}", value()).prop_map(|(k, v)| Op::Set(k, v)),
+            "[a-c]{1,2}".prop_map(Op::Delete),
+        ]
+    }
+
+    /// The document as text with whitespace around every token, so ranges are not trivially
+    /// aligned.
+    fn spaced(v: &Value) -> Vec<u8> {
+        let compact = serde_json::to_string(v).unwrap();
+        let mut out = String::from(" ");
+        let mut in_string = false;
+        let mut escaped = false;
+        for c in compact.chars() {
+            out.push(c);
+            if in_string {
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => in_string = false,
+                    _ => {}
+                }
+            } else if c == '"' {
+                in_string = true;
+            } else if matches!(c, ',' | ':' | '{' | '[') {
+                out.push_str(" \n ");
+            }
+        }
+        out.push(' ');
+        out.into_bytes()
+    }
+
+    proptest! {
+        /// Any sequence of top-level edits and reads on the bytes gives what the same edits on a
+        /// `serde_json::Value` give.
+        #[test]
+        fn edits_on_bytes_match_edits_on_a_tree(
+            start in prop::collection::vec(("[a-c]{1,2}", value()), 0..5),
+            ops in prop::collection::vec(op(), 0..6),
+            paths in prop::collection::vec("[a-c0-2]{1,2}(\\.[a-c0-2]{1,2}){0,2}", 0..4),
+        ) {
+            let mut tree = Value::Object(start.into_iter().collect());
+            let mut d = RawDoc::check(Bytes::from(spaced(&tree)), 128).unwrap();
+            for op in ops {
+                let map = tree.as_object_mut().unwrap();
+                match op {
+                    Op::Set(k, v) => {
+                        prop_assert!(d.set_top(&k, &serde_json::to_vec(&v).unwrap()));
+                        map.insert(k, v);
+                    }
+                    Op::Delete(k) => {
+                        prop_assert_eq!(d.delete_top(&k), Some(map.shift_remove(&k).is_some()));
+                    }
+                }
+                let now: Value = serde_json::from_slice(d.bytes()).unwrap();
+                prop_assert_eq!(&now, &tree);
+                prop_assert!(crate::json::validate(d.bytes(), 128).is_ok());
+            }
+            for path in paths {
+                let segs: Vec<&str> = path.split('.').collect();
+                let mut expect = Some(&tree);
+                for seg in &segs {
+                    expect = expect.and_then(|v| match v {
+                        Value::Array(a) => seg.parse::<usize>().ok().and_then(|i| a.get(i)),
+                        v => v.get(*seg),
+                    });
+                }
+                let got = d.find(&segs).map(|t| serde_json::from_slice::<Value>(t).unwrap());
+                prop_assert_eq!(got.as_ref(), expect, "{}", path);
+            }
+        }
     }
 }
