@@ -18,6 +18,7 @@ use crate::config::Mode;
 
 mod raw;
 mod request;
+mod tree;
 
 use request::LuaRequest;
 
