@@ -105,8 +105,11 @@ fn read_batch(
                 Ok(mut file) => {
                     file.seek(SeekFrom::Start(cursor.offset))?;
                     let span = limit - cursor.offset;
+                    // No bigger than what is there to read: a fixed 256 KiB buffer was an
+                    // mmap and munmap for every few records read.
+                    let capacity = span.clamp(4 << 10, 256 << 10) as usize;
                     let mut reader = Reader::new(
-                        BufReader::with_capacity(256 << 10, file.take(span)),
+                        BufReader::with_capacity(capacity, file.take(span)),
                         cursor.offset,
                     );
                     while !full(&out, bytes) {
