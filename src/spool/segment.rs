@@ -632,10 +632,7 @@ mod tests {
 
     #[test]
     fn record_ids_are_two_padded_hex_numbers() {
-        assert_eq!(
-            record_id(0x1f, 0xabc),
-            "000000000000001f-0000000000000abc"
-        );
+        assert_eq!(record_id(0x1f, 0xabc), "000000000000001f-0000000000000abc");
         assert_eq!(
             record_id(u64::MAX, 0),
             format!("{:016x}-{:016x}", u64::MAX, 0)
