@@ -107,6 +107,26 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
+/// Folds histogram samples into their buckets every second on a thread of its own, for as long
+/// as the process lives (the recorder is global, so is this). Without it samples pile up until
+/// `/metrics` is scraped; folded on a runtime worker, they held up the requests behind them.
+pub fn spawn_upkeep() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("kafboy-upkeep".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    handle().run_upkeep();
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "no metrics upkeep thread: histograms fold only on scrape");
+        }
+    });
+}
+
 /// Counter handles of one topic label.
 #[derive(Debug)]
 pub struct TopicCounters {

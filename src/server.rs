@@ -146,13 +146,7 @@ impl App {
             .spawn_supervisor(std::time::Duration::from_millis(100));
         crate::status::spawn_sampler(Arc::downgrade(&state));
         // Histogram samples pile up until upkeep folds them; without a scraper that is a leak.
-        tokio::spawn(async {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-            loop {
-                tick.tick().await;
-                crate::metrics::handle().run_upkeep();
-            }
-        });
+        crate::metrics::spawn_upkeep();
         // Without a handler SIGHUP would end the process with no drain and no flush.
         tokio::spawn(async {
             let mut hangups = crate::shutdown::hangups();
