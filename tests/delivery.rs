@@ -3,7 +3,6 @@
 //! retry", 504 means "may have been written".
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Consumed, Gateway, Reply};
@@ -21,17 +20,7 @@ const PROMPT: Duration = Duration::from_secs(5);
 
 /// A one-broker mock cluster with one fresh topic of `partitions` partitions.
 fn cluster_with_topic(prefix: &str, partitions: i32) -> (Cluster, String) {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let topic = format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    cluster
-        .create_topic(&topic, partitions, 1)
-        .expect("create topic");
-    (cluster, topic)
+    common::mock_topic(1, prefix, partitions)
 }
 
 /// POSTs and measures, failing the test if no answer comes within `limit`.

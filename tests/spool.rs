@@ -9,7 +9,6 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,13 +16,10 @@ use kafboy::Config;
 use kafboy::config::Mode;
 use kafboy::kafka::{Producers, Record};
 use kafboy::spool::{ID_HEADER, Spool, SpoolConfig, SpoolError};
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::{Offset, TopicPartitionList};
 
 type Cluster = MockCluster<'static, DefaultProducerContext>;
 
@@ -66,15 +62,7 @@ fn record(value: impl Into<Bytes>) -> Record {
 
 /// A one-broker mock cluster with one fresh topic.
 fn mock_cluster(prefix: &str) -> (Cluster, String) {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let topic = format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    cluster.create_topic(&topic, 1, 1).expect("create topic");
-    (cluster, topic)
+    common::mock_topic(1, prefix, 1)
 }
 
 /// Polls `cond` every 20 ms until it holds; fails the test with `what` after `limit`.
@@ -115,24 +103,7 @@ async fn read_topic(
 ) -> Vec<Got> {
     let (brokers, topic) = (brokers.to_string(), topic.to_string());
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", format!("spool-check-{topic}"))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("allow.auto.create.topics", "false")
-            .create()
-            .expect("consumer");
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .expect("metadata");
-        let partitions = metadata.topics()[0].partitions().len() as i32;
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(&topic, p, Offset::Beginning)
-                .expect("offset");
-        }
-        consumer.assign(&tpl).expect("assign");
+        let consumer = common::consumer_from_start(&brokers, &topic);
         let deadline = Instant::now() + limit;
         let mut seen = HashSet::new();
         let mut out: Vec<(i32, Got)> = Vec::new();
@@ -182,6 +153,22 @@ async fn read_topic(
 
 fn values(got: &[Got]) -> Vec<&str> {
     got.iter().map(|g| g.value.as_str()).collect()
+}
+
+/// Reads `topic` until every value of `want` arrived, then checks the topic holds exactly
+/// `want`, in order.
+async fn assert_topic_holds(brokers: &str, topic: &str, want: &[String]) {
+    let got = read_topic(
+        brokers,
+        topic,
+        want.iter().cloned().collect(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        values(&got),
+        want.iter().map(String::as_str).collect::<Vec<_>>()
+    );
 }
 
 /// Segment files in `dir`, sorted.
@@ -377,17 +364,7 @@ async fn a_crash_before_acknowledgement_replays_everything_and_a_clean_stop_noth
     let producers = producers(&cluster.bootstrap_servers(), "");
     start_sender(&spool, &producers);
     wait_drained(&spool, Duration::from_secs(15)).await;
-    let got = read_topic(
-        &cluster.bootstrap_servers(),
-        &topic,
-        want.iter().cloned().collect(),
-        Duration::from_secs(10),
-    )
-    .await;
-    assert_eq!(
-        values(&got),
-        want.iter().map(String::as_str).collect::<Vec<_>>()
-    );
+    assert_topic_holds(&cluster.bootstrap_servers(), &topic, &want).await;
     // A clean stop writes the checkpoint: the next open has nothing to replay.
     assert_eq!(spool.shutdown(Duration::from_secs(5)).await, 0);
     drop(spool);
@@ -513,17 +490,7 @@ async fn a_corrupt_segment_tail_is_cut_at_the_last_valid_record() {
     wait_drained(&spool, Duration::from_secs(15)).await;
     let mut want: Vec<String> = (0..9).map(|i| format!("rec-{i}")).collect();
     want.push("after-recovery".into());
-    let got = read_topic(
-        &cluster.bootstrap_servers(),
-        &topic,
-        want.iter().cloned().collect(),
-        Duration::from_secs(10),
-    )
-    .await;
-    assert_eq!(
-        values(&got),
-        want.iter().map(String::as_str).collect::<Vec<_>>()
-    );
+    assert_topic_holds(&cluster.bootstrap_servers(), &topic, &want).await;
     spool.shutdown(Duration::from_secs(5)).await;
 }
 

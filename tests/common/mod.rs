@@ -147,8 +147,8 @@ pub fn consume(brokers: &str, topic: &str, want: usize) -> Vec<Consumed> {
     consume_for(brokers, topic, want, Duration::from_secs(15))
 }
 
-/// Reads `topic` until `want` records arrived or `wait` passed, whichever is first.
-pub fn consume_for(brokers: &str, topic: &str, want: usize, wait: Duration) -> Vec<Consumed> {
+/// A consumer assigned to every partition of `topic` from its first record.
+pub fn consumer_from_start(brokers: &str, topic: &str) -> BaseConsumer {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("check-{topic}"))
@@ -167,6 +167,35 @@ pub fn consume_for(brokers: &str, topic: &str, want: usize, wait: Duration) -> V
             .expect("offset");
     }
     consumer.assign(&tpl).expect("assign");
+    consumer
+}
+
+/// A librdkafka mock cluster of `brokers` brokers with one fresh topic (unique per process and
+/// call) of `partitions` partitions, replicated on every broker.
+pub fn mock_topic(
+    brokers: i32,
+    prefix: &str,
+    partitions: i32,
+) -> (
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+) {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let cluster = rdkafka::mocking::MockCluster::new(brokers).expect("mock cluster");
+    let topic = format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    cluster
+        .create_topic(&topic, partitions, brokers)
+        .expect("create topic");
+    (cluster, topic)
+}
+
+/// Reads `topic` until `want` records arrived or `wait` passed, whichever is first.
+pub fn consume_for(brokers: &str, topic: &str, want: usize, wait: Duration) -> Vec<Consumed> {
+    let consumer = consumer_from_start(brokers, topic);
     let deadline = Instant::now() + wait;
     let mut out = Vec::new();
     while out.len() < want && Instant::now() < deadline {

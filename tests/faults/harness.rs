@@ -2,7 +2,7 @@
 //! each send one key's records in sequence, and the history of every request they made.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
@@ -38,16 +38,7 @@ pub fn pick<T>(short: T, long_run: T) -> T {
 /// A 3-broker mock cluster with a fresh 6-partition topic of replication factor 3. Partition
 /// `p` is led by broker `1 + p % 3`, so every broker leads two partitions.
 pub fn cluster(prefix: &str) -> (Cluster, String) {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let cluster = MockCluster::new(BROKERS).expect("mock cluster");
-    let topic = format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    cluster
-        .create_topic(&topic, PARTITIONS, BROKERS)
-        .expect("create topic");
+    let (cluster, topic) = crate::common::mock_topic(BROKERS, prefix, PARTITIONS);
     for p in 0..PARTITIONS {
         cluster
             .partition_leader(&topic, p, Some(leader_of(p)))
