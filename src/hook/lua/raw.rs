@@ -29,27 +29,18 @@ impl RawDoc {
 
     /// The value `segments` names (fields and array indexes), as `serde_json::Value` resolves
     /// it: the last of duplicate keys wins.
-    pub fn find(&self, segments: &[&str]) -> Option<&[u8]> {
+    pub fn find<'s>(&self, mut segments: impl Iterator<Item = &'s str>) -> Option<&[u8]> {
         let doc = &self.bytes[..];
-        let (mut range, rest) = match (&self.members, segments) {
-            (_, []) => (value_at(doc, 0)?, segments),
-            (Some(members), [first, rest @ ..]) => {
+        let mut range = match (&self.members, segments.next()) {
+            (_, None) => value_at(doc, 0)?,
+            (Some(members), Some(first)) => {
                 let member = members.iter().rev().find(|m| key_is(doc, &m.key, first))?;
-                (member.value.clone(), rest)
+                member.value.clone()
             }
-            (None, _) => (value_at(doc, 0)?, segments),
+            (None, Some(first)) => step(doc, value_at(doc, 0)?, first)?,
         };
-        for seg in rest {
-            range = match doc.get(range.start)? {
-                b'{' => {
-                    members(doc, range.start)
-                        .filter(|m| key_is(doc, &m.key, seg))
-                        .last()?
-                        .value
-                }
-                b'[' => elements(doc, range.start).nth(seg.parse().ok()?)?,
-                _ => return None,
-            };
+        for seg in segments {
+            range = step(doc, range, seg)?;
         }
         doc.get(range)
     }
@@ -123,6 +114,18 @@ impl RawDoc {
         }
         self.bytes = splice(doc, cut, b"");
         Some(true)
+    }
+}
+
+/// The value `seg` names inside the value at `range`.
+fn step(doc: &[u8], range: Range<usize>, seg: &str) -> Option<Range<usize>> {
+    match doc.get(range.start)? {
+        b'{' => members(doc, range.start)
+            .filter(|m| key_is(doc, &m.key, seg))
+            .last()
+            .map(|m| m.value),
+        b'[' => elements(doc, range.start).nth(seg.parse().ok()?),
+        _ => None,
     }
 }
 
@@ -282,9 +285,8 @@ mod tests {
     }
 
     fn get(text: &[u8], path: &str) -> Option<Value> {
-        let segs: Vec<&str> = path.split('.').filter(|s| !s.is_empty()).collect();
         doc(text)
-            .find(&segs)
+            .find(path.split('.').filter(|s| !s.is_empty()))
             .map(|v| serde_json::from_slice(v).unwrap())
     }
 
@@ -337,8 +339,8 @@ mod tests {
             json!({"a": [1,2,3], "bA": "x", "c": {"d": 3}, "z": null})
         );
         // The index follows the edits.
-        assert_eq!(d.find(&["c", "d"]), Some(&b"3"[..]));
-        assert_eq!(d.find(&["z"]), Some(&b"null"[..]));
+        assert_eq!(d.find(["c", "d"].into_iter()), Some(&b"3"[..]));
+        assert_eq!(d.find(["z"].into_iter()), Some(&b"null"[..]));
         assert_eq!(d.delete_top("bA"), Some(true));
         assert_eq!(d.delete_top("bA"), Some(false));
         assert_eq!(d.delete_top("z"), Some(true));
@@ -449,7 +451,7 @@ mod tests {
                         v => v.get(*seg),
                     });
                 }
-                let got = d.find(&segs).map(|t| serde_json::from_slice::<Value>(t).unwrap());
+                let got = d.find(segs.iter().copied()).map(|t| serde_json::from_slice::<Value>(t).unwrap());
                 prop_assert_eq!(got.as_ref(), expect, "{}", path);
             }
         }

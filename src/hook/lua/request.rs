@@ -3,6 +3,7 @@
 //! (see [`raw`]); only edits below the top level, `fields` and form bodies build a tree. Only the
 //! parts a script reads are converted to Lua.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -119,14 +120,9 @@ impl LuaRequest {
     /// `get`: the value at `path`, or nil.
     fn get(&mut self, lua: &mlua::Lua, path: &str) -> mlua::Result<mlua::Value> {
         if let Some(doc) = self.raw()? {
-            let segments: Vec<&str> = segments(path).collect();
-            return match doc.find(&segments) {
+            return match doc.find(segments(path)) {
                 None => Ok(mlua::Value::Nil),
-                Some(text) => {
-                    let value: Value = serde_json::from_slice(text)
-                        .map_err(|e| mlua::Error::runtime(format!("invalid json: {e}")))?;
-                    to_lua(lua, &value)
-                }
+                Some(text) => json_to_lua(lua, text),
             };
         }
         match lookup(self.tree(false)?, path) {
@@ -136,16 +132,27 @@ impl LuaRequest {
     }
 
     /// `set`: a top-level field is spliced into the bytes; deeper paths go through a tree.
-    fn set(&mut self, path: &str, value: Value) -> mlua::Result<()> {
+    fn set(&mut self, lua: &mlua::Lua, path: &str, value: mlua::Value) -> mlua::Result<()> {
+        let text = scalar_json(&value);
         if let Some(name) = single(path)
             && let Some(doc) = self.raw()?
         {
-            let text = serde_json::to_vec(&value).map_err(mlua::Error::external)?;
-            if doc.set_top(name, &text) {
+            let written = match &text {
+                Some(text) => Cow::Borrowed(text.as_slice()),
+                None => Cow::Owned(
+                    serde_json::to_vec(&lua.from_value::<Value>(value.clone())?)
+                        .map_err(mlua::Error::external)?,
+                ),
+            };
+            if doc.set_top(name, &written) {
                 self.mark_edited();
                 return Ok(());
             }
         }
+        let value = match text {
+            Some(text) => serde_json::from_slice(&text).map_err(mlua::Error::external)?,
+            None => lua.from_value(value)?,
+        };
         *slot(self.tree(true)?, path)? = value;
         Ok(())
     }
@@ -183,6 +190,52 @@ fn to_lua(lua: &mlua::Lua, value: &Value) -> mlua::Result<mlua::Value> {
         },
         other => lua.to_value(other)?,
     })
+}
+
+/// A checked JSON value as Lua, as [`to_lua`] would make it from a tree: scalars straight from
+/// the bytes, containers through a tree.
+fn json_to_lua(lua: &mlua::Lua, text: &[u8]) -> mlua::Result<mlua::Value> {
+    let invalid = |e: serde_json::Error| mlua::Error::runtime(format!("invalid json: {e}"));
+    Ok(match text.first() {
+        Some(b'"') => {
+            let inner = text.get(1..text.len() - 1).unwrap_or_default();
+            if inner.contains(&b'\\') {
+                let decoded: String = serde_json::from_slice(text).map_err(invalid)?;
+                mlua::Value::String(lua.create_string(decoded)?)
+            } else {
+                mlua::Value::String(lua.create_string(inner)?)
+            }
+        }
+        Some(b't') => mlua::Value::Boolean(true),
+        Some(b'f') => mlua::Value::Boolean(false),
+        Some(b'n') => mlua::Value::Nil,
+        Some(b'-' | b'0'..=b'9') => {
+            // serde_json reads `-0` as a float, and integers past i64 as floats too.
+            let integer = !text.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) && text != b"-0";
+            match std::str::from_utf8(text).ok().filter(|_| integer) {
+                Some(digits) if let Ok(i) = digits.parse::<i64>() => mlua::Value::Integer(i),
+                _ => mlua::Value::Number(serde_json::from_slice(text).map_err(invalid)?),
+            }
+        }
+        _ => to_lua(lua, &serde_json::from_slice(text).map_err(invalid)?)?,
+    })
+}
+
+/// The JSON text of a Lua nil, boolean, integer or UTF-8 string, as serde would write it;
+/// `None` for the rest (tables, floats, other strings), which go through serde.
+fn scalar_json(value: &mlua::Value) -> Option<Vec<u8>> {
+    match value {
+        mlua::Value::Nil => Some(b"null".to_vec()),
+        mlua::Value::Boolean(b) => Some(if *b { &b"true"[..] } else { b"false" }.to_vec()),
+        mlua::Value::Integer(i) => Some(i.to_string().into_bytes()),
+        mlua::Value::String(s) => {
+            let s = s.to_str().ok()?;
+            let mut text = Vec::with_capacity(s.len() + 2);
+            serde_json::to_writer(&mut text, &*s).ok()?;
+            Some(text)
+        }
+        _ => None,
+    }
 }
 
 impl UserData for LuaRequest {
@@ -234,8 +287,7 @@ impl UserData for LuaRequest {
         });
         m.add_method_mut("get", |lua, this, path: String| this.get(lua, &path));
         m.add_method_mut("set", |lua, this, (path, value): (String, mlua::Value)| {
-            let value: Value = lua.from_value(value)?;
-            this.set(&path, value)
+            this.set(lua, &path, value)
         });
         m.add_method_mut("delete", |_, this, path: String| this.delete(&path));
         m.add_method_mut("fields", |_, this, ()| {
@@ -268,5 +320,82 @@ impl UserData for LuaRequest {
                 Ok(())
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn same(lua: &mlua::Lua, a: &mlua::Value, b: &mlua::Value) -> bool {
+        use mlua::Value as V;
+        match (a, b) {
+            (V::Nil, V::Nil) => true,
+            (V::Boolean(x), V::Boolean(y)) => x == y,
+            (V::Integer(x), V::Integer(y)) => x == y,
+            (V::Number(x), V::Number(y)) => x.to_bits() == y.to_bits(),
+            (V::String(x), V::String(y)) => x.as_bytes() == y.as_bytes(),
+            (V::Table(_), V::Table(_)) => {
+                lua.from_value::<Value>(a.clone()).unwrap()
+                    == lua.from_value::<Value>(b.clone()).unwrap()
+            }
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn values_read_from_bytes_are_what_a_tree_gives() {
+        let lua = mlua::Lua::new();
+        for text in [
+            "0",
+            "-0",
+            "7",
+            "-12",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "18446744073709551616",
+            "1.5",
+            "-0.0",
+            "-2.5e3",
+            "1e2",
+            "0.1",
+            r#""a""#,
+            r#""""#,
+            r#""a\nb\"\u00e9""#,
+            "\"\u{e9}\u{1F600}\"",
+            "true",
+            "false",
+            "null",
+            r#"[1,{"a":2}]"#,
+            r#"{"a":[1]}"#,
+        ] {
+            let tree: Value = serde_json::from_str(text).unwrap();
+            let want = to_lua(&lua, &tree).unwrap();
+            let got = json_to_lua(&lua, text.as_bytes()).unwrap();
+            assert!(same(&lua, &got, &want), "{text}: {got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn scalars_are_written_as_serde_writes_them() {
+        let lua = mlua::Lua::new();
+        let values: Vec<mlua::Value> = lua
+            .load(r#"return nil, true, false, 0, -5, math.maxinteger, math.mininteger, "x", "a\"b\n\1", "é""#)
+            .eval::<mlua::MultiValue>()
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(values.len(), 10);
+        for value in values {
+            let want =
+                serde_json::to_vec(&lua.from_value::<Value>(value.clone()).unwrap()).unwrap();
+            assert_eq!(scalar_json(&value), Some(want), "{value:?}");
+        }
+        let table = lua.create_table().unwrap();
+        assert_eq!(scalar_json(&mlua::Value::Table(table)), None);
+        assert_eq!(scalar_json(&mlua::Value::Number(1.5)), None);
     }
 }
