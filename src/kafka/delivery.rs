@@ -1,9 +1,13 @@
 //! The producer context: delivery reports, librdkafka's logs and errors. This is the one module
-//! that calls librdkafka directly, for the message status that rust-rdkafka's `FutureProducer`
-//! throws away: it is what tells "definitely not written" (503) from "maybe written" (504).
+//! that calls librdkafka directly: for the message status that rust-rdkafka's `FutureProducer`
+//! throws away (it is what tells "definitely not written" (503) from "maybe written" (504)), for
+//! a flush that keeps librdkafka's flushing state on, and for the main-queue wake-up the
+//! [`super::poller`] thread sleeps on.
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -11,7 +15,7 @@ use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer as _, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::IntoOpaque;
 use tokio::sync::oneshot;
@@ -212,12 +216,8 @@ fn persisted(message: &BorrowedMessage<'_>) -> Persisted {
 /// lingering batches at once. rust-rdkafka's own `flush` calls `rd_kafka_flush` with a zero
 /// timeout in a loop, so librdkafka's "flushing" state (which makes linger.ms immediate) is only
 /// ever on for an instant and a long linger is waited out; one call with the real timeout
-/// keeps it on. Delivery reports keep flowing through the producer's polling thread.
-pub fn flush(
-    producer: &rdkafka::producer::ThreadedProducer<Context>,
-    timeout: std::time::Duration,
-) {
-    use rdkafka::producer::Producer as _;
+/// keeps it on. Delivery reports keep flowing through the producer's [`super::poller`] thread.
+pub fn flush(producer: &BaseProducer<Context>, timeout: std::time::Duration) {
     let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: the handle is alive for the whole call (borrowed from `producer`); rd_kafka_flush
     // is thread-safe and, with event-based delivery reports, only waits on the message count.
@@ -229,8 +229,7 @@ pub fn flush(
 /// Raises a fatal error in `producer` the way a broker-side idempotence failure would, so tests
 /// can check what kafboy does after one. Not for production use.
 #[doc(hidden)]
-pub fn inject_fatal_error(producer: &rdkafka::producer::ThreadedProducer<Context>) {
-    use rdkafka::producer::Producer as _;
+pub fn inject_fatal_error(producer: &BaseProducer<Context>) {
     let err =
         rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
     // SAFETY: the handle is alive (borrowed from `producer`) and the reason is a NUL-terminated
@@ -241,5 +240,55 @@ pub fn inject_fatal_error(producer: &rdkafka::producer::ThreadedProducer<Context
             err,
             c"injected fatal error".as_ptr(),
         );
+    }
+}
+
+/// A handle on a producer's main queue, where its delivery reports, errors, logs and statistics
+/// arrive: its length, and a wake-up written to a socket when it stops being empty.
+pub struct MainQueue(NonNull<rdkafka::bindings::rd_kafka_queue_t>);
+
+// SAFETY: librdkafka's queue handles may be used from any thread; this one is only destroyed in
+// `Drop`, when no other reference to the `MainQueue` is left.
+unsafe impl Send for MainQueue {}
+// SAFETY: as above; `len` and `wake_on` are thread-safe librdkafka calls.
+unsafe impl Sync for MainQueue {}
+
+impl MainQueue {
+    /// The main queue of `producer`. It holds its own reference to the queue and must be dropped
+    /// before the producer's client is.
+    pub fn of(producer: &BaseProducer<Context>) -> Option<MainQueue> {
+        // SAFETY: the client handle is alive for the call (borrowed from `producer`); the queue
+        // handle returned is ours, destroyed in `Drop`.
+        let queue =
+            unsafe { rdkafka::bindings::rd_kafka_queue_get_main(producer.client().native_ptr()) };
+        NonNull::new(queue).map(MainQueue)
+    }
+
+    /// Whether no event is waiting.
+    pub fn is_empty(&self) -> bool {
+        // SAFETY: the handle is alive until `Drop`.
+        unsafe { rdkafka::bindings::rd_kafka_queue_length(self.0.as_ptr()) == 0 }
+    }
+
+    /// From now on librdkafka writes a byte to `fd` (which must be non-blocking) whenever the
+    /// queue stops being empty; `None` stops that, and must come before `fd` is closed.
+    pub fn wake_on(&self, fd: Option<BorrowedFd<'_>>) {
+        let fd = fd.map_or(-1, |fd| fd.as_raw_fd());
+        // SAFETY: the handle is alive; librdkafka copies the one-byte payload.
+        unsafe {
+            rdkafka::bindings::rd_kafka_queue_io_event_enable(
+                self.0.as_ptr(),
+                fd,
+                c"w".as_ptr().cast(),
+                1,
+            );
+        }
+    }
+}
+
+impl Drop for MainQueue {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from rd_kafka_queue_get_main and is destroyed once, here.
+        unsafe { rdkafka::bindings::rd_kafka_queue_destroy(self.0.as_ptr()) }
     }
 }

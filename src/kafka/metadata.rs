@@ -7,9 +7,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{Producer as _, ThreadedProducer};
+use rdkafka::producer::Producer as _;
 
-use super::delivery::Context;
+use super::poller::Polled;
+
 use super::partition::Rotation;
 
 /// What kafboy knows of one topic.
@@ -42,7 +43,7 @@ const MAX_MISSING: usize = 10_000;
 /// The cache, shared by all requests.
 pub struct Topics {
     entries: RwLock<HashMap<String, Entry>>,
-    client: RwLock<ThreadedProducer<Context>>,
+    client: RwLock<Polled>,
     lookup: tokio::sync::Mutex<()>,
     fetched: AtomicBool,
     timeout: Duration,
@@ -51,11 +52,7 @@ pub struct Topics {
 
 impl Topics {
     /// A cache that asks the brokers through `client`.
-    pub fn new(
-        client: ThreadedProducer<Context>,
-        timeout: Duration,
-        missing_ttl: Duration,
-    ) -> Self {
+    pub fn new(client: Polled, timeout: Duration, missing_ttl: Duration) -> Self {
         Topics {
             entries: RwLock::default(),
             client: RwLock::new(client),
@@ -67,7 +64,7 @@ impl Topics {
     }
 
     /// Asks through `client` from now on (after the old one was replaced).
-    pub fn set_client(&self, client: ThreadedProducer<Context>) {
+    pub fn set_client(&self, client: Polled) {
         *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
     }
 

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod delivery;
 pub mod metadata;
 pub mod partition;
+mod poller;
 mod producer;
 
 pub use producer::{Producer, Record, SendError, Shared, set_queue_limits};

@@ -10,11 +10,12 @@ use rdkafka::ClientConfig;
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use tokio::sync::oneshot;
 
 use super::admission::{Admission, Refused};
 use super::delivery::{Context, Outcome, Tally, Waiter};
+use super::poller::Polled;
 use crate::config::KafkaConfig;
 
 /// One record ready to produce. The value is a slice of the request body.
@@ -89,7 +90,7 @@ pub fn set_queue_limits(client: &mut ClientConfig, kafka: &KafkaConfig) {
 
 /// One librdkafka producer with kafboy's queue accounting.
 pub struct Producer {
-    pub(super) inner: ThreadedProducer<Context>,
+    pub(super) inner: Polled,
     admission: Arc<Admission>,
     tally: Arc<Tally>,
     error_seen: Arc<AtomicBool>,
@@ -119,7 +120,10 @@ impl Producer {
             last_warning: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
         };
-        let inner = ThreadedProducer::from_config_and_context(&client, context)?;
+        let inner = BaseProducer::from_config_and_context(&client, context)?;
+        let inner = Polled::new(inner, name).map_err(|e| {
+            KafkaError::ClientCreation(format!("cannot start the report thread: {e}"))
+        })?;
         Ok(Producer {
             inner,
             admission,
