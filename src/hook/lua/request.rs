@@ -379,6 +379,24 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_number_or_string_reads_as_from_a_tree(
+            number in "-?(0|[1-9][0-9]{0,24})(\\.[0-9]{1,6})?([eE][+-]?[0-9]{1,3})?",
+            string in ".{0,12}",
+        ) {
+            let lua = mlua::Lua::new();
+            let quoted = serde_json::to_string(&string).unwrap();
+            for text in [number.as_str(), quoted.as_str()] {
+                // Numbers past f64's range are not JSON a body can hold.
+                let Ok(tree) = serde_json::from_str::<Value>(text) else { continue };
+                let want = to_lua(&lua, &tree).unwrap();
+                let got = json_to_lua(&lua, text.as_bytes()).unwrap();
+                proptest::prop_assert!(same(&lua, &got, &want), "{}: {:?} vs {:?}", text, got, want);
+            }
+        }
+    }
+
     #[test]
     fn scalars_are_written_as_serde_writes_them() {
         let lua = mlua::Lua::new();
