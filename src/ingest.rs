@@ -91,7 +91,10 @@ async fn ingest(
     // Who is asking is settled before anything else is looked at.
     let key = app.authenticate(&parts)?;
     let topic = topic_of(route, &mut parts).await?;
-    *topic_seen = Some(topic.clone());
+    if hook.is_some() {
+        // For the hook's `on_error`; nothing else reads it.
+        *topic_seen = Some(topic.clone());
+    }
     validate_topic(&topic).map_err(|e| IngestError::BadRequest(e.into()))?;
     if let Some(key) = &key {
         key.permit(&topic, route.mode).map_err(IngestError::from)?;
@@ -121,18 +124,7 @@ async fn ingest(
         }
         let raw = app.cluster.is_some().then(|| body.clone());
         let values = decode::decode(kind, body, &app.decode_limits)?;
-        return match produce(
-            app,
-            route,
-            route.mode,
-            topic.clone(),
-            &info,
-            meta,
-            values,
-            kind,
-        )
-        .await
-        {
+        return match produce(app, route, route.mode, topic, &info, meta, values, kind).await {
             // Room ran out while waiting: a peer may still have some.
             Err(IngestError::QueueFull) if raw.is_some() => {
                 let raw = raw.unwrap_or_default();
