@@ -241,9 +241,10 @@ async fn hand_over(
     {
         return None;
     }
-    let answer = cluster
-        .forward(parts.method.clone(), &parts.uri, &parts.headers, body)
-        .await;
+    // Boxed because a call to a peer is a large future (1.3 KiB) that few requests need:
+    // inline, it would grow the future of every request, which axum boxes and moves.
+    let answer =
+        Box::pin(cluster.forward(parts.method.clone(), &parts.uri, &parts.headers, body)).await;
     if answer.is_some() {
         app.stats
             .forwarded_sent
