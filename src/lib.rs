@@ -51,3 +51,10 @@ pub mod tls;
 
 pub use config::Config;
 pub use server::{App, AppBuilder, ShutdownReport};
+
+/// `n` as 16 lower-case hex digits, zero-padded: the request ids and spool record ids, one or
+/// more per request, where `format!("{n:016x}")` costs many times more.
+pub(crate) fn hex64(n: u64) -> [u8; 16] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    std::array::from_fn(|i| HEX[(n >> (60 - 4 * i) & 0xf) as usize])
+}

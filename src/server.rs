@@ -349,11 +349,8 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
     if sane {
         return;
     }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let n = rand::random::<u64>();
-    let id: [u8; 16] = std::array::from_fn(|i| HEX[(n >> (60 - 4 * i) & 0xf) as usize]);
     // Sixteen hex digits are a valid header value.
-    if let Ok(value) = HeaderValue::from_bytes(&id) {
+    if let Ok(value) = HeaderValue::from_bytes(&crate::hex64(rand::random())) {
         headers.insert(REQUEST_ID, value);
     }
 }

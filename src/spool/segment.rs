@@ -114,15 +114,13 @@ impl Entry {
 /// The stable id of record `seq` appended by spool instance `origin`: 33 characters,
 /// `oooooooooooooooo-ssssssssssssssss` in lower-case hex.
 pub fn record_id(origin: u64, seq: u64) -> String {
-    // Once per record sent: written by hand, `format!` with padding cost twenty times more.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = [b'-'; 33];
-    for i in 0..16 {
-        let shift = 60 - 4 * i;
-        id[i] = HEX[(origin >> shift & 0xf) as usize];
-        id[17 + i] = HEX[(seq >> shift & 0xf) as usize];
-    }
-    id.iter().map(|&b| char::from(b)).collect()
+    let (origin, seq) = (crate::hex64(origin), crate::hex64(seq));
+    origin
+        .iter()
+        .chain(b"-")
+        .chain(&seq)
+        .map(|&b| char::from(b))
+        .collect()
 }
 
 /// Fields of a payload to encode, borrowed; headers are passed beside them.
