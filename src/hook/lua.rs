@@ -327,14 +327,12 @@ mod tests {
     use crate::decode::BodyKind;
 
     fn run(script: &str, body: &str) -> Result<Verdict, HookError> {
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        std::io::Write::write_all(&mut file, script.as_bytes()).unwrap();
         let limits = Limits {
             timeout: Duration::from_secs(1),
             max_instructions: 1_000_000,
             max_memory: 16 << 20,
         };
-        let hook = LuaHook::load(file.path(), limits).unwrap();
+        let hook = LuaHook::from_source(Path::new("test.lua"), script, limits).unwrap();
         let request = HookRequest::new(
             "t".into(),
             Mode::Async,
