@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! bench_http_ceiling [--listen ADDR] [--workers N] [--validate] [--hyper-like-kafboy]
+//!                    [--work-ns N]
 //! ```
 //!
 //! - `--workers N`: tokio worker threads; by default tokio's own default (one per CPU the process
@@ -12,12 +13,15 @@
 //!   default depth limit 64); invalid JSON gets 400.
 //! - `--hyper-like-kafboy`: the connection settings kafboy's listener uses (hyper timer with a
 //!   header read timeout, header limits), to tell their cost from the rest of kafboy's.
+//! - `--work-ns N`: spins for N ns of user-space CPU per request before answering: how the
+//!   throughput of a bare server falls with the work it does per request (docs/BENCHMARKS.md,
+//!   "User space and the kernel").
 //!
 //! Prints `listening=ADDR workers=N` on stdout, then serves until killed.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -31,6 +35,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 struct Options {
     validate: bool,
     like_kafboy: bool,
+    work: Duration,
 }
 
 fn main() {
@@ -39,6 +44,7 @@ fn main() {
     let mut options = Options {
         validate: false,
         like_kafboy: false,
+        work: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,9 +59,13 @@ fn main() {
             },
             "--validate" => options.validate = true,
             "--hyper-like-kafboy" => options.like_kafboy = true,
+            "--work-ns" => match it.next().map(|v| v.parse()) {
+                Some(Ok(n)) => options.work = Duration::from_nanos(n),
+                _ => fail("--work-ns needs a number of nanoseconds"),
+            },
             other => fail(&format!(
                 "unknown argument {other}; usage: bench_http_ceiling [--listen ADDR] \
-                 [--workers N] [--validate] [--hyper-like-kafboy]"
+                 [--workers N] [--validate] [--hyper-like-kafboy] [--work-ns N]"
             )),
         }
     }
@@ -122,7 +132,18 @@ async fn handle(
             r#"{"error":"invalid json"}"#,
         ));
     }
+    if !options.work.is_zero() {
+        spin(options.work);
+    }
     Ok(reply(StatusCode::ACCEPTED, r#"{"ok":1}"#))
+}
+
+/// Burns `work` of CPU on this thread, as a stand-in for what a real server does per request.
+fn spin(work: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < work {
+        std::hint::spin_loop();
+    }
 }
 
 fn valid_json(body: &[u8]) -> bool {
