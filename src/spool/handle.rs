@@ -1,0 +1,268 @@
+//! The [`Spool`] handle the server holds: opening a directory, appends, starting the sender,
+//! stats and shutdown.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::message::Headers as _;
+use tokio::sync::{oneshot, watch};
+
+use super::segment::{self, FRAME_HEADER, Fields};
+use super::writer::{self, Command, Durable};
+use super::{Inner, SpoolConfig, SpoolError, Stats, lock, recover, sender, unix_ms};
+use crate::kafka::{Producer, Record};
+
+/// A spool directory opened for appending and sending.
+///
+/// Appends may come from any task; one writer thread batches them into fsyncs. The sender runs
+/// once [`Spool::start_sender`] is called. [`Spool::shutdown`] stops both cleanly; dropping the
+/// spool without it is like a crash (no final checkpoint; everything unacknowledged is sent again
+/// by the next open).
+pub struct Spool {
+    inner: Arc<Inner>,
+    commands: std::sync::mpsc::Sender<Command>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    durable: watch::Receiver<Durable>,
+    start: Mutex<Option<sender::Cursor>>,
+    sender: Mutex<Option<sender::Handle>>,
+    closed: AtomicBool,
+    _lock: recover::DirLock,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `dir`: takes the directory's lock, cuts torn or
+    /// corrupt segment tails, reads the checkpoint, deletes fully acknowledged segments, and
+    /// starts the writer thread. Everything unacknowledged is sent again once
+    /// [`Spool::start_sender`] runs. Blocking (file I/O): call it at start-up or in
+    /// `spawn_blocking`.
+    pub fn open(dir: impl AsRef<Path>, config: &SpoolConfig) -> Result<Spool, SpoolError> {
+        config.check().map_err(SpoolError::Open)?;
+        let dir = dir.as_ref().to_path_buf();
+        let io = |what: &str, e: std::io::Error| SpoolError::Disk(format!("{what}: {e}"));
+        std::fs::create_dir_all(&dir).map_err(|e| io(&format!("create {}", dir.display()), e))?;
+        let lock = recover::DirLock::acquire(&dir)?;
+        let found = recover::recover(&dir).map_err(|e| io("recovery", e))?;
+        let mut config = config.clone();
+        config.segment_bytes = config.effective_segment_bytes();
+        let origin = loop {
+            let r = rand::random::<u64>();
+            if r != 0 {
+                break r;
+            }
+        };
+        if found.pending > 0 {
+            tracing::info!(
+                dir = %dir.display(),
+                records = found.pending,
+                checkpoint = found.checkpoint,
+                "spool: replaying records not acknowledged before the last stop"
+            );
+        }
+        let inner = Arc::new(Inner {
+            dir: dir.clone(),
+            config,
+            origin,
+            bytes: AtomicU64::new(found.bytes),
+            records: AtomicU64::new(found.pending),
+            oldest_ms: AtomicU64::new(found.oldest_ms),
+            replayed: AtomicU64::new(found.pending),
+            delivered: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            refused_full: AtomicU64::new(0),
+            disk_errors: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            checkpoint: AtomicU64::new(found.checkpoint),
+            sealed: Mutex::new(found.sealed),
+            dead: AtomicBool::new(false),
+            fs_gate: Mutex::new(()),
+        });
+        let (writer, durable) =
+            writer::Writer::start(inner.clone(), found.next_segment, found.next_seq)
+                .map_err(|e| io("create segment", e))?;
+        let (commands, queue) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("kafboy-spool-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|e| io("start writer thread", e))?;
+        let (segment, offset) = found.start.unwrap_or((found.next_segment, 0));
+        Ok(Spool {
+            inner,
+            commands,
+            writer: Mutex::new(Some(thread)),
+            durable,
+            start: Mutex::new(Some(sender::Cursor::new(segment, offset, found.checkpoint))),
+            sender: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            _lock: lock,
+        })
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Appends `records` for `topic`, all or nothing, and returns once they are fsynced.
+    /// [`SpoolError::Full`] (nothing written) when they would take the spool past `max_bytes`,
+    /// [`SpoolError::Disk`] when the write or fsync failed (nothing acknowledged).
+    ///
+    /// A record's `kafboy-id` header, if the client set one, is replaced by the spool's id when
+    /// sent.
+    pub async fn append(&self, topic: &str, records: &[Record]) -> Result<(), SpoolError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(SpoolError::Closed);
+        }
+        let mut payloads = Vec::with_capacity(records.len());
+        let mut bytes = 0u64;
+        for r in records {
+            let headers: Vec<(&str, Option<&[u8]>)> = r
+                .headers
+                .as_ref()
+                .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+                .unwrap_or_default();
+            let fields = Fields {
+                seq: 0,
+                origin: self.inner.origin,
+                appended_ms: 0,
+                topic,
+                key: r.key.as_deref(),
+                partition: r.partition,
+                value: &r.value,
+            };
+            let size = segment::payload_size(&fields, headers.iter().copied())
+                .map_err(|e| SpoolError::TooLarge(e.to_string()))?;
+            let mut payload = Vec::with_capacity(size);
+            segment::encode_payload(&mut payload, &fields, headers.iter().copied());
+            bytes += (FRAME_HEADER + payload.len()) as u64;
+            payloads.push(payload);
+        }
+        if bytes > self.inner.config.max_bytes {
+            return Err(SpoolError::TooLarge(format!(
+                "request of {bytes} bytes larger than the spool ({} bytes)",
+                self.inner.config.max_bytes
+            )));
+        }
+        if !self.inner.reserve(bytes) {
+            self.inner.refused_full.fetch_add(1, Ordering::Relaxed);
+            return Err(SpoolError::Full);
+        }
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Append(writer::Append {
+            payloads,
+            bytes,
+            reply,
+        });
+        if self.commands.send(command).is_err() {
+            self.inner.release(bytes);
+            return Err(SpoolError::Closed);
+        }
+        answer.await.unwrap_or(Err(SpoolError::Closed))
+    }
+
+    /// Starts the task that sends spooled records, in order, through the producer
+    /// `producer_for(topic)` returns (called per send, so a replaced producer is picked up).
+    /// Needs a tokio runtime. Only the first call starts a sender.
+    pub fn start_sender<F>(&self, producer_for: F)
+    where
+        F: Fn(&str) -> Arc<Producer> + Send + Sync + 'static,
+    {
+        let Some(cursor) = lock(&self.start).take() else {
+            tracing::warn!("spool: sender already started");
+            return;
+        };
+        let handle = sender::spawn(
+            self.inner.clone(),
+            self.durable.clone(),
+            cursor,
+            Box::new(producer_for),
+        );
+        *lock(&self.sender) = Some(handle);
+    }
+
+    /// Whether the disk takes writes (false after a disk error until a write or probe works).
+    pub fn healthy(&self) -> bool {
+        self.inner.healthy.load(Ordering::Acquire)
+    }
+
+    /// The spool's counters and gauges.
+    pub fn stats(&self) -> Stats {
+        let i = &self.inner;
+        let oldest_ms = i.oldest_ms.load(Ordering::Acquire);
+        let records = i.records.load(Ordering::Acquire);
+        let oldest_undelivered = (oldest_ms != 0 && records > 0)
+            .then(|| Duration::from_millis(unix_ms().saturating_sub(oldest_ms)));
+        Stats {
+            bytes: i.bytes.load(Ordering::Acquire),
+            records,
+            oldest_undelivered,
+            replayed: i.replayed.load(Ordering::Relaxed),
+            delivered: i.delivered.load(Ordering::Relaxed),
+            dead_lettered: i.dead_lettered.load(Ordering::Relaxed),
+            retried: i.retried.load(Ordering::Relaxed),
+            refused_full: i.refused_full.load(Ordering::Relaxed),
+            disk_errors: i.disk_errors.load(Ordering::Relaxed),
+            healthy: i.healthy.load(Ordering::Acquire),
+            last_error: lock(&i.last_error).clone(),
+            checkpoint: i.checkpoint.load(Ordering::Acquire),
+            segments: lock(&i.sealed).len() + 1,
+        }
+    }
+
+    /// Stops taking appends (they get [`SpoolError::Closed`]), lets the writer commit what it
+    /// holds, then lets the sender deliver what it can until `grace` has passed, and writes the
+    /// final checkpoint. Returns how many records stay spooled for the next start.
+    pub async fn shutdown(&self, grace: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + grace;
+        self.closed.store(true, Ordering::Release);
+        let _ = self.commands.send(Command::Stop);
+        let thread = lock(&self.writer).take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        let sender = lock(&self.sender).take();
+        if let Some(sender) = sender {
+            sender.drain(deadline).await;
+        }
+        let left = self.inner.records.load(Ordering::Acquire);
+        if left > 0 {
+            tracing::warn!(
+                records = left,
+                dir = %self.inner.dir.display(),
+                "spool: records still undelivered at shutdown; kept for the next start"
+            );
+        }
+        left
+    }
+
+    /// Stops everything at once as a crash would: no final checkpoint, nothing flushed beyond
+    /// what was already fsynced. For tests of recovery.
+    #[doc(hidden)]
+    pub fn crash(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        self.inner.dead.store(true, Ordering::Release);
+        let sender = lock(&self.sender).take();
+        if let Some(sender) = sender {
+            sender.abort();
+        }
+        // Wait for a file operation of the sender that may be running, so the directory is
+        // quiet once the spool is gone (a reopen may follow at once).
+        drop(lock(&self.inner.fs_gate));
+        let _ = self.commands.send(Command::Stop);
+        let thread = lock(&self.writer).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Advancing the checkpoint over the acknowledged prefix and deleting the segments it covers.
+
+use std::io;
+use std::sync::atomic::Ordering;
+
+use super::Sender;
+use crate::spool::lock;
+use crate::spool::recover::{remove_if_exists, sync_dir, write_checkpoint};
+use crate::spool::segment::segment_name;
+
+impl Sender {
+    /// Writes the checkpoint if it moved and deletes the segments it covers.
+    pub(super) async fn checkpoint(&mut self) {
+        let acked = self.acked;
+        let mut deletable = Vec::new();
+        while let Some(f) = self.finished.front() {
+            if f.last_seq.is_some_and(|s| s >= acked) {
+                break;
+            }
+            if let Some(f) = self.finished.pop_front() {
+                deletable.push(f);
+            }
+        }
+        if acked == self.written && deletable.is_empty() {
+            return;
+        }
+        let (inner, write) = (self.inner.clone(), acked != self.written);
+        let ids: Vec<u64> = deletable.iter().map(|f| f.segment).collect();
+        let done = tokio::task::spawn_blocking(move || {
+            let _gate = lock(&inner.fs_gate);
+            let mut done = FileWork {
+                wrote: false,
+                deleted: 0,
+                error: None,
+            };
+            if inner.dead.load(Ordering::Acquire) {
+                return done;
+            }
+            if write {
+                if let Err(e) = write_checkpoint(&inner.dir, acked) {
+                    done.error = Some(e);
+                    return done;
+                }
+                done.wrote = true;
+            }
+            for id in &ids {
+                if let Err(e) = remove_if_exists(&inner.dir.join(segment_name(*id))) {
+                    done.error = Some(e);
+                    return done;
+                }
+                done.deleted += 1;
+            }
+            if done.deleted > 0
+                && let Err(e) = sync_dir(&inner.dir)
+            {
+                done.error = Some(e);
+            }
+            done
+        })
+        .await
+        .unwrap_or_else(|e| FileWork {
+            wrote: false,
+            deleted: 0,
+            error: Some(io::Error::other(e.to_string())),
+        });
+        if done.wrote {
+            self.written = acked;
+            self.inner.checkpoint.store(acked, Ordering::Release);
+        }
+        for f in deletable.iter().take(done.deleted) {
+            lock(&self.inner.sealed).remove(&f.segment);
+            self.inner.release(f.size);
+        }
+        for f in deletable.into_iter().skip(done.deleted).rev() {
+            self.finished.push_front(f);
+        }
+        if let Some(error) = done.error {
+            self.inner.disk_error("checkpoint", &error);
+        }
+    }
+}
+
+/// What a checkpoint step got done on disk.
+struct FileWork {
+    wrote: bool,
+    deleted: usize,
+    error: Option<io::Error>,
+}

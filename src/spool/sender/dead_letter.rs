@@ -1,0 +1,200 @@
+//! Permanent refusals: which failures Kafka will never accept, and the dead-letter file
+//! those records go to.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::sync::atomic::Ordering;
+
+use axum::http::StatusCode;
+use rdkafka::error::RDKafkaErrorCode;
+
+use super::{Sender, State};
+use crate::kafka::SendError;
+use crate::kafka::delivery::Persisted;
+use crate::spool::segment::Entry;
+use crate::spool::{DEAD_LETTER_FILE, lock, unix_ms};
+
+/// Why a record goes to the dead-letter file.
+pub(super) struct Refusal {
+    error: String,
+    reason: String,
+    status: u16,
+}
+
+impl Sender {
+    /// Writes record `i` to the dead-letter file (fsynced) and marks it done; if the file cannot
+    /// be written, the record is retried instead.
+    pub(super) async fn dead_letter(&mut self, i: usize, refusal: Refusal) {
+        let f = &self.window[i];
+        let line = dead_letter_line(&f.entry, &refusal, f.attempts);
+        let inner = self.inner.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let _gate = lock(&inner.fs_gate);
+            if inner.dead.load(Ordering::Acquire) {
+                return Err(io::Error::other("spool closed"));
+            }
+            let path = inner.dir.join(DEAD_LETTER_FILE);
+            let mut file = OpenOptions::new().create(true).append(true).open(path)?;
+            file.write_all(&line)?;
+            file.sync_data()
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+        let f = &self.window[i];
+        match written {
+            Ok(()) => {
+                tracing::warn!(
+                    id = %f.entry.id(),
+                    topic = %f.entry.topic,
+                    error = %refusal.error,
+                    reason = %refusal.reason,
+                    "spool: record refused by Kafka for good; dead-lettered"
+                );
+                self.inner.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                self.set_state(i, State::Done);
+            }
+            Err(error) => {
+                self.inner.disk_error("dead-letter file", &error);
+                self.retry(i, "dead-letter file not writable");
+            }
+        }
+    }
+}
+
+/// A permanent refusal, per [`crate::error::delivery_status`]: too large, unknown topic or
+/// partition, not authorized, invalid record. Everything else is retried.
+pub(super) fn refusal_of_delivery(
+    error: RDKafkaErrorCode,
+    persisted: Persisted,
+) -> Option<Refusal> {
+    let status = crate::error::delivery_status(error, persisted);
+    let permanent = [
+        StatusCode::PAYLOAD_TOO_LARGE,
+        StatusCode::NOT_FOUND,
+        StatusCode::FORBIDDEN,
+        StatusCode::BAD_REQUEST,
+    ];
+    permanent.contains(&status).then(|| Refusal {
+        error: format!("{error:?}"),
+        reason: error.to_string(),
+        status: status.as_u16(),
+    })
+}
+
+pub(super) fn refusal_of_send(error: &SendError) -> Option<Refusal> {
+    match error {
+        SendError::TooBig => Some(Refusal {
+            error: "TooBig".into(),
+            reason: "record larger than the producer queue".into(),
+            status: StatusCode::PAYLOAD_TOO_LARGE.as_u16(),
+        }),
+        SendError::Refused { error, .. } => refusal_of_delivery(*error, Persisted::No),
+        SendError::QueueFull | SendError::Fatal => None,
+    }
+}
+
+/// One line of the dead-letter file.
+fn dead_letter_line(entry: &Entry, refusal: &Refusal, attempts: u32) -> Vec<u8> {
+    let (key, key_encoding) = match &entry.key {
+        Some(k) => {
+            let (v, e) = text_or_hex(k);
+            (serde_json::Value::String(v), e)
+        }
+        None => (serde_json::Value::Null, "utf8"),
+    };
+    let (value, value_encoding) = text_or_hex(&entry.value);
+    let headers: Vec<serde_json::Value> = entry
+        .headers
+        .iter()
+        .map(|(name, value)| {
+            let value = value.as_ref().map(|v| text_or_hex(v));
+            serde_json::json!({
+                "name": name,
+                "value": value.as_ref().map(|(v, _)| v),
+                "encoding": value.as_ref().map_or("utf8", |(_, e)| e),
+            })
+        })
+        .collect();
+    let line = serde_json::json!({
+        "id": entry.id(),
+        "topic": entry.topic,
+        "partition": entry.partition,
+        "key": key,
+        "key_encoding": key_encoding,
+        "value": value,
+        "value_encoding": value_encoding,
+        "headers": headers,
+        "error": refusal.error,
+        "reason": refusal.reason,
+        "status": refusal.status,
+        "attempts": attempts,
+        "appended_ms": entry.appended_ms,
+        "dead_lettered_ms": unix_ms(),
+    });
+    let mut bytes = serde_json::to_vec(&line).unwrap_or_else(|_| b"{}".to_vec());
+    bytes.push(b'\n');
+    bytes
+}
+
+/// The bytes as text when they are UTF-8, else as lower-case hex.
+fn text_or_hex(bytes: &[u8]) -> (String, &'static str) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => (s.to_string(), "utf8"),
+        Err(_) => {
+            let mut s = String::with_capacity(bytes.len() * 2);
+            for b in bytes {
+                s.push_str(&format!("{b:02x}"));
+            }
+            (s, "hex")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn permanent_refusals_follow_the_status_mapping() {
+        use RDKafkaErrorCode as E;
+        assert!(refusal_of_delivery(E::MessageSizeTooLarge, Persisted::Possibly).is_some());
+        assert!(refusal_of_delivery(E::TopicAuthorizationFailed, Persisted::No).is_some());
+        assert!(refusal_of_delivery(E::UnknownTopicOrPartition, Persisted::No).is_some());
+        assert!(refusal_of_delivery(E::InvalidRecord, Persisted::No).is_some());
+        assert!(refusal_of_delivery(E::MessageTimedOut, Persisted::No).is_none());
+        assert!(refusal_of_delivery(E::MessageTimedOut, Persisted::Possibly).is_none());
+        assert!(refusal_of_delivery(E::UnknownTopicOrPartition, Persisted::Possibly).is_none());
+        assert!(refusal_of_send(&SendError::QueueFull).is_none());
+        assert!(refusal_of_send(&SendError::Fatal).is_none());
+        assert!(refusal_of_send(&SendError::TooBig).is_some());
+    }
+
+    #[test]
+    fn dead_letter_lines_are_json_with_binary_as_hex() {
+        let entry = Entry {
+            seq: 5,
+            origin: 1,
+            appended_ms: 2,
+            topic: "t".into(),
+            key: Some(Bytes::from_static(b"k")),
+            partition: Some(3),
+            headers: vec![("h".into(), Some(Bytes::from_static(&[0xff, 0x00])))],
+            value: Bytes::from_static(&[0xc3, 0x28]),
+        };
+        let refusal = Refusal {
+            error: "MessageSizeTooLarge".into(),
+            reason: "too large".into(),
+            status: 413,
+        };
+        let line = dead_letter_line(&entry, &refusal, 1);
+        assert_eq!(line.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["id"], "0000000000000001-0000000000000005");
+        assert_eq!(v["value"], "c328");
+        assert_eq!(v["value_encoding"], "hex");
+        assert_eq!(v["key"], "k");
+        assert_eq!(v["headers"][0]["value"], "ff00");
+        assert_eq!(v["status"], 413);
+    }
+}
