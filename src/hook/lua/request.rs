@@ -44,6 +44,25 @@ impl LuaRequest {
         }
     }
 
+    /// What `req` holds between calls: an empty request, one per thread, so emptying `req`
+    /// allocates nothing.
+    pub fn idle() -> LuaRequest {
+        thread_local! {
+            static IDLE: Arc<HookRequest> = Arc::new(HookRequest::new(
+                String::new(),
+                crate::config::Mode::Async,
+                axum::http::Method::POST,
+                String::new(),
+                None,
+                axum::http::HeaderMap::new(),
+                None,
+                Bytes::new(),
+                BodyKind::Raw,
+            ));
+        }
+        LuaRequest::new(IDLE.with(Arc::clone))
+    }
+
     /// The edits, with the body the script changed.
     pub fn into_forward(mut self) -> mlua::Result<Forward> {
         match self.doc {
