@@ -260,8 +260,14 @@ async fn forwarded(
     mut meta: RecordMeta,
     forward: Forward,
 ) -> Result<(String, Arc<TopicInfo>, RecordMeta, Vec<Bytes>), IngestError> {
-    let topic = forward.topic.unwrap_or_else(|| request.topic.clone());
-    check_topic(app, &topic)?;
+    let topic = match forward.topic {
+        Some(topic) => {
+            check_topic(app, &topic)?;
+            topic
+        }
+        // Checked before the hook ran.
+        None => request.topic.clone(),
+    };
     let info = lookup(app, &topic).await?;
     meta.key = forward.key.or(meta.key);
     meta.partition = forward.partition.or(meta.partition);

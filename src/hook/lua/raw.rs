@@ -74,8 +74,7 @@ impl RawDoc {
                     None => doc.iter().position(|&b| b == b'{').map_or(0, |p| p + 1),
                 };
                 let key_start = at + text.len();
-                // Writing a str into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut text, name);
+                write_json_string(&mut text, name);
                 let key = key_start..at + text.len();
                 text.push(b':');
                 let value_start = at + text.len();
@@ -143,6 +142,19 @@ impl Member {
     }
 }
 
+/// `text` as a JSON string: as it is between quotes when nothing in it needs escaping (a key
+/// almost always), else through serde_json.
+pub(super) fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a str into a Vec cannot fail.
+        let _ = serde_json::to_writer(out, text);
+    }
+}
+
 fn splice(doc: &[u8], cut: Range<usize>, insert: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(doc.len() + insert.len());
     out.extend_from_slice(&doc[..cut.start]);
@@ -151,14 +163,22 @@ fn splice(doc: &[u8], cut: Range<usize>, insert: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-/// Whether the quoted key at `key` decodes to `name`.
+/// Whether the quoted key at `key` decodes to `name`. Decoding an escape only ever shortens
+/// the text, so the lengths settle most keys without a look at their bytes.
 fn key_is(doc: &[u8], key: &Range<usize>, name: &str) -> bool {
+    let inner_len = key.len().saturating_sub(2);
+    let name = name.as_bytes();
+    if inner_len < name.len() {
+        return false;
+    }
     let raw = &doc[key.clone()];
     let inner = &raw[1..raw.len() - 1];
-    if !inner.contains(&b'\\') {
-        return inner == name.as_bytes();
+    if inner_len == name.len() {
+        // Equal lengths: equal only if unescaped, and then the bytes are the text.
+        return inner == name && !name.contains(&b'\\');
     }
-    serde_json::from_slice::<String>(raw).is_ok_and(|k| k == name)
+    inner.contains(&b'\\')
+        && serde_json::from_slice::<String>(raw).is_ok_and(|k| k.as_bytes() == name)
 }
 
 fn skip_whitespace(doc: &[u8], mut i: usize) -> usize {
@@ -358,6 +378,36 @@ mod tests {
         assert!(!doc(DOC).set_top("user", b"1"));
         assert_eq!(doc(DOC).delete_top("user"), None);
         assert!(!doc(b"[1]").set_top("a", b"1"));
+    }
+
+    #[test]
+    fn keys_compare_as_their_decoded_text() {
+        let cases: [(&str, &str, bool); 10] = [
+            (r#""a""#, "a", true),
+            (r#""a""#, "b", false),
+            (r#""ab""#, "a", false),
+            (r#""\u0061""#, "a", true),
+            (r#""\u0061b""#, "ab", true),
+            (r#""\u0061""#, "\\u0061", false),
+            (r#""a\"b""#, "a\"b", true),
+            (r#""a\\""#, "a\\", true),
+            (r#""a\\""#, "a\\\\", false),
+            (r#""\ud83d\ude00""#, "😀", true),
+        ];
+        for (key, name, want) in cases {
+            let doc = key.as_bytes();
+            assert_eq!(
+                key_is(doc, &(0..doc.len()), name),
+                want,
+                "{key} vs {name:?}"
+            );
+        }
+        let mut text = Vec::new();
+        write_json_string(&mut text, "plain é");
+        write_json_string(&mut text, "q\"\\\n\u{1f}\u{7f}");
+        let mut want = serde_json::to_vec("plain é").unwrap();
+        want.extend(serde_json::to_vec("q\"\\\n\u{1f}\u{7f}").unwrap());
+        assert_eq!(text, want);
     }
 
     /// Small JSON values, keys from a tiny alphabet so that edits hit existing members.

@@ -157,7 +157,7 @@ impl LuaRequest {
             && let Some(doc) = self.raw()?
         {
             let written = match &text {
-                Some(text) => Cow::Borrowed(text.as_slice()),
+                Some(text) => Cow::Borrowed(&**text),
                 None => Cow::Owned(
                     serde_json::to_vec(&lua.from_value::<Value>(value.clone())?)
                         .map_err(mlua::Error::external)?,
@@ -242,16 +242,17 @@ fn json_to_lua(lua: &mlua::Lua, text: &[u8]) -> mlua::Result<mlua::Value> {
 
 /// The JSON text of a Lua nil, boolean, integer or UTF-8 string, as serde would write it;
 /// `None` for the rest (tables, floats, other strings), which go through serde.
-fn scalar_json(value: &mlua::Value) -> Option<Vec<u8>> {
+fn scalar_json(value: &mlua::Value) -> Option<Cow<'static, [u8]>> {
     match value {
-        mlua::Value::Nil => Some(b"null".to_vec()),
-        mlua::Value::Boolean(b) => Some(if *b { &b"true"[..] } else { b"false" }.to_vec()),
-        mlua::Value::Integer(i) => Some(i.to_string().into_bytes()),
+        mlua::Value::Nil => Some(Cow::Borrowed(b"null")),
+        mlua::Value::Boolean(true) => Some(Cow::Borrowed(b"true")),
+        mlua::Value::Boolean(false) => Some(Cow::Borrowed(b"false")),
+        mlua::Value::Integer(i) => Some(Cow::Owned(i.to_string().into_bytes())),
         mlua::Value::String(s) => {
             let s = s.to_str().ok()?;
             let mut text = Vec::with_capacity(s.len() + 2);
-            serde_json::to_writer(&mut text, &*s).ok()?;
-            Some(text)
+            raw::write_json_string(&mut text, &s);
+            Some(Cow::Owned(text))
         }
         _ => None,
     }
@@ -420,16 +421,16 @@ mod tests {
     fn scalars_are_written_as_serde_writes_them() {
         let lua = mlua::Lua::new();
         let values: Vec<mlua::Value> = lua
-            .load(r#"return nil, true, false, 0, -5, math.maxinteger, math.mininteger, "x", "a\"b\n\1", "é""#)
+            .load(r#"return nil, true, false, 0, -5, math.maxinteger, math.mininteger, "x", "a\"b\n\1", "é", "\31\127\\""#)
             .eval::<mlua::MultiValue>()
             .unwrap()
             .into_iter()
             .collect();
-        assert_eq!(values.len(), 10);
+        assert_eq!(values.len(), 11);
         for value in values {
             let want =
                 serde_json::to_vec(&lua.from_value::<Value>(value.clone()).unwrap()).unwrap();
-            assert_eq!(scalar_json(&value), Some(want), "{value:?}");
+            assert_eq!(scalar_json(&value), Some(Cow::Owned(want)), "{value:?}");
         }
         let table = lua.create_table().unwrap();
         assert_eq!(scalar_json(&mlua::Value::Table(table)), None);
