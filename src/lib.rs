@@ -39,6 +39,7 @@ pub mod kafka;
 pub mod listener;
 pub mod metrics;
 pub mod openapi;
+pub mod operations;
 pub mod record;
 pub mod reply;
 pub mod routes;

@@ -8,7 +8,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -113,7 +113,7 @@ impl App {
                 router = router.route(&format!("{}/", served.route.pattern), method);
             }
         }
-        let router = router.merge(operations(self.admin.is_none()));
+        let router = router.merge(crate::operations::router(self.admin.is_none()));
         let router = router.fallback(not_found);
         let router = match &self.cors {
             Some(cors) => router.layer(cors.clone()),
@@ -186,7 +186,7 @@ impl App {
         };
         let router = self.router();
         if let Some(admin) = self.admin {
-            let admin_router = operations(true)
+            let admin_router = crate::operations::router(true)
                 .fallback(not_found)
                 .with_state(state.clone());
             let stop = stop_rx.clone();
@@ -263,76 +263,6 @@ async fn not_found() -> Response {
     IngestError::NoRoute.into_response()
 }
 
-/// The operational endpoints. `/metrics` and the status page only when `private`: on the main
-/// listener without an admin listener, on the admin listener when there is one (they name
-/// topics, brokers and peers).
-fn operations(private: bool) -> Router<Arc<AppState>> {
-    let router = Router::new()
-        .route("/openapi.json", get(crate::openapi::serve))
-        .route("/health", get(health))
-        .route("/disco", get(disco))
-        .route("/ready", get(ready));
-    if private {
-        router
-            .route("/metrics", get(metrics))
-            .route("/", get(crate::status::page))
-            .route("/status.json", get(crate::status::status_json))
-    } else {
-        router
-    }
-}
-
-/// `GET /disco`: this node's name and the URL peers reach it at, as plain text.
-async fn disco(State(app): State<Arc<AppState>>) -> Response {
-    let text = match &app.cluster {
-        Some(c) => format!("{} {}\n", c.name, c.url),
-        None => format!("kafboy@{}\n", app.server.listen),
-    };
-    let mut response = (StatusCode::OK, text).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
-async fn health() -> Response {
-    json(StatusCode::OK, &serde_json::json!({ "ok": "alive" }))
-}
-
-async fn ready(State(app): State<Arc<AppState>>) -> Response {
-    match app.not_ready() {
-        None => json(
-            StatusCode::OK,
-            &serde_json::json!({ "ok": "ready", "headroom": app.headroom() }),
-        ),
-        Some(why) => IngestError::Unavailable(format!("not ready: {why}")).into_response(),
-    }
-}
-
-async fn metrics(State(app): State<Arc<AppState>>) -> Response {
-    for slot in app.producers.slots() {
-        let current = slot.current();
-        let name = slot.name().to_string();
-        ::metrics::gauge!(crate::metrics::QUEUED, "producer" => name.clone())
-            .set(current.queued() as f64);
-        ::metrics::gauge!(crate::metrics::IN_FLIGHT, "producer" => name)
-            .set(current.in_flight() as f64);
-    }
-    if let Some(spool) = &app.spool {
-        spool_metrics(&spool.stats());
-    }
-    ::metrics::gauge!(crate::metrics::READY).set(if app.not_ready().is_none() { 1.0 } else { 0.0 });
-    let handle = crate::metrics::handle();
-    handle.run_upkeep();
-    let mut response = (StatusCode::OK, handle.render()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    response
-}
-
 /// The request id header: the client's when it sent a sane one, else a new one (see
 /// [`ensure_request_id`]). It is returned in the response and named in the log line of a failed
 /// request.
@@ -353,18 +283,4 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
     if let Ok(value) = HeaderValue::from_bytes(&crate::hex64(rand::random())) {
         headers.insert(REQUEST_ID, value);
     }
-}
-
-fn spool_metrics(s: &crate::spool::Stats) {
-    use crate::metrics as m;
-    ::metrics::gauge!(m::SPOOL_BYTES).set(s.bytes as f64);
-    ::metrics::gauge!(m::SPOOL_RECORDS).set(s.records as f64);
-    ::metrics::gauge!(m::SPOOL_OLDEST).set(s.oldest_undelivered.map_or(0.0, |d| d.as_secs_f64()));
-    ::metrics::counter!(m::SPOOL_REPLAYED).absolute(s.replayed);
-    ::metrics::counter!(m::SPOOL_DELIVERED).absolute(s.delivered);
-    ::metrics::counter!(m::SPOOL_DEAD_LETTERED).absolute(s.dead_lettered);
-    ::metrics::counter!(m::SPOOL_RETRIES).absolute(s.retried);
-    ::metrics::counter!(m::SPOOL_FULL).absolute(s.refused_full);
-    ::metrics::counter!(m::SPOOL_DISK_ERRORS).absolute(s.disk_errors);
-    ::metrics::gauge!(m::SPOOL_HEALTHY).set(if s.healthy { 1.0 } else { 0.0 });
 }

@@ -9,18 +9,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
-use bytes::Bytes;
 use mlua::{AnyUserData, Function, HookTriggers, Lua, LuaOptions, StdLib, Table, VmState};
 
-use super::{Failure, Forward, Hook, HookError, HookFuture, HookRequest, Respond, Verdict, ready};
-use crate::config::Mode;
+use super::{Failure, Hook, HookError, HookFuture, HookRequest, Verdict, ready};
 
+mod convert;
 mod raw;
 mod request;
 mod tree;
+mod verdict;
 
 use request::LuaRequest;
+use verdict::verdict;
 
 /// Limits of one script.
 #[derive(Debug, Clone, Copy)]
@@ -250,70 +250,6 @@ impl Hook for LuaHook {
     }
 }
 
-/// Turns what `on_request` returned into a verdict. `nil` means forward.
-fn verdict(result: mlua::Value, edits: Forward, forward: &Table) -> mlua::Result<Verdict> {
-    let table = match result {
-        mlua::Value::Nil => return Ok(Verdict::Forward(edits)),
-        mlua::Value::Table(t) if t.to_pointer() == forward.to_pointer() => {
-            return Ok(Verdict::Forward(edits));
-        }
-        mlua::Value::Table(t) => t,
-        other => {
-            return Err(mlua::Error::runtime(format!(
-                "on_request must return forward(), reject(..), respond(..) or nil, not a {}",
-                other.type_name()
-            )));
-        }
-    };
-    let action: String = table.get("action")?;
-    match action.as_str() {
-        "forward" => Ok(Verdict::Forward(edits)),
-        "reject" => Ok(Verdict::Reject {
-            status: status(&table, 400)?,
-            message: table
-                .get::<Option<String>>("message")?
-                .unwrap_or_else(|| "rejected".into()),
-        }),
-        "respond" => {
-            let body: mlua::LuaString = table.get("body")?;
-            let then = match table.get::<mlua::Value>("produce")? {
-                mlua::Value::Nil | mlua::Value::Boolean(false) => None,
-                mlua::Value::String(m) => Some((mode(&m.to_str()?)?, edits)),
-                _ => {
-                    return Err(mlua::Error::runtime(
-                        "respond's third argument is a mode name",
-                    ));
-                }
-            };
-            Ok(Verdict::Respond(Respond {
-                status: status(&table, 200)?,
-                body: Bytes::copy_from_slice(&body.as_bytes()),
-                content_type: None,
-                then,
-            }))
-        }
-        other => Err(mlua::Error::runtime(format!("unknown action {other:?}"))),
-    }
-}
-
-fn status(table: &Table, default: u16) -> mlua::Result<StatusCode> {
-    let code = table.get::<Option<u16>>("status")?.unwrap_or(default);
-    StatusCode::from_u16(code)
-        .ok()
-        .filter(|s| !s.is_informational())
-        .ok_or_else(|| mlua::Error::runtime(format!("{code} is not an HTTP status")))
-}
-
-fn mode(name: &str) -> mlua::Result<Mode> {
-    match name {
-        "async" => Ok(Mode::Async),
-        "sync" => Ok(Mode::Sync),
-        "batch_async" => Ok(Mode::BatchAsync),
-        "batch_sync" => Ok(Mode::BatchSync),
-        other => Err(mlua::Error::runtime(format!("unknown mode {other:?}"))),
-    }
-}
-
 /// mlua wraps callback errors in layers; the innermost message is the useful one.
 fn flatten(e: &mlua::Error) -> String {
     match e {
@@ -336,7 +272,9 @@ fn far_future() -> Instant {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::config::Mode;
     use crate::decode::BodyKind;
+    use bytes::Bytes;
 
     fn hook(script: &str) -> LuaHook {
         let limits = Limits {

@@ -3,12 +3,14 @@
 //! once, shared by every request.
 
 pub mod admission;
+mod client;
 pub mod delivery;
 pub mod metadata;
 pub mod partition;
 mod poller;
 mod producer;
 
+pub use client::{check, client_config};
 pub use producer::{Producer, Record, SendError, Shared, set_queue_limits};
 
 use std::collections::HashMap;
@@ -18,7 +20,8 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 
-use crate::config::{Acks, BatchConfig, Compression, Config, KafkaConfig, Mode};
+use crate::config::{Config, KafkaConfig, Mode};
+use client::Plan;
 use metadata::Topics;
 
 /// A producer that is replaced when librdkafka reports a fatal error. Requests take the current
@@ -83,82 +86,6 @@ impl Slot {
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         Ok(std::mem::replace(&mut *current, Arc::new(fresh)))
     }
-}
-
-/// The librdkafka settings of every producer kafboy will run.
-struct Plan {
-    sync: ClientConfig,
-    asynchronous: ClientConfig,
-    batch: ClientConfig,
-    /// One per distinct batch setting among the topic overrides.
-    groups: Vec<ClientConfig>,
-    /// Topic → index in `groups`.
-    batch_by_topic: HashMap<String, usize>,
-}
-
-impl Plan {
-    fn new(config: &Config) -> Result<Plan, String> {
-        let base = client_config(&config.kafka)?;
-        let mut sync = base.clone();
-        sync.set("linger.ms", millis(config.kafka.sync_linger));
-        let mut asynchronous = base.clone();
-        asynchronous.set("linger.ms", millis(config.kafka.linger));
-        let mut batch_by_topic = HashMap::new();
-        let mut settings_of: Vec<BatchConfig> = Vec::new();
-        for (topic, o) in &config.topics.overrides {
-            let settings = BatchConfig {
-                batch_size: o.batch_size.unwrap_or(config.batch.batch_size),
-                flush_timeout: o.flush_timeout.unwrap_or(config.batch.flush_timeout),
-            };
-            // The default batching producer already serves these settings.
-            if settings == config.batch {
-                continue;
-            }
-            let index = settings_of
-                .iter()
-                .position(|s| *s == settings)
-                .unwrap_or_else(|| {
-                    settings_of.push(settings);
-                    settings_of.len() - 1
-                });
-            batch_by_topic.insert(topic.clone(), index);
-        }
-        Ok(Plan {
-            sync,
-            asynchronous,
-            batch: batch_config(&base, &config.batch),
-            groups: settings_of.iter().map(|s| batch_config(&base, s)).collect(),
-            batch_by_topic,
-        })
-    }
-}
-
-/// Checks every producer's librdkafka settings without creating a producer (so without
-/// contacting a broker).
-pub fn check(config: &Config) -> Result<(), String> {
-    let plan = Plan::new(config)?;
-    for recipe in [&plan.sync, &plan.asynchronous, &plan.batch]
-        .into_iter()
-        .chain(&plan.groups)
-    {
-        recipe.create_native_config().map_err(|e| describe(&e))?;
-    }
-    // librdkafka reads these only when a producer starts.
-    if let Some(tls) = &config.kafka.tls {
-        for (key, path) in [
-            ("ca_file", &tls.ca_file),
-            ("cert_file", &tls.cert_file),
-            ("key_file", &tls.key_file),
-        ] {
-            if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
-                return Err(format!(
-                    "kafka.tls.{key}: {} is not a readable file",
-                    path.display()
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// A librdkafka error without the property's value (it may be a secret).
@@ -321,236 +248,5 @@ impl Producers {
         }
         // librdkafka#4103: flush's return code is not trusted; the queue length decides.
         producers.iter().map(|p| p.in_flight()).sum()
-    }
-}
-
-fn millis(d: Duration) -> String {
-    // librdkafka takes fractional milliseconds for linger.ms.
-    format!("{}", d.as_secs_f64() * 1000.0)
-}
-
-fn batch_config(base: &ClientConfig, batch: &BatchConfig) -> ClientConfig {
-    let mut c = base.clone();
-    c.set("linger.ms", millis(batch.flush_timeout))
-        .set("batch.num.messages", batch.batch_size.to_string());
-    c
-}
-
-/// librdkafka properties that typed settings own; `kafka.options` may not set them.
-const TYPED_KEYS: &[&str] = &[
-    "bootstrap.servers",
-    "metadata.broker.list",
-    "client.id",
-    "acks",
-    "request.required.acks",
-    "enable.idempotence",
-    "compression.type",
-    "compression.codec",
-    "message.timeout.ms",
-    "delivery.timeout.ms",
-    "linger.ms",
-    "queue.buffering.max.ms",
-    "queue.buffering.max.messages",
-    "queue.buffering.max.kbytes",
-    "message.max.bytes",
-    "batch.num.messages",
-    "allow.auto.create.topics",
-    "partitioner",
-    "statistics.interval.ms",
-    "security.protocol",
-    "ssl.ca.location",
-    "ssl.certificate.location",
-    "ssl.key.location",
-    "ssl.key.password",
-    "ssl.endpoint.identification.algorithm",
-    "sasl.mechanism",
-    "sasl.mechanisms",
-    "sasl.username",
-    "sasl.password",
-];
-
-/// The settings shared by every producer.
-pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
-    if kafka.brokers.is_empty() {
-        return Err("kafka.brokers: at least one broker is needed".into());
-    }
-    if kafka.idempotence && kafka.acks != Acks::All {
-        return Err("kafka.acks: idempotence needs acks = \"all\"".into());
-    }
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", kafka.brokers.join(","))
-        .set("client.id", &kafka.client_id)
-        .set(
-            "acks",
-            match kafka.acks {
-                Acks::All => "all",
-                Acks::Leader => "1",
-                Acks::None => "0",
-            },
-        )
-        .set("enable.idempotence", kafka.idempotence.to_string())
-        .set(
-            "compression.type",
-            match kafka.compression {
-                Compression::None => "none",
-                Compression::Gzip => "gzip",
-                Compression::Snappy => "snappy",
-                Compression::Lz4 => "lz4",
-                Compression::Zstd => "zstd",
-            },
-        )
-        .set(
-            "message.timeout.ms",
-            kafka.message_timeout.as_millis().to_string(),
-        )
-        .set("message.max.bytes", kafka.message_max_bytes.to_string())
-        .set(
-            "allow.auto.create.topics",
-            kafka.auto_create_topics.to_string(),
-        )
-        .set("partitioner", "murmur2_random")
-        .set(
-            "statistics.interval.ms",
-            kafka.statistics_interval.as_millis().to_string(),
-        );
-    // librdkafka waits up to 10 s between reconnects by default, so service came back up to 10 s
-    // after the brokers did; 1 s keeps recovery within seconds (kafka.options may override).
-    c.set("reconnect.backoff.max.ms", "1000");
-    security(kafka, &mut c)?;
-    for (key, value) in &kafka.options {
-        if TYPED_KEYS.contains(&key.as_str()) {
-            return Err(format!(
-                "kafka.options.\"{key}\": set by a typed kafka setting; use that instead"
-            ));
-        }
-        // Security properties (turning certificate checks off, inline keys) only through
-        // [kafka.tls] and [kafka.sasl], where secrets never sit in the file.
-        if [
-            "ssl.",
-            "ssl_",
-            "sasl.",
-            "security.",
-            "enable.ssl.",
-            "enable.sasl.",
-        ]
-        .iter()
-        .any(|p| key.starts_with(p))
-        {
-            return Err(format!(
-                "kafka.options.\"{key}\": security settings go in [kafka.tls] and [kafka.sasl]"
-            ));
-        }
-        c.set(key, value);
-    }
-    Ok(c)
-}
-
-/// `security.protocol` and the TLS and SASL properties, secrets read from env or files.
-fn security(kafka: &KafkaConfig, c: &mut ClientConfig) -> Result<(), String> {
-    let protocol = match (&kafka.tls, &kafka.sasl) {
-        (None, None) => "plaintext",
-        (Some(_), None) => "ssl",
-        (None, Some(_)) => "sasl_plaintext",
-        (Some(_), Some(_)) => "sasl_ssl",
-    };
-    c.set("security.protocol", protocol);
-    if let Some(tls) = &kafka.tls {
-        let path = |p: &std::path::PathBuf| p.display().to_string();
-        if let Some(ca) = &tls.ca_file {
-            c.set("ssl.ca.location", path(ca));
-        }
-        if let Some(cert) = &tls.cert_file {
-            c.set("ssl.certificate.location", path(cert));
-        }
-        if let Some(key) = &tls.key_file {
-            c.set("ssl.key.location", path(key));
-        }
-        if let Some(var) = &tls.key_password_env {
-            c.set(
-                "ssl.key.password",
-                secret_from_env(var, "kafka.tls.key_password_env")?,
-            );
-        }
-        let check = if tls.skip_hostname_check {
-            "none"
-        } else {
-            "https"
-        };
-        c.set("ssl.endpoint.identification.algorithm", check);
-    }
-    if let Some(sasl) = &kafka.sasl {
-        use crate::config::SaslMechanism as M;
-        let mechanism = match sasl.mechanism {
-            M::Plain => "PLAIN",
-            M::ScramSha256 => "SCRAM-SHA-256",
-            M::ScramSha512 => "SCRAM-SHA-512",
-        };
-        let password = match (&sasl.password_env, &sasl.password_file) {
-            (Some(var), None) => secret_from_env(var, "kafka.sasl.password_env")?,
-            (None, Some(file)) => std::fs::read_to_string(file)
-                .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
-                .map_err(|e| format!("kafka.sasl.password_file {}: {e}", file.display()))?,
-            _ => {
-                return Err("kafka.sasl: set exactly one of password_env and password_file".into());
-            }
-        };
-        c.set("sasl.mechanisms", mechanism)
-            .set("sasl.username", &sasl.username)
-            .set("sasl.password", password);
-    }
-    Ok(())
-}
-
-fn secret_from_env(var: &str, key: &str) -> Result<String, String> {
-    std::env::var(var).map_err(|_| format!("{key}: environment variable {var} is not set"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{KafkaTlsConfig, SaslConfig, SaslMechanism};
-
-    #[test]
-    fn tls_and_sasl_map_to_librdkafka_properties() {
-        let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("pw");
-        std::fs::write(&secret, "s3cret\n").unwrap();
-        let mut kafka = KafkaConfig::default();
-        assert_eq!(
-            client_config(&kafka).unwrap().get("security.protocol"),
-            Some("plaintext")
-        );
-        kafka.sasl = Some(SaslConfig {
-            mechanism: SaslMechanism::ScramSha512,
-            username: "app".into(),
-            password_env: None,
-            password_file: Some(secret.clone()),
-        });
-        let c = client_config(&kafka).unwrap();
-        assert_eq!(c.get("security.protocol"), Some("sasl_plaintext"));
-        assert_eq!(c.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
-        assert_eq!(c.get("sasl.password"), Some("s3cret"));
-        kafka.tls = Some(KafkaTlsConfig {
-            ca_file: Some("/ca.pem".into()),
-            ..Default::default()
-        });
-        let c = client_config(&kafka).unwrap();
-        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
-        assert_eq!(c.get("ssl.ca.location"), Some("/ca.pem"));
-        assert_eq!(
-            c.get("ssl.endpoint.identification.algorithm"),
-            Some("https")
-        );
-        kafka.sasl.as_mut().unwrap().password_env = Some("KAFBOY_TEST_NO_SUCH_VAR".into());
-        assert!(client_config(&kafka).unwrap_err().contains("exactly one"));
-        kafka.sasl.as_mut().unwrap().password_file = None;
-        assert!(
-            client_config(&kafka)
-                .unwrap_err()
-                .contains("KAFBOY_TEST_NO_SUCH_VAR")
-        );
-        kafka.sasl = None;
-        kafka.options.insert("sasl.password".into(), "x".into());
-        assert!(client_config(&kafka).unwrap_err().contains("typed"));
     }
 }

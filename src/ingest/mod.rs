@@ -2,31 +2,33 @@
 //! allowlist, content type, declared length, metadata), so a bad request costs no body read and
 //! never reaches Kafka.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::RequestPartsExt;
-use axum::extract::{RawPathParams, Request};
+use axum::extract::{ConnectInfo, RawPathParams, Request};
 use axum::http::header;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-use std::net::SocketAddr;
-
-use axum::extract::ConnectInfo;
-
 use crate::body::{self, Encoding};
 use crate::config::Mode;
-use crate::decode::{self, BodyKind, DecodeError};
+use crate::decode::{self, BodyKind};
 use crate::error::IngestError;
-use crate::hook::{Failure, Forward, Hook, HookRequest, Verdict};
+use crate::hook::{Failure, Hook, HookRequest};
 use crate::kafka::metadata::{LookupError, TopicInfo};
 use crate::record::RecordMeta;
 use crate::reply::{Reply, await_acks};
 use crate::routes::{Route, TopicSource, validate_topic};
 use crate::server::REQUEST_ID;
 use crate::state::{AppState, Served};
+
+mod hooked;
+mod overflow;
+
+use overflow::{hand_over, overflow};
 
 /// The hook of a route, if it has one.
 pub type RouteHook = Option<Arc<dyn Hook>>;
@@ -151,173 +153,7 @@ async fn ingest(
         body,
         kind,
     ));
-    let verdict =
-        match tokio::time::timeout(app.hook_timeout, hook.on_request(request.clone())).await {
-            Ok(Ok(verdict)) => verdict,
-            Ok(Err(e)) => {
-                // The detail (script path, traceback) is for the operator, not the client.
-                tracing::error!(path = %route.path, error = %e, "hook failed");
-                return Err(IngestError::HookFailed("hook failed".into()));
-            }
-            Err(_) => {
-                let message = format!("hook gave no answer within {:?}", app.hook_timeout);
-                tracing::error!(path = %route.path, "{message}");
-                return Err(IngestError::HookFailed(message));
-            }
-        };
-    // A hook may move the record to another topic or mode; the key must allow that too.
-    let allowed = |topic: &str, mode: Mode| match &key {
-        Some(key) => key.allows(topic, mode).map_err(IngestError::from),
-        None => Ok(()),
-    };
-    match verdict {
-        Verdict::Reject { status, message } => Err(IngestError::Rejected { status, message }),
-        Verdict::Forward(forward) => {
-            allowed(
-                forward.topic.as_deref().unwrap_or(&request.topic),
-                route.mode,
-            )?;
-            let (topic, info, meta, values) = forwarded(app, &request, meta, forward).await?;
-            *topic_seen = Some(topic.clone());
-            produce(app, route, route.mode, topic, &info, meta, values, kind).await
-        }
-        Verdict::Respond(respond) => {
-            if let Some((mode, forward)) = respond.then {
-                allowed(forward.topic.as_deref().unwrap_or(&request.topic), mode)?;
-                produce_after_reply(
-                    app.clone(),
-                    route.clone(),
-                    hook.clone(),
-                    request,
-                    meta,
-                    mode,
-                    forward,
-                );
-            }
-            let content_type = respond
-                .content_type
-                .unwrap_or_else(|| "application/json".into());
-            Ok(Reply::Custom {
-                status: respond.status,
-                body: respond.body,
-                content_type,
-            })
-        }
-    }
-}
-
-/// Hands the request to a peer when this node's producer queue is past its high-water mark;
-/// `None` to serve it here. A forwarded request is never forwarded again.
-async fn overflow(
-    app: &AppState,
-    mode: Mode,
-    topic: &str,
-    parts: &Parts,
-    body: &Bytes,
-) -> Option<Response> {
-    if parts.headers.contains_key(crate::cluster::HOP) {
-        ::metrics::counter!(crate::metrics::FORWARDED, "direction" => "received").increment(1);
-        app.stats
-            .forwarded_received
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return None;
-    }
-    app.cluster.as_ref()?;
-    let (fill, full) = app.producers.for_mode(mode, topic).fill();
-    hand_over(app, parts, body.clone(), fill, full).await
-}
-
-/// Forwards to the best ready peer if `fill`/`full` call for it; the peer's answer, if any.
-async fn hand_over(
-    app: &AppState,
-    parts: &Parts,
-    body: Bytes,
-    fill: f64,
-    full: bool,
-) -> Option<Response> {
-    let cluster = app.cluster.as_ref()?;
-    if !crate::cluster::Cluster::may_forward(&parts.extensions)
-        || !cluster.should_forward(fill, full, &parts.headers)
-    {
-        return None;
-    }
-    // Boxed because a call to a peer is a large future (1.3 KiB) that few requests need:
-    // inline, it would grow the future of every request, which axum boxes and moves.
-    let answer =
-        Box::pin(cluster.forward(parts.method.clone(), &parts.uri, &parts.headers, body)).await;
-    if answer.is_some() {
-        app.stats
-            .forwarded_sent
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    answer
-}
-
-/// Applies a hook's edits: topic (checked again), key, partition, headers, body.
-async fn forwarded(
-    app: &AppState,
-    request: &HookRequest,
-    mut meta: RecordMeta,
-    forward: Forward,
-) -> Result<(String, Arc<TopicInfo>, RecordMeta, Vec<Bytes>), IngestError> {
-    let topic = match forward.topic {
-        Some(topic) => {
-            check_topic(app, &topic)?;
-            topic
-        }
-        // Checked before the hook ran.
-        None => request.topic.clone(),
-    };
-    let info = lookup(app, &topic).await?;
-    meta.key = forward.key.or(meta.key);
-    meta.partition = forward.partition.or(meta.partition);
-    meta.headers.extend(forward.headers);
-    let values = match forward.body {
-        Some(body) if body.is_empty() => return Err(DecodeError::Empty.into()),
-        Some(body) => vec![body],
-        None => decode::decode(request.kind(), request.body.clone(), &app.decode_limits)?,
-    };
-    Ok((topic, info, meta, values))
-}
-
-/// Produces what a hook asked for after it replied itself. The client already has its answer,
-/// so failures go to the log and the error hook.
-fn produce_after_reply(
-    app: Arc<AppState>,
-    route: Arc<Route>,
-    hook: Arc<dyn Hook>,
-    request: Arc<HookRequest>,
-    meta: RecordMeta,
-    mode: Mode,
-    forward: Forward,
-) {
-    tokio::spawn(async move {
-        let result = async {
-            let (topic, info, meta, values) = forwarded(&app, &request, meta, forward).await?;
-            produce(
-                &app,
-                &route,
-                mode,
-                topic,
-                &info,
-                meta,
-                values,
-                request.kind(),
-            )
-            .await
-        }
-        .await;
-        if let Err(error) = result {
-            let status = error.status();
-            let message = format!("after the hook's reply: {error}");
-            tracing::warn!(path = %route.path, %status, %message, "produce failed");
-            hook.on_error(&Failure {
-                status,
-                message: &message,
-                topic: Some(&request.topic),
-            });
-        }
-    });
+    hooked::run(app, route, hook, key.as_deref(), request, meta, topic_seen).await
 }
 
 async fn lookup(app: &AppState, topic: &str) -> Result<Arc<TopicInfo>, IngestError> {

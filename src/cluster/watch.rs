@@ -1,0 +1,121 @@
+//! Keeping the view of the peers current: each peer's `/ready` every `health_interval`, the
+//! discovery list every `refresh`.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use metrics::gauge;
+
+use super::{Cluster, Peer, normalize};
+
+impl Cluster {
+    /// Records a peer's state from a check or a failed forward.
+    pub(super) fn mark(&self, url: &str, ready: bool, headroom: f64) {
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(peer) = peers.get_mut(url) {
+            if peer.ready != ready {
+                tracing::info!(peer = %url, ready, "peer state changed");
+            }
+            peer.ready = ready;
+            peer.headroom = headroom;
+            gauge!(crate::metrics::PEER_READY, "peer" => url.to_string()).set(if ready {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+
+    async fn check(&self, url: &str) {
+        let answer = self
+            .client
+            .get(format!("{url}/ready"))
+            .timeout(self.config.health_interval.max(Duration::from_millis(500)))
+            .send()
+            .await;
+        let (ready, headroom) = match answer {
+            Ok(r) if r.status() == StatusCode::OK => {
+                let headroom = json_of(r)
+                    .await
+                    .and_then(|v| v["headroom"].as_f64())
+                    .unwrap_or(0.0);
+                (true, headroom)
+            }
+            _ => (false, 0.0),
+        };
+        self.mark(url, ready, headroom);
+    }
+
+    async fn discover(&self, source: &str) {
+        let listed = match self
+            .client
+            .get(source)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+            Ok(r) => return tracing::warn!(%source, status = %r.status(), "discovery failed"),
+            Err(error) => return tracing::warn!(%source, %error, "discovery failed"),
+        };
+        let found: Vec<String> = listed
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| normalize(l).ok())
+            .collect();
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        peers.retain(|url, p| {
+            let keep = p.fixed || found.contains(url);
+            if !keep {
+                tracing::info!(peer = %url, "peer left the discovery list");
+            }
+            keep
+        });
+        for url in found.into_iter().filter(|u| *u != self.url) {
+            peers.entry(url.clone()).or_insert_with(|| {
+                tracing::info!(peer = %url, "peer joined from the discovery list");
+                Peer {
+                    url,
+                    ready: false,
+                    headroom: 0.0,
+                    fixed: false,
+                }
+            });
+        }
+    }
+
+    /// Health checks every `health_interval` and discovery every `refresh`, for as long as the
+    /// cluster view lives.
+    pub fn spawn(self: &Arc<Self>) {
+        let weak: Weak<Cluster> = Arc::downgrade(self);
+        let interval = self.config.health_interval;
+        let refresh = self.config.refresh;
+        tokio::spawn(async move {
+            let mut since_discovery = refresh;
+            loop {
+                let Some(cluster) = weak.upgrade() else {
+                    return;
+                };
+                if since_discovery >= refresh {
+                    if let Some(source) = cluster.config.discovery_url.clone() {
+                        cluster.discover(&source).await;
+                    }
+                    since_discovery = Duration::ZERO;
+                }
+                let urls: Vec<String> = cluster.peers().into_iter().map(|p| p.url).collect();
+                for url in urls {
+                    cluster.check(&url).await;
+                }
+                drop(cluster);
+                tokio::time::sleep(interval).await;
+                since_discovery += interval;
+            }
+        });
+    }
+}
+
+async fn json_of(response: reqwest::Response) -> Option<serde_json::Value> {
+    serde_json::from_slice(&response.bytes().await.ok()?).ok()
+}

@@ -1,0 +1,189 @@
+//! `[kafka]` and `[batch]`: the producers, the brokers and how to reach them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::string_or_list;
+
+/// Kafka side. Three kinds of producer are built from this: one for `async` routes, one for
+/// `sync` routes and batching ones for the batch modes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, as a list or one comma-separated string. Default `["127.0.0.1:9092"]`.
+    #[serde(deserialize_with = "string_or_list")]
+    pub brokers: Vec<String>,
+    /// `client.id` sent to the brokers. Default `kafboy`.
+    pub client_id: String,
+    /// Acknowledgements to wait for: `all`, `leader` or `none`. Default `all`; idempotence
+    /// requires `all`.
+    pub acks: Acks,
+    /// Idempotent producer: no duplicates from internal retries, order kept. Default true.
+    pub idempotence: bool,
+    /// Compression of record batches: `none`, `gzip`, `snappy`, `lz4` or `zstd`. Default `none`.
+    pub compression: Compression,
+    /// Total time librdkafka may spend delivering a record, retries included; after that it
+    /// fails. Default 120s.
+    #[serde(with = "humantime_serde")]
+    pub message_timeout: Duration,
+    /// Batching delay of the producer behind `async` routes (`linger.ms`). Default 5ms, as in
+    /// librdkafka and Kafka 4: the 202 does not wait for it, and batches of several records
+    /// take about half the CPU per record of one-record requests to the brokers.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Batching delay of the producer behind `sync` routes. Default 0: every sync reply would
+    /// wait for it.
+    #[serde(with = "humantime_serde")]
+    pub sync_linger: Duration,
+    /// Most records waiting in each producer's queue. Default 100000.
+    pub queue_max_messages: usize,
+    /// Most key + value bytes waiting in each producer's queue. Default 256 MiB.
+    pub queue_max_bytes: usize,
+    /// Largest Kafka request librdkafka builds (`message.max.bytes`). Default 1114112.
+    pub message_max_bytes: usize,
+    /// How often the topic list is refreshed from the brokers. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub metadata_refresh: Duration,
+    /// How long a metadata request may take. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub metadata_timeout: Duration,
+    /// How long a topic the brokers do not have is remembered as missing before it is looked up
+    /// again. Default 2s.
+    #[serde(with = "humantime_serde")]
+    pub unknown_topic_ttl: Duration,
+    /// Let a metadata lookup of an unknown topic ask the broker to create it. Default false.
+    pub auto_create_topics: bool,
+    /// How often librdkafka reports statistics (broker state, round-trip times, retries) for
+    /// `/metrics` and the status page; 0 turns them off. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub statistics_interval: Duration,
+    /// TLS to the brokers. Default: plaintext.
+    pub tls: Option<KafkaTlsConfig>,
+    /// SASL authentication to the brokers. Default: none.
+    pub sasl: Option<SaslConfig>,
+    /// Any other librdkafka property, as strings. Keys set by the typed fields above are refused.
+    pub options: BTreeMap<String, String>,
+}
+
+/// TLS to the brokers (`security.protocol` ssl, or sasl_ssl with `[kafka.sasl]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaTlsConfig {
+    /// PEM CA bundle to verify the brokers with. Default: the system's.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for brokers that require one.
+    pub cert_file: Option<PathBuf>,
+    /// PEM client key.
+    pub key_file: Option<PathBuf>,
+    /// Environment variable holding the client key's password, if it has one.
+    pub key_password_env: Option<String>,
+    /// Skip checking that the broker certificate names the host. Default false.
+    pub skip_hostname_check: bool,
+}
+
+/// SASL to the brokers. The password comes from the environment or a file, never from the TOML.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SaslConfig {
+    /// `plain`, `scram-sha-256` or `scram-sha-512`.
+    pub mechanism: SaslMechanism,
+    /// User name.
+    pub username: String,
+    /// Environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// File holding the password (a trailing newline is dropped).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// SASL mechanism, named as Kafka names them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum SaslMechanism {
+    /// PLAIN (use it over TLS only).
+    #[serde(rename = "plain", alias = "PLAIN")]
+    Plain,
+    /// SCRAM-SHA-256.
+    #[serde(rename = "scram-sha-256", alias = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM-SHA-512.
+    #[serde(rename = "scram-sha-512", alias = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+/// `acks`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Acks {
+    /// Every in-sync replica (`-1`).
+    All,
+    /// The partition leader only (`1`).
+    Leader,
+    /// No acknowledgement (`0`).
+    None,
+}
+
+/// `compression.type`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// No compression.
+    None,
+    /// gzip.
+    Gzip,
+    /// Snappy.
+    Snappy,
+    /// LZ4.
+    Lz4,
+    /// Zstandard.
+    Zstd,
+}
+
+/// Batching defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Records per partition that trigger a send (`batch.num.messages`). Default 100.
+    pub batch_size: usize,
+    /// Longest a record waits for its batch to fill (`linger.ms`). Default 100ms.
+    #[serde(with = "humantime_serde")]
+    pub flush_timeout: Duration,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: vec!["127.0.0.1:9092".into()],
+            client_id: "kafboy".into(),
+            acks: Acks::All,
+            idempotence: true,
+            compression: Compression::None,
+            message_timeout: Duration::from_secs(120),
+            linger: Duration::from_millis(5),
+            sync_linger: Duration::ZERO,
+            queue_max_messages: 100_000,
+            queue_max_bytes: 256 << 20,
+            message_max_bytes: (1 << 20) + (64 << 10),
+            metadata_refresh: Duration::from_secs(30),
+            metadata_timeout: Duration::from_secs(5),
+            unknown_topic_ttl: Duration::from_secs(2),
+            auto_create_topics: false,
+            statistics_interval: Duration::from_secs(5),
+            tls: None,
+            sasl: None,
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            batch_size: 100,
+            flush_timeout: Duration::from_millis(100),
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The configuration tree: defaults, then a TOML file, then `KAFBOY_*` environment variables, then
+//! command-line flags. These types only describe; [`crate::server::App::build`] turns them into the
+//! runtime types the handlers use, once, and rejects conflicts there.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize};
+
+mod kafka;
+mod server;
+mod topics;
+
+pub use kafka::{
+    Acks, BatchConfig, Compression, KafkaConfig, KafkaTlsConfig, SaslConfig, SaslMechanism,
+};
+pub use server::{CorsConfig, ServerConfig, TlsConfig};
+pub use topics::{Mode, Partitioner, Payload, RouteConfig, TopicOverride, TopicsConfig};
+
+/// Everything kafboy reads at start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// HTTP listener, request limits and deadlines.
+    pub server: ServerConfig,
+    /// The Kafka producers.
+    pub kafka: KafkaConfig,
+    /// Defaults of the batching path (`/batch/*` and routes in a batch mode).
+    pub batch: BatchConfig,
+    /// Which topics may be written, and per-topic settings.
+    pub topics: TopicsConfig,
+    /// Edit hooks: a Lua script for every route, and the limits hooks run under.
+    pub hook: HookConfig,
+    /// Logs.
+    pub log: LogConfig,
+    /// API keys and rate limits.
+    pub auth: AuthConfig,
+    /// Other kafboy nodes to hand overflow to.
+    pub cluster: crate::cluster::ClusterConfig,
+    /// The durable spool for async routes.
+    pub spool: crate::spool::SpoolConfig,
+    /// Extra routes, each with its own mode.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// API keys and rate limits. Auth is on as soon as a key or a key file is configured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A TOML file of `[[keys]]` entries, re-read on SIGHUP and when it changes; a bad file keeps
+    /// the keys in force and logs why. Default: none.
+    pub keys_file: Option<PathBuf>,
+    /// Requests per second over all clients; past it 429. Default: no limit.
+    pub global_rate: Option<f64>,
+    /// Requests the global limit lets through at once. Default: one second's worth.
+    pub global_burst: Option<f64>,
+    /// Keys given inline, as in the key file.
+    pub keys: Vec<crate::auth::KeyConfig>,
+}
+
+/// Logs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for a terminal, `json` (one object per line) for a log pipeline. Default `text`.
+    pub format: LogFormat,
+    /// tracing filter, e.g. `info` or `warn,kafboy=debug`; `KAFBOY_LOG` wins. Default `info`.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Hooks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HookConfig {
+    /// Lua script run on every produce route (a route's own `hook` wins). Default: none.
+    pub script: Option<PathBuf>,
+    /// Time budget of one hook call; past it the request fails with 500. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Lua VM instructions one call may run. Default 10000000.
+    pub max_instructions: u64,
+    /// Memory one Lua state (one per worker thread and script) may use, in bytes. Default 64 MiB.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for HookConfig {
+    fn default() -> Self {
+        HookConfig {
+            script: None,
+            timeout: Duration::from_secs(1),
+            max_instructions: 10_000_000,
+            max_memory_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A configuration that could not be read; the message names the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl From<figment::Error> for ConfigError {
+    fn from(err: figment::Error) -> Self {
+        // figment's Display already names the key and the source (file or env var) of the value.
+        ConfigError(err.to_string())
+    }
+}
+
+/// Settings given on the command line; they win over every other source.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    /// `--listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// `--brokers`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<Vec<String>>,
+}
+
+impl Config {
+    /// Merges defaults, the TOML file (if any), `KAFBOY_SECTION__KEY` variables and `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} not found",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // Only SECTION__KEY variables are settings, so KAFBOY_CONFIG or KAFBOY_LOG are left alone.
+        let env = Env::prefixed("KAFBOY_").filter(|key| key.as_str().contains("__"));
+        figment = figment.merge(env.split("__"));
+        if let Some(listen) = overrides.listen {
+            figment = figment.merge(Serialized::default("server.listen", listen));
+        }
+        if let Some(brokers) = &overrides.brokers {
+            figment = figment.merge(Serialized::default("kafka.brokers", brokers));
+        }
+        Ok(figment.extract()?)
+    }
+
+    /// Parses a TOML document over the defaults, without reading the environment.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let figment =
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text));
+        Ok(figment.extract()?)
+    }
+}
+
+/// Accepts `["a:1", "b:2"]` as well as `"a:1,b:2"` (what an environment variable holds).
+fn string_or_list<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Either::deserialize(de)? {
+        Either::One(s) => split_list(&s),
+        Either::Many(v) => v,
+    })
+}
+
+/// Splits a comma-separated list, dropping blanks.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_survive_an_empty_file() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_example_file_parses_and_states_the_defaults() {
+        let text = include_str!("../../kafboy.example.toml");
+        let config = Config::from_toml(text).unwrap();
+        assert_eq!(config.server, ServerConfig::default());
+        assert_eq!(config.batch, BatchConfig::default());
+        assert_eq!(config.hook, HookConfig::default());
+        assert_eq!(config.kafka.acks, Acks::All);
+        assert!(!config.routes.is_empty());
+    }
+
+    #[test]
+    fn brokers_accept_a_comma_string() {
+        let c = Config::from_toml("[kafka]\nbrokers = \"a:1, b:2\"").unwrap();
+        assert_eq!(c.kafka.brokers, vec!["a:1", "b:2"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_toml("[kafka]\nbroker = \"a:1\"").unwrap_err();
+        assert!(err.to_string().contains("broker"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let c = Config::from_toml("[server]\nsync_timeout = \"1500ms\"").unwrap();
+        assert_eq!(c.server.sync_timeout, Duration::from_millis(1500));
+    }
+}

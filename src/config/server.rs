@@ -1,0 +1,132 @@
+//! `[server]`: the HTTP listener, its limits and deadlines, TLS and CORS.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// HTTP side.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:8000` (the original's port, loopback only).
+    pub listen: SocketAddr,
+    /// A second address for `/metrics` and the status page (`/`, `/status.json`), which then
+    /// leave the main listener; `/health`, `/ready`, `/disco` and `/openapi.json` are served on
+    /// both. Default: none.
+    pub admin_listen: Option<SocketAddr>,
+    /// Serve HTTPS on `listen` with these files. Default: plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// Cross-origin access for browser clients. Default: none.
+    pub cors: Option<CorsConfig>,
+    /// Largest request body accepted, after any chunked transfer; bigger gets 413. Must not exceed
+    /// `kafka.message_max_bytes`. Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Most records one NDJSON request may carry; more gets 413. Default 10000.
+    pub max_records: usize,
+    /// Deepest nesting of arrays and objects in a JSON record; deeper gets 400. Default 64.
+    pub max_json_depth: usize,
+    /// How long a request may wait for room in the producer queue before it gets 503. Default 100ms.
+    #[serde(with = "humantime_serde")]
+    pub enqueue_timeout: Duration,
+    /// How long a sync request waits for the broker's acknowledgement before it gets 504.
+    /// Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub sync_timeout: Duration,
+    /// On SIGTERM/SIGINT: time to finish in-flight requests, and then again to flush the
+    /// producers. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Serve `/async/{topic}`, `/sync/{topic}`, `/batch/async/{topic}` and `/batch/sync/{topic}`.
+    /// Default true.
+    pub default_routes: bool,
+    /// Longest wait for a request's headers, including the idle time of a kept-alive
+    /// connection; then the connection is closed (slowloris). Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest pause between two pieces of a request body; then 408. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Most header fields in a request; more gets 431. Default 100.
+    pub max_headers: usize,
+    /// Most bytes of request line and headers; more gets 431. Default 64 KiB.
+    pub max_header_bytes: usize,
+    /// Most connections open at once; past it a new connection gets 503 and is closed.
+    /// Default 10000.
+    pub max_connections: usize,
+}
+
+/// HTTPS. Certificate and key are re-read on SIGHUP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS), and the
+    /// certificate's subject can stand for an API key (`client_cert_subject`).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// CORS for browser clients. Preflight requests are answered without touching Kafka.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins allowed, e.g. `https://app.example.com`; `*` for any (without credentials).
+    pub allowed_origins: Vec<String>,
+    /// Methods allowed. Default `["POST"]`.
+    pub allowed_methods: Vec<String>,
+    /// Request headers allowed. Default: Content-Type, Content-Encoding, Authorization,
+    /// X-Api-Key, X-Request-Id, X-Kafka-Key, X-Kafka-Partition.
+    pub allowed_headers: Vec<String>,
+    /// How long a browser may cache a preflight answer. Default 10m.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            allowed_origins: Vec::new(),
+            allowed_methods: vec!["POST".into()],
+            allowed_headers: [
+                "content-type",
+                "content-encoding",
+                "authorization",
+                "x-api-key",
+                "x-request-id",
+                "x-kafka-key",
+                "x-kafka-partition",
+            ]
+            .map(String::from)
+            .to_vec(),
+            max_age: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            admin_listen: None,
+            tls: None,
+            cors: None,
+            max_body_bytes: 1 << 20,
+            max_records: 10_000,
+            max_json_depth: 64,
+            enqueue_timeout: Duration::from_millis(100),
+            sync_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            default_routes: true,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            max_headers: 100,
+            max_header_bytes: 64 << 10,
+            max_connections: 10_000,
+        }
+    }
+}

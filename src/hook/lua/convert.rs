@@ -1,0 +1,164 @@
+//! Values between JSON and Lua: JSON text or a tree read as Lua values (`req:get`), Lua scalars
+//! written as JSON text (`req:set`), each as serde_json would do it.
+
+use std::borrow::Cow;
+
+use mlua::LuaSerdeExt;
+use serde_json::Value;
+
+use super::raw;
+
+pub(super) fn to_lua(lua: &mlua::Lua, value: &Value) -> mlua::Result<mlua::Value> {
+    Ok(match value {
+        Value::Null => mlua::Value::Nil,
+        Value::String(s) => mlua::Value::String(lua.create_string(s)?),
+        Value::Bool(b) => mlua::Value::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => mlua::Value::Integer(i),
+            None => mlua::Value::Number(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        other => lua.to_value(other)?,
+    })
+}
+
+/// A checked JSON value as Lua, as [`to_lua`] would make it from a tree: scalars straight from
+/// the bytes, containers through a tree.
+pub(super) fn json_to_lua(lua: &mlua::Lua, text: &[u8]) -> mlua::Result<mlua::Value> {
+    let invalid = |e: serde_json::Error| mlua::Error::runtime(format!("invalid json: {e}"));
+    Ok(match text.first() {
+        Some(b'"') => {
+            let inner = text.get(1..text.len() - 1).unwrap_or_default();
+            if inner.contains(&b'\\') {
+                let decoded: String = serde_json::from_slice(text).map_err(invalid)?;
+                mlua::Value::String(lua.create_string(decoded)?)
+            } else {
+                mlua::Value::String(lua.create_string(inner)?)
+            }
+        }
+        Some(b't') => mlua::Value::Boolean(true),
+        Some(b'f') => mlua::Value::Boolean(false),
+        Some(b'n') => mlua::Value::Nil,
+        Some(b'-' | b'0'..=b'9') => {
+            // serde_json reads `-0` as a float, and integers past i64 as floats too.
+            let integer = !text.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) && text != b"-0";
+            match std::str::from_utf8(text).ok().filter(|_| integer) {
+                Some(digits) if let Ok(i) = digits.parse::<i64>() => mlua::Value::Integer(i),
+                _ => mlua::Value::Number(serde_json::from_slice(text).map_err(invalid)?),
+            }
+        }
+        _ => to_lua(lua, &serde_json::from_slice(text).map_err(invalid)?)?,
+    })
+}
+
+/// The JSON text of a Lua nil, boolean, integer or UTF-8 string, as serde would write it;
+/// `None` for the rest (tables, floats, other strings), which go through serde.
+pub(super) fn scalar_json(value: &mlua::Value) -> Option<Cow<'static, [u8]>> {
+    match value {
+        mlua::Value::Nil => Some(Cow::Borrowed(b"null")),
+        mlua::Value::Boolean(true) => Some(Cow::Borrowed(b"true")),
+        mlua::Value::Boolean(false) => Some(Cow::Borrowed(b"false")),
+        mlua::Value::Integer(i) => Some(Cow::Owned(i.to_string().into_bytes())),
+        mlua::Value::String(s) => {
+            let s = s.to_str().ok()?;
+            let mut text = Vec::with_capacity(s.len() + 2);
+            raw::write_json_string(&mut text, &s);
+            Some(Cow::Owned(text))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn same(lua: &mlua::Lua, a: &mlua::Value, b: &mlua::Value) -> bool {
+        use mlua::Value as V;
+        match (a, b) {
+            (V::Nil, V::Nil) => true,
+            (V::Boolean(x), V::Boolean(y)) => x == y,
+            (V::Integer(x), V::Integer(y)) => x == y,
+            (V::Number(x), V::Number(y)) => x.to_bits() == y.to_bits(),
+            (V::String(x), V::String(y)) => x.as_bytes() == y.as_bytes(),
+            (V::Table(_), V::Table(_)) => {
+                lua.from_value::<Value>(a.clone()).unwrap()
+                    == lua.from_value::<Value>(b.clone()).unwrap()
+            }
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn values_read_from_bytes_are_what_a_tree_gives() {
+        let lua = mlua::Lua::new();
+        for text in [
+            "0",
+            "-0",
+            "7",
+            "-12",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "18446744073709551616",
+            "1.5",
+            "-0.0",
+            "-2.5e3",
+            "1e2",
+            "0.1",
+            r#""a""#,
+            r#""""#,
+            r#""a\nb\"\u00e9""#,
+            "\"\u{e9}\u{1F600}\"",
+            "true",
+            "false",
+            "null",
+            r#"[1,{"a":2}]"#,
+            r#"{"a":[1]}"#,
+        ] {
+            let tree: Value = serde_json::from_str(text).unwrap();
+            let want = to_lua(&lua, &tree).unwrap();
+            let got = json_to_lua(&lua, text.as_bytes()).unwrap();
+            assert!(same(&lua, &got, &want), "{text}: {got:?} vs {want:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_number_or_string_reads_as_from_a_tree(
+            number in "-?(0|[1-9][0-9]{0,24})(\\.[0-9]{1,6})?([eE][+-]?[0-9]{1,3})?",
+            string in ".{0,12}",
+        ) {
+            let lua = mlua::Lua::new();
+            let quoted = serde_json::to_string(&string).unwrap();
+            for text in [number.as_str(), quoted.as_str()] {
+                // Numbers past f64's range are not JSON a body can hold.
+                let Ok(tree) = serde_json::from_str::<Value>(text) else { continue };
+                let want = to_lua(&lua, &tree).unwrap();
+                let got = json_to_lua(&lua, text.as_bytes()).unwrap();
+                proptest::prop_assert!(same(&lua, &got, &want), "{}: {:?} vs {:?}", text, got, want);
+            }
+        }
+    }
+
+    #[test]
+    fn scalars_are_written_as_serde_writes_them() {
+        let lua = mlua::Lua::new();
+        let values: Vec<mlua::Value> = lua
+            .load(r#"return nil, true, false, 0, -5, math.maxinteger, math.mininteger, "x", "a\"b\n\1", "é", "\31\127\\""#)
+            .eval::<mlua::MultiValue>()
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(values.len(), 11);
+        for value in values {
+            let want =
+                serde_json::to_vec(&lua.from_value::<Value>(value.clone()).unwrap()).unwrap();
+            assert_eq!(scalar_json(&value), Some(Cow::Owned(want)), "{value:?}");
+        }
+        let table = lua.create_table().unwrap();
+        assert_eq!(scalar_json(&mlua::Value::Table(table)), None);
+        assert_eq!(scalar_json(&mlua::Value::Number(1.5)), None);
+    }
+}

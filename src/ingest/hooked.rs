@@ -1,0 +1,152 @@
+//! The produce handler's path through a hook: the hook's verdict, then the records it asked for
+//! (maybe on another topic or mode, maybe after the hook's own reply).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{check_topic, lookup, produce};
+use crate::auth::Key;
+use crate::config::Mode;
+use crate::decode::{self, DecodeError};
+use crate::error::IngestError;
+use crate::hook::{Failure, Forward, Hook, HookRequest, Verdict};
+use crate::kafka::metadata::TopicInfo;
+use crate::record::RecordMeta;
+use crate::reply::Reply;
+use crate::routes::Route;
+use crate::state::AppState;
+
+/// Runs `hook` on `request` (under the hook time budget) and carries out its verdict. `key` is
+/// the client's API key, which must allow any topic or mode the hook moves the record to.
+pub(super) async fn run(
+    app: &Arc<AppState>,
+    route: &Arc<Route>,
+    hook: &Arc<dyn Hook>,
+    key: Option<&Key>,
+    request: Arc<HookRequest>,
+    meta: RecordMeta,
+    topic_seen: &mut Option<String>,
+) -> Result<Reply, IngestError> {
+    let verdict =
+        match tokio::time::timeout(app.hook_timeout, hook.on_request(request.clone())).await {
+            Ok(Ok(verdict)) => verdict,
+            Ok(Err(e)) => {
+                // The detail (script path, traceback) is for the operator, not the client.
+                tracing::error!(path = %route.path, error = %e, "hook failed");
+                return Err(IngestError::HookFailed("hook failed".into()));
+            }
+            Err(_) => {
+                let message = format!("hook gave no answer within {:?}", app.hook_timeout);
+                tracing::error!(path = %route.path, "{message}");
+                return Err(IngestError::HookFailed(message));
+            }
+        };
+    // A hook may move the record to another topic or mode; the key must allow that too.
+    let allowed = |topic: &str, mode: Mode| match key {
+        Some(key) => key.allows(topic, mode).map_err(IngestError::from),
+        None => Ok(()),
+    };
+    match verdict {
+        Verdict::Reject { status, message } => Err(IngestError::Rejected { status, message }),
+        Verdict::Forward(forward) => {
+            allowed(
+                forward.topic.as_deref().unwrap_or(&request.topic),
+                route.mode,
+            )?;
+            let (topic, info, meta, values) = forwarded(app, &request, meta, forward).await?;
+            *topic_seen = Some(topic.clone());
+            let kind = request.kind();
+            produce(app, route, route.mode, topic, &info, meta, values, kind).await
+        }
+        Verdict::Respond(respond) => {
+            if let Some((mode, forward)) = respond.then {
+                allowed(forward.topic.as_deref().unwrap_or(&request.topic), mode)?;
+                produce_after_reply(
+                    app.clone(),
+                    route.clone(),
+                    hook.clone(),
+                    request,
+                    meta,
+                    mode,
+                    forward,
+                );
+            }
+            let content_type = respond
+                .content_type
+                .unwrap_or_else(|| "application/json".into());
+            Ok(Reply::Custom {
+                status: respond.status,
+                body: respond.body,
+                content_type,
+            })
+        }
+    }
+}
+
+/// Applies a hook's edits: topic (checked again), key, partition, headers, body.
+async fn forwarded(
+    app: &AppState,
+    request: &HookRequest,
+    mut meta: RecordMeta,
+    forward: Forward,
+) -> Result<(String, Arc<TopicInfo>, RecordMeta, Vec<Bytes>), IngestError> {
+    let topic = match forward.topic {
+        Some(topic) => {
+            check_topic(app, &topic)?;
+            topic
+        }
+        // Checked before the hook ran.
+        None => request.topic.clone(),
+    };
+    let info = lookup(app, &topic).await?;
+    meta.key = forward.key.or(meta.key);
+    meta.partition = forward.partition.or(meta.partition);
+    meta.headers.extend(forward.headers);
+    let values = match forward.body {
+        Some(body) if body.is_empty() => return Err(DecodeError::Empty.into()),
+        Some(body) => vec![body],
+        None => decode::decode(request.kind(), request.body.clone(), &app.decode_limits)?,
+    };
+    Ok((topic, info, meta, values))
+}
+
+/// Produces what a hook asked for after it replied itself. The client already has its answer,
+/// so failures go to the log and the error hook.
+fn produce_after_reply(
+    app: Arc<AppState>,
+    route: Arc<Route>,
+    hook: Arc<dyn Hook>,
+    request: Arc<HookRequest>,
+    meta: RecordMeta,
+    mode: Mode,
+    forward: Forward,
+) {
+    tokio::spawn(async move {
+        let result = async {
+            let (topic, info, meta, values) = forwarded(&app, &request, meta, forward).await?;
+            produce(
+                &app,
+                &route,
+                mode,
+                topic,
+                &info,
+                meta,
+                values,
+                request.kind(),
+            )
+            .await
+        }
+        .await;
+        if let Err(error) = result {
+            let status = error.status();
+            let message = format!("after the hook's reply: {error}");
+            tracing::warn!(path = %route.path, %status, %message, "produce failed");
+            hook.on_error(&Failure {
+                status,
+                message: &message,
+                topic: Some(&request.topic),
+            });
+        }
+    });
+}

@@ -1,0 +1,56 @@
+//! Overflow to peers: a request this node's producer queue has no room for goes to another
+//! kafboy node of the cluster, if one is ready.
+
+use axum::http::request::Parts;
+use axum::response::Response;
+use bytes::Bytes;
+
+use crate::config::Mode;
+use crate::state::AppState;
+
+/// Hands the request to a peer when this node's producer queue is past its high-water mark;
+/// `None` to serve it here. A forwarded request is never forwarded again.
+pub(super) async fn overflow(
+    app: &AppState,
+    mode: Mode,
+    topic: &str,
+    parts: &Parts,
+    body: &Bytes,
+) -> Option<Response> {
+    if parts.headers.contains_key(crate::cluster::HOP) {
+        ::metrics::counter!(crate::metrics::FORWARDED, "direction" => "received").increment(1);
+        app.stats
+            .forwarded_received
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return None;
+    }
+    app.cluster.as_ref()?;
+    let (fill, full) = app.producers.for_mode(mode, topic).fill();
+    hand_over(app, parts, body.clone(), fill, full).await
+}
+
+/// Forwards to the best ready peer if `fill`/`full` call for it; the peer's answer, if any.
+pub(super) async fn hand_over(
+    app: &AppState,
+    parts: &Parts,
+    body: Bytes,
+    fill: f64,
+    full: bool,
+) -> Option<Response> {
+    let cluster = app.cluster.as_ref()?;
+    if !crate::cluster::Cluster::may_forward(&parts.extensions)
+        || !cluster.should_forward(fill, full, &parts.headers)
+    {
+        return None;
+    }
+    // Boxed because a call to a peer is a large future (1.3 KiB) that few requests need:
+    // inline, it would grow the future of every request, which axum boxes and moves.
+    let answer =
+        Box::pin(cluster.forward(parts.method.clone(), &parts.uri, &parts.headers, body)).await;
+    if answer.is_some() {
+        app.stats
+            .forwarded_sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    answer
+}

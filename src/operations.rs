@@ -1,0 +1,98 @@
+//! The operational endpoints: `/health`, `/ready`, `/disco`, `/openapi.json`, `/metrics` and
+//! the status page (`/`, `/status.json`).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::error::IngestError;
+use crate::server::json;
+use crate::state::AppState;
+
+/// The operational endpoints. `/metrics` and the status page only when `private`: on the main
+/// listener without an admin listener, on the admin listener when there is one (they name
+/// topics, brokers and peers).
+pub fn router(private: bool) -> Router<Arc<AppState>> {
+    let router = Router::new()
+        .route("/openapi.json", get(crate::openapi::serve))
+        .route("/health", get(health))
+        .route("/disco", get(disco))
+        .route("/ready", get(ready));
+    if private {
+        router
+            .route("/metrics", get(metrics))
+            .route("/", get(crate::status::page))
+            .route("/status.json", get(crate::status::status_json))
+    } else {
+        router
+    }
+}
+
+/// `GET /disco`: this node's name and the URL peers reach it at, as plain text.
+async fn disco(State(app): State<Arc<AppState>>) -> Response {
+    let text = match &app.cluster {
+        Some(c) => format!("{} {}\n", c.name, c.url),
+        None => format!("kafboy@{}\n", app.server.listen),
+    };
+    let mut response = (StatusCode::OK, text).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+async fn health() -> Response {
+    json(StatusCode::OK, &serde_json::json!({ "ok": "alive" }))
+}
+
+async fn ready(State(app): State<Arc<AppState>>) -> Response {
+    match app.not_ready() {
+        None => json(
+            StatusCode::OK,
+            &serde_json::json!({ "ok": "ready", "headroom": app.headroom() }),
+        ),
+        Some(why) => IngestError::Unavailable(format!("not ready: {why}")).into_response(),
+    }
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    for slot in app.producers.slots() {
+        let current = slot.current();
+        let name = slot.name().to_string();
+        ::metrics::gauge!(crate::metrics::QUEUED, "producer" => name.clone())
+            .set(current.queued() as f64);
+        ::metrics::gauge!(crate::metrics::IN_FLIGHT, "producer" => name)
+            .set(current.in_flight() as f64);
+    }
+    if let Some(spool) = &app.spool {
+        spool_metrics(&spool.stats());
+    }
+    ::metrics::gauge!(crate::metrics::READY).set(if app.not_ready().is_none() { 1.0 } else { 0.0 });
+    let handle = crate::metrics::handle();
+    handle.run_upkeep();
+    let mut response = (StatusCode::OK, handle.render()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+fn spool_metrics(s: &crate::spool::Stats) {
+    use crate::metrics as m;
+    ::metrics::gauge!(m::SPOOL_BYTES).set(s.bytes as f64);
+    ::metrics::gauge!(m::SPOOL_RECORDS).set(s.records as f64);
+    ::metrics::gauge!(m::SPOOL_OLDEST).set(s.oldest_undelivered.map_or(0.0, |d| d.as_secs_f64()));
+    ::metrics::counter!(m::SPOOL_REPLAYED).absolute(s.replayed);
+    ::metrics::counter!(m::SPOOL_DELIVERED).absolute(s.delivered);
+    ::metrics::counter!(m::SPOOL_DEAD_LETTERED).absolute(s.dead_lettered);
+    ::metrics::counter!(m::SPOOL_RETRIES).absolute(s.retried);
+    ::metrics::counter!(m::SPOOL_FULL).absolute(s.refused_full);
+    ::metrics::counter!(m::SPOOL_DISK_ERRORS).absolute(s.disk_errors);
+    ::metrics::gauge!(m::SPOOL_HEALTHY).set(if s.healthy { 1.0 } else { 0.0 });
+}
