@@ -2,7 +2,7 @@
 //! that calls librdkafka directly: for the message status that rust-rdkafka's `FutureProducer`
 //! throws away (it is what tells "definitely not written" (503) from "maybe written" (504)), for
 //! a flush that keeps librdkafka's flushing state on, and for the main-queue wake-up the
-//! [`super::poller`] thread sleeps on.
+//! `poller` thread sleeps on.
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
@@ -216,7 +216,7 @@ fn persisted(message: &BorrowedMessage<'_>) -> Persisted {
 /// lingering batches at once. rust-rdkafka's own `flush` calls `rd_kafka_flush` with a zero
 /// timeout in a loop, so librdkafka's "flushing" state (which makes linger.ms immediate) is only
 /// ever on for an instant and a long linger is waited out; one call with the real timeout
-/// keeps it on. Delivery reports keep flowing through the producer's [`super::poller`] thread.
+/// keeps it on. Delivery reports keep flowing through the producer's `poller` thread.
 pub fn flush(producer: &BaseProducer<Context>, timeout: std::time::Duration) {
     let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: the handle is alive for the whole call (borrowed from `producer`); rd_kafka_flush
