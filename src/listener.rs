@@ -2,23 +2,24 @@
 //! headers are cut off (slowloris), header floods get 431 from hyper, and past the connection cap
 //! a new connection gets a 503 and is closed at once instead of waiting in the backlog.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ConnectInfo;
+use axum::extract::{ConnectInfo, Request};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use tower_http::request_id::PropagateRequestIdLayer;
+use tower::ServiceExt;
 
 use crate::auth::ClientSubject;
+use crate::server::{REQUEST_ID, RequestId};
 use crate::tls::Tls;
 
 /// Connection limits, from `[server]`.
@@ -144,24 +145,24 @@ impl Connection {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let peer = self.peer;
-        // Every response carries the request's id, which `ensure_request_id` settles before
-        // routing. Outside the router: a layer on it would box a future per request.
-        let service = tower::ServiceBuilder::new()
-            .map_request(move |mut request: axum::http::Request<Incoming>| {
-                crate::server::ensure_request_id(request.headers_mut());
-                request
-                    .extensions_mut()
-                    .insert(ConnectInfo::<SocketAddr>(peer));
-                if let Some(subject) = &subject {
-                    request
-                        .extensions_mut()
-                        .insert(ClientSubject(subject.clone()));
-                }
-                request
-            })
-            .layer(PropagateRequestIdLayer::new(crate::server::REQUEST_ID))
-            .service(self.router);
-        let service = TowerToHyperService::new(service);
+        let router = self.router;
+        // Every response carries the request's id. A plain function around the router rather
+        // than a layer on it, which would box a future per request.
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            let id = RequestId::of(request.headers());
+            let extensions = request.extensions_mut();
+            extensions.insert(id.clone());
+            extensions.insert(ConnectInfo::<SocketAddr>(peer));
+            if let Some(subject) = &subject {
+                extensions.insert(ClientSubject(subject.clone()));
+            }
+            let answer = router.clone().oneshot(request);
+            async move {
+                let mut response = answer.await?;
+                response.headers_mut().entry(REQUEST_ID).or_insert(id.0);
+                Ok::<_, Infallible>(response)
+            }
+        });
         let connection = self.watcher.watch(self.http.serve_connection(io, service));
         if let Err(error) = connection.await {
             tracing::debug!(%peer, %error, "connection ended with an error");

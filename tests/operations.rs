@@ -244,6 +244,21 @@ async fn request_ids_are_echoed_or_generated() {
         id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
         "{id}"
     );
+    // An odd id (too long) is replaced, on every answer, routed or not.
+    for path in [format!("/async/{topic}"), "/no/such/route".to_string()] {
+        let r = client()
+            .post(format!("{}{path}", gw.url))
+            .header("x-request-id", "x".repeat(129))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert!(
+            id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{path}: {id}"
+        );
+    }
     gw.stop().await;
 }
 

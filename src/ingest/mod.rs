@@ -22,7 +22,7 @@ use crate::kafka::metadata::{LookupError, TopicInfo};
 use crate::record::RecordMeta;
 use crate::reply::{Reply, await_acks};
 use crate::routes::{Route, TopicSource, validate_topic};
-use crate::server::REQUEST_ID;
+use crate::server::RequestId;
 use crate::state::{AppState, Served};
 
 mod hooked;
@@ -36,7 +36,10 @@ pub type RouteHook = Option<Arc<dyn Hook>>;
 /// Serves one produce request on a route.
 pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -> Response {
     let start = Instant::now();
-    let id = request.headers().get(REQUEST_ID).cloned();
+    let id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| id.0.clone());
     let mut topic = None;
     let response = match ingest(&app, &served.route, &served.hook, request, &mut topic).await {
         Ok(reply) => {
