@@ -1,6 +1,7 @@
 //! What a request asks of its records besides the value: key, partition and headers, from the
 //! query string or `X-Kafka-*` headers; and the records themselves, partition chosen.
 
+use axum::http::HeaderName;
 use axum::http::request::Parts;
 use bytes::Bytes;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -10,6 +11,11 @@ use crate::error::IngestError;
 use crate::kafka::Record;
 use crate::kafka::metadata::TopicInfo;
 use crate::kafka::partition;
+
+/// The record key, as a request header. Named once: a lookup by a `&str` parses the name first.
+const KEY_HEADER: HeaderName = HeaderName::from_static("x-kafka-key");
+/// The partition, as a request header.
+const PARTITION_HEADER: HeaderName = HeaderName::from_static("x-kafka-partition");
 
 /// Prefix of request headers copied into Kafka record headers.
 const HEADER_PREFIX: &str = "x-kafka-header-";
@@ -43,8 +49,8 @@ impl RecordMeta {
                 }
             }
         }
-        let header = |name: &str| parts.headers.get(name).map(|v| v.as_bytes());
-        let key = match (query_key, header("x-kafka-key")) {
+        let header = |name: &HeaderName| parts.headers.get(name).map(|v| v.as_bytes());
+        let key = match (query_key, header(&KEY_HEADER)) {
             (Some(q), Some(h)) if q != h => {
                 return Err(IngestError::BadRequest(
                     "key given twice, differently".into(),
@@ -53,7 +59,7 @@ impl RecordMeta {
             (Some(q), _) => Some(q),
             (None, h) => h.map(Bytes::copy_from_slice),
         };
-        let partition = match (query_partition, header("x-kafka-partition")) {
+        let partition = match (query_partition, header(&PARTITION_HEADER)) {
             (Some(q), _) => Some(parse_partition(&q)?),
             (None, Some(h)) => Some(parse_partition(h)?),
             (None, None) => None,

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -202,9 +202,12 @@ impl Key {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSubject(pub String);
 
+/// The header an API key may come in.
+const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 /// The key a request presents: `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
 pub fn presented(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get("x-api-key") {
+    if let Some(v) = headers.get(&API_KEY) {
         return Some(v.as_bytes());
     }
     let auth = headers.get(axum::http::header::AUTHORIZATION)?.as_bytes();

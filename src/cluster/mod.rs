@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 mod watch;
 
 /// The header a forwarded request carries: the name of the node that forwarded it.
-pub const HOP: &str = "x-kafboy-forwarded-by";
+pub const HOP: HeaderName = HeaderName::from_static("x-kafboy-forwarded-by");
 
 /// Cluster settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
