@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{check_topic, lookup, produce};
+use super::{lookup, produce};
 use crate::auth::Key;
 use crate::config::Mode;
 use crate::decode::{self, DecodeError};
@@ -14,7 +14,7 @@ use crate::hook::{Failure, Forward, Hook, HookRequest, Verdict};
 use crate::kafka::metadata::TopicInfo;
 use crate::record::RecordMeta;
 use crate::reply::Reply;
-use crate::routes::Route;
+use crate::routes::{Route, validate_topic};
 use crate::state::AppState;
 
 /// Runs `hook` on `request` (under the hook time budget) and carries out its verdict. `key` is
@@ -149,4 +149,14 @@ fn produce_after_reply(
             });
         }
     });
+}
+
+/// The rules the route's topic passed, for a topic the hook moved the record to: Kafka's name
+/// grammar and the allowlist.
+fn check_topic(app: &AppState, topic: &str) -> Result<(), IngestError> {
+    validate_topic(topic).map_err(|e| IngestError::BadRequest(e.into()))?;
+    if !app.allow.allows(topic) {
+        return Err(IngestError::UnknownTopic(topic.to_string()));
+    }
+    Ok(())
 }
