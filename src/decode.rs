@@ -153,17 +153,17 @@ pub fn form_to_json(body: &[u8]) -> Result<Bytes, DecodeError> {
         if i > 0 {
             out.push(b',');
         }
-        write_json_string(&mut out, key);
+        crate::json::write_string(&mut out, key);
         out.push(b':');
         match values.as_slice() {
-            [one] => write_json_string(&mut out, one),
+            [one] => crate::json::write_string(&mut out, one),
             many => {
                 out.push(b'[');
                 for (j, v) in many.iter().enumerate() {
                     if j > 0 {
                         out.push(b',');
                     }
-                    write_json_string(&mut out, v);
+                    crate::json::write_string(&mut out, v);
                 }
                 out.push(b']');
             }
@@ -171,11 +171,6 @@ pub fn form_to_json(body: &[u8]) -> Result<Bytes, DecodeError> {
     }
     out.push(b'}');
     Ok(Bytes::from(out))
-}
-
-fn write_json_string(out: &mut Vec<u8>, s: &str) {
-    // Writing a str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 #[cfg(test)]

@@ -6,8 +6,6 @@ use std::borrow::Cow;
 use mlua::LuaSerdeExt;
 use serde_json::Value;
 
-use super::raw;
-
 pub(super) fn to_lua(lua: &mlua::Lua, value: &Value) -> mlua::Result<mlua::Value> {
     Ok(match value {
         Value::Null => mlua::Value::Nil,
@@ -61,7 +59,7 @@ pub(super) fn scalar_json(value: &mlua::Value) -> Option<Cow<'static, [u8]>> {
         mlua::Value::String(s) => {
             let s = s.to_str().ok()?;
             let mut text = Vec::with_capacity(s.len() + 2);
-            raw::write_json_string(&mut text, &s);
+            crate::json::write_string(&mut text, &s);
             Some(Cow::Owned(text))
         }
         _ => None,

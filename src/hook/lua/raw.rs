@@ -74,7 +74,7 @@ impl RawDoc {
                     None => doc.iter().position(|&b| b == b'{').map_or(0, |p| p + 1),
                 };
                 let key_start = at + text.len();
-                write_json_string(&mut text, name);
+                crate::json::write_string(&mut text, name);
                 let key = key_start..at + text.len();
                 text.push(b':');
                 let value_start = at + text.len();
@@ -139,19 +139,6 @@ impl Member {
         let at = |p: usize| p.saturating_add_signed(delta);
         self.key = at(self.key.start)..at(self.key.end);
         self.value = at(self.value.start)..at(self.value.end);
-    }
-}
-
-/// `text` as a JSON string: as it is between quotes when nothing in it needs escaping (a key
-/// almost always), else through serde_json.
-pub(super) fn write_json_string(out: &mut Vec<u8>, text: &str) {
-    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push(b'"');
-        out.extend_from_slice(text.as_bytes());
-        out.push(b'"');
-    } else {
-        // Writing a str into a Vec cannot fail.
-        let _ = serde_json::to_writer(out, text);
     }
 }
 
@@ -402,12 +389,6 @@ mod tests {
                 "{key} vs {name:?}"
             );
         }
-        let mut text = Vec::new();
-        write_json_string(&mut text, "plain é");
-        write_json_string(&mut text, "q\"\\\n\u{1f}\u{7f}");
-        let mut want = serde_json::to_vec("plain é").unwrap();
-        want.extend(serde_json::to_vec("q\"\\\n\u{1f}\u{7f}").unwrap());
-        assert_eq!(text, want);
     }
 
     /// Small JSON values, keys from a tiny alphabet so that edits hit existing members.
