@@ -37,6 +37,8 @@ function on_request(req)
     return reject(403, "no " .. req:topic())
   elseif case == "respond" then
     return respond(201, '{"hi":"' .. req:method() .. " " .. req:path() .. " " .. req:query() .. '"}')
+  elseif case == "peer" then
+    return respond(200, req:peer())
   elseif case == "later" then
     req:set("extra", "true")
     return respond(200, '{"ok":"fast reply"}', "sync")
@@ -134,6 +136,12 @@ async fn decide(req: &HookRequest, errors: &Mutex<Vec<Seen>>) -> Result<Verdict,
             content_type: None,
             then: None,
         }),
+        "peer" => Verdict::Respond(Respond {
+            status: StatusCode::OK,
+            body: Bytes::from(req.peer.map(|p| p.to_string()).unwrap_or_default()),
+            content_type: None,
+            then: None,
+        }),
         "later" => Verdict::Respond(Respond {
             status: StatusCode::OK,
             body: Bytes::from_static(br#"{"ok":"fast reply"}"#),
@@ -220,6 +228,13 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
     assert_eq!(
         (r.status, r.body.as_str()),
         (201, format!(r#"{{"hi":"POST {p} q=1"}}"#).as_str())
+    );
+    let r = post(gw, &p, "peer", body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body.starts_with("127.0.0.1:"),
+        "the client's address: {}",
+        r.body
     );
     let r = post(gw, &p, "later", r#"{"n":1}"#).await;
     assert_eq!((r.status, r.body.as_str()), (200, r#"{"ok":"fast reply"}"#));

@@ -79,10 +79,6 @@ async fn ingest(
     request: Request,
     topic_seen: &mut Option<String>,
 ) -> Result<Reply, IngestError> {
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
     let (mut parts, incoming) = request.into_parts();
     // Who is asking is settled before anything else is looked at.
     let key = app.authenticate(&parts)?;
@@ -138,6 +134,11 @@ async fn ingest(
     if let Some(answer) = overflow(app, route.mode, &topic, &parts, &body).await {
         return Ok(Reply::Relayed(answer));
     }
+    // Only a hook reads the client's address.
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
     let request = Arc::new(HookRequest::new(
         topic,
         route.mode,
