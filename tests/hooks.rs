@@ -67,6 +67,9 @@ end
 type Seen = (u16, String, Option<String>);
 type Errors = Arc<Mutex<Vec<Seen>>>;
 
+/// Requests the Rust hook held on to after its verdict.
+static KEPT: Mutex<Vec<Arc<HookRequest>>> = Mutex::new(Vec::new());
+
 /// The Rust side.
 struct TestHook {
     errors: Errors,
@@ -74,6 +77,9 @@ struct TestHook {
 
 impl Hook for TestHook {
     fn on_request(&self, req: Arc<HookRequest>) -> HookFuture {
+        if req.headers.get("x-case").is_some_and(|v| v == "keep") {
+            KEPT.lock().unwrap().push(req.clone());
+        }
         let errors = self.errors.clone();
         Box::pin(async move { decide(&req, &errors).await })
     }
@@ -316,6 +322,17 @@ async fn rust_hook_outcomes() {
     let errors = Arc::new(Mutex::new(Vec::new()));
     let gw = rust_gateway(&b.addr, errors.clone()).await;
     every_outcome(&gw, b).await;
+    // A hook may keep the request past its verdict; the record is produced all the same.
+    let topic = b.topic("hook-kept", 1);
+    let body = r#"{"kept":true}"#;
+    let r = post(&gw, &format!("/sync/{topic}"), "keep", body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(consume(&b.addr, &topic, 1)[0].value, body.as_bytes());
+    let kept = KEPT.lock().unwrap().pop().unwrap();
+    assert_eq!(
+        (kept.topic.as_str(), &kept.body[..]),
+        (topic.as_str(), body.as_bytes())
+    );
     let seen = errors.lock().unwrap().clone();
     assert!(
         seen.iter()

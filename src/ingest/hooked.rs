@@ -2,15 +2,18 @@
 //! (maybe on another topic or mode, maybe after the hook's own reply).
 
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::time::error::Elapsed;
 
 use super::{lookup, produce};
 use crate::auth::Key;
 use crate::config::Mode;
 use crate::decode::{self, DecodeError};
 use crate::error::IngestError;
-use crate::hook::{Failure, Forward, Hook, HookRequest, Verdict};
+use crate::hook::{Failure, Forward, Hook, HookError, HookFuture, HookRequest, Verdict};
 use crate::kafka::metadata::TopicInfo;
 use crate::record::RecordMeta;
 use crate::reply::Reply;
@@ -28,20 +31,19 @@ pub(super) async fn run(
     meta: RecordMeta,
     topic_seen: &mut Option<String>,
 ) -> Result<Reply, IngestError> {
-    let verdict =
-        match tokio::time::timeout(app.hook_timeout, hook.on_request(request.clone())).await {
-            Ok(Ok(verdict)) => verdict,
-            Ok(Err(e)) => {
-                // The detail (script path, traceback) is for the operator, not the client.
-                tracing::error!(path = %route.path, error = %e, "hook failed");
-                return Err(IngestError::HookFailed("hook failed".into()));
-            }
-            Err(_) => {
-                let message = format!("hook gave no answer within {:?}", app.hook_timeout);
-                tracing::error!(path = %route.path, "{message}");
-                return Err(IngestError::HookFailed(message));
-            }
-        };
+    let verdict = match decide(app.hook_timeout, hook.on_request(request.clone())).await {
+        Ok(Ok(verdict)) => verdict,
+        Ok(Err(e)) => {
+            // The detail (script path, traceback) is for the operator, not the client.
+            tracing::error!(path = %route.path, error = %e, "hook failed");
+            return Err(IngestError::HookFailed("hook failed".into()));
+        }
+        Err(_) => {
+            let message = format!("hook gave no answer within {:?}", app.hook_timeout);
+            tracing::error!(path = %route.path, "{message}");
+            return Err(IngestError::HookFailed(message));
+        }
+    };
     // A hook may move the record to another topic or mode; the key must allow that too.
     let allowed = |topic: &str, mode: Mode| match key {
         Some(key) => key.allows(topic, mode).map_err(IngestError::from),
@@ -54,9 +56,12 @@ pub(super) async fn run(
                 forward.topic.as_deref().unwrap_or(&request.topic),
                 route.mode,
             )?;
-            let (topic, info, meta, values) = forwarded(app, &request, meta, forward).await?;
-            *topic_seen = Some(topic.clone());
+            let moved = forward.topic.is_some();
             let kind = request.kind();
+            let (topic, info, meta, values) = forwarded(app, request, meta, forward).await?;
+            if moved {
+                *topic_seen = Some(topic.clone());
+            }
             produce(app, route, route.mode, topic, &info, meta, values, kind).await
         }
         Verdict::Respond(respond) => {
@@ -84,20 +89,38 @@ pub(super) async fn run(
     }
 }
 
+/// The hook's answer, or `Elapsed` after `timeout`. A hook that answers on its first poll (a
+/// Lua hook always does; its own budget bounds it) never arms a timer.
+async fn decide(
+    timeout: Duration,
+    mut call: HookFuture,
+) -> Result<Result<Verdict, HookError>, Elapsed> {
+    match std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await {
+        Poll::Ready(answer) => Ok(answer),
+        Poll::Pending => tokio::time::timeout(timeout, call).await,
+    }
+}
+
 /// Applies a hook's edits: topic (checked again), key, partition, headers, body.
 async fn forwarded(
     app: &AppState,
-    request: &HookRequest,
+    request: Arc<HookRequest>,
     mut meta: RecordMeta,
     forward: Forward,
 ) -> Result<(String, Arc<TopicInfo>, RecordMeta, Vec<Bytes>), IngestError> {
+    let kind = request.kind();
+    // The hook is done with the request; only a hook that kept it makes this copy.
+    let (route_topic, body) = match Arc::try_unwrap(request) {
+        Ok(request) => (request.topic, request.body),
+        Err(shared) => (shared.topic.clone(), shared.body.clone()),
+    };
     let topic = match forward.topic {
         Some(topic) => {
             check_topic(app, &topic)?;
             topic
         }
         // Checked before the hook ran.
-        None => request.topic.clone(),
+        None => route_topic,
     };
     let info = lookup(app, &topic).await?;
     meta.key = forward.key.or(meta.key);
@@ -106,7 +129,7 @@ async fn forwarded(
     let values = match forward.body {
         Some(body) if body.is_empty() => return Err(DecodeError::Empty.into()),
         Some(body) => vec![body],
-        None => decode::decode(request.kind(), request.body.clone(), &app.decode_limits)?,
+        None => decode::decode(kind, body, &app.decode_limits)?,
     };
     Ok((topic, info, meta, values))
 }
@@ -123,19 +146,10 @@ fn produce_after_reply(
     forward: Forward,
 ) {
     tokio::spawn(async move {
+        let (route_topic, kind) = (request.topic.clone(), request.kind());
         let result = async {
-            let (topic, info, meta, values) = forwarded(&app, &request, meta, forward).await?;
-            produce(
-                &app,
-                &route,
-                mode,
-                topic,
-                &info,
-                meta,
-                values,
-                request.kind(),
-            )
-            .await
+            let (topic, info, meta, values) = forwarded(&app, request, meta, forward).await?;
+            produce(&app, &route, mode, topic, &info, meta, values, kind).await
         }
         .await;
         if let Err(error) = result {
@@ -145,7 +159,7 @@ fn produce_after_reply(
             hook.on_error(&Failure {
                 status,
                 message: &message,
-                topic: Some(&request.topic),
+                topic: Some(&route_topic),
             });
         }
     });
