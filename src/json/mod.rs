@@ -72,7 +72,6 @@ fn check<const INDEX: bool>(
         max_depth,
         depth: 0,
         objects: [false; MAX_TRACKED_DEPTH],
-        value_start: 0,
     };
     checker.document().map_err(|(at, what)| {
         let what = match what {
@@ -117,8 +116,6 @@ struct Checker<'a, const INDEX: bool> {
     depth: usize,
     /// Whether the container at each depth is an object.
     objects: [bool; MAX_TRACKED_DEPTH],
-    /// Where the current value of the top-level object started (with `INDEX`).
-    value_start: usize,
 }
 
 impl<const INDEX: bool> Checker<'_, INDEX> {
@@ -137,9 +134,6 @@ impl<const INDEX: bool> Checker<'_, INDEX> {
     #[inline(always)]
     fn value(&mut self) -> Result<bool, Refusal> {
         self.skip_whitespace();
-        if INDEX && self.depth == 1 {
-            self.value_start = self.i;
-        }
         match self.peek() {
             Some(open @ (b'{' | b'[')) => self.open(open == b'{'),
             Some(b'"') => {
@@ -187,7 +181,7 @@ impl<const INDEX: bool> Checker<'_, INDEX> {
                 && self.objects[0]
                 && let Some(last) = self.members.last_mut()
             {
-                last.value = self.value_start..self.i;
+                last.value.end = self.i;
             }
             self.skip_whitespace();
             if self.depth == 0 {
@@ -241,16 +235,17 @@ impl<const INDEX: bool> Checker<'_, INDEX> {
             None => return fail(self.i, "EOF while parsing an object"),
         }
         self.string()?;
-        if INDEX && self.depth == 1 {
-            self.members.push(Member {
-                key: start..self.i,
-                value: 0..0,
-            });
-        }
+        let key = start..self.i;
         self.skip_whitespace();
         match self.peek() {
             Some(b':') => {
                 self.i += 1;
+                if INDEX && self.depth == 1 {
+                    // The value starts after the whitespace that `value` skips next.
+                    self.skip_whitespace();
+                    let value = self.i..self.i;
+                    self.members.push(Member { key, value });
+                }
                 Ok(())
             }
             Some(_) => fail(self.i, "expected `:`"),

@@ -27,6 +27,10 @@ impl RawDoc {
         &self.bytes
     }
 
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
+
     /// The value `segments` names (fields and array indexes), as `serde_json::Value` resolves
     /// it: the last of duplicate keys wins.
     pub fn find<'s>(&self, mut segments: impl Iterator<Item = &'s str>) -> Option<&[u8]> {
@@ -65,25 +69,28 @@ impl RawDoc {
                 self.bytes = splice(doc, old, value);
             }
             (None, _) => {
-                let mut text = Vec::with_capacity(name.len() + value.len() + 4);
                 let at = match members.last() {
-                    Some(last) => {
-                        text.push(b',');
-                        last.value.end
-                    }
+                    Some(last) => last.value.end,
                     None => doc.iter().position(|&b| b == b'{').map_or(0, |p| p + 1),
                 };
-                let key_start = at + text.len();
-                crate::json::write_string(&mut text, name);
-                let key = key_start..at + text.len();
-                text.push(b':');
-                let value_start = at + text.len();
-                text.extend_from_slice(value);
+                // Written straight into the new document: `,"name":value` at `at`.
+                let mut out = Vec::with_capacity(doc.len() + name.len() + value.len() + 4);
+                out.extend_from_slice(&doc[..at]);
+                if !members.is_empty() {
+                    out.push(b',');
+                }
+                let key_start = out.len();
+                crate::json::write_string(&mut out, name);
+                let key = key_start..out.len();
+                out.push(b':');
+                let value_start = out.len();
+                out.extend_from_slice(value);
                 members.push(Member {
                     key,
-                    value: value_start..at + text.len(),
+                    value: value_start..out.len(),
                 });
-                self.bytes = splice(doc, at..at, &text);
+                out.extend_from_slice(&doc[at..]);
+                self.bytes = Bytes::from(out);
             }
             (Some(_), Some(_)) => return false,
         }

@@ -67,7 +67,7 @@ impl LuaRequest {
     /// The edits, with the body the script changed.
     pub fn into_forward(mut self) -> mlua::Result<Forward> {
         match self.doc {
-            Doc::Raw { doc, edited: true } => self.forward.body = Some(doc.bytes().clone()),
+            Doc::Raw { doc, edited: true } => self.forward.body = Some(doc.into_bytes()),
             Doc::Tree { value, dirty: true } => {
                 let json = serde_json::to_vec(&value).map_err(mlua::Error::external)?;
                 self.forward.body = Some(Bytes::from(json));
