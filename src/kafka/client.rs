@@ -99,6 +99,19 @@ fn batch_config(base: &ClientConfig, batch: &BatchConfig) -> ClientConfig {
     c
 }
 
+/// librdkafka properties that would break what kafboy's replies promise, and why.
+const BROKEN_BY: &[(&str, &str)] = &[
+    (
+        "delivery.report.only.error",
+        "kafboy needs a delivery report for every record: /sync replies wait for it and the \
+         queue room of each record comes back with it",
+    ),
+    (
+        "transactional.id",
+        "kafboy's producers are not transactional; every send would fail",
+    ),
+];
+
 /// librdkafka properties that typed settings own; `kafka.options` may not set them.
 const TYPED_KEYS: &[&str] = &[
     "bootstrap.servers",
@@ -181,6 +194,9 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
     c.set("reconnect.backoff.max.ms", "1000");
     security(kafka, &mut c)?;
     for (key, value) in &kafka.options {
+        if let Some((_, why)) = BROKEN_BY.iter().find(|(k, _)| k == key) {
+            return Err(format!("kafka.options.\"{key}\": not allowed: {why}"));
+        }
         if TYPED_KEYS.contains(&key.as_str()) {
             return Err(format!(
                 "kafka.options.\"{key}\": set by a typed kafka setting; use that instead"
@@ -315,5 +331,23 @@ mod tests {
         kafka.sasl = None;
         kafka.options.insert("sasl.password".into(), "x".into());
         assert!(client_config(&kafka).unwrap_err().contains("typed"));
+    }
+
+    #[test]
+    fn options_that_break_the_replies_are_refused() {
+        for key in ["delivery.report.only.error", "transactional.id"] {
+            let mut kafka = KafkaConfig::default();
+            kafka.options.insert(key.into(), "true".into());
+            let error = client_config(&kafka).unwrap_err();
+            assert!(
+                error.contains(key) && error.contains("not allowed"),
+                "{error}"
+            );
+        }
+        let mut kafka = KafkaConfig::default();
+        kafka
+            .options
+            .insert("socket.keepalive.enable".into(), "true".into());
+        assert!(client_config(&kafka).is_ok());
     }
 }

@@ -244,8 +244,10 @@ pub fn inject_fatal_error(producer: &BaseProducer<Context>) {
 }
 
 /// A handle on a producer's main queue, where its delivery reports, errors, logs and statistics
-/// arrive: its length, and a wake-up written to a socket when it stops being empty.
-pub struct MainQueue(NonNull<rdkafka::bindings::rd_kafka_queue_t>);
+/// arrive: its length, and a wake-up written to a socket when it stops being empty. Private to
+/// the crate: `wake_on`'s fd must stay open until `wake_on(None)`, and the queue must go before
+/// the client. Nothing in the types enforces either; the `poller` keeps both.
+pub(crate) struct MainQueue(NonNull<rdkafka::bindings::rd_kafka_queue_t>);
 
 // SAFETY: librdkafka's queue handles may be used from any thread; this one is only destroyed in
 // `Drop`, when no other reference to the `MainQueue` is left.
