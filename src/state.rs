@@ -42,6 +42,9 @@ pub struct AppState {
     pub hook_timeout: Duration,
     /// Record count and nesting limits of bodies.
     pub decode_limits: crate::decode::Limits,
+    /// The most bytes one record may take (`kafka.message_max_bytes`), checked before any
+    /// record of a request is queued.
+    pub message_max_bytes: usize,
     /// How often topic metadata is refreshed.
     pub metadata_refresh: Duration,
     /// The disk spool, when `spool.dir` is set.
@@ -105,6 +108,7 @@ impl AppState {
                 max_depth: config.server.max_json_depth,
             },
             metadata_refresh: config.kafka.metadata_refresh,
+            message_max_bytes: config.kafka.message_max_bytes,
             served,
             default_partitioner: config.topics.partitioner,
             topic_partitioner: checked.topic_partitioner,

@@ -375,6 +375,48 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_message_max_bytes_is_413_and_nothing_of_its_request_is_written() {
+    let b = broker();
+    let topic = b.topic("maxbytes", 1);
+    // A body may be as large as a record; a record's framing (36 bytes at most) is on top.
+    let gw = gateway(
+        &b.addr,
+        "[server]\nmax_body_bytes = 2000\n[kafka]\nmessage_max_bytes = 2000",
+    )
+    .await;
+    let string = |len: usize| format!("\"{}\"", "x".repeat(len - 2));
+    for path in ["async", "sync", "batch/async"] {
+        let body = format!("{{\"a\":1}}\n{}\n", string(2000 - 36 + 1));
+        let r = gw.post(&format!("/{path}/{topic}"), NDJSON, body).await;
+        assert_eq!(r.status, 413, "{path}: {}", r.body);
+        assert!(
+            r.error().contains("record 2 takes 2001 bytes"),
+            "{}",
+            r.body
+        );
+    }
+    let r = gw
+        .post_json(&format!("/sync/{topic}"), &string(2000 - 36))
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "a record of exactly the limit fits: {}",
+        r.body
+    );
+    let got = consume(&b.addr, &topic, 1);
+    assert_eq!(
+        values(&got),
+        [string(2000 - 36)],
+        "only the record that fits"
+    );
+    assert_eq!(
+        consume_for(&b.addr, &topic, 2, Duration::from_millis(500)).len(),
+        1
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_unlisted_topics_are_a_fast_404() {
     let b = broker();
     let listed = b.topic("listed", 1);

@@ -18,6 +18,7 @@ use crate::config::Mode;
 use crate::decode::{self, BodyKind};
 use crate::error::IngestError;
 use crate::hook::{Failure, Hook, HookRequest};
+use crate::kafka::Record;
 use crate::kafka::metadata::{LookupError, TopicInfo};
 use crate::record::RecordMeta;
 use crate::reply::{Reply, await_acks};
@@ -180,6 +181,19 @@ async fn produce(
 ) -> Result<Reply, IngestError> {
     let strategy = app.partitioner_for(route, &topic);
     let records = meta.into_records(values, strategy, info)?;
+    if let Some((i, size)) = records
+        .iter()
+        .map(Record::wire_size)
+        .enumerate()
+        .find(|&(_, size)| size > app.message_max_bytes)
+    {
+        return Err(IngestError::TooLarge(format!(
+            "record {} takes {size} bytes with its key, headers and framing; \
+             kafka.message_max_bytes is {}",
+            i + 1,
+            app.message_max_bytes
+        )));
+    }
     let count = records.len();
     if route.spool
         && matches!(mode, Mode::Async | Mode::BatchAsync)
