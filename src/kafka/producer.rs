@@ -290,7 +290,9 @@ mod tests {
     #[test]
     fn wire_size_is_what_librdkafka_counts() {
         const LIMIT: usize = 1000;
-        let shapes: [(usize, &[(usize, Option<usize>)]); 4] = [
+        /// Header name length and value length (`None`: a null value).
+        type Headers = &'static [(usize, Option<usize>)];
+        let shapes: [(usize, Headers); 4] = [
             (0, &[]),
             (5, &[]),
             (3, &[(4, Some(70))]),
