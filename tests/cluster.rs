@@ -1,6 +1,7 @@
 //! Three kafboy nodes on 127.0.0.1, 127.0.0.2 and 127.0.0.3 in front of one broker (librdkafka's
 //! mock cluster): overflow is forwarded to ready peers, nothing is lost or duplicated, nothing is
-//! forwarded twice, a peer going down is skipped, and the discovery URL adds and removes peers.
+//! forwarded twice, a peer going down is skipped, a peer that drops the connection after taking
+//! a request makes it a 504 (not a local produce), and the discovery URL adds and removes peers.
 
 #![allow(clippy::unwrap_used)]
 
@@ -305,4 +306,77 @@ async fn futures_join_all<F: std::future::Future<Output = u16> + Send + 'static>
         out.push(h.await.unwrap());
     }
     out
+}
+
+/// A peer that is always ready and drops every produce request once it has read it, as a peer
+/// killed between its produce and its answer would.
+async fn peer_that_hangs_up() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.4:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                // One request per connection: read its head and body, then answer or hang up.
+                loop {
+                    let n = tcp.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&seen).to_string();
+                    let Some(head_end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
+                    let length: usize = text[..head_end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if seen.len() < head_end + 4 + length {
+                        continue;
+                    }
+                    if text.starts_with("GET /ready") {
+                        let body = r#"{"ok":"ready","headroom":1.0}"#;
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = tcp.write_all(answer.as_bytes()).await;
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_took_the_request_and_hung_up_makes_it_a_504_not_a_second_produce() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("h", 1, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let peer = peer_that_hangs_up().await;
+    let toml =
+        format!("[cluster]\npeers = [\"{peer}\"]\nhigh_water = 0.0\nhealth_interval = \"100ms\"\n");
+    let a = node("127.0.0.1", &brokers, &toml).await;
+    wait_peers(&a, &[&peer]).await;
+    let r = a.post_json("/async/h", "{\"id\":1}").await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(r.error().contains("may have been written"), "{}", r.body);
+    let got = tokio::task::spawn_blocking(move || {
+        consume_for(&brokers, "h", 1, Duration::from_millis(1500))
+    })
+    .await
+    .unwrap();
+    assert_eq!(ids(&got), Vec::<String>::new(), "not produced here as well");
+    a.stop().await;
 }

@@ -13,6 +13,8 @@ use bytes::Bytes;
 use metrics::counter;
 use serde::{Deserialize, Serialize};
 
+use crate::error::IngestError;
+
 mod watch;
 
 /// The header a forwarded request carries: the name of the node that forwarded it.
@@ -201,16 +203,23 @@ impl Cluster {
                 Some(relay(answer).await)
             }
             Err(error) => {
-                // The peer may have taken it (a timeout after sending): that is a 504, not a retry.
                 tracing::warn!(%peer, %error, "forwarding failed");
                 self.mark(&peer, false, 0.0);
-                if error.is_timeout() {
-                    let e = crate::error::IngestError::Unknown(format!(
-                        "peer {peer} did not answer in time"
-                    ));
-                    return Some(e.into_response());
+                // Only a request that never reached the peer (no connection) was certainly not
+                // taken; the caller may then serve it. Once it was sent, a timeout, a reset or
+                // an answer cut short may follow a produce on the peer: 504, never a second try.
+                if error.is_connect() || error.is_builder() {
+                    return None;
                 }
-                None
+                let what = if error.is_timeout() {
+                    "did not answer in time"
+                } else {
+                    "failed before its answer was complete"
+                };
+                let e = IngestError::Unknown(format!(
+                    "peer {peer} {what}; the record may have been written there"
+                ));
+                Some(e.into_response())
             }
         }
     }
@@ -253,8 +262,22 @@ async fn relay(answer: reqwest::Response) -> Response {
         .iter()
         .filter_map(|h| answer.headers().get(h).map(|v| (h.clone(), v.clone())))
         .collect();
-    let body = answer.bytes().await.unwrap_or_default();
-    let mut response = (status, body).into_response();
+    let mut response = match answer.bytes().await {
+        Ok(body) => (status, body).into_response(),
+        // The status came and its body did not. A 2xx without its body (the sync offsets) is
+        // a 504: the peer took the record. Any other status keeps its meaning.
+        Err(error) if status.is_success() => {
+            return IngestError::Unknown(format!(
+                "the peer accepted the request but its answer was cut short ({error}); \
+                 the record may have been written"
+            ))
+            .into_response();
+        }
+        Err(error) => crate::server::json(
+            status,
+            &serde_json::json!({ "error": format!("peer answered {status}; its body was cut short ({error})") }),
+        ),
+    };
     for (name, value) in headers {
         response.headers_mut().insert(name, value);
     }
