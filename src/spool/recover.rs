@@ -1,7 +1,7 @@
 //! Opening a spool directory: its lock, the checkpoint file, and recovery of the segments.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -183,11 +183,16 @@ pub(super) fn remove_if_exists(path: &Path) -> io::Result<()> {
 /// Directories open in this process.
 static OPEN: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
-/// One process, one opener per spool directory: a `lock` file with the owner's pid (a stale one
-/// whose process is gone is taken over) and a set of directories open in this process.
+/// One process, one opener per spool directory: an exclusive lock on the `lock` file (which also
+/// holds the owner's pid, for people) and a set of directories open in this process. The lock is
+/// the kernel's, so it goes with its process however that ends, and two processes starting at
+/// once cannot both get it, as they could a pid file that is read, checked and replaced (two
+/// containers sharing a volume, each running kafboy as pid 1, would both have taken it).
 #[derive(Debug)]
 pub(super) struct DirLock {
     dir: PathBuf,
+    /// Held open: closing it releases the lock.
+    _file: File,
 }
 
 impl DirLock {
@@ -202,59 +207,38 @@ impl DirLock {
             )));
         }
         let path = dir.join(LOCK);
-        let me = std::process::id();
-        match fs::read_to_string(&path) {
-            Ok(text) => {
-                if let Ok(pid) = text.trim().parse::<u32>()
-                    && pid != me
-                    && process_alive(pid)
-                {
-                    return Err(SpoolError::Open(format!(
-                        "{} is in use by process {pid} (remove {} if that is wrong)",
-                        dir.display(),
-                        path.display()
-                    )));
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(disk(e)),
-        }
-        let tmp = dir.join("lock.tmp");
-        let mut f = OpenOptions::new()
+        let mut file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
-            .open(&tmp)
+            .truncate(false)
+            .open(&path)
             .map_err(disk)?;
-        f.write_all(format!("{me}\n").as_bytes()).map_err(disk)?;
-        f.sync_all().map_err(disk)?;
-        fs::rename(&tmp, &path).map_err(disk)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let owner = fs::read_to_string(&path).unwrap_or_default();
+                return Err(SpoolError::Open(format!(
+                    "{} is in use by another process (pid {})",
+                    dir.display(),
+                    owner.trim()
+                )));
+            }
+            Err(TryLockError::Error(e)) => return Err(disk(e)),
+        }
+        file.set_len(0).map_err(disk)?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes())
+            .map_err(disk)?;
         open.insert(dir.clone());
-        Ok(DirLock { dir })
+        Ok(DirLock { dir, _file: file })
     }
 }
 
 impl Drop for DirLock {
     fn drop(&mut self) {
-        let path = self.dir.join(LOCK);
-        if fs::read_to_string(&path)
-            .is_ok_and(|t| t.trim().parse::<u32>().ok() == Some(std::process::id()))
-        {
-            let _ = fs::remove_file(&path);
-        }
+        // The file stays (closing it is the unlock): removing it could let a process that had
+        // just opened it lock a file that no one else can find any more.
         super::lock(&OPEN).remove(&self.dir);
-    }
-}
-
-/// Whether `pid` is a live (not zombie) process. Without `/proc`, every pid counts as gone.
-fn process_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses and may hold spaces.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
     }
 }
 
@@ -277,26 +261,29 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_opens_once_per_process_and_a_dead_owner_is_taken_over() {
+    fn a_directory_opens_once_and_a_lock_held_elsewhere_is_respected() {
         let dir = tempfile::tempdir().unwrap();
         let first = DirLock::acquire(dir.path()).unwrap();
         assert!(matches!(
             DirLock::acquire(dir.path()),
-            Err(SpoolError::Open(_))
+            Err(SpoolError::Open(e)) if e.contains("in this process")
         ));
         drop(first);
-        // A lock file left by a process that is gone.
+        // A lock file left behind by a process that is gone does not stand in the way.
         fs::write(dir.path().join(LOCK), format!("{}\n", u32::MAX - 1)).unwrap();
         let again = DirLock::acquire(dir.path()).unwrap();
+        let pid = fs::read_to_string(dir.path().join(LOCK)).unwrap();
+        assert_eq!(pid.trim(), std::process::id().to_string());
         drop(again);
-        assert!(!dir.path().join(LOCK).exists());
-        // A live process (pid 1 always exists) holds it.
-        fs::write(dir.path().join(LOCK), "1\n").unwrap();
-        if std::process::id() != 1 && process_alive(1) {
-            assert!(matches!(
-                DirLock::acquire(dir.path()),
-                Err(SpoolError::Open(_))
-            ));
+        // Another holder of the lock (a second open file, as another process has), whatever
+        // pid the file names: the same one as ours, even.
+        let other = File::open(dir.path().join(LOCK)).unwrap();
+        other.lock().unwrap();
+        match DirLock::acquire(dir.path()) {
+            Err(SpoolError::Open(e)) => assert!(e.contains("another process"), "{e}"),
+            other => panic!("{other:?}"),
         }
+        other.unlock().unwrap();
+        DirLock::acquire(dir.path()).unwrap();
     }
 }

@@ -50,15 +50,29 @@ struct Batch {
 }
 
 /// Reads up to `max_records` records or `max_bytes` bytes from `cursor` on, never past
-/// `durable`.
+/// `durable`. An error comes with what was read before it: the cursor has moved past those
+/// records, so dropping them would skip them for good (and later acknowledgements would
+/// count them as delivered).
 fn read_batch(
     inner: &Inner,
     cursor: &mut Cursor,
     durable: Durable,
     max_records: usize,
     max_bytes: u64,
-) -> io::Result<Batch> {
+) -> (Batch, Option<io::Error>) {
     let mut out = Batch::default();
+    let error = read_into(inner, cursor, durable, max_records, max_bytes, &mut out).err();
+    (out, error)
+}
+
+fn read_into(
+    inner: &Inner,
+    cursor: &mut Cursor,
+    durable: Durable,
+    max_records: usize,
+    max_bytes: u64,
+    out: &mut Batch,
+) -> io::Result<()> {
     let mut bytes = 0u64;
     loop {
         let full = |out: &Batch, bytes: u64| out.records.len() >= max_records || bytes >= max_bytes;
@@ -71,8 +85,8 @@ fn read_batch(
                 .unwrap_or(0)
         };
         if cursor.offset < limit {
-            if full(&out, bytes) {
-                return Ok(out);
+            if full(out, bytes) {
+                return Ok(());
             }
             let path = inner.dir.join(segment_name(cursor.segment));
             match File::open(&path) {
@@ -86,7 +100,7 @@ fn read_batch(
                         BufReader::with_capacity(capacity, file.take(span)),
                         cursor.offset,
                     );
-                    while !full(&out, bytes) {
+                    while !full(out, bytes) {
                         match reader.read_next()? {
                             Item::Record {
                                 offset,
@@ -99,6 +113,18 @@ fn read_batch(
                                     bytes += framed;
                                     out.records.push((framed, entry));
                                 }
+                            }
+                            // Short of the length this process wrote and synced: cut since.
+                            Item::End if cursor.offset < limit => {
+                                tracing::error!(
+                                    segment = %path.display(),
+                                    offset = cursor.offset,
+                                    lost_bytes = limit - cursor.offset,
+                                    "spool: segment shorter than what was written to it; \
+                                     skipping the rest of it"
+                                );
+                                cursor.offset = limit;
+                                break;
                             }
                             Item::End => break,
                             Item::Corrupt(c) => {
@@ -122,8 +148,8 @@ fn read_batch(
                 }
                 Err(e) => return Err(e),
             }
-            if full(&out, bytes) {
-                return Ok(out);
+            if full(out, bytes) {
+                return Ok(());
             }
             continue;
         }
@@ -143,7 +169,7 @@ fn read_batch(
             cursor.last_seq = None;
             continue;
         }
-        return Ok(out);
+        return Ok(());
     }
 }
 
@@ -161,33 +187,144 @@ impl Sender {
             read_batch(&inner, &mut cursor, durable, max_records, max_bytes)
         })
         .await
-        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
-        match read {
-            Ok(batch) => {
-                if self.window.is_empty()
-                    && let Some((_, first)) = batch.records.first()
-                {
-                    self.inner
-                        .oldest_ms
-                        .store(first.appended_ms, Ordering::Release);
-                }
-                for (framed, entry) in batch.records {
-                    self.window_bytes += framed;
-                    self.unsent += 1;
-                    self.window.push_back(Flight {
-                        seq: entry.seq,
-                        framed,
-                        entry,
-                        state: State::Unsent,
-                        attempts: 0,
-                    });
-                }
-                self.finished.extend(batch.finished);
-            }
-            Err(error) => {
-                self.inner.disk_error("read segment", &error);
-                self.read_again_at = Some(Instant::now() + READ_RETRY);
-            }
+        .unwrap_or_else(|e| (Batch::default(), Some(io::Error::other(e.to_string()))));
+        let (batch, error) = read;
+        if self.window.is_empty()
+            && let Some((_, first)) = batch.records.first()
+        {
+            self.inner
+                .oldest_ms
+                .store(first.appended_ms, Ordering::Release);
         }
+        for (framed, entry) in batch.records {
+            self.window_bytes += framed;
+            self.unsent += 1;
+            self.window.push_back(Flight {
+                seq: entry.seq,
+                framed,
+                entry,
+                state: State::Unsent,
+                attempts: 0,
+            });
+        }
+        self.finished.extend(batch.finished);
+        if let Some(error) = error {
+            self.inner.disk_error("read segment", &error);
+            self.read_again_at = Some(Instant::now() + READ_RETRY);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::spool::SpoolConfig;
+    use crate::spool::segment::Entry;
+
+    fn inner(dir: &Path, sealed: BTreeMap<u64, u64>) -> Inner {
+        let zero = || AtomicU64::new(0);
+        Inner {
+            dir: dir.to_path_buf(),
+            config: SpoolConfig::default(),
+            origin: 1,
+            bytes: zero(),
+            records: zero(),
+            oldest_ms: zero(),
+            replayed: zero(),
+            delivered: zero(),
+            dead_lettered: zero(),
+            retried: zero(),
+            refused_full: zero(),
+            disk_errors: zero(),
+            healthy: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            checkpoint: zero(),
+            sealed: Mutex::new(sealed),
+            dead: AtomicBool::new(false),
+            fs_gate: Mutex::new(()),
+        }
+    }
+
+    /// Segment bytes holding records `seqs`.
+    fn segment(seqs: std::ops::Range<u64>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for seq in seqs {
+            let entry = Entry {
+                seq,
+                origin: 1,
+                appended_ms: 1_700_000_000_000,
+                topic: "t".into(),
+                key: None,
+                partition: None,
+                headers: Vec::new(),
+                value: Bytes::from_static(b"v"),
+            };
+            entry.encode_frame(&mut out);
+        }
+        out
+    }
+
+    fn seqs(batch: &Batch) -> Vec<u64> {
+        batch.records.iter().map(|(_, e)| e.seq).collect()
+    }
+
+    #[test]
+    fn records_read_before_an_error_are_handed_out_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = segment(0..3);
+        std::fs::write(dir.path().join(segment_name(1)), &first).unwrap();
+        // Segment 2 cannot be read for now: a directory opens, and reading it fails.
+        std::fs::create_dir(dir.path().join(segment_name(2))).unwrap();
+        let inner = inner(dir.path(), BTreeMap::from([(1, first.len() as u64)]));
+        let mut cursor = Cursor::new(1, 0, 0);
+        let durable = Durable {
+            segment: 2,
+            offset: 100,
+        };
+        let (batch, error) = read_batch(&inner, &mut cursor, durable, 4096, 1 << 24);
+        assert!(error.is_some());
+        assert_eq!(seqs(&batch), [0, 1, 2]);
+        assert_eq!(batch.finished.len(), 1, "segment 1 is done with");
+        std::fs::remove_dir(dir.path().join(segment_name(2))).unwrap();
+        let second = segment(3..5);
+        std::fs::write(dir.path().join(segment_name(2)), &second).unwrap();
+        let durable = Durable {
+            segment: 2,
+            offset: second.len() as u64,
+        };
+        let (batch, error) = read_batch(&inner, &mut cursor, durable, 4096, 1 << 24);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(seqs(&batch), [3, 4]);
+    }
+
+    #[test]
+    fn a_segment_cut_short_at_a_record_boundary_is_skipped_not_read_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = segment(0..3);
+        let one = whole.len() / 3;
+        std::fs::write(dir.path().join(segment_name(1)), &whole[..2 * one]).unwrap();
+        std::fs::write(dir.path().join(segment_name(2)), segment(3..4)).unwrap();
+        let inner =
+            std::sync::Arc::new(inner(dir.path(), BTreeMap::from([(1, whole.len() as u64)])));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut cursor = Cursor::new(1, 0, 0);
+            let durable = Durable {
+                segment: 2,
+                offset: one as u64,
+            };
+            let (batch, error) = read_batch(&inner, &mut cursor, durable, 4096, 1 << 24);
+            let _ = tx.send((seqs(&batch), error.is_none()));
+        });
+        let read = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(read.unwrap(), (vec![0, 1, 3], true));
     }
 }
