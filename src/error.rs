@@ -185,6 +185,7 @@ impl From<SendError> for IngestError {
                 IngestError::TooLarge("request larger than the producer queue".into())
             }
             SendError::Fatal => IngestError::Unavailable("producer hit a fatal error".into()),
+            SendError::Closed => IngestError::Unavailable("shutting down".into()),
             SendError::Refused { accepted: 0, error } => {
                 IngestError::from_delivery(error, Persisted::No)
             }

@@ -206,6 +206,14 @@ impl App {
         {
             tracing::warn!(?grace, "requests still open at the shutdown deadline");
         }
+        // A hook's produce after its own reply may still be on its way to the spool or a queue.
+        let deadline = tokio::time::Instant::now() + grace;
+        if !state.background.wait(deadline).await {
+            tracing::warn!(
+                ?grace,
+                "produces after a hook's reply still running at the deadline"
+            );
+        }
         // Spooled records stay on disk for the next start; they are not lost.
         let spooled = match &state.spool {
             Some(spool) => spool.shutdown(grace).await,

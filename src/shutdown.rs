@@ -1,4 +1,53 @@
-//! The shutdown signal: SIGTERM or SIGINT, as one future.
+//! The shutdown signal: SIGTERM or SIGINT, as one future; and the work a shutdown waits for
+//! besides open requests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Work that outlives its request (a hook's produce after its own reply): the shutdown waits
+/// for it before the final flush, which would otherwise miss what it is about to queue.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    running: AtomicUsize,
+    done: Notify,
+}
+
+/// One piece of tracked work; dropping it marks it done.
+#[derive(Debug)]
+pub struct Running(Arc<Tracker>);
+
+impl Tracker {
+    /// Marks work as started.
+    pub fn start(self: &Arc<Self>) -> Running {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        Running(self.clone())
+    }
+
+    /// Waits until no work is running or `deadline` passes; false if some still is.
+    pub async fn wait(&self, deadline: Instant) -> bool {
+        loop {
+            // Made before the check, so a finish between the check and the wait is not missed.
+            let done = self.done.notified();
+            if self.running.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                return self.running.load(Ordering::SeqCst) == 0;
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.done.notify_waiters();
+        }
+    }
+}
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C).
 pub async fn signal() {
@@ -48,5 +97,26 @@ impl Hangups {
             return;
         }
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_tracker_waits_for_its_work_or_its_deadline() {
+        let tracker = Arc::new(Tracker::default());
+        let soon = || Instant::now() + Duration::from_millis(50);
+        assert!(tracker.wait(soon()).await, "nothing running");
+        let running = tracker.start();
+        assert!(!tracker.wait(soon()).await, "still running at the deadline");
+        let waiter = tokio::spawn({
+            let tracker = tracker.clone();
+            async move { tracker.wait(Instant::now() + Duration::from_secs(30)).await }
+        });
+        drop(running);
+        assert!(waiter.await.unwrap());
     }
 }

@@ -40,6 +40,8 @@ pub struct AppState {
     pub started: Instant,
     /// Time budget of one hook call.
     pub hook_timeout: Duration,
+    /// Produces a hook asked for after its own reply, which shutdown waits for.
+    pub background: Arc<crate::shutdown::Tracker>,
     /// Record count and nesting limits of bodies.
     pub decode_limits: crate::decode::Limits,
     /// The most bytes one record may take (`kafka.message_max_bytes`), checked before any
@@ -103,6 +105,7 @@ impl AppState {
             stats: Stats::default(),
             started: Instant::now(),
             hook_timeout: config.hook.timeout,
+            background: Arc::default(),
             decode_limits: crate::decode::Limits {
                 max_records: config.server.max_records,
                 max_depth: config.server.max_json_depth,

@@ -526,6 +526,41 @@ async fn shutdown_flushes_what_was_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_running_after_the_final_flush_is_refused_not_queued_and_purged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = broker();
+    let topic = b.topic("late", 1);
+    let gw = gateway(&b.addr, "[server]\nshutdown_timeout = \"200ms\"").await;
+    // A request whose body is still arriving when the shutdown deadline passes.
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /async/{topic} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: 7\r\n\r\n{{\"a\""
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // The shutdown waits for the open request until its deadline, then flushes.
+    let report = gw.stop().await;
+    assert_eq!(report.undelivered, 0);
+    // The producers were flushed; the rest of the body comes now.
+    tcp.write_all(b":1}").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "no answer: {answer}");
+    // (Empty if the connection was closed before its head was read.)
+    assert!(
+        answer.is_empty()
+            || (answer.starts_with("HTTP/1.1 503") && answer.contains("shutting down")),
+        "{answer}"
+    );
+    assert_eq!(
+        consume_for(&b.addr, &topic, 1, Duration::from_millis(500)),
+        vec![],
+        "a record queued after the flush would have been purged unreported"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_ready() {
     let b = broker();
     let gw = gateway(&b.addr, "").await;

@@ -160,6 +160,18 @@ async fn decide(req: &HookRequest, errors: &Mutex<Vec<Seen>>) -> Result<Verdict,
                 },
             )),
         }),
+        "later-to" => Verdict::Respond(Respond {
+            status: StatusCode::OK,
+            body: Bytes::from_static(br#"{"ok":"fast reply"}"#),
+            content_type: None,
+            then: Some((
+                Mode::Async,
+                Forward {
+                    topic: query("to"),
+                    ..Forward::default()
+                },
+            )),
+        }),
         "slow" => {
             tokio::time::sleep(Duration::from_secs(30)).await;
             Verdict::Forward(Forward::default())
@@ -345,6 +357,42 @@ async fn rust_hook_outcomes() {
         "{seen:?}"
     );
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_produce_the_hook_asked_for_after_its_reply() {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    mock.create_topic("from", 1, 1).unwrap();
+    let mut config = kafboy::Config::from_toml(TOML).unwrap();
+    config.kafka.brokers = vec![mock.bootstrap_servers()];
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let app = kafboy::App::builder(config)
+        .hook(TestHook {
+            errors: errors.clone(),
+        })
+        .build()
+        .unwrap();
+    let producers = app.producers().clone();
+    let gw = common::serve(app).await;
+    // A topic the gateway has not looked up yet, behind a slow broker: the produce after the
+    // reply is still waiting for the topic's metadata when the shutdown starts.
+    mock.create_topic("late", 1, 1).unwrap();
+    mock.broker_round_trip_time(1, Duration::from_millis(700))
+        .unwrap();
+    let r = post(&gw, "/async/from?to=late", "later-to", "{}").await;
+    assert_eq!((r.status, r.body.as_str()), (200, r#"{"ok":"fast reply"}"#));
+    let report = gw.stop().await;
+    assert_eq!(report.undelivered, 0);
+    assert_eq!(
+        producers.tally(),
+        (1, 0),
+        "delivered before the shutdown was over"
+    );
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "{:?}",
+        errors.lock().unwrap()
+    );
 }
 
 #[test]

@@ -145,7 +145,9 @@ fn produce_after_reply(
     mode: Mode,
     forward: Forward,
 ) {
+    let running = app.background.start();
     tokio::spawn(async move {
+        let _running = running;
         let (route_topic, kind) = (request.topic.clone(), request.kind());
         let result = async {
             let (topic, info, meta, values) = forwarded(&app, request, meta, forward).await?;

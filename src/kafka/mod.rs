@@ -11,7 +11,7 @@ mod poller;
 mod producer;
 
 pub use client::{check, client_config};
-pub use producer::{Producer, Record, SendError, Shared, set_queue_limits};
+pub use producer::{Gate, Producer, Record, SendError, Shared, set_queue_limits};
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -40,11 +40,13 @@ impl Slot {
         kafka: &Arc<KafkaConfig>,
         recipe: ClientConfig,
         topics: &Arc<crate::metrics::Topics>,
+        gate: &Arc<Gate>,
     ) -> Result<Slot, String> {
         let shared = Shared {
             tally: Arc::default(),
             topics: topics.clone(),
             brokers: Arc::default(),
+            gate: gate.clone(),
         };
         let producer = Producer::build(name, kafka, recipe.clone(), &shared)
             .map_err(|e| format!("{} ({name} producer)", describe(&e)))?;
@@ -108,6 +110,8 @@ pub struct Producers {
     batch_by_topic: HashMap<String, usize>,
     /// Metadata of the topics the brokers have.
     pub topics: Arc<Topics>,
+    /// Closes them all for the final flush.
+    gate: Arc<Gate>,
 }
 
 impl Producers {
@@ -118,14 +122,16 @@ impl Producers {
     ) -> Result<Producers, String> {
         let kafka = Arc::new(config.kafka.clone());
         let plan = Plan::new(config)?;
-        let sync = Slot::new("sync", &kafka, plan.sync, topics)?;
-        let asynchronous = Slot::new("async", &kafka, plan.asynchronous, topics)?;
-        let batch = Slot::new("batch", &kafka, plan.batch, topics)?;
+        let gate = Arc::new(Gate::default());
+        let slot = |name: &str, recipe| Slot::new(name, &kafka, recipe, topics, &gate);
+        let sync = slot("sync", plan.sync)?;
+        let asynchronous = slot("async", plan.asynchronous)?;
+        let batch = slot("batch", plan.batch)?;
         let groups = plan
             .groups
             .into_iter()
             .enumerate()
-            .map(|(i, recipe)| Slot::new(&format!("batch-{}", i + 1), &kafka, recipe, topics))
+            .map(|(i, recipe)| slot(&format!("batch-{}", i + 1), recipe))
             .collect::<Result<Vec<_>, _>>()?;
         let batch_by_topic = plan.batch_by_topic;
         let topics = Arc::new(Topics::new(
@@ -140,6 +146,7 @@ impl Producers {
             groups,
             batch_by_topic,
             topics,
+            gate,
         })
     }
 
@@ -232,9 +239,12 @@ impl Producers {
         });
     }
 
-    /// Waits until every queued record is delivered or failed, or `deadline` passes; returns
-    /// how many records are still undelivered.
+    /// For shutdown: closes the producers to new records (later sends get `Closed`), then waits
+    /// until every queued record is delivered or failed, or `deadline` passes; returns how many
+    /// records are still undelivered.
     pub async fn flush(&self, deadline: Duration) -> usize {
+        // Nothing may be queued behind the flush's back: after it, dropping a producer purges.
+        self.gate.close().await;
         let producers = self.all();
         let flushes: Vec<_> = producers
             .iter()

@@ -2,7 +2,7 @@
 //! optionally with a receiver for its delivery outcome.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -66,6 +66,8 @@ pub enum SendError {
     TooBig,
     /// The producer hit a fatal error; nothing queued.
     Fatal,
+    /// The producers are closed for the final flush of a shutdown; nothing queued.
+    Closed,
     /// librdkafka refused record number `accepted` (0-based); the ones before it are queued.
     Refused {
         /// Records queued before the refusal.
@@ -84,6 +86,49 @@ pub struct Shared {
     pub topics: Arc<crate::metrics::Topics>,
     /// Broker states from statistics.
     pub brokers: Arc<std::sync::Mutex<Vec<crate::metrics::BrokerState>>>,
+    /// Closed for the final flush.
+    pub gate: Arc<Gate>,
+}
+
+/// What closes every producer to new records before the final flush of a shutdown. A send
+/// holds a pass while it hands records to librdkafka (no await in between); closing waits for
+/// the passes out, so each send either queued its records before the flush looks at the queues
+/// or is refused (503, nothing written). Without it, a request still running at the shutdown
+/// deadline could queue records after the flush, and dropping the producers would purge them.
+#[derive(Debug, Default)]
+pub struct Gate {
+    closed: AtomicBool,
+    passing: AtomicUsize,
+}
+
+/// Leave to hand records over; see [`Gate`].
+struct Pass<'a>(&'a Gate);
+
+impl Gate {
+    fn enter(&self) -> Option<Pass<'_>> {
+        // SeqCst on both sides: either this send sees the gate closed, or `close` sees the pass.
+        self.passing.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.passing.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Pass(self))
+    }
+
+    /// Refuses every send from now on and waits (briefly: passes are held for a hand-over
+    /// only) until the ones under way are done.
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        while self.passing.load(Ordering::SeqCst) > 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        self.0.passing.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl SendError {
@@ -93,6 +138,7 @@ impl SendError {
             SendError::QueueFull => "queue_full",
             SendError::TooBig => "too_big",
             SendError::Fatal => "fatal",
+            SendError::Closed => "shutting_down",
             SendError::Refused { .. } => "refused",
         }
     }
@@ -121,6 +167,7 @@ pub struct Producer {
     tally: Arc<Tally>,
     error_seen: Arc<AtomicBool>,
     fatal: AtomicBool,
+    gate: Arc<Gate>,
 }
 
 impl Producer {
@@ -156,6 +203,7 @@ impl Producer {
             tally: shared.tally.clone(),
             error_seen,
             fatal: AtomicBool::new(false),
+            gate: shared.gate.clone(),
         })
     }
 
@@ -182,6 +230,10 @@ impl Producer {
                 Refused::Full => SendError::QueueFull,
                 Refused::TooBig => SendError::TooBig,
             })?;
+        let Some(_pass) = self.gate.enter() else {
+            self.admission.release(records.len(), bytes);
+            return Err(SendError::Closed);
+        };
         let mut receivers = Vec::with_capacity(if report { records.len() } else { 0 });
         let total = records.len();
         let mut handed_bytes = 0;

@@ -89,7 +89,7 @@ pub(super) fn refusal_of_send(error: &SendError) -> Option<Refusal> {
             status: StatusCode::PAYLOAD_TOO_LARGE.as_u16(),
         }),
         SendError::Refused { error, .. } => refusal_of_delivery(*error, Persisted::No),
-        SendError::QueueFull | SendError::Fatal => None,
+        SendError::QueueFull | SendError::Fatal | SendError::Closed => None,
     }
 }
 
