@@ -35,6 +35,10 @@ function on_request(req)
     return nil
   elseif case == "reject" then
     return reject(403, "no " .. req:topic())
+  elseif case == "reject-busy" then
+    return reject(429, "later")
+  elseif case == "reject-ok" then
+    return reject(200, "fine?")
   elseif case == "respond" then
     return respond(201, '{"hi":"' .. req:method() .. " " .. req:path() .. " " .. req:query() .. '"}')
   elseif case == "peer" then
@@ -130,6 +134,14 @@ async fn decide(req: &HookRequest, errors: &Mutex<Vec<Seen>>) -> Result<Verdict,
         "reject" => Verdict::Reject {
             status: StatusCode::FORBIDDEN,
             message: format!("no {}", req.topic),
+        },
+        "reject-busy" => Verdict::Reject {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: "later".into(),
+        },
+        "reject-ok" => Verdict::Reject {
+            status: StatusCode::OK,
+            message: "fine?".into(),
         },
         "respond" => Verdict::Respond(Respond {
             status: StatusCode::CREATED,
@@ -242,6 +254,13 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
     );
     let r = post(gw, &p, "reject", body).await;
     assert_eq!((r.status, r.error()), (403, format!("no {topic}")));
+    let r = post(gw, &p, "reject-busy", body).await;
+    assert_eq!(
+        (r.status, r.headers["retry-after"].to_str().unwrap()),
+        (429, "1")
+    );
+    let r = post(gw, &p, "reject-ok", body).await;
+    assert_eq!(r.status, 500, "a rejection is an error status: {}", r.body);
     let r = post(gw, &format!("{p}?q=1"), "respond", body).await;
     assert_eq!(
         (r.status, r.body.as_str()),
@@ -301,7 +320,8 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
         "nothing else landed"
     );
 
-    // 405 also reaches the error hook. Failures so far: bad topic, reject, slow, fail, empty, 405.
+    // 405 also reaches the error hook. Failures so far: bad topic, the three rejects, slow,
+    // fail, empty, 405.
     let r = common::client()
         .put(format!("{}{p}", gw.url))
         .send()
@@ -309,7 +329,7 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
         .unwrap();
     assert_eq!(r.status(), 405);
     let r = post(gw, &p, "errors", "{}").await;
-    assert_eq!(r.body, "6", "error hook calls");
+    assert_eq!(r.body, "8", "error hook calls");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

@@ -50,6 +50,13 @@ pub(super) async fn run(
         None => Ok(()),
     };
     match verdict {
+        // A 2xx "rejection" would hide that nothing was written.
+        Verdict::Reject { status, .. }
+            if !status.is_client_error() && !status.is_server_error() =>
+        {
+            tracing::error!(path = %route.path, %status, "hook rejected with a status that is not an error");
+            Err(IngestError::HookFailed("hook failed".into()))
+        }
         Verdict::Reject { status, message } => Err(IngestError::Rejected { status, message }),
         Verdict::Forward(forward) => {
             allowed(
