@@ -1,5 +1,6 @@
 //! API keys (401/403), rate limits (429), key reload, CORS preflight, HTTPS and mTLS with the
-//! certificate subject as the key identity, all on tansu; nothing refused ever lands.
+//! certificate subject as the key identity, all on tansu; nothing refused ever lands. And a topic
+//! the brokers refuse kafboy (librdkafka's mock cluster, which can say so): 403.
 
 #![allow(clippy::unwrap_used)]
 
@@ -427,4 +428,30 @@ fn kafka_tls_and_sasl_settings_are_accepted_by_librdkafka() {
         err.to_string().contains("password"),
         "secrets never sit in the TOML: {err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_the_brokers_refuse_kafboy_is_403_not_404() {
+    use rdkafka::types::RDKafkaRespErr;
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    mock.create_topic("open", 1, 1).unwrap();
+    mock.create_topic("secret", 1, 1).unwrap();
+    mock.topic_error(
+        "secret",
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+    )
+    .unwrap();
+    let gw = gateway(&mock.bootstrap_servers(), "").await;
+    for path in ["/sync/secret", "/async/secret"] {
+        let r = gw.post_json(path, "{}").await;
+        assert_eq!(r.status, 403, "{path}: {}", r.body);
+        assert!(
+            r.error().contains("refuses kafboy the topic secret"),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(gw.post_json("/sync/open", "{}").await.status, 200);
+    assert_eq!(gw.post_json("/sync/nowhere", "{}").await.status, 404);
+    gw.stop().await;
 }

@@ -161,6 +161,9 @@ async fn lookup(app: &AppState, topic: &str) -> Result<Arc<TopicInfo>, IngestErr
         .await
         .map_err(|e| match e {
             LookupError::Unknown => IngestError::UnknownTopic(topic.to_string()),
+            LookupError::Denied => {
+                IngestError::Forbidden(format!("kafka refuses kafboy the topic {topic}"))
+            }
             LookupError::Unavailable(why) => {
                 IngestError::Unavailable(format!("kafka metadata: {why}"))
             }

@@ -28,11 +28,21 @@ enum Entry {
     Missing(Instant),
 }
 
+/// A topic as a metadata answer lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    Partitions(i32),
+    /// The brokers refuse kafboy the topic (Kafka lists it with no partitions then).
+    Denied,
+}
+
 /// Why a topic could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LookupError {
     /// The brokers do not have it.
     Unknown,
+    /// The brokers refuse kafboy the topic (no permission to describe it).
+    Denied,
     /// The brokers could not be asked.
     Unavailable(String),
 }
@@ -123,7 +133,9 @@ impl Topics {
         let found = fetched.map_err(LookupError::Unavailable)?;
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         match found.into_iter().find(|(name, _)| name == topic) {
-            Some((_, partitions)) if partitions > 0 => {
+            // Not remembered: permissions change, and this costs the brokers one lookup.
+            Some((_, Listed::Denied)) => Err(LookupError::Denied),
+            Some((_, Listed::Partitions(partitions))) if partitions > 0 => {
                 let info = Arc::new(TopicInfo {
                     partitions,
                     ..TopicInfo::default()
@@ -147,7 +159,11 @@ impl Topics {
         let found = self.fetch(None, self.timeout)?;
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         let mut fresh = HashMap::with_capacity(found.len());
-        for (name, partitions) in found.into_iter().filter(|(_, p)| *p > 0) {
+        let usable = found.into_iter().filter_map(|(name, listed)| match listed {
+            Listed::Partitions(p) if p > 0 => Some((name, p)),
+            _ => None,
+        });
+        for (name, partitions) in usable {
             let info = match entries.remove(&name) {
                 Some(Entry::Known(old)) if old.partitions == partitions => old,
                 _ => Arc::new(TopicInfo {
@@ -169,8 +185,12 @@ impl Topics {
         Ok(count)
     }
 
-    /// `(topic, partition count)` pairs; a topic the broker reports as unknown is left out.
-    fn fetch(&self, topic: Option<&str>, timeout: Duration) -> Result<Vec<(String, i32)>, String> {
+    /// The topics listed; a topic the broker reports as unknown is left out.
+    fn fetch(
+        &self,
+        topic: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Vec<(String, Listed)>, String> {
         let client = self
             .client
             .read()
@@ -183,11 +203,14 @@ impl Topics {
         Ok(metadata
             .topics()
             .iter()
-            .filter(|t| {
-                t.error().map(RDKafkaErrorCode::from)
-                    != Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+            .filter_map(|t| {
+                let listed = match t.error().map(RDKafkaErrorCode::from) {
+                    Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return None,
+                    Some(RDKafkaErrorCode::TopicAuthorizationFailed) => Listed::Denied,
+                    _ => Listed::Partitions(t.partitions().len() as i32),
+                };
+                Some((t.name().to_string(), listed))
             })
-            .map(|t| (t.name().to_string(), t.partitions().len() as i32))
             .collect())
     }
 
