@@ -204,8 +204,9 @@ impl Writer {
     }
 
     /// Cuts what a failed write may have left, so records answered with a disk error are never
-    /// sent; a segment that cannot be cut is left behind (the sender reads it only up to its
-    /// durable length).
+    /// sent. A segment that cannot be cut is left behind: this run's sender reads it only up to
+    /// its durable length, but recovery after a restart reads all of it, so in that double fault
+    /// complete records of the failed write can be sent after all (README, "Spool").
     fn rollback(&mut self) {
         if let Some(file) = &self.file {
             match file.set_len(self.offset).and_then(|()| file.sync_data()) {
