@@ -1,6 +1,7 @@
 //! The accept loop: HTTP/1.1 connections served by hyper with kafboy's limits on them. Slow
-//! headers are cut off (slowloris), header floods get 431 from hyper, and past the connection cap
-//! a new connection gets a 503 and is closed at once instead of waiting in the backlog.
+//! headers are cut off (slowloris), so are clients that stop taking their answers, header floods
+//! get 431 from hyper, and past the connection cap a new connection gets a 503 and is closed at
+//! once instead of waiting in the backlog.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,6 +23,10 @@ use crate::auth::ClientSubject;
 use crate::server::{REQUEST_ID, RequestId};
 use crate::tls::Tls;
 
+mod stall;
+
+use stall::Stall;
+
 /// Connection limits, from `[server]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -33,6 +38,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most connections open at once.
     pub max_connections: usize,
+    /// Longest a write of an answer may make no progress; then the connection is closed.
+    pub write_timeout: Duration,
 }
 
 const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
@@ -97,10 +104,12 @@ pub async fn serve(
             watcher: graceful.watcher(),
         };
         let handshake = limits.header_read_timeout;
+        let write_timeout = limits.write_timeout;
         match &tls {
             None => {
                 tokio::spawn(async move {
-                    connection.serve(TokioIo::new(tcp), None).await;
+                    let io = TokioIo::new(Stall::new(tcp, write_timeout));
+                    connection.serve(io, None).await;
                     drop(permit);
                 });
             }
@@ -115,7 +124,8 @@ pub async fn serve(
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .and_then(crate::tls::client_subject);
-                            connection.serve(TokioIo::new(stream), subject).await;
+                            let io = TokioIo::new(Stall::new(stream, write_timeout));
+                            connection.serve(io, subject).await;
                         }
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

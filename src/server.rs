@@ -183,6 +183,7 @@ impl App {
             max_headers: state.server.max_headers,
             max_header_bytes: state.server.max_header_bytes,
             max_connections: state.server.max_connections,
+            write_timeout: state.server.write_timeout,
         };
         let router = self.router();
         if let Some(admin) = self.admin {

@@ -233,3 +233,54 @@ async fn deep_json_and_too_many_records_are_refused() {
     assert_eq!(consume(&b.addr, &topic, 1).len(), 1);
     gw.stop().await;
 }
+
+/// A connection that sends pipelined requests and never reads an answer past the first bytes
+/// (a small receive buffer, so the server's writes back up at once); `None` if the server
+/// turned it away.
+async fn hog(addr: std::net::SocketAddr) -> Option<tokio::net::tcp::OwnedReadHalf> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let (mut read, mut write) = socket.connect(addr).await.unwrap().into_split();
+    tokio::spawn(async move {
+        let requests = "GET /openapi.json HTTP/1.1\r\nhost: a\r\n\r\n".repeat(100);
+        while write.write_all(requests.as_bytes()).await.is_ok() {}
+    });
+    let mut first = [0u8; 12];
+    read.read_exact(&mut first).await.ok()?;
+    (&first == b"HTTP/1.1 200").then_some(read)
+}
+
+/// Whether a fresh connection is turned away (the connection cap is reached).
+async fn refused(gw: &Gateway) -> bool {
+    let r = common::client()
+        .get(format!("{}/health", gw.url))
+        .send()
+        .await;
+    !r.is_ok_and(|r| r.status() == 200)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_their_answers_lose_their_connection() {
+    let b = broker();
+    let gw = gateway(
+        &b.addr,
+        "[server]\nmax_connections = 2\nwrite_timeout = \"2s\"",
+    )
+    .await;
+    let mut hogs = Vec::new();
+    while hogs.len() < 2 {
+        hogs.extend(hog(gw.addr).await);
+    }
+    assert!(refused(&gw).await, "every place is taken");
+    // By clients that read nothing: the server gives up on them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while refused(&gw).await {
+        assert!(
+            Instant::now() < deadline,
+            "clients that never read kept every connection"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(hogs);
+    gw.stop().await;
+}

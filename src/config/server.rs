@@ -48,6 +48,11 @@ pub struct ServerConfig {
     /// Longest pause between two pieces of a request body; then 408. Default 10s.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Longest a client may take none of its answer (a full socket buffer); then the
+    /// connection is closed, so clients that send and never read cannot keep their place
+    /// under `max_connections`. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// Most header fields in a request; more gets 431. Default 100.
     pub max_headers: usize,
     /// Most bytes of request line and headers; more gets 431. Default 64 KiB.
@@ -124,6 +129,7 @@ impl Default for ServerConfig {
             default_routes: true,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
             max_headers: 100,
             max_header_bytes: 64 << 10,
             max_connections: 10_000,
