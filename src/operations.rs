@@ -22,14 +22,28 @@ pub fn router(private: bool) -> Router<Arc<AppState>> {
         .route("/health", get(health))
         .route("/disco", get(disco))
         .route("/ready", get(ready));
-    if private {
+    let router = if private {
         router
             .route("/metrics", get(metrics))
             .route("/", get(crate::status::page))
             .route("/status.json", get(crate::status::status_json))
     } else {
         router
-    }
+    };
+    // After the routes: it applies to the ones registered so far.
+    router.method_not_allowed_fallback(method_not_allowed)
+}
+
+/// Any method but GET (or HEAD) on these: a JSON error like every other.
+async fn method_not_allowed() -> Response {
+    let mut response = json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &serde_json::json!({ "error": "method not allowed; use GET" }),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    response
 }
 
 /// `GET /disco`: this node's name and the URL peers reach it at, as plain text.

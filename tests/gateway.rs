@@ -585,12 +585,20 @@ async fn health_and_ready() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r = common::client()
-        .post(format!("{}/ready", gw.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 405);
+    for path in ["/ready", "/health", "/openapi.json", "/metrics"] {
+        let r = common::client()
+            .post(format!("{}{path}", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{path}");
+        assert_eq!(r.headers()["allow"], "GET, HEAD");
+        let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("use GET"),
+            "{body}"
+        );
+    }
     gw.stop().await;
 }
 
