@@ -239,6 +239,33 @@ fn labelled_topics(
 }
 
 /// The parts of a config that are checked and compiled before any producer exists.
+/// Limits whose extreme values would fail at run time: a deadline past what the clock can
+/// hold panics, and tokio's semaphore takes at most `MAX_PERMITS` connections.
+fn check_ranges(config: &Config) -> Result<(), String> {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let s = &config.server;
+    let durations = [
+        ("server.enqueue_timeout", s.enqueue_timeout),
+        ("server.sync_timeout", s.sync_timeout),
+        ("server.shutdown_timeout", s.shutdown_timeout),
+        ("server.header_read_timeout", s.header_read_timeout),
+        ("server.body_read_timeout", s.body_read_timeout),
+        ("server.write_timeout", s.write_timeout),
+        ("hook.timeout", config.hook.timeout),
+        ("kafka.metadata_timeout", config.kafka.metadata_timeout),
+    ];
+    if let Some((name, _)) = durations.iter().find(|(_, d)| *d > DAY) {
+        return Err(format!("{name} must be at most 1 day"));
+    }
+    let most = tokio::sync::Semaphore::MAX_PERMITS;
+    if !(1..=most).contains(&s.max_connections) {
+        return Err(format!(
+            "server.max_connections must be between 1 and {most}"
+        ));
+    }
+    Ok(())
+}
+
 struct Checked {
     routes: Vec<(Arc<Route>, crate::ingest::RouteHook)>,
     allow: Allowlist,
@@ -258,6 +285,7 @@ impl Checked {
             // serde_json, which hooks and most consumers parse with, stops at 127 levels.
             return Err("server.max_json_depth must be between 1 and 127".into());
         }
+        check_ranges(config)?;
         let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
         config.spool.check()?;
         for (route, _) in &routes {
@@ -314,5 +342,36 @@ impl Checked {
             topic_partitioner,
             keys,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_the_clock_or_tokio_cannot_hold_are_config_errors() {
+        for (toml, key) in [
+            (
+                "[server]\nheader_read_timeout = \"18446744073709551615s\"",
+                "server.header_read_timeout",
+            ),
+            (
+                "[server]\nshutdown_timeout = \"400days\"",
+                "server.shutdown_timeout",
+            ),
+            ("[hook]\ntimeout = \"2days\"", "hook.timeout"),
+            (
+                "[server]\nmax_connections = 9223372036854775807",
+                "server.max_connections",
+            ),
+            ("[server]\nmax_connections = 0", "server.max_connections"),
+        ] {
+            let config = Config::from_toml(toml).unwrap();
+            let error = AppState::check(&config).unwrap_err();
+            assert!(error.contains(key), "{toml}: {error}");
+        }
+        AppState::check(&Config::from_toml("[server]\nshutdown_timeout = \"1day\"").unwrap())
+            .unwrap();
     }
 }

@@ -74,7 +74,9 @@ impl Bucket {
             Ok(())
         } else {
             *state = (tokens, now);
-            Err(Duration::from_secs_f64((1.0 - tokens) / self.rate))
+            // A rate so low the wait overflows a Duration: a day is as good as forever here.
+            let wait = (1.0 - tokens) / self.rate;
+            Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::from_secs(86_400)))
         }
     }
 }
@@ -256,6 +258,13 @@ mod tests {
             rate: None,
             burst: None,
         }
+    }
+
+    #[test]
+    fn a_tiny_rate_waits_a_day_instead_of_panicking() {
+        let bucket = Bucket::new(1e-20, Some(1.0));
+        assert!(bucket.take().is_ok());
+        assert_eq!(bucket.take(), Err(Duration::from_secs(86_400)));
     }
 
     #[test]
