@@ -23,7 +23,17 @@ pub struct Keys {
     inline: Vec<KeyConfig>,
     file: Option<PathBuf>,
     current: RwLock<Arc<KeySet>>,
-    loaded_at: Mutex<Option<SystemTime>>,
+    loaded_at: Mutex<Option<Stamp>>,
+}
+
+/// What tells one version of the key file from the next: its modification time and length.
+/// The length catches an in-place rewrite within one tick of a coarse clock (`cat new > file`
+/// is an empty file first).
+type Stamp = (SystemTime, u64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 impl Keys {
@@ -35,24 +45,30 @@ impl Keys {
             current: RwLock::default(),
             loaded_at: Mutex::new(None),
         };
-        let (set, mtime) = keys.read()?;
+        let (set, stamped) = keys.read()?;
         *keys.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
-        *keys.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = mtime;
+        *keys.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = stamped;
         Ok(keys)
     }
 
-    fn read(&self) -> Result<(KeySet, Option<SystemTime>), String> {
+    fn read(&self) -> Result<(KeySet, Option<Stamp>), String> {
         let mut all = self.inline.clone();
-        let mut mtime = None;
+        let mut stamped = None;
         if let Some(path) = &self.file {
+            let before = stamp(path);
             let text =
                 std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            // A file being written as it was read (an empty one, say, which parses as no keys)
+            // must not replace the keys in force; the next check reads it again.
+            if stamp(path) != before {
+                return Err(format!("{}: changed while being read", path.display()));
+            }
+            stamped = before;
             let parsed: KeyFile =
                 toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             all.extend(parsed.keys);
         }
-        Ok((KeySet::new(&all)?, mtime))
+        Ok((KeySet::new(&all)?, stamped))
     }
 
     /// The keys in force now.
@@ -65,17 +81,17 @@ impl Keys {
 
     /// Re-reads the key file; a bad file keeps the keys in force and says why.
     pub fn reload(&self) -> Result<usize, String> {
-        let (set, mtime) = self.read()?;
+        let (set, stamped) = self.read()?;
         let count = set.keys.len();
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
-        *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = mtime;
+        *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = stamped;
         Ok(count)
     }
 
     /// Whether the key file changed since it was last read.
     pub fn file_changed(&self) -> bool {
         let Some(path) = &self.file else { return false };
-        let now = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let now = stamp(path);
         now.is_some() && now != *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -103,4 +119,31 @@ pub fn spawn_watch(keys: &Arc<Keys>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str) -> String {
+        let digest = if name == "a" { "ab" } else { "cd" }.repeat(32);
+        format!("[[keys]]\nname = \"{name}\"\nsha256 = \"{digest}\"\ntopics = [\"t\"]\n")
+    }
+
+    #[test]
+    fn a_rewrite_within_one_clock_tick_is_still_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, entry("a")).unwrap();
+        let keys = Keys::load(&[], Some(&path)).unwrap();
+        let when = std::fs::metadata(&path).unwrap().modified().unwrap();
+        assert!(!keys.file_changed());
+        // Rewritten in place, and the clock did not move on (coarse timestamps).
+        std::fs::write(&path, entry("a") + &entry("b")).unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(when).unwrap();
+        assert!(keys.file_changed());
+        assert_eq!(keys.reload().unwrap(), 2);
+        assert!(!keys.file_changed());
+    }
 }
