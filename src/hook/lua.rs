@@ -56,6 +56,16 @@ do
   pcall = function(...) return check(pack(raw_pcall(...))) end
   xpcall = function(...) return check(pack(raw_xpcall(...))) end
 end
+-- A finalizer runs with hooks off, so no budget could stop it: scripts get none.
+do
+  local raw_setmetatable, rawget, type = setmetatable, rawget, type
+  setmetatable = function(t, mt)
+    if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+      error("__gc is not allowed in hooks: a finalizer would run outside the budgets", 2)
+    end
+    return raw_setmetatable(t, mt)
+  end
+end
 -- One read-only table for every forward(): nothing to allocate, and the host knows it on sight.
 do
   local verdict = setmetatable({}, {
@@ -222,7 +232,8 @@ impl LuaHook {
 
     fn call(&self, request: Arc<HookRequest>) -> Result<Verdict, HookError> {
         self.with_state(|state| {
-            *state.req.borrow_mut::<LuaRequest>()? = LuaRequest::new(request);
+            *state.req.borrow_mut::<LuaRequest>()? =
+                LuaRequest::new(request, self.limits.max_memory);
             let result = state.on_request.call::<mlua::Value>(&state.req);
             // Emptied whether or not the call failed, so no request outlives its call.
             let done = std::mem::replace(
@@ -343,6 +354,45 @@ mod tests {
             Ok(Verdict::Reject { message, .. }) => assert_eq!(message, "2"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn what_could_outrun_the_budgets_or_the_stack_is_an_error() {
+        let cases = [
+            (
+                "setmetatable({}, {__gc = function() while true do end end}) return forward()",
+                "__gc is not allowed",
+            ),
+            (
+                r#"req:set(string.rep("a.", 100000) .. "z", 1) return forward()"#,
+                "path deeper than 128",
+            ),
+            (
+                r#"local v = string.rep("x", 1000000)
+                for i = 1, 300 do req:set_header("h", v) end
+                return forward()"#,
+                "hook.max_memory_bytes",
+            ),
+            ("req:set_partition(-1) return forward()", "numbered from 0"),
+            ("return respond(700, 'x')", "not an HTTP status"),
+        ];
+        for (body, want) in cases {
+            let script = format!("function on_request(req) {body} end");
+            let error = run(&script, r#"{"a":1}"#).err();
+            assert!(
+                error.as_ref().is_some_and(|e| e.0.contains(want)),
+                "{body}: {error:?}"
+            );
+        }
+        // Within the limits, the same calls work.
+        let fine = r#"function on_request(req)
+            setmetatable({}, {__index = {}})
+            req:set("x.y.z", 1)
+            req:set_header("h", string.rep("x", 1000))
+            req:set_partition(0)
+            return forward()
+        end"#;
+        assert!(matches!(run(fine, "{}"), Ok(Verdict::Forward(_))));
     }
 
     #[test]

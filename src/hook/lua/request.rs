@@ -19,11 +19,26 @@ use crate::hook::{Forward, HookRequest};
 /// Nesting a script's body may have: serde_json's own limit, which the tree has too.
 const MAX_DEPTH: usize = 128;
 
+/// A path no deeper than a body may be: `set` creates an object per segment, and writing out or
+/// dropping a tree thousands deep would overflow the stack.
+fn check_path(path: &str) -> mlua::Result<()> {
+    if segments(path).nth(MAX_DEPTH).is_some() {
+        return Err(mlua::Error::runtime(format!(
+            "path deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    Ok(())
+}
+
 /// The request handed to `on_request(req)`.
 pub struct LuaRequest {
     req: Arc<HookRequest>,
     doc: Doc,
     forward: Forward,
+    /// Bytes the script has handed to Rust in edits so far, and the most it may
+    /// (`hook.max_memory_bytes`: the Lua heap's limit would not see these copies).
+    charged: usize,
+    limit: usize,
 }
 
 /// The JSON body as the script sees it.
@@ -37,12 +52,26 @@ enum Doc {
 }
 
 impl LuaRequest {
-    pub fn new(req: Arc<HookRequest>) -> LuaRequest {
+    pub fn new(req: Arc<HookRequest>, limit: usize) -> LuaRequest {
         LuaRequest {
             req,
             doc: Doc::Unread,
             forward: Forward::default(),
+            charged: 0,
+            limit,
         }
+    }
+
+    /// Counts `bytes` more of edits against the limit.
+    fn charge(&mut self, bytes: usize) -> mlua::Result<()> {
+        self.charged = self.charged.saturating_add(bytes);
+        if self.charged > self.limit {
+            return Err(mlua::Error::runtime(format!(
+                "the request's edits take more than hook.max_memory_bytes ({} bytes)",
+                self.limit
+            )));
+        }
+        Ok(())
     }
 
     /// What `req` holds between calls: an empty request, one per thread, so emptying `req`
@@ -61,7 +90,7 @@ impl LuaRequest {
                 BodyKind::Raw,
             ));
         }
-        LuaRequest::new(IDLE.with(Arc::clone))
+        LuaRequest::new(IDLE.with(Arc::clone), 0)
     }
 
     /// The edits, with the body the script changed.
@@ -139,6 +168,7 @@ impl LuaRequest {
 
     /// `get`: the value at `path`, or nil.
     fn get(&mut self, lua: &mlua::Lua, path: &str) -> mlua::Result<mlua::Value> {
+        check_path(path)?;
         if let Some(doc) = self.raw()? {
             return match doc.find(segments(path)) {
                 None => Ok(mlua::Value::Nil),
@@ -153,7 +183,9 @@ impl LuaRequest {
 
     /// `set`: a top-level field is spliced into the bytes; deeper paths go through a tree.
     fn set(&mut self, lua: &mlua::Lua, path: &str, value: mlua::Value) -> mlua::Result<()> {
+        check_path(path)?;
         let text = scalar_json(&value);
+        self.charge(path.len() + text.as_ref().map_or(0, |t| t.len()))?;
         if let Some(name) = single(path)
             && let Some(doc) = self.raw()?
         {
@@ -171,7 +203,11 @@ impl LuaRequest {
         }
         let value = match text {
             Some(text) => serde_json::from_slice(&text).map_err(mlua::Error::external)?,
-            None => lua.from_value(value)?,
+            None => {
+                let value: Value = lua.from_value(value)?;
+                self.charge(serde_json::to_vec(&value).map_or(0, |v| v.len()))?;
+                value
+            }
         };
         *slot(self.tree(true)?, path)? = value;
         Ok(())
@@ -179,6 +215,7 @@ impl LuaRequest {
 
     /// `delete`: whether something was removed.
     fn delete(&mut self, path: &str) -> mlua::Result<bool> {
+        check_path(path)?;
         if let Some(name) = single(path)
             && let Some(doc) = self.raw()?
         {
@@ -209,6 +246,7 @@ impl UserData for LuaRequest {
                 .unwrap_or_else(|| this.req.topic.clone()))
         });
         m.add_method_mut("set_topic", |_, this, topic: String| {
+            this.charge(topic.len())?;
             this.forward.topic = Some(topic);
             Ok(())
         });
@@ -242,6 +280,7 @@ impl UserData for LuaRequest {
             lua.create_string(this.forward.body.as_deref().unwrap_or(&this.req.body))
         });
         m.add_method_mut("set_body", |_, this, body: mlua::LuaString| {
+            this.charge(body.as_bytes().len())?;
             this.forward.body = Some(Bytes::copy_from_slice(&body.as_bytes()));
             this.doc = Doc::Unread;
             Ok(())
@@ -265,16 +304,23 @@ impl UserData for LuaRequest {
                 .transpose()
         });
         m.add_method_mut("set_key", |_, this, key: mlua::LuaString| {
+            this.charge(key.as_bytes().len())?;
             this.forward.key = Some(Bytes::copy_from_slice(&key.as_bytes()));
             Ok(())
         });
         m.add_method_mut("set_partition", |_, this, partition: i32| {
+            if partition < 0 {
+                return Err(mlua::Error::runtime(format!(
+                    "partition {partition}: partitions are numbered from 0"
+                )));
+            }
             this.forward.partition = Some(partition);
             Ok(())
         });
         m.add_method_mut(
             "set_header",
             |_, this, (name, value): (String, mlua::LuaString)| {
+                this.charge(name.len() + value.as_bytes().len())?;
                 this.forward
                     .headers
                     .push((name, Bytes::copy_from_slice(&value.as_bytes())));

@@ -54,23 +54,32 @@ pub(super) fn slot<'v>(mut value: &'v mut Value, path: &str) -> mlua::Result<&'v
     Ok(value)
 }
 
+/// Removes what `path` names: a field (the others keep their order) or an array element (the
+/// ones after it move up).
 pub(super) fn remove(value: &mut Value, path: &str) -> bool {
-    let (parent, last) = match path.rsplit_once('.') {
-        Some((parent, last)) => (parent, last),
-        None => ("", path),
+    let segs: Vec<&str> = segments(path).collect();
+    let Some((last, parents)) = segs.split_last() else {
+        return false;
     };
-    let mut parent_value = value;
-    for seg in segments(parent) {
-        parent_value = match parent_value {
-            Value::Object(map) => match map.get_mut(seg) {
-                Some(v) => v,
-                None => return false,
-            },
-            _ => return false,
+    let mut parent = value;
+    for seg in parents {
+        let next = match parent {
+            Value::Object(map) => map.get_mut(*seg),
+            Value::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get_mut(i)),
+            _ => None,
         };
+        let Some(next) = next else { return false };
+        parent = next;
     }
-    match parent_value {
-        Value::Object(map) => map.remove(last).is_some(),
+    match parent {
+        Value::Object(map) => map.shift_remove(*last).is_some(),
+        Value::Array(items) => match last.parse::<usize>() {
+            Ok(i) if i < items.len() => {
+                items.remove(i);
+                true
+            }
+            _ => false,
+        },
         _ => false,
     }
 }
@@ -95,5 +104,14 @@ mod tests {
             json!({"user": {"tags": ["z", "b"]}, "meta": {"source": "web"}})
         );
         assert!(slot(&mut json!({"a": 1}), "a.b").is_err());
+        let mut v = json!({"users": [{"password": "s", "n": 1}, {"n": 2}], "a": 1, "b": 2});
+        assert!(remove(&mut v, "users.0.password"));
+        assert!(remove(&mut v, "users.1"));
+        assert!(!remove(&mut v, "users.5"));
+        assert!(remove(&mut v, "a."), "a trailing dot names the same field");
+        assert_eq!(v, json!({"users": [{"n": 1}], "b": 2}));
+        let mut ordered = json!({"a": 1, "b": 2, "c": 3});
+        assert!(remove(&mut ordered, "a"));
+        assert_eq!(serde_json::to_string(&ordered).unwrap(), r#"{"b":2,"c":3}"#);
     }
 }

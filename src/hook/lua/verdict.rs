@@ -62,7 +62,7 @@ fn status(table: &Table, default: u16) -> mlua::Result<StatusCode> {
     let code = table.get::<Option<u16>>("status")?.unwrap_or(default);
     StatusCode::from_u16(code)
         .ok()
-        .filter(|s| !s.is_informational())
+        .filter(|s| !s.is_informational() && s.as_u16() <= 599)
         .ok_or_else(|| mlua::Error::runtime(format!("{code} is not an HTTP status")))
 }
 
