@@ -89,8 +89,9 @@ impl RecordMeta {
         strategy: Partitioner,
         info: &TopicInfo,
     ) -> Result<Vec<Record>, IngestError> {
+        // Negative too: librdkafka would read -1 as "no partition chosen" (a Rust hook may set it).
         if let Some(p) = self.partition
-            && p >= info.partitions
+            && !(0..info.partitions).contains(&p)
         {
             return Err(IngestError::BadRequest(format!(
                 "partition {p} out of range; the topic has {} partitions",
