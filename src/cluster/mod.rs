@@ -98,6 +98,18 @@ impl Cluster {
         if !(0.0..=1.0).contains(&config.high_water) {
             return Err("cluster.high_water must be between 0 and 1".into());
         }
+        // Zero would ask every peer about once a millisecond (and never re-read discovery); a
+        // day past what the clock can hold would panic.
+        let day = Duration::from_secs(86_400);
+        for (name, d) in [
+            ("cluster.refresh", config.refresh),
+            ("cluster.health_interval", config.health_interval),
+            ("cluster.forward_timeout", config.forward_timeout),
+        ] {
+            if d < Duration::from_millis(10) || d > day {
+                return Err(format!("{name} must be between 10ms and 1 day"));
+            }
+        }
         let url = config
             .advertise_url
             .clone()
@@ -137,11 +149,15 @@ impl Cluster {
     }
 
     /// Whether a request should go to a peer: this node is past its high-water mark (or has no
-    /// room at all), the request was not forwarded already, and some peer is ready.
+    /// room at all), the request was not forwarded already, and a ready peer has room, and at
+    /// least as much as this node (a fuller one would only answer 503 sooner).
     pub fn should_forward(&self, fill: f64, full: bool, headers: &HeaderMap) -> bool {
+        let room = if full { 0.0 } else { 1.0 - fill };
         (full || fill >= self.config.high_water)
             && !headers.contains_key(HOP)
-            && self.best().is_some()
+            && self
+                .best()
+                .is_some_and(|(_, headroom)| headroom > 0.0 && headroom >= room)
     }
 
     /// Whether a request may be forwarded at all: one authenticated by its TLS client
@@ -152,7 +168,7 @@ impl Cluster {
 
     /// A ready peer with the most headroom; among peers within 10 % of the best, one at random,
     /// so equally idle peers share the overflow.
-    fn best(&self) -> Option<String> {
+    fn best(&self) -> Option<(String, f64)> {
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
         let ready: Vec<&Peer> = peers
             .values()
@@ -163,7 +179,8 @@ impl Cluster {
             .map(|p| p.headroom)
             .fold(f64::NEG_INFINITY, f64::max);
         let near: Vec<&&Peer> = ready.iter().filter(|p| p.headroom >= top - 0.1).collect();
-        (!near.is_empty()).then(|| near[rand::random_range(0..near.len())].url.clone())
+        let pick = near.get(rand::random_range(0..near.len().max(1)))?;
+        Some((pick.url.clone(), pick.headroom))
     }
 
     /// The peers, for the status page.
@@ -183,9 +200,10 @@ impl Cluster {
         method: Method,
         uri: &Uri,
         headers: &HeaderMap,
+        request_id: Option<&HeaderValue>,
         body: Bytes,
     ) -> Option<Response> {
-        let peer = self.best()?;
+        let (peer, _) = self.best()?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let mut request = self
             .client
@@ -195,6 +213,13 @@ impl Cluster {
             if !hop_by_hop(name) {
                 request = request.header(name, value);
             }
+        }
+        // An id kafboy made up (the client sent none) goes along, so the peer's log names the id
+        // the client gets back.
+        if !headers.contains_key(crate::server::REQUEST_ID)
+            && let Some(id) = request_id
+        {
+            request = request.header(crate::server::REQUEST_ID, id);
         }
         request = request.header(HOP, &self.name).body(body);
         match request.send().await {
@@ -282,4 +307,51 @@ async fn relay(answer: reqwest::Response) -> Response {
         response.headers_mut().insert(name, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(toml: &str) -> Result<Option<Cluster>, String> {
+        let config: ClusterConfig = toml::from_str(toml).unwrap();
+        Cluster::new(&config, "127.0.0.1:8000".parse().unwrap())
+    }
+
+    #[test]
+    fn requests_go_only_to_a_peer_with_more_room() {
+        let c = cluster(r#"peers = ["http://10.0.0.2:8000"]"#)
+            .unwrap()
+            .unwrap();
+        let none = HeaderMap::new();
+        assert!(!c.should_forward(0.9, false, &none), "no peer ready yet");
+        c.mark("http://10.0.0.2:8000", true, 0.0);
+        assert!(!c.should_forward(0.85, false, &none), "the peer is full");
+        assert!(!c.should_forward(1.0, true, &none), "both full");
+        c.mark("http://10.0.0.2:8000", true, 0.5);
+        assert!(c.should_forward(0.85, false, &none));
+        assert!(c.should_forward(0.3, true, &none), "no room here at all");
+        assert!(!c.should_forward(0.5, false, &none), "below high water");
+        let mut hopped = HeaderMap::new();
+        hopped.insert(HOP, HeaderValue::from_static("other"));
+        assert!(
+            !c.should_forward(1.0, true, &hopped),
+            "never forwarded twice"
+        );
+    }
+
+    #[test]
+    fn cluster_durations_are_checked() {
+        for bad in [
+            "health_interval = \"0s\"",
+            "refresh = \"0s\"",
+            "forward_timeout = \"400days\"",
+        ] {
+            let toml = format!("peers = [\"http://10.0.0.2:8000\"]\n{bad}");
+            assert!(
+                cluster(&toml).err().is_some_and(|e| e.contains("between")),
+                "{bad}"
+            );
+        }
+    }
 }

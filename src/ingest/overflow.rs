@@ -45,8 +45,12 @@ pub(super) async fn hand_over(
     }
     // Boxed because a call to a peer is a large future (1.3 KiB) that few requests need:
     // inline, it would grow the future of every request, which axum boxes and moves.
-    let answer =
-        Box::pin(cluster.forward(parts.method.clone(), &parts.uri, &parts.headers, body)).await;
+    let id = parts
+        .extensions
+        .get::<crate::server::RequestId>()
+        .map(|id| &id.0);
+    let forward = cluster.forward(parts.method.clone(), &parts.uri, &parts.headers, id, body);
+    let answer = Box::pin(forward).await;
     if answer.is_some() {
         app.stats
             .forwarded_sent

@@ -87,14 +87,18 @@ impl Admission {
         self.bytes.add_permits(bytes);
     }
 
-    /// Share of the record budget in use, 0 to 1.
+    /// Share of the queue in use, 0 to 1: of the record budget or of the byte budget, whichever
+    /// is further along (with large records the bytes run out first).
     pub fn fill(&self) -> f64 {
-        self.queued() as f64 / self.max_records.max(1) as f64
+        let records = self.queued() as f64 / self.max_records.max(1) as f64;
+        let used_bytes = self.max_bytes - self.bytes.available_permits();
+        let bytes = used_bytes as f64 / self.max_bytes.max(1) as f64;
+        records.max(bytes)
     }
 
-    /// Whether not even one more record fits.
+    /// Whether not even one more record fits (no record left, or no byte).
     pub fn full(&self) -> bool {
-        self.records.available_permits() == 0
+        self.records.available_permits() == 0 || self.bytes.available_permits() == 0
     }
 
     /// Records currently holding room.
@@ -119,6 +123,18 @@ mod tests {
         a.acquire(2, 10, wait).await.unwrap();
         assert_eq!(a.acquire(1, 1000, wait).await, Err(Refused::TooBig));
         assert_eq!(a.acquire(4, 1, wait).await, Err(Refused::TooBig));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fill_counts_whichever_budget_is_further_along() {
+        let a = Admission::new(100, 1000);
+        a.acquire(1, 990, Duration::ZERO).await.unwrap();
+        assert!(a.fill() >= 0.99 && !a.full(), "{}", a.fill());
+        a.acquire(1, 10, Duration::ZERO).await.unwrap();
+        assert!(a.full());
+        a.release(2, 1000);
+        a.acquire(50, 1, Duration::ZERO).await.unwrap();
+        assert!((a.fill() - 0.5).abs() < 1e-9 && !a.full());
     }
 
     #[tokio::test(start_paused = true)]
