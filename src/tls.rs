@@ -104,9 +104,90 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-/// The subject of a verified client certificate, as x509-parser prints it: attributes in
-/// certificate order joined by `", "`, e.g. `C=DE, O=Acme, CN=partner-a`.
+/// The subject of a verified client certificate as text: attributes in certificate order
+/// joined by `", "` (and `" + "` within a multi-valued one), e.g. `C=DE, O=Acme, CN=partner-a`,
+/// as x509-parser prints plain names. Unlike its printing, values are escaped as RFC 4514 says
+/// (`CN=a\, O=b` is one attribute), so no two subjects read the same; a subject with a value
+/// that is not text has none (it cannot stand for a key).
 pub fn client_subject(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::objects::{oid_registry, oid2abbrev};
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    Some(parsed.subject().to_string())
+    let mut out = String::new();
+    for (i, rdn) in parsed.subject().iter_rdn().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        for (j, attr) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push_str(" + ");
+            }
+            match oid2abbrev(attr.attr_type(), oid_registry()) {
+                Ok(name) => out.push_str(name),
+                Err(_) => out.push_str(&attr.attr_type().to_id_string()),
+            }
+            out.push('=');
+            escape_dn_value(attr.as_str().ok()?, &mut out);
+        }
+    }
+    Some(out)
+}
+
+/// RFC 4514's escaping of an attribute value.
+fn escape_dn_value(value: &str, out: &mut String) {
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        let edge = (i == 0 && (c == '#' || c == ' ')) || (i == last && c == ' ');
+        match c {
+            ',' | '+' | '"' | '\\' | '<' | '>' | ';' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\0' => out.push_str("\\00"),
+            _ if edge => {
+                out.push('\\');
+                out.push(c);
+            }
+            _ => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod subject_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+
+    fn subject_of(attributes: &[(DnType, &str)]) -> Option<String> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut name = DistinguishedName::new();
+        for (kind, value) in attributes {
+            name.push(kind.clone(), *value);
+        }
+        params.distinguished_name = name;
+        let cert = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        client_subject(cert.der())
+    }
+
+    #[test]
+    fn subjects_print_plainly_and_never_alike() {
+        let plain = subject_of(&[
+            (DnType::CountryName, "DE"),
+            (DnType::OrganizationName, "Acme"),
+            (DnType::CommonName, "partner-a"),
+        ]);
+        assert_eq!(plain.as_deref(), Some("C=DE, O=Acme, CN=partner-a"));
+        let two = subject_of(&[
+            (DnType::CommonName, "partner-a"),
+            (DnType::OrganizationName, "Acme"),
+        ]);
+        let one = subject_of(&[(DnType::CommonName, "partner-a, O=Acme")]);
+        assert_eq!(two.as_deref(), Some("CN=partner-a, O=Acme"));
+        assert_eq!(one.as_deref(), Some("CN=partner-a\\, O=Acme"));
+        let edges = subject_of(&[(DnType::CommonName, " #a+b\\c;<d>\"e ")]);
+        assert_eq!(
+            edges.as_deref(),
+            Some("CN=\\ #a\\+b\\\\c\\;\\<d\\>\\\"e\\ ")
+        );
+    }
 }
