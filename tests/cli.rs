@@ -113,6 +113,19 @@ fn config_errors_exit_64_and_name_the_key() {
         c
     });
     assert_eq!(out.status.code(), Some(64));
+    // A bad flag is a configuration error too; --help is not an error.
+    for (args, code) in [
+        (&["--listen", "nonsense"][..], 64),
+        (&["--no-such-flag"][..], 64),
+        (&["--help"][..], 0),
+    ] {
+        let out = run_to_end({
+            let mut c = kafboy();
+            c.args(args);
+            c
+        });
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+    }
 }
 
 fn free_port() -> u16 {
