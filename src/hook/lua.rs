@@ -373,6 +373,12 @@ mod tests {
                 return forward()"#,
                 "hook.max_memory_bytes",
             ),
+            (
+                r#"local t = {string.rep("x", 1000000)}
+                for i = 1, 300 do req:set("k" .. i, t) end
+                return forward()"#,
+                "hook.max_memory_bytes",
+            ),
             ("req:set_partition(-1) return forward()", "numbered from 0"),
             ("return respond(700, 'x')", "not an HTTP status"),
         ];

@@ -65,7 +65,8 @@ impl LuaRequest {
     /// Counts `bytes` more of edits against the limit.
     fn charge(&mut self, bytes: usize) -> mlua::Result<()> {
         self.charged = self.charged.saturating_add(bytes);
-        if self.charged > self.limit {
+        // 0 is "no limit", as for the Lua heap.
+        if self.limit > 0 && self.charged > self.limit {
             return Err(mlua::Error::runtime(format!(
                 "the request's edits take more than hook.max_memory_bytes ({} bytes)",
                 self.limit
@@ -187,16 +188,20 @@ impl LuaRequest {
         let text = scalar_json(&value);
         self.charge(path.len() + text.as_ref().map_or(0, |t| t.len()))?;
         if let Some(name) = single(path)
-            && let Some(doc) = self.raw()?
+            && self.raw()?.is_some()
         {
             let written = match &text {
                 Some(text) => Cow::Borrowed(&**text),
-                None => Cow::Owned(
-                    serde_json::to_vec(&lua.from_value::<Value>(value.clone())?)
-                        .map_err(mlua::Error::external)?,
-                ),
+                None => {
+                    let json = serde_json::to_vec(&lua.from_value::<Value>(value.clone())?)
+                        .map_err(mlua::Error::external)?;
+                    self.charge(json.len())?;
+                    Cow::Owned(json)
+                }
             };
-            if doc.set_top(name, &written) {
+            if let Some(doc) = self.raw()?
+                && doc.set_top(name, &written)
+            {
                 self.mark_edited();
                 return Ok(());
             }
