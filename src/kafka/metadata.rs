@@ -26,6 +26,9 @@ pub struct TopicInfo {
 enum Entry {
     Known(Arc<TopicInfo>),
     Missing(Instant),
+    /// Refused by the brokers (Kafka also says so of names that do not exist when kafboy may
+    /// not describe them): remembered like a missing topic, so such names cost no lookups.
+    Denied(Instant),
 }
 
 /// A topic as a metadata answer lists it.
@@ -85,7 +88,7 @@ impl Topics {
             .iter()
             .filter_map(|(name, e)| match e {
                 Entry::Known(info) => Some((name.clone(), info.partitions)),
-                Entry::Missing(_) => None,
+                Entry::Missing(_) | Entry::Denied(_) => None,
             })
             .collect();
         known.sort();
@@ -106,7 +109,8 @@ impl Topics {
             Entry::Missing(at) if at.elapsed() < self.missing_ttl => {
                 Some(Err(LookupError::Unknown))
             }
-            Entry::Missing(_) => None,
+            Entry::Denied(at) if at.elapsed() < self.missing_ttl => Some(Err(LookupError::Denied)),
+            Entry::Missing(_) | Entry::Denied(_) => None,
         }
     }
 
@@ -132,9 +136,17 @@ impl Topics {
             .map_err(|e| LookupError::Unavailable(e.to_string()))?;
         let found = fetched.map_err(LookupError::Unavailable)?;
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        match found.into_iter().find(|(name, _)| name == topic) {
-            // Not remembered: permissions change, and this costs the brokers one lookup.
-            Some((_, Listed::Denied)) => Err(LookupError::Denied),
+        let listed = found.into_iter().find(|(name, _)| name == topic);
+        if !matches!(listed, Some((_, Listed::Partitions(p))) if p > 0)
+            && entries.len() > MAX_MISSING
+        {
+            entries.retain(|_, e| matches!(e, Entry::Known(_)));
+        }
+        match listed {
+            Some((_, Listed::Denied)) => {
+                entries.insert(topic.to_string(), Entry::Denied(Instant::now()));
+                Err(LookupError::Denied)
+            }
             Some((_, Listed::Partitions(partitions))) if partitions > 0 => {
                 let info = Arc::new(TopicInfo {
                     partitions,
@@ -144,9 +156,6 @@ impl Topics {
                 Ok(info)
             }
             _ => {
-                if entries.len() > MAX_MISSING {
-                    entries.retain(|_, e| matches!(e, Entry::Known(_)));
-                }
                 entries.insert(topic.to_string(), Entry::Missing(Instant::now()));
                 Err(LookupError::Unknown)
             }
@@ -173,10 +182,10 @@ impl Topics {
             };
             fresh.insert(name, Entry::Known(info));
         }
-        // Topics still missing are remembered until their TTL runs out.
+        // Topics still missing or refused are remembered until their TTL runs out.
         for (name, entry) in entries.drain() {
-            if let Entry::Missing(at) = entry {
-                fresh.entry(name).or_insert(Entry::Missing(at));
+            if let Entry::Missing(_) | Entry::Denied(_) = entry {
+                fresh.entry(name).or_insert(entry);
             }
         }
         let count = fresh.len();
