@@ -148,16 +148,15 @@ impl Cluster {
         }))
     }
 
-    /// Whether a request should go to a peer: this node is past its high-water mark (or has no
-    /// room at all), the request was not forwarded already, and a ready peer has room, and at
+    /// The peer a request should go to, if any: this node is past its high-water mark (or has
+    /// no room at all), the request was not forwarded already, and a ready peer has room, and at
     /// least as much as this node (a fuller one would only answer 503 sooner).
-    pub fn should_forward(&self, fill: f64, full: bool, headers: &HeaderMap) -> bool {
+    pub fn peer_for(&self, fill: f64, full: bool, headers: &HeaderMap) -> Option<String> {
         let room = if full { 0.0 } else { 1.0 - fill };
-        (full || fill >= self.config.high_water)
-            && !headers.contains_key(HOP)
-            && self
-                .best()
-                .is_some_and(|(_, headroom)| headroom > 0.0 && headroom >= room)
+        if !(full || fill >= self.config.high_water) || headers.contains_key(HOP) {
+            return None;
+        }
+        self.best(room)
     }
 
     /// Whether a request may be forwarded at all: one authenticated by its TLS client
@@ -166,13 +165,14 @@ impl Cluster {
         extensions.get::<crate::auth::ClientSubject>().is_none()
     }
 
-    /// A ready peer with the most headroom; among peers within 10 % of the best, one at random,
-    /// so equally idle peers share the overflow.
-    fn best(&self) -> Option<(String, f64)> {
+    /// A ready peer with room, at least `room` of it, and the most headroom; among peers
+    /// within 10 % of the best, one at random, so equally idle peers share the overflow.
+    fn best(&self, room: f64) -> Option<String> {
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
         let ready: Vec<&Peer> = peers
             .values()
             .filter(|p| p.ready && p.url != self.url)
+            .filter(|p| p.headroom > 0.0 && p.headroom >= room)
             .collect();
         let top = ready
             .iter()
@@ -180,7 +180,7 @@ impl Cluster {
             .fold(f64::NEG_INFINITY, f64::max);
         let near: Vec<&&Peer> = ready.iter().filter(|p| p.headroom >= top - 0.1).collect();
         let pick = near.get(rand::random_range(0..near.len().max(1)))?;
-        Some((pick.url.clone(), pick.headroom))
+        Some(pick.url.clone())
     }
 
     /// The peers, for the status page.
@@ -193,32 +193,30 @@ impl Cluster {
             .collect()
     }
 
-    /// Sends the request to the best peer and relays its answer. `None` when no peer could take
+    /// Sends the request to `peer` and relays its answer. `None` when the peer could not take
     /// it (the caller then answers as it would have).
     pub async fn forward(
         &self,
+        peer: String,
         method: Method,
         uri: &Uri,
         headers: &HeaderMap,
         request_id: Option<&HeaderValue>,
         body: Bytes,
     ) -> Option<Response> {
-        let (peer, _) = self.best()?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let mut request = self
             .client
             .request(method, format!("{peer}{path}"))
             .timeout(self.config.forward_timeout);
         for (name, value) in headers {
-            if !hop_by_hop(name) {
+            // The request's id goes as kafboy settled it (the client's, when it was usable).
+            if !hop_by_hop(name) && *name != crate::server::REQUEST_ID {
                 request = request.header(name, value);
             }
         }
-        // An id kafboy made up (the client sent none) goes along, so the peer's log names the id
-        // the client gets back.
-        if !headers.contains_key(crate::server::REQUEST_ID)
-            && let Some(id) = request_id
-        {
+        // So the peer's log names the id the client gets back.
+        if let Some(id) = request_id {
             request = request.header(crate::server::REQUEST_ID, id);
         }
         request = request.header(HOP, &self.name).body(body);
@@ -320,22 +318,28 @@ mod tests {
 
     #[test]
     fn requests_go_only_to_a_peer_with_more_room() {
-        let c = cluster(r#"peers = ["http://10.0.0.2:8000"]"#)
-            .unwrap()
-            .unwrap();
+        let peer = "http://10.0.0.2:8000";
+        let c = cluster(&format!("peers = [\"{peer}\"]")).unwrap().unwrap();
         let none = HeaderMap::new();
-        assert!(!c.should_forward(0.9, false, &none), "no peer ready yet");
-        c.mark("http://10.0.0.2:8000", true, 0.0);
-        assert!(!c.should_forward(0.85, false, &none), "the peer is full");
-        assert!(!c.should_forward(1.0, true, &none), "both full");
-        c.mark("http://10.0.0.2:8000", true, 0.5);
-        assert!(c.should_forward(0.85, false, &none));
-        assert!(c.should_forward(0.3, true, &none), "no room here at all");
-        assert!(!c.should_forward(0.5, false, &none), "below high water");
+        assert_eq!(c.peer_for(0.9, false, &none), None, "no peer ready yet");
+        c.mark(peer, true, 0.0);
+        assert_eq!(c.peer_for(0.85, false, &none), None, "the peer is full");
+        assert_eq!(c.peer_for(1.0, true, &none), None, "both full");
+        c.mark(peer, true, 0.1);
+        assert_eq!(c.peer_for(0.85, false, &none), None, "less room than here");
+        c.mark(peer, true, 0.5);
+        assert_eq!(c.peer_for(0.85, false, &none).as_deref(), Some(peer));
+        assert_eq!(
+            c.peer_for(0.3, true, &none).as_deref(),
+            Some(peer),
+            "no room here"
+        );
+        assert_eq!(c.peer_for(0.5, false, &none), None, "below high water");
         let mut hopped = HeaderMap::new();
         hopped.insert(HOP, HeaderValue::from_static("other"));
-        assert!(
-            !c.should_forward(1.0, true, &hopped),
+        assert_eq!(
+            c.peer_for(1.0, true, &hopped),
+            None,
             "never forwarded twice"
         );
     }

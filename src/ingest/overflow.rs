@@ -38,18 +38,24 @@ pub(super) async fn hand_over(
     full: bool,
 ) -> Option<Response> {
     let cluster = app.cluster.as_ref()?;
-    if !crate::cluster::Cluster::may_forward(&parts.extensions)
-        || !cluster.should_forward(fill, full, &parts.headers)
-    {
+    if !crate::cluster::Cluster::may_forward(&parts.extensions) {
         return None;
     }
+    let peer = cluster.peer_for(fill, full, &parts.headers)?;
     // Boxed because a call to a peer is a large future (1.3 KiB) that few requests need:
     // inline, it would grow the future of every request, which axum boxes and moves.
     let id = parts
         .extensions
         .get::<crate::server::RequestId>()
         .map(|id| &id.0);
-    let forward = cluster.forward(parts.method.clone(), &parts.uri, &parts.headers, id, body);
+    let forward = cluster.forward(
+        peer,
+        parts.method.clone(),
+        &parts.uri,
+        &parts.headers,
+        id,
+        body,
+    );
     let answer = Box::pin(forward).await;
     if answer.is_some() {
         app.stats
