@@ -123,13 +123,38 @@ pub fn client_subject(cert: &CertificateDer<'_>) -> Option<String> {
             }
             match oid2abbrev(attr.attr_type(), oid_registry()) {
                 Ok(name) => out.push_str(name),
-                Err(_) => out.push_str(&attr.attr_type().to_id_string()),
+                // As x509-parser prints it: `OID(1.2.3)`.
+                Err(_) => out.push_str(&format!("{:?}", attr.attr_type())),
             }
             out.push('=');
-            escape_dn_value(attr.as_str().ok()?, &mut out);
+            escape_dn_value(&attribute_text(attr)?, &mut out);
         }
     }
     Some(out)
+}
+
+/// An attribute's value as text: the string types x509-parser reads, BMPString (UTF-16), and
+/// the older ASCII-only types (VisibleString, T61String) when their bytes are UTF-8.
+fn attribute_text(attr: &x509_parser::x509::AttributeTypeAndValue<'_>) -> Option<String> {
+    if let Ok(text) = attr.as_str() {
+        return Some(text.to_string());
+    }
+    use x509_parser::asn1_rs::Tag;
+    let value = attr.attr_value();
+    let bytes: &[u8] = value.data;
+    match value.tag() {
+        Tag::BmpString => {
+            let units: Vec<u16> = bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect();
+            String::from_utf16(&units).ok()
+        }
+        Tag::VisibleString | Tag::T61String | Tag::GeneralString | Tag::GraphicString => {
+            std::str::from_utf8(bytes).ok().map(str::to_string)
+        }
+        _ => None,
+    }
 }
 
 /// RFC 4514's escaping of an attribute value.
