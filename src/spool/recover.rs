@@ -15,6 +15,8 @@ const CHECKPOINT_TMP: &str = "checkpoint.tmp";
 /// Left by the writer's disk probe.
 pub(super) const PROBE: &str = "probe.tmp";
 const LOCK: &str = "lock";
+/// `ENOLCK` on Linux: no locks available (a file system that cannot lock).
+const ENOLCK: i32 = 37;
 
 /// What recovery found in a spool directory.
 #[derive(Debug)]
@@ -223,6 +225,14 @@ impl DirLock {
                     dir.display(),
                     owner.trim()
                 )));
+            }
+            // A file system without locks (NFS without lockd, say): run unlocked, as one must
+            // there, and say so.
+            Err(TryLockError::Error(e))
+                if e.kind() == ErrorKind::Unsupported || e.raw_os_error() == Some(ENOLCK) =>
+            {
+                tracing::warn!(dir = %dir.display(), error = %e,
+                    "spool: the file system cannot lock; make sure no other process opens this spool");
             }
             Err(TryLockError::Error(e)) => return Err(disk(e)),
         }
