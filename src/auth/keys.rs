@@ -79,8 +79,15 @@ impl Keys {
             .clone()
     }
 
-    /// Re-reads the key file; a bad file keeps the keys in force and says why.
+    /// Re-reads the key file; a bad file keeps the keys in force and says why. So does an empty
+    /// one: that is what `cat new > file` leaves between its truncate and its write (a file
+    /// meant to hold no keys says so with `keys = []`).
     pub fn reload(&self) -> Result<usize, String> {
+        if let Some(path) = &self.file
+            && std::fs::metadata(path).is_ok_and(|m| m.len() == 0)
+        {
+            return Err(format!("{}: empty", path.display()));
+        }
         let (set, stamped) = self.read()?;
         let count = set.keys.len();
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
@@ -145,5 +152,11 @@ mod tests {
         assert!(keys.file_changed());
         assert_eq!(keys.reload().unwrap(), 2);
         assert!(!keys.file_changed());
+        // Truncated on the way to new contents: the keys in force stay.
+        std::fs::write(&path, "").unwrap();
+        assert!(keys.reload().unwrap_err().contains("empty"));
+        assert_eq!(keys.current().keys.len(), 2);
+        std::fs::write(&path, "keys = []\n").unwrap();
+        assert_eq!(keys.reload().unwrap(), 0, "no keys, said on purpose");
     }
 }
