@@ -169,10 +169,15 @@ impl App {
         }
         let grace = state.server.shutdown_timeout;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // When the shutdown began: the drain and the wait for hooks' late produces share one
+        // `grace` from then, and the flush gets another.
+        let began = Arc::new(std::sync::OnceLock::new());
         {
             let state = state.clone();
+            let began = began.clone();
             tokio::spawn(async move {
                 shutdown.await;
+                let _ = began.set(tokio::time::Instant::now());
                 state.begin_shutdown();
                 tracing::info!("shutting down: no new connections, finishing requests");
                 let _ = stop_tx.send(true);
@@ -208,8 +213,11 @@ impl App {
             tracing::warn!(?grace, "requests still open at the shutdown deadline");
         }
         // A hook's produce after its own reply may still be on its way to the spool or a queue.
-        let deadline = tokio::time::Instant::now() + grace;
-        if !state.background.wait(deadline).await {
+        let began = began
+            .get()
+            .copied()
+            .unwrap_or_else(tokio::time::Instant::now);
+        if !state.background.wait(began + grace).await {
             tracing::warn!(
                 ?grace,
                 "produces after a hook's reply still running at the deadline"
