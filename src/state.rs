@@ -242,7 +242,6 @@ fn labelled_topics(
 /// Limits whose extreme values would fail at run time: a deadline past what the clock can
 /// hold panics, and tokio's semaphore takes at most `MAX_PERMITS` connections.
 fn check_ranges(config: &Config) -> Result<(), String> {
-    const DAY: Duration = Duration::from_secs(86_400);
     let s = &config.server;
     let durations = [
         ("server.enqueue_timeout", s.enqueue_timeout),
@@ -254,7 +253,10 @@ fn check_ranges(config: &Config) -> Result<(), String> {
         ("hook.timeout", config.hook.timeout),
         ("kafka.metadata_timeout", config.kafka.metadata_timeout),
     ];
-    if let Some((name, _)) = durations.iter().find(|(_, d)| *d > DAY) {
+    if let Some((name, _)) = durations
+        .iter()
+        .find(|(_, d)| *d > crate::config::MAX_DURATION)
+    {
         return Err(format!("{name} must be at most 1 day"));
     }
     let most = tokio::sync::Semaphore::MAX_PERMITS;

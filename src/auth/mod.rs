@@ -76,7 +76,7 @@ impl Bucket {
             *state = (tokens, now);
             // A rate so low the wait overflows a Duration: a day is as good as forever here.
             let wait = (1.0 - tokens) / self.rate;
-            Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::from_secs(86_400)))
+            Err(Duration::try_from_secs_f64(wait).unwrap_or(crate::config::MAX_DURATION))
         }
     }
 }

@@ -100,13 +100,12 @@ impl Cluster {
         }
         // Zero would ask every peer about once a millisecond (and never re-read discovery); a
         // day past what the clock can hold would panic.
-        let day = Duration::from_secs(86_400);
         for (name, d) in [
             ("cluster.refresh", config.refresh),
             ("cluster.health_interval", config.health_interval),
             ("cluster.forward_timeout", config.forward_timeout),
         ] {
-            if d < Duration::from_millis(10) || d > day {
+            if d < Duration::from_millis(10) || d > crate::config::MAX_DURATION {
                 return Err(format!("{name} must be between 10ms and 1 day"));
             }
         }

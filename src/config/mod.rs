@@ -20,6 +20,10 @@ pub use kafka::{
 pub use server::{CorsConfig, ServerConfig, TlsConfig};
 pub use topics::{Mode, Partitioner, Payload, RouteConfig, TopicOverride, TopicsConfig};
 
+/// The longest duration any setting may ask for. Deadlines are `Instant`s, and one far enough
+/// past the clock's range panics when it is computed; a day is longer than any of them needs.
+pub const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
 /// Everything kafboy reads at start.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
