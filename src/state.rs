@@ -83,7 +83,6 @@ impl AppState {
                 })
             })
             .collect();
-        let auth = &config.auth;
         let cluster =
             crate::cluster::Cluster::new(&config.cluster, config.server.listen)?.map(Arc::new);
         // Opened whenever a directory is set, even if no route spools, so leftovers are replayed.
@@ -97,7 +96,7 @@ impl AppState {
             spool,
             cluster,
             keys: checked.keys,
-            global_limit: auth.global_rate.map(|r| Bucket::new(r, auth.global_burst)),
+            global_limit: checked.global_limit,
             server: config.server.clone(),
             allow: checked.allow,
             producers,
@@ -133,23 +132,11 @@ impl AppState {
     }
 
     /// The key a request presents (client certificate subject, `Authorization: Bearer` or
-    /// `X-Api-Key`), checked before anything else; `None` when auth is off. Also takes a token
-    /// from the global rate limit.
+    /// `X-Api-Key`), checked before anything else; `None` when auth is off.
     pub fn authenticate(
         &self,
         parts: &axum::http::request::Parts,
     ) -> Result<Option<Arc<Key>>, Denied> {
-        let key = self.identify(parts)?;
-        // After authentication, so anonymous requests cannot spend the tokens of keyed clients.
-        if let Some(bucket) = &self.global_limit {
-            bucket
-                .take()
-                .map_err(|wait| Denied::Limited(wait.as_secs_f64().ceil().max(1.0) as u64))?;
-        }
-        Ok(key)
-    }
-
-    fn identify(&self, parts: &axum::http::request::Parts) -> Result<Option<Arc<Key>>, Denied> {
         let Some(keys) = &self.keys else {
             return Ok(None);
         };
@@ -166,6 +153,19 @@ impl AppState {
         set.find(presented)
             .map(Some)
             .ok_or(Denied::Unauthenticated("unknown API key"))
+    }
+
+    /// Takes a token from the global rate limit. Called once every refusal that costs nothing
+    /// has been made (identity, topic grammar, the key's modes, topics and rate, the
+    /// allowlist), so a client can only spend the node's tokens on requests it may make, and a
+    /// key only as fast as its own rate allows.
+    pub fn admit(&self) -> Result<(), Denied> {
+        match &self.global_limit {
+            Some(bucket) => bucket
+                .take()
+                .map_err(|wait| Denied::Limited(wait.as_secs_f64().ceil().max(1.0) as u64)),
+            None => Ok(()),
+        }
     }
 
     /// Free share of the fullest producer queue, 0 to 1, for peers choosing where to forward.
@@ -273,6 +273,7 @@ struct Checked {
     allow: Allowlist,
     topic_partitioner: HashMap<String, Partitioner>,
     keys: Option<Arc<Keys>>,
+    global_limit: Option<Bucket>,
 }
 
 impl Checked {
@@ -318,23 +319,22 @@ impl Checked {
             }
         }
         let auth = &config.auth;
-        if auth.global_rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
-            return Err("auth.global_rate must be above 0".into());
-        }
-        let by_cert = auth.keys.iter().any(|k| k.client_cert_subject.is_some());
-        if by_cert
-            && config
-                .server
-                .tls
-                .as_ref()
-                .is_none_or(|t| t.client_ca.is_none())
-        {
-            return Err("auth.keys: client_cert_subject needs server.tls.client_ca (mTLS)".into());
-        }
+        let global_limit = match (auth.global_rate, auth.global_burst) {
+            (Some(rate), burst) => {
+                Some(Bucket::checked(rate, burst).map_err(|e| format!("auth.global_{e}"))?)
+            }
+            (None, Some(_)) => return Err("auth.global_burst needs auth.global_rate".into()),
+            (None, None) => None,
+        };
+        let mtls = config
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some());
         let keys = match (&auth.keys_file, auth.keys.is_empty()) {
             (None, true) => None,
             _ => Some(Arc::new(
-                Keys::load(&auth.keys, auth.keys_file.as_deref())
+                Keys::load(&auth.keys, auth.keys_file.as_deref(), mtls)
                     .map_err(|e| format!("auth: {e}"))?,
             )),
         };
@@ -343,6 +343,7 @@ impl Checked {
             allow,
             topic_partitioner,
             keys,
+            global_limit,
         })
     }
 }

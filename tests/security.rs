@@ -121,6 +121,44 @@ async fn rate_limits_are_per_key_and_global() {
     assert_eq!(codes.iter().filter(|c| **c == 202).count(), 2, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| **c == 429).count(), 2, "{codes:?}");
     gw.stop().await;
+    // Requests refused for what they ask (mode, topic, grammar) spend none of the node's
+    // tokens: one key cannot turn every other client away with requests it may not make.
+    let toml = format!(
+        "[auth]\nglobal_rate = 0.001\nglobal_burst = 2\n\
+         [[auth.keys]]\nname = \"web\"\nsha256 = \"{}\"\ntopics = [\"{topic}\"]\nmodes = [\"async\"]\n\
+         [[auth.keys]]\nname = \"partner\"\nsha256 = \"{}\"\ntopics = [\"{topic}\"]\n",
+        sha("web-key"),
+        sha("partner-key")
+    );
+    let gw = gateway(&b.addr, &toml).await;
+    let web = Some(("x-api-key", "web-key"));
+    for _ in 0..3 {
+        assert_eq!(
+            post(&format!("{}/sync/{topic}", gw.url), web).await.status,
+            403
+        );
+        assert_eq!(
+            post(&format!("{}/async/other", gw.url), web).await.status,
+            403
+        );
+        assert_eq!(
+            post(&format!("{}/async/bad%20name", gw.url), web)
+                .await
+                .status,
+            400
+        );
+    }
+    let url = format!("{}/async/{topic}", gw.url);
+    let partner = Some(("x-api-key", "partner-key"));
+    assert_eq!(post(&url, partner).await.status, 202);
+    assert_eq!(post(&url, web).await.status, 202);
+    let over = post(&url, partner).await;
+    assert_eq!(
+        over.status, 429,
+        "the burst of 2 is spent by requests that went through"
+    );
+    assert!(over.headers.contains_key("retry-after"));
+    gw.stop().await;
 }
 
 async fn futures_join(url: &str, n: usize) -> Vec<u16> {

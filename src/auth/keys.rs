@@ -22,8 +22,13 @@ struct KeyFile {
 pub struct Keys {
     inline: Vec<KeyConfig>,
     file: Option<PathBuf>,
+    /// Whether clients present certificates (keys by subject need it).
+    mtls: bool,
     current: RwLock<Arc<KeySet>>,
     loaded_at: Mutex<Option<Stamp>>,
+    /// The file's stamp at the previous check: a change is applied once it has held still
+    /// for a whole check interval, so a file written in pieces is not read half-written.
+    last_seen: Mutex<Option<Stamp>>,
 }
 
 /// What tells one version of the key file from the next: its modification time and length.
@@ -38,12 +43,14 @@ fn stamp(path: &Path) -> Option<Stamp> {
 
 impl Keys {
     /// Loads the inline keys and the key file; any error is a config error.
-    pub fn load(inline: &[KeyConfig], file: Option<&Path>) -> Result<Keys, String> {
+    pub fn load(inline: &[KeyConfig], file: Option<&Path>, mtls: bool) -> Result<Keys, String> {
         let keys = Keys {
             inline: inline.to_vec(),
             file: file.map(Path::to_path_buf),
+            mtls,
             current: RwLock::default(),
             loaded_at: Mutex::new(None),
+            last_seen: Mutex::new(None),
         };
         let (set, stamped) = keys.read()?;
         *keys.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
@@ -64,11 +71,16 @@ impl Keys {
                 return Err(format!("{}: changed while being read", path.display()));
             }
             stamped = before;
+            // What `cat new > file` leaves between its truncate and its write; a file meant
+            // to hold no keys says so with `keys = []`.
+            if text.trim().is_empty() {
+                return Err(format!("{}: empty", path.display()));
+            }
             let parsed: KeyFile =
                 toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             all.extend(parsed.keys);
         }
-        Ok((KeySet::new(&all)?, stamped))
+        Ok((KeySet::new(&all, self.mtls)?, stamped))
     }
 
     /// The keys in force now.
@@ -79,15 +91,9 @@ impl Keys {
             .clone()
     }
 
-    /// Re-reads the key file; a bad file keeps the keys in force and says why. So does an empty
-    /// one: that is what `cat new > file` leaves between its truncate and its write (a file
-    /// meant to hold no keys says so with `keys = []`).
+    /// Re-reads the key file; a bad file (an empty one included) keeps the keys in force and
+    /// says why.
     pub fn reload(&self) -> Result<usize, String> {
-        if let Some(path) = &self.file
-            && std::fs::metadata(path).is_ok_and(|m| m.len() == 0)
-        {
-            return Err(format!("{}: empty", path.display()));
-        }
         let (set, stamped) = self.read()?;
         let count = set.keys.len();
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
@@ -95,16 +101,21 @@ impl Keys {
         Ok(count)
     }
 
-    /// Whether the key file changed since it was last read.
-    pub fn file_changed(&self) -> bool {
+    /// Whether the key file changed since it was last read and has not changed since the
+    /// previous call: a writer that takes a while (an editor, `cp` of a large file) is not
+    /// caught half-way.
+    pub fn file_settled(&self) -> bool {
         let Some(path) = &self.file else { return false };
         let now = stamp(path);
-        now.is_some() && now != *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner())
+        let mut last_seen = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let held = now == *last_seen;
+        *last_seen = now;
+        held && now.is_some() && now != *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// Re-reads the key file on SIGHUP and when it changes (checked every 2 s), for as long as the
-/// keys are in use.
+/// Re-reads the key file on SIGHUP, and when it has changed and then held still for one check
+/// (checked every 2 s), for as long as the keys are in use.
 pub fn spawn_watch(keys: &Arc<Keys>) {
     let weak = Arc::downgrade(keys);
     tokio::spawn(async move {
@@ -115,7 +126,7 @@ pub fn spawn_watch(keys: &Arc<Keys>) {
                 () = tokio::time::sleep(Duration::from_secs(2)) => false,
             };
             let Some(keys) = weak.upgrade() else { return };
-            if !signalled && !keys.file_changed() {
+            if !signalled && !keys.file_settled() {
                 continue;
             }
             match keys.reload() {
@@ -142,21 +153,65 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.toml");
         std::fs::write(&path, entry("a")).unwrap();
-        let keys = Keys::load(&[], Some(&path)).unwrap();
+        let keys = Keys::load(&[], Some(&path), false).unwrap();
         let when = std::fs::metadata(&path).unwrap().modified().unwrap();
-        assert!(!keys.file_changed());
+        assert!(!keys.file_settled());
         // Rewritten in place, and the clock did not move on (coarse timestamps).
         std::fs::write(&path, entry("a") + &entry("b")).unwrap();
         let file = std::fs::File::options().write(true).open(&path).unwrap();
         file.set_modified(when).unwrap();
-        assert!(keys.file_changed());
+        assert!(
+            !keys.file_settled(),
+            "changed since the last check: not yet"
+        );
+        assert!(keys.file_settled(), "held still for one check");
         assert_eq!(keys.reload().unwrap(), 2);
-        assert!(!keys.file_changed());
+        assert!(!keys.file_settled());
         // Truncated on the way to new contents: the keys in force stay.
         std::fs::write(&path, "").unwrap();
+        assert!(keys.reload().unwrap_err().contains("empty"));
+        std::fs::write(&path, " \n").unwrap();
         assert!(keys.reload().unwrap_err().contains("empty"));
         assert_eq!(keys.current().keys.len(), 2);
         std::fs::write(&path, "keys = []\n").unwrap();
         assert_eq!(keys.reload().unwrap(), 0, "no keys, said on purpose");
+    }
+
+    #[test]
+    fn a_file_written_in_pieces_is_applied_once_it_holds_still() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, entry("a")).unwrap();
+        let keys = Keys::load(&[], Some(&path), false).unwrap();
+        assert!(!keys.file_settled());
+        // The first piece of a new file: a key whose topics line has not been written yet.
+        std::fs::write(
+            &path,
+            "[[keys]]\nname = \"b\"\nsha256 = \"".to_string() + &"cd".repeat(32) + "\"\n",
+        )
+        .unwrap();
+        assert!(
+            !keys.file_settled(),
+            "still being written, as far as anyone knows"
+        );
+        std::fs::write(&path, entry("b")).unwrap();
+        assert!(!keys.file_settled(), "changed again");
+        assert!(keys.file_settled());
+        assert_eq!(keys.reload().unwrap(), 1);
+        assert!(keys.current().find(b"x").is_none());
+    }
+
+    #[test]
+    fn keys_by_certificate_need_mtls_in_the_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(
+            &path,
+            "[[keys]]\nname = \"p\"\nclient_cert_subject = \"CN=p\"\ntopics = [\"t\"]\n",
+        )
+        .unwrap();
+        let e = Keys::load(&[], Some(&path), false).unwrap_err();
+        assert!(e.contains("needs server.tls.client_ca"), "{e}");
+        assert!(Keys::load(&[], Some(&path), true).is_ok());
     }
 }

@@ -63,6 +63,17 @@ impl Bucket {
         }
     }
 
+    /// A full bucket from config values: a rate above 0, and a burst of at least one request.
+    pub fn checked(rate: f64, burst: Option<f64>) -> Result<Bucket, &'static str> {
+        if rate.is_nan() || rate <= 0.0 || rate.is_infinite() {
+            return Err("rate must be a number above 0");
+        }
+        if burst.is_some_and(|b| b.is_nan() || b < 1.0 || b.is_infinite()) {
+            return Err("burst must be a number of at least 1");
+        }
+        Ok(Bucket::new(rate, burst))
+    }
+
     /// Takes a token, or says how long until one is there.
     pub fn take(&self) -> Result<(), Duration> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -111,17 +122,31 @@ pub struct KeySet {
 }
 
 impl KeySet {
-    /// Builds keys from config; errors name the entry.
-    pub fn new(configs: &[KeyConfig]) -> Result<KeySet, String> {
-        let keys = configs
+    /// Builds keys from config; errors name the entry. `mtls`: whether clients present
+    /// certificates, without which a key by certificate subject could never match.
+    pub fn new(configs: &[KeyConfig], mtls: bool) -> Result<KeySet, String> {
+        let keys: Vec<Arc<Key>> = configs
             .iter()
             .enumerate()
             .map(|(i, k)| {
-                Key::new(k)
+                Key::new(k, mtls)
                     .map(Arc::new)
                     .map_err(|e| format!("keys[{i}] ({}): {e}", k.name))
             })
             .collect::<Result<_, _>>()?;
+        // Two keys with one identity: which one a request gets would be an accident of order.
+        for (i, key) in keys.iter().enumerate() {
+            let clash = keys[..i].iter().find(|k| {
+                (key.digest.is_some() && k.digest == key.digest)
+                    || (key.subject.is_some() && k.subject == key.subject)
+            });
+            if let Some(other) = clash {
+                return Err(format!(
+                    "keys[{i}] ({}): same sha256 or client_cert_subject as key {}",
+                    key.name, other.name
+                ));
+            }
+        }
         Ok(KeySet { keys })
     }
 
@@ -149,24 +174,35 @@ impl KeySet {
 }
 
 impl Key {
-    fn new(c: &KeyConfig) -> Result<Key, String> {
+    fn new(c: &KeyConfig, mtls: bool) -> Result<Key, String> {
         let digest = match &c.sha256 {
             Some(hex) => Some(parse_hex32(hex).ok_or("sha256 must be 64 hex digits")?),
             None => None,
         };
-        if digest.is_none() && c.client_cert_subject.is_none() {
-            return Err("needs sha256 or client_cert_subject".into());
+        if digest.is_some_and(|d| d == <[u8; 32]>::from(Sha256::digest(b""))) {
+            // What hashing an unset variable gives; an empty key is no key.
+            return Err("sha256 is the digest of the empty string".into());
         }
-        if c.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
-            return Err("rate must be above 0".into());
+        match c.client_cert_subject.as_deref() {
+            None if digest.is_none() => return Err("needs sha256 or client_cert_subject".into()),
+            Some("") => return Err("client_cert_subject is empty".into()),
+            Some(_) if !mtls => {
+                return Err("client_cert_subject needs server.tls.client_ca (mTLS)".into());
+            }
+            _ => {}
         }
+        let bucket = match (c.rate, c.burst) {
+            (Some(rate), burst) => Some(Bucket::checked(rate, burst).map_err(|e| e.to_string())?),
+            (None, Some(_)) => return Err("burst needs a rate".into()),
+            (None, None) => None,
+        };
         Ok(Key {
             name: c.name.clone(),
             digest,
             subject: c.client_cert_subject.clone(),
             topics: Allowlist::new(&c.topics)?,
             modes: c.modes.clone(),
-            bucket: c.rate.map(|r| Bucket::new(r, c.burst)),
+            bucket,
         })
     }
 
@@ -208,15 +244,15 @@ pub struct ClientSubject(pub String);
 const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// The key a request presents: `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
+/// An empty value is no key.
 pub fn presented(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(&API_KEY) {
+    if let Some(v) = headers.get(&API_KEY).filter(|v| !v.is_empty()) {
         return Some(v.as_bytes());
     }
     let auth = headers.get(axum::http::header::AUTHORIZATION)?.as_bytes();
     let (scheme, rest) = auth.split_at(auth.iter().position(|b| *b == b' ')?);
-    scheme
-        .eq_ignore_ascii_case(b"bearer")
-        .then(|| rest.trim_ascii())
+    let rest = rest.trim_ascii();
+    (scheme.eq_ignore_ascii_case(b"bearer") && !rest.is_empty()).then_some(rest)
 }
 
 fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
@@ -269,8 +305,11 @@ mod tests {
 
     #[test]
     fn keys_match_by_digest_only() {
-        let set =
-            KeySet::new(&[key("a", "secret-a", &["t"]), key("b", "secret-b", &["u*"])]).unwrap();
+        let set = KeySet::new(
+            &[key("a", "secret-a", &["t"]), key("b", "secret-b", &["u*"])],
+            false,
+        )
+        .unwrap();
         assert_eq!(set.find(b"secret-b").unwrap().name, "b");
         assert!(set.find(b"secret-c").is_none());
         assert!(set.find(b"").is_none());
@@ -286,7 +325,7 @@ mod tests {
     fn permissions_by_topic_and_mode() {
         let mut c = key("w", "s", &["clicks", "web.*"]);
         c.modes = vec![Mode::Async];
-        let set = KeySet::new(&[c]).unwrap();
+        let set = KeySet::new(&[c], false).unwrap();
         let k = set.find(b"s").unwrap();
         assert!(k.permit("clicks", Mode::Async).is_ok());
         assert!(k.permit("web.x", Mode::Async).is_ok());
@@ -321,13 +360,67 @@ mod tests {
         assert_eq!(presented(&h), None);
         h.insert("x-api-key", "xyz".parse().unwrap());
         assert_eq!(presented(&h), Some(&b"xyz"[..]));
+        // An empty value is no key: the other header counts, or none does.
+        h.insert("x-api-key", "".parse().unwrap());
+        assert_eq!(presented(&h), None);
+        h.insert("authorization", "Bearer abc".parse().unwrap());
+        assert_eq!(presented(&h), Some(&b"abc"[..]));
+        h.insert("authorization", "Bearer  ".parse().unwrap());
+        assert_eq!(presented(&h), None);
+    }
+
+    #[test]
+    fn entries_that_could_never_work_as_meant_are_refused() {
+        let refused = |c: KeyConfig, mtls: bool| KeySet::new(&[c], mtls).unwrap_err();
+        assert!(refused(key("e", "", &["t"]), false).contains("digest of the empty string"));
+        let mut c = key("r", "s", &["t"]);
+        c.burst = Some(5.0);
+        assert!(refused(c.clone(), false).contains("burst needs a rate"));
+        for (rate, burst) in [
+            (f64::NAN, None),
+            (0.0, None),
+            (f64::INFINITY, None),
+            (1.0, Some(0.5)),
+            (1.0, Some(f64::NAN)),
+        ] {
+            c.rate = Some(rate);
+            c.burst = burst;
+            assert!(
+                refused(c.clone(), false).contains("keys[0] (r)"),
+                "{rate} {burst:?}"
+            );
+        }
+        let mut c = key("p", "s", &["t"]);
+        c.sha256 = None;
+        c.client_cert_subject = Some("CN=p".into());
+        assert!(refused(c.clone(), false).contains("needs server.tls.client_ca"));
+        assert!(KeySet::new(&[c.clone()], true).is_ok());
+        c.client_cert_subject = Some(String::new());
+        assert!(refused(c, true).contains("empty"));
+    }
+
+    #[test]
+    fn two_keys_with_one_identity_are_refused() {
+        let e = KeySet::new(&[key("a", "s", &["t"]), key("b", "s", &["u"])], false).unwrap_err();
+        assert!(e.contains("keys[1] (b)") && e.contains("as key a"), "{e}");
+        let by_cert = |name: &str| KeyConfig {
+            sha256: None,
+            client_cert_subject: Some("CN=x".into()),
+            ..key(name, "", &["t"])
+        };
+        assert!(KeySet::new(&[by_cert("a"), by_cert("b")], true).is_err());
+        assert!(KeySet::new(&[key("a", "s", &["t"]), key("b", "z", &["t"])], false).is_ok());
     }
 
     #[test]
     fn bad_entries_are_named() {
         let mut c = key("bad", "s", &["t"]);
         c.sha256 = Some("zz".into());
-        assert!(KeySet::new(&[c]).unwrap_err().contains("keys[0] (bad)"));
+        assert!(
+            KeySet::new(&[c], false)
+                .unwrap_err()
+                .contains("keys[0] (bad)")
+        );
         let (k, d) = new_key();
         assert!(k.starts_with("kb_") && d.len() == 64);
         assert_eq!(hex(&Sha256::digest(k.as_bytes())), d);

@@ -95,6 +95,7 @@ async fn ingest(
     if !app.allow.allows(&topic) {
         return Err(IngestError::UnknownTopic(topic));
     }
+    app.admit()?;
     if app.shutting_down() {
         return Err(IngestError::Unavailable("shutting down".into()));
     }
