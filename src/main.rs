@@ -72,7 +72,17 @@ fn main() -> ExitCode {
         }
         None => match Config::load(cli.config.as_deref(), &overrides) {
             Ok(config) => {
+                // Before the logs exist: a bad filter would hide its own error.
+                if let Err(e) = config.log.check() {
+                    return config_error(&e);
+                }
                 init_logs(config.log.format, &config.log.level);
+                for name in kafboy::config::ignored_env() {
+                    tracing::warn!(
+                        variable = %name,
+                        "not a setting and ignored: settings are KAFBOY_SECTION__KEY, two underscores after the section"
+                    );
+                }
                 match runtime() {
                     Ok(rt) => rt.block_on(serve(config)),
                     Err(e) => fail(&e),

@@ -35,8 +35,18 @@ pub struct Route {
     pub spool: bool,
 }
 
-/// Paths kafboy serves itself; a configured route may not take them.
-pub const RESERVED_PATHS: &[&str] = &["/health", "/ready"];
+/// Paths kafboy serves itself; a configured route may not take them. The status page and
+/// `/metrics` are reserved even when they move to the admin listener, so a route's meaning does
+/// not change with where they are served.
+pub const RESERVED_PATHS: &[&str] = &[
+    "/health",
+    "/ready",
+    "/disco",
+    "/openapi.json",
+    "/metrics",
+    "/",
+    "/status.json",
+];
 
 /// Compiles the built-in and configured routes, refusing clashes and bad patterns.
 pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
@@ -63,6 +73,18 @@ pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
     }
     for (i, rc) in config.routes.iter().enumerate() {
         routes.push(compile_one(rc).map_err(|e| format!("routes[{i}] ({}): {e}", rc.path))?);
+    }
+    // A route whose one topic the allowlist refuses could only ever answer 404.
+    let allow = Allowlist::new(&config.topics.allow).map_err(|e| format!("topics.allow: {e}"))?;
+    for route in &routes {
+        if let TopicSource::Fixed(topic) = &route.topic
+            && !allow.allows(topic)
+        {
+            return Err(format!(
+                "route {}: topic {topic:?} is not in topics.allow",
+                route.path
+            ));
+        }
     }
     let mut seen: HashMap<String, &str> = RESERVED_PATHS
         .iter()
@@ -231,8 +253,20 @@ mod tests {
         let c = config("[[routes]]\npath = \"/async/{topic}/\"\nmode = \"sync\"");
         let err = compile(&c).unwrap_err();
         assert!(err.contains("clashes with /async/:topic"), "{err}");
-        let c = config("[[routes]]\npath = \"/health\"\ntopic = \"t\"\nmode = \"sync\"");
-        assert!(compile(&c).unwrap_err().contains("built-in"));
+        for path in RESERVED_PATHS.iter().chain(&["/metrics/", "/disco"]) {
+            let c = config(&format!(
+                "[[routes]]\npath = \"{path}\"\ntopic = \"t\"\nmode = \"sync\""
+            ));
+            assert!(compile(&c).unwrap_err().contains("built-in"), "{path}");
+        }
+    }
+
+    #[test]
+    fn a_fixed_topic_outside_the_allowlist_is_a_config_error() {
+        let route = "[[routes]]\npath = \"/clicks\"\ntopic = \"t1\"\nmode = \"async\"";
+        let err = compile(&config(&format!("[topics]\nallow = [\"events\"]\n{route}")));
+        assert!(err.unwrap_err().contains("not in topics.allow"));
+        assert!(compile(&config(&format!("[topics]\nallow = [\"t*\"]\n{route}"))).is_ok());
     }
 
     #[test]

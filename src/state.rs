@@ -128,6 +128,11 @@ impl AppState {
         if let Some(cors) = &config.server.cors {
             let _ = crate::listener::cors(cors)?;
         }
+        crate::cluster::Cluster::new(&config.cluster, config.server.listen)?;
+        if let Some(dir) = &config.spool.dir {
+            config.spool.check().map_err(|e| format!("spool: {e}"))?;
+            check_spool_dir(dir)?;
+        }
         crate::kafka::check(config)
     }
 
@@ -238,6 +243,28 @@ fn labelled_topics(
     names
 }
 
+/// Whether `dir` is, or can become, the spool directory: itself a directory, or not there yet
+/// below one (nothing is created; starting creates it).
+fn check_spool_dir(dir: &std::path::Path) -> Result<(), String> {
+    // A relative path's last ancestor is "", the working directory.
+    let existing = dir
+        .ancestors()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                p
+            }
+        })
+        .find(|p| p.exists())
+        .unwrap_or(std::path::Path::new("/"));
+    match std::fs::metadata(existing) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(format!("spool: {} is not a directory", existing.display())),
+        Err(e) => Err(format!("spool: {}: {e}", existing.display())),
+    }
+}
+
 /// The parts of a config that are checked and compiled before any producer exists.
 /// Limits whose extreme values would fail at run time: a deadline past what the clock can
 /// hold panics, and tokio's semaphore takes at most `MAX_PERMITS` connections.
@@ -258,6 +285,37 @@ fn check_ranges(config: &Config) -> Result<(), String> {
         .find(|(_, d)| *d > crate::config::MAX_DURATION)
     {
         return Err(format!("{name} must be at most 1 day"));
+    }
+    // Zero would mean never (librdkafka's message timeout, whole milliseconds), no time at all
+    // (a metadata request) or no pause between requests to the brokers (the refresh).
+    let k = &config.kafka;
+    let floors = [
+        (
+            "kafka.message_timeout",
+            k.message_timeout,
+            Duration::from_millis(1),
+        ),
+        (
+            "kafka.metadata_timeout",
+            k.metadata_timeout,
+            Duration::from_millis(10),
+        ),
+        (
+            "kafka.metadata_refresh",
+            k.metadata_refresh,
+            Duration::from_secs(1),
+        ),
+    ];
+    if let Some((name, _, floor)) = floors.iter().find(|(_, d, floor)| d < floor) {
+        return Err(format!("{name} must be at least {floor:?}"));
+    }
+    if k.queue_max_messages == 0 || k.queue_max_bytes == 0 {
+        return Err("kafka.queue_max_messages and kafka.queue_max_bytes must be above 0".into());
+    }
+    if s.admin_listen
+        .is_some_and(|a| a == s.listen && a.port() != 0)
+    {
+        return Err("server.admin_listen must differ from server.listen".into());
     }
     let most = tokio::sync::Semaphore::MAX_PERMITS;
     if !(1..=most).contains(&s.max_connections) {
@@ -289,6 +347,7 @@ impl Checked {
             return Err("server.max_json_depth must be between 1 and 127".into());
         }
         check_ranges(config)?;
+        config.log.check()?;
         let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
         config.spool.check()?;
         for (route, _) in &routes {

@@ -107,6 +107,46 @@ fn config_errors_exit_64_and_name_the_key() {
             "nothing may be bound"
         );
     }
+    // What check-config passes, starting must pass too: both refuse these, with 64.
+    let not_a_dir = config_file("");
+    let refused = [
+        ("[[routes]]\npath = \"/metrics\"\ntopic = \"t\"\nmode = \"async\"".to_string(), "built-in"),
+        ("[[routes]]\npath = \"/\"\ntopic = \"t\"\nmode = \"async\"".into(), "built-in"),
+        ("[kafka]\nmetadata_timeout = \"0s\"".into(), "kafka.metadata_timeout"),
+        ("[kafka]\nmetadata_refresh = \"0s\"".into(), "kafka.metadata_refresh"),
+        ("[kafka]\nmessage_timeout = \"500us\"".into(), "kafka.message_timeout"),
+        ("[kafka]\nqueue_max_messages = 0".into(), "queue_max_messages"),
+        ("[kafka]\nbrokers = [\" \"]".into(), "broker"),
+        ("[log]\nlevel = \"inf\"".into(), "log.level"),
+        (
+            "[topics]\nallow = [\"events\"]\n[[routes]]\npath = \"/clicks\"\ntopic = \"t1\"\nmode = \"async\"".into(),
+            "topics.allow",
+        ),
+        ("[cluster]\npeers = [\"http://a:1\"]\nhigh_water = 5.0".into(), "cluster.high_water"),
+        (format!("[spool]\ndir = \"{}/x\"", not_a_dir.path().display()), "directory"),
+        ("[server]\nadmin_listen = \"127.0.0.1:9\"\nlisten = \"127.0.0.1:9\"".into(), "admin_listen"),
+    ];
+    for (toml, want) in &refused {
+        let file = config_file(toml);
+        let checked = run_to_end({
+            let mut c = kafboy();
+            c.arg("check-config").arg(file.path());
+            c
+        });
+        let started = run_to_end({
+            let mut c = kafboy();
+            c.arg("--config").arg(file.path());
+            c
+        });
+        for (what, out) in [("check-config", checked), ("start", started)] {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{what} of {toml}: {stderr}");
+            assert!(
+                stderr.contains(want),
+                "{what} of {toml}: want {want:?} in {stderr}"
+            );
+        }
+    }
     let out = run_to_end({
         let mut c = kafboy();
         c.args(["--config", "/no/such/file.toml"]);
@@ -195,7 +235,8 @@ async fn sigterm_flushes_every_accepted_record_and_exits_0() {
     // Settings from the environment: a flush timeout far longer than the test.
     cmd.args(["--brokers", &b.addr])
         .env("KAFBOY_BATCH__FLUSH_TIMEOUT", "60s")
-        .env("KAFBOY_BATCH__BATCH_SIZE", "100000");
+        .env("KAFBOY_BATCH__BATCH_SIZE", "100000")
+        .env("KAFBOY_SERVER_MAX_RECORDS", "5");
     let (mut child, url) = start(cmd).await;
     let lines: String = (0..100).map(|i| format!("{{\"i\":{i}}}\n")).collect();
     for _ in 0..3 {
@@ -230,6 +271,12 @@ async fn sigterm_flushes_every_accepted_record_and_exits_0() {
     let (code, log) = output_of(child);
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("all accepted records delivered"), "{log}");
+    // One underscore where two belong: said, not silently dropped (and not applied: the
+    // batches of 100 records went through).
+    assert!(
+        log.contains("KAFBOY_SERVER_MAX_RECORDS") && log.contains("not a setting"),
+        "{log}"
+    );
     assert_eq!(consume(&b.addr, &topic, 300).len(), 300);
 }
 

@@ -75,6 +75,30 @@ pub struct LogConfig {
     pub level: String,
 }
 
+impl LogConfig {
+    /// Checks `level` as a filter: tracing takes a bare word as a target to log at every level,
+    /// so `inf` would silence every line kafboy writes. A bare word must be a level; a target
+    /// comes with one (`kafboy=debug`) or as a module path (`kafboy::ingest`).
+    pub fn check(&self) -> Result<(), String> {
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        let bad = |why: &str| Err(format!("log.level {:?}: {why}", self.level));
+        for directive in self.level.split(',').map(str::trim) {
+            let (target, level) = match directive.rsplit_once('=') {
+                Some((target, level)) => (target, Some(level)),
+                None => (directive, None),
+            };
+            let level = level.or((!target.contains("::")).then_some(target));
+            if level.is_some_and(|l| !LEVELS.contains(&l.to_ascii_lowercase().as_str())) {
+                return bad("levels are trace, debug, info, warn, error and off");
+            }
+        }
+        match tracing_subscriber::EnvFilter::try_new(&self.level) {
+            Ok(_) => Ok(()),
+            Err(e) => bad(&e.to_string()),
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -177,6 +201,19 @@ impl Config {
     }
 }
 
+/// `KAFBOY_*` variables that are neither settings (`KAFBOY_SECTION__KEY`) nor read by name
+/// (`KAFBOY_CONFIG`, `KAFBOY_LOG`): most likely a setting with one underscore where two belong
+/// (`KAFBOY_SERVER_LISTEN`), which would otherwise be dropped without a word.
+pub fn ignored_env() -> Vec<String> {
+    std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| {
+            name.strip_prefix("KAFBOY_")
+                .is_some_and(|rest| !rest.contains("__") && !matches!(rest, "CONFIG" | "LOG"))
+        })
+        .collect()
+}
+
 /// Accepts `["a:1", "b:2"]` as well as `"a:1,b:2"` (what an environment variable holds).
 fn string_or_list<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
@@ -187,7 +224,13 @@ fn string_or_list<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Er
     }
     Ok(match Either::deserialize(de)? {
         Either::One(s) => split_list(&s),
-        Either::Many(v) => v,
+        // A blank entry is no broker or topic at all; the list form drops them as a string does.
+        Either::Many(v) => v
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
     })
 }
 
