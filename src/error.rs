@@ -123,18 +123,27 @@ impl IngestError {
     }
 }
 
+/// Whether the brokers (or librdkafka) refused a record for its size: no retry can succeed.
+pub fn too_large(error: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as E;
+    matches!(
+        error,
+        E::MessageSizeTooLarge | E::InvalidMessageSize | E::MessageBatchTooLarge
+    )
+}
+
 /// Status for a record librdkafka gave up on. Permanent refusals by the broker keep their
-/// meaning; everything else is 503 when librdkafka says the record was never persisted and 504
-/// when it may have been.
+/// meaning when the record was never persisted; everything else is 503 when librdkafka says it
+/// was never persisted and 504 when it may have been (a retry refused as too large may follow
+/// an attempt that landed).
 pub fn delivery_status(error: RDKafkaErrorCode, persisted: Persisted) -> StatusCode {
     use RDKafkaErrorCode as E;
     match (error, persisted) {
-        (E::MessageSizeTooLarge | E::InvalidMessageSize | E::MessageBatchTooLarge, _) => {
-            StatusCode::PAYLOAD_TOO_LARGE
-        }
-        (E::UnknownTopicOrPartition | E::UnknownTopic | E::UnknownPartition, Persisted::No) => {
-            StatusCode::NOT_FOUND
-        }
+        (error, Persisted::No) if too_large(error) => StatusCode::PAYLOAD_TOO_LARGE,
+        // librdkafka's own "unknown partition" means its partition count is behind the one
+        // kafboy chose from (partitions were just added): not the client's fault, and gone
+        // once its metadata catches up.
+        (E::UnknownTopicOrPartition | E::UnknownTopic, Persisted::No) => StatusCode::NOT_FOUND,
         (E::TopicAuthorizationFailed | E::ClusterAuthorizationFailed, Persisted::No) => {
             StatusCode::FORBIDDEN
         }
@@ -250,6 +259,13 @@ mod tests {
             (E::MessageTimedOut, Persisted::Possibly, S::GATEWAY_TIMEOUT),
             (E::PurgeQueue, Persisted::No, S::SERVICE_UNAVAILABLE),
             (E::MessageSizeTooLarge, Persisted::No, S::PAYLOAD_TOO_LARGE),
+            (
+                E::MessageSizeTooLarge,
+                Persisted::Possibly,
+                S::GATEWAY_TIMEOUT,
+            ),
+            (E::UnknownPartition, Persisted::No, S::SERVICE_UNAVAILABLE),
+            (E::UnknownTopicOrPartition, Persisted::No, S::NOT_FOUND),
             (
                 E::UnknownTopicOrPartition,
                 Persisted::Possibly,

@@ -130,7 +130,6 @@ impl AppState {
         }
         crate::cluster::Cluster::new(&config.cluster, config.server.listen)?;
         if let Some(dir) = &config.spool.dir {
-            config.spool.check().map_err(|e| format!("spool: {e}"))?;
             check_spool_dir(dir)?;
         }
         crate::kafka::check(config)
@@ -351,18 +350,25 @@ impl Checked {
         let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
         config.spool.check()?;
         for (route, _) in &routes {
+            let sync = matches!(
+                route.mode,
+                crate::config::Mode::Sync | crate::config::Mode::BatchSync
+            );
+            // A sync 200 says the broker acknowledged; with acks = 0 nobody does.
+            if sync && config.kafka.acks == crate::config::Acks::None {
+                return Err(format!(
+                    "route {}: kafka.acks = \"none\" cannot back a sync route (set \
+                     server.default_routes = false and configure async routes only)",
+                    route.path
+                ));
+            }
             if route.spool && config.spool.dir.is_none() {
                 return Err(format!(
                     "route {}: spool = true needs spool.dir",
                     route.path
                 ));
             }
-            if route.spool
-                && matches!(
-                    route.mode,
-                    crate::config::Mode::Sync | crate::config::Mode::BatchSync
-                )
-            {
+            if route.spool && sync {
                 return Err(format!(
                     "route {}: spool is for async and batch_async routes",
                     route.path

@@ -119,6 +119,10 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[kafka]\nbrokers = [\" \"]".into(), "broker"),
         ("[log]\nlevel = \"inf\"".into(), "log.level"),
         (
+            "[kafka]\nacks = \"none\"\nidempotence = false".into(),
+            "cannot back a sync route",
+        ),
+        (
             "[topics]\nallow = [\"events\"]\n[[routes]]\npath = \"/clicks\"\ntopic = \"t1\"\nmode = \"async\"".into(),
             "topics.allow",
         ),

@@ -192,6 +192,17 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
     // librdkafka waits up to 10 s between reconnects by default, so service came back up to 10 s
     // after the brokers did; 1 s keeps recovery within seconds (kafka.options may override).
     c.set("reconnect.backoff.max.ms", "1000");
+    // Every producer's own partition counts follow kafboy's metadata refresh (librdkafka's
+    // default is 5 min), so a partition added to a topic, which kafboy starts choosing after
+    // its next refresh, is known to every producer within one more.
+    c.set(
+        "topic.metadata.refresh.interval.ms",
+        kafka
+            .metadata_refresh
+            .min(std::time::Duration::from_secs(3600))
+            .as_millis()
+            .to_string(),
+    );
     security(kafka, &mut c)?;
     for (key, value) in &kafka.options {
         if let Some((_, why)) = BROKEN_BY.iter().find(|(k, _)| k == key) {

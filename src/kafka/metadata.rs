@@ -37,6 +37,23 @@ enum Listed {
     Partitions(i32),
     /// The brokers refuse kafboy the topic (Kafka lists it with no partitions then).
     Denied,
+    /// Listed with another error and no partitions: being created (auto-create answers the
+    /// request that creates a topic with `LEADER_NOT_AVAILABLE`) or between leaders. It exists,
+    /// or is about to; librdkafka treats this as temporary too.
+    Settling(RDKafkaErrorCode),
+}
+
+impl Listed {
+    /// A topic of a metadata answer, from its error and partition count; `None` for a topic
+    /// the brokers do not have.
+    fn of(error: Option<RDKafkaErrorCode>, partitions: i32) -> Option<Listed> {
+        Some(match error {
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return None,
+            Some(RDKafkaErrorCode::TopicAuthorizationFailed) => Listed::Denied,
+            Some(error) if partitions == 0 => Listed::Settling(error),
+            _ => Listed::Partitions(partitions),
+        })
+    }
 }
 
 /// Why a topic could not be used.
@@ -147,6 +164,10 @@ impl Topics {
                 entries.insert(topic.to_string(), Entry::Denied(Instant::now()));
                 Err(LookupError::Denied)
             }
+            // Not remembered: the next request asks again.
+            Some((_, Listed::Settling(error))) => Err(LookupError::Unavailable(format!(
+                "topic {topic:?} has no usable partitions yet: {error}"
+            ))),
             Some((_, Listed::Partitions(partitions))) if partitions > 0 => {
                 let info = Arc::new(TopicInfo {
                     partitions,
@@ -167,27 +188,7 @@ impl Topics {
     pub fn refresh_all(&self) -> Result<usize, String> {
         let found = self.fetch(None, self.timeout)?;
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        let mut fresh = HashMap::with_capacity(found.len());
-        let usable = found.into_iter().filter_map(|(name, listed)| match listed {
-            Listed::Partitions(p) if p > 0 => Some((name, p)),
-            _ => None,
-        });
-        for (name, partitions) in usable {
-            let info = match entries.remove(&name) {
-                Some(Entry::Known(old)) if old.partitions == partitions => old,
-                _ => Arc::new(TopicInfo {
-                    partitions,
-                    ..TopicInfo::default()
-                }),
-            };
-            fresh.insert(name, Entry::Known(info));
-        }
-        // Topics still missing or refused are remembered until their TTL runs out.
-        for (name, entry) in entries.drain() {
-            if let Entry::Missing(_) | Entry::Denied(_) = entry {
-                fresh.entry(name).or_insert(entry);
-            }
-        }
+        let fresh = merged(&mut entries, found);
         let count = fresh.len();
         *entries = fresh;
         self.fetched.store(true, Ordering::Release);
@@ -213,11 +214,8 @@ impl Topics {
             .topics()
             .iter()
             .filter_map(|t| {
-                let listed = match t.error().map(RDKafkaErrorCode::from) {
-                    Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return None,
-                    Some(RDKafkaErrorCode::TopicAuthorizationFailed) => Listed::Denied,
-                    _ => Listed::Partitions(t.partitions().len() as i32),
-                };
+                let error = t.error().map(RDKafkaErrorCode::from);
+                let listed = Listed::of(error, t.partitions().len() as i32)?;
                 Some((t.name().to_string(), listed))
             })
             .collect())
@@ -245,5 +243,97 @@ impl Topics {
                 tokio::time::sleep(wait).await;
             }
         });
+    }
+}
+
+/// The cache after a full metadata answer: listed topics known (keeping their rotation state
+/// while their partition count is unchanged), known topics between leaders kept as they were,
+/// missing and refused ones remembered until their TTL runs out.
+fn merged(
+    entries: &mut HashMap<String, Entry>,
+    found: Vec<(String, Listed)>,
+) -> HashMap<String, Entry> {
+    let mut fresh = HashMap::with_capacity(found.len());
+    let mut usable = Vec::with_capacity(found.len());
+    for (name, listed) in found {
+        match listed {
+            Listed::Partitions(p) if p > 0 => usable.push((name, p)),
+            // A known topic between leaders stays known, with the count it had.
+            Listed::Settling(_) => {
+                if let Some(known @ Entry::Known(_)) = entries.remove(&name) {
+                    fresh.insert(name, known);
+                }
+            }
+            _ => {}
+        }
+    }
+    for (name, partitions) in usable {
+        let info = match entries.remove(&name) {
+            Some(Entry::Known(old)) if old.partitions == partitions => old,
+            _ => Arc::new(TopicInfo {
+                partitions,
+                ..TopicInfo::default()
+            }),
+        };
+        fresh.insert(name, Entry::Known(info));
+    }
+    // Topics still missing or refused are remembered until their TTL runs out.
+    for (name, entry) in entries.drain() {
+        if let Entry::Missing(_) | Entry::Denied(_) = entry {
+            fresh.entry(name).or_insert(entry);
+        }
+    }
+    fresh
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RDKafkaErrorCode as E;
+
+    #[test]
+    fn a_topic_listed_with_an_error_and_no_partitions_is_settling() {
+        assert_eq!(Listed::of(None, 3), Some(Listed::Partitions(3)));
+        assert_eq!(Listed::of(Some(E::UnknownTopicOrPartition), 0), None);
+        assert_eq!(
+            Listed::of(Some(E::TopicAuthorizationFailed), 0),
+            Some(Listed::Denied)
+        );
+        assert_eq!(
+            Listed::of(Some(E::LeaderNotAvailable), 0),
+            Some(Listed::Settling(E::LeaderNotAvailable))
+        );
+        assert_eq!(
+            Listed::of(Some(E::LeaderNotAvailable), 2),
+            Some(Listed::Partitions(2))
+        );
+    }
+
+    #[test]
+    fn a_refresh_keeps_known_topics_between_leaders_and_remembered_misses() {
+        let known = Arc::new(TopicInfo {
+            partitions: 4,
+            ..TopicInfo::default()
+        });
+        let mut entries = HashMap::from([
+            ("a".to_string(), Entry::Known(known.clone())),
+            ("b".to_string(), Entry::Known(known.clone())),
+            ("gone".to_string(), Entry::Missing(Instant::now())),
+            ("dropped".to_string(), Entry::Known(known.clone())),
+        ]);
+        let found = vec![
+            ("a".to_string(), Listed::Settling(E::LeaderNotAvailable)),
+            ("b".to_string(), Listed::Partitions(6)),
+            ("new".to_string(), Listed::Settling(E::LeaderNotAvailable)),
+        ];
+        let fresh = merged(&mut entries, found);
+        let partitions = |name: &str| match fresh.get(name) {
+            Some(Entry::Known(info)) => Some(info.partitions),
+            _ => None,
+        };
+        assert_eq!(partitions("a"), Some(4), "kept as it was");
+        assert_eq!(partitions("b"), Some(6));
+        assert!(matches!(fresh.get("gone"), Some(Entry::Missing(_))));
+        assert!(!fresh.contains_key("new") && !fresh.contains_key("dropped"));
     }
 }

@@ -61,13 +61,17 @@ impl Sender {
     }
 }
 
-/// A permanent refusal, per [`crate::error::delivery_status`]: too large, unknown topic or
-/// partition, not authorized, invalid record. Everything else is retried.
+/// A permanent refusal, per [`crate::error::delivery_status`]: unknown topic, not authorized,
+/// invalid record; and too large even when an earlier attempt may have landed (a client is told
+/// 504 then, but a retry from the spool could never succeed). Everything else is retried.
 pub(super) fn refusal_of_delivery(
     error: RDKafkaErrorCode,
     persisted: Persisted,
 ) -> Option<Refusal> {
-    let status = crate::error::delivery_status(error, persisted);
+    let status = match crate::error::too_large(error) {
+        true => StatusCode::PAYLOAD_TOO_LARGE,
+        false => crate::error::delivery_status(error, persisted),
+    };
     let permanent = [
         StatusCode::PAYLOAD_TOO_LARGE,
         StatusCode::NOT_FOUND,
