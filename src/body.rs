@@ -3,6 +3,8 @@
 //! the same cap applied to what comes out, so a small compressed bomb is still a 413.
 
 use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -26,9 +28,16 @@ pub enum Encoding {
 impl Encoding {
     /// The encoding named by `Content-Encoding`; anything else is 415.
     pub fn of(headers: &HeaderMap) -> Result<Encoding, IngestError> {
-        let Some(value) = headers.get(header::CONTENT_ENCODING) else {
+        let mut values = headers.get_all(header::CONTENT_ENCODING).iter();
+        let Some(value) = values.next() else {
             return Ok(Encoding::Identity);
         };
+        // Two header lines are two codings, as `gzip, gzip` on one line is; only one is read.
+        if values.next().is_some() {
+            return Err(IngestError::UnsupportedType(
+                "more than one Content-Encoding; send one of gzip or zstd".into(),
+            ));
+        }
         match value
             .to_str()
             .map(|v| v.trim().to_ascii_lowercase())
@@ -59,15 +68,94 @@ pub fn too_large(limit: usize) -> IngestError {
     IngestError::TooLarge(format!("body larger than {limit} bytes"))
 }
 
-/// Reads the whole body: refused once it passes `limit`, or when no piece arrives for `idle`;
-/// then inflated if encoded, again refused past `limit`.
+/// How bodies are read: the settings, and the byte budget all requests share.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest body, before and after inflation (413).
+    pub max_bytes: usize,
+    /// Longest pause between pieces (408).
+    pub idle: Duration,
+    /// Longest a whole body may take (408).
+    pub deadline: Duration,
+    /// Bytes of bodies being read, over every request (503 when spent).
+    pub buffer: Arc<Budget>,
+}
+
+/// A count of bytes shared by every request, with a ceiling. An atomic counter, not a
+/// semaphore: handing permits back to a tokio semaphore takes its waiters' lock, on every
+/// request, and nothing here ever waits.
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+/// Bytes held of a [`Budget`], given back when dropped.
+struct Held<'a> {
+    budget: &'a Budget,
+    bytes: usize,
+}
+
+impl Budget {
+    /// Up to `max` bytes.
+    pub fn new(max: usize) -> Budget {
+        Budget {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+impl Held<'_> {
+    /// `more` bytes on top of what is held; 503 when the budget is spent.
+    fn add(&mut self, more: usize) -> Result<(), IngestError> {
+        let before = self.budget.used.fetch_add(more, Ordering::Relaxed);
+        if before.saturating_add(more) > self.budget.max {
+            self.budget.used.fetch_sub(more, Ordering::Relaxed);
+            return Err(IngestError::Unavailable(
+                "too many request bodies in flight".into(),
+            ));
+        }
+        self.bytes += more;
+        Ok(())
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Limits {
+    /// From the server settings.
+    pub fn new(server: &crate::config::ServerConfig) -> Limits {
+        Limits {
+            max_bytes: server.max_body_bytes,
+            idle: server.body_read_timeout,
+            deadline: server.body_deadline,
+            buffer: Arc::new(Budget::new(server.max_body_buffer_bytes)),
+        }
+    }
+}
+
+/// Reads the whole body: refused once it passes the size limit, when no piece arrives for the
+/// idle time, or when it is not all there by the deadline; then inflated if encoded, again
+/// refused past the size limit. `declared` is the Content-Length, already checked against
+/// the limit, so the buffer is sized once.
 pub async fn read(
     body: Body,
     encoding: Encoding,
-    limit: usize,
-    idle: Duration,
+    declared: Option<usize>,
+    limits: &Limits,
 ) -> Result<Bytes, IngestError> {
-    let raw = collect(body, limit, idle).await?;
+    let raw = collect(body, declared, limits).await?;
+    let limit = limits.max_bytes;
     match encoding {
         Encoding::Identity => Ok(raw),
         Encoding::Gzip => inflate(flate2::read::MultiGzDecoder::new(&raw[..]), limit, "gzip"),
@@ -79,29 +167,55 @@ pub async fn read(
     }
 }
 
-async fn collect(mut body: Body, limit: usize, idle: Duration) -> Result<Bytes, IngestError> {
+async fn collect(
+    mut body: Body,
+    declared: Option<usize>,
+    limits: &Limits,
+) -> Result<Bytes, IngestError> {
+    let deadline = tokio::time::Instant::now() + limits.deadline;
     let mut first: Option<Bytes> = None;
     let mut rest = BytesMut::new();
+    // The share of the buffer budget this body holds while it is read.
+    let mut held = Held {
+        budget: &limits.buffer,
+        bytes: 0,
+    };
     let mut total = 0usize;
     loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => return Err(IngestError::BodyTimeout(idle)),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(IngestError::BadRequest(format!("reading body: {e}"))),
-            Ok(Some(Ok(frame))) => frame,
+        let next = tokio::time::timeout(limits.idle, body.frame());
+        let frame = match tokio::time::timeout_at(deadline, next).await {
+            Err(_) => {
+                return Err(IngestError::BodyTimeout(format!(
+                    "request body not complete within {:?}",
+                    limits.deadline
+                )));
+            }
+            Ok(Err(_)) => {
+                return Err(IngestError::BodyTimeout(format!(
+                    "no request body data for {:?}",
+                    limits.idle
+                )));
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(Err(e)))) => {
+                return Err(IngestError::BadRequest(format!("reading body: {e}")));
+            }
+            Ok(Ok(Some(Ok(frame)))) => frame,
         };
         let Ok(data) = frame.into_data() else {
             continue;
         };
         total += data.len();
-        if total > limit {
-            return Err(too_large(limit));
+        if total > limits.max_bytes {
+            return Err(too_large(limits.max_bytes));
         }
+        held.add(data.len())?;
         // A body that arrives in one piece is kept as it is, without a copy.
         match &first {
             None if rest.is_empty() => first = Some(data),
             _ => {
                 if let Some(f) = first.take() {
+                    rest.reserve(declared.unwrap_or(0).max(f.len() + data.len()));
                     rest.extend_from_slice(&f);
                 }
                 rest.extend_from_slice(&data);
@@ -137,39 +251,124 @@ mod tests {
         e.finish().unwrap()
     }
 
+    fn limits(max_bytes: usize) -> Limits {
+        Limits {
+            max_bytes,
+            idle: Duration::from_secs(1),
+            deadline: Duration::from_secs(60),
+            buffer: Arc::new(Budget::new(1 << 30)),
+        }
+    }
+
+    /// A body that sends `len` one-byte pieces, one every `every`.
+    struct Trickle {
+        left: usize,
+        every: Duration,
+        sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    }
+
+    impl Trickle {
+        fn body(len: usize, every: Duration) -> Body {
+            Body::new(Trickle {
+                left: len,
+                every,
+                sleep: Box::pin(tokio::time::sleep(every)),
+            })
+        }
+    }
+
+    impl axum::body::HttpBody for Trickle {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            use std::future::Future;
+            if self.left == 0 {
+                return std::task::Poll::Ready(None);
+            }
+            std::task::ready!(self.sleep.as_mut().poll(cx));
+            let next = tokio::time::Instant::now() + self.every;
+            self.sleep.as_mut().reset(next);
+            self.left -= 1;
+            std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
     #[tokio::test]
     async fn gzip_and_zstd_inflate_under_the_limit() {
-        let idle = Duration::from_secs(1);
         let gz = Body::from(gzip(b"{\"a\":1}"));
         assert_eq!(
-            read(gz, Encoding::Gzip, 100, idle).await.unwrap(),
+            read(gz, Encoding::Gzip, None, &limits(100)).await.unwrap(),
             &b"{\"a\":1}"[..]
         );
         let zs = Body::from(zstd::encode_all(&b"[1,2]"[..], 3).unwrap());
         assert_eq!(
-            read(zs, Encoding::Zstd, 100, idle).await.unwrap(),
+            read(zs, Encoding::Zstd, None, &limits(100)).await.unwrap(),
             &b"[1,2]"[..]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_trickles_in_past_the_deadline_is_408() {
+        // Each piece well inside the idle time, the whole past the deadline.
+        let every = Duration::from_millis(900);
+        let l = limits(100);
+        let steady = read(Trickle::body(70, every), Encoding::Identity, None, &l);
+        let err = steady.await.unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::REQUEST_TIMEOUT);
+        assert!(err.to_string().contains("not complete within 60s"), "{err}");
+        let within = read(Trickle::body(50, every), Encoding::Identity, None, &l);
+        assert_eq!(within.await.unwrap().len(), 50);
+        let stalled = read(
+            Trickle::body(2, Duration::from_secs(2)),
+            Encoding::Identity,
+            None,
+            &l,
+        );
+        let err = stalled.await.unwrap_err();
+        assert!(
+            err.to_string().contains("no request body data for 1s"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bodies_being_read_share_one_byte_budget() {
+        let mut l = limits(100);
+        l.buffer = Arc::new(Budget::new(60));
+        let every = Duration::from_millis(10);
+        let slow = read(Trickle::body(50, every), Encoding::Identity, None, &l);
+        let other = async {
+            // Once the slow body holds 45 bytes, 20 more do not fit.
+            tokio::time::sleep(every * 45 + every / 2).await;
+            assert_eq!(l.buffer.used(), 45);
+            read(Body::from(vec![b'y'; 20]), Encoding::Identity, None, &l).await
+        };
+        let (slow, other) = tokio::join!(slow, other);
+        assert_eq!(slow.unwrap().len(), 50);
+        let err = other.unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        // Given back once read.
+        assert_eq!(l.buffer.used(), 0);
+        let fits = read(Body::from(vec![b'y'; 60]), Encoding::Identity, Some(60), &l);
+        assert_eq!(fits.await.unwrap().len(), 60);
     }
 
     #[tokio::test]
     async fn a_compression_bomb_is_413() {
         let bomb = gzip(&vec![b' '; 10 << 20]);
         assert!(bomb.len() < 20_000);
-        let err = read(
-            Body::from(bomb),
-            Encoding::Gzip,
-            1 << 20,
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap_err();
+        let err = read(Body::from(bomb), Encoding::Gzip, None, &limits(1 << 20))
+            .await
+            .unwrap_err();
         assert_eq!(err.status(), axum::http::StatusCode::PAYLOAD_TOO_LARGE);
         let err = read(
             Body::from(b"not gzip".to_vec()),
             Encoding::Gzip,
-            100,
-            Duration::from_secs(1),
+            None,
+            &limits(100),
         )
         .await;
         assert_eq!(
@@ -184,6 +383,12 @@ mod tests {
         assert_eq!(Encoding::of(&h).unwrap(), Encoding::Identity);
         h.insert(header::CONTENT_ENCODING, "GZIP".parse().unwrap());
         assert_eq!(Encoding::of(&h).unwrap(), Encoding::Gzip);
+        h.append(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+        assert_eq!(
+            Encoding::of(&h).unwrap_err().status(),
+            axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "two lines, two codings"
+        );
         h.insert(header::CONTENT_ENCODING, "br".parse().unwrap());
         assert_eq!(
             Encoding::of(&h).unwrap_err().status(),

@@ -41,13 +41,35 @@ pub enum DecodeError {
         "unsupported content type {0:?}; use application/json, application/x-www-form-urlencoded or application/x-ndjson"
     )]
     UnsupportedType(String),
+    /// A Content-Type that cannot be read as one media type in UTF-8.
+    #[error("{0}")]
+    BadContentType(String),
     /// More NDJSON records than `max_records`.
     #[error("more than {0} records in one request")]
     TooManyRecords(usize),
 }
 
+/// The request's Content-Type: `None` when there is none; 415 when it is not text or comes on
+/// more than one line (which one would decide how the body is read?).
+pub fn content_type(headers: &axum::http::HeaderMap) -> Result<Option<&str>, DecodeError> {
+    let mut values = headers.get_all(axum::http::header::CONTENT_TYPE).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(DecodeError::BadContentType(
+            "more than one Content-Type".into(),
+        ));
+    }
+    value
+        .to_str()
+        .map(Some)
+        .map_err(|_| DecodeError::BadContentType("a Content-Type that is not text".into()))
+}
+
 impl BodyKind {
-    /// Picks the reader for a body. A missing Content-Type means JSON.
+    /// Picks the reader for a body. A missing Content-Type means JSON. A `charset` other than
+    /// UTF-8 (or its subset US-ASCII) is refused: the body would be read as something else.
     pub fn of(payload: Payload, content_type: Option<&str>) -> Result<BodyKind, DecodeError> {
         if payload == Payload::Raw {
             return Ok(BodyKind::Raw);
@@ -55,7 +77,23 @@ impl BodyKind {
         let Some(ct) = content_type else {
             return Ok(BodyKind::Json);
         };
-        let media = ct.split(';').next().unwrap_or_default().trim();
+        let mut parts = ct.split(';');
+        let media = parts.next().unwrap_or_default().trim();
+        for param in parts {
+            let Some((name, value)) = param.split_once('=') else {
+                continue;
+            };
+            let value = value.trim().trim_matches('"');
+            if name.trim().eq_ignore_ascii_case("charset")
+                && !["utf-8", "utf8", "us-ascii"]
+                    .iter()
+                    .any(|c| value.eq_ignore_ascii_case(c))
+            {
+                return Err(DecodeError::BadContentType(format!(
+                    "unsupported charset {value:?}; send UTF-8"
+                )));
+            }
+        }
         let is = |name: &str| media.eq_ignore_ascii_case(name);
         let json_suffix = media.len() > 17
             && media
@@ -142,6 +180,10 @@ fn ndjson(body: Bytes, limits: &Limits) -> Result<Vec<Bytes>, DecodeError> {
 /// `a=1&b=2&a=3` → `{"a":["1","3"],"b":"2"}`: keys in first-seen order, repeated keys as arrays.
 pub fn form_to_json(body: &[u8]) -> Result<Bytes, DecodeError> {
     let pairs = form_pairs(body)?;
+    // `&&` is a form with nothing in it.
+    if pairs.is_empty() {
+        return Err(DecodeError::Empty);
+    }
     // Keys are found through a map: a body of 150k distinct keys must not cost 150k² compares.
     let mut slots: HashMap<&str, usize> = HashMap::new();
     let mut fields: Vec<(&str, Vec<&str>)> = Vec::new();
@@ -214,10 +256,13 @@ fn unescape(text: &[u8]) -> Result<String, DecodeError> {
         i += 1;
     }
     String::from_utf8(out).map_err(|e| {
+        // The start of the field is enough to find it; all of it could be a megabyte.
+        const SHOWN: usize = 64;
+        let more = if text.len() > SHOWN { "..." } else { "" };
         DecodeError::Form(format!(
-            "a field is not UTF-8 once decoded (byte {} of {:?})",
+            "a field is not UTF-8 once decoded (byte {} of {:?}{more})",
             e.utf8_error().valid_up_to() + 1,
-            String::from_utf8_lossy(text)
+            String::from_utf8_lossy(&text[..text.len().min(SHOWN)])
         ))
     })
 }
@@ -267,6 +312,39 @@ mod tests {
         assert!(matches!(
             of(Some("text/plain")),
             Err(DecodeError::UnsupportedType(_))
+        ));
+        assert_eq!(
+            of(Some("application/json; charset=\"UTF-8\"")),
+            Ok(BodyKind::Json)
+        );
+        assert_eq!(
+            of(Some("application/x-ndjson;charset=us-ascii")),
+            Ok(BodyKind::Ndjson)
+        );
+        for ct in [
+            "application/json; charset=utf-16",
+            "application/x-www-form-urlencoded; charset=iso-8859-1",
+        ] {
+            assert!(
+                matches!(of(Some(ct)), Err(DecodeError::BadContentType(_))),
+                "{ct}"
+            );
+        }
+        let mut headers = axum::http::HeaderMap::new();
+        assert_eq!(content_type(&headers), Ok(None));
+        headers.insert(
+            "content-type",
+            axum::http::HeaderValue::from_bytes(b"text/plain; x=\xe9").unwrap(),
+        );
+        assert!(matches!(
+            content_type(&headers),
+            Err(DecodeError::BadContentType(_))
+        ));
+        headers.insert("content-type", "application/json".parse().unwrap());
+        headers.append("content-type", "application/x-ndjson".parse().unwrap());
+        assert!(matches!(
+            content_type(&headers),
+            Err(DecodeError::BadContentType(_))
         ));
         assert_eq!(
             BodyKind::of(Payload::Raw, Some("image/png")),
@@ -341,6 +419,11 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+        // The error quotes the start of the field, not a megabyte of it.
+        let long = [b"a=".as_slice(), &[1u8; 100_000], b"%FF"].concat();
+        let err = form_to_json(&long).unwrap_err().to_string();
+        assert!(err.len() < 500 && err.contains("..."), "{}", err.len());
+        assert_eq!(form_to_json(b"&&"), Err(DecodeError::Empty));
     }
 
     #[test]
@@ -384,7 +467,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn form_output_is_valid_json_with_every_key(pairs in proptest::collection::vec(("[a-z%+=& ]{0,6}", ".{0,6}"), 0..8)) {
+        fn form_output_is_valid_json_with_every_key(pairs in proptest::collection::vec(("[a-z%+=& ]{0,6}", ".{0,6}"), 1..8)) {
             let body = serde_urlencoded::to_string(&pairs).unwrap();
             let json = form_to_json(body.as_bytes()).unwrap();
             let value: serde_json::Value = serde_json::from_slice(&json).unwrap();

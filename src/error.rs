@@ -49,9 +49,9 @@ pub enum IngestError {
     /// 404: no such topic, or not on the allowlist.
     #[error("unknown topic {0:?}")]
     UnknownTopic(String),
-    /// 408: the body stopped arriving.
-    #[error("no request body data for {0:?}")]
-    BodyTimeout(std::time::Duration),
+    /// 408: the body stopped arriving, or took too long in all.
+    #[error("{0}")]
+    BodyTimeout(String),
     /// 413: too large.
     #[error("{0}")]
     TooLarge(String),
@@ -179,7 +179,9 @@ impl From<crate::spool::SpoolError> for IngestError {
 impl From<DecodeError> for IngestError {
     fn from(e: DecodeError) -> Self {
         match e {
-            DecodeError::UnsupportedType(_) => IngestError::UnsupportedType(e.to_string()),
+            DecodeError::UnsupportedType(_) | DecodeError::BadContentType(_) => {
+                IngestError::UnsupportedType(e.to_string())
+            }
             DecodeError::TooManyRecords(_) => IngestError::TooLarge(e.to_string()),
             _ => IngestError::BadRequest(e.to_string()),
         }

@@ -20,6 +20,25 @@ const PARTITION_HEADER: HeaderName = HeaderName::from_static("x-kafka-partition"
 /// Prefix of request headers copied into Kafka record headers.
 const HEADER_PREFIX: &str = "x-kafka-header-";
 
+/// One value given any number of times, all the same.
+#[derive(Default)]
+struct Agreed<T>(Option<T>);
+
+impl<T: PartialEq> Agreed<T> {
+    fn add(&mut self, value: T, what: &str) -> Result<(), IngestError> {
+        match &self.0 {
+            Some(seen) if *seen != value => Err(IngestError::BadRequest(format!(
+                "{what} given twice, differently"
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                self.0 = Some(value);
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Key, partition and headers asked for by query string or request headers.
 pub struct RecordMeta {
     /// Record key.
@@ -33,9 +52,12 @@ pub struct RecordMeta {
 impl RecordMeta {
     /// Reads `?key=`, `?partition=`, `X-Kafka-Key`, `X-Kafka-Partition` and
     /// `X-Kafka-Header-*`.
+    /// A key or partition may be given more than once (query string, header, repeated) only
+    /// if every occurrence says the same: the record must not go where part of the request did
+    /// not ask.
     pub fn from_parts(parts: &Parts) -> Result<RecordMeta, IngestError> {
-        let mut query_key = None;
-        let mut query_partition = None;
+        let mut key = Agreed::default();
+        let mut partition = Agreed::default();
         if let Some(q) = parts.uri.query() {
             // Decoded to bytes, not strings: a key is any bytes, and `%FF` must stay 0xFF.
             for (name, value) in q
@@ -43,27 +65,21 @@ impl RecordMeta {
                 .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
             {
                 match form_decode(name).as_slice() {
-                    b"key" => query_key = Some(Bytes::from(form_decode(value))),
-                    b"partition" => query_partition = Some(form_decode(value)),
+                    b"key" => key.add(Bytes::from(form_decode(value)), "key")?,
+                    b"partition" => {
+                        partition.add(parse_partition(&form_decode(value))?, "partition")?
+                    }
                     _ => {}
                 }
             }
         }
-        let header = |name: &HeaderName| parts.headers.get(name).map(|v| v.as_bytes());
-        let key = match (query_key, header(&KEY_HEADER)) {
-            (Some(q), Some(h)) if q != h => {
-                return Err(IngestError::BadRequest(
-                    "key given twice, differently".into(),
-                ));
-            }
-            (Some(q), _) => Some(q),
-            (None, h) => h.map(Bytes::copy_from_slice),
-        };
-        let partition = match (query_partition, header(&PARTITION_HEADER)) {
-            (Some(q), _) => Some(parse_partition(&q)?),
-            (None, Some(h)) => Some(parse_partition(h)?),
-            (None, None) => None,
-        };
+        for value in parts.headers.get_all(&KEY_HEADER) {
+            key.add(Bytes::copy_from_slice(value.as_bytes()), "key")?;
+        }
+        for value in parts.headers.get_all(&PARTITION_HEADER) {
+            partition.add(parse_partition(value.as_bytes())?, "partition")?;
+        }
+        let (key, partition) = (key.0, partition.0);
         let headers = parts
             .headers
             .iter()
@@ -153,4 +169,49 @@ fn parse_partition(raw: &[u8]) -> Result<i32, IngestError> {
         .and_then(|s| s.trim().parse::<i32>().ok())
         .filter(|p| *p >= 0)
         .ok_or_else(|| IngestError::BadRequest("partition must be a non-negative integer".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(uri: &str, headers: &[(&str, &str)]) -> Result<RecordMeta, IngestError> {
+        let mut request = axum::http::Request::builder().uri(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        RecordMeta::from_parts(&request.body(()).unwrap().into_parts().0)
+    }
+
+    #[test]
+    fn a_key_or_partition_given_twice_must_agree() {
+        let m = meta(
+            "/a?key=k&partition=1",
+            &[("x-kafka-key", "k"), ("x-kafka-partition", "01")],
+        );
+        let m = m.unwrap();
+        assert_eq!((m.key.as_deref(), m.partition), (Some(&b"k"[..]), Some(1)));
+        for (uri, headers) in [
+            ("/a?key=a&key=b", &[][..]),
+            ("/a", &[("x-kafka-key", "a"), ("x-kafka-key", "b")][..]),
+            ("/a?key=a", &[("x-kafka-key", "b")][..]),
+            ("/a?partition=1", &[("x-kafka-partition", "2")][..]),
+            ("/a?partition=1&partition=2", &[][..]),
+            (
+                "/a",
+                &[("x-kafka-partition", "1"), ("x-kafka-partition", "2")][..],
+            ),
+        ] {
+            let err = meta(uri, headers).err().expect(uri);
+            assert!(
+                err.to_string().contains("given twice, differently"),
+                "{uri} {headers:?}: {err}"
+            );
+        }
+        // A bad value is refused wherever it is, even beside a good one.
+        let err = meta("/a?partition=1", &[("x-kafka-partition", "abc")])
+            .err()
+            .unwrap();
+        assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST);
+    }
 }

@@ -44,6 +44,8 @@ pub struct AppState {
     pub background: Arc<crate::shutdown::Tracker>,
     /// Record count and nesting limits of bodies.
     pub decode_limits: crate::decode::Limits,
+    /// How request bodies are read, and the bytes of them all requests share.
+    pub body_limits: crate::body::Limits,
     /// The most bytes one record may take (`kafka.message_max_bytes`), checked before any
     /// record of a request is queued.
     pub message_max_bytes: usize,
@@ -105,6 +107,7 @@ impl AppState {
             started: Instant::now(),
             hook_timeout: config.hook.timeout,
             background: Arc::default(),
+            body_limits: crate::body::Limits::new(&config.server),
             decode_limits: crate::decode::Limits {
                 max_records: config.server.max_records,
                 max_depth: config.server.max_json_depth,
@@ -275,6 +278,7 @@ fn check_ranges(config: &Config) -> Result<(), String> {
         ("server.shutdown_timeout", s.shutdown_timeout),
         ("server.header_read_timeout", s.header_read_timeout),
         ("server.body_read_timeout", s.body_read_timeout),
+        ("server.body_deadline", s.body_deadline),
         ("server.write_timeout", s.write_timeout),
         ("hook.timeout", config.hook.timeout),
         ("kafka.metadata_timeout", config.kafka.metadata_timeout),
@@ -310,6 +314,9 @@ fn check_ranges(config: &Config) -> Result<(), String> {
     }
     if k.queue_max_messages == 0 || k.queue_max_bytes == 0 {
         return Err("kafka.queue_max_messages and kafka.queue_max_bytes must be above 0".into());
+    }
+    if s.max_body_buffer_bytes < s.max_body_bytes {
+        return Err("server.max_body_buffer_bytes must be at least server.max_body_bytes".into());
     }
     if s.admin_listen
         .is_some_and(|a| a == s.listen && a.port() != 0)

@@ -48,6 +48,15 @@ pub struct ServerConfig {
     /// Longest pause between two pieces of a request body; then 408. Default 10s.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Longest a whole request body may take to arrive, however steadily it trickles in; then
+    /// 408. Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub body_deadline: Duration,
+    /// Most bytes of request bodies held while they arrive, over all connections at once; a
+    /// request whose body would pass it gets 503 + Retry-After. Bounds what slow or stalled
+    /// uploads can hold (10000 connections × 1 MiB bodies would be 10 GiB). At least
+    /// `max_body_bytes`. Default 256 MiB.
+    pub max_body_buffer_bytes: usize,
     /// Longest a client may take none of its answer (a full socket buffer); then the
     /// connection is closed, so clients that send and never read cannot keep their place
     /// under `max_connections`. Default 10s.
@@ -129,6 +138,8 @@ impl Default for ServerConfig {
             default_routes: true,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
+            body_deadline: Duration::from_secs(60),
+            max_body_buffer_bytes: 256 << 20,
             write_timeout: Duration::from_secs(10),
             max_headers: 100,
             max_header_bytes: 64 << 10,

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use axum::RequestPartsExt;
 use axum::extract::{ConnectInfo, RawPathParams, Request};
-use axum::http::header;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -100,21 +99,18 @@ async fn ingest(
         return Err(IngestError::Unavailable("shutting down".into()));
     }
     let meta = RecordMeta::from_parts(&parts)?;
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
+    let content_type = decode::content_type(&parts.headers)?;
     let kind = BodyKind::of(route.payload, content_type)?;
     let encoding = Encoding::of(&parts.headers)?;
-    let limit = app.server.max_body_bytes;
-    if body::declared_length(&parts.headers).is_some_and(|n| n > limit) {
-        return Err(body::too_large(limit));
+    let limits = &app.body_limits;
+    let declared = body::declared_length(&parts.headers);
+    if declared.is_some_and(|n| n > limits.max_bytes) {
+        return Err(body::too_large(limits.max_bytes));
     }
-    let idle = app.server.body_read_timeout;
     let Some(hook) = hook else {
         // Without a hook the topic is known before the body is read, so a bad one costs nothing.
         let info = lookup(app, &topic).await?;
-        let body = body::read(incoming, encoding, limit, idle).await?;
+        let body = body::read(incoming, encoding, declared, limits).await?;
         if let Some(answer) = overflow(app, route.mode, &topic, &parts, &body).await {
             return Ok(Reply::Relayed(answer));
         }
@@ -132,7 +128,7 @@ async fn ingest(
             other => other,
         };
     };
-    let body = body::read(incoming, encoding, limit, idle).await?;
+    let body = body::read(incoming, encoding, declared, limits).await?;
     if let Some(answer) = overflow(app, route.mode, &topic, &parts, &body).await {
         return Ok(Reply::Relayed(answer));
     }
