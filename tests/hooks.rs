@@ -275,6 +275,10 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
     );
     let r = post(gw, &p, "later", r#"{"n":1}"#).await;
     assert_eq!((r.status, r.body.as_str()), (200, r#"{"ok":"fast reply"}"#));
+    // A body that cannot be produced is refused before the hook's reply, not after it.
+    let r = post(gw, &p, "later-to", "{not json").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().contains("invalid json"), "{}", r.body);
     for case in ["slow", "fail"] {
         let start = Instant::now();
         let r = post(gw, &p, case, body).await;
@@ -320,8 +324,8 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
         "nothing else landed"
     );
 
-    // 405 also reaches the error hook. Failures so far: bad topic, the three rejects, slow,
-    // fail, empty, 405.
+    // 405 also reaches the error hook. Failures so far: bad topic, the three rejects, the body
+    // refused before the hook's reply, slow, fail, empty, 405.
     let r = common::client()
         .put(format!("{}{p}", gw.url))
         .send()
@@ -329,7 +333,7 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
         .unwrap();
     assert_eq!(r.status(), 405);
     let r = post(gw, &p, "errors", "{}").await;
-    assert_eq!(r.body, "8", "error hook calls");
+    assert_eq!(r.body, "9", "error hook calls");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

@@ -11,10 +11,10 @@ use tokio::time::error::Elapsed;
 use super::{lookup, produce};
 use crate::auth::Key;
 use crate::config::Mode;
+use crate::decode::BodyKind;
 use crate::decode::{self, DecodeError};
 use crate::error::IngestError;
 use crate::hook::{Failure, Forward, Hook, HookError, HookFuture, HookRequest, Verdict};
-use crate::kafka::metadata::TopicInfo;
 use crate::record::RecordMeta;
 use crate::reply::Reply;
 use crate::routes::{Route, validate_topic};
@@ -65,24 +65,28 @@ pub(super) async fn run(
             )?;
             let moved = forward.topic.is_some();
             let kind = request.kind();
-            let (topic, info, meta, values) = forwarded(app, request, meta, forward).await?;
+            let (topic, meta, values) = forwarded(app, request, meta, forward)?;
             if moved {
                 *topic_seen = Some(topic.clone());
             }
+            let info = lookup(app, &topic).await?;
             produce(app, route, route.mode, topic, &info, meta, values, kind).await
         }
         Verdict::Respond(respond) => {
             if let Some((mode, forward)) = respond.then {
                 allowed(forward.topic.as_deref().unwrap_or(&request.topic), mode)?;
-                produce_after_reply(
-                    app.clone(),
-                    route.clone(),
-                    hook.clone(),
-                    request,
+                // Everything that can be checked is, before the reply: a body that does not
+                // decode must not get the hook's 2xx and then vanish.
+                let kind = request.kind();
+                let (topic, meta, values) = forwarded(app, request, meta, forward)?;
+                let later = Later {
+                    topic,
                     meta,
+                    values,
+                    kind,
                     mode,
-                    forward,
-                );
+                };
+                produce_after_reply(app.clone(), route.clone(), hook.clone(), later);
             }
             let content_type = respond
                 .content_type
@@ -108,13 +112,14 @@ async fn decide(
     }
 }
 
-/// Applies a hook's edits: topic (checked again), key, partition, headers, body.
-async fn forwarded(
+/// Applies a hook's edits: topic (checked again), key, partition, headers, body; the body
+/// decoded into record values.
+fn forwarded(
     app: &AppState,
     request: Arc<HookRequest>,
     mut meta: RecordMeta,
     forward: Forward,
-) -> Result<(String, Arc<TopicInfo>, RecordMeta, Vec<Bytes>), IngestError> {
+) -> Result<(String, RecordMeta, Vec<Bytes>), IngestError> {
     let kind = request.kind();
     // The hook is done with the request; only a hook that kept it makes this copy.
     let (route_topic, body) = match Arc::try_unwrap(request) {
@@ -129,7 +134,6 @@ async fn forwarded(
         // Checked before the hook ran.
         None => route_topic,
     };
-    let info = lookup(app, &topic).await?;
     meta.key = forward.key.or(meta.key);
     meta.partition = forward.partition.or(meta.partition);
     meta.headers.extend(forward.headers);
@@ -138,26 +142,34 @@ async fn forwarded(
         Some(body) => vec![body],
         None => decode::decode(kind, body, &app.decode_limits)?,
     };
-    Ok((topic, info, meta, values))
+    Ok((topic, meta, values))
+}
+
+/// What a hook asked to produce after its own reply, checked and decoded.
+struct Later {
+    topic: String,
+    meta: RecordMeta,
+    values: Vec<Bytes>,
+    kind: BodyKind,
+    mode: Mode,
 }
 
 /// Produces what a hook asked for after it replied itself. The client already has its answer,
-/// so failures go to the log and the error hook.
-fn produce_after_reply(
-    app: Arc<AppState>,
-    route: Arc<Route>,
-    hook: Arc<dyn Hook>,
-    request: Arc<HookRequest>,
-    meta: RecordMeta,
-    mode: Mode,
-    forward: Forward,
-) {
+/// so failures (an unknown topic, the brokers) go to the log and the error hook.
+fn produce_after_reply(app: Arc<AppState>, route: Arc<Route>, hook: Arc<dyn Hook>, later: Later) {
     let running = app.background.start();
     tokio::spawn(async move {
         let _running = running;
-        let (route_topic, kind) = (request.topic.clone(), request.kind());
+        let topic = later.topic.clone();
         let result = async {
-            let (topic, info, meta, values) = forwarded(&app, request, meta, forward).await?;
+            let info = lookup(&app, &later.topic).await?;
+            let Later {
+                topic,
+                meta,
+                values,
+                kind,
+                mode,
+            } = later;
             produce(&app, &route, mode, topic, &info, meta, values, kind).await
         }
         .await;
@@ -168,7 +180,7 @@ fn produce_after_reply(
             hook.on_error(&Failure {
                 status,
                 message: &message,
-                topic: Some(&route_topic),
+                topic: Some(&topic),
             });
         }
     });
