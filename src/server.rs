@@ -223,6 +223,9 @@ impl App {
                 "produces after a hook's reply still running at the deadline"
             );
         }
+        // One grace for the spool's last sends and the producers' flush together, so a stop
+        // takes at most two (the drain's and this one), as the docs size a supervisor's timeout.
+        let flush_deadline = tokio::time::Instant::now() + grace;
         // Spooled records stay on disk for the next start; they are not lost.
         let spooled = match &state.spool {
             Some(spool) => spool.shutdown(grace).await,
@@ -231,7 +234,8 @@ impl App {
         if spooled > 0 {
             tracing::info!(spooled, "records kept in the spool for the next start");
         }
-        let undelivered = state.producers.flush(grace).await;
+        let left = flush_deadline.saturating_duration_since(tokio::time::Instant::now());
+        let undelivered = state.producers.flush(left).await;
         if undelivered > 0 {
             tracing::error!(
                 undelivered,

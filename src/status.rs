@@ -24,7 +24,7 @@ const PAGE: &str = include_str!("status.html");
 /// Running totals the page needs that the producers do not keep themselves.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Answers by class: 2xx, 4xx, 5xx.
+    /// Answers by class: 2xx (with the rare 1xx or 3xx a hook replies), 4xx, 5xx.
     pub answers: [AtomicU64; 3],
     /// Records queued.
     pub accepted: AtomicU64,
@@ -51,8 +51,9 @@ pub struct Sample {
 impl Stats {
     /// Counts one answer.
     pub fn answer(&self, status: u16) {
+        // A hook's own reply may be a redirect or 1xx: not an error.
         let i = match status {
-            200..=299 => 0,
+            100..=399 => 0,
             400..=499 => 1,
             _ => 2,
         };
