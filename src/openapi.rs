@@ -1,6 +1,7 @@
 //! The OpenAPI 3.1 description of the HTTP contract: `docs/openapi.json` as kept in the repo
 //! (the default routes and the operational endpoints), plus the routes this server's config
-//! adds, each described like the built-in route of its mode.
+//! adds, each described like the built-in route of its mode, less what this listener does not
+//! serve.
 
 use std::sync::Arc;
 
@@ -26,21 +27,28 @@ fn template(mode: crate::config::Mode) -> &'static str {
     }
 }
 
-/// The description of what `app` serves.
-pub fn describe(app: &AppState) -> Value {
+/// The operational endpoints served only on the admin listener when there is one.
+const PRIVATE: [&str; 3] = ["/metrics", "/", "/status.json"];
+
+/// The description of what `app` serves on a listener; `private`: whether that listener serves
+/// `/metrics` and the status page (the admin listener, or the main one without it).
+pub fn describe(app: &AppState, private: bool) -> Value {
     // The file is part of the build and checked by a test; it always parses.
     let mut spec: Value = serde_json::from_str(SPEC).unwrap_or(Value::Null);
     let Some(paths) = spec.get_mut("paths").and_then(Value::as_object_mut) else {
         return spec;
     };
-    let builtin: Vec<String> = paths.keys().cloned().collect();
+    // Templates from the file as it is, before any configured route replaces an entry.
+    let builtin = paths.clone();
     let served: Vec<&str> = app.served().map(|s| s.route.pattern.as_str()).collect();
     for served in app.served() {
         let route = &served.route;
-        if builtin.contains(&route.pattern) {
+        // A default route, or a configured route on a default route's path and mode.
+        if route.pattern == template(route.mode) {
             continue;
         }
-        let mut item = paths
+        // Described by its own mode, also on a path the file gives another mode.
+        let mut item = builtin
             .get(template(route.mode))
             .cloned()
             .unwrap_or(Value::Null);
@@ -57,6 +65,9 @@ pub fn describe(app: &AppState) -> Value {
     }
     // Default routes turned off in config are not served, so not described.
     paths.retain(|path, _| !is_default_route(path) || served.contains(&path.as_str()));
+    if !private {
+        paths.retain(|path, _| !PRIVATE.contains(&path.as_str()));
+    }
     spec
 }
 
@@ -71,7 +82,7 @@ fn is_default_route(path: &str) -> bool {
     .any(|m| template(*m) == path)
 }
 
-/// `GET /openapi.json`.
-pub async fn serve(State(app): State<Arc<AppState>>) -> Response {
-    json(StatusCode::OK, &describe(&app))
+/// `GET /openapi.json` on a listener that serves the private endpoints or not.
+pub async fn serve(State(app): State<Arc<AppState>>, private: bool) -> Response {
+    json(StatusCode::OK, &describe(&app, private))
 }

@@ -18,7 +18,10 @@ use crate::state::AppState;
 /// topics, brokers and peers).
 pub fn router(private: bool) -> Router<Arc<AppState>> {
     let router = Router::new()
-        .route("/openapi.json", get(crate::openapi::serve))
+        .route(
+            "/openapi.json",
+            get(move |app| crate::openapi::serve(app, private)),
+        )
         .route("/health", get(health))
         .route("/disco", get(disco))
         .route("/ready", get(ready));

@@ -309,7 +309,37 @@ async fn status_json_and_the_admin_listener() {
     );
     assert!(status["totals"]["records_accepted"].as_u64().unwrap() >= 1);
     assert_eq!(status["producers"][0]["name"], "sync");
-    // With an admin listener, /metrics lives there only.
+    // With an admin listener, /metrics and the status page live there only, and each
+    // listener's /openapi.json describes what that listener serves.
+    let spec = |url: String| async move {
+        let text = client()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
+    let main = spec(format!("{}/openapi.json", gw.url)).await;
+    let private = spec(format!("{admin_url}/openapi.json")).await;
+    for path in ["/metrics", "/", "/status.json"] {
+        assert!(
+            main["paths"][path].is_null(),
+            "{path} described on the main listener"
+        );
+        assert!(
+            private["paths"][path].is_object(),
+            "{path} not described on the admin one"
+        );
+        let r = client()
+            .get(format!("{}{path}", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
     assert_eq!(
         client()
             .get(format!("{}/metrics", gw.url))
@@ -479,6 +509,12 @@ async fn openapi_describes_exactly_the_routes_served() {
         served["paths"]["/1/foo/{topic}"]["post"]["responses"]["504"].is_object(),
         "batch_sync may answer 504"
     );
+    for path in ["/async/{topic}", "/batch/async/{topic}"] {
+        assert!(
+            served["paths"][path]["post"]["responses"]["504"].is_object(),
+            "{path}: part of a request queued, or a peer that timed out, is 504"
+        );
+    }
     assert!(
         served["paths"]["/events"]["post"]["parameters"].is_null(),
         "a fixed topic takes no parameter"
@@ -514,5 +550,21 @@ async fn openapi_describes_exactly_the_routes_served() {
     )
     .unwrap();
     assert!(served["paths"]["/async/{topic}"].is_null() && served["paths"]["/e"].is_object());
+    gw.stop().await;
+    // A route on a default route's path, with another mode, is described by its own mode.
+    let toml =
+        "[server]\ndefault_routes = false\n[[routes]]\npath = \"/async/:topic\"\nmode = \"sync\"";
+    let gw = gateway(&b.addr, toml).await;
+    let text = client()
+        .get(format!("{}/openapi.json", gw.url))
+        .send()
+        .await
+        .unwrap();
+    let served: serde_json::Value = serde_json::from_str(&text.text().await.unwrap()).unwrap();
+    let responses = &served["paths"]["/async/{topic}"]["post"]["responses"];
+    assert!(
+        responses["200"].is_object() && responses["202"].is_null(),
+        "{responses}"
+    );
     gw.stop().await;
 }
