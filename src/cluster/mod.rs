@@ -20,6 +20,9 @@ mod watch;
 /// The header a forwarded request carries: the name of the node that forwarded it.
 pub const HOP: HeaderName = HeaderName::from_static("x-kafboy-forwarded-by");
 
+/// How much less room than this node a peer may have and still take its overflow.
+const ROOM_SLACK: f64 = 0.02;
+
 /// Cluster settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -149,7 +152,9 @@ impl Cluster {
 
     /// The peer a request should go to, if any: this node is past its high-water mark (or has
     /// no room at all), the request was not forwarded already, and a ready peer has room, and at
-    /// least as much as this node (a fuller one would only answer 503 sooner).
+    /// least as much as this node (a fuller one would only answer 503 sooner). "As much" is
+    /// within [`ROOM_SLACK`]: a peer's figure is up to one health check old, and a queue with a
+    /// record in it is not fuller in any way that matters.
     pub fn peer_for(&self, fill: f64, full: bool, headers: &HeaderMap) -> Option<String> {
         let room = if full { 0.0 } else { 1.0 - fill };
         if !(full || fill >= self.config.high_water) || headers.contains_key(HOP) {
@@ -164,14 +169,14 @@ impl Cluster {
         extensions.get::<crate::auth::ClientSubject>().is_none()
     }
 
-    /// A ready peer with room, at least `room` of it, and the most headroom; among peers
+    /// A ready peer with room, at least `room` of it (less the slack), and the most headroom; among peers
     /// within 10 % of the best, one at random, so equally idle peers share the overflow.
     fn best(&self, room: f64) -> Option<String> {
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
         let ready: Vec<&Peer> = peers
             .values()
             .filter(|p| p.ready && p.url != self.url)
-            .filter(|p| p.headroom > 0.0 && p.headroom >= room)
+            .filter(|p| p.headroom > 0.0 && p.headroom >= room - ROOM_SLACK)
             .collect();
         let top = ready
             .iter()
@@ -328,6 +333,15 @@ mod tests {
         assert_eq!(c.peer_for(0.85, false, &none), None, "less room than here");
         c.mark(peer, true, 0.5);
         assert_eq!(c.peer_for(0.85, false, &none).as_deref(), Some(peer));
+        // An idle node forwarding everything (high water 0): a peer with a record or two in
+        // its queue is as good as an empty one.
+        let eager = cluster(&format!("peers = [\"{peer}\"]\nhigh_water = 0.0"))
+            .unwrap()
+            .unwrap();
+        eager.mark(peer, true, 0.99999);
+        assert_eq!(eager.peer_for(0.0, false, &none).as_deref(), Some(peer));
+        eager.mark(peer, true, 0.9);
+        assert_eq!(eager.peer_for(0.0, false, &none), None, "10 points fuller");
         assert_eq!(
             c.peer_for(0.3, true, &none).as_deref(),
             Some(peer),
