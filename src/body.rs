@@ -112,8 +112,11 @@ impl Budget {
 }
 
 impl Held<'_> {
-    /// `more` bytes on top of what is held; 503 when the budget is spent.
-    fn add(&mut self, more: usize) -> Result<(), IngestError> {
+    /// Holds at least `bytes` in all; 503 when the budget is spent.
+    fn cover(&mut self, bytes: usize) -> Result<(), IngestError> {
+        let Some(more) = bytes.checked_sub(self.bytes).filter(|&m| m > 0) else {
+            return Ok(());
+        };
         let before = self.budget.used.fetch_add(more, Ordering::Relaxed);
         if before.saturating_add(more) > self.budget.max {
             self.budget.used.fetch_sub(more, Ordering::Relaxed);
@@ -175,32 +178,32 @@ async fn collect(
     let deadline = tokio::time::Instant::now() + limits.deadline;
     let mut first: Option<Bytes> = None;
     let mut rest = BytesMut::new();
-    // The share of the buffer budget this body holds while it is read.
+    // The share of the buffer budget this body holds while it is read: what has arrived, or
+    // what was reserved for it, whichever is more.
     let mut held = Held {
         budget: &limits.buffer,
         bytes: 0,
     };
     let mut total = 0usize;
     loop {
-        let next = tokio::time::timeout(limits.idle, body.frame());
-        let frame = match tokio::time::timeout_at(deadline, next).await {
+        // One timer per piece: the pause allowed, cut short by the whole body's deadline.
+        let idle_end = tokio::time::Instant::now() + limits.idle;
+        let frame = match tokio::time::timeout_at(idle_end.min(deadline), body.frame()).await {
+            Err(_) if idle_end < deadline => {
+                return Err(IngestError::BodyTimeout(format!(
+                    "no request body data for {:?}",
+                    limits.idle
+                )));
+            }
             Err(_) => {
                 return Err(IngestError::BodyTimeout(format!(
                     "request body not complete within {:?}",
                     limits.deadline
                 )));
             }
-            Ok(Err(_)) => {
-                return Err(IngestError::BodyTimeout(format!(
-                    "no request body data for {:?}",
-                    limits.idle
-                )));
-            }
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(Err(e)))) => {
-                return Err(IngestError::BadRequest(format!("reading body: {e}")));
-            }
-            Ok(Ok(Some(Ok(frame)))) => frame,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(IngestError::BadRequest(format!("reading body: {e}"))),
+            Ok(Some(Ok(frame))) => frame,
         };
         let Ok(data) = frame.into_data() else {
             continue;
@@ -209,13 +212,17 @@ async fn collect(
         if total > limits.max_bytes {
             return Err(too_large(limits.max_bytes));
         }
-        held.add(data.len())?;
+        held.cover(total)?;
         // A body that arrives in one piece is kept as it is, without a copy.
         match &first {
             None if rest.is_empty() => first = Some(data),
             _ => {
                 if let Some(f) = first.take() {
-                    rest.reserve(declared.unwrap_or(0).max(f.len() + data.len()));
+                    // Sized once for the declared length (already checked against the limit),
+                    // and that much held of the budget, so the buffer never doubles.
+                    let size = declared.unwrap_or(0).max(total);
+                    held.cover(size)?;
+                    rest.reserve(size);
                     rest.extend_from_slice(&f);
                 }
                 rest.extend_from_slice(&data);
@@ -354,6 +361,22 @@ mod tests {
         assert_eq!(l.buffer.used(), 0);
         let fits = read(Body::from(vec![b'y'; 60]), Encoding::Identity, Some(60), &l);
         assert_eq!(fits.await.unwrap().len(), 60);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_buffer_sized_for_a_declared_length_is_held_of_the_budget() {
+        let mut l = limits(100);
+        l.buffer = Arc::new(Budget::new(100));
+        let every = Duration::from_millis(10);
+        let slow = read(Trickle::body(50, every), Encoding::Identity, Some(50), &l);
+        let watch = async {
+            // Two pieces in: the buffer for all 50 declared bytes exists, and is counted.
+            tokio::time::sleep(every * 2 + every / 2).await;
+            l.buffer.used()
+        };
+        let (slow, used) = tokio::join!(slow, watch);
+        assert_eq!((slow.unwrap().len(), used), (50, 50));
+        assert_eq!(l.buffer.used(), 0);
     }
 
     #[tokio::test]

@@ -77,7 +77,7 @@ fn main() -> ExitCode {
                     return config_error(&e);
                 }
                 init_logs(config.log.format, &config.log.level);
-                for name in kafboy::config::ignored_env() {
+                for name in kafboy::config::ignored_env(&config) {
                     tracing::warn!(
                         variable = %name,
                         "not a setting and ignored: settings are KAFBOY_SECTION__KEY, two underscores after the section"

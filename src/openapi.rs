@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::Value;
 
+use crate::operations::Listener;
 use crate::server::json;
 use crate::state::AppState;
 
@@ -30,9 +31,8 @@ fn template(mode: crate::config::Mode) -> &'static str {
 /// The operational endpoints served only on the admin listener when there is one.
 const PRIVATE: [&str; 3] = ["/metrics", "/", "/status.json"];
 
-/// The description of what `app` serves on a listener; `private`: whether that listener serves
-/// `/metrics` and the status page (the admin listener, or the main one without it).
-pub fn describe(app: &AppState, private: bool) -> Value {
+/// The description of what `app` serves on `listener`.
+pub fn describe(app: &AppState, listener: Listener) -> Value {
     // The file is part of the build and checked by a test; it always parses.
     let mut spec: Value = serde_json::from_str(SPEC).unwrap_or(Value::Null);
     let Some(paths) = spec.get_mut("paths").and_then(Value::as_object_mut) else {
@@ -65,8 +65,12 @@ pub fn describe(app: &AppState, private: bool) -> Value {
     }
     // Default routes turned off in config are not served, so not described.
     paths.retain(|path, _| !is_default_route(path) || served.contains(&path.as_str()));
-    if !private {
+    if !listener.private() {
         paths.retain(|path, _| !PRIVATE.contains(&path.as_str()));
+    }
+    // The admin listener serves no produce route.
+    if listener == Listener::Admin {
+        paths.retain(|_, item| item.get("post").is_none());
     }
     spec
 }
@@ -82,7 +86,7 @@ fn is_default_route(path: &str) -> bool {
     .any(|m| template(*m) == path)
 }
 
-/// `GET /openapi.json` on a listener that serves the private endpoints or not.
-pub async fn serve(State(app): State<Arc<AppState>>, private: bool) -> Response {
-    json(StatusCode::OK, &describe(&app, private))
+/// `GET /openapi.json` on `listener`.
+pub async fn serve(State(app): State<Arc<AppState>>, listener: Listener) -> Response {
+    json(StatusCode::OK, &describe(&app, listener))
 }

@@ -13,14 +13,31 @@ use crate::error::IngestError;
 use crate::server::json;
 use crate::state::AppState;
 
-/// The operational endpoints. `/metrics` and the status page only when `private`: on the main
-/// listener without an admin listener, on the admin listener when there is one (they name
-/// topics, brokers and peers).
-pub fn router(private: bool) -> Router<Arc<AppState>> {
+/// Which listener the operational endpoints are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The main listener, with the produce routes; `private`: with `/metrics` and the status
+    /// page too (when there is no admin listener).
+    Main { private: bool },
+    /// The admin listener: the operational endpoints only.
+    Admin,
+}
+
+impl Listener {
+    /// Whether `/metrics` and the status page are served here (they name topics, brokers and
+    /// peers).
+    pub fn private(self) -> bool {
+        matches!(self, Listener::Admin | Listener::Main { private: true })
+    }
+}
+
+/// The operational endpoints of `listener`.
+pub fn router(listener: Listener) -> Router<Arc<AppState>> {
+    let private = listener.private();
     let router = Router::new()
         .route(
             "/openapi.json",
-            get(move |app| crate::openapi::serve(app, private)),
+            get(move |app| crate::openapi::serve(app, listener)),
         )
         .route("/health", get(health))
         .route("/disco", get(disco))

@@ -113,7 +113,11 @@ impl App {
                 router = router.route(&format!("{}/", served.route.pattern), method);
             }
         }
-        let router = router.merge(crate::operations::router(self.admin.is_none()));
+        let router = router.merge(crate::operations::router(
+            crate::operations::Listener::Main {
+                private: self.admin.is_none(),
+            },
+        ));
         let router = router.fallback(not_found);
         let router = match &self.cors {
             Some(cors) => router.layer(cors.clone()),
@@ -192,7 +196,7 @@ impl App {
         };
         let router = self.router();
         if let Some(admin) = self.admin {
-            let admin_router = crate::operations::router(true)
+            let admin_router = crate::operations::router(crate::operations::Listener::Admin)
                 .fallback(not_found)
                 .with_state(state.clone());
             let stop = stop_rx.clone();
@@ -223,19 +227,20 @@ impl App {
                 "produces after a hook's reply still running at the deadline"
             );
         }
-        // One grace for the spool's last sends and the producers' flush together, so a stop
-        // takes at most two (the drain's and this one), as the docs size a supervisor's timeout.
-        let flush_deadline = tokio::time::Instant::now() + grace;
-        // Spooled records stay on disk for the next start; they are not lost.
-        let spooled = match &state.spool {
-            Some(spool) => spool.shutdown(grace).await,
-            None => 0,
+        // The spool's last sends and the producers' flush run at once, under one grace: a stop
+        // takes at most two (the drain's and this one), as the docs size a supervisor's
+        // timeout, and a spool backlog cannot leave the flush of records held only in memory
+        // no time. Spooled records that are not sent stay on disk for the next start.
+        let spool_done = async {
+            match &state.spool {
+                Some(spool) => spool.shutdown(grace).await,
+                None => 0,
+            }
         };
+        let (spooled, undelivered) = tokio::join!(spool_done, state.producers.flush(grace));
         if spooled > 0 {
             tracing::info!(spooled, "records kept in the spool for the next start");
         }
-        let left = flush_deadline.saturating_duration_since(tokio::time::Instant::now());
-        let undelivered = state.producers.flush(left).await;
         if undelivered > 0 {
             tracing::error!(
                 undelivered,

@@ -164,8 +164,9 @@ impl AppState {
 
     /// Takes a token from the global rate limit. Called once every refusal that costs nothing
     /// has been made (identity, topic grammar, the key's modes, topics and rate, the
-    /// allowlist), so a client can only spend the node's tokens on requests it may make, and a
-    /// key only as fast as its own rate allows.
+    /// allowlist, shutting down, key/partition/Content-Type/Content-Encoding/declared length),
+    /// so a client can only spend the node's tokens on requests it may make, and a key only
+    /// as fast as its own rate allows.
     pub fn admit(&self) -> Result<(), Denied> {
         match &self.global_limit {
             Some(bucket) => bucket
@@ -290,9 +291,14 @@ fn check_ranges(config: &Config) -> Result<(), String> {
         return Err(format!("{name} must be at most 1 day"));
     }
     // Zero would mean never (librdkafka's message timeout, whole milliseconds), no time at all
-    // (a metadata request) or no pause between requests to the brokers (the refresh).
+    // (a metadata request, a body) or no pause between requests to the brokers (the refresh).
     let k = &config.kafka;
     let floors = [
+        (
+            "server.body_deadline",
+            s.body_deadline,
+            Duration::from_millis(10),
+        ),
         (
             "kafka.message_timeout",
             k.message_timeout,

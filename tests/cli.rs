@@ -118,6 +118,7 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[kafka]\nqueue_max_messages = 0".into(), "queue_max_messages"),
         ("[kafka]\nbrokers = [\" \"]".into(), "broker"),
         ("[log]\nlevel = \"inf\"".into(), "log.level"),
+        ("[server]\nbody_deadline = \"0s\"".into(), "server.body_deadline"),
         (
             "[kafka]\nacks = \"none\"\nidempotence = false".into(),
             "cannot back a sync route",

@@ -333,6 +333,10 @@ async fn status_json_and_the_admin_listener() {
             private["paths"][path].is_object(),
             "{path} not described on the admin one"
         );
+        assert!(
+            private["paths"]["/async/{topic}"].is_null(),
+            "no produce route there"
+        );
         let r = client()
             .get(format!("{}{path}", gw.url))
             .send()

@@ -77,20 +77,26 @@ pub struct LogConfig {
 
 impl LogConfig {
     /// Checks `level` as a filter: tracing takes a bare word as a target to log at every level,
-    /// so `inf` would silence every line kafboy writes. A bare word must be a level; a target
-    /// comes with one (`kafboy=debug`) or as a module path (`kafboy::ingest`).
+    /// so `inf` would silence every line kafboy writes. A bare word must be a level (a name or
+    /// 0 to 5); everything else (`kafboy=debug`, `kafboy::ingest`, span filters) is left to
+    /// tracing's own parser.
     pub fn check(&self) -> Result<(), String> {
-        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        const LEVELS: [&str; 12] = [
+            "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
+        ];
         let bad = |why: &str| Err(format!("log.level {:?}: {why}", self.level));
-        for directive in self.level.split(',').map(str::trim) {
-            let (target, level) = match directive.rsplit_once('=') {
-                Some((target, level)) => (target, Some(level)),
-                None => (directive, None),
-            };
-            let level = level.or((!target.contains("::")).then_some(target));
-            if level.is_some_and(|l| !LEVELS.contains(&l.to_ascii_lowercase().as_str())) {
-                return bad("levels are trace, debug, info, warn, error and off");
-            }
+        let bare = |d: &&str| !d.is_empty() && !d.contains(['=', '[', ':']);
+        let typo = self
+            .level
+            .split(',')
+            .map(str::trim)
+            .filter(bare)
+            .find(|d| !LEVELS.contains(&d.to_ascii_lowercase().as_str()));
+        if let Some(word) = typo {
+            return bad(&format!(
+                "{word:?} is not a level (trace, debug, info, warn, error, off); a target needs \
+                 one, as in {word}=debug"
+            ));
         }
         match tracing_subscriber::EnvFilter::try_new(&self.level) {
             Ok(_) => Ok(()),
@@ -202,14 +208,28 @@ impl Config {
 }
 
 /// `KAFBOY_*` variables that are neither settings (`KAFBOY_SECTION__KEY`) nor read by name
-/// (`KAFBOY_CONFIG`, `KAFBOY_LOG`): most likely a setting with one underscore where two belong
-/// (`KAFBOY_SERVER_LISTEN`), which would otherwise be dropped without a word.
-pub fn ignored_env() -> Vec<String> {
+/// (`KAFBOY_CONFIG`, `KAFBOY_LOG`, a password variable `config` names): most likely a setting
+/// with one underscore where two belong (`KAFBOY_SERVER_LISTEN`), which would otherwise be
+/// dropped without a word.
+pub fn ignored_env(config: &Config) -> Vec<String> {
+    let named = [
+        config
+            .kafka
+            .sasl
+            .as_ref()
+            .and_then(|s| s.password_env.as_deref()),
+        config
+            .kafka
+            .tls
+            .as_ref()
+            .and_then(|t| t.key_password_env.as_deref()),
+    ];
     std::env::vars_os()
         .filter_map(|(name, _)| name.into_string().ok())
         .filter(|name| {
             name.strip_prefix("KAFBOY_")
                 .is_some_and(|rest| !rest.contains("__") && !matches!(rest, "CONFIG" | "LOG"))
+                && !named.contains(&Some(name.as_str()))
         })
         .collect()
 }
@@ -245,6 +265,34 @@ pub fn split_list(s: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn log_levels_are_filters_and_bare_words_are_levels() {
+        let check = |level: &str| {
+            LogConfig {
+                level: level.into(),
+                ..LogConfig::default()
+            }
+            .check()
+        };
+        for ok in [
+            "info",
+            "DEBUG",
+            "warn,kafboy=debug",
+            "warn,",
+            "info,,kafboy=debug",
+            "kafboy=4",
+            "[span]=debug",
+            "hyper=off",
+            "kafboy::ingest",
+            "kafboy::ingest=trace",
+        ] {
+            assert!(check(ok).is_ok(), "{ok}: {:?}", check(ok));
+        }
+        for bad in ["inf", "debgu,kafboy=debug", "kafboy"] {
+            assert!(check(bad).unwrap_err().contains("not a level"), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -94,7 +94,6 @@ async fn ingest(
     if !app.allow.allows(&topic) {
         return Err(IngestError::UnknownTopic(topic));
     }
-    app.admit()?;
     if app.shutting_down() {
         return Err(IngestError::Unavailable("shutting down".into()));
     }
@@ -107,6 +106,9 @@ async fn ingest(
     if declared.is_some_and(|n| n > limits.max_bytes) {
         return Err(body::too_large(limits.max_bytes));
     }
+    // Every refusal that costs nothing is behind us: from here on the request costs the node
+    // (a body read, a metadata lookup, a produce), so it spends a token of the global limit.
+    app.admit()?;
     let Some(hook) = hook else {
         // Without a hook the topic is known before the body is read, so a bad one costs nothing.
         let info = lookup(app, &topic).await?;

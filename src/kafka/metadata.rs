@@ -29,6 +29,9 @@ enum Entry {
     /// Refused by the brokers (Kafka also says so of names that do not exist when kafboy may
     /// not describe them): remembered like a missing topic, so such names cost no lookups.
     Denied(Instant),
+    /// Listed with an error and no partitions ([`Listed::Settling`]): 503 until the TTL of a
+    /// missing topic runs out, so a topic that stays that way costs one lookup per TTL.
+    Settling(Instant, RDKafkaErrorCode),
 }
 
 /// A topic as a metadata answer lists it.
@@ -54,6 +57,13 @@ impl Listed {
             _ => Listed::Partitions(partitions),
         })
     }
+}
+
+/// The 503 for a topic listed with `error` and no partitions.
+fn settling(topic: &str, error: RDKafkaErrorCode) -> LookupError {
+    LookupError::Unavailable(format!(
+        "topic {topic:?} has no usable partitions yet: {error}"
+    ))
 }
 
 /// Why a topic could not be used.
@@ -105,7 +115,7 @@ impl Topics {
             .iter()
             .filter_map(|(name, e)| match e {
                 Entry::Known(info) => Some((name.clone(), info.partitions)),
-                Entry::Missing(_) | Entry::Denied(_) => None,
+                Entry::Missing(_) | Entry::Denied(_) | Entry::Settling(..) => None,
             })
             .collect();
         known.sort();
@@ -127,7 +137,10 @@ impl Topics {
                 Some(Err(LookupError::Unknown))
             }
             Entry::Denied(at) if at.elapsed() < self.missing_ttl => Some(Err(LookupError::Denied)),
-            Entry::Missing(_) | Entry::Denied(_) => None,
+            Entry::Settling(at, error) if at.elapsed() < self.missing_ttl => {
+                Some(Err(settling(topic, *error)))
+            }
+            Entry::Missing(_) | Entry::Denied(_) | Entry::Settling(..) => None,
         }
     }
 
@@ -164,10 +177,10 @@ impl Topics {
                 entries.insert(topic.to_string(), Entry::Denied(Instant::now()));
                 Err(LookupError::Denied)
             }
-            // Not remembered: the next request asks again.
-            Some((_, Listed::Settling(error))) => Err(LookupError::Unavailable(format!(
-                "topic {topic:?} has no usable partitions yet: {error}"
-            ))),
+            Some((_, Listed::Settling(error))) => {
+                entries.insert(topic.to_string(), Entry::Settling(Instant::now(), error));
+                Err(settling(topic, error))
+            }
             Some((_, Listed::Partitions(partitions))) if partitions > 0 => {
                 let info = Arc::new(TopicInfo {
                     partitions,
@@ -279,7 +292,7 @@ fn merged(
     }
     // Topics still missing or refused are remembered until their TTL runs out.
     for (name, entry) in entries.drain() {
-        if let Entry::Missing(_) | Entry::Denied(_) = entry {
+        if let Entry::Missing(_) | Entry::Denied(_) | Entry::Settling(..) = entry {
             fresh.entry(name).or_insert(entry);
         }
     }
