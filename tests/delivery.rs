@@ -132,6 +132,150 @@ async fn sync_with_all_brokers_down_is_503_after_message_timeout() {
         elapsed < message_timeout + Duration::from_secs(3),
         "answered too late: {elapsed:?}"
     );
+    // "Definitely not written": once the brokers are back, only what comes after is there.
+    cluster.broker_up(ALL_BROKERS).expect("brokers up");
+    let (reply, _) = timed_post(&gw, &format!("/sync/{topic}"), None, MARKER, PROMPT * 2).await;
+    assert_eq!(reply.status, 200, "after the brokers returned: {reply:?}");
+    let got = read_back(
+        &cluster.bootstrap_servers(),
+        &topic,
+        2,
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(
+        values(&got),
+        [MARKER],
+        "the 503'd record was written after all"
+    );
+    stop(gw).await;
+}
+
+/// A record sent once a fault is over, to read back after what the fault did.
+const MARKER: &str = r#"{"marker":true}"#;
+
+/// The value of `name{labels...}` in a Prometheus text exposition, if there is such a line.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_records_that_expire_with_the_brokers_down_are_counted_failed_and_never_land() {
+    let (cluster, topic) = cluster_with_topic("expire", 1);
+    // Named in the allowlist, so its metrics carry its own label.
+    let toml = format!(
+        "[topics]\nallow = [\"{topic}\"]\n[kafka]\nmessage_timeout = \"1500ms\"\n\
+         [server]\nshutdown_timeout = \"1s\""
+    );
+    let gw = common::gateway(&cluster.bootstrap_servers(), &toml).await;
+    warm_up(&gw, &cluster.bootstrap_servers(), &topic).await;
+    cluster.broker_down(ALL_BROKERS).expect("brokers down");
+    const LOST: usize = 10;
+    for i in 0..LOST {
+        let body = format!(r#"{{"lost":{i}}}"#);
+        let (reply, _) = timed_post(&gw, &format!("/async/{topic}"), None, &body, PROMPT).await;
+        assert_eq!(reply.status, 202, "accepted into the queue: {reply:?}");
+    }
+    // A 202 is not a delivery: each of them fails at the message timeout, and says so.
+    let failed = [("topic", topic.as_str()), ("reason", "MessageTimedOut")];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = get(&gw, "/metrics").await.body;
+        let n = metric(&text, "kafboy_records_failed_total", &failed);
+        if n == Some(LOST as f64) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "failed: {n:?}\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.broker_up(ALL_BROKERS).expect("brokers up");
+    let (reply, _) = timed_post(&gw, &format!("/sync/{topic}"), None, MARKER, PROMPT * 2).await;
+    assert_eq!(reply.status, 200, "after the brokers returned: {reply:?}");
+    let got = read_back(
+        &cluster.bootstrap_servers(),
+        &topic,
+        3,
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(values(&got), [WARM_UP, MARKER], "an expired record landed");
+    stop(gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_ndjson_with_one_leader_down_is_504_and_says_which_records_were_written() {
+    let (cluster, topic) = common::mock_topic(3, "partial", 3);
+    for p in 0..3 {
+        cluster
+            .partition_leader(&topic, p, Some(p + 1))
+            .expect("leader");
+    }
+    let gw = common::gateway(
+        &cluster.bootstrap_servers(),
+        "[kafka]\nmessage_timeout = \"1500ms\"\n[server]\nsync_timeout = \"10s\"\n\
+         shutdown_timeout = \"1s\"\n[topics]\npartitioner = \"round_robin\"",
+    )
+    .await;
+    let path = format!("/sync/{topic}");
+    let ndjson = Some("application/x-ndjson");
+    // Connected to every leader first.
+    let warm = "{\"w\":0}\n{\"w\":1}\n{\"w\":2}\n";
+    let (reply, _) = timed_post(&gw, &path, ndjson, warm, Duration::from_secs(10)).await;
+    assert_eq!(reply.status, 200, "warm-up: {reply:?}");
+    cluster.broker_down(2).expect("leader of partition 1 down");
+    let lines = ["{\"i\":0}", "{\"i\":1}", "{\"i\":2}"];
+    let (reply, _) = timed_post(
+        &gw,
+        &path,
+        ndjson,
+        &lines.join("\n"),
+        Duration::from_secs(10),
+    )
+    .await;
+    eprintln!("one leader down: {} {}", reply.status, reply.body);
+    // Some records are written: never a 2xx, never a 503 (a retry would duplicate them).
+    assert_unknown(&reply, "some records written, one not");
+    let records = reply.json()["records"].as_array().expect("records").clone();
+    assert_eq!(records.len(), lines.len(), "{records:?}");
+    let written: Vec<(usize, i32, i64)> = records
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, r["partition"].as_i64()? as i32, r["offset"].as_i64()?)))
+        .collect();
+    let failed = records.iter().filter(|r| r["error"].is_string()).count();
+    assert_eq!((written.len(), failed), (2, 1), "{records:?}");
+    assert!(
+        written.iter().all(|w| w.1 != 1),
+        "written on the downed leader: {written:?}"
+    );
+    // What the reply says was written is there, at the offsets it names; the rest is not.
+    cluster.broker_up(2).expect("broker up");
+    let got = read_back(
+        &cluster.bootstrap_servers(),
+        &topic,
+        6,
+        Duration::from_secs(4),
+    )
+    .await;
+    for (i, p, o) in &written {
+        let at = got.iter().find(|c| c.partition == *p && c.offset == *o);
+        let value = at.map(|c| String::from_utf8_lossy(&c.value).into_owned());
+        assert_eq!(value.as_deref(), Some(lines[*i]), "{got:?}");
+    }
+    let failed_line = (0..lines.len())
+        .find(|i| written.iter().all(|w| w.0 != *i))
+        .unwrap();
+    assert!(
+        !values(&got).contains(&lines[failed_line].to_string()),
+        "the record reported failed was written: {got:?}"
+    );
     stop(gw).await;
 }
 

@@ -345,6 +345,19 @@ mod tests {
     }
 
     #[test]
+    fn the_defaults_are_the_safe_ones() {
+        let c = client_config(&KafkaConfig::default()).unwrap();
+        for (key, want) in [
+            ("acks", "all"),
+            ("enable.idempotence", "true"),
+            ("message.timeout.ms", "120000"),
+            ("topic.metadata.refresh.interval.ms", "30000"),
+        ] {
+            assert_eq!(c.get(key), Some(want), "{key}");
+        }
+    }
+
+    #[test]
     fn options_that_break_the_replies_are_refused() {
         for key in ["delivery.report.only.error", "transactional.id"] {
             let mut kafka = KafkaConfig::default();
