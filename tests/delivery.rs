@@ -633,3 +633,86 @@ async fn sync_ndjson_reports_every_record_in_request_order() {
     }
     stop(gw).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_lets_open_sync_requests_finish_and_takes_no_new_connections() {
+    let (cluster, topic) = cluster_with_topic("drain", 1);
+    let toml = format!(
+        "[topics]\nallow = [\"{topic}\"]\n[server]\nsync_timeout = \"10s\"\nshutdown_timeout = \"5s\""
+    );
+    let gw = common::gateway(&cluster.bootstrap_servers(), &toml).await;
+    warm_up(&gw, &cluster.bootstrap_servers(), &topic).await;
+    // Acknowledgements take a second: the requests below are still open when the stop begins.
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::from_secs(1))
+        .expect("rtt");
+    let url = gw.url.clone();
+    let open: Vec<_> = (0..3)
+        .map(|i| {
+            let url = format!("{url}/sync/{topic}");
+            tokio::spawn(async move {
+                let r = common::client()
+                    .post(url)
+                    .body(format!(r#"{{"open":{i}}}"#))
+                    .send()
+                    .await
+                    .expect("answered");
+                Reply::read(r).await
+            })
+        })
+        .collect();
+    // All three are queued (and so inside their handlers) before the stop.
+    let accepted = [("topic", topic.as_str())];
+    let deadline = Instant::now() + PROMPT;
+    while metric(
+        &get(&gw, "/metrics").await.body,
+        "kafboy_records_accepted_total",
+        &accepted,
+    ) < Some(4.0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the requests never reached the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopping = tokio::spawn(gw.stop());
+    // New connections are refused (or closed unanswered, when one slipped into the listen
+    // backlog as the listener closed) within a second.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let attempt = common::client().get(format!("{url}/ready")).send().await;
+        match attempt {
+            Err(_) => break,
+            Ok(r) => assert_ne!(r.status(), 200, "ready while stopping"),
+        }
+        assert!(Instant::now() < deadline, "still taking connections");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for request in open {
+        let reply = request.await.expect("request task");
+        assert_eq!(reply.status, 200, "an open request finishes: {reply:?}");
+    }
+    let report = tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("stops")
+        .expect("stop task");
+    assert_eq!(report.undelivered, 0);
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::ZERO)
+        .expect("rtt");
+    let got = read_back(
+        &cluster.bootstrap_servers(),
+        &topic,
+        4,
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut got = values(&got);
+    got.sort();
+    assert_eq!(
+        got,
+        [r#"{"open":0}"#, r#"{"open":1}"#, r#"{"open":2}"#, WARM_UP],
+        "what was answered 200 is there"
+    );
+}

@@ -610,6 +610,63 @@ async fn a_disk_error_answers_disk_and_unhealthy_until_writes_work_again() {
     assert_eq!(spool.stats().replayed, accepted + 1);
 }
 
+/// The same disk error seen over HTTP: the request whose append failed gets 503 with
+/// `Retry-After` and `/ready` says not ready; the next append goes to a new segment and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_error_is_503_over_http_and_not_ready_until_writes_work_again() {
+    assert!(Path::new("/dev/full").exists(), "this test needs /dev/full");
+    let b = common::broker();
+    let topic = b.topic("spool-full-disk", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[spool]\ndir = {:?}\nsegment_bytes = 4096\n\
+         [[routes]]\npath = \"/durable/:topic\"\nmode = \"async\"\nspool = true\n",
+        dir.path().display().to_string()
+    );
+    let gw = common::gateway(&b.addr, &toml).await;
+    let last = segments(dir.path()).pop().expect("a segment");
+    let next: u64 = last.trim_end_matches(".seg").parse::<u64>().unwrap() + 1;
+    std::os::unix::fs::symlink("/dev/full", dir.path().join(format!("{next:020}.seg")))
+        .expect("symlink");
+    let body = format!("{{\"d\":\"{}\"}}", "d".repeat(1000));
+    let mut accepted = 0;
+    let refused = loop {
+        let r = gw.post_json(&format!("/durable/{topic}"), &body).await;
+        if r.status != 202 {
+            break r;
+        }
+        accepted += 1;
+        assert!(accepted < 10, "the segment never rolled");
+    };
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(
+        refused.headers.contains_key("retry-after"),
+        "{:?}",
+        refused.headers
+    );
+    let ready = common::client()
+        .get(format!("{}/ready", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "ready with a failing disk");
+    let r = gw
+        .post_json(&format!("/durable/{topic}"), "{\"after\":1}")
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let ready = common::client()
+        .get(format!("{}/ready", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "ready again");
+    // Every record answered 202 lands; the refused one does not.
+    let got = common::consume_for(&b.addr, &topic, accepted + 2, Duration::from_secs(5));
+    assert_eq!(got.len(), accepted + 1, "the refused record landed");
+    assert_eq!(got.last().unwrap().value, b"{\"after\":1}");
+    gw.stop().await;
+}
+
 /// `kill -9` of a process appending under load: every record it was answered `Ok` for is
 /// delivered after a restart; duplicates (sent but not yet checkpointed) are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
