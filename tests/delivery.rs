@@ -716,3 +716,42 @@ async fn a_shutdown_lets_open_sync_requests_finish_and_takes_no_new_connections(
         "what was answered 200 is there"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_refusals_for_good_keep_their_meaning_and_write_nothing() {
+    for (error, status) in [
+        (RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE, 413),
+        (
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+            403,
+        ),
+    ] {
+        // A cluster each: librdkafka remembers a topic it was refused.
+        let (cluster, topic) = cluster_with_topic("refused", 1);
+        let gw = common::gateway(
+            &cluster.bootstrap_servers(),
+            "[kafka]\nmessage_timeout = \"5s\"\n[server]\nsync_timeout = \"10s\"\nshutdown_timeout = \"1s\"",
+        )
+        .await;
+        warm_up(&gw, &cluster.bootstrap_servers(), &topic).await;
+        cluster.request_errors(RDKafkaApiKey::Produce, &[error]);
+        let path = format!("/sync/{topic}");
+        let (reply, _) = timed_post(&gw, &path, None, r#"{"no":1}"#, PROMPT).await;
+        eprintln!("{error:?}: {} {}", reply.status, reply.body);
+        assert_eq!(reply.status, status, "{error:?}: {reply:?}");
+        assert!(reply.error().contains("not delivered"), "{reply:?}");
+        let got = read_back(
+            &cluster.bootstrap_servers(),
+            &topic,
+            2,
+            Duration::from_secs(3),
+        )
+        .await;
+        assert_eq!(
+            values(&got),
+            [WARM_UP],
+            "{error:?}: the refused record was written"
+        );
+        stop(gw).await;
+    }
+}
