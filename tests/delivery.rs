@@ -76,6 +76,13 @@ async fn read_back(bootstrap: &str, topic: &str, want: usize, wait: Duration) ->
         .expect("consumer task")
 }
 
+/// Reads `topic` back and checks it holds exactly `want`, in order: waits a little past the
+/// last of them, so a record that should not be there has time to show.
+async fn assert_holds(bootstrap: &str, topic: &str, want: &[&str], what: &str) {
+    let got = read_back(bootstrap, topic, want.len() + 1, Duration::from_secs(3)).await;
+    assert_eq!(values(&got), want, "{what}");
+}
+
 fn values(records: &[Consumed]) -> Vec<String> {
     records
         .iter()
@@ -136,18 +143,8 @@ async fn sync_with_all_brokers_down_is_503_after_message_timeout() {
     cluster.broker_up(ALL_BROKERS).expect("brokers up");
     let (reply, _) = timed_post(&gw, &format!("/sync/{topic}"), None, MARKER, PROMPT * 2).await;
     assert_eq!(reply.status, 200, "after the brokers returned: {reply:?}");
-    let got = read_back(
-        &cluster.bootstrap_servers(),
-        &topic,
-        2,
-        Duration::from_secs(3),
-    )
-    .await;
-    assert_eq!(
-        values(&got),
-        [MARKER],
-        "the 503'd record was written after all"
-    );
+    let written = "the 503'd record was written after all";
+    assert_holds(&cluster.bootstrap_servers(), &topic, &[MARKER], written).await;
     stop(gw).await;
 }
 
@@ -198,14 +195,14 @@ async fn async_records_that_expire_with_the_brokers_down_are_counted_failed_and_
     cluster.broker_up(ALL_BROKERS).expect("brokers up");
     let (reply, _) = timed_post(&gw, &format!("/sync/{topic}"), None, MARKER, PROMPT * 2).await;
     assert_eq!(reply.status, 200, "after the brokers returned: {reply:?}");
-    let got = read_back(
+    let landed = "an expired record landed";
+    assert_holds(
         &cluster.bootstrap_servers(),
         &topic,
-        3,
-        Duration::from_secs(3),
+        &[WARM_UP, MARKER],
+        landed,
     )
     .await;
-    assert_eq!(values(&got), [WARM_UP, MARKER], "an expired record landed");
     stop(gw).await;
 }
 
@@ -740,18 +737,8 @@ async fn produce_refusals_for_good_keep_their_meaning_and_write_nothing() {
         eprintln!("{error:?}: {} {}", reply.status, reply.body);
         assert_eq!(reply.status, status, "{error:?}: {reply:?}");
         assert!(reply.error().contains("not delivered"), "{reply:?}");
-        let got = read_back(
-            &cluster.bootstrap_servers(),
-            &topic,
-            2,
-            Duration::from_secs(3),
-        )
-        .await;
-        assert_eq!(
-            values(&got),
-            [WARM_UP],
-            "{error:?}: the refused record was written"
-        );
+        let refused = format!("{error:?}: the refused record was written");
+        assert_holds(&cluster.bootstrap_servers(), &topic, &[WARM_UP], &refused).await;
         stop(gw).await;
     }
 }

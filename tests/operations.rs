@@ -280,17 +280,7 @@ async fn status_json_and_the_admin_listener() {
         gw.post_json(&format!("/sync/{topic}"), "{}").await.status,
         200
     );
-    let status: serde_json::Value = serde_json::from_str(
-        &client()
-            .get(format!("{admin_url}/status.json"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let status: serde_json::Value = common::get_json(&format!("{admin_url}/status.json")).await;
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(status["ready"], true);
     assert!(
@@ -311,19 +301,8 @@ async fn status_json_and_the_admin_listener() {
     assert_eq!(status["producers"][0]["name"], "sync");
     // With an admin listener, /metrics and the status page live there only, and each
     // listener's /openapi.json describes what that listener serves.
-    let spec = |url: String| async move {
-        let text = client()
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        serde_json::from_str::<serde_json::Value>(&text).unwrap()
-    };
-    let main = spec(format!("{}/openapi.json", gw.url)).await;
-    let private = spec(format!("{admin_url}/openapi.json")).await;
+    let main = common::get_json(&format!("{}/openapi.json", gw.url)).await;
+    let private = common::get_json(&format!("{admin_url}/openapi.json")).await;
     for path in ["/metrics", "/", "/status.json"] {
         assert!(
             main["paths"][path].is_null(),
@@ -478,17 +457,7 @@ async fn openapi_describes_exactly_the_routes_served() {
     let toml = "[[routes]]\npath = \"/1/foo/:topic\"\nmode = \"batch_sync\"\n\
                 [[routes]]\npath = \"/events\"\ntopic = \"clicks\"\nmode = \"async\"";
     let gw = gateway(&b.addr, toml).await;
-    let served: serde_json::Value = serde_json::from_str(
-        &client()
-            .get(format!("{}/openapi.json", gw.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let served: serde_json::Value = common::get_json(&format!("{}/openapi.json", gw.url)).await;
     let paths: Vec<&String> = served["paths"].as_object().unwrap().keys().collect();
     let mut want = vec![
         "/async/{topic}",
@@ -542,29 +511,14 @@ async fn openapi_describes_exactly_the_routes_served() {
     }
     gw.stop().await;
     let gw = gateway(&b.addr, "[server]\ndefault_routes = false\n[[routes]]\npath = \"/e\"\ntopic = \"t\"\nmode = \"sync\"").await;
-    let served: serde_json::Value = serde_json::from_str(
-        &client()
-            .get(format!("{}/openapi.json", gw.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let served: serde_json::Value = common::get_json(&format!("{}/openapi.json", gw.url)).await;
     assert!(served["paths"]["/async/{topic}"].is_null() && served["paths"]["/e"].is_object());
     gw.stop().await;
     // A route on a default route's path, with another mode, is described by its own mode.
     let toml =
         "[server]\ndefault_routes = false\n[[routes]]\npath = \"/async/:topic\"\nmode = \"sync\"";
     let gw = gateway(&b.addr, toml).await;
-    let text = client()
-        .get(format!("{}/openapi.json", gw.url))
-        .send()
-        .await
-        .unwrap();
-    let served: serde_json::Value = serde_json::from_str(&text.text().await.unwrap()).unwrap();
+    let served = common::get_json(&format!("{}/openapi.json", gw.url)).await;
     let responses = &served["paths"]["/async/{topic}"]["post"]["responses"];
     assert!(
         responses["200"].is_object() && responses["202"].is_null(),

@@ -366,6 +366,12 @@ impl Reply {
 }
 
 /// A plain HTTP client.
+/// GETs `url` and parses its body as JSON.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    let response = client().get(url).send().await.expect("GET");
+    serde_json::from_str(&response.text().await.expect("body")).expect("JSON")
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
