@@ -372,14 +372,15 @@ async fn sync_timeout_shorter_than_the_ack_is_504_and_the_record_still_lands() {
 async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
     let (cluster, topic) = cluster_with_topic("queue-full", 1);
     let enqueue_timeout = Duration::from_millis(200);
-    // Short reconnect backoff so the producer finds the brokers again soon after they return.
-    let gw = common::gateway(
-        &cluster.bootstrap_servers(),
-        "[kafka]\nqueue_max_messages = 3\nmessage_timeout = \"30s\"\n\
+    // Short reconnect backoff so the producer finds the brokers again soon after they return;
+    // the topic in the allowlist so its metrics carry its name.
+    let toml = format!(
+        "[topics]\nallow = [\"{topic}\"]\n\
+         [kafka]\nqueue_max_messages = 3\nmessage_timeout = \"30s\"\n\
          [kafka.options]\n\"reconnect.backoff.max.ms\" = \"300\"\n\
-         [server]\nenqueue_timeout = \"200ms\"\nsync_timeout = \"5s\"\nshutdown_timeout = \"1s\"",
-    )
-    .await;
+         [server]\nenqueue_timeout = \"200ms\"\nsync_timeout = \"5s\"\nshutdown_timeout = \"1s\""
+    );
+    let gw = common::gateway(&cluster.bootstrap_servers(), &toml).await;
     cluster.broker_down(ALL_BROKERS).expect("brokers down");
     let path = format!("/async/{topic}");
     let refused_within = enqueue_timeout + Duration::from_millis(800);
@@ -431,6 +432,12 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
         );
     }
 
+    // Every record refused is counted as dropped for a full queue: the NDJSON pair, then two.
+    let mut refused = 4.0;
+    let dropped = [("topic", topic.as_str()), ("reason", "queue_full")];
+    let text = get(&gw, "/metrics").await.body;
+    let counted = metric(&text, "kafboy_records_dropped_total", &dropped);
+    assert_eq!(counted, Some(refused), "{text}");
     // Brokers back: the queued records go out, room comes back, and requests succeed again.
     cluster.broker_up(ALL_BROKERS).expect("brokers up");
     let started = Instant::now();
@@ -442,6 +449,7 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
             break;
         }
         assert_unavailable(&reply, "while the queue drains");
+        refused += 1.0;
         assert!(Instant::now() < deadline, "queue never drained: {reply:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -462,6 +470,9 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
         [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":"after"}"#],
         "{got:?}"
     );
+    let text = get(&gw, "/metrics").await.body;
+    let counted = metric(&text, "kafboy_records_dropped_total", &dropped);
+    assert_eq!(counted, Some(refused), "{text}");
     stop(gw).await;
 }
 
