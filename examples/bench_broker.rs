@@ -3,13 +3,20 @@
 //!
 //! ```text
 //! bench_broker [--brokers N] [--replication R] --topic NAME:PARTITIONS [--topic ...]
+//! bench_broker --external HOST:PORT --topic NAME:PARTITIONS [--topic ...]
 //! ```
+//!
+//! With `--external`, no mock cluster: the watermarks are read from that broker (a real one,
+//! such as tansu for a confirmation run), whose topics must exist already.
 //!
 //! Prints `bootstrap=HOST:PORT,...` on stdout once the topics exist, then reads commands on stdin,
 //! one per line, and answers each with one line:
 //!
 //! - `wm TOPIC`: `wm TOPIC SUM PARTITIONS`, the sum of the partitions' high watermarks (records
 //!   that reached the broker), from a consumer's `fetch_watermarks` per partition.
+//! - `count TOPIC`: `count TOPIC RECORDS NEXT`, the records read back from the start of every
+//!   partition until none has come for 3 s, and the sum over partitions of the offset after
+//!   the last one read: what the high watermarks should say (tansu's can lag it).
 //! - `quit`: exits.
 //!
 //! It exits when stdin closes or on SIGTERM/SIGINT (their default action).
@@ -25,6 +32,7 @@ struct Args {
     brokers: i32,
     replication: i32,
     topics: Vec<(String, i32)>,
+    external: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -32,6 +40,7 @@ fn parse_args() -> Result<Args, String> {
         brokers: 3,
         replication: 1,
         topics: Vec::new(),
+        external: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -39,6 +48,7 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--brokers" => args.brokers = value()?.parse().map_err(|e| format!("{e}"))?,
             "--replication" => args.replication = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--external" => args.external = Some(value()?),
             "--topic" => {
                 let v = value()?;
                 let (name, parts) = v
@@ -49,7 +59,8 @@ fn parse_args() -> Result<Args, String> {
             }
             "-h" | "--help" => {
                 return Err(
-                    "usage: bench_broker [--brokers N] [--replication R] --topic NAME:PARTITIONS ..."
+                    "usage: bench_broker [--brokers N] [--replication R] [--external HOST:PORT] \
+                     --topic NAME:PARTITIONS ..."
                         .into(),
                 );
             }
@@ -68,15 +79,24 @@ fn main() {
 
 fn run() -> Result<(), String> {
     let args = parse_args()?;
-    let cluster = MockCluster::new(args.brokers).map_err(|e| format!("mock cluster: {e}"))?;
+    let cluster = match &args.external {
+        Some(_) => None,
+        None => Some(MockCluster::new(args.brokers).map_err(|e| format!("mock cluster: {e}"))?),
+    };
     let mut partitions_of = std::collections::HashMap::new();
     for (topic, partitions) in &args.topics {
-        cluster
-            .create_topic(topic, *partitions, args.replication)
-            .map_err(|e| format!("topic {topic}: {e}"))?;
+        if let Some(cluster) = &cluster {
+            cluster
+                .create_topic(topic, *partitions, args.replication)
+                .map_err(|e| format!("topic {topic}: {e}"))?;
+        }
         partitions_of.insert(topic.clone(), *partitions);
     }
-    let bootstrap = cluster.bootstrap_servers();
+    // Without a cluster there is an external broker.
+    let bootstrap = match &cluster {
+        Some(cluster) => cluster.bootstrap_servers(),
+        None => args.external.clone().unwrap_or_default(),
+    };
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .set("group.id", "bench-watermarks")
@@ -124,6 +144,12 @@ fn run() -> Result<(), String> {
                 }
                 say(failed.unwrap_or_else(|| format!("wm {topic} {sum} {partitions}")));
             }
+            (Some("count"), Some(topic)) => match partitions_of.get(topic) {
+                Some(&partitions) => {
+                    say(count(&bootstrap, topic, partitions).unwrap_or_else(|e| format!("err {e}")))
+                }
+                None => say(format!("err unknown topic {topic}")),
+            },
             (Some("quit"), _) => break,
             (None, _) => {}
             _ => say(format!("err unknown command {line:?}")),
@@ -132,4 +158,42 @@ fn run() -> Result<(), String> {
     drop(consumer);
     drop(cluster);
     Ok(())
+}
+
+/// Reads `topic` back from the start with a consumer of its own: `count TOPIC RECORDS NEXT`.
+fn count(bootstrap: &str, topic: &str, partitions: i32) -> Result<String, String> {
+    use rdkafka::Offset;
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench-count")
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3")
+        .create()
+        .map_err(|e| format!("consumer: {e}"))?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .map_err(|e| format!("assign: {e}"))?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|e| format!("assign: {e}"))?;
+    let mut records = 0u64;
+    let mut next = vec![0i64; partitions.max(0) as usize];
+    let mut quiet_since = std::time::Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(3) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            records += 1;
+            if let Some(slot) = next.get_mut(m.partition() as usize) {
+                *slot = (*slot).max(m.offset() + 1);
+            }
+            quiet_since = std::time::Instant::now();
+        }
+    }
+    Ok(format!(
+        "count {topic} {records} {}",
+        next.iter().sum::<i64>()
+    ))
 }
