@@ -46,6 +46,10 @@ function on_request(req)
   elseif case == "later" then
     req:set("extra", "true")
     return respond(200, '{"ok":"fast reply"}', "sync")
+  elseif case == "later-to" then
+    local to = req:query("to")
+    if to then req:set_topic(to) end
+    return respond(200, '{"ok":"fast reply"}', "async")
   elseif case == "slow" then
     while true do end
   elseif case == "sneaky" then
@@ -59,6 +63,10 @@ function on_request(req)
     return respond(200, s)
   elseif case == "errors" then
     return respond(200, tostring(errors))
+  elseif case == "key" then
+    local asked = tostring(req:key())
+    req:set_key("mine")
+    return respond(200, asked .. " " .. req:key())
   end
 end
 
@@ -279,6 +287,10 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
     let r = post(gw, &p, "later-to", "{not json").await;
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.error().contains("invalid json"), "{}", r.body);
+    // So is a topic the brokers do not have.
+    let missing = format!("{p}?to=hook-missing-{}", std::process::id());
+    let r = post(gw, &missing, "later-to", "{}").await;
+    assert_eq!(r.status, 404, "{}", r.body);
     for case in ["slow", "fail"] {
         let start = Instant::now();
         let r = post(gw, &p, case, body).await;
@@ -325,7 +337,7 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
     );
 
     // 405 also reaches the error hook. Failures so far: bad topic, the three rejects, the body
-    // refused before the hook's reply, slow, fail, empty, 405.
+    // and the topic refused before the hook's reply, slow, fail, empty, 405.
     let r = common::client()
         .put(format!("{}{p}", gw.url))
         .send()
@@ -333,7 +345,7 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
         .unwrap();
     assert_eq!(r.status(), 405);
     let r = post(gw, &p, "errors", "{}").await;
-    assert_eq!(r.body, "9", "error hook calls");
+    assert_eq!(r.body, "10", "error hook calls");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -347,6 +359,22 @@ async fn lua_hook_outcomes() {
         assert_eq!(r.status, 500, "{case}: {}", r.body);
     }
     assert!(!std::path::Path::new("/tmp/kafboy-escaped").exists());
+    // A script that reads a body that is not JSON fails on the client's account: 400, as
+    // without a hook, not the hook's 500.
+    let topic = b.topic("hook-bad-body", 1);
+    for (body, want) in [("{\"user\":", "invalid json"), ("", "empty body")] {
+        let r = post(&gw, &format!("/sync/{topic}"), "edit", body).await;
+        assert_eq!(r.status, 400, "{body:?}: {}", r.body);
+        assert!(r.error().contains(want), "{body:?}: {}", r.body);
+    }
+    // key() is the key the request asked for, until the script sets its own.
+    for (path, want) in [
+        (format!("{p}?key=kk"), "kk mine"),
+        (p.to_string(), "nil mine"),
+    ] {
+        let r = post(&gw, &path, "key", "{}").await;
+        assert_eq!((r.status, r.body.as_str()), (200, want));
+    }
     // The state survives its errors.
     assert_eq!(post(&gw, p, "reject", "{}").await.status, 403);
     gw.stop().await;

@@ -240,6 +240,14 @@ impl LuaHook {
                 &mut *state.req.borrow_mut::<LuaRequest>()?,
                 LuaRequest::idle(),
             );
+            // The script stumbled on the client's body (it did not catch the error): that is
+            // the 400 the request would get without a hook.
+            if let (Err(_), Some(why)) = (&result, &done.bad_body) {
+                return Ok(Verdict::Reject {
+                    status: axum::http::StatusCode::BAD_REQUEST,
+                    message: why.clone(),
+                });
+            }
             verdict(result?, done.into_forward()?, &state.forward)
         })
     }

@@ -35,6 +35,8 @@ pub struct HookRequest {
     pub peer: Option<SocketAddr>,
     /// The body as received (may be empty).
     pub body: Bytes,
+    /// The record key the request asked for (`?key=` or `X-Kafka-Key`), if any.
+    pub key: Option<Bytes>,
     kind: BodyKind,
     parsed: OnceLock<Result<Value, String>>,
 }
@@ -63,9 +65,16 @@ impl HookRequest {
             headers,
             peer,
             body,
+            key: None,
             kind,
             parsed,
         }
+    }
+
+    /// The same request, asking for record key `key`.
+    pub fn with_key(mut self, key: Option<Bytes>) -> HookRequest {
+        self.key = key;
+        self
     }
 
     /// How the route reads this body.

@@ -15,6 +15,7 @@ use crate::decode::BodyKind;
 use crate::decode::{self, DecodeError};
 use crate::error::IngestError;
 use crate::hook::{Failure, Forward, Hook, HookError, HookFuture, HookRequest, Verdict};
+use crate::kafka::metadata::TopicInfo;
 use crate::record::RecordMeta;
 use crate::reply::Reply;
 use crate::routes::{Route, validate_topic};
@@ -76,11 +77,14 @@ pub(super) async fn run(
             if let Some((mode, forward)) = respond.then {
                 allowed(forward.topic.as_deref().unwrap_or(&request.topic), mode)?;
                 // Everything that can be checked is, before the reply: a body that does not
-                // decode must not get the hook's 2xx and then vanish.
+                // decode, or a topic the brokers do not have, must not get the hook's 2xx and
+                // then vanish.
                 let kind = request.kind();
                 let (topic, meta, values) = forwarded(app, request, meta, forward)?;
+                let info = lookup(app, &topic).await?;
                 let later = Later {
                     topic,
+                    info,
                     meta,
                     values,
                     kind,
@@ -148,6 +152,7 @@ fn forwarded(
 /// What a hook asked to produce after its own reply, checked and decoded.
 struct Later {
     topic: String,
+    info: Arc<TopicInfo>,
     meta: RecordMeta,
     values: Vec<Bytes>,
     kind: BodyKind,
@@ -155,24 +160,21 @@ struct Later {
 }
 
 /// Produces what a hook asked for after it replied itself. The client already has its answer,
-/// so failures (an unknown topic, the brokers) go to the log and the error hook.
+/// so failures (at the brokers) go to the log and the error hook.
 fn produce_after_reply(app: Arc<AppState>, route: Arc<Route>, hook: Arc<dyn Hook>, later: Later) {
     let running = app.background.start();
     tokio::spawn(async move {
         let _running = running;
         let topic = later.topic.clone();
-        let result = async {
-            let info = lookup(&app, &later.topic).await?;
-            let Later {
-                topic,
-                meta,
-                values,
-                kind,
-                mode,
-            } = later;
-            produce(&app, &route, mode, topic, &info, meta, values, kind).await
-        }
-        .await;
+        let Later {
+            topic: to,
+            info,
+            meta,
+            values,
+            kind,
+            mode,
+        } = later;
+        let result = produce(&app, &route, mode, to, &info, meta, values, kind).await;
         if let Err(error) = result {
             let status = error.status();
             let message = format!("after the hook's reply: {error}");

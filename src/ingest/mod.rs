@@ -139,17 +139,20 @@ async fn ingest(
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let request = Arc::new(HookRequest::new(
-        topic,
-        route.mode,
-        parts.method,
-        parts.uri.path().to_string(),
-        parts.uri.query().map(String::from),
-        parts.headers,
-        peer,
-        body,
-        kind,
-    ));
+    let request = Arc::new(
+        HookRequest::new(
+            topic,
+            route.mode,
+            parts.method,
+            parts.uri.path().to_string(),
+            parts.uri.query().map(String::from),
+            parts.headers,
+            peer,
+            body,
+            kind,
+        )
+        .with_key(meta.key.clone()),
+    );
     hooked::run(app, route, hook, key.as_deref(), request, meta, topic_seen).await
 }
 

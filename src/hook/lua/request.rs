@@ -39,6 +39,9 @@ pub struct LuaRequest {
     /// (`hook.max_memory_bytes`: the Lua heap's limit would not see these copies).
     charged: usize,
     limit: usize,
+    /// Why the client's own body could not be read as JSON, once a script asked for it: a
+    /// call that fails after that is the client's bad body (400), not the hook's fault.
+    pub bad_body: Option<String>,
 }
 
 /// The JSON body as the script sees it.
@@ -59,6 +62,7 @@ impl LuaRequest {
             forward: Forward::default(),
             charged: 0,
             limit,
+            bad_body: None,
         }
     }
 
@@ -117,12 +121,24 @@ impl LuaRequest {
             Some(body) => (body, BodyKind::Json),
             None => (&self.req.body, self.req.kind()),
         };
+        let clients = self.forward.body.is_none();
+        let mut refused = |why: String| {
+            if clients && matches!(kind, BodyKind::Json | BodyKind::Form) {
+                let empty = body.is_empty();
+                self.bad_body = Some(if empty {
+                    "empty body".into()
+                } else {
+                    why.clone()
+                });
+            }
+            mlua::Error::runtime(why)
+        };
         self.doc = if kind == BodyKind::Json {
             let doc = raw::RawDoc::check(body.clone(), MAX_DEPTH)
-                .map_err(|e| mlua::Error::runtime(format!("invalid json: {e}")))?;
+                .map_err(|e| refused(format!("invalid json: {e}")))?;
             Doc::Raw { doc, edited: false }
         } else {
-            let value = crate::hook::parse_body(kind, body).map_err(mlua::Error::runtime)?;
+            let value = crate::hook::parse_body(kind, body).map_err(&mut refused)?;
             Doc::Tree {
                 value,
                 dirty: false,
@@ -301,10 +317,12 @@ impl UserData for LuaRequest {
                 .as_object()
                 .map(|o| o.keys().cloned().collect::<Vec<_>>()))
         });
+        // The key set in this call, else the one the request asked for.
         m.add_method("key", |lua, this, ()| {
             this.forward
                 .key
                 .as_deref()
+                .or(this.req.key.as_deref())
                 .map(|k| lua.create_string(k))
                 .transpose()
         });
