@@ -182,14 +182,21 @@ fn count(bootstrap: &str, topic: &str, partitions: i32) -> Result<String, String
         .map_err(|e| format!("assign: {e}"))?;
     let mut records = 0u64;
     let mut next = vec![0i64; partitions.max(0) as usize];
-    let mut quiet_since = std::time::Instant::now();
-    while quiet_since.elapsed() < Duration::from_secs(3) {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            records += 1;
-            if let Some(slot) = next.get_mut(m.partition() as usize) {
-                *slot = (*slot).max(m.offset() + 1);
+    // Done 3 s after the last record; the first may take longer (connections, offsets).
+    let mut last = std::time::Instant::now();
+    let mut quiet = Duration::from_secs(15);
+    while last.elapsed() < quiet {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                records += 1;
+                if let Some(slot) = next.get_mut(m.partition() as usize) {
+                    *slot = (*slot).max(m.offset() + 1);
+                }
+                last = std::time::Instant::now();
+                quiet = Duration::from_secs(3);
             }
-            quiet_since = std::time::Instant::now();
+            Some(Err(e)) => return Err(format!("consume {topic}: {e}")),
+            None => {}
         }
     }
     Ok(format!(

@@ -262,10 +262,6 @@ fn check_spool_dir(dir: &std::path::Path) -> Result<(), String> {
         .find(|p| p.exists())
         .unwrap_or(std::path::Path::new("/"));
     match std::fs::metadata(existing) {
-        // No write bit at all (`/proc`, a read-only mount point): nothing can be made there.
-        Ok(meta) if meta.is_dir() && meta.permissions().readonly() => {
-            Err(format!("spool: {} is not writable", existing.display()))
-        }
         Ok(meta) if meta.is_dir() => Ok(()),
         Ok(_) => Err(format!("spool: {} is not a directory", existing.display())),
         Err(e) => Err(format!("spool: {}: {e}", existing.display())),

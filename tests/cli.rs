@@ -129,7 +129,6 @@ fn config_errors_exit_64_and_name_the_key() {
         ),
         ("[cluster]\npeers = [\"http://a:1\"]\nhigh_water = 5.0".into(), "cluster.high_water"),
         (format!("[spool]\ndir = \"{}/x\"", not_a_dir.path().display()), "directory"),
-        ("[spool]\ndir = \"/proc/kafboy-spool\"".into(), "spool"),
         ("[server]\nadmin_listen = \"127.0.0.1:9\"\nlisten = \"127.0.0.1:9\"".into(), "admin_listen"),
     ];
     for (toml, want) in &refused {

@@ -63,6 +63,12 @@ function on_request(req)
     return respond(200, s)
   elseif case == "errors" then
     return respond(200, tostring(errors))
+  elseif case == "caught" then
+    local ok = pcall(req.get, req, "user.id")
+    error("a failure of the script's own, after " .. tostring(ok))
+  elseif case == "later-far" then
+    req:set_partition(99)
+    return respond(200, '{"ok":"fast reply"}', "async")
   elseif case == "key" then
     local asked = tostring(req:key())
     req:set_key("mine")
@@ -367,6 +373,14 @@ async fn lua_hook_outcomes() {
         assert_eq!(r.status, 400, "{body:?}: {}", r.body);
         assert!(r.error().contains(want), "{body:?}: {}", r.body);
     }
+    // Once the script caught that error, what fails next is the script's own: 500.
+    let r = post(&gw, &format!("/sync/{topic}"), "caught", "{\"user\":").await;
+    assert_eq!(r.status, 500, "{}", r.body);
+    // A record that cannot be built (a partition the topic does not have) is refused before a
+    // respond-then-produce reply, not after it.
+    let r = post(&gw, &format!("/async/{topic}"), "later-far", "{}").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().contains("out of range"), "{}", r.body);
     // key() is the key the request asked for, until the script sets its own.
     for (path, want) in [
         (format!("{p}?key=kk"), "kk mine"),

@@ -240,12 +240,12 @@ impl LuaHook {
                 &mut *state.req.borrow_mut::<LuaRequest>()?,
                 LuaRequest::idle(),
             );
-            // The script stumbled on the client's body (it did not catch the error): that is
-            // the 400 the request would get without a hook.
-            if let (Err(_), Some(why)) = (&result, &done.bad_body) {
+            // The script failed on the client's body, which is not JSON: that is the 400 the
+            // request would get without a hook. Any other failure stays the hook's.
+            if let Some(why) = result.as_ref().err().and_then(request::BadBody::of) {
                 return Ok(Verdict::Reject {
                     status: axum::http::StatusCode::BAD_REQUEST,
-                    message: why.clone(),
+                    message: why.to_string(),
                 });
             }
             verdict(result?, done.into_forward()?, &state.forward)

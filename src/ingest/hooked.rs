@@ -8,14 +8,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::error::Elapsed;
 
-use super::{lookup, produce};
+use super::{lookup, produce, records_for, send};
 use crate::auth::Key;
 use crate::config::Mode;
 use crate::decode::BodyKind;
 use crate::decode::{self, DecodeError};
 use crate::error::IngestError;
 use crate::hook::{Failure, Forward, Hook, HookError, HookFuture, HookRequest, Verdict};
-use crate::kafka::metadata::TopicInfo;
+use crate::kafka::Record;
 use crate::record::RecordMeta;
 use crate::reply::Reply;
 use crate::routes::{Route, validate_topic};
@@ -81,12 +81,12 @@ pub(super) async fn run(
                 // then vanish.
                 let kind = request.kind();
                 let (topic, meta, values) = forwarded(app, request, meta, forward)?;
+                *topic_seen = Some(topic.clone());
                 let info = lookup(app, &topic).await?;
+                let records = records_for(app, route, &topic, &info, meta, values)?;
                 let later = Later {
                     topic,
-                    info,
-                    meta,
-                    values,
+                    records,
                     kind,
                     mode,
                 };
@@ -149,12 +149,10 @@ fn forwarded(
     Ok((topic, meta, values))
 }
 
-/// What a hook asked to produce after its own reply, checked and decoded.
+/// What a hook asked to produce after its own reply: its records, built and checked.
 struct Later {
     topic: String,
-    info: Arc<TopicInfo>,
-    meta: RecordMeta,
-    values: Vec<Bytes>,
+    records: Vec<Record>,
     kind: BodyKind,
     mode: Mode,
 }
@@ -168,13 +166,11 @@ fn produce_after_reply(app: Arc<AppState>, route: Arc<Route>, hook: Arc<dyn Hook
         let topic = later.topic.clone();
         let Later {
             topic: to,
-            info,
-            meta,
-            values,
+            records,
             kind,
             mode,
         } = later;
-        let result = produce(&app, &route, mode, to, &info, meta, values, kind).await;
+        let result = send(&app, &route, mode, to, records, kind).await;
         if let Err(error) = result {
             let status = error.status();
             let message = format!("after the hook's reply: {error}");

@@ -184,7 +184,21 @@ async fn produce(
     values: Vec<Bytes>,
     kind: BodyKind,
 ) -> Result<Reply, IngestError> {
-    let strategy = app.partitioner_for(route, &topic);
+    let records = records_for(app, route, &topic, info, meta, values)?;
+    send(app, route, mode, topic, records, kind).await
+}
+
+/// The records of a request, partitions chosen, each checked against
+/// `kafka.message_max_bytes`: everything that can refuse them before any is queued.
+fn records_for(
+    app: &AppState,
+    route: &Route,
+    topic: &str,
+    info: &TopicInfo,
+    meta: RecordMeta,
+    values: Vec<Bytes>,
+) -> Result<Vec<Record>, IngestError> {
+    let strategy = app.partitioner_for(route, topic);
     let records = meta.into_records(values, strategy, info)?;
     if let Some((i, size)) = records
         .iter()
@@ -199,6 +213,18 @@ async fn produce(
             app.message_max_bytes
         )));
     }
+    Ok(records)
+}
+
+/// Queues `records` (or spools them, on a spooled async route) and answers as `mode` does.
+async fn send(
+    app: &AppState,
+    route: &Route,
+    mode: Mode,
+    topic: String,
+    records: Vec<Record>,
+    kind: BodyKind,
+) -> Result<Reply, IngestError> {
     let count = records.len();
     if route.spool
         && matches!(mode, Mode::Async | Mode::BatchAsync)

@@ -365,13 +365,13 @@ impl Reply {
     }
 }
 
-/// A plain HTTP client.
 /// GETs `url` and parses its body as JSON.
 pub async fn get_json(url: &str) -> serde_json::Value {
     let response = client().get(url).send().await.expect("GET");
     serde_json::from_str(&response.text().await.expect("body")).expect("JSON")
 }
 
+/// A plain HTTP client.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()

@@ -39,9 +39,32 @@ pub struct LuaRequest {
     /// (`hook.max_memory_bytes`: the Lua heap's limit would not see these copies).
     charged: usize,
     limit: usize,
-    /// Why the client's own body could not be read as JSON, once a script asked for it: a
-    /// call that fails after that is the client's bad body (400), not the hook's fault.
-    pub bad_body: Option<String>,
+}
+
+/// The error a script gets when it reads the client's own body and that is not JSON (or a
+/// form). A call that fails with it is the client's bad body (400), not the hook's fault.
+#[derive(Debug)]
+pub struct BadBody(pub String);
+
+impl std::fmt::Display for BadBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadBody {}
+
+impl BadBody {
+    /// The bad-body message `error` carries, if that is what the call failed with.
+    pub fn of(error: &mlua::Error) -> Option<&str> {
+        match error {
+            mlua::Error::ExternalError(e) => e.downcast_ref::<BadBody>().map(|b| b.0.as_str()),
+            mlua::Error::CallbackError { cause, .. } | mlua::Error::WithContext { cause, .. } => {
+                BadBody::of(cause)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The JSON body as the script sees it.
@@ -62,7 +85,6 @@ impl LuaRequest {
             forward: Forward::default(),
             charged: 0,
             limit,
-            bad_body: None,
         }
     }
 
@@ -121,24 +143,19 @@ impl LuaRequest {
             Some(body) => (body, BodyKind::Json),
             None => (&self.req.body, self.req.kind()),
         };
-        let clients = self.forward.body.is_none();
-        let mut refused = |why: String| {
-            if clients && matches!(kind, BodyKind::Json | BodyKind::Form) {
-                let empty = body.is_empty();
-                self.bad_body = Some(if empty {
-                    "empty body".into()
-                } else {
-                    why.clone()
-                });
-            }
-            mlua::Error::runtime(why)
+        let clients =
+            self.forward.body.is_none() && matches!(kind, BodyKind::Json | BodyKind::Form);
+        let refused = |why: String| match (clients, body.is_empty()) {
+            (true, true) => mlua::Error::external(BadBody("empty body".into())),
+            (true, false) => mlua::Error::external(BadBody(why)),
+            (false, _) => mlua::Error::runtime(why),
         };
         self.doc = if kind == BodyKind::Json {
             let doc = raw::RawDoc::check(body.clone(), MAX_DEPTH)
                 .map_err(|e| refused(format!("invalid json: {e}")))?;
             Doc::Raw { doc, edited: false }
         } else {
-            let value = crate::hook::parse_body(kind, body).map_err(&mut refused)?;
+            let value = crate::hook::parse_body(kind, body).map_err(refused)?;
             Doc::Tree {
                 value,
                 dirty: false,
