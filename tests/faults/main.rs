@@ -725,3 +725,40 @@ async fn s9_sigkill_under_load() {
         "{scenario}: an async record accepted {oldest_lost:?} before the kill was lost"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6b_fatal_producer_error_with_records_queued() {
+    let _serial = SERIAL.lock().await;
+    let scenario = "6b fatal error with records queued (sync)";
+    let (cluster, topic) = cluster("s6b-fatal");
+    let (gw, producers) = gateway_with_producers(&cluster.bootstrap_servers(), &toml("", "")).await;
+    warm_up(&gw.url, &topic).await;
+    let t0 = Instant::now();
+    let clients = Clients::start(&gw.url, &topic, &sync_load(), t0);
+    hold(calm()).await;
+    // With the brokers down the requests' records wait in the queue, so the fatal error has
+    // records to purge: those must be 503, and never written.
+    cluster.broker_down(ALL_BROKERS).unwrap();
+    hold(Duration::from_millis(500)).await;
+    let injected = Instant::now();
+    producers.inject_fatal_error();
+    hold(Duration::from_millis(500)).await;
+    cluster.broker_up(ALL_BROKERS).unwrap();
+    poll_until(PATIENCE, || clients.all_ok_since(injected)).await;
+    hold(after()).await;
+    let ops = clients.finish().await;
+    let report = stop(gw, PATIENCE).await;
+    let (recs, _) = read_back(&cluster.bootstrap_servers(), &topic).await;
+    let v = check::check(&ops, &recs, Some(injected - t0), &[]);
+    v.print(scenario, &format!("undelivered {}", report.undelivered));
+    // Safe: no 2xx lost, and no 503'd record written (a request sent just before the brokers
+    // went down may be 504, which is what it is: maybe written).
+    v.assert_safe(scenario, DEADLINE);
+    assert!(
+        v.fail >= 1,
+        "{scenario}: nothing was purged ({:?})",
+        v.codes
+    );
+    v.assert_recovered(scenario, RECOVERY);
+    assert_eq!(report.undelivered, 0, "{scenario}: undelivered");
+}
