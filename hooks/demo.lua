@@ -16,6 +16,12 @@ function on_request(req)
     return reject(400, req:topic() .. ".insufficient")
   end
 
+  -- Several records, one per line (NDJSON): nothing to massage; produce them as they are.
+  local content_type = req:header("content-type") or ""
+  if content_type:find("ndjson") or content_type:find("jsonl") or content_type:find("jsonlines") then
+    return forward()
+  end
+
   -- Exactly one field, "hello": produce its value, and reply as the route normally does.
   local fields = req:fields()
   if fields and #fields == 1 and fields[1] == "hello" then

@@ -352,6 +352,16 @@ async fn the_original_quick_start_works_as_printed() {
     let r = curl(None).await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.text().await.unwrap(), r#"{"error":"ekaf.insufficient"}"#);
+    // NDJSON: the demo hook lets the records through as they are.
+    let r = common::client()
+        .post(&url)
+        .header("content-type", "application/x-ndjson")
+        .body("{\"n\":1}\n{\"n\":2}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.text().await.unwrap(), r#"{"ok":2}"#);
     // Both records are printed as they land; read stdout until they are.
     let mut stdout = child.stdout.take().unwrap();
     let seen = tokio::task::spawn_blocking(move || {
@@ -364,7 +374,10 @@ async fn the_original_quick_start_works_as_printed() {
                 break;
             }
             text.push_str(&String::from_utf8_lossy(&buf[..n]));
-            if text.contains("value=a\n") && text.contains(r#"value={"test":"a","extra":"true"}"#) {
+            if text.contains("value=a\n")
+                && text.contains(r#"value={"test":"a","extra":"true"}"#)
+                && text.contains(r#"value={"n":2}"#)
+            {
                 break;
             }
         }
@@ -385,6 +398,10 @@ async fn the_original_quick_start_works_as_printed() {
         "{text}"
     );
     assert!(text.contains("key=- value=a\n"), "{text}");
+    assert!(
+        text.contains(r#"value={"n":1}"#) && text.contains(r#"value={"n":2}"#),
+        "{text}"
+    );
     wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
