@@ -88,7 +88,13 @@ fn failure(outcomes: Vec<Option<Outcome>>, timeout: std::time::Duration) -> Inge
     let status = match statuses.contains(&StatusCode::GATEWAY_TIMEOUT) {
         true => StatusCode::GATEWAY_TIMEOUT,
         false if statuses.windows(2).all(|w| w[0] == w[1]) => statuses[0],
-        false => StatusCode::SERVICE_UNAVAILABLE,
+        // A record refused for good (too large, not allowed) fails the same request again:
+        // its 4xx says so, where a 503 would invite a retry that cannot succeed.
+        false => statuses
+            .iter()
+            .copied()
+            .find(StatusCode::is_client_error)
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
     };
     let records: Vec<RecordReport> = outcomes
         .iter()
@@ -205,5 +211,48 @@ impl IntoResponse for Reply {
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaErrorCode as E;
+
+    fn failed(error: E, persisted: Persisted) -> Option<Outcome> {
+        Some(Outcome::Failed { error, persisted })
+    }
+
+    #[test]
+    fn a_request_with_failed_records_gets_the_status_its_records_call_for() {
+        let delivered = Some(Outcome::Delivered {
+            partition: 0,
+            offset: 7,
+        });
+        let timeout = std::time::Duration::from_secs(1);
+        let status = |outcomes: Vec<Option<Outcome>>| failure(outcomes, timeout).status();
+        let not_sent = failed(E::MessageTimedOut, Persisted::No);
+        let too_large = failed(E::MessageSizeTooLarge, Persisted::No);
+        // One written: a retry would duplicate it.
+        assert_eq!(status(vec![delivered.clone(), not_sent.clone()]), 504);
+        // None answered in time: may be written.
+        assert_eq!(status(vec![not_sent.clone(), None]), 504);
+        assert_eq!(
+            status(vec![
+                not_sent.clone(),
+                failed(E::MessageTimedOut, Persisted::Possibly)
+            ]),
+            504
+        );
+        // None written, all for the same reason: that reason's status.
+        assert_eq!(status(vec![not_sent.clone(), not_sent.clone()]), 503);
+        assert_eq!(status(vec![too_large.clone(), too_large.clone()]), 413);
+        // None written, one refused for good: the retry would fail again.
+        assert_eq!(status(vec![not_sent, too_large]), 413);
+        let one = failure(
+            vec![failed(E::TopicAuthorizationFailed, Persisted::No)],
+            timeout,
+        );
+        assert_eq!(one.status(), 403);
     }
 }
