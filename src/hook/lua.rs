@@ -410,6 +410,36 @@ mod tests {
     }
 
     #[test]
+    fn tables_become_json_whole_or_not_at_all() {
+        let body_after = |edit: &str| match run(
+            &format!("function on_request(req) {edit} return forward() end"),
+            r#"{"a":1}"#,
+        ) {
+            Ok(Verdict::Forward(f)) => Ok(String::from_utf8(f.body.unwrap().to_vec()).unwrap()),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.0),
+        };
+        assert_eq!(
+            body_after(r#"req:set("t", {1, 2, 3})"#).unwrap(),
+            r#"{"a":1,"t":[1,2,3]}"#
+        );
+        assert_eq!(
+            body_after(r#"req:set("t.u", {[1]=1, [3]=3})"#).unwrap(),
+            r#"{"a":1,"t":{"u":[1,null,3]}}"#,
+            "a hole is a null, not the end of the array"
+        );
+        // Both array and map: an error, where the map part used to vanish.
+        assert!(body_after(r#"req:set("t", {1, 2, x = 3})"#).is_err());
+        // Nested past what a body may be, counting the path.
+        let deep = r#"local t = {} for i = 1, 120 do t = {t} end
+            req:set(string.rep("p.", 20) .. "z", t)"#;
+        assert!(body_after(deep).unwrap_err().contains("deeper than 128"));
+        // body() shows the edits made so far.
+        let echoed = body_after(r#"req:set("c", 3) req:set_body(req:body())"#).unwrap();
+        assert_eq!(echoed, r#"{"a":1,"c":3}"#);
+    }
+
+    #[test]
     fn forward_is_shared_and_read_only() {
         let edit =
             r#"function on_request(req) req:set("n", req:get("a.b") + 1) return forward() end"#;

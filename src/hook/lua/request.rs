@@ -3,7 +3,6 @@
 //! (see [`raw`]); only edits below the top level, `fields` and form bodies build a tree. Only the
 //! parts a script reads are converted to Lua.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -28,6 +27,30 @@ fn check_path(path: &str) -> mlua::Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A Lua table as JSON, to go `segments` levels into a body. A table that is both array and
+/// map, or an array with holes, is an error: mlua's default would keep `#t` items and drop the
+/// rest without a word. So is one that would nest the body deeper than [`MAX_DEPTH`].
+fn table_json(lua: &mlua::Lua, value: mlua::Value, segments: usize) -> mlua::Result<Value> {
+    let options = mlua::serde::DeserializeOptions::new().detect_mixed_tables(true);
+    let value: Value = lua.from_value_with(value, options)?;
+    if segments + depth(&value) > MAX_DEPTH {
+        return Err(mlua::Error::runtime(format!(
+            "the value would nest the body deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    Ok(value)
+}
+
+/// Levels of arrays and objects in `value`: 0 for a scalar, 1 for `[]` or `{}`.
+fn depth(value: &Value) -> usize {
+    let inner = |items: &mut dyn Iterator<Item = &Value>| items.map(depth).max().unwrap_or(0);
+    match value {
+        Value::Array(items) => 1 + inner(&mut items.iter()),
+        Value::Object(members) => 1 + inner(&mut members.values()),
+        _ => 0,
+    }
 }
 
 /// The request handed to `on_request(req)`.
@@ -220,32 +243,35 @@ impl LuaRequest {
         check_path(path)?;
         let text = scalar_json(&value);
         self.charge(path.len() + text.as_ref().map_or(0, |t| t.len()))?;
+        // A table is converted once, and its JSON counted against the edit budget.
+        let table = match &text {
+            Some(_) => None,
+            None => {
+                let table = table_json(lua, value, segments(path).count())?;
+                let json = serde_json::to_vec(&table).map_err(mlua::Error::external)?;
+                self.charge(json.len())?;
+                Some((table, json))
+            }
+        };
         if let Some(name) = single(path)
             && self.raw()?.is_some()
         {
-            let written = match &text {
-                Some(text) => Cow::Borrowed(&**text),
-                None => {
-                    let json = serde_json::to_vec(&lua.from_value::<Value>(value.clone())?)
-                        .map_err(mlua::Error::external)?;
-                    self.charge(json.len())?;
-                    Cow::Owned(json)
-                }
+            let written: &[u8] = match (&text, &table) {
+                (Some(text), _) => text,
+                (None, Some((_, json))) => json,
+                (None, None) => b"null",
             };
             if let Some(doc) = self.raw()?
-                && doc.set_top(name, &written)
+                && doc.set_top(name, written)
             {
                 self.mark_edited();
                 return Ok(());
             }
         }
-        let value = match text {
-            Some(text) => serde_json::from_slice(&text).map_err(mlua::Error::external)?,
-            None => {
-                let value: Value = lua.from_value(value)?;
-                self.charge(serde_json::to_vec(&value).map_or(0, |v| v.len()))?;
-                value
-            }
+        let value = match (text, table) {
+            (_, Some((table, _))) => table,
+            (Some(text), None) => serde_json::from_slice(&text).map_err(mlua::Error::external)?,
+            (None, None) => Value::Null,
         };
         *slot(self.tree(true)?, path)? = value;
         Ok(())
@@ -314,8 +340,14 @@ impl UserData for LuaRequest {
         m.add_method("peer", |_, this, ()| {
             Ok(this.req.peer.map(|p| p.to_string()))
         });
-        m.add_method("body", |lua, this, ()| {
-            lua.create_string(this.forward.body.as_deref().unwrap_or(&this.req.body))
+        // The body as it stands, the script's edits included.
+        m.add_method("body", |lua, this, ()| match &this.doc {
+            Doc::Raw { doc, edited: true } => lua.create_string(doc.bytes()),
+            Doc::Tree { value, dirty: true } => {
+                let json = serde_json::to_vec(value).map_err(mlua::Error::external)?;
+                lua.create_string(json)
+            }
+            _ => lua.create_string(this.forward.body.as_deref().unwrap_or(&this.req.body)),
         });
         m.add_method_mut("set_body", |_, this, body: mlua::LuaString| {
             this.charge(body.as_bytes().len())?;
