@@ -242,7 +242,7 @@ impl LuaHook {
             );
             // The script failed on the client's body, which is not JSON: that is the 400 the
             // request would get without a hook. Any other failure stays the hook's.
-            if let Some(why) = result.as_ref().err().and_then(request::BadBody::of) {
+            if let Some(why) = result.as_ref().err().and_then(convert::BadBody::of) {
                 return Ok(Verdict::Reject {
                     status: axum::http::StatusCode::BAD_REQUEST,
                     message: why.to_string(),

@@ -66,6 +66,62 @@ pub(super) fn scalar_json(value: &mlua::Value) -> Option<Cow<'static, [u8]>> {
     }
 }
 
+/// The error a script gets when it reads the client's own body and that is not JSON (or a
+/// form). A call that fails with it is the client's bad body (400), not the hook's fault.
+#[derive(Debug)]
+pub struct BadBody(pub String);
+
+impl std::fmt::Display for BadBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadBody {}
+
+impl BadBody {
+    /// The bad-body message `error` carries, if that is what the call failed with.
+    pub fn of(error: &mlua::Error) -> Option<&str> {
+        match error {
+            mlua::Error::ExternalError(e) => e.downcast_ref::<BadBody>().map(|b| b.0.as_str()),
+            mlua::Error::CallbackError { cause, .. } | mlua::Error::WithContext { cause, .. } => {
+                BadBody::of(cause)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A Lua table as JSON, to go `segments` levels into a body. A table that is both array and
+/// map is an error, and holes in an array are nulls: mlua's default would keep `#t` items and
+/// drop the rest without a word. So is a table that would nest the body deeper than
+/// `max_depth`.
+pub(super) fn table_json(
+    lua: &mlua::Lua,
+    value: mlua::Value,
+    segments: usize,
+    max_depth: usize,
+) -> mlua::Result<Value> {
+    let options = mlua::serde::DeserializeOptions::new().detect_mixed_tables(true);
+    let value: Value = lua.from_value_with(value, options)?;
+    if segments + depth(&value) > max_depth {
+        return Err(mlua::Error::runtime(format!(
+            "the value would nest the body deeper than {max_depth} levels"
+        )));
+    }
+    Ok(value)
+}
+
+/// Levels of arrays and objects in `value`: 0 for a scalar, 1 for `[]` or `{}`.
+fn depth(value: &Value) -> usize {
+    let inner = |items: &mut dyn Iterator<Item = &Value>| items.map(depth).max().unwrap_or(0);
+    match value {
+        Value::Array(items) => 1 + inner(&mut items.iter()),
+        Value::Object(members) => 1 + inner(&mut members.values()),
+        _ => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

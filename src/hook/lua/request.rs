@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use mlua::{LuaSerdeExt, UserData, UserDataMethods};
+use mlua::{UserData, UserDataMethods};
 use serde_json::Value;
 
-use super::convert::{json_to_lua, scalar_json, to_lua};
+use super::convert::{BadBody, json_to_lua, scalar_json, table_json, to_lua};
 use super::raw;
 use super::tree::{lookup, remove, segments, single, slot};
 use crate::decode::BodyKind;
@@ -29,30 +29,6 @@ fn check_path(path: &str) -> mlua::Result<()> {
     Ok(())
 }
 
-/// A Lua table as JSON, to go `segments` levels into a body. A table that is both array and
-/// map, or an array with holes, is an error: mlua's default would keep `#t` items and drop the
-/// rest without a word. So is one that would nest the body deeper than [`MAX_DEPTH`].
-fn table_json(lua: &mlua::Lua, value: mlua::Value, segments: usize) -> mlua::Result<Value> {
-    let options = mlua::serde::DeserializeOptions::new().detect_mixed_tables(true);
-    let value: Value = lua.from_value_with(value, options)?;
-    if segments + depth(&value) > MAX_DEPTH {
-        return Err(mlua::Error::runtime(format!(
-            "the value would nest the body deeper than {MAX_DEPTH} levels"
-        )));
-    }
-    Ok(value)
-}
-
-/// Levels of arrays and objects in `value`: 0 for a scalar, 1 for `[]` or `{}`.
-fn depth(value: &Value) -> usize {
-    let inner = |items: &mut dyn Iterator<Item = &Value>| items.map(depth).max().unwrap_or(0);
-    match value {
-        Value::Array(items) => 1 + inner(&mut items.iter()),
-        Value::Object(members) => 1 + inner(&mut members.values()),
-        _ => 0,
-    }
-}
-
 /// The request handed to `on_request(req)`.
 pub struct LuaRequest {
     req: Arc<HookRequest>,
@@ -62,32 +38,6 @@ pub struct LuaRequest {
     /// (`hook.max_memory_bytes`: the Lua heap's limit would not see these copies).
     charged: usize,
     limit: usize,
-}
-
-/// The error a script gets when it reads the client's own body and that is not JSON (or a
-/// form). A call that fails with it is the client's bad body (400), not the hook's fault.
-#[derive(Debug)]
-pub struct BadBody(pub String);
-
-impl std::fmt::Display for BadBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for BadBody {}
-
-impl BadBody {
-    /// The bad-body message `error` carries, if that is what the call failed with.
-    pub fn of(error: &mlua::Error) -> Option<&str> {
-        match error {
-            mlua::Error::ExternalError(e) => e.downcast_ref::<BadBody>().map(|b| b.0.as_str()),
-            mlua::Error::CallbackError { cause, .. } | mlua::Error::WithContext { cause, .. } => {
-                BadBody::of(cause)
-            }
-            _ => None,
-        }
-    }
 }
 
 /// The JSON body as the script sees it.
@@ -247,7 +197,7 @@ impl LuaRequest {
         let table = match &text {
             Some(_) => None,
             None => {
-                let table = table_json(lua, value, segments(path).count())?;
+                let table = table_json(lua, value, segments(path).count(), MAX_DEPTH)?;
                 let json = serde_json::to_vec(&table).map_err(mlua::Error::external)?;
                 self.charge(json.len())?;
                 Some((table, json))

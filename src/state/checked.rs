@@ -1,0 +1,196 @@
+//! What a config must pass before anything is built from it: ranges and floors of its values,
+//! the spool directory, and the parts compiled once (routes with their hooks, the allowlist,
+//! partition strategies, keys, the global rate limit).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::{Bucket, Keys};
+use crate::config::{Config, Partitioner};
+use crate::hook::Hook;
+use crate::routes::{self, Allowlist, Route};
+
+/// Whether `dir` is, or can become, the spool directory: itself a directory, or not there yet
+/// below one (nothing is created; starting creates it).
+pub(super) fn check_spool_dir(dir: &std::path::Path) -> Result<(), String> {
+    // A relative path's last ancestor is "", the working directory.
+    let existing = dir
+        .ancestors()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                p
+            }
+        })
+        .find(|p| p.exists())
+        .unwrap_or(std::path::Path::new("/"));
+    match std::fs::metadata(existing) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(format!("spool: {} is not a directory", existing.display())),
+        Err(e) => Err(format!("spool: {}: {e}", existing.display())),
+    }
+}
+
+/// Limits whose extreme values would fail at run time: a deadline past what the clock can
+/// hold panics, and tokio's semaphore takes at most `MAX_PERMITS` connections; and floors
+/// below which a setting would mean "never" or "no pause at all".
+fn check_ranges(config: &Config) -> Result<(), String> {
+    let s = &config.server;
+    let durations = [
+        ("server.enqueue_timeout", s.enqueue_timeout),
+        ("server.sync_timeout", s.sync_timeout),
+        ("server.shutdown_timeout", s.shutdown_timeout),
+        ("server.header_read_timeout", s.header_read_timeout),
+        ("server.body_read_timeout", s.body_read_timeout),
+        ("server.body_deadline", s.body_deadline),
+        ("server.write_timeout", s.write_timeout),
+        ("hook.timeout", config.hook.timeout),
+        ("kafka.metadata_timeout", config.kafka.metadata_timeout),
+    ];
+    if let Some((name, _)) = durations
+        .iter()
+        .find(|(_, d)| *d > crate::config::MAX_DURATION)
+    {
+        return Err(format!("{name} must be at most 1 day"));
+    }
+    // Zero would mean never (librdkafka's message timeout, whole milliseconds), no time at all
+    // (a metadata request, a body) or no pause between requests to the brokers (the refresh).
+    let k = &config.kafka;
+    let floors = [
+        (
+            "server.body_deadline",
+            s.body_deadline,
+            Duration::from_millis(10),
+        ),
+        (
+            "kafka.message_timeout",
+            k.message_timeout,
+            Duration::from_millis(1),
+        ),
+        (
+            "kafka.metadata_timeout",
+            k.metadata_timeout,
+            Duration::from_millis(10),
+        ),
+        (
+            "kafka.metadata_refresh",
+            k.metadata_refresh,
+            Duration::from_secs(1),
+        ),
+    ];
+    if let Some((name, _, floor)) = floors.iter().find(|(_, d, floor)| d < floor) {
+        return Err(format!("{name} must be at least {floor:?}"));
+    }
+    if k.queue_max_messages == 0 || k.queue_max_bytes == 0 {
+        return Err("kafka.queue_max_messages and kafka.queue_max_bytes must be above 0".into());
+    }
+    if s.max_body_buffer_bytes < s.max_body_bytes {
+        return Err("server.max_body_buffer_bytes must be at least server.max_body_bytes".into());
+    }
+    if s.admin_listen
+        .is_some_and(|a| a == s.listen && a.port() != 0)
+    {
+        return Err("server.admin_listen must differ from server.listen".into());
+    }
+    let most = tokio::sync::Semaphore::MAX_PERMITS;
+    if !(1..=most).contains(&s.max_connections) {
+        return Err(format!(
+            "server.max_connections must be between 1 and {most}"
+        ));
+    }
+    Ok(())
+}
+
+/// The parts of a config that are checked and compiled before any producer exists.
+pub(super) struct Checked {
+    pub(super) routes: Vec<(Arc<Route>, crate::ingest::RouteHook)>,
+    pub(super) allow: Allowlist,
+    pub(super) topic_partitioner: HashMap<String, Partitioner>,
+    pub(super) keys: Option<Arc<Keys>>,
+    pub(super) global_limit: Option<Bucket>,
+}
+
+impl Checked {
+    pub(super) fn new(
+        config: &Config,
+        rust_hook: Option<Arc<dyn Hook>>,
+    ) -> Result<Checked, String> {
+        if config.server.max_body_bytes > config.kafka.message_max_bytes {
+            return Err(format!(
+                "server.max_body_bytes ({}) exceeds kafka.message_max_bytes ({})",
+                config.server.max_body_bytes, config.kafka.message_max_bytes
+            ));
+        }
+        if !(1..=127).contains(&config.server.max_json_depth) {
+            // serde_json, which hooks and most consumers parse with, stops at 127 levels.
+            return Err("server.max_json_depth must be between 1 and 127".into());
+        }
+        check_ranges(config)?;
+        config.log.check()?;
+        let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
+        config.spool.check()?;
+        for (route, _) in &routes {
+            let sync = matches!(
+                route.mode,
+                crate::config::Mode::Sync | crate::config::Mode::BatchSync
+            );
+            // A sync 200 says the broker acknowledged; with acks = 0 nobody does.
+            if sync && config.kafka.acks == crate::config::Acks::None {
+                return Err(format!(
+                    "route {}: kafka.acks = \"none\" cannot back a sync route (set \
+                     server.default_routes = false and configure async routes only)",
+                    route.path
+                ));
+            }
+            if route.spool && config.spool.dir.is_none() {
+                return Err(format!(
+                    "route {}: spool = true needs spool.dir",
+                    route.path
+                ));
+            }
+            if route.spool && sync {
+                return Err(format!(
+                    "route {}: spool is for async and batch_async routes",
+                    route.path
+                ));
+            }
+        }
+        let allow = Allowlist::new(&config.topics.allow)?;
+        let mut topic_partitioner = HashMap::new();
+        for (topic, o) in &config.topics.overrides {
+            routes::validate_topic(topic).map_err(|e| format!("topics.overrides.{topic}: {e}"))?;
+            if let Some(p) = o.partitioner {
+                topic_partitioner.insert(topic.clone(), p);
+            }
+        }
+        let auth = &config.auth;
+        let global_limit = match (auth.global_rate, auth.global_burst) {
+            (Some(rate), burst) => {
+                Some(Bucket::checked(rate, burst).map_err(|e| format!("auth.global_{e}"))?)
+            }
+            (None, Some(_)) => return Err("auth.global_burst needs auth.global_rate".into()),
+            (None, None) => None,
+        };
+        let mtls = config
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some());
+        let keys = match (&auth.keys_file, auth.keys.is_empty()) {
+            (None, true) => None,
+            _ => Some(Arc::new(
+                Keys::load(&auth.keys, auth.keys_file.as_deref(), mtls)
+                    .map_err(|e| format!("auth: {e}"))?,
+            )),
+        };
+        Ok(Checked {
+            routes,
+            allow,
+            topic_partitioner,
+            keys,
+            global_limit,
+        })
+    }
+}
