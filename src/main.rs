@@ -72,9 +72,19 @@ fn main() -> ExitCode {
         }
         None => match Config::load(cli.config.as_deref(), &overrides) {
             Ok(config) => {
-                // Before the logs exist: a bad filter would hide its own error.
+                // Before the logs exist: a bad filter would hide its own error. KAFBOY_LOG,
+                // which wins over log.level, is held to the same rules.
                 if let Err(e) = config.log.check() {
                     return config_error(&e);
+                }
+                if let Ok(level) = std::env::var("KAFBOY_LOG") {
+                    let log = kafboy::config::LogConfig {
+                        level,
+                        ..config.log.clone()
+                    };
+                    if let Err(e) = log.check() {
+                        return config_error(&e.replacen("log.level", "KAFBOY_LOG", 1));
+                    }
                 }
                 init_logs(config.log.format, &config.log.level);
                 for name in kafboy::config::ignored_env(&config) {

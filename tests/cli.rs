@@ -87,6 +87,7 @@ fn config_errors_exit_64_and_name_the_key() {
             String::new(),
             "max_records",
         ),
+        (vec![("KAFBOY_LOG", "debgu")], String::new(), "kafboy_log"),
     ];
     for (env, toml, want) in cases {
         let file = config_file(&toml);
