@@ -81,6 +81,18 @@ pub struct Limits {
     pub buffer: Arc<Budget>,
 }
 
+impl Limits {
+    /// From the server settings.
+    pub fn new(server: &crate::config::ServerConfig) -> Limits {
+        Limits {
+            max_bytes: server.max_body_bytes,
+            idle: server.body_read_timeout,
+            deadline: server.body_deadline,
+            buffer: Arc::new(Budget::new(server.max_body_buffer_bytes)),
+        }
+    }
+}
+
 /// A count of bytes shared by every request, with a ceiling. An atomic counter, not a
 /// semaphore: handing permits back to a tokio semaphore takes its waiters' lock, on every
 /// request, and nothing here ever waits.
@@ -132,18 +144,6 @@ impl Held<'_> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
-}
-
-impl Limits {
-    /// From the server settings.
-    pub fn new(server: &crate::config::ServerConfig) -> Limits {
-        Limits {
-            max_bytes: server.max_body_bytes,
-            idle: server.body_read_timeout,
-            deadline: server.body_deadline,
-            buffer: Arc::new(Budget::new(server.max_body_buffer_bytes)),
-        }
     }
 }
 

@@ -77,14 +77,10 @@ fn main() -> ExitCode {
                 if let Err(e) = config.log.check() {
                     return config_error(&e);
                 }
-                if let Ok(level) = std::env::var("KAFBOY_LOG") {
-                    let log = kafboy::config::LogConfig {
-                        level,
-                        ..config.log.clone()
-                    };
-                    if let Err(e) = log.check() {
-                        return config_error(&e.replacen("log.level", "KAFBOY_LOG", 1));
-                    }
+                if let Ok(filter) = std::env::var("KAFBOY_LOG")
+                    && let Err(e) = kafboy::config::check_log_filter("KAFBOY_LOG", &filter)
+                {
+                    return config_error(&e);
                 }
                 init_logs(config.log.format, &config.log.level);
                 for name in kafboy::config::ignored_env(&config) {

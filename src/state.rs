@@ -172,12 +172,7 @@ impl AppState {
     /// so a client can only spend the node's tokens on requests it may make, and a key only
     /// as fast as its own rate allows.
     pub fn admit(&self) -> Result<(), Denied> {
-        match &self.global_limit {
-            Some(bucket) => bucket
-                .take()
-                .map_err(|wait| Denied::Limited(wait.as_secs_f64().ceil().max(1.0) as u64)),
-            None => Ok(()),
-        }
+        self.global_limit.as_ref().map_or(Ok(()), Bucket::admit)
     }
 
     /// Free share of the fullest producer queue, 0 to 1, for peers choosing where to forward.

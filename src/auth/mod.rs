@@ -74,6 +74,13 @@ impl Bucket {
         Ok(Bucket::new(rate, burst))
     }
 
+    /// Takes a token, or refuses with a 429 saying in whole seconds (at least 1) when the
+    /// next one is there.
+    pub fn admit(&self) -> Result<(), Denied> {
+        self.take()
+            .map_err(|wait| Denied::Limited(wait.as_secs_f64().ceil().max(1.0) as u64))
+    }
+
     /// Takes a token, or says how long until one is there.
     pub fn take(&self) -> Result<(), Duration> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -209,12 +216,7 @@ impl Key {
     /// Whether this key may write `topic` in `mode`, and has a token left.
     pub fn permit(&self, topic: &str, mode: Mode) -> Result<(), Denied> {
         self.allows(topic, mode)?;
-        match &self.bucket {
-            Some(b) => b
-                .take()
-                .map_err(|wait| Denied::Limited(wait.as_secs_f64().ceil().max(1.0) as u64)),
-            None => Ok(()),
-        }
+        self.bucket.as_ref().map_or(Ok(()), Bucket::admit)
     }
 
     /// Whether this key may write `topic` in `mode` (no token taken).

@@ -76,32 +76,36 @@ pub struct LogConfig {
 }
 
 impl LogConfig {
-    /// Checks `level` as a filter: tracing takes a bare word as a target to log at every level,
-    /// so `inf` would silence every line kafboy writes. A bare word must be a level (a name or
-    /// 0 to 5); everything else (`kafboy=debug`, `kafboy::ingest`, span filters) is left to
-    /// tracing's own parser.
+    /// Checks `level` as a log filter (see [`check_log_filter`]).
     pub fn check(&self) -> Result<(), String> {
-        const LEVELS: [&str; 12] = [
-            "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
-        ];
-        let bad = |why: &str| Err(format!("log.level {:?}: {why}", self.level));
-        let bare = |d: &&str| !d.is_empty() && !d.contains(['=', '[', ':']);
-        let typo = self
-            .level
-            .split(',')
-            .map(str::trim)
-            .filter(bare)
-            .find(|d| !LEVELS.contains(&d.to_ascii_lowercase().as_str()));
-        if let Some(word) = typo {
-            return bad(&format!(
-                "{word:?} is not a level (trace, debug, info, warn, error, off); a target needs \
-                 one, as in {word}=debug"
-            ));
-        }
-        match tracing_subscriber::EnvFilter::try_new(&self.level) {
-            Ok(_) => Ok(()),
-            Err(e) => bad(&e.to_string()),
-        }
+        check_log_filter("log.level", &self.level)
+    }
+}
+
+/// Checks `filter`, the value of setting `name`, as a log filter: tracing takes a bare word as
+/// a target to log at every level, so `inf` would silence every line kafboy writes. A bare word
+/// must be a level (a name or 0 to 5); everything else (`kafboy=debug`, `kafboy::ingest`, span
+/// filters) is left to tracing's own parser.
+pub fn check_log_filter(name: &str, filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 12] = [
+        "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
+    ];
+    let bad = |why: &str| Err(format!("{name} {filter:?}: {why}"));
+    let bare = |d: &&str| !d.is_empty() && !d.contains(['=', '[', ':']);
+    let typo = filter
+        .split(',')
+        .map(str::trim)
+        .filter(bare)
+        .find(|d| !LEVELS.contains(&d.to_ascii_lowercase().as_str()));
+    if let Some(word) = typo {
+        return bad(&format!(
+            "{word:?} is not a level (trace, debug, info, warn, error, off); a target needs \
+             one, as in {word}=debug"
+        ));
+    }
+    match tracing_subscriber::EnvFilter::try_new(filter) {
+        Ok(_) => Ok(()),
+        Err(e) => bad(&e.to_string()),
     }
 }
 

@@ -8,11 +8,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::error::Elapsed;
 
-use super::{lookup, produce, records_for, send};
+use super::{lookup, records_for, send};
 use crate::auth::Key;
 use crate::config::Mode;
-use crate::decode::BodyKind;
-use crate::decode::{self, DecodeError};
+use crate::decode::{self, BodyKind, DecodeError};
 use crate::error::IngestError;
 use crate::hook::{Failure, Forward, Hook, HookError, HookFuture, HookRequest, Verdict};
 use crate::kafka::Record;
@@ -45,11 +44,6 @@ pub(super) async fn run(
             return Err(IngestError::HookFailed(message));
         }
     };
-    // A hook may move the record to another topic or mode; the key must allow that too.
-    let allowed = |topic: &str, mode: Mode| match key {
-        Some(key) => key.allows(topic, mode).map_err(IngestError::from),
-        None => Ok(()),
-    };
     match verdict {
         // A 2xx "rejection" would hide that nothing was written.
         Verdict::Reject { status, .. }
@@ -60,36 +54,24 @@ pub(super) async fn run(
         }
         Verdict::Reject { status, message } => Err(IngestError::Rejected { status, message }),
         Verdict::Forward(forward) => {
-            allowed(
-                forward.topic.as_deref().unwrap_or(&request.topic),
-                route.mode,
-            )?;
-            let moved = forward.topic.is_some();
-            let kind = request.kind();
-            let (topic, meta, values) = forwarded(app, request, meta, forward)?;
-            if moved {
-                *topic_seen = Some(topic.clone());
-            }
-            let info = lookup(app, &topic).await?;
-            produce(app, route, route.mode, topic, &info, meta, values, kind).await
+            let later = prepared(
+                app, route, key, request, meta, route.mode, forward, topic_seen,
+            );
+            let Later {
+                topic,
+                records,
+                kind,
+                mode,
+            } = later.await?;
+            send(app, route, mode, topic, records, kind).await
         }
         Verdict::Respond(respond) => {
             if let Some((mode, forward)) = respond.then {
-                allowed(forward.topic.as_deref().unwrap_or(&request.topic), mode)?;
                 // Everything that can be checked is, before the reply: a body that does not
-                // decode, or a topic the brokers do not have, must not get the hook's 2xx and
-                // then vanish.
-                let kind = request.kind();
-                let (topic, meta, values) = forwarded(app, request, meta, forward)?;
-                *topic_seen = Some(topic.clone());
-                let info = lookup(app, &topic).await?;
-                let records = records_for(app, route, &topic, &info, meta, values)?;
-                let later = Later {
-                    topic,
-                    records,
-                    kind,
-                    mode,
-                };
+                // decode, a topic the brokers do not have, a record that cannot be built must
+                // not get the hook's 2xx and then vanish.
+                let later =
+                    prepared(app, route, key, request, meta, mode, forward, topic_seen).await?;
                 produce_after_reply(app.clone(), route.clone(), hook.clone(), later);
             }
             let content_type = respond
@@ -114,6 +96,36 @@ async fn decide(
         Poll::Ready(answer) => Ok(answer),
         Poll::Pending => tokio::time::timeout(timeout, call).await,
     }
+}
+
+/// The records a hook's verdict asks for in `mode`, built and checked: the key must allow the
+/// topic and mode (a hook may move the record to either), the edits applied, the topic
+/// looked up.
+#[allow(clippy::too_many_arguments)]
+async fn prepared(
+    app: &AppState,
+    route: &Route,
+    key: Option<&Key>,
+    request: Arc<HookRequest>,
+    meta: RecordMeta,
+    mode: Mode,
+    forward: Forward,
+    topic_seen: &mut Option<String>,
+) -> Result<Later, IngestError> {
+    if let Some(key) = key {
+        key.allows(forward.topic.as_deref().unwrap_or(&request.topic), mode)?;
+    }
+    let kind = request.kind();
+    let (topic, meta, values) = forwarded(app, request, meta, forward)?;
+    *topic_seen = Some(topic.clone());
+    let info = lookup(app, &topic).await?;
+    let records = records_for(app, route, &topic, &info, meta, values)?;
+    Ok(Later {
+        topic,
+        records,
+        kind,
+        mode,
+    })
 }
 
 /// Applies a hook's edits: topic (checked again), key, partition, headers, body; the body
@@ -149,7 +161,7 @@ fn forwarded(
     Ok((topic, meta, values))
 }
 
-/// What a hook asked to produce after its own reply: its records, built and checked.
+/// What a hook's verdict asks to produce: its records, built and checked, and how.
 struct Later {
     topic: String,
     records: Vec<Record>,
@@ -163,14 +175,13 @@ fn produce_after_reply(app: Arc<AppState>, route: Arc<Route>, hook: Arc<dyn Hook
     let running = app.background.start();
     tokio::spawn(async move {
         let _running = running;
-        let topic = later.topic.clone();
         let Later {
-            topic: to,
+            topic,
             records,
             kind,
             mode,
         } = later;
-        let result = send(&app, &route, mode, to, records, kind).await;
+        let result = send(&app, &route, mode, topic.clone(), records, kind).await;
         if let Err(error) = result {
             let status = error.status();
             let message = format!("after the hook's reply: {error}");

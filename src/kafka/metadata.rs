@@ -25,13 +25,10 @@ pub struct TopicInfo {
 #[derive(Debug)]
 enum Entry {
     Known(Arc<TopicInfo>),
-    Missing(Instant),
-    /// Refused by the brokers (Kafka also says so of names that do not exist when kafboy may
-    /// not describe them): remembered like a missing topic, so such names cost no lookups.
-    Denied(Instant),
-    /// Listed with an error and no partitions ([`Listed::Settling`]): 503 until the TTL of a
-    /// missing topic runs out, so a topic that stays that way costs one lookup per TTL.
-    Settling(Instant, RDKafkaErrorCode),
+    /// A topic the brokers do not have, refuse kafboy (Kafka also says so of names that do not
+    /// exist when kafboy may not describe them), or list without partitions yet: the answer,
+    /// remembered for `unknown_topic_ttl`, so such names cost one lookup per TTL.
+    Refused(Instant, LookupError),
 }
 
 /// A topic as a metadata answer lists it.
@@ -57,13 +54,6 @@ impl Listed {
             _ => Listed::Partitions(partitions),
         })
     }
-}
-
-/// The 503 for a topic listed with `error` and no partitions.
-fn settling(topic: &str, error: RDKafkaErrorCode) -> LookupError {
-    LookupError::Unavailable(format!(
-        "topic {topic:?} has no usable partitions yet: {error}"
-    ))
 }
 
 /// Why a topic could not be used.
@@ -115,7 +105,7 @@ impl Topics {
             .iter()
             .filter_map(|(name, e)| match e {
                 Entry::Known(info) => Some((name.clone(), info.partitions)),
-                Entry::Missing(_) | Entry::Denied(_) | Entry::Settling(..) => None,
+                Entry::Refused(..) => None,
             })
             .collect();
         known.sort();
@@ -133,14 +123,10 @@ impl Topics {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         match entries.get(topic)? {
             Entry::Known(info) => Some(Ok(info.clone())),
-            Entry::Missing(at) if at.elapsed() < self.missing_ttl => {
-                Some(Err(LookupError::Unknown))
+            Entry::Refused(at, answer) if at.elapsed() < self.missing_ttl => {
+                Some(Err(answer.clone()))
             }
-            Entry::Denied(at) if at.elapsed() < self.missing_ttl => Some(Err(LookupError::Denied)),
-            Entry::Settling(at, error) if at.elapsed() < self.missing_ttl => {
-                Some(Err(settling(topic, *error)))
-            }
-            Entry::Missing(_) | Entry::Denied(_) | Entry::Settling(..) => None,
+            Entry::Refused(..) => None,
         }
     }
 
@@ -172,28 +158,26 @@ impl Topics {
         {
             entries.retain(|_, e| matches!(e, Entry::Known(_)));
         }
-        match listed {
-            Some((_, Listed::Denied)) => {
-                entries.insert(topic.to_string(), Entry::Denied(Instant::now()));
-                Err(LookupError::Denied)
-            }
-            Some((_, Listed::Settling(error))) => {
-                entries.insert(topic.to_string(), Entry::Settling(Instant::now(), error));
-                Err(settling(topic, error))
-            }
+        let answer = match listed {
             Some((_, Listed::Partitions(partitions))) if partitions > 0 => {
                 let info = Arc::new(TopicInfo {
                     partitions,
                     ..TopicInfo::default()
                 });
                 entries.insert(topic.to_string(), Entry::Known(info.clone()));
-                Ok(info)
+                return Ok(info);
             }
-            _ => {
-                entries.insert(topic.to_string(), Entry::Missing(Instant::now()));
-                Err(LookupError::Unknown)
-            }
-        }
+            Some((_, Listed::Denied)) => LookupError::Denied,
+            Some((_, Listed::Settling(error))) => LookupError::Unavailable(format!(
+                "topic {topic:?} has no usable partitions yet: {error}"
+            )),
+            _ => LookupError::Unknown,
+        };
+        entries.insert(
+            topic.to_string(),
+            Entry::Refused(Instant::now(), answer.clone()),
+        );
+        Err(answer)
     }
 
     /// Re-reads every topic; known entries keep their rotation state while their partition
@@ -292,7 +276,7 @@ fn merged(
     }
     // Topics still missing or refused are remembered until their TTL runs out.
     for (name, entry) in entries.drain() {
-        if let Entry::Missing(_) | Entry::Denied(_) | Entry::Settling(..) = entry {
+        if let Entry::Refused(..) = entry {
             fresh.entry(name).or_insert(entry);
         }
     }
@@ -331,7 +315,10 @@ mod tests {
         let mut entries = HashMap::from([
             ("a".to_string(), Entry::Known(known.clone())),
             ("b".to_string(), Entry::Known(known.clone())),
-            ("gone".to_string(), Entry::Missing(Instant::now())),
+            (
+                "gone".to_string(),
+                Entry::Refused(Instant::now(), LookupError::Unknown),
+            ),
             ("dropped".to_string(), Entry::Known(known.clone())),
         ]);
         let found = vec![
@@ -346,7 +333,10 @@ mod tests {
         };
         assert_eq!(partitions("a"), Some(4), "kept as it was");
         assert_eq!(partitions("b"), Some(6));
-        assert!(matches!(fresh.get("gone"), Some(Entry::Missing(_))));
+        assert!(matches!(
+            fresh.get("gone"),
+            Some(Entry::Refused(_, LookupError::Unknown))
+        ));
         assert!(!fresh.contains_key("new") && !fresh.contains_key("dropped"));
     }
 }

@@ -58,27 +58,12 @@ fn check_ranges(config: &Config) -> Result<(), String> {
     // Zero would mean never (librdkafka's message timeout, whole milliseconds), no time at all
     // (a metadata request, a body) or no pause between requests to the brokers (the refresh).
     let k = &config.kafka;
+    let ms = Duration::from_millis;
     let floors = [
-        (
-            "server.body_deadline",
-            s.body_deadline,
-            Duration::from_millis(10),
-        ),
-        (
-            "kafka.message_timeout",
-            k.message_timeout,
-            Duration::from_millis(1),
-        ),
-        (
-            "kafka.metadata_timeout",
-            k.metadata_timeout,
-            Duration::from_millis(10),
-        ),
-        (
-            "kafka.metadata_refresh",
-            k.metadata_refresh,
-            Duration::from_secs(1),
-        ),
+        ("server.body_deadline", s.body_deadline, ms(10)),
+        ("kafka.message_timeout", k.message_timeout, ms(1)),
+        ("kafka.metadata_timeout", k.metadata_timeout, ms(10)),
+        ("kafka.metadata_refresh", k.metadata_refresh, ms(1000)),
     ];
     if let Some((name, _, floor)) = floors.iter().find(|(_, d, floor)| d < floor) {
         return Err(format!("{name} must be at least {floor:?}"));

@@ -3,6 +3,7 @@
 //! (see [`raw`]); only edits below the top level, `fields` and form bodies build a tree. Only the
 //! parts a script reads are converted to Lua.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -191,37 +192,27 @@ impl LuaRequest {
     /// `set`: a top-level field is spliced into the bytes; deeper paths go through a tree.
     fn set(&mut self, lua: &mlua::Lua, path: &str, value: mlua::Value) -> mlua::Result<()> {
         check_path(path)?;
-        let text = scalar_json(&value);
-        self.charge(path.len() + text.as_ref().map_or(0, |t| t.len()))?;
-        // A table is converted once, and its JSON counted against the edit budget.
-        let table = match &text {
-            Some(_) => None,
+        // The value as JSON text, counted against the edit budget; a table also as a tree,
+        // converted once.
+        let (text, table) = match scalar_json(&value) {
+            Some(text) => (text, None),
             None => {
                 let table = table_json(lua, value, segments(path).count(), MAX_DEPTH)?;
-                let json = serde_json::to_vec(&table).map_err(mlua::Error::external)?;
-                self.charge(json.len())?;
-                Some((table, json))
+                let text = serde_json::to_vec(&table).map_err(mlua::Error::external)?;
+                (Cow::Owned(text), Some(table))
             }
         };
+        self.charge(path.len() + text.len())?;
         if let Some(name) = single(path)
-            && self.raw()?.is_some()
+            && let Some(doc) = self.raw()?
+            && doc.set_top(name, &text)
         {
-            let written: &[u8] = match (&text, &table) {
-                (Some(text), _) => text,
-                (None, Some((_, json))) => json,
-                (None, None) => b"null",
-            };
-            if let Some(doc) = self.raw()?
-                && doc.set_top(name, written)
-            {
-                self.mark_edited();
-                return Ok(());
-            }
+            self.mark_edited();
+            return Ok(());
         }
-        let value = match (text, table) {
-            (_, Some((table, _))) => table,
-            (Some(text), None) => serde_json::from_slice(&text).map_err(mlua::Error::external)?,
-            (None, None) => Value::Null,
+        let value = match table {
+            Some(table) => table,
+            None => serde_json::from_slice(&text).map_err(mlua::Error::external)?,
         };
         *slot(self.tree(true)?, path)? = value;
         Ok(())
