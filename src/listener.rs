@@ -23,7 +23,10 @@ use crate::auth::ClientSubject;
 use crate::server::{REQUEST_ID, RequestId};
 use crate::tls::Tls;
 
+mod cors;
 mod stall;
+
+pub use cors::Cors;
 
 use stall::Stall;
 
@@ -60,6 +63,7 @@ pub async fn serve(
 ) -> bool {
     let graceful = GracefulShutdown::new();
     let open = Arc::new(Semaphore::new(limits.max_connections));
+    let mut refusals = Refusals::default();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -89,6 +93,7 @@ pub async fn serve(
             () = &mut stopped => break,
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
+            refusals.note();
             // A plain-text answer would be garbage to a TLS client; it just gets the close.
             if tls.is_none() {
                 tokio::spawn(refuse(tcp));
@@ -181,52 +186,32 @@ impl Connection {
 }
 
 async fn refuse(mut tcp: TcpStream) {
-    tracing::warn!("connection refused: too many open connections");
     let _ = tcp.write_all(TOO_MANY).await;
     let _ = tcp.shutdown().await;
 }
 
-/// The CORS layer for `[server.cors]`: preflight requests are answered by it, so they never
-/// reach a handler or Kafka.
-pub fn cors(c: &crate::config::CorsConfig) -> Result<tower_http::cors::CorsLayer, String> {
-    use axum::http::{HeaderName, HeaderValue, Method};
-    use tower_http::cors::{AllowOrigin, CorsLayer};
-    let origins = if c.allowed_origins.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        let list = c
-            .allowed_origins
-            .iter()
-            .map(|o| {
-                HeaderValue::from_str(o)
-                    .map_err(|_| format!("server.cors.allowed_origins: bad origin {o:?}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        AllowOrigin::list(list)
-    };
-    let methods = c
-        .allowed_methods
-        .iter()
-        .map(|m| {
-            Method::from_bytes(m.as_bytes())
-                .map_err(|_| format!("server.cors.allowed_methods: bad method {m:?}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let headers = c
-        .allowed_headers
-        .iter()
-        .map(|h| {
-            HeaderName::from_bytes(h.as_bytes())
-                .map_err(|_| format!("server.cors.allowed_headers: bad header {h:?}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(CorsLayer::new()
-        .allow_origin(origins)
-        .allow_methods(methods)
-        .allow_headers(headers)
-        .expose_headers([
-            HeaderName::from_static("x-request-id"),
-            axum::http::header::RETRY_AFTER,
-        ])
-        .max_age(c.max_age))
+/// Connections refused at the cap: counted, and logged at most once a second, so a flood of
+/// connections is not a flood of log lines.
+#[derive(Default)]
+struct Refusals {
+    unlogged: u64,
+    logged_at: Option<std::time::Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self) {
+        ::metrics::counter!(crate::metrics::CONNECTIONS_REFUSED).increment(1);
+        self.unlogged += 1;
+        if self
+            .logged_at
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+        {
+            tracing::warn!(
+                refused = self.unlogged,
+                "connections refused: server.max_connections are open"
+            );
+            self.unlogged = 0;
+            self.logged_at = Some(std::time::Instant::now());
+        }
+    }
 }

@@ -168,6 +168,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 async fn serve(config: Config) -> ExitCode {
+    // SIGHUP ends a process that does not handle it, and a key rotation may send it to a node
+    // still starting (replaying a large spool, say): from here on it is handled.
+    let _hangups = kafboy::shutdown::hangups();
     let mut app = match App::build(&config) {
         Ok(app) => app,
         Err(e) => return config_error(&e),

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Histogram, counter, gauge, histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use rdkafka::statistics::Statistics;
 
 /// HTTP requests, by route, mode and status class.
@@ -66,6 +67,8 @@ pub const SPOOL_DISK_ERRORS: &str = "kafboy_spool_disk_errors_total";
 pub const SPOOL_HEALTHY: &str = "kafboy_spool_healthy";
 /// 1 when `/ready` answers 200.
 pub const READY: &str = "kafboy_ready";
+/// Connections refused because `server.max_connections` were open.
+pub const CONNECTIONS_REFUSED: &str = "kafboy_connections_refused_total";
 
 /// Milliseconds since the process first asked, a cheap monotonic clock for throttles.
 pub fn uptime_ms() -> u64 {
@@ -76,29 +79,47 @@ pub fn uptime_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// The least time a gauge may go without an update before `/metrics` drops it.
+const GAUGE_IDLE_FLOOR: Duration = Duration::from_secs(600);
+
+static GAUGE_IDLE: OnceLock<Duration> = OnceLock::new();
+
+/// Lets `/metrics` drop a gauge that has not been updated for three times `updated_every` (and
+/// at least 10 minutes). Without it, the series of a peer gone from the discovery list or a
+/// broker gone from the cluster would stay for the life of the process, one per URL ever
+/// listed. Live gauges are set at every scrape, health check or statistics interval, so
+/// `updated_every` is the longest of those intervals. Only a call before the recorder is built
+/// counts (the first server of a process).
+pub fn expire_gauges_after(updated_every: Duration) {
+    let _ = GAUGE_IDLE.set(gauge_idle(updated_every));
+}
+
+fn gauge_idle(updated_every: Duration) -> Duration {
+    updated_every.saturating_mul(3).max(GAUGE_IDLE_FLOOR)
+}
+
+/// The exporter's settings: histogram buckets, and gauges dropped after `gauge_idle`.
+fn builder(gauge_idle: Duration) -> Result<PrometheusBuilder, BuildError> {
+    let seconds = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    let records = [
+        1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0, 10000.0,
+    ];
+    PrometheusBuilder::new()
+        // Gauges only: an idle counter is one that has not moved, and dropping it would lose
+        // its total.
+        .idle_timeout(MetricKindMask::GAUGE, Some(gauge_idle))
+        .set_buckets_for_metric(Matcher::Full(REQUEST_SECONDS.into()), &seconds)?
+        .set_buckets_for_metric(Matcher::Full(REQUEST_RECORDS.into()), &records)
+}
+
 /// The recorder, installed once per process (tests build many servers in one process).
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let seconds = [
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            30.0,
-        ];
-        let records = [
-            1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0, 10000.0,
-        ];
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                metrics_exporter_prometheus::Matcher::Full(REQUEST_SECONDS.into()),
-                &seconds,
-            )
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Full(REQUEST_RECORDS.into()),
-                    &records,
-                )
-            });
-        match builder.and_then(PrometheusBuilder::install_recorder) {
+        let idle = *GAUGE_IDLE.get_or_init(|| GAUGE_IDLE_FLOOR);
+        match builder(idle).and_then(PrometheusBuilder::install_recorder) {
             Ok(handle) => handle,
             // Another recorder is installed (an embedding program's): keep ours unattached, so
             // /metrics still renders.
@@ -291,4 +312,51 @@ pub fn statistics(
     }
     view.sort_by(|a, b| a.name.cmp(&b.name));
     *brokers.lock().unwrap_or_else(|e| e.into_inner()) = view;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn gauges_nobody_updates_leave_and_counters_stay() {
+        let recorder = builder(Duration::from_millis(50)).unwrap().build_recorder();
+        let handle = recorder.handle();
+        let emit = |first: bool| {
+            metrics::with_local_recorder(&recorder, || {
+                gauge!(PEER_READY, "peer" => "http://live").set(1.0);
+                if first {
+                    gauge!(PEER_READY, "peer" => "http://gone").set(0.0);
+                    counter!(FORWARDED, "direction" => "sent").increment(1);
+                }
+            })
+        };
+        emit(true);
+        assert!(handle.render().contains("http://gone"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            emit(false);
+            let text = handle.render();
+            if !text.contains("http://gone") {
+                assert!(text.contains("http://live"), "{text}");
+                assert!(text.contains(FORWARDED), "{text}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the idle gauge stayed:\n{text}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn gauges_wait_three_update_intervals_and_at_least_ten_minutes() {
+        let idle = gauge_idle;
+        assert_eq!(idle(Duration::from_secs(5)), Duration::from_secs(600));
+        assert_eq!(
+            idle(Duration::from_secs(3600)),
+            Duration::from_secs(3 * 3600)
+        );
+        assert_eq!(idle(Duration::MAX), Duration::MAX);
+    }
 }

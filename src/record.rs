@@ -1,6 +1,8 @@
 //! What a request asks of its records besides the value: key, partition and headers, from the
 //! query string or `X-Kafka-*` headers; and the records themselves, partition chosen.
 
+use std::sync::Arc;
+
 use axum::http::HeaderName;
 use axum::http::request::Parts;
 use bytes::Bytes;
@@ -109,11 +111,17 @@ impl RecordMeta {
         if let Some(p) = self.partition
             && !(0..info.partitions).contains(&p)
         {
+            if (0..info.added).contains(&p) {
+                return Err(IngestError::Unavailable(format!(
+                    "partition {p} was just added; kafboy writes to it from its next metadata refresh"
+                )));
+            }
             return Err(IngestError::BadRequest(format!(
                 "partition {p} out of range; the topic has {} partitions",
                 info.partitions
             )));
         }
+        let headers = self.owned_headers().map(Arc::new);
         values
             .into_iter()
             .map(|value| {
@@ -134,7 +142,7 @@ impl RecordMeta {
                 Ok(Record {
                     key: self.key.clone(),
                     partition,
-                    headers: self.owned_headers(),
+                    headers: headers.clone(),
                     value,
                 })
             })

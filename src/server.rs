@@ -23,7 +23,7 @@ use crate::state::{AppState, Served};
 pub struct App {
     state: Arc<AppState>,
     admin: Option<TcpListener>,
-    cors: Option<tower_http::cors::CorsLayer>,
+    cors: Option<crate::listener::Cors>,
     tls: Option<Arc<crate::tls::Tls>>,
 }
 
@@ -69,7 +69,7 @@ impl App {
             .server
             .cors
             .as_ref()
-            .map(crate::listener::cors)
+            .map(crate::listener::Cors::new)
             .transpose()?;
         let tls = config
             .server
@@ -113,17 +113,18 @@ impl App {
                 router = router.route(&format!("{}/", served.route.pattern), method);
             }
         }
+        // CORS covers the produce routes only: a web page anyone opens must not read the
+        // status page, /metrics or the topic list of a node it can reach.
+        let router = match &self.cors {
+            Some(cors) => cors.wrap(router),
+            None => router,
+        };
         let router = router.merge(crate::operations::router(
             crate::operations::Listener::Main {
                 private: self.admin.is_none(),
             },
         ));
-        let router = router.fallback(not_found);
-        let router = match &self.cors {
-            Some(cors) => router.layer(cors.clone()),
-            None => router,
-        };
-        router.with_state(self.state.clone())
+        router.fallback(not_found).with_state(self.state.clone())
     }
 
     /// The producers, for inspection.

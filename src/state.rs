@@ -72,6 +72,12 @@ impl AppState {
     /// Checks the config and builds routes, hooks and producers. Errors name the key at fault.
     pub fn build(config: &Config, rust_hook: Option<Arc<dyn Hook>>) -> Result<AppState, String> {
         let checked = Checked::new(config, rust_hook)?;
+        metrics::expire_gauges_after(
+            config
+                .kafka
+                .statistics_interval
+                .max(config.cluster.health_interval),
+        );
         let topic_metrics = Arc::new(metrics::Topics::new(labelled_topics(
             config,
             &checked.routes,
@@ -133,7 +139,7 @@ impl AppState {
             crate::tls::Tls::load(tls)?;
         }
         if let Some(cors) = &config.server.cors {
-            let _ = crate::listener::cors(cors)?;
+            let _ = crate::listener::Cors::new(cors)?;
         }
         crate::cluster::Cluster::new(&config.cluster, config.server.listen)?;
         if let Some(dir) = &config.spool.dir {

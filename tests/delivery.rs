@@ -753,3 +753,46 @@ async fn produce_refusals_for_good_keep_their_meaning_and_write_nothing() {
         stop(gw).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_headers_take_queue_room_for_every_record_they_go_with() {
+    let (cluster, topic) = cluster_with_topic("header-room", 1);
+    let bootstrap = cluster.bootstrap_servers();
+    let gw = common::gateway(
+        &bootstrap,
+        "[kafka]\nqueue_max_bytes = 1048576\n[server]\nshutdown_timeout = \"1s\"",
+    )
+    .await;
+    let big = "h".repeat(16 << 10);
+    let post = |records: usize| {
+        common::client()
+            .post(format!("{}/batch/async/{topic}", gw.url))
+            .header("content-type", "application/x-ndjson")
+            .header("x-kafka-header-big", big.as_str())
+            .body("1\n".repeat(records))
+            .send()
+    };
+    // 100 records of 1 byte, each with 16 KiB of headers, take 1.6 MB of a 1 MiB queue.
+    let reply = Reply::read(post(100).await.expect("request")).await;
+    assert_eq!(reply.status, 413, "{reply:?}");
+    // 40 of them fit: written with their headers.
+    let reply = Reply::read(post(40).await.expect("request")).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    let got = read_back(&bootstrap, &topic, 41, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), 40, "the refused request wrote nothing");
+    assert!(
+        got.iter()
+            .all(|r| r.headers == [("big".to_string(), big.clone().into_bytes())])
+    );
+    // And the delivery reports give all their room back.
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        let ready = get(&gw, "/ready").await;
+        if ready.status == 200 && ready.json()["headroom"] == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "room not given back: {ready:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop(gw).await;
+}

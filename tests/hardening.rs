@@ -157,6 +157,25 @@ async fn past_the_connection_cap_new_connections_get_503() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(held);
+    // The refusal is counted (a slot may take a moment to come free again).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let answer = raw_http(
+            gw.addr,
+            b"GET /metrics HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "no slot for /metrics: {answer}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kafboy_connections_refused_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1.0), "{metrics}");
     gw.stop().await;
     let _ = topic;
 }

@@ -267,6 +267,57 @@ async fn cors_preflight_is_answered_without_kafka() {
         .await
         .unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
+    // Record headers may be asked for by prefix; other headers are left out of the answer, so
+    // the browser does not send them.
+    let r = client()
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,x-kafka-header-trace-id,x-evil",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-headers"],
+        "content-type,x-kafka-header-trace-id"
+    );
+    // A refusal carries the header too, so the page can read why.
+    let r = client()
+        .post(format!("{}/async/no-such-topic-{topic}", gw.url))
+        .header("origin", "https://app.example")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    // What a node tells its operators is not for any page a visitor opens.
+    for path in [
+        "/status.json",
+        "/metrics",
+        "/openapi.json",
+        "/ready",
+        "/disco",
+    ] {
+        let r = client()
+            .get(format!("{}{path}", gw.url))
+            .header("origin", "https://app.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(
+            r.headers().get("access-control-allow-origin").is_none(),
+            "{path} is readable cross-origin"
+        );
+    }
     assert_eq!(
         consume_for(&b.addr, &topic, 3, Duration::from_secs(2)).len(),
         2,

@@ -200,10 +200,10 @@ async fn appended_records_reach_kafka_with_stable_ids_and_acked_segments_go() {
             let mut r = record(value);
             if i % 2 == 0 {
                 r.key = Some(Bytes::from(format!("k{call}")));
-                r.headers = Some(OwnedHeaders::new().insert(Header {
+                r.headers = Some(Arc::new(OwnedHeaders::new().insert(Header {
                     key: "source",
                     value: Some("spool-test"),
-                }));
+                })));
             }
             records.push(r);
         }
@@ -923,5 +923,30 @@ async fn a_spooled_route_answers_202_after_fsync_and_the_record_lands_with_its_i
             .unwrap()
             .contains("spool.dir")
     );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooled_record_must_fit_the_size_limit_with_its_id_header() {
+    let b = common::broker();
+    let topic = b.topic("spooled-size", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[kafka]\nmessage_max_bytes = 1100\n[server]\nmax_body_bytes = 1050\n\
+         [spool]\ndir = {:?}\n\
+         [[routes]]\npath = \"/durable/:topic\"\nmode = \"async\"\nspool = true\n",
+        dir.path().display().to_string()
+    );
+    let gw = common::gateway(&b.addr, &toml).await;
+    // 1040 bytes of value and 36 of framing fit 1100; the 44 of the spool's id header do not.
+    let body = format!("\"{}\"", "x".repeat(1038));
+    let r = gw.post_json(&format!("/durable/{topic}"), &body).await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(r.error().contains("id header"), "{}", r.body);
+    let r = gw.post_json(&format!("/async/{topic}"), &body).await;
+    assert_eq!(r.status, 202, "without the spool it fits: {}", r.body);
+    let got = common::consume_for(&b.addr, &topic, 2, Duration::from_secs(3));
+    assert_eq!(got.len(), 1, "the spooled record was refused, not written");
+    assert_eq!(got[0].value, body.as_bytes());
     gw.stop().await;
 }

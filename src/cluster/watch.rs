@@ -70,7 +70,8 @@ impl Cluster {
             let keep = p.fixed || found.contains(url);
             if !keep {
                 tracing::info!(peer = %url, "peer left the discovery list");
-                // The series stays (the metrics facade cannot remove one); it must not say 1.
+                // Until the series expires as idle (metrics::expire_gauges_after), it must not
+                // say 1.
                 gauge!(crate::metrics::PEER_READY, "peer" => url.clone()).set(0.0);
             }
             keep

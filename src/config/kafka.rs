@@ -40,7 +40,7 @@ pub struct KafkaConfig {
     pub sync_linger: Duration,
     /// Most records waiting in each producer's queue. Default 100000.
     pub queue_max_messages: usize,
-    /// Most key + value bytes waiting in each producer's queue. Default 256 MiB.
+    /// Most value, key and header bytes waiting in each producer's queue. Default 256 MiB.
     pub queue_max_bytes: usize,
     /// Largest Kafka request librdkafka builds (`message.max.bytes`). Default 1114112.
     pub message_max_bytes: usize,

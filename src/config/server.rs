@@ -85,16 +85,19 @@ pub struct TlsConfig {
     pub client_ca: Option<PathBuf>,
 }
 
-/// CORS for browser clients. Preflight requests are answered without touching Kafka.
+/// CORS for browser clients, on the produce routes. Preflight requests are answered without
+/// touching Kafka.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CorsConfig {
-    /// Origins allowed, e.g. `https://app.example.com`; `*` for any (without credentials).
+    /// Origins allowed, as browsers send them: `scheme://host[:port]` in lower case, e.g.
+    /// `https://app.example.com`; `*` for any (without credentials). At least one.
     pub allowed_origins: Vec<String>,
     /// Methods allowed. Default `["POST"]`.
     pub allowed_methods: Vec<String>,
-    /// Request headers allowed. Default: Content-Type, Content-Encoding, Authorization,
-    /// X-Api-Key, X-Request-Id, X-Kafka-Key, X-Kafka-Partition.
+    /// Request headers allowed; a name ending in `*` allows every header it starts. Default:
+    /// Content-Type, Content-Encoding, Authorization, X-Api-Key, X-Request-Id, X-Kafka-Key,
+    /// X-Kafka-Partition, X-Kafka-Header-*.
     pub allowed_headers: Vec<String>,
     /// How long a browser may cache a preflight answer. Default 10m.
     #[serde(with = "humantime_serde")]
@@ -114,6 +117,7 @@ impl Default for CorsConfig {
                 "x-request-id",
                 "x-kafka-key",
                 "x-kafka-partition",
+                "x-kafka-header-*",
             ]
             .map(String::from)
             .to_vec(),

@@ -63,7 +63,7 @@ pub(super) async fn run(
                 kind,
                 mode,
             } = later.await?;
-            send(app, route, mode, topic, records, kind).await
+            send(app, route, mode, topic, records, kind, false).await
         }
         Verdict::Respond(respond) => {
             if let Some((mode, forward)) = respond.then {
@@ -119,7 +119,7 @@ async fn prepared(
     let (topic, meta, values) = forwarded(app, request, meta, forward)?;
     *topic_seen = Some(topic.clone());
     let info = lookup(app, &topic).await?;
-    let records = records_for(app, route, &topic, &info, meta, values)?;
+    let records = records_for(app, route, mode, &topic, &info, meta, values)?;
     Ok(Later {
         topic,
         records,
@@ -181,7 +181,7 @@ fn produce_after_reply(app: Arc<AppState>, route: Arc<Route>, hook: Arc<dyn Hook
             kind,
             mode,
         } = later;
-        let result = send(&app, &route, mode, topic.clone(), records, kind).await;
+        let result = send(&app, &route, mode, topic.clone(), records, kind, false).await;
         if let Err(error) = result {
             let status = error.status();
             let message = format!("after the hook's reply: {error}");

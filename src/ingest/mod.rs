@@ -116,18 +116,35 @@ async fn ingest(
         if let Some(answer) = overflow(app, route.mode, &topic, &parts, &body).await {
             return Ok(Reply::Relayed(answer));
         }
-        let raw = app.cluster.is_some().then(|| body.clone());
+        // With peers, what a full queue refuses may still go to one: the body as it came.
+        let relay = app
+            .cluster
+            .is_some()
+            .then(|| (body.clone(), app.topic_metrics.get(&topic).label.clone()));
         let values = decode::decode(kind, body, &app.decode_limits)?;
-        return match produce(app, route, route.mode, topic, &info, meta, values, kind).await {
-            // Room ran out while waiting: a peer may still have some.
-            Err(IngestError::QueueFull) if raw.is_some() => {
-                let raw = raw.unwrap_or_default();
+        let count = values.len() as u64;
+        let records = records_for(app, route, route.mode, &topic, &info, meta, values)?;
+        let result = send(
+            app,
+            route,
+            route.mode,
+            topic,
+            records,
+            kind,
+            relay.is_some(),
+        )
+        .await;
+        return match (result, relay) {
+            (Err(IngestError::QueueFull), Some((raw, label))) => {
                 match hand_over(app, &parts, raw, 1.0, true).await {
                     Some(answer) => Ok(Reply::Relayed(answer)),
-                    None => Err(IngestError::QueueFull),
+                    None => {
+                        crate::metrics::dropped(&label, "queue_full", count);
+                        Err(IngestError::QueueFull)
+                    }
                 }
             }
-            other => other,
+            (other, _) => other,
         };
     };
     let body = body::read(incoming, encoding, declared, limits).await?;
@@ -172,27 +189,13 @@ async fn lookup(app: &AppState, topic: &str) -> Result<Arc<TopicInfo>, IngestErr
         })
 }
 
-/// Records to the producer of `mode`; waits for acknowledgements on the sync modes.
-#[allow(clippy::too_many_arguments)]
-async fn produce(
-    app: &AppState,
-    route: &Route,
-    mode: Mode,
-    topic: String,
-    info: &TopicInfo,
-    meta: RecordMeta,
-    values: Vec<Bytes>,
-    kind: BodyKind,
-) -> Result<Reply, IngestError> {
-    let records = records_for(app, route, &topic, info, meta, values)?;
-    send(app, route, mode, topic, records, kind).await
-}
-
 /// The records of a request, partitions chosen, each checked against
-/// `kafka.message_max_bytes`: everything that can refuse them before any is queued.
+/// `kafka.message_max_bytes` (with the id header the spool adds, when spooled): everything
+/// that can refuse them before any is queued.
 fn records_for(
     app: &AppState,
     route: &Route,
+    mode: Mode,
     topic: &str,
     info: &TopicInfo,
     meta: RecordMeta,
@@ -200,14 +203,22 @@ fn records_for(
 ) -> Result<Vec<Record>, IngestError> {
     let strategy = app.partitioner_for(route, topic);
     let records = meta.into_records(values, strategy, info)?;
+    let (added, with) = if spooled(app, route, mode) {
+        (
+            crate::spool::ID_HEADER_WIRE_BYTES,
+            ", framing and the spool's id header",
+        )
+    } else {
+        (0, " and framing")
+    };
     if let Some((i, size)) = records
         .iter()
-        .map(Record::wire_size)
+        .map(|r| r.wire_size() + added)
         .enumerate()
         .find(|&(_, size)| size > app.message_max_bytes)
     {
         return Err(IngestError::TooLarge(format!(
-            "record {} takes {size} bytes with its key, headers and framing; \
+            "record {} takes {size} bytes with its key, headers{with}; \
              kafka.message_max_bytes is {}",
             i + 1,
             app.message_max_bytes
@@ -216,7 +227,14 @@ fn records_for(
     Ok(records)
 }
 
+/// Whether the records of this request go to the disk spool rather than straight to a producer.
+fn spooled(app: &AppState, route: &Route, mode: Mode) -> bool {
+    route.spool && matches!(mode, Mode::Async | Mode::BatchAsync) && app.spool.is_some()
+}
+
 /// Queues `records` (or spools them, on a spooled async route) and answers as `mode` does.
+/// Records refused are counted as dropped, except those a full queue refuses when
+/// `peer_may_take` them: the caller counts those if no peer does.
 async fn send(
     app: &AppState,
     route: &Route,
@@ -224,10 +242,10 @@ async fn send(
     topic: String,
     records: Vec<Record>,
     kind: BodyKind,
+    peer_may_take: bool,
 ) -> Result<Reply, IngestError> {
     let count = records.len();
-    if route.spool
-        && matches!(mode, Mode::Async | Mode::BatchAsync)
+    if spooled(app, route, mode)
         && let Some(spool) = &app.spool
     {
         let counters = app.topic_metrics.get(&topic);
@@ -263,7 +281,9 @@ async fn send(
             app.stats
                 .accepted
                 .fetch_add(queued as u64, std::sync::atomic::Ordering::Relaxed);
-            crate::metrics::dropped(&counters.label, error.reason(), (count - queued) as u64);
+            if !(peer_may_take && matches!(error, crate::kafka::SendError::QueueFull)) {
+                crate::metrics::dropped(&counters.label, error.reason(), (count - queued) as u64);
+            }
             return Err(error.into());
         }
     };

@@ -26,7 +26,7 @@ pub enum Refused {
 }
 
 impl Admission {
-    /// A queue of at most `max_records` records and `max_bytes` key + value bytes.
+    /// A queue of at most `max_records` records and `max_bytes` value, key and header bytes.
     pub fn new(max_records: usize, max_bytes: usize) -> Admission {
         let max_records = max_records.min(Semaphore::MAX_PERMITS);
         let max_bytes = max_bytes.min(Semaphore::MAX_PERMITS);
@@ -91,7 +91,11 @@ impl Admission {
     /// is further along (with large records the bytes run out first).
     pub fn fill(&self) -> f64 {
         let records = self.queued() as f64 / self.max_records.max(1) as f64;
-        let used_bytes = self.max_bytes - self.bytes.available_permits();
+        // Saturating: a librdkafka interceptor that adds headers would give back more than
+        // was taken.
+        let used_bytes = self
+            .max_bytes
+            .saturating_sub(self.bytes.available_permits());
         let bytes = used_bytes as f64 / self.max_bytes.max(1) as f64;
         records.max(bytes)
     }
@@ -103,7 +107,8 @@ impl Admission {
 
     /// Records currently holding room.
     pub fn queued(&self) -> usize {
-        self.max_records - self.records.available_permits()
+        self.max_records
+            .saturating_sub(self.records.available_permits())
     }
 }
 

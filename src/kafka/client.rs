@@ -133,6 +133,7 @@ const TYPED_KEYS: &[&str] = &[
     "allow.auto.create.topics",
     "partitioner",
     "statistics.interval.ms",
+    "topic.metadata.refresh.interval.ms",
     "security.protocol",
     "ssl.ca.location",
     "ssl.certificate.location",
@@ -192,15 +193,16 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
     // librdkafka waits up to 10 s between reconnects by default, so service came back up to 10 s
     // after the brokers did; 1 s keeps recovery within seconds (kafka.options may override).
     c.set("reconnect.backoff.max.ms", "1000");
-    // Every producer's own partition counts follow kafboy's metadata refresh (librdkafka's
-    // default is 5 min), so a partition added to a topic, which kafboy starts choosing after
-    // its next refresh, is known to every producer within one more.
+    // Every producer refreshes its partition counts twice per kafboy metadata refresh
+    // (librdkafka's default is every 5 min). kafboy starts choosing a partition added to a
+    // topic one refresh after it first saw it, by when every producer has asked at least once
+    // since, with time to spare for the answer.
     c.set(
         "topic.metadata.refresh.interval.ms",
-        kafka
-            .metadata_refresh
+        (kafka.metadata_refresh / 2)
             .min(std::time::Duration::from_secs(3600))
             .as_millis()
+            .max(1)
             .to_string(),
     );
     security(kafka, &mut c)?;
@@ -351,7 +353,7 @@ mod tests {
             ("acks", "all"),
             ("enable.idempotence", "true"),
             ("message.timeout.ms", "120000"),
-            ("topic.metadata.refresh.interval.ms", "30000"),
+            ("topic.metadata.refresh.interval.ms", "15000"),
         ] {
             assert_eq!(c.get(key), Some(want), "{key}");
         }

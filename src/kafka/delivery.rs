@@ -195,9 +195,15 @@ impl ProducerContext for Context {
     }
 }
 
-/// Key plus value bytes: what [`Admission`] counts for a record.
+/// Value, key and header bytes: what [`Admission`] counts for a record
+/// ([`super::producer::Record::queued_bytes`]).
 pub fn record_bytes(message: &BorrowedMessage<'_>) -> usize {
-    message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len)
+    use rdkafka::message::Headers;
+    message.payload().map_or(0, <[u8]>::len)
+        + message.key().map_or(0, <[u8]>::len)
+        + message
+            .headers()
+            .map_or(0, |h| super::producer::header_bytes(h.iter()))
 }
 
 fn persisted(message: &BorrowedMessage<'_>) -> Persisted {

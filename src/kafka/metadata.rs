@@ -16,8 +16,14 @@ use super::partition::Rotation;
 /// What kafboy knows of one topic.
 #[derive(Debug, Default)]
 pub struct TopicInfo {
-    /// Number of partitions.
+    /// Partitions records go to.
     pub partitions: i32,
+    /// Partitions the brokers list, when more than `partitions`: added since the refresh
+    /// before, and used from the next refresh on. librdkafka refuses a record for a partition
+    /// its producer does not know yet, and each producer learns of new partitions at its own
+    /// refresh, as often as kafboy's; records spread over partitions some producer lacks would
+    /// be refused midway through a request, after others of it were queued.
+    pub added: i32,
     /// State of the round-robin and sticky strategies.
     pub rotation: Rotation,
 }
@@ -267,6 +273,14 @@ fn merged(
     for (name, partitions) in usable {
         let info = match entries.remove(&name) {
             Some(Entry::Known(old)) if old.partitions == partitions => old,
+            // Added since the last refresh: used from the next one.
+            Some(Entry::Known(old)) if partitions > old.partitions && old.added != partitions => {
+                Arc::new(TopicInfo {
+                    partitions: old.partitions,
+                    added: partitions,
+                    ..TopicInfo::default()
+                })
+            }
             _ => Arc::new(TopicInfo {
                 partitions,
                 ..TopicInfo::default()
@@ -332,11 +346,41 @@ mod tests {
             _ => None,
         };
         assert_eq!(partitions("a"), Some(4), "kept as it was");
-        assert_eq!(partitions("b"), Some(6));
+        assert_eq!(
+            partitions("b"),
+            Some(4),
+            "6 listed: used from the next refresh"
+        );
         assert!(matches!(
             fresh.get("gone"),
             Some(Entry::Refused(_, LookupError::Unknown))
         ));
         assert!(!fresh.contains_key("new") && !fresh.contains_key("dropped"));
+    }
+
+    #[test]
+    fn added_partitions_are_used_from_the_next_refresh() {
+        let mut entries = HashMap::from([(
+            "t".to_string(),
+            Entry::Known(Arc::new(TopicInfo {
+                partitions: 3,
+                ..TopicInfo::default()
+            })),
+        )]);
+        let counts = |entries: &HashMap<String, Entry>| match entries.get("t") {
+            Some(Entry::Known(info)) => (info.partitions, info.added),
+            _ => panic!("t is not known"),
+        };
+        let listed = |p| vec![("t".to_string(), Listed::Partitions(p))];
+        let mut fresh = merged(&mut entries, listed(6));
+        assert_eq!(counts(&fresh), (3, 6), "seen, not used yet");
+        let mut fresh = merged(&mut fresh, listed(6));
+        assert_eq!(counts(&fresh), (6, 0), "used from the next refresh");
+        // Added again before the first addition was used: the wait starts over.
+        fresh = merged(&mut fresh, listed(8));
+        let mut fresh = merged(&mut fresh, listed(9));
+        assert_eq!(counts(&fresh), (6, 9));
+        let fresh = merged(&mut fresh, listed(9));
+        assert_eq!(counts(&fresh), (9, 0));
     }
 }

@@ -48,14 +48,20 @@ pub fn choose(
         (Partitioner::KeyHash, None) => return Err(KeyRequired),
         (Partitioner::Random, _) => rand::random_range(0..n),
         (Partitioner::RoundRobin, _) => rotation.next.fetch_add(1, Ordering::Relaxed) % n,
-        (Partitioner::Sticky, _) => sticky(rotation, n),
+        (Partitioner::Sticky, _) => {
+            let window = rotation.epoch.elapsed().as_millis() as u64 / STICKY_WINDOW_MS;
+            sticky(rotation, n, window)
+        }
     };
     // p < n ≤ i32::MAX, so the cast is lossless.
     Ok(Some(p as i32))
 }
 
-fn sticky(rotation: &Rotation, n: u32) -> u32 {
-    let window = rotation.epoch.elapsed().as_millis() as u64 / STICKY_WINDOW_MS;
+/// The partition of window number `window` (since the rotation's epoch).
+fn sticky(rotation: &Rotation, n: u32, window: u64) -> u32 {
+    // The window number's low 32 bits: the high half of the word holds no more, and a number
+    // that outgrew it (after about 500 days) would never match again.
+    let window = window & 0xffff_ffff;
     let current = rotation.sticky.load(Ordering::Relaxed);
     if current >> 32 == window && (current as u32) < n {
         return current as u32;
@@ -207,6 +213,16 @@ mod tests {
             choose(Partitioner::Auto, Some(b"abc"), 8, &rotation),
             Ok(Some(want))
         );
+    }
+
+    #[test]
+    fn sticky_still_sticks_after_500_days() {
+        let rotation = Rotation::default();
+        let window = 500 * 86_400 * 1000 / STICKY_WINDOW_MS;
+        let first = sticky(&rotation, 64, window);
+        for _ in 0..50 {
+            assert_eq!(sticky(&rotation, 64, window), first);
+        }
     }
 
     #[test]

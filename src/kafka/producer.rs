@@ -9,7 +9,7 @@ use bytes::Bytes;
 use rdkafka::ClientConfig;
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use tokio::sync::oneshot;
 
@@ -25,13 +25,25 @@ pub struct Record {
     pub key: Option<Bytes>,
     /// Partition, or `None` for librdkafka's choice.
     pub partition: Option<i32>,
-    /// Record headers.
-    pub headers: Option<OwnedHeaders>,
+    /// Record headers, one copy for all the records of a request: librdkafka gets a copy of
+    /// its own for each record only as the record is handed over, once the record's room in
+    /// the queue (headers included) is taken. Copies made earlier would be outside every limit:
+    /// 10,000 records with 60 KiB of headers each are 600 MB.
+    pub headers: Option<Arc<OwnedHeaders>>,
     /// Record value.
     pub value: Bytes,
 }
 
 impl Record {
+    /// Bytes the record holds in kafboy's queue accounting: value, key and headers. Its
+    /// delivery report gives back as many ([`super::delivery::record_bytes`]).
+    pub fn queued_bytes(&self) -> usize {
+        use rdkafka::message::Headers;
+        self.value.len()
+            + self.key.as_ref().map_or(0, Bytes::len)
+            + self.headers.as_ref().map_or(0, |h| header_bytes(h.iter()))
+    }
+
     /// Bytes librdkafka counts against `message.max.bytes` for this record: value, key,
     /// headers with their varint lengths, and the most a record's framing can take. A record
     /// over the limit is refused by librdkafka when it is handed over, after the records before
@@ -55,6 +67,13 @@ impl Record {
         });
         MAX_OVERHEAD + self.value.len() + self.key.as_ref().map_or(0, Bytes::len) + headers
     }
+}
+
+/// Header names and values, in bytes: what the queue accounting counts of a record's headers.
+pub fn header_bytes<'a>(headers: impl Iterator<Item = Header<'a, &'a [u8]>>) -> usize {
+    headers
+        .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+        .sum()
 }
 
 /// Why records were not (all) queued.
@@ -219,10 +238,7 @@ impl Producer {
         if self.is_fatal() {
             return Err(SendError::Fatal);
         }
-        let bytes: usize = records
-            .iter()
-            .map(|r| r.value.len() + r.key.as_ref().map_or(0, Bytes::len))
-            .sum();
+        let bytes: usize = records.iter().map(Record::queued_bytes).sum();
         self.admission
             .acquire(records.len(), bytes, wait)
             .await
@@ -245,7 +261,7 @@ impl Producer {
             } else {
                 Waiter(None)
             };
-            let size = record.value.len() + record.key.as_ref().map_or(0, Bytes::len);
+            let size = record.queued_bytes();
             let mut base = BaseRecord::<[u8], [u8], Waiter>::with_opaque_to(topic, waiter)
                 .payload(&record.value[..]);
             if let Some(key) = &record.key {
@@ -255,7 +271,8 @@ impl Producer {
                 base = base.partition(p);
             }
             if let Some(h) = record.headers {
-                base = base.headers(h);
+                // The last record of a request takes the shared copy itself.
+                base = base.headers(Arc::unwrap_or_clone(h));
             }
             if let Err((error, _)) = self.inner.send(base) {
                 // Give back the room of this record and of the ones never handed over; records
@@ -325,7 +342,7 @@ mod tests {
             base = base.key(&key[..]);
         }
         if let Some(headers) = &record.headers {
-            base = base.headers(headers.clone());
+            base = base.headers((**headers).clone());
         }
         match producer.send(base) {
             Ok(()) => true,
@@ -363,7 +380,7 @@ mod tests {
                 Record {
                     key: (key_len > 0).then(|| Bytes::from(vec![b'k'; key_len])),
                     partition: None,
-                    headers: (!headers.is_empty()).then_some(owned),
+                    headers: (!headers.is_empty()).then(|| Arc::new(owned)),
                     value: Bytes::from(vec![b'x'; value_len]),
                 }
             };

@@ -58,6 +58,11 @@ pub use handle::Spool;
 /// Name of the Kafka header that carries each spooled record's stable id.
 pub const ID_HEADER: &str = "kafboy-id";
 
+/// What the id header adds to a record on the wire: its name, its value (two 16-digit hex
+/// numbers and a dash) and a length byte for each. A spooled record must fit
+/// `kafka.message_max_bytes` with it, or Kafka refuses it after its `202`.
+pub const ID_HEADER_WIRE_BYTES: usize = ID_HEADER.len() + 33 + 2;
+
 /// File of records Kafka refused permanently, one JSON object per line.
 pub const DEAD_LETTER_FILE: &str = "dead-letter.ndjson";
 

@@ -191,7 +191,7 @@ fn to_record(entry: &Entry) -> Record {
     Record {
         key: entry.key.clone(),
         partition: entry.partition,
-        headers: Some(headers),
+        headers: Some(std::sync::Arc::new(headers)),
         value: entry.value.clone(),
     }
 }
@@ -200,6 +200,30 @@ fn to_record(entry: &Entry) -> Record {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn the_id_header_takes_what_ingest_allows_for_it() {
+        let entry = Entry {
+            seq: u64::MAX,
+            origin: 7,
+            appended_ms: 0,
+            topic: "t".into(),
+            key: Some(Bytes::from_static(b"k")),
+            partition: None,
+            headers: vec![("a".into(), Some(Bytes::from_static(b"b")))],
+            value: Bytes::from_static(b"{}"),
+        };
+        let mut without = to_record(&entry);
+        let with = without.wire_size();
+        without.headers = Some(std::sync::Arc::new(OwnedHeaders::new().insert(Header {
+            key: "a",
+            value: Some(&b"b"[..]),
+        })));
+        assert_eq!(
+            with - without.wire_size(),
+            crate::spool::ID_HEADER_WIRE_BYTES
+        );
+    }
 
     #[test]
     fn the_id_header_replaces_a_client_one() {

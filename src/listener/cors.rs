@@ -1,0 +1,212 @@
+//! `[server.cors]` for browser clients, on the produce routes only. Preflight requests are
+//! answered by tower-http's layer, so they never reach a handler or Kafka; kafboy decides which
+//! request headers a page may send, because tower-http can list names but not a prefix, and a
+//! record header is any `X-Kafka-Header-<name>`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::header::ACCESS_CONTROL_REQUEST_HEADERS;
+use axum::http::{HeaderName, HeaderValue, Method};
+use tower::util::MapRequestLayer;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+
+use crate::config::CorsConfig;
+use crate::state::AppState;
+
+/// The CORS settings, checked.
+#[derive(Clone)]
+pub struct Cors {
+    layer: CorsLayer,
+    headers: Arc<AllowedHeaders>,
+}
+
+/// Request headers a page may send: names, and prefixes (an entry ending in `*`).
+#[derive(Debug, Default)]
+struct AllowedHeaders {
+    names: Vec<HeaderName>,
+    prefixes: Vec<String>,
+}
+
+impl Cors {
+    /// Checks `c`: origins a browser can send, valid methods and header names.
+    pub fn new(c: &CorsConfig) -> Result<Cors, String> {
+        if c.allowed_origins.is_empty() {
+            return Err("server.cors.allowed_origins is empty: no page could call kafboy".into());
+        }
+        let origins = if c.allowed_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            let list = c
+                .allowed_origins
+                .iter()
+                .map(|o| origin(o))
+                .collect::<Result<Vec<_>, _>>()?;
+            AllowOrigin::list(list)
+        };
+        let methods = c
+            .allowed_methods
+            .iter()
+            .map(|m| {
+                Method::from_bytes(m.as_bytes())
+                    .map_err(|_| format!("server.cors.allowed_methods: bad method {m:?}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut headers = AllowedHeaders::default();
+        for h in &c.allowed_headers {
+            let bad = || format!("server.cors.allowed_headers: bad header {h:?}");
+            match h.strip_suffix('*') {
+                Some("") => headers.prefixes.push(String::new()),
+                Some(prefix) => {
+                    HeaderName::from_bytes(prefix.as_bytes()).map_err(|_| bad())?;
+                    headers.prefixes.push(prefix.to_ascii_lowercase());
+                }
+                None => headers
+                    .names
+                    .push(HeaderName::from_bytes(h.as_bytes()).map_err(|_| bad())?),
+            }
+        }
+        let layer = CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods(methods)
+            // The list a preflight asks for, once `AllowedHeaders::filter` has cut it down.
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers([
+                HeaderName::from_static("x-request-id"),
+                axum::http::header::RETRY_AFTER,
+            ])
+            .max_age(c.max_age);
+        Ok(Cors {
+            layer,
+            headers: Arc::new(headers),
+        })
+    }
+
+    /// `router` with CORS on every route it has.
+    pub fn wrap(&self, router: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
+        let headers = self.headers.clone();
+        router
+            .layer(self.layer.clone())
+            .layer(MapRequestLayer::new(move |r| headers.filter(r)))
+    }
+}
+
+/// An origin as browsers send it, `scheme://host[:port]` in lower case, or `null`. Anything
+/// else (a trailing slash, a path, capitals) would never match, and every call would fail.
+fn origin(o: &str) -> Result<HeaderValue, String> {
+    let bad = |why: &str| format!("server.cors.allowed_origins: {o:?} {why}");
+    if o != "null" {
+        let (scheme, host) = o
+            .split_once("://")
+            .ok_or_else(|| bad("is not scheme://host[:port]"))?;
+        if scheme.is_empty() || host.is_empty() || host.contains('/') {
+            return Err(bad("is not scheme://host[:port], without a path"));
+        }
+        if o.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(bad("has capitals; browsers send origins in lower case"));
+        }
+    }
+    HeaderValue::from_str(o).map_err(|_| bad("is not a header value"))
+}
+
+impl AllowedHeaders {
+    fn allows(&self, name: &str) -> bool {
+        self.names
+            .iter()
+            .any(|n| n.as_str().eq_ignore_ascii_case(name))
+            || self.prefixes.iter().any(|p| {
+                name.len() > p.len()
+                    && name.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            })
+    }
+
+    /// Leaves in a preflight's `Access-Control-Request-Headers` only the headers allowed. The
+    /// answer lists what is left, so a browser refuses to send a request with any other, as it
+    /// would against a fixed list.
+    fn filter(&self, mut request: Request) -> Request {
+        if request.method() != Method::OPTIONS {
+            return request;
+        }
+        let headers = request.headers_mut();
+        let asked: Vec<String> = headers
+            .get_all(ACCESS_CONTROL_REQUEST_HEADERS)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|name| !name.is_empty() && self.allows(name))
+            .map(str::to_ascii_lowercase)
+            .collect();
+        headers.remove(ACCESS_CONTROL_REQUEST_HEADERS);
+        if let Ok(kept) = HeaderValue::from_str(&asked.join(","))
+            && !asked.is_empty()
+        {
+            headers.insert(ACCESS_CONTROL_REQUEST_HEADERS, kept);
+        }
+        request
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn config(origins: &[&str], headers: &[&str]) -> CorsConfig {
+        CorsConfig {
+            allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
+            allowed_headers: headers.iter().map(|s| s.to_string()).collect(),
+            ..CorsConfig::default()
+        }
+    }
+
+    #[test]
+    fn origins_that_could_never_match_are_config_errors() {
+        for ok in ["https://app.example", "http://10.0.0.1:8080", "*", "null"] {
+            assert!(Cors::new(&config(&[ok], &[])).is_ok(), "{ok}");
+        }
+        for bad in [
+            "https://app.example/",
+            "https://app.example/page",
+            "https://App.example",
+            "app.example",
+            "https://",
+        ] {
+            let err = Cors::new(&config(&[bad], &[])).err().unwrap();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+        assert!(Cors::new(&config(&[], &[])).is_err());
+    }
+
+    #[test]
+    fn a_preflight_keeps_only_the_headers_allowed() {
+        let cors = Cors::new(&config(
+            &["*"],
+            &["content-type", "X-Api-Key", "x-kafka-header-*"],
+        ))
+        .unwrap();
+        let preflight = |asked: &[&str]| {
+            let mut r = Request::builder().method(Method::OPTIONS);
+            for a in asked {
+                r = r.header(ACCESS_CONTROL_REQUEST_HEADERS, *a);
+            }
+            let r = cors
+                .headers
+                .filter(r.body(axum::body::Body::empty()).unwrap());
+            r.headers()
+                .get(ACCESS_CONTROL_REQUEST_HEADERS)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            preflight(&["Content-Type, X-Kafka-Header-Trace-Id", "x-api-key"]).as_deref(),
+            Some("content-type,x-kafka-header-trace-id,x-api-key")
+        );
+        assert_eq!(
+            preflight(&["x-evil, x-kafka-header-"]).as_deref(),
+            None,
+            "an unknown header, and the bare prefix"
+        );
+        assert_eq!(preflight(&[]), None);
+    }
+}
