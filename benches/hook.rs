@@ -85,6 +85,7 @@ fn main() {
         timeout: Duration::from_secs(1),
         max_instructions: 10_000_000,
         max_memory: 64 << 20,
+        max_depth: 64,
     };
     let lua = LuaHook::from_source(Path::new("bench.lua"), SCRIPT, limits).expect("script");
     let rust = per_call(&RustEdit);

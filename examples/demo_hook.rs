@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use kafboy::config::Mode;
+use kafboy::decode::BodyKind;
 use kafboy::hook::{
     Failure, Forward, Hook, HookError, HookFuture, HookRequest, Respond, StatusCode, Verdict, ready,
 };
@@ -37,22 +38,33 @@ fn decide(req: &HookRequest) -> Result<Verdict, HookError> {
             message,
         });
     }
-    let json = req.json().map_err(HookError)?;
-    // Exactly one field, "hello": produce its value, and reply as the route normally does.
+    // Several records, one per line (NDJSON): nothing to massage; produce them as they are.
+    if req.kind() == BodyKind::Ndjson {
+        return Ok(Verdict::Forward(Forward::default()));
+    }
+    // Not JSON: the 400 the route gives without a hook.
+    let json = match req.json() {
+        Ok(json) => json,
+        Err(message) => {
+            return Ok(Verdict::Reject {
+                status: StatusCode::BAD_REQUEST,
+                message,
+            });
+        }
+    };
+    // Exactly one field, "hello", a string: produce that string, and reply as the route
+    // normally does.
     if let Some(fields) = json.as_object()
         && fields.len() == 1
-        && let Some(hello) = fields.get("hello")
+        && let Some(Value::String(hello)) = fields.get("hello")
     {
-        let value = match hello {
-            Value::String(s) => Bytes::from(s.clone()),
-            other => Bytes::from(other.to_string()),
-        };
         return Ok(Verdict::Forward(Forward {
-            body: Some(value),
+            body: Some(Bytes::from(hello.clone())),
             ..Forward::default()
         }));
     }
-    // Anything else: reply at once, then add a field and produce on the batching path.
+    // Anything else: reply at once, then produce on the batching path, with a field added to
+    // an object (an array or a lone value goes as it is).
     let mut edited = json.clone();
     if let Some(fields) = edited.as_object_mut() {
         fields.insert("extra".into(), Value::from("true"));

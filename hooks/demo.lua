@@ -22,15 +22,19 @@ function on_request(req)
     return forward()
   end
 
-  -- Exactly one field, "hello": produce its value, and reply as the route normally does.
+  -- Exactly one field, "hello", a string: produce that string, and reply as the route
+  -- normally does.
   local fields = req:fields()
-  if fields and #fields == 1 and fields[1] == "hello" then
+  if fields and #fields == 1 and fields[1] == "hello" and type(req:get("hello")) == "string" then
     req:set_body(req:get("hello"))
     return forward()
   end
 
-  -- Anything else: reply at once, then add a field and produce on the batching path.
-  req:set("extra", "true")
+  -- Anything else: reply at once, then produce on the batching path, with a field added to an
+  -- object (an array or a lone value goes as it is).
+  if fields then
+    req:set("extra", "true")
+  end
   return respond(200, '{"ok":"fast reply"}', "batch_async")
 end
 

@@ -54,6 +54,7 @@ pub async fn run(
                 timeout: config.hook.timeout,
                 max_instructions: config.hook.max_instructions,
                 max_memory: config.hook.max_memory_bytes,
+                max_depth: config.server.max_json_depth,
             };
             Arc::new(LuaHook::from_source(
                 Path::new("hooks/demo.lua"),

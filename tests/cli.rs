@@ -125,6 +125,12 @@ fn config_errors_exit_64_and_name_the_key() {
             "cannot back a sync route",
         ),
         (
+            "[kafka]\nacks = \"none\"\nidempotence = false\n[server]\ndefault_routes = false\n\
+             [spool]\ndir = \"/tmp\"\n[[routes]]\npath = \"/d/:topic\"\nmode = \"async\"\nspool = true"
+                .into(),
+            "cannot back a spooled route",
+        ),
+        (
             "[topics]\nallow = [\"events\"]\n[[routes]]\npath = \"/clicks\"\ntopic = \"t1\"\nmode = \"async\"".into(),
             "topics.allow",
         ),
@@ -363,6 +369,18 @@ async fn the_original_quick_start_works_as_printed() {
         .unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(r.text().await.unwrap(), r#"{"ok":2}"#);
+    // Any other JSON goes the fast-reply way too: an array, a "hello" that is not a string.
+    for body in ["[1,2]", r#"{"hello":5}"#, "7"] {
+        let r = common::client()
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{body}");
+        assert_eq!(r.text().await.unwrap(), r#"{"ok":"fast reply"}"#, "{body}");
+    }
     // Both records are printed as they land; read stdout until they are.
     let mut stdout = child.stdout.take().unwrap();
     let seen = tokio::task::spawn_blocking(move || {

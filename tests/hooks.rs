@@ -46,6 +46,8 @@ function on_request(req)
   elseif case == "later" then
     req:set("extra", "true")
     return respond(200, '{"ok":"fast reply"}', "sync")
+  elseif case == "busy-but-produce" then
+    return respond(503, '{"error":"busy"}', "async")
   elseif case == "later-to" then
     local to = req:query("to")
     if to then req:set_topic(to) end
@@ -186,6 +188,12 @@ async fn decide(req: &HookRequest, errors: &Mutex<Vec<Seen>>) -> Result<Verdict,
                 },
             )),
         }),
+        "busy-but-produce" => Verdict::Respond(Respond {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            body: Bytes::from_static(br#"{"error":"busy"}"#),
+            content_type: None,
+            then: Some((Mode::Async, Forward::default())),
+        }),
         "later-to" => Verdict::Respond(Respond {
             status: StatusCode::OK,
             body: Bytes::from_static(br#"{"ok":"fast reply"}"#),
@@ -289,6 +297,9 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
     );
     let r = post(gw, &p, "later", r#"{"n":1}"#).await;
     assert_eq!((r.status, r.body.as_str()), (200, r#"{"ok":"fast reply"}"#));
+    // A client told 503 must find nothing written: a hook cannot answer so and produce.
+    let r = post(gw, &p, "busy-but-produce", r#"{"n":2}"#).await;
+    assert_eq!(r.status, 500, "{}", r.body);
     // A body that cannot be produced is refused before the hook's reply, not after it.
     let r = post(gw, &p, "later-to", "{not json").await;
     assert_eq!(r.status, 400, "{}", r.body);
@@ -297,19 +308,6 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
     let missing = format!("{p}?to=hook-missing-{}", std::process::id());
     let r = post(gw, &missing, "later-to", "{}").await;
     assert_eq!(r.status, 404, "{}", r.body);
-    for case in ["slow", "fail"] {
-        let start = Instant::now();
-        let r = post(gw, &p, case, body).await;
-        assert_eq!(r.status, 500, "{case}: {}", r.body);
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "{case} took {:?}",
-            start.elapsed()
-        );
-        if case == "fail" {
-            assert_eq!(r.error(), "hook failed", "details stay in the log");
-        }
-    }
     let r = post(gw, &p, "plain", "").await;
     assert_eq!(
         (r.status, r.error()),
@@ -342,8 +340,9 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
         "nothing else landed"
     );
 
-    // 405 also reaches the error hook. Failures so far: bad topic, the three rejects, the body
-    // and the topic refused before the hook's reply, slow, fail, empty, 405.
+    // 405 also reaches the error hook. Failures so far: bad topic, the three rejects, the 503
+    // that asked to produce, the body and the topic refused before the hook's reply, empty,
+    // 405.
     let r = common::client()
         .put(format!("{}{p}", gw.url))
         .send()
@@ -351,7 +350,22 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
         .unwrap();
     assert_eq!(r.status(), 405);
     let r = post(gw, &p, "errors", "{}").await;
-    assert_eq!(r.body, "10", "error hook calls");
+    assert_eq!(r.body, "9", "error hook calls");
+    // Last: a Lua state that ran out of its budget is replaced, and its globals (the count
+    // above) start over.
+    for case in ["slow", "fail"] {
+        let start = Instant::now();
+        let r = post(gw, &p, case, body).await;
+        assert_eq!(r.status, 500, "{case}: {}", r.body);
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{case} took {:?}",
+            start.elapsed()
+        );
+        if case == "fail" {
+            assert_eq!(r.error(), "hook failed", "details stay in the log");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -483,4 +497,42 @@ fn script_errors_name_file_and_line() {
         .err()
         .expect("missing on_request refused");
     assert!(err.contains("on_request"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_the_answer_to_a_respond_then_produce() {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    mock.create_topic("from", 1, 1).unwrap();
+    let toml = format!(
+        "{TOML}[kafka]\nqueue_max_messages = 1\n\
+         [server]\nenqueue_timeout = \"100ms\"\nshutdown_timeout = \"1s\""
+    );
+    let mut config = kafboy::Config::from_toml(&toml).unwrap();
+    config.kafka.brokers = vec![mock.bootstrap_servers()];
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let app = kafboy::App::builder(config)
+        .hook(TestHook { errors })
+        .build()
+        .unwrap();
+    let producers = app.producers().clone();
+    let gw = common::serve(app).await;
+    let r = post(&gw, "/async/from", "later-to", "{}").await;
+    assert_eq!((r.status, r.body.as_str()), (200, r#"{"ok":"fast reply"}"#));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while producers.tally().0 < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the first record was not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // With the broker down, one record fills the queue.
+    mock.broker_down(1).unwrap();
+    let r = post(&gw, "/async/from", "plain", "{}").await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    // The hook's reply would hide that its record was never queued.
+    let r = post(&gw, "/async/from", "later-to", "{}").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.error().contains("queue full"), "{}", r.body);
+    gw.stop().await;
 }

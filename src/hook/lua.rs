@@ -31,6 +31,8 @@ pub struct Limits {
     pub max_instructions: u64,
     /// Bytes the state may allocate.
     pub max_memory: usize,
+    /// Deepest nesting a body may have, before and after edits (`server.max_json_depth`).
+    pub max_depth: usize,
 }
 
 /// A Lua script serving as a hook.
@@ -41,12 +43,13 @@ pub struct LuaHook {
     limits: Limits,
 }
 
-/// Helpers every script gets before its own code runs.
+/// Helpers every script gets before its own code runs. Each keeps the functions it calls in
+/// locals: a script that replaced the global `error` would otherwise turn the guards off.
 const PRELUDE: &str = r#"
 -- pcall and xpcall would catch the budget error and let a script run on; once the budget is
 -- spent they pass the error on instead.
 do
-  local raw_pcall, raw_xpcall, exhausted = pcall, xpcall, __kafboy_exhausted
+  local raw_pcall, raw_xpcall, exhausted, error = pcall, xpcall, __kafboy_exhausted, error
   local pack, unpack = table.pack, table.unpack
   __kafboy_exhausted = nil
   local function check(r)
@@ -58,7 +61,7 @@ do
 end
 -- A finalizer runs with hooks off, so no budget could stop it: scripts get none.
 do
-  local raw_setmetatable, rawget, type = setmetatable, rawget, type
+  local raw_setmetatable, rawget, type, error = setmetatable, rawget, type, error
   setmetatable = function(t, mt)
     if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
       error("__gc is not allowed in hooks: a finalizer would run outside the budgets", 2)
@@ -68,6 +71,7 @@ do
 end
 -- One read-only table for every forward(): nothing to allocate, and the host knows it on sight.
 do
+  local error = error
   local verdict = setmetatable({}, {
     __index = { action = "forward" },
     __newindex = function() error("forward() is read-only", 2) end,
@@ -105,6 +109,15 @@ struct State {
     /// it fell behind, and the heap grew until every call failed on the memory limit (after
     /// about 150k calls the growth started; 64 MiB were gone after ~1.7M).
     req: AnyUserData,
+}
+
+impl State {
+    /// Whether the last call ran out of its instruction or time budget.
+    fn spent(&self) -> bool {
+        self.lua
+            .app_data_ref::<Budget>()
+            .is_none_or(|b| b.exhausted())
+    }
 }
 
 thread_local! {
@@ -145,8 +158,18 @@ impl LuaHook {
         }
         globals.set(
             "print",
-            lua.create_function(|_, msg: mlua::Variadic<String>| {
-                tracing::info!(target: "kafboy::hook::lua", "{}", msg.join("\t"));
+            lua.create_function(|_, values: mlua::Variadic<mlua::Value>| {
+                // Any value, as Lua's own print would show it (`print(status, nil)` included).
+                let text: Vec<String> = values
+                    .iter()
+                    .map(|v| match v {
+                        mlua::Value::String(s) => s.to_string_lossy(),
+                        other => other
+                            .to_string()
+                            .unwrap_or_else(|_| other.type_name().to_string()),
+                    })
+                    .collect();
+                tracing::info!(target: "kafboy::hook::lua", "{}", text.join("\t"));
                 Ok(())
             })?,
         )?;
@@ -226,14 +249,24 @@ impl LuaHook {
                 .set(self.limits.max_instructions.max(u64::from(CHECK_EVERY)));
             budget.deadline.set(Instant::now() + self.limits.timeout);
             drop(budget);
-            f(state).map_err(|e| HookError(format!("{}: {}", self.path.display(), flatten(&e))))
+            let result = f(state);
+            // A script stopped by its memory limit or a budget may have left its globals
+            // full or half-changed, and would fail the same way on every later call: the next
+            // call gets a new state instead.
+            if let Err(e) = &result
+                && (matches!(e, mlua::Error::MemoryError(_)) || state.spent())
+            {
+                tracing::warn!(script = %self.path.display(), error = %flatten(e), "hook state replaced");
+                states.swap_remove(index);
+            }
+            result.map_err(|e| HookError(format!("{}: {}", self.path.display(), flatten(&e))))
         })
     }
 
     fn call(&self, request: Arc<HookRequest>) -> Result<Verdict, HookError> {
         self.with_state(|state| {
             *state.req.borrow_mut::<LuaRequest>()? =
-                LuaRequest::new(request, self.limits.max_memory);
+                LuaRequest::new(request, self.limits.max_memory, self.limits.max_depth);
             let result = state.on_request.call::<mlua::Value>(&state.req);
             // Emptied whether or not the call failed, so no request outlives its call.
             let done = std::mem::replace(
@@ -300,6 +333,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_instructions: 1_000_000,
             max_memory: 16 << 20,
+            max_depth: 128,
         };
         LuaHook::from_source(Path::new("test.lua"), script, limits).unwrap()
     }
@@ -389,6 +423,17 @@ mod tests {
             ),
             ("req:set_partition(-1) return forward()", "numbered from 0"),
             ("return respond(700, 'x')", "not an HTTP status"),
+            // A script's own `error` must not turn the guards off.
+            (
+                "error = function() end
+                while true do pcall(function() while true do end end) end",
+                "instruction budget exceeded",
+            ),
+            (
+                "error = function() end
+                setmetatable({}, {__gc = function() end}) return forward()",
+                "__gc is not allowed",
+            ),
         ];
         for (body, want) in cases {
             let script = format!("function on_request(req) {body} end");
@@ -407,6 +452,65 @@ mod tests {
             return forward()
         end"#;
         assert!(matches!(run(fine, "{}"), Ok(Verdict::Forward(_))));
+    }
+
+    #[test]
+    fn a_state_a_limit_stopped_is_replaced() {
+        // Each call keeps 1 MiB in a global; the 16 MiB limit stops one of the first twenty.
+        let hook = hook(
+            r#"kept = kept or {}
+            function on_request(req)
+                kept[#kept + 1] = string.rep("x", 1 << 20)
+                return forward()
+            end"#,
+        );
+        let results: Vec<bool> = (0..40).map(|_| hook.call(request("{}")).is_ok()).collect();
+        let first_failure = results.iter().position(|ok| !ok).expect("a call failed");
+        assert!(first_failure < 20, "{results:?}");
+        assert!(
+            results[first_failure + 1..first_failure + 5]
+                .iter()
+                .all(|ok| *ok),
+            "the calls after the failure run on a new state: {results:?}"
+        );
+    }
+
+    #[test]
+    fn print_takes_any_value() {
+        let script = r#"function on_request(req)
+            print("x", nil, true, 1, 2.5, {}, req)
+            return forward()
+        end"#;
+        assert!(matches!(run(script, "{}"), Ok(Verdict::Forward(_))));
+    }
+
+    #[test]
+    fn edits_keep_to_the_servers_json_depth() {
+        let limits = Limits {
+            timeout: Duration::from_secs(1),
+            max_instructions: 1_000_000,
+            max_memory: 16 << 20,
+            max_depth: 3,
+        };
+        let hook = |body: &str| {
+            let script = format!("function on_request(req) {body} return forward() end");
+            LuaHook::from_source(Path::new("t.lua"), &script, limits).unwrap()
+        };
+        let deep = r#"{"a":{"b":{"c":{"d":1}}}}"#;
+        match hook("req:get('a')").call(request(deep)) {
+            Ok(Verdict::Reject { status, .. }) => assert_eq!(status, 400),
+            other => panic!("a body deeper than the server takes: {other:?}"),
+        }
+        assert!(hook("req:set('a.b.c.d', 1)").call(request("{}")).is_err());
+        assert!(
+            hook("req:set('a', {b = {c = {1}}})")
+                .call(request("{}"))
+                .is_err()
+        );
+        assert!(matches!(
+            hook("req:set('a.b', {1})").call(request("{}")),
+            Ok(Verdict::Forward(_))
+        ));
     }
 
     #[test]

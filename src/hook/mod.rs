@@ -193,6 +193,7 @@ pub fn attach(
         timeout: config.hook.timeout,
         max_instructions: config.hook.max_instructions,
         max_memory: config.hook.max_memory_bytes,
+        max_depth: config.server.max_json_depth,
     };
     if rust_hook.is_some() && config.hook.script.is_some() {
         return Err("hook.script: a Rust hook was given as well; use one".into());

@@ -8,7 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::error::Elapsed;
 
-use super::{lookup, records_for, send};
+use super::lookup;
+use super::send::{Queued, enqueue, records_for, send};
 use crate::auth::Key;
 use crate::config::Mode;
 use crate::decode::{self, BodyKind, DecodeError};
@@ -53,6 +54,11 @@ pub(super) async fn run(
             Err(IngestError::HookFailed("hook failed".into()))
         }
         Verdict::Reject { status, message } => Err(IngestError::Rejected { status, message }),
+        // A client told 503 (or 400) must be able to trust that nothing was written.
+        Verdict::Respond(respond) if respond.then.is_some() && !respond.status.is_success() => {
+            tracing::error!(path = %route.path, status = %respond.status, "hook replied with a status that is not 2xx and asked to produce");
+            Err(IngestError::HookFailed("hook failed".into()))
+        }
         Verdict::Forward(forward) => {
             let later = prepared(
                 app, route, key, request, meta, route.mode, forward, topic_seen,
@@ -70,9 +76,18 @@ pub(super) async fn run(
                 // Everything that can be checked is, before the reply: a body that does not
                 // decode, a topic the brokers do not have, a record that cannot be built must
                 // not get the hook's 2xx and then vanish.
-                let later =
-                    prepared(app, route, key, request, meta, mode, forward, topic_seen).await?;
-                produce_after_reply(app.clone(), route.clone(), hook.clone(), later);
+                let Later {
+                    topic,
+                    records,
+                    kind,
+                    mode,
+                } = prepared(app, route, key, request, meta, mode, forward, topic_seen).await?;
+                // Handed over before the reply too: a full queue, a full spool or a shutdown is
+                // the client's answer, not a log line.
+                let queued = enqueue(app, route, mode, topic.clone(), records, kind, false).await?;
+                if let Queued::Acks { .. } = queued {
+                    acks_after_reply(app.clone(), route.clone(), hook.clone(), topic, queued);
+                }
             }
             let content_type = respond
                 .content_type
@@ -169,20 +184,20 @@ struct Later {
     mode: Mode,
 }
 
-/// Produces what a hook asked for after it replied itself. The client already has its answer,
-/// so failures (at the brokers) go to the log and the error hook.
-fn produce_after_reply(app: Arc<AppState>, route: Arc<Route>, hook: Arc<dyn Hook>, later: Later) {
+/// Waits for the acknowledgements of records a hook asked for in a sync mode, after its own
+/// reply. The client already has its answer, so failures (at the brokers) go to the log and
+/// the error hook.
+fn acks_after_reply(
+    app: Arc<AppState>,
+    route: Arc<Route>,
+    hook: Arc<dyn Hook>,
+    topic: String,
+    queued: Queued,
+) {
     let running = app.background.start();
     tokio::spawn(async move {
         let _running = running;
-        let Later {
-            topic,
-            records,
-            kind,
-            mode,
-        } = later;
-        let result = send(&app, &route, mode, topic.clone(), records, kind, false).await;
-        if let Err(error) = result {
+        if let Err(error) = queued.answer(&app).await {
             let status = error.status();
             let message = format!("after the hook's reply: {error}");
             tracing::warn!(path = %route.path, %status, %message, "produce failed");

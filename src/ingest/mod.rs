@@ -10,25 +10,24 @@ use axum::RequestPartsExt;
 use axum::extract::{ConnectInfo, RawPathParams, Request};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 
 use crate::body::{self, Encoding};
-use crate::config::Mode;
 use crate::decode::{self, BodyKind};
 use crate::error::IngestError;
 use crate::hook::{Failure, Hook, HookRequest};
-use crate::kafka::Record;
 use crate::kafka::metadata::{LookupError, TopicInfo};
 use crate::record::RecordMeta;
-use crate::reply::{Reply, await_acks};
+use crate::reply::Reply;
 use crate::routes::{Route, TopicSource, validate_topic};
 use crate::server::RequestId;
 use crate::state::{AppState, Served};
 
 mod hooked;
 mod overflow;
+mod send;
 
 use overflow::{hand_over, overflow};
+use send::{records_for, send};
 
 /// The hook of a route, if it has one.
 pub type RouteHook = Option<Arc<dyn Hook>>;
@@ -187,119 +186,6 @@ async fn lookup(app: &AppState, topic: &str) -> Result<Arc<TopicInfo>, IngestErr
                 IngestError::Unavailable(format!("kafka metadata: {why}"))
             }
         })
-}
-
-/// The records of a request, partitions chosen, each checked against
-/// `kafka.message_max_bytes` (with the id header the spool adds, when spooled): everything
-/// that can refuse them before any is queued.
-fn records_for(
-    app: &AppState,
-    route: &Route,
-    mode: Mode,
-    topic: &str,
-    info: &TopicInfo,
-    meta: RecordMeta,
-    values: Vec<Bytes>,
-) -> Result<Vec<Record>, IngestError> {
-    let strategy = app.partitioner_for(route, topic);
-    let records = meta.into_records(values, strategy, info)?;
-    let (added, with) = if spooled(app, route, mode) {
-        (
-            crate::spool::ID_HEADER_WIRE_BYTES,
-            ", framing and the spool's id header",
-        )
-    } else {
-        (0, " and framing")
-    };
-    if let Some((i, size)) = records
-        .iter()
-        .map(|r| r.wire_size() + added)
-        .enumerate()
-        .find(|&(_, size)| size > app.message_max_bytes)
-    {
-        return Err(IngestError::TooLarge(format!(
-            "record {} takes {size} bytes with its key, headers{with}; \
-             kafka.message_max_bytes is {}",
-            i + 1,
-            app.message_max_bytes
-        )));
-    }
-    Ok(records)
-}
-
-/// Whether the records of this request go to the disk spool rather than straight to a producer.
-fn spooled(app: &AppState, route: &Route, mode: Mode) -> bool {
-    route.spool && matches!(mode, Mode::Async | Mode::BatchAsync) && app.spool.is_some()
-}
-
-/// Queues `records` (or spools them, on a spooled async route) and answers as `mode` does.
-/// Records refused are counted as dropped, except those a full queue refuses when
-/// `peer_may_take` them: the caller counts those if no peer does.
-async fn send(
-    app: &AppState,
-    route: &Route,
-    mode: Mode,
-    topic: String,
-    records: Vec<Record>,
-    kind: BodyKind,
-    peer_may_take: bool,
-) -> Result<Reply, IngestError> {
-    let count = records.len();
-    if spooled(app, route, mode)
-        && let Some(spool) = &app.spool
-    {
-        let counters = app.topic_metrics.get(&topic);
-        return match spool.append(&topic, &records).await {
-            Ok(()) => {
-                counters.accepted.increment(count as u64);
-                app.stats
-                    .accepted
-                    .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
-                Ok(Reply::Accepted(count))
-            }
-            Err(error) => {
-                crate::metrics::dropped(&counters.label, error.reason(), count as u64);
-                Err(error.into())
-            }
-        };
-    }
-    let sync = matches!(mode, Mode::Sync | Mode::BatchSync);
-    let producer = app.producers.for_mode(mode, &topic);
-    let counters = app.topic_metrics.get(&topic);
-    let receivers = match producer
-        .send(&topic, records, sync, app.server.enqueue_timeout)
-        .await
-    {
-        Ok(receivers) => receivers,
-        Err(error) => {
-            // Records queued before a refusal are on their way; only the rest were dropped.
-            let queued = match &error {
-                crate::kafka::SendError::Refused { accepted, .. } => *accepted,
-                _ => 0,
-            };
-            counters.accepted.increment(queued as u64);
-            app.stats
-                .accepted
-                .fetch_add(queued as u64, std::sync::atomic::Ordering::Relaxed);
-            if !(peer_may_take && matches!(error, crate::kafka::SendError::QueueFull)) {
-                crate::metrics::dropped(&counters.label, error.reason(), (count - queued) as u64);
-            }
-            return Err(error.into());
-        }
-    };
-    counters.accepted.increment(count as u64);
-    app.stats
-        .accepted
-        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
-    if !sync {
-        return Ok(Reply::Accepted(count));
-    }
-    let written = await_acks(receivers, app.server.sync_timeout).await?;
-    Ok(Reply::Acked {
-        topic,
-        written,
-        list: kind == BodyKind::Ndjson,
-    })
 }
 
 async fn topic_of(route: &Route, parts: &mut Parts) -> Result<String, IngestError> {

@@ -129,6 +129,14 @@ impl Checked {
                     route.path
                 ));
             }
+            // The spool forgets a record once the broker acknowledged it; with acks = 0 that
+            // is as soon as it is sent, and a record lost on the way would be gone.
+            if route.spool && config.kafka.acks == crate::config::Acks::None {
+                return Err(format!(
+                    "route {}: kafka.acks = \"none\" cannot back a spooled route",
+                    route.path
+                ));
+            }
             if route.spool && config.spool.dir.is_none() {
                 return Err(format!(
                     "route {}: spool = true needs spool.dir",

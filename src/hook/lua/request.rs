@@ -16,15 +16,12 @@ use super::tree::{lookup, remove, segments, single, slot};
 use crate::decode::BodyKind;
 use crate::hook::{Forward, HookRequest};
 
-/// Nesting a script's body may have: serde_json's own limit, which the tree has too.
-const MAX_DEPTH: usize = 128;
-
-/// A path no deeper than a body may be: `set` creates an object per segment, and writing out or
-/// dropping a tree thousands deep would overflow the stack.
-fn check_path(path: &str) -> mlua::Result<()> {
-    if segments(path).nth(MAX_DEPTH).is_some() {
+/// A path no deeper than a body may be (`depth`): `set` creates an object per segment, and
+/// writing out or dropping a tree thousands deep would overflow the stack.
+fn check_path(path: &str, depth: usize) -> mlua::Result<()> {
+    if segments(path).nth(depth).is_some() {
         return Err(mlua::Error::runtime(format!(
-            "path deeper than {MAX_DEPTH} levels"
+            "path deeper than {depth} levels"
         )));
     }
     Ok(())
@@ -39,6 +36,9 @@ pub struct LuaRequest {
     /// (`hook.max_memory_bytes`: the Lua heap's limit would not see these copies).
     charged: usize,
     limit: usize,
+    /// Deepest nesting the body may have, before and after edits (`server.max_json_depth`,
+    /// as without a hook).
+    depth: usize,
 }
 
 /// The JSON body as the script sees it.
@@ -52,13 +52,14 @@ enum Doc {
 }
 
 impl LuaRequest {
-    pub fn new(req: Arc<HookRequest>, limit: usize) -> LuaRequest {
+    pub fn new(req: Arc<HookRequest>, limit: usize, depth: usize) -> LuaRequest {
         LuaRequest {
             req,
             doc: Doc::Unread,
             forward: Forward::default(),
             charged: 0,
             limit,
+            depth,
         }
     }
 
@@ -91,7 +92,7 @@ impl LuaRequest {
                 BodyKind::Raw,
             ));
         }
-        LuaRequest::new(IDLE.with(Arc::clone), 0)
+        LuaRequest::new(IDLE.with(Arc::clone), 0, 1)
     }
 
     /// The edits, with the body the script changed.
@@ -125,7 +126,7 @@ impl LuaRequest {
             (false, _) => mlua::Error::runtime(why),
         };
         self.doc = if kind == BodyKind::Json {
-            let doc = raw::RawDoc::check(body.clone(), MAX_DEPTH)
+            let doc = raw::RawDoc::check(body.clone(), self.depth)
                 .map_err(|e| refused(format!("invalid json: {e}")))?;
             Doc::Raw { doc, edited: false }
         } else {
@@ -176,7 +177,7 @@ impl LuaRequest {
 
     /// `get`: the value at `path`, or nil.
     fn get(&mut self, lua: &mlua::Lua, path: &str) -> mlua::Result<mlua::Value> {
-        check_path(path)?;
+        check_path(path, self.depth)?;
         if let Some(doc) = self.raw()? {
             return match doc.find(segments(path)) {
                 None => Ok(mlua::Value::Nil),
@@ -191,13 +192,13 @@ impl LuaRequest {
 
     /// `set`: a top-level field is spliced into the bytes; deeper paths go through a tree.
     fn set(&mut self, lua: &mlua::Lua, path: &str, value: mlua::Value) -> mlua::Result<()> {
-        check_path(path)?;
+        check_path(path, self.depth)?;
         // The value as JSON text, counted against the edit budget; a table also as a tree,
         // converted once.
         let (text, table) = match scalar_json(&value) {
             Some(text) => (text, None),
             None => {
-                let table = table_json(lua, value, segments(path).count(), MAX_DEPTH)?;
+                let table = table_json(lua, value, segments(path).count(), self.depth)?;
                 let text = serde_json::to_vec(&table).map_err(mlua::Error::external)?;
                 (Cow::Owned(text), Some(table))
             }
@@ -220,7 +221,7 @@ impl LuaRequest {
 
     /// `delete`: whether something was removed.
     fn delete(&mut self, path: &str) -> mlua::Result<bool> {
-        check_path(path)?;
+        check_path(path, self.depth)?;
         if let Some(name) = single(path)
             && let Some(doc) = self.raw()?
         {

@@ -1,0 +1,177 @@
+//! From checked records to the spool or a producer: the size check, the hand-over, and the
+//! answer that waits for acknowledgements on the sync modes.
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::config::Mode;
+use crate::decode::BodyKind;
+use crate::error::IngestError;
+use crate::kafka::Record;
+use crate::kafka::delivery::Outcome;
+use crate::kafka::metadata::TopicInfo;
+use crate::record::RecordMeta;
+use crate::reply::{Reply, await_acks};
+use crate::routes::Route;
+use crate::state::AppState;
+
+/// The records of a request, partitions chosen, each checked against
+/// `kafka.message_max_bytes` (with the id header the spool adds, when spooled): everything
+/// that can refuse them before any is queued.
+pub(super) fn records_for(
+    app: &AppState,
+    route: &Route,
+    mode: Mode,
+    topic: &str,
+    info: &TopicInfo,
+    meta: RecordMeta,
+    values: Vec<Bytes>,
+) -> Result<Vec<Record>, IngestError> {
+    let strategy = app.partitioner_for(route, topic);
+    let records = meta.into_records(values, strategy, info)?;
+    let (added, with) = if spooled(app, route, mode) {
+        (
+            crate::spool::ID_HEADER_WIRE_BYTES,
+            ", framing and the spool's id header",
+        )
+    } else {
+        (0, " and framing")
+    };
+    if let Some((i, size)) = records
+        .iter()
+        .map(|r| r.wire_size() + added)
+        .enumerate()
+        .find(|&(_, size)| size > app.message_max_bytes)
+    {
+        return Err(IngestError::TooLarge(format!(
+            "record {} takes {size} bytes with its key, headers{with}; \
+             kafka.message_max_bytes is {}",
+            i + 1,
+            app.message_max_bytes
+        )));
+    }
+    Ok(records)
+}
+
+/// Whether the records of this request go to the disk spool rather than straight to a producer.
+fn spooled(app: &AppState, route: &Route, mode: Mode) -> bool {
+    route.spool && matches!(mode, Mode::Async | Mode::BatchAsync) && app.spool.is_some()
+}
+
+/// Queues `records` (or spools them, on a spooled async route) and answers as `mode` does.
+pub(super) async fn send(
+    app: &AppState,
+    route: &Route,
+    mode: Mode,
+    topic: String,
+    records: Vec<Record>,
+    kind: BodyKind,
+    peer_may_take: bool,
+) -> Result<Reply, IngestError> {
+    let queued = enqueue(app, route, mode, topic, records, kind, peer_may_take).await?;
+    queued.answer(app).await
+}
+
+/// Records handed over, to the spool or a producer's queue.
+pub(super) enum Queued {
+    /// Nothing more to wait for.
+    Accepted(usize),
+    /// On a sync mode: the acknowledgements to wait for.
+    Acks {
+        topic: String,
+        receivers: Vec<oneshot::Receiver<Outcome>>,
+        list: bool,
+    },
+}
+
+impl Queued {
+    /// The answer: at once on the async modes, once acknowledged (or at `sync_timeout`) on the
+    /// sync ones.
+    pub(super) async fn answer(self, app: &AppState) -> Result<Reply, IngestError> {
+        match self {
+            Queued::Accepted(count) => Ok(Reply::Accepted(count)),
+            Queued::Acks {
+                topic,
+                receivers,
+                list,
+            } => {
+                let written = await_acks(receivers, app.server.sync_timeout).await?;
+                Ok(Reply::Acked {
+                    topic,
+                    written,
+                    list,
+                })
+            }
+        }
+    }
+}
+
+/// Hands `records` to the spool (on a spooled async route) or the producer of `mode`. Records
+/// refused are counted as dropped, except those a full queue refuses when `peer_may_take`
+/// them: the caller counts those if no peer does.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn enqueue(
+    app: &AppState,
+    route: &Route,
+    mode: Mode,
+    topic: String,
+    records: Vec<Record>,
+    kind: BodyKind,
+    peer_may_take: bool,
+) -> Result<Queued, IngestError> {
+    let count = records.len();
+    if spooled(app, route, mode)
+        && let Some(spool) = &app.spool
+    {
+        let counters = app.topic_metrics.get(&topic);
+        return match spool.append(&topic, &records).await {
+            Ok(()) => {
+                counters.accepted.increment(count as u64);
+                app.stats
+                    .accepted
+                    .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok(Queued::Accepted(count))
+            }
+            Err(error) => {
+                crate::metrics::dropped(&counters.label, error.reason(), count as u64);
+                Err(error.into())
+            }
+        };
+    }
+    let sync = matches!(mode, Mode::Sync | Mode::BatchSync);
+    let producer = app.producers.for_mode(mode, &topic);
+    let counters = app.topic_metrics.get(&topic);
+    let receivers = match producer
+        .send(&topic, records, sync, app.server.enqueue_timeout)
+        .await
+    {
+        Ok(receivers) => receivers,
+        Err(error) => {
+            // Records queued before a refusal are on their way; only the rest were dropped.
+            let queued = match &error {
+                crate::kafka::SendError::Refused { accepted, .. } => *accepted,
+                _ => 0,
+            };
+            counters.accepted.increment(queued as u64);
+            app.stats
+                .accepted
+                .fetch_add(queued as u64, std::sync::atomic::Ordering::Relaxed);
+            if !(peer_may_take && matches!(error, crate::kafka::SendError::QueueFull)) {
+                crate::metrics::dropped(&counters.label, error.reason(), (count - queued) as u64);
+            }
+            return Err(error.into());
+        }
+    };
+    counters.accepted.increment(count as u64);
+    app.stats
+        .accepted
+        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+    if !sync {
+        return Ok(Queued::Accepted(count));
+    }
+    Ok(Queued::Acks {
+        topic,
+        receivers,
+        list: kind == BodyKind::Ndjson,
+    })
+}
