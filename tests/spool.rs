@@ -505,6 +505,9 @@ async fn records_kafka_refuses_for_good_are_dead_lettered_not_retried() {
     );
     let dir = tempfile::tempdir().expect("dir");
     let spool = Spool::open(dir.path(), &config()).expect("open");
+    // A line a crash cut short: the next one starts on a line of its own.
+    let dead_letters = dir.path().join(kafboy::spool::DEAD_LETTER_FILE);
+    std::fs::write(&dead_letters, "{\"torn by a crash").expect("torn line");
     start_sender(&spool, &producers);
     let big = "B".repeat(20_000);
     spool
@@ -540,8 +543,10 @@ async fn records_kafka_refuses_for_good_are_dead_lettered_not_retried() {
     assert_eq!(stats.dead_lettered, 2);
     assert_eq!(stats.delivered, 3);
 
-    let text = std::fs::read_to_string(dir.path().join(kafboy::spool::DEAD_LETTER_FILE))
-        .expect("dead-letter file");
+    let text = std::fs::read_to_string(&dead_letters).expect("dead-letter file");
+    let text = text
+        .strip_prefix("{\"torn by a crash\n")
+        .unwrap_or_else(|| panic!("the torn line is not a line of its own: {text}"));
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
@@ -949,4 +954,61 @@ async fn a_spooled_record_must_fit_the_size_limit_with_its_id_header() {
     assert_eq!(got.len(), 1, "the spooled record was refused, not written");
     assert_eq!(got[0].value, body.as_bytes());
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_segments_go_even_when_the_checkpoint_cannot_be_written() {
+    let (cluster, topic) = mock_cluster("spool-stuck-checkpoint");
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), &config()).expect("open");
+    let value = "s".repeat(1000);
+    for _ in 0..20 {
+        spool
+            .append(&topic, &[record(value.clone())])
+            .await
+            .expect("append");
+    }
+    let sealed = segments(dir.path()).len();
+    assert!(sealed > 3, "{sealed} segments");
+    // Every checkpoint write fails from now on, as on a full disk: its temp file cannot be
+    // created.
+    std::fs::create_dir(dir.path().join("checkpoint.tmp")).expect("blocker");
+    start_sender(&spool, &producers(&cluster.bootstrap_servers(), ""));
+    wait_for("delivered segments to go", Duration::from_secs(20), || {
+        segments(dir.path()).len() <= 1 && spool.stats().disk_errors > 0
+    })
+    .await;
+    std::fs::remove_dir(dir.path().join("checkpoint.tmp")).expect("unblock");
+    wait_for("the checkpoint", Duration::from_secs(20), || {
+        spool.stats().checkpoint >= 20
+    })
+    .await;
+    spool.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_that_cannot_be_created_is_skipped_not_kept() {
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), &config()).expect("open");
+    // The next segment's file cannot be created (a directory is in the way), as on a disk that
+    // turned read-only.
+    std::fs::create_dir(dir.path().join("00000000000000000002.seg")).expect("blocker");
+    let value = "d".repeat(1000);
+    let mut refused = 0;
+    for _ in 0..12 {
+        if spool.append("t", &[record(value.clone())]).await.is_err() {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 1, "one append met the blocked segment");
+    assert!(spool.healthy());
+    // The spool counts the segment files there are; nothing is kept for the number skipped.
+    let files = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .count();
+    assert_eq!(spool.stats().segments, files, "{:?}", spool.stats());
+    spool.crash();
 }

@@ -53,6 +53,8 @@ pub(super) struct Writer {
     segment: u64,
     /// Whether a file was (attempted to be) created for `segment`; the next roll moves past it.
     spent: bool,
+    /// Whether that file was created; only then is `segment` sealed when the next roll moves on.
+    created: bool,
     /// Durable length of the current segment.
     offset: u64,
     next_seq: u64,
@@ -73,6 +75,7 @@ impl Writer {
             file: None,
             segment,
             spent: false,
+            created: false,
             offset: 0,
             next_seq,
             buf: Vec::new(),
@@ -224,15 +227,22 @@ impl Writer {
     /// Closes the current segment (if one was started) and creates the next.
     fn roll(&mut self) -> io::Result<()> {
         if self.spent {
-            lock(&self.inner.sealed).insert(self.segment, self.offset);
+            // A number whose file was never created (a read-only disk) is skipped, not sealed:
+            // the sender and the checkpoint would each carry an entry for every failed
+            // request of an outage.
+            if self.created {
+                lock(&self.inner.sealed).insert(self.segment, self.offset);
+            }
             self.segment += 1;
             self.offset = 0;
         }
         self.file = None;
         self.spent = true;
+        self.created = false;
         let path = self.inner.dir.join(segment_name(self.segment));
         // Appending: after a cut (set_len) the next write lands at the new end.
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        self.created = true;
         if file.metadata()?.len() != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,

@@ -36,12 +36,14 @@ impl Sender {
             if inner.dead.load(Ordering::Acquire) {
                 return done;
             }
+            // Segments whose every record was acknowledged go even when the checkpoint cannot
+            // be written: a stale checkpoint only sends later records again, and on a full disk
+            // their space is what lets the next checkpoint be written at all.
             if write {
-                if let Err(e) = write_checkpoint(&inner.dir, acked) {
-                    done.error = Some(e);
-                    return done;
+                match write_checkpoint(&inner.dir, acked) {
+                    Ok(()) => done.wrote = true,
+                    Err(e) => done.error = Some(e),
                 }
-                done.wrote = true;
             }
             for id in &ids {
                 if let Err(e) = remove_if_exists(&inner.dir.join(segment_name(*id))) {

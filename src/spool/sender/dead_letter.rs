@@ -34,9 +34,7 @@ impl Sender {
                 return Err(io::Error::other("spool closed"));
             }
             let path = inner.dir.join(DEAD_LETTER_FILE);
-            let mut file = OpenOptions::new().create(true).append(true).open(path)?;
-            file.write_all(&line)?;
-            file.sync_data()
+            append_line(&path, &line)
         })
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
@@ -59,6 +57,34 @@ impl Sender {
             }
         }
     }
+}
+
+/// Appends `line` (which ends in a newline) to the file at `path`, fsynced. A line an earlier
+/// write left cut short (a crash, a full disk) is ended first, so this one is not glued to it;
+/// a write that fails is cut off again, so it leaves no part of its line behind.
+fn append_line(path: &std::path::Path, line: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    let mut last = [b'\n'];
+    if len > 0 {
+        file.read_exact_at(&mut last, len - 1)?;
+    }
+    let written = (|| {
+        if last[0] != b'\n' {
+            file.write_all(b"\n")?;
+        }
+        file.write_all(line)?;
+        file.sync_data()
+    })();
+    if written.is_err() {
+        let _ = file.set_len(len);
+    }
+    written
 }
 
 /// A permanent refusal, per [`crate::error::delivery_status`]: unknown topic, not authorized,
