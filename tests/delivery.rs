@@ -796,3 +796,46 @@ async fn record_headers_take_queue_room_for_every_record_they_go_with() {
     }
     stop(gw).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutdown() {
+    let (cluster, topic) = cluster_with_topic("retiring", 1);
+    let bootstrap = cluster.bootstrap_servers();
+    let toml = "[kafka]\nmessage_timeout = \"60s\"\n\
+                [server]\nsync_timeout = \"300ms\"\nshutdown_timeout = \"1s\"";
+    let mut config = kafboy::Config::from_toml(toml).expect("config");
+    config.kafka.brokers = vec![bootstrap.clone()];
+    let app = kafboy::App::build(&config).expect("app");
+    let producers = app.producers().clone();
+    let gw = common::serve(app).await;
+    gw.wait_ready().await;
+    let path = format!("/sync/{topic}");
+    // The sync producer connected and holding its producer id (the first records may take
+    // longer than the short sync timeout).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while timed_post(&gw, &path, None, r#"{"first":1}"#, PROMPT)
+        .await
+        .0
+        .status
+        != 200
+    {
+        assert!(Instant::now() < deadline, "no 200 from the sync producer");
+    }
+    // A record in flight for a long while, in the producer a fatal error then retires.
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::from_secs(5))
+        .expect("slow broker");
+    let (reply, _) = timed_post(&gw, &path, None, r#"{"slow":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 504, "{reply:?}");
+    producers.inject_fatal_error();
+    let deadline = Instant::now() + PROMPT;
+    while get(&gw, "/ready").await.status != 200 {
+        assert!(Instant::now() < deadline, "the producer was not replaced");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    let report = gw.stop().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "the stop took {took:?}");
+    assert_eq!(report.undelivered, 1, "the retired producer's record");
+}

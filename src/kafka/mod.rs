@@ -14,8 +14,8 @@ pub use client::{check, client_config};
 pub use producer::{Gate, Producer, Record, SendError, Shared, set_queue_limits};
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
@@ -98,6 +98,11 @@ pub fn describe(e: &KafkaError) -> String {
     }
 }
 
+/// A poisoned lock only means a panic elsewhere mid-update; the list itself stays usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Every producer kafboy runs, and the topic cache.
 pub struct Producers {
     /// First: its client also serves topic metadata.
@@ -112,6 +117,9 @@ pub struct Producers {
     pub topics: Arc<Topics>,
     /// Closes them all for the final flush.
     gate: Arc<Gate>,
+    /// Producers replaced after a fatal error, until what they had in flight is done: the
+    /// final flush waits for them too, and counts what they still hold.
+    retiring: Arc<Mutex<Vec<Arc<Producer>>>>,
 }
 
 impl Producers {
@@ -147,6 +155,7 @@ impl Producers {
             batch_by_topic,
             topics,
             gate,
+            retiring: Arc::default(),
         })
     }
 
@@ -212,10 +221,17 @@ impl Producers {
                     if index == 0 {
                         self.topics.set_client(slot.current().inner.clone());
                     }
-                    let retire_within = slot.kafka.message_timeout;
+                    let until = Instant::now() + slot.kafka.message_timeout;
+                    lock(&self.retiring).push(old.clone());
+                    let (retiring, gate) = (self.retiring.clone(), self.gate.clone());
                     tokio::task::spawn_blocking(move || {
-                        delivery::flush(&old.inner, retire_within);
-                        drop(old);
+                        // In short steps: once a shutdown closes the gate, its own flush (under
+                        // its deadline) takes this producer over, and the process must not
+                        // wait out the message timeout here.
+                        while old.queued() > 0 && Instant::now() < until && !gate.is_closed() {
+                            delivery::flush(&old.inner, Duration::from_millis(100));
+                        }
+                        lock(&retiring).retain(|p| !Arc::ptr_eq(p, &old));
                     });
                 }
                 Err(error) => {
@@ -245,7 +261,8 @@ impl Producers {
     pub async fn flush(&self, deadline: Duration) -> usize {
         // Nothing may be queued behind the flush's back: after it, dropping a producer purges.
         self.gate.close().await;
-        let producers = self.all();
+        let mut producers = self.all();
+        producers.extend(lock(&self.retiring).iter().cloned());
         let flushes: Vec<_> = producers
             .iter()
             .map(|p| {
@@ -256,7 +273,9 @@ impl Producers {
         for f in flushes {
             let _ = f.await;
         }
-        // librdkafka#4103: flush's return code is not trusted; the queue length decides.
-        producers.iter().map(|p| p.in_flight()).sum()
+        // librdkafka#4103: flush's return code is not trusted. Nor is its queue length, which
+        // counts waiting events (statistics, errors) as well: the records still holding room,
+        // handed over and not yet reported, decide.
+        producers.iter().map(|p| p.queued()).sum()
     }
 }

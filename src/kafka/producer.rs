@@ -134,6 +134,11 @@ impl Gate {
         Some(Pass(self))
     }
 
+    /// Whether a shutdown closed it.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     /// Refuses every send from now on and waits (briefly: passes are held for a hand-over
     /// only) until the ones under way are done.
     pub async fn close(&self) {
@@ -166,8 +171,16 @@ impl SendError {
 /// librdkafka's own queue limits, set a little above kafboy's accounting (with room for
 /// reports still being handed back) so its QueueFull stays an exception.
 pub fn set_queue_limits(client: &mut ClientConfig, kafka: &KafkaConfig) {
-    let slack_msgs = kafka.queue_max_messages + kafka.queue_max_messages / 10 + 1000;
-    let slack_kb = (kafka.queue_max_bytes + kafka.queue_max_bytes / 10) / 1024 + 1024;
+    // Saturating: a huge configured queue must not wrap around to a small one.
+    let slack_msgs = kafka
+        .queue_max_messages
+        .saturating_add(kafka.queue_max_messages / 10)
+        .saturating_add(1000);
+    let slack_kb = kafka
+        .queue_max_bytes
+        .saturating_add(kafka.queue_max_bytes / 10)
+        / 1024
+        + 1024;
     client
         .set(
             "queue.buffering.max.messages",
