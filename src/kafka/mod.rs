@@ -250,7 +250,10 @@ impl Producers {
                 let Some(producers) = weak.upgrade() else {
                     return;
                 };
-                producers.replace_failed();
+                // Building a producer reads files and starts threads: off the async workers.
+                if producers.all().iter().any(|p| p.is_fatal()) {
+                    let _ = tokio::task::spawn_blocking(move || producers.replace_failed()).await;
+                }
             }
         });
     }
