@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::time::error::Elapsed;
 
 use super::lookup;
-use super::send::{Queued, enqueue, records_for, send};
+use super::send::{Queued, enqueue, records_for};
 use crate::auth::Key;
 use crate::config::Mode;
 use crate::decode::{self, BodyKind, DecodeError};
@@ -69,7 +69,8 @@ pub(super) async fn run(
                 kind,
                 mode,
             } = later.await?;
-            send(app, route, mode, topic, records, kind, false).await
+            let queued = enqueue(app, route, mode, topic, records, kind, false).await?;
+            queued.answer(app).await
         }
         Verdict::Respond(respond) => {
             if let Some((mode, forward)) = respond.then {

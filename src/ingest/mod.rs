@@ -27,7 +27,7 @@ mod overflow;
 mod send;
 
 use overflow::{hand_over, overflow};
-use send::{records_for, send};
+use send::{enqueue, records_for};
 
 /// The hook of a route, if it has one.
 pub type RouteHook = Option<Arc<dyn Hook>>;
@@ -123,16 +123,12 @@ async fn ingest(
         let values = decode::decode(kind, body, &app.decode_limits)?;
         let count = values.len() as u64;
         let records = records_for(app, route, route.mode, &topic, &info, meta, values)?;
-        let result = send(
-            app,
-            route,
-            route.mode,
-            topic,
-            records,
-            kind,
-            relay.is_some(),
-        )
-        .await;
+        let peer_may_take = relay.is_some();
+        let result =
+            match enqueue(app, route, route.mode, topic, records, kind, peer_may_take).await {
+                Ok(queued) => queued.answer(app).await,
+                Err(error) => Err(error),
+            };
         return match (result, relay) {
             (Err(IngestError::QueueFull), Some((raw, label))) => {
                 match hand_over(app, &parts, raw, 1.0, true).await {

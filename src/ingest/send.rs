@@ -1,5 +1,6 @@
-//! From checked records to the spool or a producer: the size check, the hand-over, and the
-//! answer that waits for acknowledgements on the sync modes.
+//! From checked records to the spool or a producer: the size check, the hand-over
+//! ([`enqueue`]), and the answer that waits for acknowledgements on the sync modes
+//! ([`Queued::answer`]).
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -56,20 +57,6 @@ pub(super) fn records_for(
 /// Whether the records of this request go to the disk spool rather than straight to a producer.
 fn spooled(app: &AppState, route: &Route, mode: Mode) -> bool {
     route.spool && matches!(mode, Mode::Async | Mode::BatchAsync) && app.spool.is_some()
-}
-
-/// Queues `records` (or spools them, on a spooled async route) and answers as `mode` does.
-pub(super) async fn send(
-    app: &AppState,
-    route: &Route,
-    mode: Mode,
-    topic: String,
-    records: Vec<Record>,
-    kind: BodyKind,
-    peer_may_take: bool,
-) -> Result<Reply, IngestError> {
-    let queued = enqueue(app, route, mode, topic, records, kind, peer_may_take).await?;
-    queued.answer(app).await
 }
 
 /// Records handed over, to the spool or a producer's queue.
