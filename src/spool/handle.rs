@@ -224,7 +224,16 @@ impl Spool {
         let _ = self.commands.send(Command::Stop);
         let thread = lock(&self.writer).take();
         if let Some(thread) = thread {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            // A disk that hangs must not hold the shutdown past its grace: the writer is then
+            // left to the process's exit (a join would wait for it, there or here).
+            while !thread.is_finished() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!("spool: the writer is still waiting on the disk; left behind");
+            }
         }
         let sender = lock(&self.sender).take();
         if let Some(sender) = sender {
@@ -249,6 +258,9 @@ impl Spool {
     }
 }
 
+/// How long dropping a spool waits for its file operations to end.
+const DROP_WAIT: Duration = Duration::from_secs(5);
+
 impl Drop for Spool {
     fn drop(&mut self) {
         self.inner.dead.store(true, Ordering::Release);
@@ -256,13 +268,26 @@ impl Drop for Spool {
         if let Some(sender) = sender {
             sender.abort();
         }
-        // Wait for a file operation of the sender that may be running, so the directory is
-        // quiet once the spool is gone (a reopen may follow at once).
-        drop(lock(&self.inner.fs_gate));
+        // Wait for a file operation of the sender that may be running, and for the writer, so
+        // the directory is quiet once the spool is gone (a reopen may follow at once); but not
+        // for ever on a disk that hangs.
+        let until = std::time::Instant::now() + DROP_WAIT;
+        while matches!(
+            self.inner.fs_gate.try_lock(),
+            Err(std::sync::TryLockError::WouldBlock)
+        ) && std::time::Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let _ = self.commands.send(Command::Stop);
         let thread = lock(&self.writer).take();
         if let Some(thread) = thread {
-            let _ = thread.join();
+            while !thread.is_finished() && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
         }
     }
 }
