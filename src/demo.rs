@@ -50,12 +50,7 @@ pub async fn run(
     let hook = match hook {
         Some(hook) => hook,
         None => {
-            let limits = Limits {
-                timeout: config.hook.timeout,
-                max_instructions: config.hook.max_instructions,
-                max_memory: config.hook.max_memory_bytes,
-                max_depth: config.server.max_json_depth,
-            };
+            let limits = Limits::of(&config);
             Arc::new(LuaHook::from_source(
                 Path::new("hooks/demo.lua"),
                 DEMO_LUA,

@@ -59,3 +59,9 @@ pub(crate) fn hex64(n: u64) -> [u8; 16] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     std::array::from_fn(|i| HEX[(n >> (60 - 4 * i) & 0xf) as usize])
 }
+
+/// Locks a mutex, ignoring poisoning: a panic elsewhere mid-update leaves the data behind these
+/// locks consistent.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -35,6 +35,18 @@ pub struct Limits {
     pub max_depth: usize,
 }
 
+impl Limits {
+    /// The limits `[hook]` and `server.max_json_depth` set.
+    pub fn of(config: &crate::Config) -> Limits {
+        Limits {
+            timeout: config.hook.timeout,
+            max_instructions: config.hook.max_instructions,
+            max_memory: config.hook.max_memory_bytes,
+            max_depth: config.server.max_json_depth,
+        }
+    }
+}
+
 /// A Lua script serving as a hook.
 pub struct LuaHook {
     id: u64,
@@ -111,13 +123,10 @@ struct State {
     req: AnyUserData,
 }
 
-impl State {
-    /// Whether the last call ran out of its instruction or time budget.
-    fn spent(&self) -> bool {
-        self.lua
-            .app_data_ref::<Budget>()
-            .is_none_or(|b| b.exhausted())
-    }
+/// Whether the call under way (or the last one) in `lua` ran out of its instruction or time
+/// budget.
+fn spent(lua: &Lua) -> bool {
+    lua.app_data_ref::<Budget>().is_none_or(|b| b.exhausted())
 }
 
 thread_local! {
@@ -200,9 +209,7 @@ impl LuaHook {
         )?;
         globals.set(
             "__kafboy_exhausted",
-            lua.create_function(|lua, ()| {
-                Ok(lua.app_data_ref::<Budget>().is_none_or(|b| b.exhausted()))
-            })?,
+            lua.create_function(|lua, ()| Ok(spent(lua)))?,
         )?;
         lua.load(PRELUDE).set_name("=prelude").exec()?;
         let forward: Table = globals.get("__kafboy_forward")?;
@@ -254,7 +261,7 @@ impl LuaHook {
             // full or half-changed, and would fail the same way on every later call: the next
             // call gets a new state instead.
             if let Err(e) = &result
-                && (matches!(e, mlua::Error::MemoryError(_)) || state.spent())
+                && (matches!(e, mlua::Error::MemoryError(_)) || spent(&state.lua))
             {
                 tracing::warn!(script = %self.path.display(), error = %flatten(e), "hook state replaced");
                 states.swap_remove(index);

@@ -189,12 +189,7 @@ pub fn attach(
     routes: Vec<crate::routes::Route>,
     rust_hook: Option<Arc<dyn Hook>>,
 ) -> Result<Vec<(Arc<crate::routes::Route>, crate::ingest::RouteHook)>, String> {
-    let limits = lua::Limits {
-        timeout: config.hook.timeout,
-        max_instructions: config.hook.max_instructions,
-        max_memory: config.hook.max_memory_bytes,
-        max_depth: config.server.max_json_depth,
-    };
+    let limits = lua::Limits::of(config);
     if rust_hook.is_some() && config.hook.script.is_some() {
         return Err("hook.script: a Rust hook was given as well; use one".into());
     }

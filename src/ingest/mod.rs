@@ -124,11 +124,11 @@ async fn ingest(
         let count = values.len() as u64;
         let records = records_for(app, route, route.mode, &topic, &info, meta, values)?;
         let peer_may_take = relay.is_some();
-        let result =
-            match enqueue(app, route, route.mode, topic, records, kind, peer_may_take).await {
-                Ok(queued) => queued.answer(app).await,
-                Err(error) => Err(error),
-            };
+        let result = async {
+            let queued = enqueue(app, route, route.mode, topic, records, kind, peer_may_take);
+            queued.await?.answer(app).await
+        }
+        .await;
         return match (result, relay) {
             (Err(IngestError::QueueFull), Some((raw, label))) => {
                 match hand_over(app, &parts, raw, 1.0, true).await {

@@ -14,13 +14,14 @@ pub use client::{check, client_config};
 pub use producer::{Gate, Producer, Record, SendError, Shared, set_queue_limits};
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 
 use crate::config::{Config, KafkaConfig, Mode};
+use crate::lock;
 use client::Plan;
 use metadata::Topics;
 
@@ -96,11 +97,6 @@ pub fn describe(e: &KafkaError) -> String {
         KafkaError::ClientConfig(_, desc, key, _) => format!("kafka property {key:?}: {desc}"),
         other => format!("kafka: {other}"),
     }
-}
-
-/// A poisoned lock only means a panic elsewhere mid-update; the list itself stays usable.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Every producer kafboy runs, and the topic cache.

@@ -48,8 +48,10 @@ mod writer;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+
+use crate::lock;
 use std::time::Duration;
 
 pub use config::SpoolConfig;
@@ -197,11 +199,6 @@ impl Inner {
             tracing::info!(dir = %self.dir.display(), "spool: disk writable again, ready");
         }
     }
-}
-
-/// Locks a mutex, ignoring poisoning (the data behind these locks stays consistent).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Unix time in milliseconds.
