@@ -30,8 +30,11 @@ pub struct App {
 /// What shutdown left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Records accepted but neither delivered nor failed when the flush deadline passed.
+    /// Records accepted but neither delivered nor failed when the flush deadline passed,
+    /// and not kept in the spool either: the ones lost.
     pub undelivered: usize,
+    /// Records kept in the spool for the next start.
+    pub spooled: u64,
 }
 
 /// Builds an [`App`], optionally with a Rust hook for every produce route.
@@ -250,7 +253,10 @@ impl App {
         } else {
             tracing::info!("all accepted records delivered or reported");
         }
-        ShutdownReport { undelivered }
+        ShutdownReport {
+            undelivered,
+            spooled,
+        }
     }
 }
 

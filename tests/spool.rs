@@ -1012,3 +1012,71 @@ async fn a_segment_that_cannot_be_created_is_skipped_not_kept() {
     assert_eq!(spool.stats().segments, files, "{:?}", spool.stats());
     spool.crash();
 }
+
+/// A shutdown that finds a spooled record still in a producer (the broker slow to answer)
+/// counts it as kept for the next start, not as lost; a record of a plain async route in the
+/// same state is lost, and counted so. The next start sends the spooled one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_counts_spooled_records_in_flight_as_kept_not_lost() {
+    let (cluster, topic) = mock_cluster("spool-stop-in-flight");
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().expect("dir");
+    let toml = format!(
+        "[kafka]\nmessage_timeout = \"60s\"\n[server]\nshutdown_timeout = \"1s\"\n\
+         [spool]\ndir = {:?}\n\
+         [[routes]]\npath = \"/durable/:topic\"\nmode = \"async\"\nspool = true\n",
+        dir.path().display().to_string()
+    );
+    let mut config = Config::from_toml(&toml).expect("config");
+    config.kafka.brokers = vec![bootstrap.clone()];
+    let app = kafboy::App::build(&config).expect("app");
+    let producers = app.producers().clone();
+    let gw = common::serve(app).await;
+    // Both routes connected: a record of each read back.
+    for path in ["durable", "async"] {
+        let r = gw
+            .post_json(&format!("/{path}/{topic}"), "{\"warm\":1}")
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
+    }
+    let got = common::consume_for(&bootstrap, &topic, 2, Duration::from_secs(10));
+    assert_eq!(got.len(), 2, "warm-up records");
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::from_secs(5))
+        .expect("slow broker");
+    for path in ["durable", "async"] {
+        let r = gw
+            .post_json(
+                &format!("/{path}/{topic}"),
+                &format!("{{\"slow\":\"{path}\"}}"),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
+    }
+    let queued = || producers.all().iter().map(|p| p.queued()).sum::<usize>();
+    wait_for(
+        "both records in the producer",
+        Duration::from_secs(10),
+        || queued() == 2,
+    )
+    .await;
+    let report = gw.stop().await;
+    assert_eq!(report.undelivered, 1, "the plain async record: {report:?}");
+    assert_eq!(report.spooled, 1, "the spooled record: {report:?}");
+    drop(producers);
+
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::ZERO)
+        .expect("fast broker");
+    let gw = common::gateway(&bootstrap, &toml).await;
+    let got = common::consume_for(&bootstrap, &topic, 10, Duration::from_secs(5));
+    assert!(
+        got.iter().any(|r| r.value == b"{\"slow\":\"durable\"}"),
+        "the spooled record after the restart: {:?}",
+        got.iter()
+            .map(|r| String::from_utf8_lossy(&r.value))
+            .collect::<Vec<_>>()
+    );
+    let report = gw.stop().await;
+    assert_eq!((report.undelivered, report.spooled), (0, 0), "{report:?}");
+}

@@ -8,9 +8,9 @@ use tokio::sync::oneshot;
 use crate::config::Mode;
 use crate::decode::BodyKind;
 use crate::error::IngestError;
-use crate::kafka::Record;
 use crate::kafka::delivery::Outcome;
 use crate::kafka::metadata::TopicInfo;
+use crate::kafka::{Record, Report};
 use crate::record::RecordMeta;
 use crate::reply::{Reply, await_acks};
 use crate::routes::Route;
@@ -126,10 +126,11 @@ pub(super) async fn enqueue(
         };
     }
     let sync = matches!(mode, Mode::Sync | Mode::BatchSync);
+    let report = if sync { Report::Caller } else { Report::None };
     let producer = app.producers.for_mode(mode, &topic);
     let counters = app.topic_metrics.get(&topic);
     let receivers = match producer
-        .send(&topic, records, sync, app.server.enqueue_timeout)
+        .send(&topic, records, report, app.server.enqueue_timeout)
         .await
     {
         Ok(receivers) => receivers,

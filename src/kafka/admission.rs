@@ -3,6 +3,7 @@
 //! delivery reports give it back. librdkafka's own limits sit above these, so its QueueFull is
 //! not the normal path.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -14,6 +15,8 @@ pub struct Admission {
     bytes: Semaphore,
     max_records: usize,
     max_bytes: usize,
+    /// Of the records holding room, those the spool also keeps on disk.
+    spooled: AtomicUsize,
 }
 
 /// Why room could not be had.
@@ -35,6 +38,7 @@ impl Admission {
             bytes: Semaphore::new(max_bytes),
             max_records,
             max_bytes,
+            spooled: AtomicUsize::new(0),
         }
     }
 
@@ -109,6 +113,23 @@ impl Admission {
     pub fn queued(&self) -> usize {
         self.max_records
             .saturating_sub(self.records.available_permits())
+    }
+
+    /// Notes that `records` records holding room are also kept in the spool: a shutdown that
+    /// leaves them unreported loses nothing, the spool sends them again at the next start.
+    pub fn mark_spooled(&self, records: usize) {
+        self.spooled.fetch_add(records, Ordering::Relaxed);
+    }
+
+    /// Undoes [`Admission::mark_spooled`], before the room is given back.
+    pub fn unmark_spooled(&self, records: usize) {
+        self.spooled.fetch_sub(records, Ordering::Relaxed);
+    }
+
+    /// Records holding room that only this queue holds: the ones a shutdown would lose.
+    pub fn unspooled(&self) -> usize {
+        self.queued()
+            .saturating_sub(self.spooled.load(Ordering::Relaxed))
     }
 }
 

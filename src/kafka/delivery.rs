@@ -50,9 +50,17 @@ pub enum Outcome {
     },
 }
 
-/// Per-record tag handed through librdkafka: where to send the outcome, if anyone waits for it.
+/// Per-record tag handed through librdkafka: who waits for the outcome, if anyone does.
 /// `None` (async records) costs no allocation: it travels as a null pointer.
-pub struct Waiter(pub Option<Box<oneshot::Sender<Outcome>>>);
+pub struct Waiter(pub Option<Box<Waiting>>);
+
+/// Someone waiting for a record's outcome.
+pub struct Waiting {
+    /// Where the outcome goes.
+    pub tx: oneshot::Sender<Outcome>,
+    /// Whether the record is also kept in the spool ([`Admission::mark_spooled`]).
+    pub spooled: bool,
+}
 
 impl IntoOpaque for Waiter {
     fn into_ptr(self) -> *mut c_void {
@@ -157,6 +165,9 @@ impl ProducerContext for Context {
             Ok(m) => (m, None),
             Err((e, m)) => (m, Some(e)),
         };
+        if waiter.0.as_ref().is_some_and(|w| w.spooled) {
+            self.admission.unmark_spooled(1);
+        }
         self.admission.release(1, record_bytes(message));
         let outcome = match error {
             None => {
@@ -182,7 +193,7 @@ impl ProducerContext for Context {
         };
         match (waiter.0, &outcome) {
             // The requester may have given up (deadline, disconnect); the outcome is counted anyway.
-            (Some(tx), _) => drop(tx.send(outcome)),
+            (Some(waiting), _) => drop(waiting.tx.send(outcome)),
             (None, Outcome::Failed { error, persisted }) => tracing::warn!(
                 producer = %self.name,
                 topic = message.topic(),

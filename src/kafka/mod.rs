@@ -11,7 +11,7 @@ mod poller;
 mod producer;
 
 pub use client::{check, client_config};
-pub use producer::{Gate, Producer, Record, SendError, Shared, set_queue_limits};
+pub use producer::{Gate, Producer, Record, Report, SendError, Shared, set_queue_limits};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -117,6 +117,10 @@ pub struct Producers {
     /// final flush waits for them too, and counts what they still hold.
     retiring: Arc<Mutex<Vec<Arc<Producer>>>>,
 }
+
+/// How long a replaced producer's flush waits for requests that still hold the producer to
+/// let go of it: longer than a request holds it (`server.enqueue_timeout`, 100 ms by default).
+const LAST_HOLDER_WAIT: Duration = Duration::from_secs(5);
 
 impl Producers {
     /// Builds the producers. Errors name the config key at fault.
@@ -228,6 +232,13 @@ impl Producers {
                             delivery::flush(&old.inner, Duration::from_millis(100));
                         }
                         lock(&retiring).retain(|p| !Arc::ptr_eq(p, &old));
+                        // A request that took this producer just before the swap may still
+                        // hold it. The last reference is best dropped here: librdkafka's
+                        // destroy joins its threads, which would stall an async worker.
+                        let until = Instant::now() + LAST_HOLDER_WAIT;
+                        while Arc::strong_count(&old) > 1 && Instant::now() < until {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
                     });
                 }
                 Err(error) => {
@@ -274,7 +285,8 @@ impl Producers {
         }
         // librdkafka#4103: flush's return code is not trusted. Nor is its queue length, which
         // counts waiting events (statistics, errors) as well: the records still holding room,
-        // handed over and not yet reported, decide.
-        producers.iter().map(|p| p.queued()).sum()
+        // handed over and not yet reported, decide. Those the spool also holds are not lost:
+        // they are sent again at the next start.
+        producers.iter().map(|p| p.unspooled()).sum()
     }
 }

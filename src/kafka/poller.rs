@@ -134,7 +134,7 @@ mod tests {
 
     use super::*;
     use crate::kafka::admission::Admission;
-    use crate::kafka::delivery::{Outcome, Waiter};
+    use crate::kafka::delivery::{Outcome, Waiter, Waiting};
 
     fn producer(bootstrap: &str) -> BaseProducer<Context> {
         let context = Context {
@@ -170,9 +170,9 @@ mod tests {
             .unwrap();
         for n in 0..3 {
             let (tx, rx) = tokio::sync::oneshot::channel();
+            let waiter = Waiter(Some(Box::new(Waiting { tx, spooled: false })));
             let record =
-                BaseRecord::<[u8], [u8], Waiter>::with_opaque_to("t", Waiter(Some(Box::new(tx))))
-                    .payload(&b"x"[..]);
+                BaseRecord::<[u8], [u8], Waiter>::with_opaque_to("t", waiter).payload(&b"x"[..]);
             polled.send(record).map_err(|(e, _)| e).unwrap();
             let outcome = runtime
                 .block_on(async { tokio::time::timeout(Duration::from_secs(30), rx).await })

@@ -14,9 +14,21 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use tokio::sync::oneshot;
 
 use super::admission::{Admission, Refused};
-use super::delivery::{Context, Outcome, Tally, Waiter};
+use super::delivery::{Context, Outcome, Tally, Waiter, Waiting};
 use super::poller::Polled;
 use crate::config::KafkaConfig;
+
+/// Who waits for the delivery reports of the records of a [`Producer::send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// Nobody (async routes): a report gives the room back and is counted.
+    None,
+    /// The caller, through one receiver per record (sync routes).
+    Caller,
+    /// The spool, through one receiver per record. The records are also on disk, so a
+    /// shutdown that leaves them unreported does not count them as undelivered.
+    Spool,
+}
 
 /// One record ready to produce. The value is a slice of the request body.
 #[derive(Debug)]
@@ -240,12 +252,12 @@ impl Producer {
     }
 
     /// Queues `records` on `topic`, all or nothing as far as kafboy's queue accounting goes.
-    /// With `report`, each record gets a receiver for its delivery outcome.
+    /// Unless `report` is [`Report::None`], each record gets a receiver for its outcome.
     pub async fn send(
         &self,
         topic: &str,
         records: Vec<Record>,
-        report: bool,
+        report: Report,
         wait: Duration,
     ) -> Result<Vec<oneshot::Receiver<Outcome>>, SendError> {
         if self.is_fatal() {
@@ -263,14 +275,16 @@ impl Producer {
             self.admission.release(records.len(), bytes);
             return Err(SendError::Closed);
         };
-        let mut receivers = Vec::with_capacity(if report { records.len() } else { 0 });
+        let waited = report != Report::None;
+        let spooled = report == Report::Spool;
+        let mut receivers = Vec::with_capacity(if waited { records.len() } else { 0 });
         let total = records.len();
         let mut handed_bytes = 0;
         for (i, record) in records.into_iter().enumerate() {
-            let waiter = if report {
+            let waiter = if waited {
                 let (tx, rx) = oneshot::channel();
                 receivers.push(rx);
-                Waiter(Some(Box::new(tx)))
+                Waiter(Some(Box::new(Waiting { tx, spooled })))
             } else {
                 Waiter(None)
             };
@@ -287,7 +301,13 @@ impl Producer {
                 // The last record of a request takes the shared copy itself.
                 base = base.headers(Arc::unwrap_or_clone(h));
             }
+            if spooled {
+                self.admission.mark_spooled(1);
+            }
             if let Err((error, _)) = self.inner.send(base) {
+                if spooled {
+                    self.admission.unmark_spooled(1);
+                }
                 // Give back the room of this record and of the ones never handed over; records
                 // already queued give theirs back through their delivery reports.
                 self.admission.release(total - i, bytes - handed_bytes);
@@ -327,6 +347,11 @@ impl Producer {
     /// Records holding room in kafboy's queue accounting.
     pub fn queued(&self) -> usize {
         self.admission.queued()
+    }
+
+    /// Records holding room that are not also kept in the spool.
+    pub fn unspooled(&self) -> usize {
+        self.admission.unspooled()
     }
 
     /// Share of the queue in use, 0 to 1, and whether it is full.

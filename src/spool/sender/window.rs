@@ -9,8 +9,8 @@ use tokio::time::Instant;
 
 use super::dead_letter::{refusal_of_delivery, refusal_of_send};
 use super::{Event, Sender, State};
-use crate::kafka::Record;
 use crate::kafka::delivery::Outcome;
+use crate::kafka::{Record, Report};
 use crate::spool::ID_HEADER;
 use crate::spool::segment::Entry;
 
@@ -67,7 +67,10 @@ impl Sender {
             let record = to_record(&flight.entry);
             let topic = flight.entry.topic.clone();
             let producer = (self.producer_for)(&topic);
-            match producer.send(&topic, vec![record], true, SEND_WAIT).await {
+            match producer
+                .send(&topic, vec![record], Report::Spool, SEND_WAIT)
+                .await
+            {
                 Ok(mut receivers) => {
                     self.set_state(i, State::Sent);
                     let events = self.events_tx.clone();
