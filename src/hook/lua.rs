@@ -107,6 +107,13 @@ impl Budget {
     fn exhausted(&self) -> bool {
         self.instructions_left.get() == 0 || Instant::now() > self.deadline.get()
     }
+
+    /// A fresh budget for one call, or for a script's top-level code.
+    fn arm(&self, limits: &Limits) {
+        self.instructions_left
+            .set(limits.max_instructions.max(u64::from(CHECK_EVERY)));
+        self.deadline.set(Instant::now() + limits.timeout);
+    }
 }
 
 struct State {
@@ -185,7 +192,7 @@ impl LuaHook {
         lua.set_memory_limit(self.limits.max_memory)?;
         lua.set_app_data(Budget {
             instructions_left: Cell::new(u64::MAX),
-            deadline: Cell::new(far_future()),
+            deadline: Cell::new(Instant::now()),
         });
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(CHECK_EVERY),
@@ -211,9 +218,19 @@ impl LuaHook {
             "__kafboy_exhausted",
             lua.create_function(|lua, ()| Ok(spent(lua)))?,
         )?;
+        // The prelude and the script's top-level code run under a call's budgets: a loop there
+        // would otherwise hold the first request of every worker thread (a state is made on a
+        // thread's first call) for ever.
+        let arm = || {
+            lua.app_data_ref::<Budget>()
+                .map(|b| b.arm(&self.limits))
+                .ok_or_else(|| mlua::Error::runtime("no budget"))
+        };
+        arm()?;
         lua.load(PRELUDE).set_name("=prelude").exec()?;
         let forward: Table = globals.get("__kafboy_forward")?;
         globals.set("__kafboy_forward", mlua::Value::Nil)?;
+        arm()?;
         lua.load(&*self.source)
             .set_name(format!("@{}", self.path.display()))
             .exec()?;
@@ -247,15 +264,11 @@ impl LuaHook {
                 }
             };
             let state = &states[index].1;
-            let budget = state
+            state
                 .lua
                 .app_data_ref::<Budget>()
-                .ok_or_else(|| HookError("no budget".into()))?;
-            budget
-                .instructions_left
-                .set(self.limits.max_instructions.max(u64::from(CHECK_EVERY)));
-            budget.deadline.set(Instant::now() + self.limits.timeout);
-            drop(budget);
+                .ok_or_else(|| HookError("no budget".into()))?
+                .arm(&self.limits);
             let result = f(state);
             // A script stopped by its memory limit or a budget may have left its globals
             // full or half-changed, and would fail the same way on every later call: the next
@@ -321,10 +334,6 @@ fn flatten(e: &mlua::Error) -> String {
         }
         other => other.to_string(),
     }
-}
-
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 #[cfg(test)]
@@ -459,6 +468,35 @@ mod tests {
             return forward()
         end"#;
         assert!(matches!(run(fine, "{}"), Ok(Verdict::Forward(_))));
+    }
+
+    #[test]
+    fn top_level_code_runs_under_the_budgets() {
+        let limits = Limits {
+            timeout: Duration::from_secs(1),
+            max_instructions: 1_000_000,
+            max_memory: 16 << 20,
+            max_depth: 128,
+        };
+        for script in [
+            "while true do end",
+            "while true do pcall(function() while true do end end) end",
+        ] {
+            let source = format!("{script}\nfunction on_request(req) return forward() end");
+            let error = LuaHook::from_source(Path::new("loop.lua"), &source, limits).err();
+            assert!(
+                error
+                    .as_ref()
+                    .is_some_and(|e| e.contains("instruction budget exceeded")),
+                "{script}: {error:?}"
+            );
+        }
+        // Top-level work within the budget is fine, and calls get a budget of their own.
+        let hook = hook(
+            "local t = {} for i = 1, 50000 do t[i] = i end
+            function on_request(req) for i = 1, 50000 do t[i] = i end return forward() end",
+        );
+        assert!(matches!(hook.call(request("{}")), Ok(Verdict::Forward(_))));
     }
 
     #[test]
