@@ -103,7 +103,7 @@ pub struct Budget {
 }
 
 /// Bytes held of a [`Budget`], given back when dropped.
-struct Held<'a> {
+pub struct Held<'a> {
     budget: &'a Budget,
     bytes: usize,
 }
@@ -120,6 +120,16 @@ impl Budget {
     /// Bytes held now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Holds `bytes` until the answer is dropped; `None` when the budget has no room for them.
+    pub fn hold(&self, bytes: usize) -> Option<Held<'_>> {
+        let mut held = Held {
+            budget: self,
+            bytes: 0,
+        };
+        held.cover(bytes).ok()?;
+        Some(held)
     }
 }
 

@@ -86,10 +86,14 @@ async fn health() -> Response {
 
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
     match app.not_ready() {
-        None => json(
-            StatusCode::OK,
-            &serde_json::json!({ "ok": "ready", "headroom": app.headroom() }),
-        ),
+        None => {
+            let mut body = serde_json::json!({ "ok": "ready", "headroom": app.headroom() });
+            // Peers compare it with their own, to know a URL that leads back to themselves.
+            if let Some(cluster) = &app.cluster {
+                body["node"] = cluster.id.clone().into();
+            }
+            json(StatusCode::OK, &body)
+        }
         Some(why) => IngestError::Unavailable(format!("not ready: {why}")).into_response(),
     }
 }

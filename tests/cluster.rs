@@ -308,75 +308,199 @@ async fn futures_join_all<F: std::future::Future<Output = u16> + Send + 'static>
     out
 }
 
-/// A peer that is always ready and drops every produce request once it has read it, as a peer
-/// killed between its produce and its answer would.
-async fn peer_that_hangs_up() -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.4:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        loop {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                // One request per connection: read its head and body, then answer or hang up.
-                loop {
-                    let n = tcp.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&seen).to_string();
-                    let Some(head_end) = text.find("\r\n\r\n") else {
-                        continue;
-                    };
-                    let length: usize = text[..head_end]
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse().unwrap())
-                        })
-                        .unwrap_or(0);
-                    if seen.len() < head_end + 4 + length {
-                        continue;
-                    }
-                    if text.starts_with("GET /ready") {
-                        let body = r#"{"ok":"ready","headroom":1.0}"#;
-                        let answer = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                             content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                        let _ = tcp.write_all(answer.as_bytes()).await;
-                    }
-                    return;
-                }
-            });
+/// What a fake peer does with a produce request.
+#[derive(Clone, Copy)]
+enum Produce {
+    /// Drops the connection once it has read the request, as a peer killed between its
+    /// produce and its answer would.
+    HangUp,
+    /// Answers 503: full, nothing written.
+    Refuse,
+}
+
+/// A fake peer, always ready with all its room free, on 127.0.0.4. Its listener has no
+/// backlog: once `blackhole` is raised it accepts nothing more, and after one connection
+/// waiting in its queue the kernel drops the next ones' SYNs, as a dead host's firewall would.
+struct FakePeer {
+    url: String,
+    addr: SocketAddr,
+    blackhole: Arc<tokio::sync::Notify>,
+}
+
+impl FakePeer {
+    async fn start(produce: Produce) -> FakePeer {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.4:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let blackhole = Arc::new(tokio::sync::Notify::new());
+        let stop = blackhole.clone();
+        tokio::spawn(async move {
+            loop {
+                let tcp = tokio::select! {
+                    accepted = listener.accept() => accepted.unwrap().0,
+                    () = stop.notified() => break,
+                };
+                tokio::spawn(fake_answer(tcp, produce));
+            }
+            // Listening still, accepting nothing.
+            let _listener = listener;
+            std::future::pending::<()>().await;
+        });
+        FakePeer {
+            url: format!("http://{addr}"),
+            addr,
+            blackhole,
         }
-    });
-    url
+    }
+
+    /// From now on a connection to the peer hangs in its handshake.
+    async fn go_dark(&self) -> tokio::net::TcpStream {
+        self.blackhole.notify_one();
+        // Give the accept loop its turn to stop, then fill the one-place queue.
+        tokio::task::yield_now().await;
+        tokio::net::TcpStream::connect(self.addr).await.unwrap()
+    }
+}
+
+/// One request per connection: reads its head and body, then answers `/ready` or `produce`s.
+async fn fake_answer(mut tcp: tokio::net::TcpStream, produce: Produce) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tcp.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            return;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen).to_string();
+        let Some(head_end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = text[..head_end]
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        if seen.len() < head_end + 4 + length {
+            continue;
+        }
+        let (status, body) = match (text.starts_with("GET /ready"), produce) {
+            (true, _) => ("200 OK", r#"{"ok":"ready","headroom":1.0}"#),
+            (false, Produce::Refuse) => (
+                "503 Service Unavailable",
+                r#"{"error":"producer queue full"}"#,
+            ),
+            (false, Produce::HangUp) => return,
+        };
+        let answer = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tcp.write_all(answer.as_bytes()).await;
+        return;
+    }
+}
+
+/// Reads topic `h` of `brokers` for a while: the ids written there.
+async fn written(brokers: &str, want: usize) -> Vec<String> {
+    let brokers = brokers.to_string();
+    let got = tokio::task::spawn_blocking(move || {
+        consume_for(&brokers, "h", want + 1, Duration::from_millis(1500))
+    })
+    .await
+    .unwrap();
+    ids(&got)
+}
+
+/// A node that forwards everything to `peer`, in front of a fresh mock cluster with topic `h`.
+async fn forwarding_to(
+    peer: &str,
+    extra: &str,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    Gateway,
+) {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("h", 1, 1).unwrap();
+    let toml = format!(
+        "[cluster]\npeers = [\"{peer}\"]\nhigh_water = 0.0\nhealth_interval = \"100ms\"\n{extra}"
+    );
+    let a = node("127.0.0.1", &mock.bootstrap_servers(), &toml).await;
+    (mock, a)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_took_the_request_and_hung_up_makes_it_a_504_not_a_second_produce() {
-    let mock = MockCluster::new(1).unwrap();
-    mock.create_topic("h", 1, 1).unwrap();
-    let brokers = mock.bootstrap_servers();
-    let peer = peer_that_hangs_up().await;
-    let toml =
-        format!("[cluster]\npeers = [\"{peer}\"]\nhigh_water = 0.0\nhealth_interval = \"100ms\"\n");
-    let a = node("127.0.0.1", &brokers, &toml).await;
-    wait_peers(&a, &[&peer]).await;
+    let peer = FakePeer::start(Produce::HangUp).await;
+    let (mock, a) = forwarding_to(&peer.url, "").await;
+    wait_peers(&a, &[&peer.url]).await;
     let r = a.post_json("/async/h", "{\"id\":1}").await;
     assert_eq!(r.status, 504, "{}", r.body);
     assert!(r.error().contains("may have been written"), "{}", r.body);
-    let got = tokio::task::spawn_blocking(move || {
-        consume_for(&brokers, "h", 1, Duration::from_millis(1500))
-    })
-    .await
-    .unwrap();
-    assert_eq!(ids(&got), Vec::<String>::new(), "not produced here as well");
+    let got = written(&mock.bootstrap_servers(), 1).await;
+    assert_eq!(got, Vec::<String>::new(), "not produced here as well");
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_cannot_be_reached_is_given_up_on_and_the_node_serves_the_request() {
+    let peer = FakePeer::start(Produce::HangUp).await;
+    // A forward that waited for its whole timeout would answer 504.
+    let (mock, a) = forwarding_to(&peer.url, "forward_timeout = \"20s\"\n").await;
+    wait_peers(&a, &[&peer.url]).await;
+    let _queued = peer.go_dark().await;
+    let r = a.post_json("/async/h", "{\"id\":1}").await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(written(&mock.bootstrap_servers(), 1).await, ["{\"id\":1}"]);
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_answers_503_wrote_nothing_and_the_node_serves_the_request() {
+    let peer = FakePeer::start(Produce::Refuse).await;
+    let (mock, a) = forwarding_to(&peer.url, "").await;
+    wait_peers(&a, &[&peer.url]).await;
+    let r = a.post_json("/async/h", "{\"id\":1}").await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(written(&mock.bootstrap_servers(), 1).await, ["{\"id\":1}"]);
+    let s = status(&a).await;
+    assert_eq!(counter(&s, "forwarded_sent"), 0, "{s}");
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_url_that_leads_back_to_the_node_itself_is_never_forwarded_to() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("h", 1, 1).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // The same node under another name, as a peer list shared by every node would hold it.
+    let toml = format!(
+        "[cluster]\npeers = [\"http://localhost:{port}\"]\nhigh_water = 0.0\n\
+         health_interval = \"100ms\"\n"
+    );
+    let a = node_on(listener, &mock.bootstrap_servers(), &toml).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(&a).await["peers"][0]["self"] != true {
+        assert!(Instant::now() < deadline, "{}", status(&a).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in 0..3 {
+        let r = a.post_json("/async/h", &format!("{{\"id\":{id}}}")).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+    }
+    let s = status(&a).await;
+    assert_eq!(counter(&s, "forwarded_received"), 0, "{s}");
+    assert_eq!(s["peers"][0]["ready"], false, "{s}");
+    assert_eq!(
+        written(&mock.bootstrap_servers(), 3).await,
+        [r#"{"id":0}"#, r#"{"id":1}"#, r#"{"id":2}"#]
+    );
     a.stop().await;
 }

@@ -7,10 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::RwLock;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use metrics::counter;
 use serde::{Deserialize, Serialize};
 
 use crate::error::IngestError;
@@ -22,6 +21,11 @@ pub const HOP: HeaderName = HeaderName::from_static("x-kafboy-forwarded-by");
 
 /// How much less room than this node a peer may have and still take its overflow.
 const ROOM_SLACK: f64 = 0.02;
+
+/// Longest wait for a connection to a peer. A peer whose host died, or behind a firewall that
+/// drops packets, must be given up on as unreachable (the request is then served here), not
+/// waited for until `forward_timeout` and answered "may have been written".
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Cluster settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -76,6 +80,9 @@ pub struct Peer {
     /// From the static list (kept when discovery drops it).
     #[serde(skip)]
     pub fixed: bool,
+    /// The URL reaches this very node (its `/ready` told this node's id): never forwarded to.
+    #[serde(rename = "self")]
+    pub own: bool,
 }
 
 /// The cluster as this node sees it.
@@ -84,6 +91,9 @@ pub struct Cluster {
     pub name: String,
     /// This node's URL.
     pub url: String,
+    /// A random id this node tells in its `/ready`, so that a peer URL that leads back here
+    /// (a shared peer list, an address other than the advertised one) is known for what it is.
+    pub id: String,
     config: ClusterConfig,
     peers: RwLock<BTreeMap<String, Peer>>,
     client: reqwest::Client,
@@ -128,6 +138,7 @@ impl Cluster {
                             ready: false,
                             headroom: 0.0,
                             fixed: true,
+                            own: false,
                         },
                     )
                 })
@@ -135,6 +146,7 @@ impl Cluster {
             .collect::<Result<BTreeMap<_, _>, _>>()?;
         let client = reqwest::Client::builder()
             .no_proxy()
+            .connect_timeout(CONNECT_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| format!("cluster: {e}"))?;
@@ -144,6 +156,7 @@ impl Cluster {
                 .clone()
                 .unwrap_or_else(|| format!("kafboy@{listen}")),
             url: normalize(&url)?,
+            id: format!("{:016x}", rand::random::<u64>()),
             config: config.clone(),
             peers: RwLock::new(peers),
             client,
@@ -175,7 +188,7 @@ impl Cluster {
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
         let ready: Vec<&Peer> = peers
             .values()
-            .filter(|p| p.ready && p.url != self.url)
+            .filter(|p| p.ready && !p.own && p.url != self.url)
             .filter(|p| p.headroom > 0.0 && p.headroom >= room - ROOM_SLACK)
             .collect();
         let top = ready
@@ -197,8 +210,9 @@ impl Cluster {
             .collect()
     }
 
-    /// Sends the request to `peer` and relays its answer. `None` when the peer could not take
-    /// it (the caller then answers as it would have).
+    /// Sends the request to `peer` and relays its answer. `None` when the peer did not take it:
+    /// unreachable, or it answered 503 or 429, which write nothing. The caller then serves the
+    /// request itself, as it would have without the peer.
     pub async fn forward(
         &self,
         peer: String,
@@ -225,10 +239,14 @@ impl Cluster {
         }
         request = request.header(HOP, &self.name).body(body);
         match request.send().await {
-            Ok(answer) => {
-                counter!(crate::metrics::FORWARDED, "direction" => "sent").increment(1);
-                Some(relay(answer).await)
+            Ok(answer) if declined(answer.status()) => {
+                tracing::debug!(%peer, status = %answer.status(), "peer declined a forwarded request");
+                if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
+                    self.mark(&peer, false, 0.0);
+                }
+                None
             }
+            Ok(answer) => Some(relay(answer).await),
             Err(error) => {
                 tracing::warn!(%peer, %error, "forwarding failed");
                 self.mark(&peer, false, 0.0);
@@ -260,6 +278,12 @@ fn normalize(url: &str) -> Result<String, String> {
         return Err(format!("cluster peer {url:?} must be an http:// URL"));
     }
     Ok(url.to_string())
+}
+
+/// A peer's answer that says nothing was written there and another node may serve the request:
+/// it is full, not ready, shutting down, or over its own rate limit.
+fn declined(status: StatusCode) -> bool {
+    status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS
 }
 
 fn hop_by_hop(name: &HeaderName) -> bool {

@@ -4,6 +4,8 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use axum::http::StatusCode;
 use metrics::gauge;
 
@@ -14,6 +16,7 @@ impl Cluster {
     pub(super) fn mark(&self, url: &str, ready: bool, headroom: f64) {
         let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
         if let Some(peer) = peers.get_mut(url) {
+            let ready = ready && !peer.own;
             if peer.ready != ready {
                 tracing::info!(peer = %url, ready, "peer state changed");
             }
@@ -36,15 +39,26 @@ impl Cluster {
             .await;
         let (ready, headroom) = match answer {
             Ok(r) if r.status() == StatusCode::OK => {
-                let headroom = json_of(r)
-                    .await
-                    .and_then(|v| v["headroom"].as_f64())
-                    .unwrap_or(0.0);
-                (true, headroom)
+                let body = json_of(r).await.unwrap_or_default();
+                if body["node"].as_str() == Some(self.id.as_str()) {
+                    self.found_self(url);
+                }
+                (true, body["headroom"].as_f64().unwrap_or(0.0))
             }
             _ => (false, 0.0),
         };
         self.mark(url, ready, headroom);
+    }
+
+    /// `url` leads back to this node: it stays listed, marked, and is never forwarded to.
+    fn found_self(&self, url: &str) {
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(peer) = peers.get_mut(url)
+            && !peer.own
+        {
+            tracing::info!(peer = %url, "peer is this node; not forwarded to");
+            peer.own = true;
+        }
     }
 
     async fn discover(&self, source: &str) {
@@ -84,6 +98,7 @@ impl Cluster {
                     ready: false,
                     headroom: 0.0,
                     fixed: false,
+                    own: false,
                 }
             });
         }
@@ -96,24 +111,33 @@ impl Cluster {
         let interval = self.config.health_interval;
         let refresh = self.config.refresh;
         tokio::spawn(async move {
-            let mut since_discovery = refresh;
+            let mut discovered: Option<Instant> = None;
             loop {
                 let Some(cluster) = weak.upgrade() else {
                     return;
                 };
-                if since_discovery >= refresh {
+                if discovered.is_none_or(|at| at.elapsed() >= refresh) {
                     if let Some(source) = cluster.config.discovery_url.clone() {
                         cluster.discover(&source).await;
                     }
-                    since_discovery = Duration::ZERO;
+                    discovered = Some(Instant::now());
                 }
+                // All at once: peers that time out one after another would leave every figure
+                // as many checks old as there are such peers.
                 let urls: Vec<String> = cluster.peers().into_iter().map(|p| p.url).collect();
-                for url in urls {
-                    cluster.check(&url).await;
+                let checks: Vec<_> = urls
+                    .iter()
+                    .map(|url| {
+                        let cluster = cluster.clone();
+                        let url = url.clone();
+                        tokio::spawn(async move { cluster.check(&url).await })
+                    })
+                    .collect();
+                for check in checks {
+                    let _ = check.await;
                 }
                 drop(cluster);
                 tokio::time::sleep(interval).await;
-                since_discovery += interval;
             }
         });
     }

@@ -5,14 +5,15 @@ use axum::http::request::Parts;
 use axum::response::Response;
 use bytes::Bytes;
 
-use crate::config::Mode;
+use crate::routes::Route;
 use crate::state::AppState;
 
 /// Hands the request to a peer when this node's producer queue is past its high-water mark;
 /// `None` to serve it here. A forwarded request is never forwarded again.
 pub(super) async fn overflow(
     app: &AppState,
-    mode: Mode,
+    route: &Route,
+    hooked: bool,
     topic: &str,
     parts: &Parts,
     body: &Bytes,
@@ -24,9 +25,19 @@ pub(super) async fn overflow(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return None;
     }
-    app.cluster.as_ref()?;
-    let (fill, full) = app.producers.for_mode(mode, topic).fill();
+    if !forwardable(app, route, hooked) {
+        return None;
+    }
+    let (fill, full) = app.producers.for_mode(route.mode, topic).fill();
     hand_over(app, parts, body.clone(), fill, full).await
+}
+
+/// Whether a request on `route` may go to a peer at all. Not on a route with a hook: the peer's
+/// hook would see this node as the client (`req:peer()`), so a hook's address check could be
+/// passed by way of a full node. Not on a spooled route either: its records go to this node's
+/// disk, whatever its producers' queues hold.
+pub(super) fn forwardable(app: &AppState, route: &Route, hooked: bool) -> bool {
+    app.cluster.is_some() && !hooked && !super::send::spooled(app, route, route.mode)
 }
 
 /// Forwards to the best ready peer if `fill`/`full` call for it; the peer's answer, if any.
@@ -42,6 +53,9 @@ pub(super) async fn hand_over(
         return None;
     }
     let peer = cluster.peer_for(fill, full, &parts.headers)?;
+    // The body stays in memory until the peer answers (up to `cluster.forward_timeout`): it
+    // keeps its share of the buffer budget meanwhile, and without room there it is served here.
+    let _held = app.body_limits.buffer.hold(body.len())?;
     // Boxed because a call to a peer is a large future (1.3 KiB) that few requests need:
     // inline, it would grow the future of every request, which axum boxes and moves.
     let id = parts
@@ -58,6 +72,7 @@ pub(super) async fn hand_over(
     );
     let answer = Box::pin(forward).await;
     if answer.is_some() {
+        ::metrics::counter!(crate::metrics::FORWARDED, "direction" => "sent").increment(1);
         app.stats
             .forwarded_sent
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

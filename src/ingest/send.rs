@@ -55,7 +55,7 @@ pub(super) fn records_for(
 }
 
 /// Whether the records of this request go to the disk spool rather than straight to a producer.
-fn spooled(app: &AppState, route: &Route, mode: Mode) -> bool {
+pub(super) fn spooled(app: &AppState, route: &Route, mode: Mode) -> bool {
     route.spool && matches!(mode, Mode::Async | Mode::BatchAsync) && app.spool.is_some()
 }
 
