@@ -227,12 +227,9 @@ async fn collect(
         match &first {
             None if rest.is_empty() => first = Some(data),
             _ => {
+                let cap = declared.unwrap_or(limits.max_bytes).max(total);
+                grow(&mut rest, total, cap, &mut held)?;
                 if let Some(f) = first.take() {
-                    // Sized once for the declared length (already checked against the limit),
-                    // and that much held of the budget, so the buffer never doubles.
-                    let size = declared.unwrap_or(0).max(total);
-                    held.cover(size)?;
-                    rest.reserve(size);
                     rest.extend_from_slice(&f);
                 }
                 rest.extend_from_slice(&data);
@@ -240,6 +237,37 @@ async fn collect(
         }
     }
     Ok(first.unwrap_or_else(|| rest.freeze()))
+}
+
+/// The smallest buffer a body in pieces starts with.
+const FIRST_BUFFER: usize = 16 << 10;
+
+/// Makes room for `need` bytes in all in `buffer`: at least twice its size, at most `cap` (the
+/// declared length, or the limit), its whole capacity held of the budget. Grown as bytes
+/// arrive, not sized for the declared length up front: a client that declares 1 MiB and then
+/// trickles a byte at a time would otherwise hold 1 MiB of the budget for the price of a few
+/// bytes.
+fn grow(
+    buffer: &mut BytesMut,
+    need: usize,
+    cap: usize,
+    held: &mut Held<'_>,
+) -> Result<(), IngestError> {
+    if need <= buffer.capacity() {
+        return Ok(());
+    }
+    let size = buffer
+        .capacity()
+        .saturating_mul(2)
+        .max(FIRST_BUFFER)
+        .min(cap)
+        .max(need);
+    held.cover(size)?;
+    // Exactly `size`: `reserve` would round up as a `Vec` does, past `cap` and the budget.
+    let mut bigger = BytesMut::with_capacity(size);
+    bigger.extend_from_slice(buffer);
+    *buffer = bigger;
+    Ok(())
 }
 
 fn inflate(decoder: impl Read, limit: usize, name: &str) -> Result<Bytes, IngestError> {
@@ -356,11 +384,11 @@ mod tests {
         let mut l = limits(100);
         l.buffer = Arc::new(Budget::new(60));
         let every = Duration::from_millis(10);
-        let slow = read(Trickle::body(50, every), Encoding::Identity, None, &l);
+        let slow = read(Trickle::body(50, every), Encoding::Identity, Some(50), &l);
         let other = async {
-            // Once the slow body holds 45 bytes, 20 more do not fit.
+            // Once the slow body holds its buffer of 50 bytes, 20 more do not fit.
             tokio::time::sleep(every * 45 + every / 2).await;
-            assert_eq!(l.buffer.used(), 45);
+            assert_eq!(l.buffer.used(), 50);
             read(Body::from(vec![b'y'; 20]), Encoding::Identity, None, &l).await
         };
         let (slow, other) = tokio::join!(slow, other);
@@ -374,19 +402,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_buffer_sized_for_a_declared_length_is_held_of_the_budget() {
-        let mut l = limits(100);
-        l.buffer = Arc::new(Budget::new(100));
+    async fn a_body_in_pieces_holds_its_buffer_not_what_it_declared() {
+        let max = 1 << 20;
+        let mut l = limits(max);
+        l.buffer = Arc::new(Budget::new(max));
         let every = Duration::from_millis(10);
-        let slow = read(Trickle::body(50, every), Encoding::Identity, Some(50), &l);
+        // Declares 1 MiB, sends a byte at a time: holds the first buffer, not 1 MiB.
+        let slow = read(Trickle::body(50, every), Encoding::Identity, Some(max), &l);
         let watch = async {
-            // Two pieces in: the buffer for all 50 declared bytes exists, and is counted.
             tokio::time::sleep(every * 2 + every / 2).await;
             l.buffer.used()
         };
         let (slow, used) = tokio::join!(slow, watch);
-        assert_eq!((slow.unwrap().len(), used), (50, 50));
+        assert_eq!((slow.unwrap().len(), used), (50, FIRST_BUFFER));
         assert_eq!(l.buffer.used(), 0);
+        // A buffer grows by doubling up to the declared length, all of it held, no more.
+        let mut held = Held {
+            budget: &l.buffer,
+            bytes: 0,
+        };
+        let mut buffer = BytesMut::new();
+        let declared = 100_000;
+        for need in [1, FIRST_BUFFER + 1, 70_000, declared] {
+            grow(&mut buffer, need, declared, &mut held).unwrap();
+            buffer.resize(need, 0);
+            assert!(buffer.capacity() <= declared, "{}", buffer.capacity());
+            assert_eq!(l.buffer.used(), buffer.capacity(), "need {need}");
+        }
+        assert_eq!(buffer.capacity(), declared);
     }
 
     #[tokio::test]

@@ -154,6 +154,13 @@ pub fn check_json(bytes: &[u8], max_depth: usize) -> Result<(), String> {
     crate::json::validate(bytes, max_depth)
 }
 
+/// A line of JSON whitespace only (space, tab, carriage return), skipped in NDJSON. Not
+/// `is_ascii_whitespace`, which also takes a form feed: JSON does not, so such a line is an
+/// error, not a line to drop while answering 2xx.
+fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r'))
+}
+
 fn ndjson(body: Bytes, limits: &Limits) -> Result<Vec<Bytes>, DecodeError> {
     let mut records = Vec::new();
     let mut start = 0;
@@ -162,7 +169,7 @@ fn ndjson(body: Bytes, limits: &Limits) -> Result<Vec<Bytes>, DecodeError> {
         let line_start = start;
         start = end + 1;
         let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
-        if trimmed.iter().all(u8::is_ascii_whitespace) {
+        if is_blank(trimmed) {
             continue;
         }
         check_json(trimmed, limits.max_depth).map_err(|e| DecodeError::Line(index + 1, e))?;
@@ -463,6 +470,13 @@ mod tests {
             decode(BodyKind::Ndjson, Bytes::from_static(b"\n\n"), &lim(2)),
             Err(DecodeError::Empty)
         );
+        // A form feed is not JSON whitespace: its line is an error, not a blank line.
+        let err = decode(
+            BodyKind::Ndjson,
+            Bytes::from_static(b"{}\n\x0c\n{}"),
+            &lim(10),
+        );
+        assert!(matches!(err, Err(DecodeError::Line(2, _))), "{err:?}");
     }
 
     proptest! {

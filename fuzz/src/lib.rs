@@ -170,7 +170,7 @@ fn ndjson(body: &Bytes, limits: &Limits) {
         .split(|&b| b == b'\n')
         .enumerate()
         .map(|(i, l)| (i + 1, l.strip_suffix(b"\r").unwrap_or(l)))
-        .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
+        .filter(|(_, l)| !l.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r')))
         .collect();
     match got {
         Ok(records) => {

@@ -97,8 +97,11 @@ async fn ingest(
         return Err(IngestError::Unavailable("shutting down".into()));
     }
     let meta = RecordMeta::from_parts(&parts)?;
-    let content_type = decode::content_type(&parts.headers)?;
-    let kind = BodyKind::of(route.payload, content_type)?;
+    // A raw route takes any body, whatever its Content-Type says (or how many it has).
+    let kind = match route.payload {
+        crate::config::Payload::Raw => BodyKind::Raw,
+        payload => BodyKind::of(payload, decode::content_type(&parts.headers)?)?,
+    };
     let encoding = Encoding::of(&parts.headers)?;
     let limits = &app.body_limits;
     let declared = body::declared_length(&parts.headers);

@@ -57,17 +57,22 @@ impl Plan {
     }
 }
 
-/// Checks every producer's librdkafka settings without creating a producer (so without
-/// contacting a broker).
+/// Checks every producer's librdkafka settings by creating each producer without its
+/// brokers, so that nothing is contacted: librdkafka checks how the properties go together
+/// (`message.timeout.ms` above `linger.ms`, what idempotence requires, ...) only when a
+/// producer is created, and what it refuses then must not pass a check and fail the start.
 pub fn check(config: &Config) -> Result<(), String> {
     let plan = Plan::new(config)?;
     for recipe in [&plan.sync, &plan.asynchronous, &plan.batch]
         .into_iter()
         .chain(&plan.groups)
     {
-        recipe
-            .create_native_config()
-            .map_err(|e| super::describe(&e))?;
+        let mut recipe = recipe.clone();
+        recipe.remove("bootstrap.servers");
+        let producer: rdkafka::producer::BaseProducer = recipe
+            .create()
+            .map_err(|e: rdkafka::error::KafkaError| super::describe(&e))?;
+        drop(producer);
     }
     // librdkafka reads these only when a producer starts.
     if let Some(tls) = &config.kafka.tls {

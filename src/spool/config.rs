@@ -82,6 +82,20 @@ impl SpoolConfig {
         if self.checkpoint_interval.is_zero() {
             return Err("spool.checkpoint_interval must be above 0".into());
         }
+        // Past what the clock can hold, the writer or the sender would panic on the first
+        // append or retry; a long group commit would hold every spooled 202 as long.
+        if self.commit_interval > Duration::from_secs(1) {
+            return Err("spool.commit_interval must be at most 1s".into());
+        }
+        for (name, d) in [
+            ("spool.checkpoint_interval", self.checkpoint_interval),
+            ("spool.retry_backoff", self.retry_backoff),
+            ("spool.retry_backoff_max", self.retry_backoff_max),
+        ] {
+            if d > crate::config::MAX_DURATION {
+                return Err(format!("{name} must be at most 1 day"));
+            }
+        }
         if self.retry_backoff_max < self.retry_backoff {
             return Err("spool.retry_backoff_max must not be below spool.retry_backoff".into());
         }

@@ -33,6 +33,11 @@ pub(super) fn check_spool_dir(dir: &std::path::Path) -> Result<(), String> {
     }
 }
 
+/// Most `server.max_headers`.
+const MAX_HEADERS: usize = 1000;
+/// Most `server.max_header_bytes`: hyper's read buffer stops there.
+const MAX_HEADER_BYTES: usize = 400 << 10;
+
 /// Limits whose extreme values would fail at run time: a deadline past what the clock can
 /// hold panics, and tokio's semaphore takes at most `MAX_PERMITS` connections; and floors
 /// below which a setting would mean "never" or "no pause at all".
@@ -61,6 +66,13 @@ fn check_ranges(config: &Config) -> Result<(), String> {
     let ms = Duration::from_millis;
     let floors = [
         ("server.body_deadline", s.body_deadline, ms(10)),
+        // Zero would answer every sync request 504 though its record is written, drop every
+        // connection whose write blocks, or time out every body and hook.
+        ("server.sync_timeout", s.sync_timeout, ms(10)),
+        ("server.body_read_timeout", s.body_read_timeout, ms(10)),
+        ("server.header_read_timeout", s.header_read_timeout, ms(10)),
+        ("server.write_timeout", s.write_timeout, ms(10)),
+        ("hook.timeout", config.hook.timeout, ms(1)),
         ("kafka.message_timeout", k.message_timeout, ms(1)),
         ("kafka.metadata_timeout", k.metadata_timeout, ms(10)),
         ("kafka.metadata_refresh", k.metadata_refresh, ms(1000)),
@@ -70,6 +82,21 @@ fn check_ranges(config: &Config) -> Result<(), String> {
     }
     if k.queue_max_messages == 0 || k.queue_max_bytes == 0 {
         return Err("kafka.queue_max_messages and kafka.queue_max_bytes must be above 0".into());
+    }
+    if s.max_records == 0 {
+        return Err("server.max_records must be at least 1".into());
+    }
+    // hyper sizes two arrays of `max_headers` slots for every request, and reads a head into a
+    // buffer of at most ~400 KiB whatever `max_header_bytes` says.
+    if !(1..=MAX_HEADERS).contains(&s.max_headers) {
+        return Err(format!(
+            "server.max_headers must be between 1 and {MAX_HEADERS}"
+        ));
+    }
+    if !(1024..=MAX_HEADER_BYTES).contains(&s.max_header_bytes) {
+        return Err(format!(
+            "server.max_header_bytes must be between 1024 and {MAX_HEADER_BYTES}"
+        ));
     }
     if s.max_body_buffer_bytes < s.max_body_bytes {
         return Err("server.max_body_buffer_bytes must be at least server.max_body_bytes".into());
