@@ -36,6 +36,7 @@ pub struct ClusterConfig {
     /// The URL peers reach this node at. Default: `http://<listen address>`.
     pub advertise_url: Option<String>,
     /// Peer base URLs, e.g. `http://10.0.0.2:8000`.
+    #[serde(deserialize_with = "crate::config::string_or_list")]
     pub peers: Vec<String>,
     /// A URL answering peer base URLs, one per line (e.g. a load balancer in front of
     /// `/disco`-like endpoints or a file server), re-read every `refresh`.

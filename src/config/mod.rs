@@ -239,7 +239,8 @@ pub fn ignored_env(config: &Config) -> Vec<String> {
 }
 
 /// Accepts `["a:1", "b:2"]` as well as `"a:1,b:2"` (what an environment variable holds).
-fn string_or_list<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+/// Blank entries are dropped.
+pub(crate) fn string_or_list<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Either {

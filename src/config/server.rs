@@ -92,12 +92,15 @@ pub struct TlsConfig {
 pub struct CorsConfig {
     /// Origins allowed, as browsers send them: `scheme://host[:port]` in lower case, e.g.
     /// `https://app.example.com`; `*` for any (without credentials). At least one.
+    #[serde(deserialize_with = "crate::config::string_or_list")]
     pub allowed_origins: Vec<String>,
     /// Methods allowed. Default `["POST"]`.
+    #[serde(deserialize_with = "crate::config::string_or_list")]
     pub allowed_methods: Vec<String>,
     /// Request headers allowed; a name ending in `*` allows every header it starts. Default:
     /// Content-Type, Content-Encoding, Authorization, X-Api-Key, X-Request-Id, X-Kafka-Key,
     /// X-Kafka-Partition, X-Kafka-Header-*.
+    #[serde(deserialize_with = "crate::config::string_or_list")]
     pub allowed_headers: Vec<String>,
     /// How long a browser may cache a preflight answer. Default 10m.
     #[serde(with = "humantime_serde")]

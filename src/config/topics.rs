@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 pub struct TopicsConfig {
     /// Topics that may be written: exact names and `prefix*` patterns. Empty allows every valid
     /// name the brokers have. A topic outside the list gets 404 without any request to Kafka.
+    #[serde(deserialize_with = "crate::config::string_or_list")]
     pub allow: Vec<String>,
     /// Default partition strategy. Default `auto`.
     pub partitioner: Partitioner,
