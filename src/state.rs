@@ -95,8 +95,7 @@ impl AppState {
                 })
             })
             .collect();
-        let cluster =
-            crate::cluster::Cluster::new(&config.cluster, config.server.listen)?.map(Arc::new);
+        let cluster = crate::cluster::Cluster::new(config)?.map(Arc::new);
         // Opened whenever a directory is set, even if no route spools, so leftovers are replayed.
         let spool = match &config.spool.dir {
             Some(dir) => Some(Arc::new(
@@ -141,7 +140,7 @@ impl AppState {
         if let Some(cors) = &config.server.cors {
             let _ = crate::listener::Cors::new(cors)?;
         }
-        crate::cluster::Cluster::new(&config.cluster, config.server.listen)?;
+        crate::cluster::Cluster::new(config)?;
         if let Some(dir) = &config.spool.dir {
             check_spool_dir(dir)?;
         }

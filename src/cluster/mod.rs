@@ -49,9 +49,12 @@ pub struct ClusterConfig {
     pub health_interval: Duration,
     /// Share of the producer queue above which requests are handed to a peer. Default 0.8.
     pub high_water: f64,
-    /// Longest wait for a peer's answer to a forwarded request. Default 35s.
+    /// Longest wait for a peer's answer to a forwarded request. Default: the longest a peer
+    /// may take to answer one (`server.sync_timeout` + `kafka.metadata_timeout` +
+    /// `server.enqueue_timeout` + `hook.timeout`) plus 1 s, so that a peer's late but
+    /// definite answer is relayed, not turned into a 504.
     #[serde(with = "humantime_serde")]
-    pub forward_timeout: Duration,
+    pub forward_timeout: Option<Duration>,
 }
 
 impl Default for ClusterConfig {
@@ -64,7 +67,7 @@ impl Default for ClusterConfig {
             refresh: Duration::from_secs(10),
             health_interval: Duration::from_secs(1),
             high_water: 0.8,
-            forward_timeout: Duration::from_secs(35),
+            forward_timeout: None,
         }
     }
 }
@@ -92,6 +95,8 @@ pub struct Cluster {
     pub name: String,
     /// This node's URL.
     pub url: String,
+    /// Longest wait for a peer's answer (`cluster.forward_timeout`, or its default).
+    forward_timeout: Duration,
     /// A random id this node tells in its `/ready`, so that a peer URL that leads back here
     /// (a shared peer list, an address other than the advertised one) is known for what it is.
     pub id: String,
@@ -101,14 +106,22 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// A cluster view from config; `None` when no peers and no discovery URL are configured.
-    pub fn new(
-        config: &ClusterConfig,
-        listen: std::net::SocketAddr,
-    ) -> Result<Option<Cluster>, String> {
+    /// A cluster view from the config; `None` when no peers and no discovery URL are
+    /// configured.
+    pub fn new(whole: &crate::Config) -> Result<Option<Cluster>, String> {
+        let config = &whole.cluster;
+        let listen = whole.server.listen;
         if config.peers.is_empty() && config.discovery_url.is_none() {
             return Ok(None);
         }
+        let forward_timeout = config.forward_timeout.unwrap_or_else(|| {
+            let s = &whole.server;
+            s.sync_timeout
+                .saturating_add(whole.kafka.metadata_timeout)
+                .saturating_add(s.enqueue_timeout)
+                .saturating_add(whole.hook.timeout)
+                .saturating_add(Duration::from_secs(1))
+        });
         if !(0.0..=1.0).contains(&config.high_water) {
             return Err("cluster.high_water must be between 0 and 1".into());
         }
@@ -117,7 +130,7 @@ impl Cluster {
         for (name, d) in [
             ("cluster.refresh", config.refresh),
             ("cluster.health_interval", config.health_interval),
-            ("cluster.forward_timeout", config.forward_timeout),
+            ("cluster.forward_timeout", forward_timeout),
         ] {
             if d < Duration::from_millis(10) || d > crate::config::MAX_DURATION {
                 return Err(format!("{name} must be between 10ms and 1 day"));
@@ -157,6 +170,7 @@ impl Cluster {
                 .clone()
                 .unwrap_or_else(|| format!("kafboy@{listen}")),
             url: normalize(&url)?,
+            forward_timeout,
             id: format!("{:016x}", rand::random::<u64>()),
             config: config.clone(),
             peers: RwLock::new(peers),
@@ -227,7 +241,7 @@ impl Cluster {
         let mut request = self
             .client
             .request(method, format!("{peer}{path}"))
-            .timeout(self.config.forward_timeout);
+            .timeout(self.forward_timeout);
         for (name, value) in headers {
             // The request's id goes as kafboy settled it (the client's, when it was usable).
             if !hop_by_hop(name) && *name != crate::server::REQUEST_ID {
@@ -341,8 +355,22 @@ mod tests {
     use super::*;
 
     fn cluster(toml: &str) -> Result<Option<Cluster>, String> {
-        let config: ClusterConfig = toml::from_str(toml).unwrap();
-        Cluster::new(&config, "127.0.0.1:8000".parse().unwrap())
+        let mut config = crate::Config::from_toml(&format!("[cluster]\n{toml}")).unwrap();
+        config.server.listen = "127.0.0.1:8000".parse().unwrap();
+        Cluster::new(&config)
+    }
+
+    #[test]
+    fn the_forward_timeout_outlasts_a_peers_longest_answer() {
+        let c = cluster("peers = [\"http://10.0.0.2:8000\"]")
+            .unwrap()
+            .unwrap();
+        // 30 s sync + 5 s metadata + 100 ms enqueue + 1 s hook + 1 s.
+        assert_eq!(c.forward_timeout, Duration::from_millis(37_100));
+        let c = cluster("peers = [\"http://10.0.0.2:8000\"]\nforward_timeout = \"3s\"")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.forward_timeout, Duration::from_secs(3));
     }
 
     #[test]
