@@ -782,7 +782,7 @@ async fn record_headers_take_queue_room_for_every_record_they_go_with() {
     assert_eq!(got.len(), 40, "the refused request wrote nothing");
     assert!(
         got.iter()
-            .all(|r| r.headers == [("big".to_string(), big.clone().into_bytes())])
+            .all(|r| r.headers == [("big".to_string(), Some(big.clone().into_bytes()))])
     );
     // And the delivery reports give all their room back.
     let deadline = Instant::now() + PROMPT;

@@ -28,7 +28,6 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 /// Cases per run; `PROPTEST_CASES` overrides.
@@ -128,22 +127,7 @@ impl Reader {
             let Some(msg) = self.consumer.poll(Duration::from_millis(50)) else {
                 continue;
             };
-            let msg = msg.unwrap();
-            let headers = msg
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let record = Consumed {
-                partition: msg.partition(),
-                offset: msg.offset(),
-                key: msg.key().map(<[u8]>::to_vec),
-                value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                headers,
-            };
+            let record = common::consumed(&msg.unwrap());
             self.seen.insert((record.partition, record.offset), record);
         }
         self.seen.get(&(partition, offset)).cloned()
@@ -165,14 +149,15 @@ fn expected(case: &Case, partition: i32, offset: i64) -> Consumed {
         headers: sorted(
             case.headers
                 .iter()
-                .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+                .map(|(n, v)| (n.to_ascii_lowercase(), Some(v.clone())))
                 .collect(),
         ),
     }
 }
 
-/// Headers grouped by name, names in order, each name's values in the order sent.
-fn sorted(mut headers: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+/// Headers grouped by name, names in order, each name's values in the order sent. A value sent
+/// is never null, even when empty.
+fn sorted(mut headers: Vec<(String, Option<Vec<u8>>)>) -> Vec<(String, Option<Vec<u8>>)> {
     headers.sort_by(|a, b| a.0.cmp(&b.0));
     headers
 }

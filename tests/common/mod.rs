@@ -99,15 +99,20 @@ fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// A name no other test of any test process uses: `prefix`, the process id and a counter.
+pub fn unique_name(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 impl Broker {
     /// Creates a topic with a name unique to this process and returns the name.
     pub fn topic(&self, prefix: &str, partitions: u32) -> String {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "{prefix}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = unique_name(prefix);
         self.create_topic(&name, partitions);
         name
     }
@@ -139,7 +144,30 @@ pub struct Consumed {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// Name and value; a null value is `None`, apart from an empty one.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// The headers of a consumed message, null values kept apart from empty ones.
+pub fn headers_of(msg: &impl Message) -> Vec<(String, Option<Vec<u8>>)> {
+    msg.headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A message as [`Consumed`].
+pub fn consumed(msg: &impl Message) -> Consumed {
+    Consumed {
+        partition: msg.partition(),
+        offset: msg.offset(),
+        key: msg.key().map(<[u8]>::to_vec),
+        value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        headers: headers_of(msg),
+    }
 }
 
 /// Reads `topic` from the beginning until `want` records arrived or 15 s passed.
@@ -203,29 +231,67 @@ pub fn consume_for(brokers: &str, topic: &str, want: usize, wait: Duration) -> V
             continue;
         };
         let msg = msg.expect("consume");
-        let headers = msg
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_string(),
-                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push(Consumed {
-            partition: msg.partition(),
-            offset: msg.offset(),
-            key: msg.key().map(<[u8]>::to_vec),
-            value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            headers,
-        });
+        out.push(consumed(&msg));
     }
     out.sort_by_key(|c| (c.partition, c.offset));
     out
+}
+
+/// A record written after the requests a test checks, through a route that surely works (for
+/// async routes, the same producer as theirs), so that what they wrote, if anything, comes
+/// before it in its partition.
+pub const MARKER: &str = r#"{"marker":true}"#;
+
+/// Reads `topic` from the start until `markers` records with the value [`MARKER`] arrived
+/// (failing after 15 s), and returns every other record read, by partition and offset. With
+/// one marker per producer and partition the requests used, nothing they wrote can come later.
+pub fn before_markers(brokers: &str, topic: &str, markers: usize) -> Vec<Consumed> {
+    let consumer = consumer_from_start(brokers, topic);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut seen, mut out) = (0, Vec::new());
+    while seen < markers {
+        assert!(
+            Instant::now() < deadline,
+            "{seen} of {markers} markers read from {topic} within 15 s; before them: {out:?}"
+        );
+        let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let record = consumed(&msg.expect("consume"));
+        if record.value == MARKER.as_bytes() {
+            seen += 1;
+        } else {
+            out.push(record);
+        }
+    }
+    out.sort_by_key(|c| (c.partition, c.offset));
+    out
+}
+
+/// The values of `records`, as text (lossy), for comparisons that print well.
+pub fn values(records: &[Consumed]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect()
+}
+
+/// Writes [`MARKER`] to `topic` with a producer of the test's own, and waits for its ack: for
+/// topics kafboy may not write to.
+pub fn produce_marker(brokers: &str, topic: &str) {
+    use rdkafka::producer::{BaseRecord, Producer};
+    let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("producer");
+    producer
+        .send(BaseRecord::<(), _>::to(topic).payload(MARKER))
+        .map_err(|(e, _)| e)
+        .expect("queue the marker");
+    producer
+        .flush(Duration::from_secs(15))
+        .expect("marker delivered");
 }
 
 /// kafboy serving on `127.0.0.1:<free port>`.
