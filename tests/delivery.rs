@@ -327,16 +327,19 @@ async fn sync_timeout_shorter_than_the_ack_is_504_and_the_record_still_lands() {
     )
     .await;
     warm_up(&gw, &cluster.bootstrap_servers(), &topic).await;
+    let rtt = Duration::from_secs(3);
     cluster
-        .broker_round_trip_time(ALL_BROKERS, Duration::from_secs(3))
+        .broker_round_trip_time(ALL_BROKERS, rtt)
         .expect("rtt");
 
+    // Answered before the ack could come: a reply that waited for the ack would come after
+    // the round trip (and be a 200).
     let (reply, elapsed) = timed_post(
         &gw,
         &format!("/sync/{topic}"),
         None,
         r#"{"late":true}"#,
-        PROMPT,
+        rtt,
     )
     .await;
     eprintln!(
@@ -347,10 +350,6 @@ async fn sync_timeout_shorter_than_the_ack_is_504_and_the_record_still_lands() {
     assert!(
         elapsed >= sync_timeout,
         "answered before sync_timeout: {elapsed:?}"
-    );
-    assert!(
-        elapsed < Duration::from_secs(2),
-        "answered too late: {elapsed:?}"
     );
 
     // "May have been written" is what happens here: the ack comes after the reply.
@@ -383,17 +382,21 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
     let gw = common::gateway(&cluster.bootstrap_servers(), &toml).await;
     cluster.broker_down(ALL_BROKERS).expect("brokers down");
     let path = format!("/async/{topic}");
-    let refused_within = enqueue_timeout + Duration::from_millis(800);
+    // With the brokers down, room comes back only when queued records expire, at the message
+    // timeout (30 s): an answer that waited for room (or for delivery) comes no sooner than
+    // that. Every answer below must come well before it.
+    let message_timeout = Duration::from_secs(30);
+    let well_before = message_timeout / 2;
 
     for n in 0..2 {
         let (reply, elapsed) =
-            timed_post(&gw, &path, None, &format!(r#"{{"n":{n}}}"#), PROMPT).await;
+            timed_post(&gw, &path, None, &format!(r#"{{"n":{n}}}"#), well_before).await;
+        eprintln!(
+            "record {n} into the queue: {} after {elapsed:?}",
+            reply.status
+        );
         assert_eq!(reply.status, 202, "record {n}: {reply:?}");
         assert_eq!(reply.json(), serde_json::json!({ "ok": 1 }));
-        assert!(
-            elapsed < Duration::from_secs(1),
-            "record {n} took {elapsed:?}"
-        );
     }
     // One slot is left; two records do not fit, and neither is queued.
     let (reply, elapsed) = timed_post(
@@ -401,7 +404,7 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
         &path,
         Some("application/x-ndjson"),
         "{\"nd\":1}\n{\"nd\":2}\n",
-        PROMPT,
+        well_before,
     )
     .await;
     eprintln!(
@@ -410,8 +413,8 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
     );
     assert_unavailable(&reply, "two records, one slot");
     assert!(
-        elapsed >= enqueue_timeout && elapsed < refused_within,
-        "ndjson refused after {elapsed:?}"
+        elapsed >= enqueue_timeout,
+        "ndjson refused before enqueue_timeout: {elapsed:?}"
     );
     // The slot is still free.
     let (reply, _) = timed_post(&gw, &path, None, r#"{"n":2}"#, PROMPT).await;
@@ -419,7 +422,7 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
     assert_eq!(reply.json(), serde_json::json!({ "ok": 1 }));
     for n in 3..5 {
         let (reply, elapsed) =
-            timed_post(&gw, &path, None, &format!(r#"{{"n":{n}}}"#), PROMPT).await;
+            timed_post(&gw, &path, None, &format!(r#"{{"n":{n}}}"#), well_before).await;
         eprintln!(
             "record {n} into a full queue: {} after {elapsed:?}",
             reply.status
@@ -427,8 +430,8 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
         assert_unavailable(&reply, "queue full");
         assert!(reply.error().contains("queue full"), "{reply:?}");
         assert!(
-            elapsed >= enqueue_timeout && elapsed < refused_within,
-            "refused after {elapsed:?}"
+            elapsed >= enqueue_timeout,
+            "refused before enqueue_timeout: {elapsed:?}"
         );
     }
 
@@ -646,13 +649,15 @@ async fn sync_ndjson_reports_every_record_in_request_order() {
 async fn a_shutdown_lets_open_sync_requests_finish_and_takes_no_new_connections() {
     let (cluster, topic) = cluster_with_topic("drain", 1);
     let toml = format!(
-        "[topics]\nallow = [\"{topic}\"]\n[server]\nsync_timeout = \"10s\"\nshutdown_timeout = \"5s\""
+        "[topics]\nallow = [\"{topic}\"]\n[kafka]\nmessage_timeout = \"30s\"\n\
+         [server]\nsync_timeout = \"20s\"\nshutdown_timeout = \"20s\""
     );
     let gw = common::gateway(&cluster.bootstrap_servers(), &toml).await;
     warm_up(&gw, &cluster.bootstrap_servers(), &topic).await;
-    // Acknowledgements take a second: the requests below are still open when the stop begins.
+    // Acknowledgements take 5 s: the requests below are still open when the stop begins, and
+    // for a good while after.
     cluster
-        .broker_round_trip_time(ALL_BROKERS, Duration::from_secs(1))
+        .broker_round_trip_time(ALL_BROKERS, Duration::from_secs(5))
         .expect("rtt");
     let url = gw.url.clone();
     let open: Vec<_> = (0..3)
@@ -686,22 +691,29 @@ async fn a_shutdown_lets_open_sync_requests_finish_and_takes_no_new_connections(
     }
     let stopping = tokio::spawn(gw.stop());
     // New connections are refused (or closed unanswered, when one slipped into the listen
-    // backlog as the listener closed) within a second.
-    let deadline = Instant::now() + Duration::from_secs(1);
+    // backlog as the listener closed) while the open requests still wait for their acks:
+    // the listener does not stay open until they are done.
     loop {
         let attempt = common::client().get(format!("{url}/ready")).send().await;
         match attempt {
             Err(_) => break,
             Ok(r) => assert_ne!(r.status(), 200, "ready while stopping"),
         }
-        assert!(Instant::now() < deadline, "still taking connections");
+        assert!(
+            open.iter().all(|r| !r.is_finished()),
+            "still taking connections when the open requests were answered"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(
+        open.iter().all(|r| !r.is_finished()),
+        "the open requests were answered before the listener closed"
+    );
     for request in open {
         let reply = request.await.expect("request task");
         assert_eq!(reply.status, 200, "an open request finishes: {reply:?}");
     }
-    let report = tokio::time::timeout(Duration::from_secs(10), stopping)
+    let report = tokio::time::timeout(Duration::from_secs(30), stopping)
         .await
         .expect("stops")
         .expect("stop task");
@@ -827,15 +839,41 @@ async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutd
         .expect("slow broker");
     let (reply, _) = timed_post(&gw, &path, None, r#"{"slow":1}"#, PROMPT).await;
     assert_eq!(reply.status, 504, "{reply:?}");
+    // The producer the fatal error hits; a weak reference, so as not to hold it alive.
+    let hit = std::sync::Arc::downgrade(&producers.for_mode(kafboy::config::Mode::Sync, &topic));
     producers.inject_fatal_error();
+    // First the fatal error is seen (/ready says 503 for as long as that producer is in
+    // place, which may be too short to catch), then the producer is replaced and /ready is
+    // 200 again: it was 200 before the error, so only this order shows the replacement.
+    let deadline = Instant::now() + PROMPT;
+    let mut seen_503 = false;
+    loop {
+        let current = producers.for_mode(kafboy::config::Mode::Sync, &topic);
+        if !std::ptr::eq(std::sync::Arc::as_ptr(&current), hit.as_ptr()) {
+            break;
+        }
+        drop(current);
+        seen_503 |= get(&gw, "/ready").await.status == 503;
+        assert!(Instant::now() < deadline, "the producer was not replaced");
+    }
+    let retired = hit
+        .upgrade()
+        .expect("the retired producer is still flushing");
+    assert!(retired.is_fatal(), "replaced without a fatal error");
+    drop(retired);
+    eprintln!("/ready seen 503 before the replacement: {seen_503}");
     let deadline = Instant::now() + PROMPT;
     while get(&gw, "/ready").await.status != 200 {
-        assert!(Instant::now() < deadline, "the producer was not replaced");
+        assert!(Instant::now() < deadline, "not ready after the replacement");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The stop gives up on the retired producer's record at shutdown_timeout (1 s) instead
+    // of waiting for its ack (5 s away, and then it would not count as undelivered) or its
+    // message timeout (60 s).
     let started = Instant::now();
-    let report = gw.stop().await;
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(4), "the stop took {took:?}");
+    let report = tokio::time::timeout(Duration::from_secs(30), gw.stop())
+        .await
+        .expect("the stop waited out the message timeout");
+    eprintln!("the stop took {:?}", started.elapsed());
     assert_eq!(report.undelivered, 1, "the retired producer's record");
 }
