@@ -38,8 +38,11 @@ use harness::{
 const SYNC_TIMEOUT: Duration = Duration::from_secs(15);
 /// Every request must be answered by then.
 const DEADLINE: Duration = Duration::from_secs(16);
-/// Every client must have a 2xx this soon after a fault heals.
-const RECOVERY: Duration = Duration::from_secs(5);
+/// The scenarios' `message_timeout` (s5 and s8 set their own).
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Every client must have a 2xx this soon after a fault heals: before the message timeout, so
+/// a gateway that only recovers once the records held during the fault expire (or never) fails.
+const RECOVERY: Duration = MESSAGE_TIMEOUT;
 /// How long to wait for a state before giving up (generous: the machine is shared).
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -388,6 +391,10 @@ async fn s5_queue_full_with_brokers_down() {
     v.assert_no_async_loss(scenario);
     v.assert_recovered(scenario, RECOVERY);
     assert!(!refused.is_empty(), "{scenario}: the queue never filled up");
+    eprintln!(
+        "{scenario}: 503 latency p50 {refused_p50:?} p99 {refused_p99:?} max {refused_max:?} \
+         (enqueue_timeout {enqueue_timeout:?})"
+    );
     assert!(
         refused.iter().all(|o| matches!(
             o.outcome,
@@ -403,16 +410,13 @@ async fn s5_queue_full_with_brokers_down() {
         "{scenario}: refused before enqueue_timeout: {:?}",
         refused_latency[0]
     );
-    // kafboy answers a refusal within enqueue_timeout + 50 ms; the tail also holds the
-    // clients' own scheduling (64 of them on the same two cores, on a shared machine), so it
-    // gets a looser bound that still catches a refusal that waits for the brokers.
+    // With the brokers down, room comes back only as queued records expire at the message
+    // timeout (30 s): a refusal that waited for room, or for the brokers, would take about as
+    // long as that. The latencies themselves are printed above, not checked.
+    let message_timeout = Duration::from_secs(30);
     assert!(
-        refused_p50 <= enqueue_timeout + Duration::from_millis(50),
-        "{scenario}: 503 median {refused_p50:?} over enqueue_timeout + 50 ms"
-    );
-    assert!(
-        refused_max <= enqueue_timeout + Duration::from_secs(2),
-        "{scenario}: a 503 took {refused_max:?}"
+        refused_max < message_timeout / 3,
+        "{scenario}: a 503 took {refused_max:?}, as if it waited for room"
     );
     assert_eq!(report.undelivered, 0, "{scenario}: undelivered");
     assert_eq!(
@@ -490,10 +494,13 @@ async fn s6_fatal_producer_error() {
         "{scenario}: a purged record is definitely not written: 503, not 504 ({:?})",
         v.codes
     );
+    // Noticed by kafboy itself, not only once records time out (message_timeout), and
+    // replaced before that too.
     let down = went_down.map(|t| t - injected);
     assert!(
-        down.is_some_and(|d| d <= Duration::from_secs(1)),
-        "{scenario}: /ready not 503 within 1 s of the fatal error (after {down:?})"
+        down.is_some_and(|d| d < MESSAGE_TIMEOUT),
+        "{scenario}: /ready not 503 within {MESSAGE_TIMEOUT:?} of the fatal error (after \
+         {down:?})"
     );
     let back = came_back.zip(went_down).map(|(up, down)| up - down);
     assert!(
@@ -739,6 +746,7 @@ async fn s6b_fatal_producer_error_with_records_queued() {
     // With the brokers down the requests' records wait in the queue, so the fatal error has
     // records to purge: those must be 503, and never written.
     cluster.broker_down(ALL_BROKERS).unwrap();
+    let down = Instant::now();
     hold(Duration::from_millis(500)).await;
     let injected = Instant::now();
     producers.inject_fatal_error();
@@ -754,10 +762,51 @@ async fn s6b_fatal_producer_error_with_records_queued() {
     // Safe: no 2xx lost, and no 503'd record written (a request sent just before the brokers
     // went down may be 504, which is what it is: maybe written).
     v.assert_safe(scenario, DEADLINE);
+    // The sync requests open at the injection: a request started once the brokers were down
+    // has its record in the queue, never sent, and the fatal error purges it: 503 with
+    // Retry-After, where without the fatal error it would have been a 200 once the brokers
+    // returned. One started before may also have had its record in a produce request that
+    // the outage cut: 504.
+    let (down, injected) = (down - t0, injected - t0);
+    let open: Vec<_> = ops
+        .iter()
+        .filter(|o| o.start < injected && o.end > injected)
+        .collect();
+    let queued: Vec<_> = ops
+        .iter()
+        .filter(|o| o.start >= down && o.start < injected)
+        .collect();
+    eprintln!(
+        "{scenario}: {} sync requests open at the injection; {} started with the brokers down",
+        open.len(),
+        queued.len()
+    );
     assert!(
-        v.fail >= 1,
-        "{scenario}: nothing was purged ({:?})",
-        v.codes
+        !queued.is_empty(),
+        "{scenario}: no request was queued at the injection"
+    );
+    let not_purged: Vec<_> = queued
+        .iter()
+        .filter(|o| {
+            o.end <= injected
+                || o.outcome
+                    != (Outcome::Status {
+                        code: 503,
+                        retry_after: true,
+                    })
+        })
+        .collect();
+    assert!(
+        not_purged.is_empty(),
+        "{scenario}: records queued at the fatal error not answered 503 after it: {not_purged:?}"
+    );
+    let other: Vec<_> = open
+        .iter()
+        .filter(|o| !matches!(o.outcome.code(), Some(503 | 504)))
+        .collect();
+    assert!(
+        other.is_empty(),
+        "{scenario}: requests open at the fatal error answered neither 503 nor 504: {other:?}"
     );
     v.assert_recovered(scenario, RECOVERY);
     assert_eq!(report.undelivered, 0, "{scenario}: undelivered");
