@@ -407,15 +407,27 @@ async fn the_status_page_renders_numbers_and_a_chart_while_traffic_flows() {
     let topic = b.topic("page", 2);
     let gw = gateway(&b.addr, "").await;
     let url = format!("{}/async/{topic}", gw.url);
+    // Until the page is read.
     let traffic = tokio::spawn(async move {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(12) {
+        loop {
             let _ = client().post(&url).body("{\"n\":1}").send().await;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
-    // The chart needs a few one-second samples.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // The chart needs a few one-second samples, one of them with records in it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = common::get_json(&format!("{}/status.json", gw.url)).await;
+        let history = status["history"].as_array().cloned().unwrap_or_default();
+        if history.len() >= 2 && history.iter().any(|s| s["accepted"].as_u64() > Some(0)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no samples with traffic: {history:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let page = format!("{}/", gw.url);
     let dom = tokio::task::spawn_blocking(move || {
         let out = headless(&["--virtual-time-budget=4000", "--dump-dom", &page]);

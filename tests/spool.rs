@@ -575,10 +575,7 @@ async fn records_kafka_refuses_for_good_are_dead_lettered_not_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_error_answers_disk_and_unhealthy_until_writes_work_again() {
-    if !Path::new("/dev/full").exists() {
-        eprintln!("no /dev/full here; skipped");
-        return;
-    }
+    assert!(Path::new("/dev/full").exists(), "this test needs /dev/full");
     let dir = tempfile::tempdir().expect("dir");
     let spool = Spool::open(dir.path(), &config()).expect("open");
     let first = segments(dir.path());
@@ -710,11 +707,23 @@ async fn kill_9_under_load_then_restart_delivers_every_acknowledged_record() {
     });
     let started = Instant::now();
     let mut acked: Vec<String> = Vec::new();
-    // Long enough for the child's sender to deliver and checkpoint part of it.
-    while started.elapsed() < Duration::from_millis(2500) {
+    // The kill comes once the child has acknowledged enough appends and its sender has
+    // delivered and checkpointed part of them, while it keeps appending.
+    const ENOUGH: usize = 500;
+    let deadline = started + Duration::from_secs(25);
+    loop {
         if let Ok(vals) = rx.recv_timeout(Duration::from_millis(100)) {
             acked.extend(vals);
         }
+        let checkpoint = checkpoint_of(dir.path());
+        if acked.len() >= ENOUGH && checkpoint.is_some_and(|next| next > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the child acknowledged {} appends, checkpoint {checkpoint:?}",
+            acked.len()
+        );
     }
     child.kill().expect("kill -9");
     let status = child.wait().expect("wait");
@@ -725,7 +734,6 @@ async fn kill_9_under_load_then_restart_delivers_every_acknowledged_record() {
         started.elapsed(),
         acked.len()
     );
-    assert!(acked.len() >= 500, "too little load: {}", acked.len());
 
     let spool = Spool::open(dir.path(), &config()).expect("reopen after kill -9");
     let replayed = spool.stats().replayed;
@@ -770,6 +778,14 @@ async fn kill_9_under_load_then_restart_delivers_every_acknowledged_record() {
     spool.shutdown(Duration::from_secs(5)).await;
 }
 
+/// The sequence number in the spool's checkpoint file (the first record not yet acknowledged),
+/// if there is a readable one.
+fn checkpoint_of(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join("checkpoint")).ok()?;
+    let rest = text.strip_prefix("kafboy-spool-checkpoint next=")?;
+    rest.split(' ').next()?.parse().ok()
+}
+
 /// The child process of the kill test: appends under load from several tasks and reports each
 /// acknowledged append on stdout. Does nothing unless started by that test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -808,9 +824,10 @@ async fn spool_child_appends_until_killed() {
     }
 }
 
-/// Append latency with fsync (group commit), one appender and 32 concurrent ones; run with
-/// `--nocapture` to see the figures.
+/// Append latency with fsync (group commit), one appender and 32 concurrent ones: figures to
+/// read, not a check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test --release --test spool append_latency_with_fsync -- --ignored --nocapture"]
 async fn append_latency_with_fsync() {
     fn pct(sorted: &[Duration], p: f64) -> Duration {
         sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
