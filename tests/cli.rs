@@ -142,6 +142,12 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[cluster]\npeers = [\"http://a:1\"]\nhigh_water = 5.0".into(), "cluster.high_water"),
         (format!("[spool]\ndir = \"{}/x\"", not_a_dir.path().display()), "directory"),
         ("[server]\nadmin_listen = \"127.0.0.1:9\"\nlisten = \"127.0.0.1:9\"".into(), "admin_listen"),
+        // librdkafka's own checks, run when a producer is created.
+        ("[kafka]\nmessage_timeout = \"3ms\"".into(), "message.timeout.ms"),
+        ("[kafka.options]\n\"retries\" = \"0\"".into(), "retries"),
+        ("[server]\nsync_timeout = \"0s\"".into(), "server.sync_timeout"),
+        ("[server]\nmax_headers = 100000".into(), "server.max_headers"),
+        ("[spool]\ndir = \"/tmp\"\ncommit_interval = \"10m\"".into(), "spool.commit_interval"),
     ];
     for (toml, want) in &refused {
         let file = config_file(toml);
@@ -183,6 +189,42 @@ fn config_errors_exit_64_and_name_the_key() {
         });
         assert_eq!(out.status.code(), Some(code), "{args:?}");
     }
+}
+
+#[test]
+fn environment_values_are_read_as_the_readme_says() {
+    let file = config_file("");
+    let out = run_to_end({
+        let mut c = kafboy();
+        c.arg("check-config")
+            .arg(file.path())
+            .env("KAFBOY_TOPICS__ALLOW", "a, b")
+            .env(
+                "KAFBOY_CLUSTER__PEERS",
+                "http://10.0.0.2:8000,http://10.0.0.3:8000",
+            )
+            .env("KAFBOY_KAFKA__CLIENT_ID", "\"123\"");
+        c
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let effective: toml::Value =
+        toml::from_str(stdout.split_once('\n').map_or("", |(_, rest)| rest))
+            .expect("the effective configuration is TOML");
+    assert_eq!(
+        effective["topics"]["allow"],
+        toml::Value::try_from(["a", "b"]).unwrap()
+    );
+    assert_eq!(
+        effective["cluster"]["peers"],
+        toml::Value::try_from(["http://10.0.0.2:8000", "http://10.0.0.3:8000"]).unwrap()
+    );
+    assert_eq!(effective["kafka"]["client_id"].as_str(), Some("123"));
 }
 
 fn free_port() -> u16 {
