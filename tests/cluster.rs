@@ -324,7 +324,8 @@ enum Produce {
 struct FakePeer {
     url: String,
     addr: SocketAddr,
-    blackhole: Arc<tokio::sync::Notify>,
+    /// Stops the accept loop; it answers once it has stopped.
+    blackhole: Mutex<Option<tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>>>,
 }
 
 impl FakePeer {
@@ -333,33 +334,42 @@ impl FakePeer {
         socket.bind("127.0.0.4:0".parse().unwrap()).unwrap();
         let listener = socket.listen(0).unwrap();
         let addr = listener.local_addr().unwrap();
-        let blackhole = Arc::new(tokio::sync::Notify::new());
-        let stop = blackhole.clone();
+        let (blackhole, mut stop) =
+            tokio::sync::oneshot::channel::<tokio::sync::oneshot::Sender<()>>();
         tokio::spawn(async move {
-            loop {
+            let stopped = loop {
                 let tcp = tokio::select! {
                     accepted = listener.accept() => accepted.unwrap().0,
-                    () = stop.notified() => break,
+                    stopped = &mut stop => break stopped.unwrap(),
                 };
                 tokio::spawn(fake_answer(tcp, produce));
-            }
+            };
             // Listening still, accepting nothing.
+            let _ = stopped.send(());
             let _listener = listener;
             std::future::pending::<()>().await;
         });
         FakePeer {
             url: format!("http://{addr}"),
             addr,
-            blackhole,
+            blackhole: Mutex::new(Some(blackhole)),
         }
     }
 
-    /// From now on a connection to the peer hangs in its handshake.
-    async fn go_dark(&self) -> tokio::net::TcpStream {
-        self.blackhole.notify_one();
-        // Give the accept loop its turn to stop, then fill the one-place queue.
-        tokio::task::yield_now().await;
-        tokio::net::TcpStream::connect(self.addr).await.unwrap()
+    /// From now on a connection to the peer hangs in its handshake (for as long as the
+    /// answer, which may hold the connection queued, is kept).
+    async fn go_dark(&self) -> Option<tokio::net::TcpStream> {
+        let (stopped, done) = tokio::sync::oneshot::channel();
+        let blackhole = self.blackhole.lock().unwrap().take().unwrap();
+        blackhole.send(stopped).unwrap();
+        done.await.unwrap();
+        // The one place in the queue taken (by this connection, or by a health check that came
+        // first, in which case this one hangs too), later handshakes go unanswered.
+        let filler = tokio::net::TcpStream::connect(self.addr);
+        tokio::time::timeout(Duration::from_millis(500), filler)
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 }
 
