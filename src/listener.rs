@@ -46,7 +46,8 @@ pub struct Limits {
 }
 
 const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-retry-after: 1\r\nconnection: close\r\ncontent-length: 33\r\n\r\n{\"error\":\"too many connections\"}\n";
+retry-after: 1\r\nconnection: close\r\ncontent-length: 33\r\nx-request-id: ";
+const TOO_MANY_BODY: &[u8] = b"\r\n\r\n{\"error\":\"too many connections\"}\n";
 
 /// hyper's default `max_headers`.
 const HYPER_MAX_HEADERS: usize = 100;
@@ -186,7 +187,9 @@ impl Connection {
 }
 
 async fn refuse(mut tcp: TcpStream) {
-    let _ = tcp.write_all(TOO_MANY).await;
+    // The request is not read, so the id is a new one, as for any request without its own.
+    let answer = [TOO_MANY, &crate::hex64(rand::random())[..], TOO_MANY_BODY].concat();
+    let _ = tcp.write_all(&answer).await;
     let _ = tcp.shutdown().await;
 }
 

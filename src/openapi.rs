@@ -52,16 +52,31 @@ pub fn describe(app: &AppState, listener: Listener) -> Value {
             .get(template(route.mode))
             .cloned()
             .unwrap_or(Value::Null);
-        if let crate::routes::TopicSource::Fixed(topic) = &route.topic
-            && let Some(op) = item.get_mut("post").and_then(Value::as_object_mut)
-        {
-            op.remove("parameters");
-            op.insert(
-                "description".into(),
-                Value::from(format!("Writes to topic `{topic}`.")),
-            );
+        if let Some(op) = item.get_mut("post").and_then(Value::as_object_mut) {
+            if let crate::routes::TopicSource::Fixed(topic) = &route.topic {
+                // Key, partition and the rest apply as on the built-in route; only the path
+                // has no topic.
+                if let Some(Value::Array(params)) = op.get_mut("parameters") {
+                    params.retain(|p| p["$ref"] != "#/components/parameters/topic");
+                }
+                op.insert(
+                    "description".into(),
+                    Value::from(format!("Writes to topic `{topic}`.")),
+                );
+            }
+            if route.payload == crate::config::Payload::Raw {
+                op.insert("requestBody".into(), raw_body());
+            }
         }
         paths.insert(route.pattern.clone(), item);
+    }
+    // With API keys, no produce route takes a request without one.
+    if app.keys.is_some() {
+        for item in paths.values_mut() {
+            if let Some(Value::Array(security)) = item.pointer_mut("/post/security") {
+                security.retain(|s| s.as_object().is_none_or(|o| !o.is_empty()));
+            }
+        }
     }
     // Default routes turned off in config are not served, so not described.
     paths.retain(|path, _| !is_default_route(path) || served.contains(&path.as_str()));
@@ -73,6 +88,15 @@ pub fn describe(app: &AppState, listener: Listener) -> Value {
         paths.retain(|_, item| item.get("post").is_none());
     }
     spec
+}
+
+/// What a route with `payload = "raw"` reads: any bytes, as they are.
+fn raw_body() -> Value {
+    serde_json::json!({
+        "required": true,
+        "description": "Any bytes, produced as they are, whatever the Content-Type. Content-Encoding gzip or zstd is accepted; size limits apply after inflating.",
+        "content": { "*/*": { "schema": {} } }
+    })
 }
 
 fn is_default_route(path: &str) -> bool {

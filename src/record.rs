@@ -82,17 +82,19 @@ impl RecordMeta {
             partition.add(parse_partition(value.as_bytes())?, "partition")?;
         }
         let (key, partition) = (key.0, partition.0);
-        let headers = parts
-            .headers
-            .iter()
-            .filter_map(|(name, value)| {
-                let name = name
-                    .as_str()
-                    .strip_prefix(HEADER_PREFIX)
-                    .filter(|n| !n.is_empty())?;
-                Some((name.to_string(), Bytes::copy_from_slice(value.as_bytes())))
-            })
-            .collect();
+        let mut headers = Vec::new();
+        for (name, value) in &parts.headers {
+            let Some(name) = name.as_str().strip_prefix(HEADER_PREFIX) else {
+                continue;
+            };
+            // Dropping it would answer 2xx for a record without the header the client sent.
+            if name.is_empty() {
+                return Err(IngestError::BadRequest(
+                    "X-Kafka-Header- without a record header name".into(),
+                ));
+            }
+            headers.push((name.to_string(), Bytes::copy_from_slice(value.as_bytes())));
+        }
         Ok(RecordMeta {
             key,
             partition,
@@ -220,6 +222,14 @@ mod tests {
         let err = meta("/a?partition=1", &[("x-kafka-partition", "abc")])
             .err()
             .unwrap();
+        assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn record_headers_need_a_name() {
+        let m = meta("/a", &[("x-kafka-header-source", "web"), ("x-other", "1")]).unwrap();
+        assert_eq!(m.headers, [("source".to_string(), Bytes::from("web"))]);
+        let err = meta("/a", &[("x-kafka-header-", "v")]).err().unwrap();
         assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST);
     }
 }

@@ -166,7 +166,9 @@ async fn past_the_connection_cap_new_connections_get_503() {
     let answer = raw_http(gw.addr, b"GET /health HTTP/1.1\r\nhost: a\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(
-        answer.contains("retry-after: 1") && answer.contains("too many connections"),
+        answer.contains("retry-after: 1")
+            && answer.contains("too many connections")
+            && answer.contains("x-request-id: "),
         "{answer}"
     );
     held.pop();

@@ -467,7 +467,8 @@ async fn openapi_describes_exactly_the_routes_served() {
     let spec: serde_json::Value = serde_json::from_str(kafboy::openapi::SPEC).unwrap();
     assert_eq!(spec["openapi"], "3.1.0");
     let toml = "[[routes]]\npath = \"/1/foo/:topic\"\nmode = \"batch_sync\"\n\
-                [[routes]]\npath = \"/events\"\ntopic = \"clicks\"\nmode = \"async\"";
+                [[routes]]\npath = \"/events\"\ntopic = \"clicks\"\nmode = \"async\"\n\
+                [[routes]]\npath = \"/raw/:topic\"\nmode = \"async\"\npayload = \"raw\"";
     let gw = gateway(&b.addr, toml).await;
     let served: serde_json::Value = common::get_json(&format!("{}/openapi.json", gw.url)).await;
     let paths: Vec<&String> = served["paths"].as_object().unwrap().keys().collect();
@@ -478,6 +479,7 @@ async fn openapi_describes_exactly_the_routes_served() {
         "/batch/sync/{topic}",
         "/1/foo/{topic}",
         "/events",
+        "/raw/{topic}",
         "/health",
         "/ready",
         "/metrics",
@@ -500,9 +502,28 @@ async fn openapi_describes_exactly_the_routes_served() {
             "{path}: part of a request queued, or a peer that timed out, is 504"
         );
     }
+    let params: Vec<&str> = served["paths"]["/events"]["post"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["$ref"].as_str().unwrap())
+        .collect();
     assert!(
-        served["paths"]["/events"]["post"]["parameters"].is_null(),
-        "a fixed topic takes no parameter"
+        !params.contains(&"#/components/parameters/topic")
+            && params.contains(&"#/components/parameters/key")
+            && params.contains(&"#/components/parameters/partition"),
+        "a fixed topic takes no topic, and a key and partition as any route: {params:?}"
+    );
+    assert!(
+        served["paths"]["/raw/{topic}"]["post"]["requestBody"]["content"]["*/*"].is_object(),
+        "a raw route takes any type"
+    );
+    // Without keys a request needs none.
+    assert!(
+        served["paths"]["/async/{topic}"]["post"]["security"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({}))
     );
     // Every described path and method is really served (never the 404 fallback).
     for (path, item) in served["paths"].as_object().unwrap() {
@@ -525,6 +546,25 @@ async fn openapi_describes_exactly_the_routes_served() {
     let gw = gateway(&b.addr, "[server]\ndefault_routes = false\n[[routes]]\npath = \"/e\"\ntopic = \"t\"\nmode = \"sync\"").await;
     let served: serde_json::Value = common::get_json(&format!("{}/openapi.json", gw.url)).await;
     assert!(served["paths"]["/async/{topic}"].is_null() && served["paths"]["/e"].is_object());
+    gw.stop().await;
+    // With API keys, no operation offers to go without one.
+    let gw = gateway(
+        &b.addr,
+        &format!(
+            "[[auth.keys]]\nname = \"k\"\nsha256 = \"{}\"\ntopics = [\"*\"]",
+            "0".repeat(64)
+        ),
+    )
+    .await;
+    let served: serde_json::Value = common::get_json(&format!("{}/openapi.json", gw.url)).await;
+    let security = &served["paths"]["/async/{topic}"]["post"]["security"];
+    assert!(
+        !security
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({})),
+        "{security}"
+    );
     gw.stop().await;
     // A route on a default route's path, with another mode, is described by its own mode.
     let toml =
