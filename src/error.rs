@@ -18,7 +18,8 @@ pub enum RecordReport {
     Written {
         /// Partition.
         partition: i32,
-        /// Offset.
+        /// Offset (`null` when not known).
+        #[serde(serialize_with = "crate::reply::known_offset")]
         offset: i64,
     },
     /// Not acknowledged.

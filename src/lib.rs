@@ -48,6 +48,7 @@ pub mod shutdown;
 pub mod spool;
 pub mod state;
 pub mod status;
+pub mod throttle;
 pub mod tls;
 
 pub use config::Config;

@@ -111,9 +111,16 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         spool_metrics(&spool.stats());
     }
     ::metrics::gauge!(crate::metrics::READY).set(if app.not_ready().is_none() { 1.0 } else { 0.0 });
-    let handle = crate::metrics::handle();
-    handle.run_upkeep();
-    let mut response = (StatusCode::OK, handle.render()).into_response();
+    // Folding the histograms and writing them out is work for a blocking thread, not for the
+    // async worker whose other requests would wait behind it.
+    let text = tokio::task::spawn_blocking(|| {
+        let handle = crate::metrics::handle();
+        handle.run_upkeep();
+        handle.render()
+    })
+    .await
+    .unwrap_or_default();
+    let mut response = (StatusCode::OK, text).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -125,6 +125,7 @@ fn failure(outcomes: Vec<Option<Outcome>>, timeout: std::time::Duration) -> Inge
 #[derive(Serialize)]
 struct Written {
     partition: i32,
+    #[serde(serialize_with = "known_offset")]
     offset: i64,
 }
 
@@ -134,7 +135,19 @@ struct One<'a> {
     ok: usize,
     topic: &'a str,
     partition: i32,
+    #[serde(serialize_with = "known_offset")]
     offset: i64,
+}
+
+/// An offset, or `null` when librdkafka acknowledged the record without one: the idempotent
+/// producer does that for a record a later request to its partition implies was written, or
+/// one the broker already had (a duplicate sequence). It is written; where is not known.
+pub fn known_offset<S: serde::Serializer>(offset: &i64, s: S) -> Result<S::Ok, S::Error> {
+    if *offset >= 0 {
+        s.serialize_i64(*offset)
+    } else {
+        s.serialize_none()
+    }
 }
 
 /// `{"ok":N,"topic":..,"records":[..]}`.
@@ -221,6 +234,25 @@ mod tests {
 
     fn failed(error: E, persisted: Persisted) -> Option<Outcome> {
         Some(Outcome::Failed { error, persisted })
+    }
+
+    #[test]
+    fn an_offset_librdkafka_does_not_know_is_null() {
+        let one = |offset| {
+            serde_json::to_string(&One {
+                ok: 1,
+                topic: "t",
+                partition: 2,
+                offset,
+            })
+            .unwrap()
+        };
+        assert_eq!(one(5), r#"{"ok":1,"topic":"t","partition":2,"offset":5}"#);
+        // RD_KAFKA_OFFSET_INVALID.
+        assert_eq!(
+            one(-1001),
+            r#"{"ok":1,"topic":"t","partition":2,"offset":null}"#
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::error::IngestError;
-use crate::hook::{Failure, Hook};
+use crate::hook::Hook;
 use crate::ingest;
 use crate::kafka::Producers;
 use crate::state::{AppState, Served};
@@ -273,14 +273,8 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
 }
 
 async fn method_not_allowed(served: Arc<Served>) -> Response {
+    // Not handed to the hook's `on_error`: anyone could make the script run, without a key.
     let message = "method not allowed; use POST";
-    if let Some(hook) = &served.hook {
-        hook.on_error(&Failure {
-            status: StatusCode::METHOD_NOT_ALLOWED,
-            message,
-            topic: None,
-        });
-    }
     served.metrics.request(405, std::time::Duration::ZERO);
     let mut response = json(
         StatusCode::METHOD_NOT_ALLOWED,

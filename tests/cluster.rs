@@ -472,6 +472,34 @@ async fn a_peer_that_cannot_be_reached_is_given_up_on_and_the_node_serves_the_re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooked_and_spooled_routes_are_served_where_they_arrive() {
+    // A forward to this peer would be a 504.
+    let peer = FakePeer::start(Produce::HangUp).await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("hook.lua");
+    std::fs::write(&script, "function on_request(req) return forward() end").unwrap();
+    let spool = dir.path().join("spool");
+    let extra = format!(
+        "[server]\ndefault_routes = false\n[spool]\ndir = {:?}\n\
+         [[routes]]\npath = \"/hooked/:topic\"\nmode = \"async\"\nhook = {:?}\n\
+         [[routes]]\npath = \"/spooled/:topic\"\nmode = \"async\"\nspool = true\n",
+        spool.display().to_string(),
+        script.display().to_string()
+    );
+    let (mock, a) = forwarding_to(&peer.url, &extra).await;
+    wait_peers(&a, &[&peer.url]).await;
+    for (path, id) in [("/hooked/h", 1), ("/spooled/h", 2)] {
+        let r = a.post_json(path, &format!("{{\"id\":{id}}}")).await;
+        assert_eq!(r.status, 202, "{path}: {}", r.body);
+    }
+    let mut got = written(&mock.bootstrap_servers(), 2).await;
+    got.sort();
+    assert_eq!(got, [r#"{"id":1}"#, r#"{"id":2}"#]);
+    assert_eq!(counter(&status(&a).await, "forwarded_sent"), 0);
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_answers_503_wrote_nothing_and_the_node_serves_the_request() {
     let peer = FakePeer::start(Produce::Refuse).await;
     let (mock, a) = forwarding_to(&peer.url, "").await;

@@ -224,8 +224,15 @@ impl Write for LogSink {
 
 /// Whether a logged line contains every one of `parts`.
 fn logged(parts: &[&str]) -> bool {
+    log_count(parts) > 0
+}
+
+/// Log lines holding every one of `parts`.
+fn log_count(parts: &[&str]) -> usize {
     let text = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
-    text.lines().any(|l| parts.iter().all(|p| l.contains(p)))
+    text.lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,12 +260,16 @@ async fn the_key_file_reloads_and_a_bad_one_keeps_the_old_keys() {
             sha(secret)
         )
     };
-    write(&keys("first", "one"), 1_600_000_000);
+    // A key whose bucket holds one request, refilled once in 1000 s.
+    let limited = format!("{}rate = 0.001\nburst = 1\n", keys("limited", "slow"));
+    write(&format!("{}{limited}", keys("first", "one")), 1_600_000_000);
     let gw = gateway(&b.addr, &format!("[auth]\nkeys_file = {path:?}")).await;
     let url = format!("{}/async/{topic}", gw.url);
     assert_eq!(post(&url, Some(("x-api-key", "one"))).await.status, 202);
+    assert_eq!(post(&url, Some(("x-api-key", "slow"))).await.status, 202);
+    assert_eq!(post(&url, Some(("x-api-key", "slow"))).await.status, 429);
     // Rotation: the file changes, the new key works and the old one stops, without a restart.
-    let second = keys("second", "two");
+    let second = format!("{}{limited}", keys("second", "two"));
     write(&second, 1_600_000_100);
     let deadline = Instant::now() + Duration::from_secs(20);
     while post(&url, Some(("x-api-key", "two"))).await.status != 202 {
@@ -266,31 +277,61 @@ async fn the_key_file_reloads_and_a_bad_one_keeps_the_old_keys() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(post(&url, Some(("x-api-key", "one"))).await.status, 401);
-    // A broken file is refused; the keys in force stay. It has the length and modification
-    // time of the file in force, so the change watch cannot see it: only SIGHUP reloads it.
+    // A key that stayed keeps its spent bucket: a reload is no fresh burst.
+    assert_eq!(post(&url, Some(("x-api-key", "slow"))).await.status, 429);
+    // SIGHUP re-reads even an unchanged file.
+    let reloads = || log_count(&["API keys reloaded"]);
+    let before = reloads();
+    let hangup = || {
+        let pid = std::process::id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    hangup();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reloads() == before {
+        assert!(
+            Instant::now() < deadline,
+            "no reload of {path} after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A broken file is refused; the keys in force stay.
     let bad = format!("bad-{topic}");
-    let mut broken = format!("[[keys]]\nname = \"{bad}\"\nsha256 = \"not-hex\"\ntopics = []\n#");
-    assert!(broken.len() <= second.len());
-    broken.push_str(&"x".repeat(second.len() - broken.len()));
-    write(&broken, 1_600_000_100);
-    let pid = std::process::id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
+    write(
+        &format!("[[keys]]\nname = \"{bad}\"\nsha256 = \"not-hex\"\ntopics = []\n"),
+        1_600_000_200,
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !logged(&["API keys not reloaded", &format!("({bad})")]) {
         assert!(
             Instant::now() < deadline,
-            "no failed reload of {path} logged after SIGHUP"
+            "no failed reload of {path} logged"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(post(&url, Some(("x-api-key", "two"))).await.status, 202);
     assert_eq!(post(&url, Some(("x-api-key", "one"))).await.status, 401);
+    // A file of comments only (a script's header, its keys not written yet) is no key file.
+    let failures = || log_count(&["API keys not reloaded"]);
+    let before = failures();
+    write("# keys for the edge nodes\n", 1_600_000_300);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while failures() == before {
+        assert!(
+            Instant::now() < deadline,
+            "a comment-only file was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
+    assert!(text.contains("missing field `keys`"), "{text}");
+    assert_eq!(post(&url, Some(("x-api-key", "two"))).await.status, 202);
     gw.stop().await;
 }
 

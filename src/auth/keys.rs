@@ -13,7 +13,8 @@ use super::{KeyConfig, KeySet};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyFile {
-    #[serde(default)]
+    /// Required, even when empty: a file of comments only (a script's header, written before
+    /// its keys) must not take every key away.
     keys: Vec<KeyConfig>,
 }
 
@@ -29,16 +30,27 @@ pub struct Keys {
     /// The file's stamp at the previous check: a change is applied once it has held still
     /// for a whole check interval, so a file written in pieces is not read half-written.
     last_seen: Mutex<Option<Stamp>>,
+    /// The stamp of a file that failed to load: not tried again (and logged again) every
+    /// check, only once it changes.
+    failed: Mutex<Option<Stamp>>,
 }
 
-/// What tells one version of the key file from the next: its modification time and length.
-/// The length catches an in-place rewrite within one tick of a coarse clock (`cat new > file`
-/// is an empty file first).
-type Stamp = (SystemTime, u64);
+/// What tells one version of the key file from the next: its modification and change times,
+/// length and inode. The length catches an in-place rewrite within one tick of a coarse clock
+/// (`cat new > file` is an empty file first); the change time and inode, a file whose
+/// modification time is pinned (a Nix store path, a reproducible archive) or swapped in by a
+/// rename.
+type Stamp = (SystemTime, u64, (i64, i64), u64);
 
 fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+    Some((
+        meta.modified().ok()?,
+        meta.len(),
+        (meta.ctime(), meta.ctime_nsec()),
+        meta.ino(),
+    ))
 }
 
 impl Keys {
@@ -51,6 +63,7 @@ impl Keys {
             current: RwLock::default(),
             loaded_at: Mutex::new(None),
             last_seen: Mutex::new(None),
+            failed: Mutex::new(None),
         };
         let (set, stamped) = keys.read()?;
         *keys.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
@@ -94,41 +107,81 @@ impl Keys {
     /// Re-reads the key file; a bad file (an empty one included) keeps the keys in force and
     /// says why.
     pub fn reload(&self) -> Result<usize, String> {
-        let (set, stamped) = self.read()?;
+        let (set, stamped) = match self.read() {
+            Ok(read) => read,
+            Err(e) => {
+                *crate::lock(&self.failed) = self.file.as_deref().and_then(stamp);
+                return Err(e);
+            }
+        };
         let count = set.keys.len();
+        set.carry_buckets(&self.current());
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
         *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = stamped;
         Ok(count)
+    }
+
+    /// Whether the key file has held still since the previous call (or check).
+    fn held_still(&self) -> bool {
+        let Some(path) = &self.file else { return false };
+        let now = stamp(path);
+        let mut last_seen = crate::lock(&self.last_seen);
+        let held = now == *last_seen;
+        *last_seen = now;
+        held && now.is_some()
     }
 
     /// Whether the key file changed since it was last read and has not changed since the
     /// previous call: a writer that takes a while (an editor, `cp` of a large file) is not
     /// caught half-way.
     pub fn file_settled(&self) -> bool {
-        let Some(path) = &self.file else { return false };
-        let now = stamp(path);
-        let mut last_seen = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
-        let held = now == *last_seen;
-        *last_seen = now;
-        held && now.is_some() && now != *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner())
+        if !self.held_still() {
+            return false;
+        }
+        let now = crate::lock(&self.last_seen).to_owned();
+        now != *crate::lock(&self.loaded_at) && now != *crate::lock(&self.failed)
+    }
+
+    /// Whether there is a key file to watch.
+    pub fn has_file(&self) -> bool {
+        self.file.is_some()
     }
 }
 
-/// Re-reads the key file on SIGHUP, and when it has changed and then held still for one check
-/// (checked every 2 s), for as long as the keys are in use.
+/// Re-reads the key file when it has changed and then held still for one check (checked every
+/// 2 s), and on SIGHUP once it holds still, for as long as the keys are in use. Without a key
+/// file there is nothing to watch.
 pub fn spawn_watch(keys: &Arc<Keys>) {
+    if !keys.has_file() {
+        return;
+    }
     let weak = Arc::downgrade(keys);
     tokio::spawn(async move {
         let mut hangups = crate::shutdown::hangups();
+        // A SIGHUP asks for a reload even of an unchanged file, but not of one being written:
+        // sent mid-rewrite, it would apply a cut-off file that parses (a key without its
+        // `rate`, and the keys after it gone).
+        let mut asked = false;
         loop {
             let signalled = tokio::select! {
                 () = hangups.next() => true,
                 () = tokio::time::sleep(Duration::from_secs(2)) => false,
             };
             let Some(keys) = weak.upgrade() else { return };
-            if !signalled && !keys.file_settled() {
+            if signalled {
+                asked = true;
+                keys.held_still();
                 continue;
             }
+            let due = if asked {
+                keys.held_still()
+            } else {
+                keys.file_settled()
+            };
+            if !due {
+                continue;
+            }
+            asked = false;
             match keys.reload() {
                 Ok(count) => tracing::info!(keys = count, "API keys reloaded"),
                 Err(error) => {

@@ -53,6 +53,13 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// Takes over what `old` had left (up to this bucket's burst): a reload of the keys must
+    /// not hand every key a fresh burst.
+    fn carry_from(&self, old: &Bucket) {
+        let (tokens, at) = *old.state.lock().unwrap_or_else(|e| e.into_inner());
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (tokens.min(self.burst), at);
+    }
+
     /// A full bucket.
     pub fn new(rate: f64, burst: Option<f64>) -> Bucket {
         let burst = burst.unwrap_or(rate).max(1.0);
@@ -155,6 +162,21 @@ impl KeySet {
             }
         }
         Ok(KeySet { keys })
+    }
+
+    /// Carries each key's rate-limit state over from `old`, where the same key (by digest or
+    /// certificate subject) was in force.
+    pub fn carry_buckets(&self, old: &KeySet) {
+        for key in &self.keys {
+            let Some(bucket) = &key.bucket else { continue };
+            let same = old.keys.iter().find(|k| {
+                (key.digest.is_some() && k.digest == key.digest)
+                    || (key.subject.is_some() && k.subject == key.subject)
+            });
+            if let Some(old_bucket) = same.and_then(|k| k.bucket.as_ref()) {
+                bucket.carry_from(old_bucket);
+            }
+        }
     }
 
     /// The key whose digest matches `presented`. Every configured digest is compared, whatever

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use mlua::{AnyUserData, Function, HookTriggers, Lua, LuaOptions, StdLib, Table, VmState};
 
 use super::{Failure, Hook, HookError, HookFuture, HookRequest, Verdict, ready};
+use crate::throttle::Throttle;
 
 mod convert;
 mod raw;
@@ -276,7 +277,10 @@ impl LuaHook {
             if let Err(e) = &result
                 && (matches!(e, mlua::Error::MemoryError(_)) || spent(&state.lua))
             {
-                tracing::warn!(script = %self.path.display(), error = %flatten(e), "hook state replaced");
+                static REPLACED: Throttle = Throttle::new(Duration::from_secs(1));
+                if let Some(suppressed) = REPLACED.pass() {
+                    tracing::warn!(script = %self.path.display(), error = %flatten(e), suppressed, "hook state replaced");
+                }
                 states.swap_remove(index);
             }
             result.map_err(|e| HookError(format!("{}: {}", self.path.display(), flatten(&e))))

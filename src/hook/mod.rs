@@ -173,7 +173,8 @@ pub trait Hook: Send + Sync + 'static {
     /// errors or runs out of time fails the request with 500 and produces nothing.
     fn on_request(&self, request: Arc<HookRequest>) -> HookFuture;
 
-    /// Called for every failed request on the hook's routes, after the reply is decided.
+    /// Called for every failed request on the hook's routes, after the reply is decided;
+    /// not for a `401`, a rate limit's `429` or a `405`, which anyone can cause without a key.
     fn on_error(&self, _failure: &Failure<'_>) {}
 }
 

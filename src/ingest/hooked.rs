@@ -20,6 +20,10 @@ use crate::record::RecordMeta;
 use crate::reply::Reply;
 use crate::routes::{Route, validate_topic};
 use crate::state::AppState;
+use crate::throttle::Throttle;
+
+/// Hook failures: at most one line a second.
+static HOOK_FAILED: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Runs `hook` on `request` (under the hook time budget) and carries out its verdict. `key` is
 /// the client's API key, which must allow any topic or mode the hook moves the record to.
@@ -35,13 +39,18 @@ pub(super) async fn run(
     let verdict = match decide(app.hook_timeout, hook.on_request(request.clone())).await {
         Ok(Ok(verdict)) => verdict,
         Ok(Err(e)) => {
-            // The detail (script path, traceback) is for the operator, not the client.
-            tracing::error!(path = %route.path, error = %e, "hook failed");
+            // The detail (script path, traceback) is for the operator, not the client. A
+            // script that fails on what clients send fails for every request: a line a second.
+            if let Some(suppressed) = HOOK_FAILED.pass() {
+                tracing::error!(path = %route.path, error = %e, suppressed, "hook failed");
+            }
             return Err(IngestError::HookFailed("hook failed".into()));
         }
         Err(_) => {
             let message = format!("hook gave no answer within {:?}", app.hook_timeout);
-            tracing::error!(path = %route.path, "{message}");
+            if let Some(suppressed) = HOOK_FAILED.pass() {
+                tracing::error!(path = %route.path, suppressed, "{message}");
+            }
             return Err(IngestError::HookFailed(message));
         }
     };

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::RequestPartsExt;
 use axum::extract::{ConnectInfo, RawPathParams, Request};
@@ -21,6 +21,7 @@ use crate::reply::Reply;
 use crate::routes::{Route, TopicSource, validate_topic};
 use crate::server::RequestId;
 use crate::state::{AppState, Served};
+use crate::throttle::Throttle;
 
 mod hooked;
 mod overflow;
@@ -49,12 +50,28 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
             let (status, path) = (error.status(), &served.route.path);
             let id = id.as_ref().and_then(|i| i.to_str().ok()).unwrap_or("-");
             if status.is_server_error() {
-                tracing::warn!(request_id = id, %path, %status, %error, "request failed");
+                // Under overload every request may fail the same way: a line a second, and
+                // the rest at debug level.
+                static FAILED: Throttle = Throttle::new(Duration::from_secs(1));
+                match FAILED.pass() {
+                    Some(suppressed) => {
+                        tracing::warn!(request_id = id, %path, %status, %error, suppressed, "request failed")
+                    }
+                    None => {
+                        tracing::debug!(request_id = id, %path, %status, %error, "request failed")
+                    }
+                }
             } else {
                 // Client mistakes are not the operator's problem; they are counted, not shouted.
                 tracing::debug!(request_id = id, %path, %status, %error, "request refused");
             }
-            if let Some(hook) = &served.hook {
+            // Not for refusals before the client is known and admitted (no key, over a rate
+            // limit): anyone could make the script run, for free.
+            let unadmitted = matches!(
+                error,
+                IngestError::Unauthenticated(_) | IngestError::Limited(_)
+            );
+            if let Some(hook) = served.hook.as_ref().filter(|_| !unadmitted) {
                 let message = error.to_string();
                 hook.on_error(&Failure {
                     status,

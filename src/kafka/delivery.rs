@@ -21,6 +21,7 @@ use rdkafka::util::IntoOpaque;
 use tokio::sync::oneshot;
 
 use super::admission::Admission;
+use crate::throttle::Throttle;
 
 /// Whether a record that failed may be on the broker anyway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,10 +115,12 @@ pub struct Context {
     pub topics: Arc<crate::metrics::Topics>,
     /// Broker states from the latest statistics, for the status page.
     pub brokers: Arc<Mutex<Vec<crate::metrics::BrokerState>>>,
-    /// When the last client error was logged (ms since start), for throttling.
-    pub last_warning: AtomicU64,
-    /// Client errors not logged since then.
-    pub suppressed: AtomicU64,
+    /// Client errors: at most one line per 10 s. They come and go with broker restarts and
+    /// librdkafka retries them itself; during an outage they arrive dozens a second.
+    pub client_errors: Throttle,
+    /// Accepted records that failed: at most one line a second. Past `message_timeout` with
+    /// the brokers down, a whole queue fails at once.
+    pub failures: Throttle,
 }
 
 impl ClientContext for Context {
@@ -142,18 +145,26 @@ impl ClientContext for Context {
 
     fn error(&self, error: KafkaError, reason: &str) {
         self.error_seen.store(true, Ordering::Release);
-        // Transport errors come and go with broker restarts and librdkafka retries them itself;
-        // during an outage they arrive dozens a second, so at most one warning per 10 s.
-        let now = crate::metrics::uptime_ms();
-        let last = self.last_warning.load(Ordering::Relaxed);
-        if last == 0 || now.saturating_sub(last) >= 10_000 {
-            self.last_warning.store(now.max(1), Ordering::Relaxed);
-            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
-            tracing::warn!(producer = %self.name, %error, %reason, suppressed, "kafka client error");
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(producer = %self.name, %error, %reason, "kafka client error");
+        match self.client_errors.pass() {
+            Some(suppressed) => {
+                tracing::warn!(producer = %self.name, %error, %reason, suppressed, "kafka client error")
+            }
+            None => tracing::debug!(producer = %self.name, %error, %reason, "kafka client error"),
         }
+    }
+}
+
+impl Context {
+    /// Counts a record delivered: the producer's tally and the topic's counter.
+    pub fn count_delivered(&self, topic: &str) {
+        self.tally.delivered.fetch_add(1, Ordering::Relaxed);
+        self.topics.get(topic).delivered.increment(1);
+    }
+
+    /// Counts a record failed after it was accepted, for `reason`.
+    pub fn count_failed(&self, topic: &str, reason: &str) {
+        self.tally.failed.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::failed(&self.topics.get(topic).label, reason);
     }
 }
 
@@ -165,26 +176,28 @@ impl ProducerContext for Context {
             Ok(m) => (m, None),
             Err((e, m)) => (m, Some(e)),
         };
-        if waiter.0.as_ref().is_some_and(|w| w.spooled) {
+        let spooled = waiter.0.as_ref().is_some_and(|w| w.spooled);
+        if spooled {
             self.admission.unmark_spooled(1);
         }
         self.admission.release(1, record_bytes(message));
+        // A spooled record's attempt is not its outcome: the spool sends it again after a
+        // failure, and counts what finally happened to it (`Producer::count_delivered`).
         let outcome = match error {
             None => {
-                self.tally.delivered.fetch_add(1, Ordering::Relaxed);
-                self.topics.get(message.topic()).delivered.increment(1);
+                if !spooled {
+                    self.count_delivered(message.topic());
+                }
                 Outcome::Delivered {
                     partition: message.partition(),
                     offset: message.offset(),
                 }
             }
             Some(error) => {
-                self.tally.failed.fetch_add(1, Ordering::Relaxed);
                 let code = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
-                crate::metrics::failed(
-                    &self.topics.get(message.topic()).label,
-                    &format!("{code:?}"),
-                );
+                if !spooled {
+                    self.count_failed(message.topic(), &format!("{code:?}"));
+                }
                 Outcome::Failed {
                     error: code,
                     persisted: persisted(message),
@@ -194,13 +207,18 @@ impl ProducerContext for Context {
         match (waiter.0, &outcome) {
             // The requester may have given up (deadline, disconnect); the outcome is counted anyway.
             (Some(waiting), _) => drop(waiting.tx.send(outcome)),
-            (None, Outcome::Failed { error, persisted }) => tracing::warn!(
-                producer = %self.name,
-                topic = message.topic(),
-                error = %error,
-                ?persisted,
-                "accepted record not delivered"
-            ),
+            (None, Outcome::Failed { error, persisted }) => {
+                if let Some(suppressed) = self.failures.pass() {
+                    tracing::warn!(
+                        producer = %self.name,
+                        topic = message.topic(),
+                        error = %error,
+                        ?persisted,
+                        suppressed,
+                        "accepted record not delivered"
+                    );
+                }
+            }
             (None, Outcome::Delivered { .. }) => {}
         }
     }

@@ -1,5 +1,10 @@
 //! The topics the brokers have, cached: a known topic costs a hash lookup, an unknown one gets a
 //! fast 404 instead of librdkafka's 30 s wait for metadata that never comes.
+//!
+//! A name not in the cache is looked up in a listing of the whole cluster, not by asking for
+//! that one topic: librdkafka keeps a topic object for every name a client asked about, for the
+//! client's life, and asks the brokers about each one without partitions every second. Names
+//! that clients make up must not reach it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,29 +78,49 @@ pub enum LookupError {
     Unavailable(String),
 }
 
+/// Least time between two listings of the cluster that lookups make: a flood of made-up names
+/// costs at most one listing per spacing, however many names, and a miss waits at most this
+/// much more.
+const LISTING_SPACING: Duration = Duration::from_millis(50);
+
 /// Remembered missing topics beyond this are forgotten early, so random names cannot grow memory.
 const MAX_MISSING: usize = 10_000;
+
+/// The cluster's topics as one metadata answer listed them, and when.
+type Listing = (Instant, Arc<HashMap<String, Listed>>);
 
 /// The cache, shared by all requests.
 pub struct Topics {
     entries: RwLock<HashMap<String, Entry>>,
     client: RwLock<Polled>,
     lookup: tokio::sync::Mutex<()>,
+    /// The last listing of the whole cluster a lookup made, and when it was asked for: the
+    /// lookups that waited their turn while it ran are answered from the next one, together.
+    listing: std::sync::Mutex<Option<Listing>>,
+    /// Listings made by lookups.
+    listings: std::sync::atomic::AtomicU64,
     fetched: AtomicBool,
     timeout: Duration,
     missing_ttl: Duration,
+    /// Lookups ask for the topic by name, so that the brokers create it (`auto_create_topics`):
+    /// every name becomes a topic then, and a topic object in librdkafka is the lesser cost.
+    by_name: bool,
 }
 
 impl Topics {
-    /// A cache that asks the brokers through `client`.
-    pub fn new(client: Polled, timeout: Duration, missing_ttl: Duration) -> Self {
+    /// A cache that asks the brokers through `client`; `by_name` when a lookup should make the
+    /// brokers create the topic.
+    pub fn new(client: Polled, timeout: Duration, missing_ttl: Duration, by_name: bool) -> Self {
         Topics {
             entries: RwLock::default(),
             client: RwLock::new(client),
             lookup: tokio::sync::Mutex::new(()),
+            listing: std::sync::Mutex::new(None),
+            listings: std::sync::atomic::AtomicU64::new(0),
             fetched: AtomicBool::new(false),
             timeout,
             missing_ttl,
+            by_name,
         }
     }
 
@@ -142,7 +167,8 @@ impl Topics {
             return hit;
         }
         // One deadline for waiting our turn and for the request itself.
-        let deadline = Instant::now() + self.timeout;
+        let arrived = Instant::now();
+        let deadline = arrived + self.timeout;
         let busy = || LookupError::Unavailable("metadata lookup timed out".into());
         let _turn = tokio::time::timeout_at(deadline.into(), self.lookup.lock())
             .await
@@ -150,15 +176,12 @@ impl Topics {
         if let Some(hit) = self.cached(topic) {
             return hit;
         }
-        let this = self.clone();
-        let name = topic.to_string();
-        let left = deadline.saturating_duration_since(Instant::now());
-        let fetched = tokio::task::spawn_blocking(move || this.fetch(Some(&name), left))
+        let listed = self
+            .listed(topic, arrived, deadline)
             .await
-            .map_err(|e| LookupError::Unavailable(e.to_string()))?;
-        let found = fetched.map_err(LookupError::Unavailable)?;
+            .map_err(LookupError::Unavailable)?;
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        let listed = found.into_iter().find(|(name, _)| name == topic);
+        let listed = listed.map(|l| (topic, l));
         if !matches!(listed, Some((_, Listed::Partitions(p))) if p > 0)
             && entries.len() > MAX_MISSING
         {
@@ -184,6 +207,47 @@ impl Topics {
             Entry::Refused(Instant::now(), answer.clone()),
         );
         Err(answer)
+    }
+
+    /// Listings of the whole cluster lookups have made.
+    pub fn listings(&self) -> u64 {
+        self.listings.load(Ordering::Relaxed)
+    }
+
+    /// How the brokers list `topic`, if at all, for a lookup that `arrived` then: from a
+    /// listing of the whole cluster asked for since (made by a lookup that had its turn first,
+    /// or made now, at least [`LISTING_SPACING`] after the one before); by name with
+    /// auto-create.
+    async fn listed(
+        self: &Arc<Self>,
+        topic: &str,
+        arrived: Instant,
+        deadline: Instant,
+    ) -> Result<Option<Listed>, String> {
+        if !self.by_name {
+            let last = crate::lock(&self.listing).clone();
+            if let Some((asked, listing)) = &last {
+                if *asked >= arrived {
+                    return Ok(listing.get(topic).copied());
+                }
+                let next = (*asked + LISTING_SPACING).min(deadline);
+                tokio::time::sleep_until(next.into()).await;
+            }
+        }
+        let asked = Instant::now();
+        let this = self.clone();
+        let name = self.by_name.then(|| topic.to_string());
+        let timeout = deadline.saturating_duration_since(asked);
+        let found = tokio::task::spawn_blocking(move || this.fetch(name.as_deref(), timeout))
+            .await
+            .map_err(|e| e.to_string())??;
+        let listing: HashMap<String, Listed> = found.into_iter().collect();
+        let answer = listing.get(topic).copied();
+        if !self.by_name {
+            self.listings.fetch_add(1, Ordering::Relaxed);
+            *crate::lock(&self.listing) = Some((asked, Arc::new(listing)));
+        }
+        Ok(answer)
     }
 
     /// Re-reads every topic; known entries keep their rotation state while their partition
@@ -382,5 +446,35 @@ mod tests {
         assert_eq!(counts(&fresh), (6, 9));
         let fresh = merged(&mut fresh, listed(9));
         assert_eq!(counts(&fresh), (9, 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_that_wait_together_share_one_listing_of_the_cluster() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("real", 3, 1).unwrap();
+        let client = crate::kafka::poller::tests::producer(&cluster.bootstrap_servers());
+        let topics = Arc::new(Topics::new(
+            Polled::new(client, "meta").unwrap(),
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+            false,
+        ));
+        assert_eq!(topics.lookup("real").await.unwrap().partitions, 3);
+        assert_eq!(topics.listings(), 1);
+        let lookups: Vec<_> = (0..50)
+            .map(|i| {
+                let topics = topics.clone();
+                tokio::spawn(async move { topics.lookup(&format!("made-up-{i}")).await })
+            })
+            .collect();
+        for lookup in lookups {
+            assert_eq!(lookup.await.unwrap().err(), Some(LookupError::Unknown));
+        }
+        let made = topics.listings();
+        assert!(made <= 4, "{made} listings for 50 names");
+        // A topic created now is found by the next lookup: no listing older than the lookup
+        // answers it.
+        cluster.create_topic("new", 2, 1).unwrap();
+        assert_eq!(topics.lookup("new").await.unwrap().partitions, 2);
     }
 }

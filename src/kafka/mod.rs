@@ -146,6 +146,7 @@ impl Producers {
             sync.current().inner.clone(),
             kafka.metadata_timeout,
             kafka.unknown_topic_ttl,
+            kafka.auto_create_topics,
         ));
         Ok(Producers {
             sync,

@@ -123,8 +123,7 @@ impl Drop for Poller {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::AtomicU64;
+pub(crate) mod tests {
     use std::sync::{Mutex, mpsc};
 
     use rdkafka::ClientConfig;
@@ -135,8 +134,10 @@ mod tests {
     use super::*;
     use crate::kafka::admission::Admission;
     use crate::kafka::delivery::{Outcome, Waiter, Waiting};
+    use crate::throttle::Throttle;
 
-    fn producer(bootstrap: &str) -> BaseProducer<Context> {
+    /// A producer with kafboy's context on `bootstrap`, for tests of this crate.
+    pub(crate) fn producer(bootstrap: &str) -> BaseProducer<Context> {
         let context = Context {
             name: "test".into(),
             admission: Arc::new(Admission::new(100, 1 << 20)),
@@ -144,8 +145,8 @@ mod tests {
             error_seen: Arc::default(),
             topics: Arc::new(crate::metrics::Topics::new([])),
             brokers: Arc::new(Mutex::new(Vec::new())),
-            last_warning: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
+            client_errors: Throttle::new(Duration::from_secs(10)),
+            failures: Throttle::new(Duration::from_secs(1)),
         };
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", bootstrap);

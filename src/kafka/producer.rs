@@ -2,7 +2,7 @@
 //! optionally with a receiver for its delivery outcome.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use super::admission::{Admission, Refused};
 use super::delivery::{Context, Outcome, Tally, Waiter, Waiting};
 use super::poller::Polled;
 use crate::config::KafkaConfig;
+use crate::throttle::Throttle;
 
 /// Who waits for the delivery reports of the records of a [`Producer::send`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,8 +235,8 @@ impl Producer {
             error_seen: error_seen.clone(),
             topics: shared.topics.clone(),
             brokers: shared.brokers.clone(),
-            last_warning: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
+            client_errors: Throttle::new(Duration::from_secs(10)),
+            failures: Throttle::new(Duration::from_secs(1)),
         };
         let inner = BaseProducer::from_config_and_context(&client, context)?;
         let inner = Polled::new(inner, name).map_err(|e| {
@@ -347,6 +348,16 @@ impl Producer {
     /// Records holding room in kafboy's queue accounting.
     pub fn queued(&self) -> usize {
         self.admission.queued()
+    }
+
+    /// Counts the final outcome of a record the spool sent (attempts are not counted as they
+    /// come): delivered, or failed for `reason` when it was dead-lettered.
+    pub fn count_spooled(&self, topic: &str, failed: Option<&str>) {
+        let context = self.inner.context();
+        match failed {
+            None => context.count_delivered(topic),
+            Some(reason) => context.count_failed(topic, reason),
+        }
     }
 
     /// Records holding room that are not also kept in the spool.

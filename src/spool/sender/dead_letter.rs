@@ -49,6 +49,7 @@ impl Sender {
                     "spool: record refused by Kafka for good; dead-lettered"
                 );
                 self.inner.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                self.count_outcome(i, Some(&refusal.error));
                 self.set_state(i, State::Done);
             }
             Err(error) => {

@@ -97,6 +97,16 @@ impl Sender {
         }
     }
 
+    /// Counts what finally became of record `i` in the producers' delivered and failed counts,
+    /// as for a record that never went through the spool; not for a record replayed from an
+    /// earlier run, which this process never counted as accepted.
+    pub(super) fn count_outcome(&self, i: usize, failed: Option<&str>) {
+        let entry = &self.window[i].entry;
+        if entry.origin == self.inner.origin {
+            (self.producer_for)(&entry.topic).count_spooled(&entry.topic, failed);
+        }
+    }
+
     /// Schedules record `i` to be sent again after its backoff.
     pub(super) fn retry(&mut self, i: usize, why: &str) {
         let c = &self.inner.config;
@@ -129,6 +139,7 @@ impl Sender {
         match event.outcome {
             Ok(Outcome::Delivered { .. }) => {
                 self.inner.delivered.fetch_add(1, Ordering::Relaxed);
+                self.count_outcome(i, None);
                 self.set_state(i, State::Done);
             }
             Ok(Outcome::Failed { error, persisted }) => {
