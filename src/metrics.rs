@@ -264,6 +264,7 @@ pub fn statistics(
     stats: &Statistics,
     topics: &Topics,
     brokers: &Mutex<Vec<BrokerState>>,
+    totals: &mut std::collections::HashMap<String, [u64; 2]>,
 ) {
     let mut view = Vec::new();
     // A broker librdkafka never needed to connect to stays in INIT; it is not down.
@@ -277,8 +278,12 @@ pub fn statistics(
             ("broker", b.name.clone()),
         ];
         gauge!(BROKER_UP, &labels).set(if b.state == "UP" { 1.0 } else { 0.0 });
-        counter!(BROKER_RETRIES, &labels).absolute(b.txretries);
-        counter!(BROKER_TIMEOUTS, &labels).absolute(b.req_timeouts);
+        // librdkafka's totals are per client: counted by their growth, so that a producer
+        // replaced after a fatal error (whose totals start from 0) adds to the series.
+        let seen = totals.entry(b.name.clone()).or_default();
+        counter!(BROKER_RETRIES, &labels).increment(b.txretries.saturating_sub(seen[0]));
+        counter!(BROKER_TIMEOUTS, &labels).increment(b.req_timeouts.saturating_sub(seen[1]));
+        *seen = [b.txretries, b.req_timeouts];
         if let Some(rtt) = &b.rtt {
             for (q, v) in [("avg", rtt.avg), ("0.99", rtt.p99)] {
                 let l = [

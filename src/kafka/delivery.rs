@@ -5,6 +5,7 @@
 //! `poller` thread sleeps on.
 #![allow(unsafe_code)]
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
@@ -118,6 +119,12 @@ pub struct Context {
     /// Client errors: at most one line per 10 s. They come and go with broker restarts and
     /// librdkafka retries them itself; during an outage they arrive dozens a second.
     pub client_errors: Throttle,
+    /// Replaced after a fatal error and still flushing: its statistics are no longer the
+    /// slot's (they would overwrite the new producer's broker states).
+    pub retired: AtomicBool,
+    /// Each broker's retry and timeout totals at the last statistics, to count their growth
+    /// (a replacement producer's totals start again from 0).
+    pub broker_totals: Mutex<HashMap<String, [u64; 2]>>,
     /// Accepted records that failed: at most one line a second. Past `message_timeout` with
     /// the brokers down, a whole queue fails at once.
     pub failures: Throttle,
@@ -125,7 +132,17 @@ pub struct Context {
 
 impl ClientContext for Context {
     fn stats(&self, statistics: rdkafka::Statistics) {
-        crate::metrics::statistics(&self.name, &statistics, &self.topics, &self.brokers);
+        if self.retired.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut totals = crate::lock(&self.broker_totals);
+        crate::metrics::statistics(
+            &self.name,
+            &statistics,
+            &self.topics,
+            &self.brokers,
+            &mut totals,
+        );
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {

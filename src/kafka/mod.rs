@@ -219,6 +219,7 @@ impl Producers {
             match slot.replace() {
                 Ok(old) => {
                     tracing::warn!(producer = %slot.name, "fatal error: producer replaced");
+                    old.retire();
                     if index == 0 {
                         self.topics.set_client(slot.current().inner.clone());
                     }

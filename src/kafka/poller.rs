@@ -147,6 +147,8 @@ pub(crate) mod tests {
             brokers: Arc::new(Mutex::new(Vec::new())),
             client_errors: Throttle::new(Duration::from_secs(10)),
             failures: Throttle::new(Duration::from_secs(1)),
+            retired: AtomicBool::new(false),
+            broker_totals: Mutex::default(),
         };
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", bootstrap);

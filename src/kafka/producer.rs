@@ -1,8 +1,8 @@
 //! One librdkafka producer with kafboy's queue accounting: records go in all or nothing, each
 //! optionally with a receiver for its delivery outcome.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -237,6 +237,8 @@ impl Producer {
             brokers: shared.brokers.clone(),
             client_errors: Throttle::new(Duration::from_secs(10)),
             failures: Throttle::new(Duration::from_secs(1)),
+            retired: AtomicBool::new(false),
+            broker_totals: Mutex::default(),
         };
         let inner = BaseProducer::from_config_and_context(&client, context)?;
         let inner = Polled::new(inner, name).map_err(|e| {
@@ -358,6 +360,11 @@ impl Producer {
             None => context.count_delivered(topic),
             Some(reason) => context.count_failed(topic, reason),
         }
+    }
+
+    /// Marks this producer replaced: its statistics no longer speak for its slot.
+    pub(super) fn retire(&self) {
+        self.inner.context().retired.store(true, Ordering::Relaxed);
     }
 
     /// Records holding room that are not also kept in the spool.
