@@ -137,7 +137,20 @@ pub(super) async fn enqueue(
         Err(error) => {
             // Records queued before a refusal are on their way; only the rest were dropped.
             let queued = match &error {
-                crate::kafka::SendError::Refused { accepted, .. } => *accepted,
+                crate::kafka::SendError::Refused { accepted, error } => {
+                    // The producer knows the topic differently from the cache (deleted, or
+                    // recreated with fewer partitions): the cache catches up now, not at its
+                    // next refresh.
+                    if matches!(
+                        error,
+                        rdkafka::types::RDKafkaErrorCode::UnknownPartition
+                            | rdkafka::types::RDKafkaErrorCode::UnknownTopic
+                            | rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition
+                    ) {
+                        app.producers.topics.refresh_soon();
+                    }
+                    *accepted
+                }
                 _ => 0,
             };
             counters.accepted.increment(queued as u64);

@@ -99,6 +99,8 @@ pub struct Topics {
     listing: std::sync::Mutex<Option<Listing>>,
     /// Listings made by lookups.
     listings: std::sync::atomic::AtomicU64,
+    /// A refresh asked for by [`Topics::refresh_soon`] is under way.
+    refreshing: AtomicBool,
     fetched: AtomicBool,
     timeout: Duration,
     missing_ttl: Duration,
@@ -117,6 +119,7 @@ impl Topics {
             lookup: tokio::sync::Mutex::new(()),
             listing: std::sync::Mutex::new(None),
             listings: std::sync::atomic::AtomicU64::new(0),
+            refreshing: AtomicBool::new(false),
             fetched: AtomicBool::new(false),
             timeout,
             missing_ttl,
@@ -253,6 +256,45 @@ impl Topics {
             *crate::lock(&self.listing) = Some((asked, Arc::new(listing)));
         }
         Ok(answer)
+    }
+
+    /// Catches up, in the background, with topics a producer found deleted or with fewer
+    /// partitions than the cache says, unless that is already under way.
+    pub fn refresh_soon(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            match this.fetch(None, this.timeout) {
+                Ok(found) => this.shrink(found),
+                Err(error) => tracing::warn!(%error, "metadata refresh failed"),
+            }
+            this.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Applies what a listing says of known topics that went away or have fewer partitions
+    /// now; more partitions wait for the regular refresh (see [`TopicInfo::added`]).
+    fn shrink(&self, found: Vec<(String, Listed)>) {
+        let listed: HashMap<String, Listed> = found.into_iter().collect();
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|name, entry| {
+            let Entry::Known(info) = entry else {
+                return true;
+            };
+            match listed.get(name) {
+                None => false,
+                Some(Listed::Partitions(p)) if *p > 0 && *p < info.partitions => {
+                    *info = Arc::new(TopicInfo {
+                        partitions: *p,
+                        ..TopicInfo::default()
+                    });
+                    true
+                }
+                Some(_) => true,
+            }
+        });
     }
 
     /// Re-reads every topic; known entries keep their rotation state while their partition
@@ -501,5 +543,42 @@ mod tests {
         assert_eq!(names(2), [("a".to_string(), 1), ("b".to_string(), 2)]);
         assert_eq!(names(10).len(), 4);
         assert_eq!(names(0), []);
+    }
+
+    #[test]
+    fn a_catch_up_applies_deleted_and_shrunk_topics_only() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        for (name, partitions) in [("kept", 4), ("grown", 2), ("shrunk", 1)] {
+            cluster.create_topic(name, partitions, 1).unwrap();
+        }
+        let client = crate::kafka::poller::tests::producer(&cluster.bootstrap_servers());
+        let topics = Topics::new(
+            Polled::new(client, "meta").unwrap(),
+            Duration::from_secs(10),
+            Duration::from_secs(2),
+            false,
+        );
+        let known = |name: &str, partitions| {
+            let info = Arc::new(TopicInfo {
+                partitions,
+                ..TopicInfo::default()
+            });
+            (name.to_string(), Entry::Known(info))
+        };
+        *topics.entries.write().unwrap() = HashMap::from([
+            known("kept", 4),
+            known("grown", 1),
+            known("shrunk", 3),
+            known("deleted", 5),
+        ]);
+        topics.shrink(topics.fetch(None, Duration::from_secs(10)).unwrap());
+        assert_eq!(
+            topics.known(10),
+            [
+                ("grown".to_string(), 1),
+                ("kept".to_string(), 4),
+                ("shrunk".to_string(), 1)
+            ]
+        );
     }
 }
