@@ -112,13 +112,7 @@ async fn a_stalled_body_gets_408() {
     );
     good_request(&gw, &topic).await;
     // Last, through the producer the stalled request would have used.
-    let r = gw.post_json(&format!("/async/{topic}"), MARKER).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    assert_eq!(
-        values(&before_markers(&b.addr, &topic, 1)),
-        ["{\"good\":true}"],
-        "only the good record landed"
-    );
+    only_the_good_record_landed(&gw, &b.addr, &topic).await;
     gw.stop().await;
 }
 
@@ -279,14 +273,19 @@ async fn deep_json_and_too_many_records_are_refused() {
         .await;
     assert_eq!(r.status, 413, "{}", r.body);
     good_request(&gw, &topic).await;
+    only_the_good_record_landed(&gw, &b.addr, &topic).await;
+    gw.stop().await;
+}
+
+/// Writes a marker through `/async` and checks that the one record before it is the good one.
+async fn only_the_good_record_landed(gw: &Gateway, brokers: &str, topic: &str) {
     let r = gw.post_json(&format!("/async/{topic}"), MARKER).await;
     assert_eq!(r.status, 202, "{}", r.body);
     assert_eq!(
-        values(&before_markers(&b.addr, &topic, 1)),
+        values(&before_markers(brokers, topic, 1)),
         ["{\"good\":true}"],
         "only the good record landed"
     );
-    gw.stop().await;
 }
 
 /// A connection that sends pipelined requests and never reads an answer past the first bytes

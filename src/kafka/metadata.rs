@@ -495,17 +495,28 @@ mod tests {
         assert_eq!(counts(&fresh), (9, 0));
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn lookups_that_wait_together_share_one_listing_of_the_cluster() {
+    type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+    /// A mock cluster with `listed` topics, and a cache on it.
+    fn cache(listed: &[(&str, i32)]) -> (Mock, Topics) {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        cluster.create_topic("real", 3, 1).unwrap();
+        for (name, partitions) in listed {
+            cluster.create_topic(name, *partitions, 1).unwrap();
+        }
         let client = crate::kafka::poller::tests::producer(&cluster.bootstrap_servers());
-        let topics = Arc::new(Topics::new(
+        let topics = Topics::new(
             Polled::new(client, "meta").unwrap(),
             Duration::from_secs(10),
             Duration::from_secs(30),
             false,
-        ));
+        );
+        (cluster, topics)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_that_wait_together_share_one_listing_of_the_cluster() {
+        let (cluster, topics) = cache(&[("real", 3)]);
+        let topics = Arc::new(topics);
         assert_eq!(topics.lookup("real").await.unwrap().partitions, 3);
         assert_eq!(topics.listings(), 1);
         let lookups: Vec<_> = (0..50)
@@ -527,17 +538,7 @@ mod tests {
 
     #[test]
     fn the_status_page_gets_the_first_topics_by_name() {
-        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        for (name, partitions) in [("d", 4), ("b", 2), ("a", 1), ("c", 3)] {
-            cluster.create_topic(name, partitions, 1).unwrap();
-        }
-        let client = crate::kafka::poller::tests::producer(&cluster.bootstrap_servers());
-        let topics = Topics::new(
-            Polled::new(client, "meta").unwrap(),
-            Duration::from_secs(10),
-            Duration::from_secs(2),
-            false,
-        );
+        let (_cluster, topics) = cache(&[("d", 4), ("b", 2), ("a", 1), ("c", 3)]);
         topics.refresh_all().unwrap();
         let names = |n| -> Vec<(String, i32)> { topics.known(n) };
         assert_eq!(names(2), [("a".to_string(), 1), ("b".to_string(), 2)]);
@@ -547,17 +548,7 @@ mod tests {
 
     #[test]
     fn a_catch_up_applies_deleted_and_shrunk_topics_only() {
-        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        for (name, partitions) in [("kept", 4), ("grown", 2), ("shrunk", 1)] {
-            cluster.create_topic(name, partitions, 1).unwrap();
-        }
-        let client = crate::kafka::poller::tests::producer(&cluster.bootstrap_servers());
-        let topics = Topics::new(
-            Polled::new(client, "meta").unwrap(),
-            Duration::from_secs(10),
-            Duration::from_secs(2),
-            false,
-        );
+        let (_cluster, topics) = cache(&[("kept", 4), ("grown", 2), ("shrunk", 1)]);
         let known = |name: &str, partitions| {
             let info = Arc::new(TopicInfo {
                 partitions,
