@@ -227,6 +227,15 @@ fn logged(parts: &[&str]) -> bool {
     log_count(parts) > 0
 }
 
+/// Polls `cond` every 20 ms for up to 20 s; fails the test naming `what`.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Log lines holding every one of `parts`.
 fn log_count(parts: &[&str]) -> usize {
     let text = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
@@ -293,42 +302,24 @@ async fn the_key_file_reloads_and_a_bad_one_keeps_the_old_keys() {
         );
     };
     hangup();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while reloads() == before {
-        assert!(
-            Instant::now() < deadline,
-            "no reload of {path} after SIGHUP"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("a reload after SIGHUP", || reloads() > before).await;
     // A broken file is refused; the keys in force stay.
     let bad = format!("bad-{topic}");
     write(
         &format!("[[keys]]\nname = \"{bad}\"\nsha256 = \"not-hex\"\ntopics = []\n"),
         1_600_000_200,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !logged(&["API keys not reloaded", &format!("({bad})")]) {
-        assert!(
-            Instant::now() < deadline,
-            "no failed reload of {path} logged"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the broken file's refusal logged", || {
+        logged(&["API keys not reloaded", &format!("({bad})")])
+    })
+    .await;
     assert_eq!(post(&url, Some(("x-api-key", "two"))).await.status, 202);
     assert_eq!(post(&url, Some(("x-api-key", "one"))).await.status, 401);
     // A file of comments only (a script's header, its keys not written yet) is no key file.
     let failures = || log_count(&["API keys not reloaded"]);
     let before = failures();
     write("# keys for the edge nodes\n", 1_600_000_300);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while failures() == before {
-        assert!(
-            Instant::now() < deadline,
-            "a comment-only file was not refused"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("a comment-only file refused", || failures() > before).await;
     let text = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
     assert!(text.contains("missing field `keys`"), "{text}");
     assert_eq!(post(&url, Some(("x-api-key", "two"))).await.status, 202);
