@@ -149,6 +149,14 @@ impl Held<'_> {
         self.bytes += more;
         Ok(())
     }
+
+    /// Holds no more than `bytes` from now on.
+    fn give_back_to(&mut self, bytes: usize) {
+        if let Some(extra) = self.bytes.checked_sub(bytes).filter(|&e| e > 0) {
+            self.budget.used.fetch_sub(extra, Ordering::Relaxed);
+            self.bytes = bytes;
+        }
+    }
 }
 
 impl Drop for Held<'_> {
@@ -262,11 +270,13 @@ fn grow(
         .max(FIRST_BUFFER)
         .min(cap)
         .max(need);
-    held.cover(size)?;
+    // Both buffers exist while one is copied into the other.
+    held.cover(buffer.capacity() + size)?;
     // Exactly `size`: `reserve` would round up as a `Vec` does, past `cap` and the budget.
     let mut bigger = BytesMut::with_capacity(size);
     bigger.extend_from_slice(buffer);
     *buffer = bigger;
+    held.give_back_to(size);
     Ok(())
 }
 

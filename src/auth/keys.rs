@@ -65,35 +65,41 @@ impl Keys {
             last_seen: Mutex::new(None),
             failed: Mutex::new(None),
         };
-        let (set, stamped) = keys.read()?;
+        let (set, stamped) = keys.read().map_err(|(e, _)| e)?;
         *keys.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
         *keys.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = stamped;
         Ok(keys)
     }
 
-    fn read(&self) -> Result<(KeySet, Option<Stamp>), String> {
+    /// The keys of the config and the file, with the stamp of the file read. A failure says
+    /// which version of the file failed (`None` when it changed while being read: the next
+    /// check reads it again).
+    fn read(&self) -> Result<(KeySet, Option<Stamp>), (String, Option<Stamp>)> {
         let mut all = self.inline.clone();
         let mut stamped = None;
         if let Some(path) = &self.file {
             let before = stamp(path);
-            let text =
-                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let failed = |e: String| (format!("{}: {e}", path.display()), before);
+            let text = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
             // A file being written as it was read (an empty one, say, which parses as no keys)
-            // must not replace the keys in force; the next check reads it again.
+            // must not replace the keys in force.
             if stamp(path) != before {
-                return Err(format!("{}: changed while being read", path.display()));
+                return Err((
+                    format!("{}: changed while being read", path.display()),
+                    None,
+                ));
             }
             stamped = before;
             // What `cat new > file` leaves between its truncate and its write; a file meant
             // to hold no keys says so with `keys = []`.
             if text.trim().is_empty() {
-                return Err(format!("{}: empty", path.display()));
+                return Err(failed("empty".into()));
             }
-            let parsed: KeyFile =
-                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let parsed: KeyFile = toml::from_str(&text).map_err(|e| failed(e.to_string()))?;
             all.extend(parsed.keys);
         }
-        Ok((KeySet::new(&all, self.mtls)?, stamped))
+        let set = KeySet::new(&all, self.mtls).map_err(|e| (e, stamped))?;
+        Ok((set, stamped))
     }
 
     /// The keys in force now.
@@ -109,8 +115,8 @@ impl Keys {
     pub fn reload(&self) -> Result<usize, String> {
         let (set, stamped) = match self.read() {
             Ok(read) => read,
-            Err(e) => {
-                *crate::lock(&self.failed) = self.file.as_deref().and_then(stamp);
+            Err((e, version)) => {
+                *crate::lock(&self.failed) = version;
                 return Err(e);
             }
         };
@@ -162,10 +168,14 @@ pub fn spawn_watch(keys: &Arc<Keys>) {
         // sent mid-rewrite, it would apply a cut-off file that parses (a key without its
         // `rate`, and the keys after it gone).
         let mut asked = false;
+        // A fixed beat: signals in quick succession must not keep pushing the next check away.
+        let mut beat = tokio::time::interval(Duration::from_secs(2));
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        beat.tick().await;
         loop {
             let signalled = tokio::select! {
                 () = hangups.next() => true,
-                () = tokio::time::sleep(Duration::from_secs(2)) => false,
+                _ = beat.tick() => false,
             };
             let Some(keys) = weak.upgrade() else { return };
             if signalled {

@@ -121,6 +121,7 @@ impl Cluster {
                 .saturating_add(s.enqueue_timeout)
                 .saturating_add(whole.hook.timeout)
                 .saturating_add(Duration::from_secs(1))
+                .min(crate::config::MAX_DURATION)
         });
         if !(0.0..=1.0).contains(&config.high_water) {
             return Err("cluster.high_water must be between 0 and 1".into());

@@ -1,10 +1,6 @@
 //! The topics the brokers have, cached: a known topic costs a hash lookup, an unknown one gets a
 //! fast 404 instead of librdkafka's 30 s wait for metadata that never comes.
-//!
-//! A name not in the cache is looked up in a listing of the whole cluster, not by asking for
-//! that one topic: librdkafka keeps a topic object for every name a client asked about, for the
-//! client's life, and asks the brokers about each one without partitions every second. Names
-//! that clients make up must not reach it.
+//! A name not in the cache is looked up in a listing of the whole cluster ([`super::listing`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +12,7 @@ use rdkafka::producer::Producer as _;
 
 use super::poller::Polled;
 
+use super::listing::Listings;
 use super::partition::Rotation;
 
 /// What kafboy knows of one topic.
@@ -44,7 +41,7 @@ enum Entry {
 
 /// A topic as a metadata answer lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Listed {
+pub(super) enum Listed {
     Partitions(i32),
     /// The brokers refuse kafboy the topic (Kafka lists it with no partitions then).
     Denied,
@@ -78,27 +75,16 @@ pub enum LookupError {
     Unavailable(String),
 }
 
-/// Least time between two listings of the cluster that lookups make: a flood of made-up names
-/// costs at most one listing per spacing, however many names, and a miss waits at most this
-/// much more.
-const LISTING_SPACING: Duration = Duration::from_millis(50);
-
 /// Remembered missing topics beyond this are forgotten early, so random names cannot grow memory.
 const MAX_MISSING: usize = 10_000;
-
-/// The cluster's topics as one metadata answer listed them, and when.
-type Listing = (Instant, Arc<HashMap<String, Listed>>);
 
 /// The cache, shared by all requests.
 pub struct Topics {
     entries: RwLock<HashMap<String, Entry>>,
     client: RwLock<Polled>,
     lookup: tokio::sync::Mutex<()>,
-    /// The last listing of the whole cluster a lookup made, and when it was asked for: the
-    /// lookups that waited their turn while it ran are answered from the next one, together.
-    listing: std::sync::Mutex<Option<Listing>>,
-    /// Listings made by lookups.
-    listings: std::sync::atomic::AtomicU64,
+    /// Listings of the whole cluster, for lookups.
+    listings: Arc<Listings>,
     /// A refresh asked for by [`Topics::refresh_soon`] is under way.
     refreshing: AtomicBool,
     fetched: AtomicBool,
@@ -117,8 +103,7 @@ impl Topics {
             entries: RwLock::default(),
             client: RwLock::new(client),
             lookup: tokio::sync::Mutex::new(()),
-            listing: std::sync::Mutex::new(None),
-            listings: std::sync::atomic::AtomicU64::new(0),
+            listings: Arc::default(),
             refreshing: AtomicBool::new(false),
             fetched: AtomicBool::new(false),
             timeout,
@@ -219,43 +204,29 @@ impl Topics {
 
     /// Listings of the whole cluster lookups have made.
     pub fn listings(&self) -> u64 {
-        self.listings.load(Ordering::Relaxed)
+        self.listings.made()
     }
 
     /// How the brokers list `topic`, if at all, for a lookup that `arrived` then: from a
-    /// listing of the whole cluster asked for since (made by a lookup that had its turn first,
-    /// or made now, at least [`LISTING_SPACING`] after the one before); by name with
-    /// auto-create.
+    /// listing of the whole cluster asked for since; by name with auto-create.
     async fn listed(
         self: &Arc<Self>,
         topic: &str,
         arrived: Instant,
         deadline: Instant,
     ) -> Result<Option<Listed>, String> {
-        if !self.by_name {
-            let last = crate::lock(&self.listing).clone();
-            if let Some((asked, listing)) = &last {
-                if *asked >= arrived {
-                    return Ok(listing.get(topic).copied());
-                }
-                let next = (*asked + LISTING_SPACING).min(deadline);
-                tokio::time::sleep_until(next.into()).await;
-            }
-        }
-        let asked = Instant::now();
         let this = self.clone();
-        let name = self.by_name.then(|| topic.to_string());
-        let timeout = deadline.saturating_duration_since(asked);
-        let found = tokio::task::spawn_blocking(move || this.fetch(name.as_deref(), timeout))
+        if !self.by_name {
+            let fetch = move |left| this.fetch(None, left);
+            let map = self.listings.after(arrived, deadline, fetch).await?;
+            return Ok(map.get(topic).copied());
+        }
+        let name = topic.to_string();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let found = tokio::task::spawn_blocking(move || this.fetch(Some(&name), left))
             .await
             .map_err(|e| e.to_string())??;
-        let listing: HashMap<String, Listed> = found.into_iter().collect();
-        let answer = listing.get(topic).copied();
-        if !self.by_name {
-            self.listings.fetch_add(1, Ordering::Relaxed);
-            *crate::lock(&self.listing) = Some((asked, Arc::new(listing)));
-        }
-        Ok(answer)
+        Ok(found.into_iter().find(|(n, _)| n == topic).map(|(_, l)| l))
     }
 
     /// Catches up, in the background, with topics a producer found deleted or with fewer

@@ -5,6 +5,7 @@
 pub mod admission;
 mod client;
 pub mod delivery;
+mod listing;
 pub mod metadata;
 pub mod partition;
 mod poller;
@@ -237,8 +238,12 @@ impl Producers {
                         // A request that took this producer just before the swap may still
                         // hold it. The last reference is best dropped here: librdkafka's
                         // destroy joins its threads, which would stall an async worker.
+                        // (A shutdown's flush holds it too, and lets it go itself.)
                         let until = Instant::now() + LAST_HOLDER_WAIT;
-                        while Arc::strong_count(&old) > 1 && Instant::now() < until {
+                        while Arc::strong_count(&old) > 1
+                            && Instant::now() < until
+                            && !gate.is_closed()
+                        {
                             std::thread::sleep(Duration::from_millis(10));
                         }
                     });
