@@ -105,7 +105,10 @@ impl Listings {
         lock(&self.state).running = true;
         let this = self.clone();
         let made = tokio::task::spawn_blocking(move || {
-            let found = fetch(deadline - asked);
+            // A panic must not leave `running` set: every later lookup would wait for nothing.
+            let found =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fetch(deadline - asked)))
+                    .unwrap_or_else(|_| Err("metadata listing failed".into()));
             let mut state = lock(&this.state);
             state.running = false;
             state.asked = Some((asked, asked.elapsed()));
@@ -165,5 +168,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(listings.made(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_listing_that_panicked_leaves_the_next_lookup_free() {
+        let listings = Arc::new(Listings::default());
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs(10);
+        let failed = listings
+            .after(
+                now,
+                deadline,
+                |_| -> Result<Vec<(String, Listed)>, String> { panic!("listing") },
+            )
+            .await;
+        assert!(failed.is_err());
+        let later = Instant::now();
+        let map = listings
+            .after(later, later + Duration::from_secs(10), |_| Ok(Vec::new()))
+            .await
+            .unwrap();
+        assert!(map.is_empty());
     }
 }
