@@ -617,6 +617,14 @@ pub fn record(data: &[u8]) {
         (None, Some(h)) => parse(h).map(Some).ok_or(()),
         (None, None) => Ok(None),
     };
+    // A record header needs a name: `X-Kafka-Header-` alone is refused.
+    if sent.iter().any(|(n, _)| n.as_str() == PREFIX) {
+        assert!(
+            RecordMeta::from_parts(&parts).is_err(),
+            "a record header without a name was accepted: {input:?}"
+        );
+        return;
+    }
     let mut want_headers: Vec<(String, Vec<u8>)> = sent
         .iter()
         .filter_map(|(n, v)| {
