@@ -314,8 +314,8 @@ enum Produce {
     /// Drops the connection once it has read the request, as a peer killed between its
     /// produce and its answer would.
     HangUp,
-    /// Answers 503: full, nothing written.
-    Refuse,
+    /// Answers with this status line: a refusal, nothing written.
+    Refuse(&'static str),
 }
 
 /// A fake peer, always ready with all its room free, on 127.0.0.4. Its listener has no
@@ -401,10 +401,7 @@ async fn fake_answer(mut tcp: tokio::net::TcpStream, produce: Produce) {
         }
         let (status, body) = match (text.starts_with("GET /ready"), produce) {
             (true, _) => ("200 OK", r#"{"ok":"ready","headroom":1.0}"#),
-            (false, Produce::Refuse) => (
-                "503 Service Unavailable",
-                r#"{"error":"producer queue full"}"#,
-            ),
+            (false, Produce::Refuse(status)) => (status, r#"{"error":"refused"}"#),
             (false, Produce::HangUp) => return,
         };
         let answer = format!(
@@ -500,16 +497,25 @@ async fn hooked_and_spooled_routes_are_served_where_they_arrive() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_answers_503_wrote_nothing_and_the_node_serves_the_request() {
-    let peer = FakePeer::start(Produce::Refuse).await;
-    let (mock, a) = forwarding_to(&peer.url, "").await;
-    wait_peers(&a, &[&peer.url]).await;
-    let r = a.post_json("/async/h", "{\"id\":1}").await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    assert_eq!(written(&mock.bootstrap_servers(), 1).await, ["{\"id\":1}"]);
-    let s = status(&a).await;
-    assert_eq!(counter(&s, "forwarded_sent"), 0, "{s}");
-    a.stop().await;
+async fn a_peer_that_refuses_wrote_nothing_and_the_node_serves_the_request() {
+    // Full or stopping, over its rate limit, or not knowing the key or the topic yet (a key
+    // file or metadata not reloaded there yet).
+    for refusal in [
+        "503 Service Unavailable",
+        "429 Too Many Requests",
+        "401 Unauthorized",
+        "404 Not Found",
+    ] {
+        let peer = FakePeer::start(Produce::Refuse(refusal)).await;
+        let (mock, a) = forwarding_to(&peer.url, "").await;
+        wait_peers(&a, &[&peer.url]).await;
+        let r = a.post_json("/async/h", "{\"id\":1}").await;
+        assert_eq!(r.status, 202, "{refusal}: {}", r.body);
+        assert_eq!(written(&mock.bootstrap_servers(), 1).await, ["{\"id\":1}"]);
+        let s = status(&a).await;
+        assert_eq!(counter(&s, "forwarded_sent"), 0, "{refusal}: {s}");
+        a.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

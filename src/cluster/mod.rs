@@ -159,10 +159,13 @@ impl Cluster {
                 })
             })
             .collect::<Result<BTreeMap<_, _>, _>>()?;
+        // A new connection for every request: a request sent on a kept-alive connection the
+        // peer was closing (a peer stopping closes its idle connections) fails as if it had
+        // reached the peer, and is a 504 although nothing was written.
         let client = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(CONNECT_TIMEOUT)
-            .pool_idle_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(|e| format!("cluster: {e}"))?;
         Ok(Some(Cluster {
@@ -227,7 +230,8 @@ impl Cluster {
     }
 
     /// Sends the request to `peer` and relays its answer. `None` when the peer did not take it:
-    /// unreachable, or it answered 503 or 429, which write nothing. The caller then serves the
+    /// unreachable, or it answered one of the refusals that write nothing and are not about
+    /// the request itself ([`declined`]). The caller then serves the
     /// request itself, as it would have without the peer.
     pub async fn forward(
         &self,
@@ -296,10 +300,19 @@ fn normalize(url: &str) -> Result<String, String> {
     Ok(url.to_string())
 }
 
-/// A peer's answer that says nothing was written there and another node may serve the request:
-/// it is full, not ready, shutting down, or over its own rate limit.
+/// A peer's answer that says nothing was written there and this node, which admitted the
+/// request, may serve it: the peer is full, not ready or shutting down, over its own rate
+/// limit, or does not (yet) know the key or the topic (a key file or metadata not reloaded
+/// there yet).
 fn declined(status: StatusCode) -> bool {
-    status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS
+    [
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::UNAUTHORIZED,
+        StatusCode::FORBIDDEN,
+        StatusCode::NOT_FOUND,
+    ]
+    .contains(&status)
 }
 
 fn hop_by_hop(name: &HeaderName) -> bool {
