@@ -173,7 +173,11 @@ async fn serve(config: Config) -> ExitCode {
     let _hangups = kafboy::shutdown::hangups();
     let mut app = match App::build(&config) {
         Ok(app) => app,
-        Err(e) => return config_error(&e),
+        // What check-config would refuse is the configuration's fault (64: a restart cannot fix
+        // it); anything else (a spool directory that cannot be opened, a thread that cannot
+        // start) may pass, and a supervisor should try again (1).
+        Err(e) if kafboy::state::AppState::check(&config).is_err() => return config_error(&e),
+        Err(e) => return fail(&e),
     };
     let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
         Ok(l) => l,

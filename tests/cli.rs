@@ -286,6 +286,37 @@ fn output_of(mut child: Child) -> (Option<i32>, String) {
     (child.wait().unwrap().code(), text)
 }
 
+/// A failure at start that `check-config` cannot see is not a configuration error: a spool
+/// directory still held by another process (the one a rolling restart is stopping) exits 1, so
+/// that a supervisor tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_in_use_at_start_exits_1_not_64() {
+    let b = broker();
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_file(&format!(
+        "[spool]\ndir = {:?}\n",
+        dir.path().display().to_string()
+    ));
+    let mut first = kafboy();
+    first
+        .args(["--brokers", &b.addr])
+        .arg("--config")
+        .arg(file.path());
+    let (child, _) = start(first).await;
+    let second = run_to_end({
+        let mut c = kafboy();
+        c.args(["--brokers", &b.addr, "--listen", "127.0.0.1:0"])
+            .arg("--config")
+            .arg(file.path());
+        c
+    });
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+    sigterm(&child);
+    assert_eq!(output_of(child).0, Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_every_accepted_record_and_exits_0() {
     let b = broker();
