@@ -126,18 +126,18 @@ fn json(body: &Bytes, limits: &Limits) {
 fn form(body: &Bytes, limits: &Limits) {
     let got = decode::decode(BodyKind::Form, body.clone(), limits);
     let pairs = serde_urlencoded::from_bytes::<Vec<(String, String)>>(body);
+    // A field that is not UTF-8 once decoded (serde would replace the bytes with U+FFFD and
+    // write something the client never sent).
+    let not_text = body
+        .split(|&b| b == b'&')
+        .flat_map(|field| field.splitn(2, |&b| b == b'='))
+        .any(|part| std::str::from_utf8(&form_bytes(part)).is_err());
     let values = match got {
         // `&&` is a form with nothing in it.
         Err(DecodeError::Empty) => {
             return assert!(body.split(|&b| b == b'&').all(<[u8]>::is_empty));
         }
         Err(DecodeError::Form(e)) => {
-            // Refused: what serde refuses, and a field that is not UTF-8 once decoded (serde
-            // would replace the bytes with U+FFFD and write something the client never sent).
-            let not_text = body
-                .split(|&b| b == b'&')
-                .flat_map(|field| field.splitn(2, |&b| b == b'='))
-                .any(|part| std::str::from_utf8(&form_bytes(part)).is_err());
             return assert!(
                 pairs.is_err() || not_text,
                 "form refused ({e}) but it decodes"
@@ -146,6 +146,10 @@ fn form(body: &Bytes, limits: &Limits) {
         Err(e) => panic!("unexpected error {e:?}"),
         Ok(values) => values,
     };
+    assert!(
+        !not_text,
+        "a field that is not UTF-8 once decoded was accepted"
+    );
     assert_eq!(values.len(), 1);
     let json: Value = serde_json::from_slice(&values[0]).unwrap_or_else(|e| {
         panic!(

@@ -159,9 +159,11 @@ impl Cluster {
                 })
             })
             .collect::<Result<BTreeMap<_, _>, _>>()?;
-        // A new connection for every request: a request sent on a kept-alive connection the
-        // peer was closing (a peer stopping closes its idle connections) fails as if it had
-        // reached the peer, and is a 504 although nothing was written.
+        // A new connection for every request (and `Connection: close` on forwards, so that the
+        // peer closes it and keeps the TIME_WAIT, not this node's ports): a request sent on a
+        // kept-alive connection the peer was closing (a peer stopping closes its idle
+        // connections) fails as if it had reached the peer, and is a 504 although nothing was
+        // written.
         let client = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(CONNECT_TIMEOUT)
@@ -257,7 +259,10 @@ impl Cluster {
         if let Some(id) = request_id {
             request = request.header(crate::server::REQUEST_ID, id);
         }
-        request = request.header(HOP, &self.name).body(body);
+        request = request
+            .header(HOP, &self.name)
+            .header(header::CONNECTION, "close")
+            .body(body);
         match request.send().await {
             Ok(answer) if declined(answer.status()) => {
                 tracing::debug!(%peer, status = %answer.status(), "peer declined a forwarded request");

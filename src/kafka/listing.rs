@@ -103,14 +103,15 @@ impl Listings {
             return Err(timed_out());
         }
         lock(&self.state).running = true;
+        // Ends the listing whatever becomes of the task: done, panicked, or never run (a
+        // runtime shutting down drops it), so that no later lookup waits for nothing.
+        let running = Running(self.clone());
         let this = self.clone();
         let made = tokio::task::spawn_blocking(move || {
-            // A panic must not leave `running` set: every later lookup would wait for nothing.
-            let found =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fetch(deadline - asked)))
-                    .unwrap_or_else(|_| Err("metadata listing failed".into()));
+            let left = deadline.saturating_duration_since(Instant::now());
+            let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fetch(left)))
+                .unwrap_or_else(|_| Err("metadata listing failed".into()));
             let mut state = lock(&this.state);
-            state.running = false;
             state.asked = Some((asked, asked.elapsed()));
             let map = found.map(|found| Arc::new(found.into_iter().collect::<HashMap<_, _>>()));
             if let Ok(map) = &map {
@@ -118,10 +119,24 @@ impl Listings {
                 this.made.fetch_add(1, Ordering::Relaxed);
             }
             drop(state);
-            this.done.notify_waiters();
+            drop(running);
             map
         });
-        made.await.map_err(|e| e.to_string())?
+        // The task records its listing even when this lookup stops waiting for it.
+        tokio::time::timeout_at(deadline.into(), made)
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| e.to_string())?
+    }
+}
+
+/// A listing under way; its end is recorded and told when this is dropped.
+struct Running(Arc<Listings>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        lock(&self.0.state).running = false;
+        self.0.done.notify_waiters();
     }
 }
 
