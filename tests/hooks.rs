@@ -537,8 +537,11 @@ async fn a_full_queue_is_the_answer_to_a_respond_then_produce() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // With the broker down, one record fills the queue.
-    mock.broker_down(1).unwrap();
+    // With the broker slow to answer, one record in flight fills the queue. (Not
+    // `broker_down`: librdkafka's mock re-binds the broker's port at once, and aborts the whole
+    // test process when the port is still taken.)
+    mock.broker_round_trip_time(1, Duration::from_secs(10))
+        .unwrap();
     let r = post(&gw, "/async/from", "plain", "{}").await;
     assert_eq!(r.status, 202, "{}", r.body);
     // The hook's reply would hide that its record was never queued.
