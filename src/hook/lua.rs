@@ -348,14 +348,18 @@ mod tests {
     use crate::decode::BodyKind;
     use bytes::Bytes;
 
-    fn hook(script: &str) -> LuaHook {
-        let limits = Limits {
+    /// The tests' limits, with bodies at most `max_depth` deep.
+    fn limits(max_depth: usize) -> Limits {
+        Limits {
             timeout: Duration::from_secs(1),
             max_instructions: 1_000_000,
             max_memory: 16 << 20,
-            max_depth: 128,
-        };
-        LuaHook::from_source(Path::new("test.lua"), script, limits).unwrap()
+            max_depth,
+        }
+    }
+
+    fn hook(script: &str) -> LuaHook {
+        LuaHook::from_source(Path::new("test.lua"), script, limits(128)).unwrap()
     }
 
     fn request(body: &str) -> Arc<HookRequest> {
@@ -476,12 +480,7 @@ mod tests {
 
     #[test]
     fn top_level_code_runs_under_the_budgets() {
-        let limits = Limits {
-            timeout: Duration::from_secs(1),
-            max_instructions: 1_000_000,
-            max_memory: 16 << 20,
-            max_depth: 128,
-        };
+        let limits = limits(128);
         for script in [
             "while true do end",
             "while true do pcall(function() while true do end end) end",
@@ -535,12 +534,7 @@ mod tests {
 
     #[test]
     fn edits_keep_to_the_servers_json_depth() {
-        let limits = Limits {
-            timeout: Duration::from_secs(1),
-            max_instructions: 1_000_000,
-            max_memory: 16 << 20,
-            max_depth: 3,
-        };
+        let limits = limits(3);
         let hook = |body: &str| {
             let script = format!("function on_request(req) {body} return forward() end");
             LuaHook::from_source(Path::new("t.lua"), &script, limits).unwrap()
