@@ -27,7 +27,7 @@ mod hooked;
 mod overflow;
 mod send;
 
-use overflow::{forwardable, hand_over, overflow};
+use overflow::{forwardable, hand_over, overflow, received};
 use send::{enqueue, records_for};
 
 /// The hook of a route, if it has one.
@@ -132,11 +132,11 @@ async fn ingest(
         // Without a hook the topic is known before the body is read, so a bad one costs nothing.
         let info = lookup(app, &topic).await?;
         let body = body::read(incoming, encoding, declared, limits).await?;
-        if let Some(answer) = overflow(app, route, false, &topic, &parts, &body).await {
+        if let Some(answer) = overflow(app, route, &topic, &parts, &body).await {
             return Ok(Reply::Relayed(answer));
         }
         // With peers, what a full queue refuses may still go to one: the body as it came.
-        let relay = forwardable(app, route, false)
+        let relay = forwardable(app, route)
             .then(|| (body.clone(), app.topic_metrics.get(&topic).label.clone()));
         let values = decode::decode(kind, body, &app.decode_limits)?;
         let count = values.len() as u64;
@@ -161,9 +161,8 @@ async fn ingest(
         };
     };
     let body = body::read(incoming, encoding, declared, limits).await?;
-    if let Some(answer) = overflow(app, route, true, &topic, &parts, &body).await {
-        return Ok(Reply::Relayed(answer));
-    }
+    // Served here, never handed to a peer (see `forwardable`).
+    received(app, &parts);
     // Only a hook reads the client's address.
     let peer = parts
         .extensions

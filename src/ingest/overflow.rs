@@ -8,36 +8,40 @@ use bytes::Bytes;
 use crate::routes::Route;
 use crate::state::AppState;
 
-/// Hands the request to a peer when this node's producer queue is past its high-water mark;
-/// `None` to serve it here. A forwarded request is never forwarded again.
+/// Counts a request a peer forwarded here; whether it was one (it is never forwarded again).
+pub(super) fn received(app: &AppState, parts: &Parts) -> bool {
+    if !parts.headers.contains_key(crate::cluster::HOP) {
+        return false;
+    }
+    ::metrics::counter!(crate::metrics::FORWARDED, "direction" => "received").increment(1);
+    app.stats
+        .forwarded_received
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    true
+}
+
+/// Hands a request of a route without a hook to a peer when this node's producer queue is past
+/// its high-water mark; `None` to serve it here.
 pub(super) async fn overflow(
     app: &AppState,
     route: &Route,
-    hooked: bool,
     topic: &str,
     parts: &Parts,
     body: &Bytes,
 ) -> Option<Response> {
-    if parts.headers.contains_key(crate::cluster::HOP) {
-        ::metrics::counter!(crate::metrics::FORWARDED, "direction" => "received").increment(1);
-        app.stats
-            .forwarded_received
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return None;
-    }
-    if !forwardable(app, route, hooked) {
+    if received(app, parts) || !forwardable(app, route) {
         return None;
     }
     let (fill, full) = app.producers.for_mode(route.mode, topic).fill();
     hand_over(app, parts, body.clone(), fill, full).await
 }
 
-/// Whether a request on `route` may go to a peer at all. Not on a route with a hook: the peer's
-/// hook would see this node as the client (`req:peer()`), so a hook's address check could be
-/// passed by way of a full node. Not on a spooled route either: its records go to this node's
-/// disk, whatever its producers' queues hold.
-pub(super) fn forwardable(app: &AppState, route: &Route, hooked: bool) -> bool {
-    app.cluster.is_some() && !hooked && !super::send::spooled(app, route, route.mode)
+/// Whether a request on `route` (one without a hook) may go to a peer at all. Not on a spooled
+/// route: its records go to this node's disk, whatever its producers' queues hold. (Routes
+/// with a hook are never forwarded: the peer's hook would see this node as the client,
+/// `req:peer()`, so a hook's address check could be passed by way of a full node.)
+pub(super) fn forwardable(app: &AppState, route: &Route) -> bool {
+    app.cluster.is_some() && !super::send::spooled(app, route, route.mode)
 }
 
 /// Forwards to the best ready peer if `fill`/`full` call for it; the peer's answer, if any.
