@@ -5,14 +5,19 @@
 pub mod admission;
 mod client;
 pub mod delivery;
+mod ffi;
+mod gate;
 mod listing;
 pub mod metadata;
 pub mod partition;
 mod poller;
 mod producer;
+mod record;
 
 pub use client::{check, client_config};
-pub use producer::{Gate, Producer, Record, Report, SendError, Shared, set_queue_limits};
+pub use gate::Gate;
+pub use producer::{Producer, Report, SendError, Shared, set_queue_limits};
+pub use record::Record;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -196,7 +201,7 @@ impl Producers {
     /// Raises a fatal error in the `sync` producer, for fault tests.
     #[doc(hidden)]
     pub fn inject_fatal_error(&self) {
-        delivery::inject_fatal_error(&self.sync.current().inner);
+        ffi::inject_fatal_error(&self.sync.current().inner);
     }
 
     /// Why the server is not ready, if it is not.
@@ -232,7 +237,7 @@ impl Producers {
                         // its deadline) takes this producer over, and the process must not
                         // wait out the message timeout here.
                         while old.queued() > 0 && Instant::now() < until && !gate.is_closed() {
-                            delivery::flush(&old.inner, Duration::from_millis(100));
+                            ffi::flush(&old.inner, Duration::from_millis(100));
                         }
                         lock(&retiring).retain(|p| !Arc::ptr_eq(p, &old));
                         // A request that took this producer just before the swap may still
@@ -284,7 +289,7 @@ impl Producers {
             .iter()
             .map(|p| {
                 let p = p.clone();
-                tokio::task::spawn_blocking(move || delivery::flush(&p.inner, deadline))
+                tokio::task::spawn_blocking(move || ffi::flush(&p.inner, deadline))
             })
             .collect();
         for f in flushes {

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use rdkafka::producer::BaseProducer;
 
-use super::delivery::{Context, MainQueue};
+use super::delivery::Context;
+use super::ffi::MainQueue;
 
 /// How long the thread sleeps at most when no wake-up comes: a safety net, not a poll interval.
 const NAP: Duration = Duration::from_millis(200);
