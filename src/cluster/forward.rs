@@ -1,0 +1,137 @@
+//! Handing a request to a peer and relaying its answer.
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use super::{Cluster, HOP};
+use crate::error::IngestError;
+
+impl Cluster {
+    /// Sends the request to `peer` and relays its answer. `None` when the peer did not take it:
+    /// unreachable, or it answered one of the refusals that write nothing and are not about
+    /// the request itself ([`declined`]). The caller then serves the
+    /// request itself, as it would have without the peer.
+    pub async fn forward(
+        &self,
+        peer: String,
+        method: Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        request_id: Option<&HeaderValue>,
+        body: Bytes,
+    ) -> Option<Response> {
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut request = self
+            .client
+            .request(method, format!("{peer}{path}"))
+            .timeout(self.forward_timeout);
+        for (name, value) in headers {
+            // The request's id goes as kafboy settled it (the client's, when it was usable).
+            if !hop_by_hop(name) && *name != crate::server::REQUEST_ID {
+                request = request.header(name, value);
+            }
+        }
+        // So the peer's log names the id the client gets back.
+        if let Some(id) = request_id {
+            request = request.header(crate::server::REQUEST_ID, id);
+        }
+        request = request
+            .header(HOP, &self.name)
+            .header(header::CONNECTION, "close")
+            .body(body);
+        match request.send().await {
+            Ok(answer) if declined(answer.status()) => {
+                tracing::debug!(%peer, status = %answer.status(), "peer declined a forwarded request");
+                if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
+                    self.mark(&peer, false, 0.0);
+                }
+                None
+            }
+            Ok(answer) => Some(relay(answer).await),
+            Err(error) => {
+                tracing::warn!(%peer, %error, "forwarding failed");
+                self.mark(&peer, false, 0.0);
+                // Only a request that never reached the peer (no connection) was certainly not
+                // taken; the caller may then serve it. Once it was sent, a timeout, a reset or
+                // an answer cut short may follow a produce on the peer: 504, never a second try.
+                if error.is_connect() || error.is_builder() {
+                    return None;
+                }
+                let what = if error.is_timeout() {
+                    "did not answer in time"
+                } else {
+                    "failed before its answer was complete"
+                };
+                let e = IngestError::Unknown(format!(
+                    "peer {peer} {what}; the record may have been written there"
+                ));
+                Some(e.into_response())
+            }
+        }
+    }
+}
+
+/// A peer's answer that says nothing was written there and this node, which admitted the
+/// request, may serve it: the peer is full, not ready or shutting down, over its own rate
+/// limit, or does not (yet) know the key or the topic (a key file or metadata not reloaded
+/// there yet).
+fn declined(status: StatusCode) -> bool {
+    [
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::UNAUTHORIZED,
+        StatusCode::FORBIDDEN,
+        StatusCode::NOT_FOUND,
+    ]
+    .contains(&status)
+}
+
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "te"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "content-encoding"
+            | "proxy-connection"
+    )
+}
+
+async fn relay(answer: reqwest::Response) -> Response {
+    let status = answer.status();
+    let keep = [
+        header::CONTENT_TYPE,
+        header::RETRY_AFTER,
+        header::WWW_AUTHENTICATE,
+        header::ALLOW,
+    ];
+    let headers: Vec<(HeaderName, HeaderValue)> = keep
+        .iter()
+        .filter_map(|h| answer.headers().get(h).map(|v| (h.clone(), v.clone())))
+        .collect();
+    let mut response = match answer.bytes().await {
+        Ok(body) => (status, body).into_response(),
+        // The status came and its body did not. A 2xx without its body (the sync offsets) is
+        // a 504: the peer took the record. Any other status keeps its meaning.
+        Err(error) if status.is_success() => {
+            return IngestError::Unknown(format!(
+                "the peer accepted the request but its answer was cut short ({error}); \
+                 the record may have been written"
+            ))
+            .into_response();
+        }
+        Err(error) => crate::server::json(
+            status,
+            &serde_json::json!({ "error": format!("peer answered {status}; its body was cut short ({error})") }),
+        ),
+    };
+    for (name, value) in headers {
+        response.headers_mut().insert(name, value);
+    }
+    response
+}
