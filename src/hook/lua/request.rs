@@ -7,7 +7,6 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use mlua::{UserData, UserDataMethods};
 use serde_json::Value;
 
 use super::convert::{BadBody, json_to_lua, scalar_json, table_json, to_lua};
@@ -15,6 +14,8 @@ use super::raw;
 use super::tree::{lookup, remove, segments, single, slot};
 use crate::decode::BodyKind;
 use crate::hook::{Forward, HookRequest};
+
+mod methods;
 
 /// A path no deeper than a body may be (`depth`): `set` creates an object per segment, and
 /// writing out or dropping a tree thousands deep would overflow the stack.
@@ -239,107 +240,5 @@ impl LuaRequest {
             *dirty = true;
         }
         Ok(removed)
-    }
-}
-
-impl UserData for LuaRequest {
-    fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
-        m.add_method("topic", |_, this, ()| {
-            Ok(this
-                .forward
-                .topic
-                .clone()
-                .unwrap_or_else(|| this.req.topic.clone()))
-        });
-        m.add_method_mut("set_topic", |_, this, topic: String| {
-            this.charge(topic.len())?;
-            this.forward.topic = Some(topic);
-            Ok(())
-        });
-        m.add_method("mode", |_, this, ()| Ok(this.req.mode.as_str()));
-        m.add_method("method", |_, this, ()| {
-            Ok(this.req.method.as_str().to_string())
-        });
-        m.add_method("path", |_, this, ()| Ok(this.req.path.clone()));
-        m.add_method("query", |_, this, name: Option<String>| {
-            let Some(query) = &this.req.query else {
-                return Ok(None);
-            };
-            let Some(name) = name else {
-                return Ok(Some(query.clone()));
-            };
-            let pairs: Vec<(String, String)> =
-                serde_urlencoded::from_str(query).unwrap_or_default();
-            Ok(pairs.into_iter().find(|(k, _)| *k == name).map(|(_, v)| v))
-        });
-        m.add_method("header", |lua, this, name: String| {
-            this.req
-                .headers
-                .get(name.as_str())
-                .map(|v| lua.create_string(v.as_bytes()))
-                .transpose()
-        });
-        m.add_method("peer", |_, this, ()| {
-            Ok(this.req.peer.map(|p| p.to_string()))
-        });
-        // The body as it stands, the script's edits included.
-        m.add_method("body", |lua, this, ()| match &this.doc {
-            Doc::Raw { doc, edited: true } => lua.create_string(doc.bytes()),
-            Doc::Tree { value, dirty: true } => {
-                let json = serde_json::to_vec(value).map_err(mlua::Error::external)?;
-                lua.create_string(json)
-            }
-            _ => lua.create_string(this.forward.body.as_deref().unwrap_or(&this.req.body)),
-        });
-        m.add_method_mut("set_body", |_, this, body: mlua::LuaString| {
-            this.charge(body.as_bytes().len())?;
-            this.forward.body = Some(Bytes::copy_from_slice(&body.as_bytes()));
-            this.doc = Doc::Unread;
-            Ok(())
-        });
-        m.add_method_mut("get", |lua, this, path: String| this.get(lua, &path));
-        m.add_method_mut("set", |lua, this, (path, value): (String, mlua::Value)| {
-            this.set(lua, &path, value)
-        });
-        m.add_method_mut("delete", |_, this, path: String| this.delete(&path));
-        m.add_method_mut("fields", |_, this, ()| {
-            Ok(this
-                .tree(false)?
-                .as_object()
-                .map(|o| o.keys().cloned().collect::<Vec<_>>()))
-        });
-        // The key set in this call, else the one the request asked for.
-        m.add_method("key", |lua, this, ()| {
-            this.forward
-                .key
-                .as_deref()
-                .or(this.req.key.as_deref())
-                .map(|k| lua.create_string(k))
-                .transpose()
-        });
-        m.add_method_mut("set_key", |_, this, key: mlua::LuaString| {
-            this.charge(key.as_bytes().len())?;
-            this.forward.key = Some(Bytes::copy_from_slice(&key.as_bytes()));
-            Ok(())
-        });
-        m.add_method_mut("set_partition", |_, this, partition: i32| {
-            if partition < 0 {
-                return Err(mlua::Error::runtime(format!(
-                    "partition {partition}: partitions are numbered from 0"
-                )));
-            }
-            this.forward.partition = Some(partition);
-            Ok(())
-        });
-        m.add_method_mut(
-            "set_header",
-            |_, this, (name, value): (String, mlua::LuaString)| {
-                this.charge(name.len() + value.as_bytes().len())?;
-                this.forward
-                    .headers
-                    .push((name, Bytes::copy_from_slice(&value.as_bytes())));
-                Ok(())
-            },
-        );
     }
 }

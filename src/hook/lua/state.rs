@@ -1,0 +1,180 @@
+//! One sandboxed Lua state: the prelude every script gets, the budgets a call runs under, and
+//! how a state is built from a script.
+
+use std::cell::Cell;
+use std::time::Instant;
+
+use mlua::{AnyUserData, Function, HookTriggers, Lua, LuaOptions, StdLib, Table, VmState};
+
+use super::request::LuaRequest;
+use super::{Limits, LuaHook};
+
+/// Helpers every script gets before its own code runs. Each keeps the functions it calls in
+/// locals: a script that replaced the global `error` would otherwise turn the guards off.
+const PRELUDE: &str = r#"
+-- pcall and xpcall would catch the budget error and let a script run on; once the budget is
+-- spent they pass the error on instead.
+do
+  local raw_pcall, raw_xpcall, exhausted, error = pcall, xpcall, __kafboy_exhausted, error
+  local pack, unpack = table.pack, table.unpack
+  __kafboy_exhausted = nil
+  local function check(r)
+    if not r[1] and exhausted() then error(r[2], 0) end
+    return unpack(r, 1, r.n)
+  end
+  pcall = function(...) return check(pack(raw_pcall(...))) end
+  xpcall = function(...) return check(pack(raw_xpcall(...))) end
+end
+-- A finalizer runs with hooks off, so no budget could stop it: scripts get none.
+do
+  local raw_setmetatable, rawget, type, error = setmetatable, rawget, type, error
+  setmetatable = function(t, mt)
+    if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+      error("__gc is not allowed in hooks: a finalizer would run outside the budgets", 2)
+    end
+    return raw_setmetatable(t, mt)
+  end
+end
+-- One read-only table for every forward(): nothing to allocate, and the host knows it on sight.
+do
+  local error = error
+  local verdict = setmetatable({}, {
+    __index = { action = "forward" },
+    __newindex = function() error("forward() is read-only", 2) end,
+  })
+  __kafboy_forward = verdict
+  function forward() return verdict end
+end
+function reject(status, message) return { action = "reject", status = status, message = message } end
+function respond(status, body, produce) return { action = "respond", status = status, body = body, produce = produce } end
+"#;
+
+/// How often the budget is checked, in VM instructions.
+const CHECK_EVERY: u32 = 1000;
+
+pub(super) struct Budget {
+    instructions_left: Cell<u64>,
+    deadline: Cell<Instant>,
+}
+
+impl Budget {
+    pub(super) fn exhausted(&self) -> bool {
+        self.instructions_left.get() == 0 || Instant::now() > self.deadline.get()
+    }
+
+    /// A fresh budget for one call, or for a script's top-level code.
+    pub(super) fn arm(&self, limits: &Limits) {
+        self.instructions_left
+            .set(limits.max_instructions.max(u64::from(CHECK_EVERY)));
+        self.deadline.set(Instant::now() + limits.timeout);
+    }
+}
+
+pub(super) struct State {
+    pub(super) lua: Lua,
+    pub(super) on_request: Function,
+    pub(super) on_error: Option<Function>,
+    /// What `forward()` returns.
+    pub(super) forward: Table,
+    /// The `req` every call gets, holding the request being handled (an idle one in between).
+    /// One object for the state's life, not one per call: a userdata carries a finalizer, and
+    /// Lua's collector runs finalizers a few at a time. At tens of thousands of calls a second
+    /// it fell behind, and the heap grew until every call failed on the memory limit (after
+    /// about 150k calls the growth started; 64 MiB were gone after ~1.7M).
+    pub(super) req: AnyUserData,
+}
+
+/// Whether the call under way (or the last one) in `lua` ran out of its instruction or time
+/// budget.
+pub(super) fn spent(lua: &Lua) -> bool {
+    lua.app_data_ref::<Budget>().is_none_or(|b| b.exhausted())
+}
+
+impl LuaHook {
+    pub(super) fn new_state(&self) -> mlua::Result<State> {
+        let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8;
+        let lua = Lua::new_with(libs, LuaOptions::default())?;
+        let globals = lua.globals();
+        // The base library can read files and load bytecode; scripts get neither.
+        for name in ["dofile", "loadfile", "load", "require", "collectgarbage"] {
+            globals.set(name, mlua::Nil)?;
+        }
+        globals.set(
+            "print",
+            lua.create_function(|_, values: mlua::Variadic<mlua::Value>| {
+                // Any value, as Lua's own print would show it (`print(status, nil)` included).
+                let text: Vec<String> = values
+                    .iter()
+                    .map(|v| match v {
+                        mlua::Value::String(s) => s.to_string_lossy(),
+                        other => other
+                            .to_string()
+                            .unwrap_or_else(|_| other.type_name().to_string()),
+                    })
+                    .collect();
+                tracing::info!(target: "kafboy::hook::lua", "{}", text.join("\t"));
+                Ok(())
+            })?,
+        )?;
+        lua.set_memory_limit(self.limits.max_memory)?;
+        lua.set_app_data(Budget {
+            instructions_left: Cell::new(u64::MAX),
+            deadline: Cell::new(Instant::now()),
+        });
+        lua.set_hook(
+            HookTriggers::new().every_nth_instruction(CHECK_EVERY),
+            |lua, _| {
+                let budget = lua
+                    .app_data_ref::<Budget>()
+                    .ok_or_else(|| mlua::Error::runtime("no budget"))?;
+                let left = budget
+                    .instructions_left
+                    .get()
+                    .saturating_sub(u64::from(CHECK_EVERY));
+                budget.instructions_left.set(left);
+                if left == 0 {
+                    return Err(mlua::Error::runtime("instruction budget exceeded"));
+                }
+                if Instant::now() > budget.deadline.get() {
+                    return Err(mlua::Error::runtime("time budget exceeded"));
+                }
+                Ok(VmState::Continue)
+            },
+        )?;
+        globals.set(
+            "__kafboy_exhausted",
+            lua.create_function(|lua, ()| Ok(spent(lua)))?,
+        )?;
+        // The prelude and the script's top-level code run under a call's budgets: a loop there
+        // would otherwise hold the first request of every worker thread (a state is made on a
+        // thread's first call) for ever.
+        let arm = || {
+            lua.app_data_ref::<Budget>()
+                .map(|b| b.arm(&self.limits))
+                .ok_or_else(|| mlua::Error::runtime("no budget"))
+        };
+        arm()?;
+        lua.load(PRELUDE).set_name("=prelude").exec()?;
+        let forward: Table = globals.get("__kafboy_forward")?;
+        globals.set("__kafboy_forward", mlua::Value::Nil)?;
+        arm()?;
+        lua.load(&*self.source)
+            .set_name(format!("@{}", self.path.display()))
+            .exec()?;
+        let on_request: Function = lua
+            .globals()
+            .get::<Option<Function>>("on_request")?
+            .ok_or_else(|| {
+                mlua::Error::runtime("the script defines no function on_request(req)")
+            })?;
+        let on_error = lua.globals().get::<Option<Function>>("on_error")?;
+        let req = lua.create_userdata(LuaRequest::idle())?;
+        Ok(State {
+            lua,
+            on_request,
+            on_error,
+            forward,
+            req,
+        })
+    }
+}
