@@ -20,14 +20,15 @@ use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
 
 use crate::auth::ClientSubject;
-use crate::server::{REQUEST_ID, RequestId};
 use crate::tls::Tls;
 
 mod cors;
+mod request_id;
 mod stall;
 
 pub use cors::Cors;
 
+pub use request_id::{REQUEST_ID, RequestId};
 use stall::Stall;
 
 /// Connection limits, from `[server]`.

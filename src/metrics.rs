@@ -3,13 +3,16 @@
 //! (allowlist entries, overrides, fixed routes) by name, every other topic as `other`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use metrics::{Counter, Histogram, counter, gauge, histogram};
+use metrics::{Counter, Histogram, counter, histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
-use rdkafka::statistics::Statistics;
+
+mod statistics;
+
+pub use statistics::{BrokerState, statistics};
 
 /// HTTP requests, by route, mode and status class.
 pub const REQUESTS: &str = "kafboy_http_requests_total";
@@ -247,82 +250,11 @@ impl RouteMetrics {
     }
 }
 
-/// What the status page shows of the brokers, from the latest librdkafka statistics.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct BrokerState {
-    /// librdkafka's broker name (`host:port/id`).
-    pub name: String,
-    /// `UP`, `DOWN`, `CONNECT`, ...
-    pub state: String,
-    /// Average round-trip time in milliseconds, if known.
-    pub rtt_ms: Option<f64>,
-}
-
-/// Exports one producer's librdkafka statistics and keeps the broker view for the status page.
-pub fn statistics(
-    producer: &str,
-    stats: &Statistics,
-    topics: &Topics,
-    brokers: &Mutex<Vec<BrokerState>>,
-    totals: &mut std::collections::HashMap<String, [u64; 2]>,
-) {
-    let mut view = Vec::new();
-    // A broker librdkafka never needed to connect to stays in INIT; it is not down.
-    for b in stats
-        .brokers
-        .values()
-        .filter(|b| b.nodeid >= 0 && b.state != "INIT")
-    {
-        let labels = [
-            ("producer", producer.to_string()),
-            ("broker", b.name.clone()),
-        ];
-        gauge!(BROKER_UP, &labels).set(if b.state == "UP" { 1.0 } else { 0.0 });
-        // librdkafka's totals are per client: counted by their growth, so that a producer
-        // replaced after a fatal error (whose totals start from 0) adds to the series.
-        let seen = totals.entry(b.name.clone()).or_default();
-        counter!(BROKER_RETRIES, &labels).increment(b.txretries.saturating_sub(seen[0]));
-        counter!(BROKER_TIMEOUTS, &labels).increment(b.req_timeouts.saturating_sub(seen[1]));
-        *seen = [b.txretries, b.req_timeouts];
-        if let Some(rtt) = &b.rtt {
-            for (q, v) in [("avg", rtt.avg), ("0.99", rtt.p99)] {
-                let l = [
-                    labels[0].clone(),
-                    labels[1].clone(),
-                    ("quantile", q.to_string()),
-                ];
-                gauge!(BROKER_RTT, &l).set(v as f64 / 1e6);
-            }
-        }
-        view.push(BrokerState {
-            name: b.name.clone(),
-            state: b.state.clone(),
-            rtt_ms: b
-                .rtt
-                .as_ref()
-                .filter(|w| w.cnt > 0)
-                .map(|w| w.avg as f64 / 1e3),
-        });
-    }
-    for t in stats.topics.values().filter(|t| t.batchcnt.cnt > 0) {
-        let label = topics.get(&t.topic).label.to_string();
-        for (q, v) in [("0.5", t.batchcnt.p50), ("0.99", t.batchcnt.p99)] {
-            let l = [
-                ("producer", producer.to_string()),
-                ("topic", label.clone()),
-                ("quantile", q.to_string()),
-            ];
-            gauge!(BATCH_RECORDS, &l).set(v as f64);
-        }
-    }
-    view.sort_by(|a, b| a.name.cmp(&b.name));
-    *brokers.lock().unwrap_or_else(|e| e.into_inner()) = view;
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use metrics::gauge;
     use std::time::Instant;
 
     #[test]

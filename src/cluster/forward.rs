@@ -28,13 +28,13 @@ impl Cluster {
             .timeout(self.forward_timeout);
         for (name, value) in headers {
             // The request's id goes as kafboy settled it (the client's, when it was usable).
-            if !hop_by_hop(name) && *name != crate::server::REQUEST_ID {
+            if !hop_by_hop(name) && *name != crate::listener::REQUEST_ID {
                 request = request.header(name, value);
             }
         }
         // So the peer's log names the id the client gets back.
         if let Some(id) = request_id {
-            request = request.header(crate::server::REQUEST_ID, id);
+            request = request.header(crate::listener::REQUEST_ID, id);
         }
         request = request
             .header(HOP, &self.name)

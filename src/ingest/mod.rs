@@ -16,10 +16,10 @@ use crate::decode::{self, BodyKind};
 use crate::error::IngestError;
 use crate::hook::{Failure, Hook, HookRequest};
 use crate::kafka::metadata::{LookupError, TopicInfo};
+use crate::listener::RequestId;
 use crate::record::RecordMeta;
 use crate::reply::Reply;
 use crate::routes::{Route, TopicSource, validate_topic};
-use crate::server::RequestId;
 use crate::state::{AppState, Served};
 use crate::throttle::Throttle;
 

@@ -64,7 +64,7 @@ pub(super) async fn hand_over(
     // inline, it would grow the future of every request, which axum boxes and moves.
     let id = parts
         .extensions
-        .get::<crate::server::RequestId>()
+        .get::<crate::listener::RequestId>()
         .map(|id| &id.0);
     let forward = cluster.forward(
         peer,
