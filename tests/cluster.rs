@@ -200,8 +200,19 @@ async fn the_discovery_url_adds_and_removes_peers() {
     wait_peers(&a, &[&b.url]).await;
     *listed.lock().unwrap() = format!("{}\n{}/\n\n", b.url, c.url);
     wait_peers(&a, &[&b.url, &c.url]).await;
-    *listed.lock().unwrap() = format!("{}\n", c.url);
+    // A list shared by every node names this node too: listed as itself, never ready.
+    *listed.lock().unwrap() = format!("{}\n{}\n", c.url, a.url);
     wait_peers(&a, &[&c.url]).await;
+    let s = status(&a).await;
+    let own: Vec<&Value> = s["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["url"] == a.url.as_str())
+        .collect();
+    assert_eq!(own.len(), 1, "{s}");
+    assert_eq!(own[0]["self"], true, "{s}");
+    assert_eq!(own[0]["ready"], false, "{s}");
     let disco = client()
         .get(format!("{}/disco", a.url))
         .send()

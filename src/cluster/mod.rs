@@ -143,6 +143,7 @@ impl Cluster {
             .iter()
             .map(|p| {
                 normalize(p).map(|u| {
+                    let own = u == url;
                     (
                         u.clone(),
                         Peer {
@@ -150,7 +151,7 @@ impl Cluster {
                             ready: false,
                             headroom: 0.0,
                             fixed: true,
-                            own: false,
+                            own,
                         },
                     )
                 })
@@ -206,7 +207,7 @@ impl Cluster {
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
         let ready: Vec<&Peer> = peers
             .values()
-            .filter(|p| p.ready && !p.own && p.url != self.url)
+            .filter(|p| p.ready && !p.own)
             .filter(|p| p.headroom > 0.0 && p.headroom >= room - ROOM_SLACK)
             .collect();
         let top = ready

@@ -90,15 +90,20 @@ impl Cluster {
             }
             keep
         });
-        for url in found.into_iter().filter(|u| *u != self.url) {
+        // A shared list names this node too: listed, marked, never forwarded to. Other names
+        // that lead here are found by the health check (`found_self`).
+        for url in found {
             peers.entry(url.clone()).or_insert_with(|| {
-                tracing::info!(peer = %url, "peer joined from the discovery list");
+                let own = url == self.url;
+                if !own {
+                    tracing::info!(peer = %url, "peer joined from the discovery list");
+                }
                 Peer {
                     url,
                     ready: false,
                     headroom: 0.0,
                     fixed: false,
-                    own: false,
+                    own,
                 }
             });
         }
