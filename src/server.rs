@@ -144,37 +144,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> ShutdownReport {
         let state = self.state.clone();
-        state
-            .producers
-            .topics
-            .spawn_refresher(state.metadata_refresh);
-        // Fatal producer errors are rare; a tenth of a second to notice one is plenty.
-        state
-            .producers
-            .spawn_supervisor(std::time::Duration::from_millis(100));
-        crate::status::spawn_sampler(Arc::downgrade(&state));
-        // Histogram samples pile up until upkeep folds them; without a scraper that is a leak.
-        crate::metrics::spawn_upkeep();
-        // Without a handler SIGHUP would end the process with no drain and no flush.
-        tokio::spawn(async {
-            let mut hangups = crate::shutdown::hangups();
-            loop {
-                hangups.next().await;
-                tracing::info!("SIGHUP received");
-            }
-        });
-        if let Some(spool) = &state.spool {
-            let producers = state.producers.clone();
-            spool.start_sender(move |topic| {
-                producers.for_mode(crate::config::Mode::BatchAsync, topic)
-            });
-        }
-        if let Some(cluster) = &state.cluster {
-            cluster.spawn();
-        }
-        if let Some(keys) = &state.keys {
-            crate::auth::spawn_watch(keys);
-        }
+        start_background(&state);
         let grace = state.server.shutdown_timeout;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // When the shutdown began: the drain and the wait for hooks' late produces share one
@@ -220,43 +190,86 @@ impl App {
         {
             tracing::warn!(?grace, "requests still open at the shutdown deadline");
         }
-        // A hook's produce after its own reply may still be on its way to the spool or a queue.
-        let began = began
-            .get()
-            .copied()
-            .unwrap_or_else(tokio::time::Instant::now);
-        if !state.background.wait(began + grace).await {
-            tracing::warn!(
-                ?grace,
-                "produces after a hook's reply still running at the deadline"
-            );
+        finish(&state, began, grace).await
+    }
+}
+
+/// The tasks and threads that run beside the listener for the server's life.
+fn start_background(state: &Arc<AppState>) {
+    state
+        .producers
+        .topics
+        .spawn_refresher(state.metadata_refresh);
+    // Fatal producer errors are rare; a tenth of a second to notice one is plenty.
+    state
+        .producers
+        .spawn_supervisor(std::time::Duration::from_millis(100));
+    crate::status::spawn_sampler(Arc::downgrade(state));
+    // Histogram samples pile up until upkeep folds them; without a scraper that is a leak.
+    crate::metrics::spawn_upkeep();
+    // Without a handler SIGHUP would end the process with no drain and no flush.
+    tokio::spawn(async {
+        let mut hangups = crate::shutdown::hangups();
+        loop {
+            hangups.next().await;
+            tracing::info!("SIGHUP received");
         }
-        // The spool's last sends and the producers' flush run at once, under one grace: a stop
-        // takes at most two (the drain's and this one), as the docs size a supervisor's
-        // timeout, and a spool backlog cannot leave the flush of records held only in memory
-        // no time. Spooled records that are not sent stay on disk for the next start.
-        let spool_done = async {
-            match &state.spool {
-                Some(spool) => spool.shutdown(grace).await,
-                None => 0,
-            }
-        };
-        let (spooled, undelivered) = tokio::join!(spool_done, state.producers.flush(grace));
-        if spooled > 0 {
-            tracing::info!(spooled, "records kept in the spool for the next start");
+    });
+    if let Some(spool) = &state.spool {
+        let producers = state.producers.clone();
+        spool.start_sender(move |topic| producers.for_mode(crate::config::Mode::BatchAsync, topic));
+    }
+    if let Some(cluster) = &state.cluster {
+        cluster.spawn();
+    }
+    if let Some(keys) = &state.keys {
+        crate::auth::spawn_watch(keys);
+    }
+}
+
+/// After the listener stopped: waits for hooks' late produces, then sends the spool's last
+/// records and flushes the producers, under one more `grace`.
+async fn finish(
+    state: &AppState,
+    began: Arc<std::sync::OnceLock<tokio::time::Instant>>,
+    grace: std::time::Duration,
+) -> ShutdownReport {
+    // A hook's produce after its own reply may still be on its way to the spool or a queue.
+    let began = began
+        .get()
+        .copied()
+        .unwrap_or_else(tokio::time::Instant::now);
+    if !state.background.wait(began + grace).await {
+        tracing::warn!(
+            ?grace,
+            "produces after a hook's reply still running at the deadline"
+        );
+    }
+    // The spool's last sends and the producers' flush run at once, under one grace: a stop
+    // takes at most two (the drain's and this one), as the docs size a supervisor's
+    // timeout, and a spool backlog cannot leave the flush of records held only in memory
+    // no time. Spooled records that are not sent stay on disk for the next start.
+    let spool_done = async {
+        match &state.spool {
+            Some(spool) => spool.shutdown(grace).await,
+            None => 0,
         }
-        if undelivered > 0 {
-            tracing::error!(
-                undelivered,
-                "records still undelivered at the flush deadline"
-            );
-        } else {
-            tracing::info!("all accepted records delivered or reported");
-        }
-        ShutdownReport {
+    };
+    let (spooled, undelivered) = tokio::join!(spool_done, state.producers.flush(grace));
+    if spooled > 0 {
+        tracing::info!(spooled, "records kept in the spool for the next start");
+    }
+    if undelivered > 0 {
+        tracing::error!(
             undelivered,
-            spooled,
-        }
+            "records still undelivered at the flush deadline"
+        );
+    } else {
+        tracing::info!("all accepted records delivered or reported");
+    }
+    ShutdownReport {
+        undelivered,
+        spooled,
     }
 }
 
