@@ -181,8 +181,12 @@ pub async fn read(
         Encoding::Identity => Ok(raw),
         Encoding::Gzip => inflate(flate2::read::MultiGzDecoder::new(&raw[..]), limit, "gzip"),
         Encoding::Zstd => {
-            let decoder = zstd::stream::read::Decoder::new(&raw[..])
-                .map_err(|e| IngestError::BadRequest(format!("zstd body: {e}")))?;
+            let bad = |e: std::io::Error| IngestError::BadRequest(format!("zstd body: {e}"));
+            let mut decoder = zstd::stream::read::Decoder::new(&raw[..]).map_err(bad)?;
+            // A frame names its window, and the decoder allocates it up front: zstd's default
+            // cap, 128 MiB, would be ten bytes' work for a client. Nothing under the limit needs
+            // a window wider than the limit; 8 MiB is what `zstd -19` uses on a stream.
+            decoder.window_log_max(window_log(limit)).map_err(bad)?;
             inflate(decoder, limit, "zstd")
         }
     }
@@ -280,6 +284,13 @@ fn grow(
     Ok(())
 }
 
+/// The widest zstd window (as a power of two) a body under `limit` bytes is let to name: the
+/// limit rounded up, at least 2^23.
+fn window_log(limit: usize) -> u32 {
+    let bits = usize::BITS - limit.saturating_sub(1).leading_zeros();
+    bits.clamp(23, 31)
+}
+
 fn inflate(decoder: impl Read, limit: usize, name: &str) -> Result<Bytes, IngestError> {
     let mut out = Vec::new();
     // One byte past the limit tells "exactly the limit" from "more".
@@ -349,6 +360,79 @@ mod tests {
             self.left -= 1;
             std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(b"x")))))
         }
+    }
+
+    /// A body that arrives in `n` pieces of `size` bytes, at once.
+    struct Pieces(usize, usize);
+
+    impl axum::body::HttpBody for Pieces {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            if self.0 == 0 {
+                return std::task::Poll::Ready(None);
+            }
+            self.0 -= 1;
+            let piece = Bytes::from(vec![b'x'; self.1]);
+            std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(piece))))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_largest_body_in_pieces_fits_a_budget_of_twice_the_limit() {
+        // 100 pieces of 3000 bytes: the buffer doubles up to 300,000, and holds the old one
+        // and the new one while it copies (the config check asks for twice the limit).
+        let max = 300_000;
+        for declared in [None, Some(max)] {
+            let mut l = limits(max);
+            l.buffer = Arc::new(Budget::new(2 * max));
+            let body = read(
+                Body::new(Pieces(100, 3000)),
+                Encoding::Identity,
+                declared,
+                &l,
+            );
+            assert_eq!(body.await.unwrap().len(), max, "{declared:?}");
+            assert_eq!(l.buffer.used.load(Ordering::Relaxed), 0);
+            // With only the limit itself, the last copy would pass the budget: a 503 that no
+            // retry could get past, which is why the config refuses such a budget.
+            l.buffer = Arc::new(Budget::new(max));
+            let body = read(
+                Body::new(Pieces(100, 3000)),
+                Encoding::Identity,
+                declared,
+                &l,
+            );
+            assert_eq!(
+                body.await.unwrap_err().status(),
+                axum::http::StatusCode::SERVICE_UNAVAILABLE
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_zstd_frame_naming_a_window_wider_than_the_limit_is_refused() {
+        assert_eq!(window_log(1 << 20), 23);
+        assert_eq!(window_log((64 << 20) + 1), 27);
+        // A frame with no content size whose window is 2^27 (128 MiB): the header alone would
+        // make the decoder allocate it.
+        // Magic number; no content size, not a single segment; window 2^(10 + 17); one last
+        // raw block of 7 bytes.
+        let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 17 << 3];
+        frame.extend_from_slice(&[(7 << 3) | 1, 0, 0]);
+        frame.extend_from_slice(b"{\"a\":1}");
+        let (narrow, wide) = (limits(1 << 20), limits(100 << 20));
+        let err = read(Body::from(frame.clone()), Encoding::Zstd, None, &narrow);
+        assert_eq!(
+            err.await.unwrap_err().status(),
+            axum::http::StatusCode::BAD_REQUEST
+        );
+        // Under a limit that wide, the same frame is read.
+        let ok = read(Body::from(frame), Encoding::Zstd, None, &wide);
+        assert_eq!(ok.await.unwrap(), &b"{\"a\":1}"[..]);
     }
 
     #[tokio::test]

@@ -126,6 +126,10 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[log]\nlevel = \"inf\"".into(), "log.level"),
         ("[server]\nbody_deadline = \"0s\"".into(), "server.body_deadline"),
         (
+            "[server]\nmax_body_bytes = 1000\nmax_body_buffer_bytes = 1999".into(),
+            "at least twice server.max_body_bytes",
+        ),
+        (
             "[kafka]\nacks = \"none\"\nidempotence = false".into(),
             "cannot back a sync route",
         ),

@@ -54,8 +54,9 @@ pub struct ServerConfig {
     pub body_deadline: Duration,
     /// Most bytes of request bodies held while they arrive, over all connections at once; a
     /// request whose body would pass it gets 503 + Retry-After. Bounds what slow or stalled
-    /// uploads can hold (10000 connections × 1 MiB bodies would be 10 GiB). At least
-    /// `max_body_bytes`. Default 256 MiB.
+    /// uploads can hold (10000 connections × 1 MiB bodies would be 10 GiB). At least twice
+    /// `max_body_bytes`: a body's buffer grows by doubling as its bytes arrive, and the old and
+    /// the new buffer are both held while one is copied. Default 256 MiB.
     pub max_body_buffer_bytes: usize,
     /// Longest a client may take none of its answer (a full socket buffer); then the
     /// connection is closed, so clients that send and never read cannot keep their place

@@ -98,8 +98,13 @@ fn check_ranges(config: &Config) -> Result<(), String> {
             "server.max_header_bytes must be between 1024 and {MAX_HEADER_BYTES}"
         ));
     }
-    if s.max_body_buffer_bytes < s.max_body_bytes {
-        return Err("server.max_body_buffer_bytes must be at least server.max_body_bytes".into());
+    // A body read in pieces grows its buffer by doubling, and holds the old and the new one
+    // while it is copied: up to twice `max_body_bytes` at that moment. Less budget than that
+    // would refuse the largest bodies with a 503 that no retry can pass.
+    if s.max_body_buffer_bytes < s.max_body_bytes.saturating_mul(2) {
+        return Err(
+            "server.max_body_buffer_bytes must be at least twice server.max_body_bytes".into(),
+        );
     }
     if s.admin_listen
         .is_some_and(|a| a == s.listen && a.port() != 0)
