@@ -142,23 +142,22 @@ async fn ingest(
         let count = values.len() as u64;
         let records = records_for(app, route, route.mode, &topic, &info, meta, values)?;
         let peer_may_take = relay.is_some();
-        let result = async {
-            let queued = enqueue(app, route, route.mode, topic, records, kind, peer_may_take);
-            queued.await?.answer(app).await
-        }
-        .await;
-        return match (result, relay) {
+        let queued = enqueue(app, route, route.mode, topic, records, kind, peer_may_take).await;
+        // The copy for a peer goes before a sync request waits for its acks: it is no longer
+        // counted in the body budget, and the wait may be as long as `sync_timeout`.
+        let queued = match (queued, relay) {
             (Err(IngestError::QueueFull), Some((raw, label))) => {
-                match hand_over(app, &parts, raw, 1.0, true).await {
+                return match hand_over(app, &parts, raw, 1.0, true).await {
                     Some(answer) => Ok(Reply::Relayed(answer)),
                     None => {
                         crate::metrics::dropped(&label, "queue_full", count);
                         Err(IngestError::QueueFull)
                     }
-                }
+                };
             }
-            (other, _) => other,
+            (queued, _) => queued?,
         };
+        return queued.answer(app).await;
     };
     let body = body::read(incoming, encoding, declared, limits).await?;
     // Served here, never handed to a peer (see `forwardable`).
