@@ -111,7 +111,17 @@ pub(super) async fn enqueue(
         && let Some(spool) = &app.spool
     {
         let counters = app.topic_metrics.get(&topic);
-        return match spool.append(&topic, &records).await {
+        // A disk that hangs answers nothing, not even an error: the client is not held past
+        // `sync_timeout`. The write may still complete, and its records be sent: 504.
+        let appended =
+            tokio::time::timeout(app.server.sync_timeout, spool.append(&topic, &records));
+        let Ok(appended) = appended.await else {
+            return Err(IngestError::Unknown(format!(
+                "the spool did not confirm the write within {:?}; the records may have been written",
+                app.server.sync_timeout
+            )));
+        };
+        return match appended {
             Ok(()) => {
                 counters.accepted.increment(count as u64);
                 app.stats

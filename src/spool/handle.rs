@@ -74,6 +74,7 @@ impl Spool {
             refused_full: AtomicU64::new(0),
             disk_errors: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            writing_since_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
             checkpoint: AtomicU64::new(found.checkpoint),
             sealed: Mutex::new(found.sealed),
@@ -186,9 +187,10 @@ impl Spool {
         *lock(&self.sender) = Some(handle);
     }
 
-    /// Whether the disk takes writes (false after a disk error until a write or probe works).
+    /// Whether the disk takes writes: false after a disk error until a write or probe works,
+    /// and while a write has hung for seconds.
     pub fn healthy(&self) -> bool {
-        self.inner.healthy.load(Ordering::Acquire)
+        self.inner.healthy.load(Ordering::Acquire) && !self.inner.stalled()
     }
 
     /// The spool's counters and gauges.
@@ -208,7 +210,7 @@ impl Spool {
             retried: i.retried.load(Ordering::Relaxed),
             refused_full: i.refused_full.load(Ordering::Relaxed),
             disk_errors: i.disk_errors.load(Ordering::Relaxed),
-            healthy: i.healthy.load(Ordering::Acquire),
+            healthy: i.healthy.load(Ordering::Acquire) && !i.stalled(),
             last_error: lock(&i.last_error).clone(),
             checkpoint: i.checkpoint.load(Ordering::Acquire),
             segments: lock(&i.sealed).len() + 1,
@@ -289,5 +291,26 @@ impl Drop for Spool {
                 let _ = thread.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_write_that_hangs_for_seconds_makes_the_spool_not_healthy() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), &SpoolConfig::default()).unwrap();
+        assert!(spool.healthy());
+        let since = &spool.inner.writing_since_ms;
+        since.store(unix_ms() - 1000, Ordering::Release);
+        assert!(spool.healthy(), "a write under way for a second is no stall");
+        since.store(unix_ms() - 6000, Ordering::Release);
+        assert!(!spool.healthy());
+        assert!(!spool.stats().healthy);
+        since.store(0, Ordering::Release);
+        assert!(spool.healthy());
     }
 }

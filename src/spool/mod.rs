@@ -152,6 +152,8 @@ struct Inner {
     refused_full: AtomicU64,
     disk_errors: AtomicU64,
     healthy: AtomicBool,
+    /// Unix ms at which the write and fsync under way began; 0 when none is.
+    writing_since_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
     checkpoint: AtomicU64,
     /// Closed segments still on disk, and their valid lengths.
@@ -194,6 +196,13 @@ impl Inner {
         message
     }
 
+    /// Whether a write has been under way for longer than [`STALLED_AFTER`]: a disk that hangs
+    /// (a dead network mount, a failing device) returns no error to mark it unhealthy.
+    fn stalled(&self) -> bool {
+        let since = self.writing_since_ms.load(Ordering::Acquire);
+        since != 0 && unix_ms().saturating_sub(since) > STALLED_AFTER.as_millis() as u64
+    }
+
     fn mark_healthy(&self) {
         if !self.healthy.swap(true, Ordering::AcqRel) {
             tracing::info!(dir = %self.dir.display(), "spool: disk writable again, ready");
@@ -202,6 +211,9 @@ impl Inner {
 }
 
 /// Unix time in milliseconds.
+/// How long one write and fsync may take before the spool reports itself not ready.
+const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -144,7 +144,12 @@ impl Writer {
     /// Writes and fsyncs a group, then answers each of its calls.
     fn commit(&mut self, mut group: Vec<Append>) {
         let records: usize = group.iter().map(|a| a.payloads.len()).sum();
-        match self.write(&mut group) {
+        self.inner
+            .writing_since_ms
+            .store(unix_ms().max(1), Ordering::Release);
+        let written = self.write(&mut group);
+        self.inner.writing_since_ms.store(0, Ordering::Release);
+        match written {
             Ok(appended_ms) => {
                 self.inner
                     .records

@@ -245,6 +245,7 @@ mod tests {
             refused_full: zero(),
             disk_errors: zero(),
             healthy: AtomicBool::new(true),
+            writing_since_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
             checkpoint: zero(),
             sealed: Mutex::new(sealed),
