@@ -1103,3 +1103,26 @@ async fn a_shutdown_counts_spooled_records_in_flight_as_kept_not_lost() {
     let report = gw.stop().await;
     assert_eq!((report.undelivered, report.spooled), (0, 0), "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_that_failed_once_leaves_the_spool_healthy_again_while_idle() {
+    let (cluster, topic) = mock_cluster("sp-recheck");
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), &config()).expect("open");
+    start_sender(&spool, &producers(&cluster.bootstrap_servers(), ""));
+    spool.append(&topic, &[record("a")]).await.expect("append");
+    wait_drained(&spool, Duration::from_secs(20)).await;
+    // A directory where the checkpoint's temporary file goes: its next write fails.
+    let blocker = dir.path().join("checkpoint.tmp");
+    std::fs::create_dir(&blocker).expect("blocker");
+    spool.append(&topic, &[record("b")]).await.expect("append");
+    wait_for("the failed checkpoint", Duration::from_secs(20), || {
+        !spool.healthy()
+    })
+    .await;
+    std::fs::remove_dir(&blocker).expect("unblock");
+    // No append arrives (a node out of its load balancer gets none): the writer's probe alone
+    // must find the disk working again.
+    wait_for("healthy again", Duration::from_secs(10), || spool.healthy()).await;
+    spool.shutdown(Duration::from_secs(2)).await;
+}

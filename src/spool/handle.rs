@@ -306,7 +306,10 @@ mod tests {
         assert!(spool.healthy());
         let since = &spool.inner.writing_since_ms;
         since.store(unix_ms() - 1000, Ordering::Release);
-        assert!(spool.healthy(), "a write under way for a second is no stall");
+        assert!(
+            spool.healthy(),
+            "a write under way for a second is no stall"
+        );
         since.store(unix_ms() - 6000, Ordering::Release);
         assert!(!spool.healthy());
         assert!(!spool.stats().healthy);

@@ -90,20 +90,18 @@ impl Writer {
         let max_records = self.inner.config.commit_records;
         let mut stopping = false;
         while !stopping {
-            let first = if self.inner.healthy.load(Ordering::Acquire) {
-                match queue.recv() {
-                    Ok(c) => c,
-                    Err(_) => break,
-                }
-            } else {
-                match queue.recv_timeout(PROBE_EVERY) {
-                    Ok(c) => c,
-                    Err(RecvTimeoutError::Timeout) => {
+            // Woken every `PROBE_EVERY` even while healthy: the sender's disk errors (a
+            // checkpoint, a segment read, a dead letter) mark the spool unhealthy too, and only
+            // a probe here marks it healthy again.
+            let first = match queue.recv_timeout(PROBE_EVERY) {
+                Ok(c) => c,
+                Err(RecvTimeoutError::Timeout) => {
+                    if !self.inner.healthy.load(Ordering::Acquire) {
                         self.probe();
-                        continue;
                     }
-                    Err(RecvTimeoutError::Disconnected) => break,
+                    continue;
                 }
+                Err(RecvTimeoutError::Disconnected) => break,
             };
             let Command::Append(first) = first else {
                 break;
