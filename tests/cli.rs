@@ -129,6 +129,16 @@ fn config_errors_exit_64_and_name_the_key() {
             "[server]\nmax_body_bytes = 1000\nmax_body_buffer_bytes = 1999".into(),
             "at least twice server.max_body_bytes",
         ),
+        ("[spool]\nmax_bytes = 16383".into(), "spool.max_bytes"),
+        ("[spool]\nretry_backoff = \"5ms\"".into(), "spool.retry_backoff"),
+        (
+            format!(
+                "[spool]\ndir = \"{}\"\n[kafka]\nqueue_max_bytes = 1000000\n\
+                 [[routes]]\npath = \"/d/:topic\"\nmode = \"async\"\nspool = true",
+                std::env::temp_dir().join("kafboy-cli-queue-check").display()
+            ),
+            "kafka.queue_max_bytes",
+        ),
         (
             "[kafka]\nacks = \"none\"\nidempotence = false".into(),
             "cannot back a sync route",

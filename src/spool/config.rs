@@ -14,7 +14,8 @@ pub struct SpoolConfig {
     /// Spool `/async/{topic}` and `/batch/async/{topic}` as well (configured routes choose with
     /// their own `spool`). Default false.
     pub default_routes: bool,
-    /// Most bytes of segment files; an append that would pass it is refused (503). Default 1 GiB.
+    /// Most bytes of segment files; an append that would pass it is refused (503). At least
+    /// 16 KiB. Default 1 GiB.
     pub max_bytes: u64,
     /// A segment is closed and a new one started past this size; acknowledged segments are
     /// deleted whole. At most a quarter of `max_bytes` is used. Default 64 MiB.
@@ -34,8 +35,8 @@ pub struct SpoolConfig {
     pub window_records: usize,
     /// Most bytes handed to the producer and not yet acknowledged. Default 16 MiB.
     pub window_bytes: u64,
-    /// Wait before a record that failed retriably is sent again; doubles per attempt.
-    /// Default 100ms.
+    /// Wait before a record that failed retriably is sent again; doubles per attempt. At least
+    /// 10ms. Default 100ms.
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
     /// Longest wait between two attempts of one record. Default 5s.
@@ -67,8 +68,15 @@ const MIN_BYTES: u64 = 4096;
 impl SpoolConfig {
     /// Checks the settings; the message names the key at fault.
     pub fn check(&self) -> Result<(), String> {
-        if self.max_bytes < MIN_BYTES {
-            return Err(format!("spool.max_bytes must be at least {MIN_BYTES}"));
+        // Four segments at least: a full spool must always have closed segments whose deletion
+        // frees room. With one segment holding the whole budget, a spool whose every record was
+        // delivered stays full: its segment is only closed by the next append, which finds no
+        // room.
+        if self.max_bytes < 4 * MIN_BYTES {
+            return Err(format!(
+                "spool.max_bytes must be at least {}",
+                4 * MIN_BYTES
+            ));
         }
         if self.segment_bytes < MIN_BYTES {
             return Err(format!("spool.segment_bytes must be at least {MIN_BYTES}"));
@@ -95,6 +103,11 @@ impl SpoolConfig {
             if d > crate::config::MAX_DURATION {
                 return Err(format!("{name} must be at most 1 day"));
             }
+        }
+        // With no backoff, a record that cannot be sent (a producer that hit a fatal error, a
+        // shutdown's closed gate) would be tried again in a busy loop.
+        if self.retry_backoff < Duration::from_millis(10) {
+            return Err("spool.retry_backoff must be at least 10ms".into());
         }
         if self.retry_backoff_max < self.retry_backoff {
             return Err("spool.retry_backoff_max must not be below spool.retry_backoff".into());

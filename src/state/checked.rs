@@ -175,6 +175,15 @@ impl Checked {
                     route.path
                 ));
             }
+            // A record the queue cannot hold is refused by the spool's producer at every
+            // attempt, and dead-lettered after a 202; elsewhere it gets 413 at once.
+            if route.spool && config.kafka.queue_max_bytes < config.kafka.message_max_bytes {
+                return Err(format!(
+                    "route {}: a spooled route needs kafka.queue_max_bytes ({}) to be at least \
+                     kafka.message_max_bytes ({})",
+                    route.path, config.kafka.queue_max_bytes, config.kafka.message_max_bytes
+                ));
+            }
             if route.spool && sync {
                 return Err(format!(
                     "route {}: spool is for async and batch_async routes",
