@@ -90,7 +90,14 @@ fn main() -> ExitCode {
                     );
                 }
                 match runtime() {
-                    Ok(rt) => rt.block_on(serve(config)),
+                    Ok(rt) => {
+                        let code = rt.block_on(serve(config));
+                        // The shutdown had its grace. A blocking task still running (a spool
+                        // file operation on a disk that hangs) would hold the runtime's drop,
+                        // and the exit, for as long as the disk hangs.
+                        rt.shutdown_timeout(std::time::Duration::from_secs(1));
+                        code
+                    }
                     Err(e) => fail(&e),
                 }
             }

@@ -516,3 +516,64 @@ async fn the_original_quick_start_works_as_printed() {
     wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// A disk that hangs (here a FIFO where the spool writes its next checkpoint: opening it blocks)
+/// holds a spool file operation for good. The shutdown has its grace, and then the process
+/// exits: the runtime does not wait for the blocked operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_operation_hung_on_the_disk_does_not_hold_the_exit() {
+    let b = broker();
+    let topic = b.topic("hung", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_file(&format!(
+        "[spool]\ndir = {:?}\ndefault_routes = true\ncheckpoint_interval = \"20ms\"\n\
+         [server]\nshutdown_timeout = \"1s\"\n",
+        dir.path().display().to_string()
+    ));
+    let mut cmd = kafboy();
+    cmd.args(["--brokers", &b.addr])
+        .arg("--config")
+        .arg(file.path());
+    let (mut child, url) = start(cmd).await;
+    let fifo = dir.path().join("checkpoint.tmp");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let r = common::client()
+        .post(format!("{url}/async/{topic}"))
+        .header("content-type", "application/json")
+        .body("{\"hung\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Delivered, so the next checkpoint is written, and blocks on the FIFO.
+    let addr = b.addr.clone();
+    let got = tokio::task::spawn_blocking(move || consume(&addr, &topic, 1))
+        .await
+        .unwrap();
+    assert_eq!(common::values(&got), ["{\"hung\":1}"]);
+    sigterm(&child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Whatever happened, let the blocked open go (a reader on the FIFO, opened without
+    // waiting for a writer) and the child end.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        const O_NONBLOCK: i32 = 0o4000;
+        let _ = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(O_NONBLOCK)
+            .open(&fifo);
+    }
+    let _ = child.kill();
+    let status = exited.expect("kafboy did not exit within 30 s of SIGTERM");
+    assert!(status.code().is_some(), "{status}");
+}
