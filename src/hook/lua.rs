@@ -106,7 +106,7 @@ impl LuaHook {
             // full or half-changed, and would fail the same way on every later call: the next
             // call gets a new state instead.
             if let Err(e) = &result
-                && (matches!(e, mlua::Error::MemoryError(_)) || spent(&state.lua))
+                && (out_of_memory(e) || spent(&state.lua))
             {
                 static REPLACED: Throttle = Throttle::new(Duration::from_secs(1));
                 if let Some(suppressed) = REPLACED.pass() {
@@ -158,6 +158,17 @@ impl Hook for LuaHook {
 }
 
 /// mlua wraps callback errors in layers; the innermost message is the useful one.
+/// Whether `e` is the memory limit, also when it struck inside a `req` method (mlua wraps it
+/// in the callback's error).
+fn out_of_memory(e: &mlua::Error) -> bool {
+    match e {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } => out_of_memory(cause),
+        mlua::Error::WithContext { cause, .. } => out_of_memory(cause),
+        _ => false,
+    }
+}
+
 fn flatten(e: &mlua::Error) -> String {
     match e {
         mlua::Error::CallbackError { cause, traceback } => {
@@ -352,6 +363,64 @@ mod tests {
                 .all(|ok| *ok),
             "the calls after the failure run on a new state: {results:?}"
         );
+    }
+
+    #[test]
+    fn the_memory_limit_inside_a_req_method_replaces_the_state_too() {
+        // The limit strikes inside `req:body()`, a Rust callback: mlua wraps the error.
+        let hook = hook(
+            r#"kept = kept or {}
+            function on_request(req)
+                kept[#kept + 1] = req:body()
+                return forward()
+            end"#,
+        );
+        let body = format!("\"{}\"", "x".repeat(1 << 20));
+        let results: Vec<bool> = (0..40).map(|_| hook.call(request(&body)).is_ok()).collect();
+        let first_failure = results.iter().position(|ok| !ok).expect("a call failed");
+        assert!(
+            results[first_failure + 1..first_failure + 5]
+                .iter()
+                .all(|ok| *ok),
+            "the calls after the failure run on a new state: {results:?}"
+        );
+    }
+
+    #[test]
+    fn edits_are_measured_before_they_are_copied_out_of_lua() {
+        let started = std::time::Instant::now();
+        // Twenty-two levels of a table held twice: four million leaves for a few hundred bytes
+        // of Lua heap, converted outside its limit.
+        let shared = r#"function on_request(req)
+            local t = {1}
+            for i = 1, 22 do t = {t, t} end
+            req:set("x", t)
+            return forward()
+        end"#;
+        let err = run(shared, "{}").unwrap_err();
+        assert!(err.0.contains("max_memory_bytes"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        for value in ["0/0", "1e309", "-1e309", "{1, 0/0}"] {
+            let script =
+                format!("function on_request(req) req:set(\"r\", {value}) return forward() end");
+            let err = run(&script, "{}").unwrap_err();
+            assert!(err.0.contains("not JSON"), "{value}: {err}");
+        }
+    }
+
+    #[test]
+    fn print_runs_no_metamethod_and_logs_a_bounded_line() {
+        // A `__tostring` that loops would swallow the budget's error inside mlua's own
+        // protected call, and the script would run on for ever.
+        let looping = r#"function on_request(req)
+            local t = setmetatable({}, {__tostring = function() while true do end end})
+            while true do print(t) end
+        end"#;
+        assert!(run(looping, "{}").is_err());
+        let lua = mlua::Lua::new();
+        let big = lua.create_string("x".repeat(1 << 20)).unwrap();
+        let line = state::print_line(&[mlua::Value::String(big.clone()), mlua::Value::String(big)]);
+        assert_eq!(line.len(), 4096);
     }
 
     #[test]

@@ -101,7 +101,19 @@ pub(super) fn table_json(
     value: mlua::Value,
     segments: usize,
     max_depth: usize,
+    room: usize,
 ) -> mlua::Result<Value> {
+    // Measured first, within `room`: the conversion is made outside the Lua heap and its limit,
+    // and a table that holds one subtable twice is converted twice (`t = {t, t}` twenty times
+    // over is a million leaves for a few hundred bytes of Lua).
+    let mut left = room;
+    let levels = max_depth.saturating_sub(segments);
+    measure(&value, &mut left, levels).map_err(|e| match e {
+        Measured::TooDeep => mlua::Error::runtime(format!(
+            "the value would nest the body deeper than {max_depth} levels"
+        )),
+        Measured::Lua(e) => e,
+    })?;
     let options = mlua::serde::DeserializeOptions::new().detect_mixed_tables(true);
     let value: Value = lua.from_value_with(value, options)?;
     if segments + depth(&value) > max_depth {
@@ -110,6 +122,48 @@ pub(super) fn table_json(
         )));
     }
     Ok(value)
+}
+
+/// What one node of a converted table costs at least: a `serde_json::Value` and its slot.
+const NODE_BYTES: usize = 64;
+
+/// Takes what `value` would cost as JSON from `left`, and fails once it runs out, on a float
+/// that JSON cannot hold (serde would write NaN and the infinities as null), or past `levels`
+/// of nesting.
+fn measure(value: &mlua::Value, left: &mut usize, levels: usize) -> Result<(), Measured> {
+    let cost = match value {
+        mlua::Value::String(s) => NODE_BYTES + s.as_bytes().len(),
+        mlua::Value::Number(n) if !n.is_finite() => {
+            return Err(mlua::Error::runtime("NaN and infinities are not JSON").into());
+        }
+        _ => NODE_BYTES,
+    };
+    *left = left.checked_sub(cost).ok_or_else(|| {
+        mlua::Error::runtime("the value takes more than hook.max_memory_bytes as JSON")
+    })?;
+    if let mlua::Value::Table(t) = value {
+        let levels = levels.checked_sub(1).ok_or(Measured::TooDeep)?;
+        for pair in t.pairs::<mlua::Value, mlua::Value>() {
+            let (k, v) = pair?;
+            measure(&k, left, levels)?;
+            measure(&v, left, levels)?;
+        }
+    }
+    Ok(())
+}
+
+/// Why [`measure`] stopped.
+enum Measured {
+    /// Past the levels a body may have.
+    TooDeep,
+    /// Anything else.
+    Lua(mlua::Error),
+}
+
+impl From<mlua::Error> for Measured {
+    fn from(e: mlua::Error) -> Measured {
+        Measured::Lua(e)
+    }
 }
 
 /// Levels of arrays and objects in `value`: 0 for a scalar, 1 for `[]` or `{}`.

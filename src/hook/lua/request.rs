@@ -77,6 +77,14 @@ impl LuaRequest {
         Ok(())
     }
 
+    /// Bytes of edits still allowed.
+    fn room(&self) -> usize {
+        if self.limit == 0 {
+            return usize::MAX;
+        }
+        self.limit.saturating_sub(self.charged)
+    }
+
     /// What `req` holds between calls: an empty request, one per thread, so emptying `req`
     /// allocates nothing.
     pub fn idle() -> LuaRequest {
@@ -93,7 +101,9 @@ impl LuaRequest {
                 BodyKind::Raw,
             ));
         }
-        LuaRequest::new(IDLE.with(Arc::clone), 0, 1)
+        // A limit of one byte: a `req` a script kept takes no edits outside `on_request` (its
+        // `on_error` runs for requests the hook never saw, and edits there would pile up).
+        LuaRequest::new(IDLE.with(Arc::clone), 1, 1)
     }
 
     /// The edits, with the body the script changed.
@@ -199,7 +209,8 @@ impl LuaRequest {
         let (text, table) = match scalar_json(&value) {
             Some(text) => (text, None),
             None => {
-                let table = table_json(lua, value, segments(path).count(), self.depth)?;
+                let table =
+                    table_json(lua, value, segments(path).count(), self.depth, self.room())?;
                 let text = serde_json::to_vec(&table).map_err(mlua::Error::external)?;
                 (Cow::Owned(text), Some(table))
             }

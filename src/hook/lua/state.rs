@@ -102,17 +102,7 @@ impl LuaHook {
         globals.set(
             "print",
             lua.create_function(|_, values: mlua::Variadic<mlua::Value>| {
-                // Any value, as Lua's own print would show it (`print(status, nil)` included).
-                let text: Vec<String> = values
-                    .iter()
-                    .map(|v| match v {
-                        mlua::Value::String(s) => s.to_string_lossy(),
-                        other => other
-                            .to_string()
-                            .unwrap_or_else(|_| other.type_name().to_string()),
-                    })
-                    .collect();
-                tracing::info!(target: "kafboy::hook::lua", "{}", text.join("\t"));
+                tracing::info!(target: "kafboy::hook::lua", "{}", print_line(&values));
                 Ok(())
             })?,
         )?;
@@ -177,4 +167,44 @@ impl LuaHook {
             req,
         })
     }
+}
+
+/// Most bytes of one `print` line: the copy is made outside the Lua heap and its limit.
+const PRINT_MAX: usize = 4096;
+
+/// What `print` logs of `values`: strings, numbers, booleans and nil as Lua shows them, other
+/// values by their type. No `__tostring` runs: a metamethod could swallow the budget's error
+/// (mlua runs it in a protected call of its own), or loop where no budget sees it.
+pub(super) fn print_line(values: &[mlua::Value]) -> String {
+    let mut line = String::new();
+    for (i, v) in values.iter().enumerate() {
+        if line.len() >= PRINT_MAX {
+            break;
+        }
+        if i > 0 {
+            line.push('\t');
+        }
+        let room = PRINT_MAX - line.len();
+        match v {
+            mlua::Value::String(s) => {
+                let bytes = s.as_bytes();
+                line.push_str(&String::from_utf8_lossy(&bytes[..bytes.len().min(room)]));
+            }
+            mlua::Value::Nil => line.push_str("nil"),
+            mlua::Value::Boolean(b) => line.push_str(if *b { "true" } else { "false" }),
+            mlua::Value::Integer(n) => line.push_str(&n.to_string()),
+            mlua::Value::Number(n) => {
+                line.push_str(&mlua::Value::Number(*n).to_string().unwrap_or_default())
+            }
+            other => line.push_str(other.type_name()),
+        }
+    }
+    if line.len() > PRINT_MAX {
+        let mut end = PRINT_MAX;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+    }
+    line
 }

@@ -97,7 +97,8 @@ impl UserData for LuaRequest {
         m.add_method_mut(
             "set_header",
             |_, this, (name, value): (String, mlua::LuaString)| {
-                this.charge(name.len() + value.as_bytes().len())?;
+                // With what each entry costs besides its text: empty headers are not free.
+                this.charge(32 + name.len() + value.as_bytes().len())?;
                 this.forward
                     .headers
                     .push((name, Bytes::copy_from_slice(&value.as_bytes())));
