@@ -424,6 +424,36 @@ mod tests {
     }
 
     #[test]
+    fn library_loops_that_run_in_c_are_bounded() {
+        for call in [
+            "string.rep('', math.maxinteger)",
+            "('').rep('', math.maxinteger, '')",
+            "table.move({}, 1, math.maxinteger // 2, 1)",
+            "table.insert(setmetatable({}, {__len = function() return math.maxinteger - 1 end}), 1, 1)",
+            "table.remove(setmetatable({}, {__len = function() return math.maxinteger - 1 end}), 1)",
+        ] {
+            let script = format!("function on_request(req) {call} return forward() end");
+            let started = std::time::Instant::now();
+            let _ = run(&script, "{}");
+            assert!(started.elapsed() < Duration::from_secs(3), "{call}");
+        }
+        // What they are for still works.
+        let script = r#"function on_request(req)
+            local t = {1, 2}
+            table.insert(t, 3)
+            table.insert(t, 1, 0)
+            table.remove(t, 2)
+            local m = table.move(t, 1, 3, 1, {})
+            req:set("r", string.rep("ab", 3, "-") .. #m .. string.rep("", 5) .. string.rep(7, 2))
+            return forward()
+        end"#;
+        let Verdict::Forward(f) = run(script, "{}").unwrap() else {
+            panic!("not forwarded")
+        };
+        assert_eq!(f.body.unwrap(), &br#"{"r":"ab-ab-ab377"}"#[..]);
+    }
+
+    #[test]
     fn print_takes_any_value() {
         let script = r#"function on_request(req)
             print("x", nil, true, 1, 2.5, {}, req)

@@ -35,6 +35,40 @@ do
     return raw_setmetatable(t, mt)
   end
 end
+-- Library loops that run in C, where no instruction count reaches them, are held to what they
+-- produce: an empty string repeated, or a move or shift over a length a __len made up, would
+-- otherwise loop for as long as a 64-bit count lasts.
+do
+  local rep, move, insert, remove = string.rep, table.move, table.insert, table.remove
+  local error, type, tostring, rawlen, select = error, type, tostring, rawlen, select
+  local LIMIT = 1000000
+  string.rep = function(s, n, sep)
+    if (type(s) == "string" or type(s) == "number") and type(n) == "number" and n > 1
+      and #tostring(s) == 0 and (sep == nil or #tostring(sep) == 0) then
+      return ""
+    end
+    return rep(s, n, sep)
+  end
+  table.move = function(a1, f, e, t, a2)
+    if type(f) == "number" and type(e) == "number" and e - f > LIMIT then
+      error("table.move of more than " .. LIMIT .. " elements", 2)
+    end
+    return move(a1, f, e, t, a2)
+  end
+  local function checked_len(t)
+    if type(t) == "table" and #t > rawlen(t) + LIMIT then
+      error("a length (__len) past the table's own by more than " .. LIMIT, 3)
+    end
+  end
+  table.insert = function(t, ...)
+    checked_len(t)
+    return insert(t, ...)
+  end
+  table.remove = function(t, ...)
+    checked_len(t)
+    return remove(t, ...)
+  end
+end
 -- One read-only table for every forward(): nothing to allocate, and the host knows it on sight.
 do
   local error = error
