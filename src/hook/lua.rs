@@ -454,6 +454,29 @@ mod tests {
     }
 
     #[test]
+    fn methods_over_a_large_body_stop_at_the_time_budget() {
+        // Each `get` parses and converts a 100,000-element array: a thousand instructions of
+        // such calls, the interval at which the VM checks the budget, take seconds.
+        let limits = Limits {
+            timeout: Duration::from_millis(200),
+            max_instructions: u64::MAX / 2,
+            max_memory: 256 << 20,
+            max_depth: 128,
+        };
+        let script = "function on_request(req) while true do req:get('a') end end";
+        let hook = LuaHook::from_source(Path::new("test.lua"), script, limits).unwrap();
+        let items: Vec<String> = (0..100_000).map(|i| i.to_string()).collect();
+        let body = format!("{{\"a\":[{}]}}", items.join(","));
+        let started = std::time::Instant::now();
+        assert!(hook.call(request(&body)).is_err());
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
     fn print_takes_any_value() {
         let script = r#"function on_request(req)
             print("x", nil, true, 1, 2.5, {}, req)

@@ -5,6 +5,14 @@ use mlua::{UserData, UserDataMethods};
 
 use super::{Doc, LuaRequest};
 
+/// Fails once the call's instruction or time budget is spent.
+fn within_budget(lua: &mlua::Lua) -> mlua::Result<()> {
+    if crate::hook::lua::spent(lua) {
+        return Err(mlua::Error::runtime("the hook's budget is spent"));
+    }
+    Ok(())
+}
+
 impl UserData for LuaRequest {
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
         m.add_method("topic", |_, this, ()| {
@@ -46,13 +54,16 @@ impl UserData for LuaRequest {
             Ok(this.req.peer.map(|p| p.to_string()))
         });
         // The body as it stands, the script's edits included.
-        m.add_method("body", |lua, this, ()| match &this.doc {
-            Doc::Raw { doc, edited: true } => lua.create_string(doc.bytes()),
-            Doc::Tree { value, dirty: true } => {
-                let json = serde_json::to_vec(value).map_err(mlua::Error::external)?;
-                lua.create_string(json)
+        m.add_method("body", |lua, this, ()| {
+            within_budget(lua)?;
+            match &this.doc {
+                Doc::Raw { doc, edited: true } => lua.create_string(doc.bytes()),
+                Doc::Tree { value, dirty: true } => {
+                    let json = serde_json::to_vec(value).map_err(mlua::Error::external)?;
+                    lua.create_string(json)
+                }
+                _ => lua.create_string(this.forward.body.as_deref().unwrap_or(&this.req.body)),
             }
-            _ => lua.create_string(this.forward.body.as_deref().unwrap_or(&this.req.body)),
         });
         m.add_method_mut("set_body", |_, this, body: mlua::LuaString| {
             this.charge(body.as_bytes().len())?;
@@ -60,12 +71,23 @@ impl UserData for LuaRequest {
             this.doc = Doc::Unread;
             Ok(())
         });
-        m.add_method_mut("get", |lua, this, path: String| this.get(lua, &path));
+        // The methods that work over the body check the budget first: it is checked between VM
+        // instructions, and a thousand instructions' worth of these calls on a large body in a
+        // loop would outrun `hook.timeout` many times over.
+        m.add_method_mut("get", |lua, this, path: String| {
+            within_budget(lua)?;
+            this.get(lua, &path)
+        });
         m.add_method_mut("set", |lua, this, (path, value): (String, mlua::Value)| {
+            within_budget(lua)?;
             this.set(lua, &path, value)
         });
-        m.add_method_mut("delete", |_, this, path: String| this.delete(&path));
-        m.add_method_mut("fields", |_, this, ()| {
+        m.add_method_mut("delete", |lua, this, path: String| {
+            within_budget(lua)?;
+            this.delete(&path)
+        });
+        m.add_method_mut("fields", |lua, this, ()| {
+            within_budget(lua)?;
             Ok(this
                 .tree(false)?
                 .as_object()
