@@ -107,8 +107,9 @@ pub(super) fn table_json(
     // and a table that holds one subtable twice is converted twice (`t = {t, t}` twenty times
     // over is a million leaves for a few hundred bytes of Lua).
     let mut left = room;
+    let mut nodes = 0;
     let levels = max_depth.saturating_sub(segments);
-    measure(&value, &mut left, levels).map_err(|e| match e {
+    measure(lua, &value, &mut left, &mut nodes, levels).map_err(|e| match e {
         Measured::TooDeep => mlua::Error::runtime(format!(
             "the value would nest the body deeper than {max_depth} levels"
         )),
@@ -130,7 +131,18 @@ const NODE_BYTES: usize = 64;
 /// Takes what `value` would cost as JSON from `left`, and fails once it runs out, on a float
 /// that JSON cannot hold (serde would write NaN and the infinities as null), or past `levels`
 /// of nesting.
-fn measure(value: &mlua::Value, left: &mut usize, levels: usize) -> Result<(), Measured> {
+fn measure(
+    lua: &mlua::Lua,
+    value: &mlua::Value,
+    left: &mut usize,
+    nodes: &mut usize,
+    levels: usize,
+) -> Result<(), Measured> {
+    // With no memory limit the walk is bounded by the call's budget alone, checked as it goes.
+    *nodes += 1;
+    if nodes.is_multiple_of(4096) && super::spent(lua) {
+        return Err(mlua::Error::runtime("the hook's budget is spent").into());
+    }
     let cost = match value {
         mlua::Value::String(s) => NODE_BYTES + s.as_bytes().len(),
         mlua::Value::Number(n) if !n.is_finite() => {
@@ -145,8 +157,8 @@ fn measure(value: &mlua::Value, left: &mut usize, levels: usize) -> Result<(), M
         let levels = levels.checked_sub(1).ok_or(Measured::TooDeep)?;
         for pair in t.pairs::<mlua::Value, mlua::Value>() {
             let (k, v) = pair?;
-            measure(&k, left, levels)?;
-            measure(&v, left, levels)?;
+            measure(lua, &k, left, nodes, levels)?;
+            measure(lua, &v, left, nodes, levels)?;
         }
     }
     Ok(())

@@ -37,35 +37,84 @@ do
 end
 -- Library loops that run in C, where no instruction count reaches them, are held to what they
 -- produce: an empty string repeated, or a move or shift over a length a __len made up, would
--- otherwise loop for as long as a 64-bit count lasts.
+-- otherwise loop for as long as a 64-bit count lasts. Counts are converted as the C functions
+-- convert them (numeric strings included) before they are checked, and a table with a
+-- metatable (whose __len may answer anything, and differently each time) is shifted here, in
+-- Lua, where the budget sees every step.
 do
   local rep, move, insert, remove = string.rep, table.move, table.insert, table.remove
-  local error, type, tostring, rawlen, select = error, type, tostring, rawlen, select
+  local error, type, tostring, tonumber, toint, getmetatable, select =
+    error, type, tostring, tonumber, math.tointeger, getmetatable, select
   local LIMIT = 1000000
+  local function int(x)
+    local n = tonumber(x)
+    return n and toint(n)
+  end
+  local function empty(s)
+    return (type(s) == "string" or type(s) == "number") and #tostring(s) == 0
+  end
   string.rep = function(s, n, sep)
-    if (type(s) == "string" or type(s) == "number") and type(n) == "number" and n > 1
-      and #tostring(s) == 0 and (sep == nil or #tostring(sep) == 0) then
+    local count = int(n)
+    if count and count > 1 and empty(s) and (sep == nil or empty(sep)) then
       return ""
     end
-    return rep(s, n, sep)
+    return rep(s, count or n, sep)
   end
   table.move = function(a1, f, e, t, a2)
-    if type(f) == "number" and type(e) == "number" and e - f > LIMIT then
+    local first, last = int(f), int(e)
+    -- In floats: integers would wrap around on the widest ranges.
+    if first and last and (last + 0.0) - first > LIMIT then
       error("table.move of more than " .. LIMIT .. " elements", 2)
     end
-    return move(a1, f, e, t, a2)
+    return move(a1, first or f, last or e, t, a2)
   end
-  local function checked_len(t)
-    if type(t) == "table" and #t > rawlen(t) + LIMIT then
-      error("a length (__len) past the table's own by more than " .. LIMIT, 3)
+  local function lua_insert(t, ...)
+    local e = #t + 1
+    local n = select('#', ...)
+    if n == 1 then
+      t[e] = ...
+      return
+    elseif n ~= 2 then
+      error("wrong number of arguments to 'insert'", 2)
     end
+    local pos, v = ...
+    local p = int(pos) or error("bad argument #2 to 'insert' (number expected)", 2)
+    if p < 1 or p > e then
+      error("bad argument #2 to 'insert' (position out of bounds)", 2)
+    end
+    for i = e, p + 1, -1 do
+      t[i] = t[i - 1]
+    end
+    t[p] = v
+  end
+  local function lua_remove(t, ...)
+    local size = #t
+    local pos = size
+    local given = ...
+    if given ~= nil then
+      pos = int(given) or error("bad argument #2 to 'remove' (number expected)", 2)
+    end
+    if pos ~= size and (pos < 1 or pos > size + 1) then
+      error("bad argument #2 to 'remove' (position out of bounds)", 2)
+    end
+    local v = t[pos]
+    while pos < size do
+      t[pos] = t[pos + 1]
+      pos = pos + 1
+    end
+    t[pos] = nil
+    return v
   end
   table.insert = function(t, ...)
-    checked_len(t)
+    if type(t) == "table" and getmetatable(t) ~= nil then
+      return lua_insert(t, ...)
+    end
     return insert(t, ...)
   end
   table.remove = function(t, ...)
-    checked_len(t)
+    if type(t) == "table" and getmetatable(t) ~= nil then
+      return lua_remove(t, ...)
+    end
     return remove(t, ...)
   end
 end
