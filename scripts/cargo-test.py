@@ -13,8 +13,12 @@ import re
 import subprocess
 import sys
 
-RUNNING = re.compile(r"^\s+Running (?:unittests )?(\S+) \(")
+# Where the output of one test binary (or of the doc tests) begins.
+SECTION = re.compile(r"^\s+(?:Running (?:unittests )?\S+ \(|Doc-tests )")
 RERUN = re.compile(r"to rerun pass `([^`]+)`")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# A test of the binary failed on its own before any abort: not the mock cluster's doing.
+OWN_FAILURE = re.compile(r"\.\.\. FAILED$|panicked at ", re.MULTILINE)
 
 
 def run(args):
@@ -31,13 +35,15 @@ def run(args):
 
 
 def failed_targets(lines):
-    """(target arguments, whether the mock cluster aborted it) for each failed test binary."""
+    """(target arguments, whether the mock cluster aborted it and nothing else failed in it)
+    for each failed test binary."""
     failed, section = [], []
-    for line in lines + ["     Running end ("]:
-        if RUNNING.match(line):
+    for line in [ANSI.sub("", l) for l in lines] + ["     Running end ("]:
+        if SECTION.match(line):
             text = "".join(section)
             for target in RERUN.findall(text):
-                aborted = "SIGABRT" in text and "rdkafka_mock.c" in text and "Assertion" in text
+                aborted = ("SIGABRT" in text and "rdkafka_mock.c" in text and "Assertion" in text
+                           and not OWN_FAILURE.search(text))
                 failed.append((target, aborted))
             section = []
         section.append(line)
