@@ -62,7 +62,7 @@ impl Default for SpoolConfig {
     }
 }
 
-/// Smallest `max_bytes` and `segment_bytes` accepted.
+/// Smallest `segment_bytes` accepted; `max_bytes` must hold four such segments.
 const MIN_BYTES: u64 = 4096;
 
 impl SpoolConfig {

@@ -120,6 +120,12 @@ impl Spool {
         if self.closed.load(Ordering::Acquire) {
             return Err(SpoolError::Closed);
         }
+        // Queued behind a write that hangs, records would wait it out (the client gets 504 at
+        // `sync_timeout`, and its retries pile up in memory to be written twice once the disk
+        // answers): refused instead, with nothing written.
+        if self.inner.stalled() {
+            return Err(SpoolError::Stalled);
+        }
         let mut payloads = Vec::with_capacity(records.len());
         let mut bytes = 0u64;
         for r in records {
@@ -299,20 +305,30 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn a_write_that_hangs_for_seconds_makes_the_spool_not_healthy() {
+    #[tokio::test]
+    async fn a_write_that_hangs_for_seconds_makes_the_spool_not_healthy() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), &SpoolConfig::default()).unwrap();
         assert!(spool.healthy());
         let since = &spool.inner.writing_since_ms;
-        since.store(unix_ms() - 1000, Ordering::Release);
+        let now = super::super::mono_ms();
+        since.store(now - 1000, Ordering::Release);
         assert!(
             spool.healthy(),
             "a write under way for a second is no stall"
         );
-        since.store(unix_ms() - 6000, Ordering::Release);
+        since.store(now - 6000, Ordering::Release);
         assert!(!spool.healthy());
         assert!(!spool.stats().healthy);
+        // Refused with nothing written, not queued behind the write that hangs.
+        let record = crate::kafka::Record {
+            key: None,
+            partition: None,
+            headers: None,
+            value: bytes::Bytes::from_static(b"x"),
+        };
+        let refused = spool.append("t", &[record]).await;
+        assert_eq!(refused, Err(SpoolError::Stalled));
         since.store(0, Ordering::Release);
         assert!(spool.healthy());
     }

@@ -86,6 +86,9 @@ pub enum SpoolError {
     /// The spool is shutting down (503).
     #[error("spool closed")]
     Closed,
+    /// A write has hung on the disk for seconds; nothing more is queued behind it (503).
+    #[error("spool disk not answering")]
+    Stalled,
     /// The spool could not be opened: bad settings, or the directory is in use.
     #[error("spool: {0}")]
     Open(String),
@@ -99,6 +102,7 @@ impl SpoolError {
             SpoolError::TooLarge(_) => "too_big",
             SpoolError::Disk(_) => "spool_disk",
             SpoolError::Closed => "spool_closed",
+            SpoolError::Stalled => "spool_stalled",
             SpoolError::Open(_) => "spool_open",
         }
     }
@@ -152,7 +156,7 @@ struct Inner {
     refused_full: AtomicU64,
     disk_errors: AtomicU64,
     healthy: AtomicBool,
-    /// Unix ms at which the write and fsync under way began; 0 when none is.
+    /// When the write and fsync under way began ([`mono_ms`]); 0 when none is.
     writing_since_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
     checkpoint: AtomicU64,
@@ -199,8 +203,12 @@ impl Inner {
     /// Whether a write has been under way for longer than [`STALLED_AFTER`]: a disk that hangs
     /// (a dead network mount, a failing device) returns no error to mark it unhealthy.
     fn stalled(&self) -> bool {
+        self.stalled_at(mono_ms())
+    }
+
+    fn stalled_at(&self, now_ms: u64) -> bool {
         let since = self.writing_since_ms.load(Ordering::Acquire);
-        since != 0 && unix_ms().saturating_sub(since) > STALLED_AFTER.as_millis() as u64
+        since != 0 && now_ms.saturating_sub(since) > STALLED_AFTER.as_millis() as u64
     }
 
     fn mark_healthy(&self) {
@@ -210,10 +218,21 @@ impl Inner {
     }
 }
 
-/// Unix time in milliseconds.
 /// How long one write and fsync may take before the spool reports itself not ready.
 const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Milliseconds on a monotonic clock (a wall clock stepped by seconds would look like a stall),
+/// counted from a day before the first call: never 0, and "seconds ago" is always a value.
+fn mono_ms() -> u64 {
+    const DAY_MS: u64 = 86_400_000;
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + DAY_MS
+}
+
+/// Unix time in milliseconds.
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -144,7 +144,7 @@ impl Writer {
         let records: usize = group.iter().map(|a| a.payloads.len()).sum();
         self.inner
             .writing_since_ms
-            .store(unix_ms().max(1), Ordering::Release);
+            .store(super::mono_ms(), Ordering::Release);
         let written = self.write(&mut group);
         self.inner.writing_since_ms.store(0, Ordering::Release);
         match written {
