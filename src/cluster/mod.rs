@@ -134,10 +134,12 @@ impl Cluster {
                 return Err(format!("{name} must be between 10ms and 1 day"));
             }
         }
-        let url = config
-            .advertise_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{listen}"));
+        // Written as peer URLs are (no trailing slash), so that a list naming this node's own
+        // URL is recognised at once.
+        let url = config.advertise_url.as_deref().map_or_else(
+            || format!("http://{listen}"),
+            |u| u.trim().trim_end_matches('/').to_string(),
+        );
         let peers = config
             .peers
             .iter()
