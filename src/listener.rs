@@ -204,6 +204,14 @@ async fn refuse(mut tcp: TcpStream) {
     // Closing a socket with input unread sends a reset, which can reach the client before the
     // 503 and lose it: a client still sending its body sees a broken connection, which the
     // contract reads as "maybe written". So what it sends is read and dropped for a moment.
+    // Given back however the task ends (a runtime shutting down drops it mid-drain).
+    struct Slot;
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            DRAINING.fetch_sub(1, Relaxed);
+        }
+    }
+    let _slot = Slot;
     if DRAINING.fetch_add(1, Relaxed) < DRAINING_MAX {
         let mut buf = [0u8; 8192];
         let mut read = 0;
@@ -217,7 +225,6 @@ async fn refuse(mut tcp: TcpStream) {
         };
         let _ = tokio::time::timeout(DRAIN_FOR, drain).await;
     }
-    DRAINING.fetch_sub(1, Relaxed);
 }
 
 /// Connections refused at the cap: counted, and logged at most once a second, so a flood of
