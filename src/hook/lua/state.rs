@@ -38,13 +38,14 @@ end
 -- Library loops that run in C, where no instruction count reaches them, are held to what they
 -- produce: an empty string repeated, or a move or shift over a length a __len made up, would
 -- otherwise loop for as long as a 64-bit count lasts. Counts are converted as the C functions
--- convert them (numeric strings included) before they are checked, and a table with a
--- metatable (whose __len may answer anything, and differently each time) is shifted here, in
--- Lua, where the budget sees every step.
+-- convert them (numeric strings included) before they are checked. A table with a metatable
+-- (whose __len may answer anything, and differently each time), or whose length is past the
+-- limit (a length is any border: {[1]=1, [2]=1, [4]=1, ..., [2^40]=1} may have one near 2^40),
+-- is shifted here, in Lua, where the budget sees every step.
 do
   local rep, move, insert, remove = string.rep, table.move, table.insert, table.remove
-  local error, type, tostring, tonumber, toint, getmetatable, select =
-    error, type, tostring, tonumber, math.tointeger, getmetatable, select
+  local error, type, tostring, tonumber, toint, getmetatable, select, rawlen =
+    error, type, tostring, tonumber, math.tointeger, getmetatable, select, rawlen
   local LIMIT = 1000000
   local function int(x)
     local n = tonumber(x)
@@ -105,14 +106,17 @@ do
     t[pos] = nil
     return v
   end
+  local function shifted_here(t)
+    return type(t) == "table" and (getmetatable(t) ~= nil or rawlen(t) > LIMIT)
+  end
   table.insert = function(t, ...)
-    if type(t) == "table" and getmetatable(t) ~= nil then
+    if shifted_here(t) then
       return lua_insert(t, ...)
     end
     return insert(t, ...)
   end
   table.remove = function(t, ...)
-    if type(t) == "table" and getmetatable(t) ~= nil then
+    if shifted_here(t) then
       return lua_remove(t, ...)
     end
     return remove(t, ...)
