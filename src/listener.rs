@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
@@ -23,6 +23,7 @@ use crate::auth::ClientSubject;
 use crate::tls::Tls;
 
 mod cors;
+mod linger;
 mod request_id;
 mod stall;
 
@@ -115,14 +116,19 @@ pub async fn serve(
         match &tls {
             None => {
                 tokio::spawn(async move {
+                    let spare = linger::spare(&tcp);
                     let io = TokioIo::new(Stall::new(tcp, write_timeout));
                     connection.serve(io, None).await;
                     drop(permit);
+                    if let Some(spare) = spare {
+                        linger::linger(spare).await;
+                    }
                 });
             }
             Some(tls) => {
                 let acceptor = tls.acceptor();
                 tokio::spawn(async move {
+                    let spare = linger::spare(&tcp);
                     match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             let subject = stream
@@ -138,6 +144,9 @@ pub async fn serve(
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                     drop(permit);
+                    if let Some(spare) = spare {
+                        linger::linger(spare).await;
+                    }
                 });
             }
         }
@@ -187,44 +196,12 @@ impl Connection {
     }
 }
 
-/// Refused connections whose input is being read and dropped at once; past it a refusal
-/// closes at once. Each holds a descriptor for at most [`DRAIN_FOR`].
-const DRAINING_MAX: usize = 256;
-static DRAINING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-/// How long a refused connection's input is read and dropped, and how much of it.
-const DRAIN_FOR: Duration = Duration::from_secs(1);
-const DRAIN_BYTES: usize = 1 << 20;
-
 async fn refuse(mut tcp: TcpStream) {
-    use std::sync::atomic::Ordering::Relaxed;
     // The request is not read, so the id is a new one, as for any request without its own.
     let answer = [TOO_MANY, &crate::hex64(rand::random())[..], TOO_MANY_BODY].concat();
     let _ = tcp.write_all(&answer).await;
     let _ = tcp.shutdown().await;
-    // Closing a socket with input unread sends a reset, which can reach the client before the
-    // 503 and lose it: a client still sending its body sees a broken connection, which the
-    // contract reads as "maybe written". So what it sends is read and dropped for a moment.
-    // Given back however the task ends (a runtime shutting down drops it mid-drain).
-    struct Slot;
-    impl Drop for Slot {
-        fn drop(&mut self) {
-            DRAINING.fetch_sub(1, Relaxed);
-        }
-    }
-    let _slot = Slot;
-    if DRAINING.fetch_add(1, Relaxed) < DRAINING_MAX {
-        let mut buf = [0u8; 8192];
-        let mut read = 0;
-        let drain = async {
-            while read < DRAIN_BYTES {
-                match tcp.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => read += n,
-                }
-            }
-        };
-        let _ = tokio::time::timeout(DRAIN_FOR, drain).await;
-    }
+    linger::drain(tcp).await;
 }
 
 /// Connections refused at the cap: counted, and logged at most once a second, so a flood of

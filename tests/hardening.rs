@@ -338,3 +338,42 @@ async fn clients_that_never_read_their_answers_lose_their_connection() {
     drop(hogs);
     gw.stop().await;
 }
+
+/// Sends a request head and all of a `len`-byte body on a fresh connection, and only then reads
+/// the answer, as a client that writes its whole request before reading does.
+async fn whole_request_then_answer(addr: std::net::SocketAddr, head: &str, len: usize) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let body = vec![b' '; len];
+    let sent = s.write_all(&body).await;
+    let mut answer = Vec::new();
+    let read = s.read_to_end(&mut answer).await;
+    format!(
+        "sent: {sent:?}; read: {read:?}; {}",
+        String::from_utf8_lossy(&answer)
+    )
+}
+
+/// A body refused before it is read (by its declared length, its type, or at the connection
+/// cap) gets its answer even when the client sends all of it before reading: closing a socket
+/// with input unread sends a reset, which would lose the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_refused_before_it_is_read_still_gets_its_answer() {
+    let b = broker();
+    let topic = b.topic("linger", 1);
+    let gw = gateway(&b.addr, "[server]\nmax_body_bytes = 1000").await;
+    let len = 4 << 20;
+    let too_large = format!(
+        "POST /async/{topic} HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\n\
+         content-length: {len}\r\n\r\n"
+    );
+    let answer = whole_request_then_answer(gw.addr, &too_large, len).await;
+    assert!(answer.starts_with("sent: Ok(()); read: Ok("), "{answer}");
+    assert!(answer.contains("HTTP/1.1 413"), "{answer}");
+    let wrong_type = too_large.replace("application/json", "image/png");
+    let answer = whole_request_then_answer(gw.addr, &wrong_type, len).await;
+    assert!(answer.starts_with("sent: Ok(()); read: Ok("), "{answer}");
+    assert!(answer.contains("HTTP/1.1 415"), "{answer}");
+    good_request(&gw, &topic).await;
+    gw.stop().await;
+}
