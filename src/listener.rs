@@ -116,19 +116,18 @@ pub async fn serve(
         match &tls {
             None => {
                 tokio::spawn(async move {
-                    let spare = linger::spare(&tcp);
+                    let (tcp, mut back) = linger::returned(tcp);
                     let io = TokioIo::new(Stall::new(tcp, write_timeout));
                     connection.serve(io, None).await;
                     drop(permit);
-                    if let Some(spare) = spare {
-                        linger::linger(spare).await;
+                    if let Ok(tcp) = back.try_recv() {
+                        linger::linger(tcp).await;
                     }
                 });
             }
             Some(tls) => {
                 let acceptor = tls.acceptor();
                 tokio::spawn(async move {
-                    let spare = linger::spare(&tcp);
                     match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             let subject = stream
@@ -137,15 +136,17 @@ pub async fn serve(
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .and_then(crate::tls::client_subject);
+                            let (stream, mut back) = linger::returned(stream);
                             let io = TokioIo::new(Stall::new(stream, write_timeout));
                             connection.serve(io, subject).await;
+                            drop(permit);
+                            // Lingering on the socket beneath: what arrives is dropped unread.
+                            if let Ok(stream) = back.try_recv() {
+                                linger::linger(stream.into_inner().0).await;
+                            }
                         }
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                    drop(permit);
-                    if let Some(spare) = spare {
-                        linger::linger(spare).await;
                     }
                 });
             }

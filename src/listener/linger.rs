@@ -5,11 +5,15 @@
 //! answer is out, a connection's write side is shut, and what the client still sends is read
 //! and dropped until it closes too, or for a bounded time.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 /// Connections lingering at once; past it a connection closes at once. Each holds a
 /// descriptor for at most [`LINGER_FOR`].
@@ -20,24 +24,85 @@ static LINGERING: AtomicUsize = AtomicUsize::new(0);
 const LINGER_FOR: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 16 << 20;
 
-/// A second handle on `tcp`'s socket, which keeps the socket open once `tcp` is dropped (hyper
-/// drops its connection's stream as soon as it is done), for [`linger`]. It shares the
-/// socket's non-blocking mode.
-pub fn spare(tcp: &TcpStream) -> Option<std::net::TcpStream> {
-    use std::os::fd::AsFd;
-    tcp.as_fd()
-        .try_clone_to_owned()
-        .ok()
-        .map(std::net::TcpStream::from)
+/// `io`, handed back through a channel when hyper drops it (hyper drops its connection's
+/// stream as soon as it is done), so the connection can close lingering ([`linger`]).
+pub struct Returned<IO> {
+    io: Option<IO>,
+    back: Option<oneshot::Sender<IO>>,
 }
 
-/// Shuts the write side of `spare`'s socket (if hyper did not), then reads and drops what the
-/// client sends until it closes, or [`LINGER_FOR`] and [`LINGER_BYTES`] run out.
-pub async fn linger(spare: std::net::TcpStream) {
-    let _ = spare.shutdown(std::net::Shutdown::Write);
-    if let Ok(tcp) = TcpStream::from_std(spare) {
-        drain(tcp).await;
+/// `io` wrapped, and where it comes back once hyper is done with it.
+pub fn returned<IO>(io: IO) -> (Returned<IO>, oneshot::Receiver<IO>) {
+    let (tx, rx) = oneshot::channel();
+    let io = Returned {
+        io: Some(io),
+        back: Some(tx),
+    };
+    (io, rx)
+}
+
+impl<IO> Drop for Returned<IO> {
+    fn drop(&mut self) {
+        if let (Some(io), Some(back)) = (self.io.take(), self.back.take()) {
+            let _ = back.send(io);
+        }
     }
+}
+
+impl<IO> Returned<IO> {
+    /// The stream; gone only once the wrapper is being dropped.
+    fn io(&mut self) -> io::Result<&mut IO> {
+        self.io
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Returned<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(self.io()?).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Returned<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self.io()?).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self.io()?).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(AsyncWrite::is_write_vectored)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.io()?).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.io()?).poll_shutdown(cx)
+    }
+}
+
+/// Shuts the write side of `tcp` (if hyper did not), then reads and drops what the client
+/// sends until it closes, or [`LINGER_FOR`] and [`LINGER_BYTES`] run out.
+pub async fn linger(mut tcp: TcpStream) {
+    let _ = tcp.shutdown().await;
+    drain(tcp).await;
 }
 
 /// Reads and drops what the client sends on `tcp`, as [`linger`] does.
