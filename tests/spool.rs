@@ -1120,6 +1120,14 @@ async fn a_checkpoint_that_failed_once_leaves_the_spool_healthy_again_while_idle
         !spool.healthy()
     })
     .await;
+    // While the checkpoint keeps failing, the writer's probe (which writes another file, and
+    // works) does not make the spool look healthy: no flapping, for more than one probe.
+    spool.append(&topic, &[record("c")]).await.expect("append");
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        assert!(!spool.healthy(), "healthy while the checkpoint still fails");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     std::fs::remove_dir(&blocker).expect("unblock");
     // No append arrives (a node out of its load balancer gets none): the writer's probe alone
     // must find the disk working again.

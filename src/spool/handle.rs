@@ -74,6 +74,7 @@ impl Spool {
             refused_full: AtomicU64::new(0),
             disk_errors: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            sender_faults: std::sync::atomic::AtomicU8::new(0),
             writing_since_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
             checkpoint: AtomicU64::new(found.checkpoint),
@@ -196,7 +197,7 @@ impl Spool {
     /// Whether the disk takes writes: false after a disk error until a write or probe works,
     /// and while a write has hung for seconds.
     pub fn healthy(&self) -> bool {
-        self.inner.healthy.load(Ordering::Acquire) && !self.inner.stalled()
+        self.inner.is_healthy()
     }
 
     /// The spool's counters and gauges.
@@ -216,7 +217,7 @@ impl Spool {
             retried: i.retried.load(Ordering::Relaxed),
             refused_full: i.refused_full.load(Ordering::Relaxed),
             disk_errors: i.disk_errors.load(Ordering::Relaxed),
-            healthy: i.healthy.load(Ordering::Acquire) && !i.stalled(),
+            healthy: i.is_healthy(),
             last_error: lock(&i.last_error).clone(),
             checkpoint: i.checkpoint.load(Ordering::Acquire),
             segments: lock(&i.sealed).len() + 1,

@@ -29,8 +29,10 @@
 //!   records on disk; they are delivered after the restart (like any "maybe written" request).
 //! - Bounded: at most `max_bytes` of segment files; past it [`SpoolError::Full`] (a 503).
 //! - A torn or corrupt tail found at [`Spool::open`] is cut at the last valid record and logged.
-//! - Disk errors turn [`Spool::healthy`] false and answer [`SpoolError::Disk`]; the writer probes
-//!   the disk every second and turns healthy again when writes work.
+//! - Disk errors turn [`Spool::healthy`] false. The writer's answer [`SpoolError::Disk`], and
+//!   the writer probes the disk every second until writes work again; the sender's (its
+//!   checkpoint, segment reads, the dead-letter file) last until that same operation, which the
+//!   sender retries, works again. A write that hangs for seconds turns it false too.
 //! - Records are sent in spool order; a record that fails retriably is sent again before any
 //!   record behind it is sent for the first time, so a partition's order holds except across a
 //!   retry. Retriable failures are retried for as long as it takes; permanent ones (the ones
@@ -49,7 +51,7 @@ mod writer;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use crate::lock;
 use std::time::Duration;
@@ -156,6 +158,10 @@ struct Inner {
     refused_full: AtomicU64,
     disk_errors: AtomicU64,
     healthy: AtomicBool,
+    /// The sender's file operations whose last attempt failed ([`SenderFile`] bits). Each is
+    /// retried by the sender, and cleared by its next success: the writer's probe, which
+    /// writes another file, must not turn them healthy (nor they it unhealthy).
+    sender_faults: AtomicU8,
     /// When the write and fsync under way began ([`mono_ms`]); 0 when none is.
     writing_since_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -187,7 +193,39 @@ impl Inner {
             });
     }
 
-    /// Records a disk error: unhealthy, counted, logged; returns the message.
+    /// Records a disk error of the sender's `file`: unhealthy until it next works, counted,
+    /// logged.
+    fn sender_error(&self, file: SenderFile, error: &std::io::Error) {
+        let message = format!("{}: {error}", file.name());
+        let before = self.sender_faults.fetch_or(file as u8, Ordering::AcqRel);
+        if before & file as u8 == 0 {
+            tracing::error!(dir = %self.dir.display(), %message, "spool: disk error, not ready");
+        } else {
+            tracing::warn!(dir = %self.dir.display(), %message, "spool: disk error");
+        }
+        self.disk_errors.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.last_error) = Some(message);
+    }
+
+    /// The sender's `file` worked.
+    fn sender_ok(&self, file: SenderFile) {
+        let before = self
+            .sender_faults
+            .fetch_and(!(file as u8), Ordering::AcqRel);
+        if before & file as u8 != 0 {
+            tracing::info!(dir = %self.dir.display(), file = file.name(), "spool: works again");
+        }
+    }
+
+    /// Whether every part of the spool takes its writes and reads.
+    fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+            && self.sender_faults.load(Ordering::Acquire) == 0
+            && !self.stalled()
+    }
+
+    /// Records a disk error of the writer: unhealthy until its probe or a write works,
+    /// counted, logged; returns the message.
     fn disk_error(&self, what: &str, error: &std::io::Error) -> String {
         let message = format!("{what}: {error}");
         if self.healthy.swap(false, Ordering::AcqRel) {
@@ -214,6 +252,25 @@ impl Inner {
     fn mark_healthy(&self) {
         if !self.healthy.swap(true, Ordering::AcqRel) {
             tracing::info!(dir = %self.dir.display(), "spool: disk writable again, ready");
+        }
+    }
+}
+
+/// The sender's file operations, as bits of [`Inner::sender_faults`].
+#[derive(Debug, Clone, Copy)]
+#[repr(u8)]
+enum SenderFile {
+    Checkpoint = 1,
+    Segment = 2,
+    DeadLetter = 4,
+}
+
+impl SenderFile {
+    fn name(self) -> &'static str {
+        match self {
+            SenderFile::Checkpoint => "checkpoint",
+            SenderFile::Segment => "read segment",
+            SenderFile::DeadLetter => "dead-letter file",
         }
     }
 }

@@ -4,9 +4,9 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use super::Sender;
-use crate::spool::lock;
 use crate::spool::recover::{remove_if_exists, sync_dir, write_checkpoint};
 use crate::spool::segment::segment_name;
+use crate::spool::{SenderFile, lock};
 
 impl Sender {
     /// Writes the checkpoint if it moved and deletes the segments it covers.
@@ -76,8 +76,9 @@ impl Sender {
         for f in deletable.into_iter().skip(done.deleted).rev() {
             self.finished.push_front(f);
         }
-        if let Some(error) = done.error {
-            self.inner.disk_error("checkpoint", &error);
+        match done.error {
+            Some(error) => self.inner.sender_error(SenderFile::Checkpoint, &error),
+            None => self.inner.sender_ok(SenderFile::Checkpoint),
         }
     }
 }

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::{Finished, Flight, Sender, State};
 use crate::spool::segment::{Entry, Item, Reader, segment_name};
 use crate::spool::writer::Durable;
-use crate::spool::{Inner, lock};
+use crate::spool::{Inner, SenderFile, lock};
 
 /// Wait after a failed read of a segment before trying again.
 const READ_RETRY: Duration = Duration::from_secs(1);
@@ -208,9 +208,12 @@ impl Sender {
             });
         }
         self.finished.extend(batch.finished);
-        if let Some(error) = error {
-            self.inner.disk_error("read segment", &error);
-            self.read_again_at = Some(Instant::now() + READ_RETRY);
+        match error {
+            Some(error) => {
+                self.inner.sender_error(SenderFile::Segment, &error);
+                self.read_again_at = Some(Instant::now() + READ_RETRY);
+            }
+            None => self.inner.sender_ok(SenderFile::Segment),
         }
     }
 }
@@ -245,6 +248,7 @@ mod tests {
             refused_full: zero(),
             disk_errors: zero(),
             healthy: AtomicBool::new(true),
+            sender_faults: std::sync::atomic::AtomicU8::new(0),
             writing_since_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
             checkpoint: zero(),
