@@ -39,6 +39,9 @@ pub(super) struct Found {
     pub bytes: u64,
 }
 
+/// The highest record or segment number a spool may hold.
+const NUMBERS_END: u64 = 1 << 62;
+
 /// Recovers `dir`: cuts torn or corrupt tails, deletes empty and fully acknowledged segments,
 /// and finds where sending resumes.
 pub(super) fn recover(dir: &Path) -> io::Result<Found> {
@@ -54,6 +57,18 @@ pub(super) fn recover(dir: &Path) -> io::Result<Found> {
         );
     }
     let checkpoint = stored.unwrap_or(0);
+    // Numbers count records and segments from 0: no spool comes near 2^62 of either. Numbers
+    // past it are files kafboy did not write, and the next number would wrap around.
+    let past = |n: u64| n > NUMBERS_END;
+    if past(checkpoint) || ids.last().copied().is_some_and(past) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "a checkpoint or segment number past 2^62 in {}: not a spool kafboy wrote",
+                dir.display()
+            ),
+        ));
+    }
     let mut last_seq: Option<u64> = None;
     let mut sealed = BTreeMap::new();
     let mut start = None;
@@ -98,7 +113,16 @@ pub(super) fn recover(dir: &Path) -> io::Result<Found> {
     if changed {
         sync_dir(dir)?;
     }
-    let next_seq = last_seq.map_or(0, |s| s + 1).max(checkpoint);
+    let next_seq = last_seq.map_or(0, |s| s.saturating_add(1)).max(checkpoint);
+    if past(next_seq) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "a record number past 2^62 in {}: not a spool kafboy wrote",
+                dir.display()
+            ),
+        ));
+    }
     Ok(Found {
         checkpoint,
         next_seq,
@@ -268,6 +292,21 @@ mod tests {
         assert_eq!(read_checkpoint(dir.path()).unwrap(), None);
         fs::write(&path, b"\xff\xfe").unwrap();
         assert_eq!(read_checkpoint(dir.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn numbers_near_the_end_of_their_range_are_refused_not_wrapped() {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), u64::MAX).unwrap();
+        let err = recover(dir.path()).map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("past 2^62"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(segment::segment_name(u64::MAX)), b"").unwrap();
+        let err = recover(dir.path()).map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("past 2^62"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), 7).unwrap();
+        assert_eq!(recover(dir.path()).unwrap().next_seq, 7);
     }
 
     #[test]
