@@ -202,7 +202,7 @@ async fn refuse(mut tcp: TcpStream) {
     let answer = [TOO_MANY, &crate::hex64(rand::random())[..], TOO_MANY_BODY].concat();
     let _ = tcp.write_all(&answer).await;
     let _ = tcp.shutdown().await;
-    linger::drain(tcp).await;
+    linger::refused(tcp).await;
 }
 
 /// Connections refused at the cap: counted, and logged at most once a second, so a flood of

@@ -15,10 +15,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-/// Connections lingering at once; past it a connection closes at once. Each holds a
-/// descriptor for at most [`LINGER_FOR`].
+/// Connections lingering at once, after their answers and after a refusal at the connection
+/// cap (kept apart, so a flood of refused connections cannot take the others' room); past it a
+/// connection closes at once. Each holds a descriptor for at most [`LINGER_FOR`].
 const LINGERING_MAX: usize = 256;
+const REFUSED_MAX: usize = 64;
 static LINGERING: AtomicUsize = AtomicUsize::new(0);
+static REFUSED: AtomicUsize = AtomicUsize::new(0);
 /// How long a connection's input is read and dropped, and how much of it: enough for a client
 /// to finish sending a body several times `server.max_body_bytes` and read its answer.
 const LINGER_FOR: Duration = Duration::from_secs(2);
@@ -102,23 +105,31 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Returned<IO> {
 /// sends until it closes, or [`LINGER_FOR`] and [`LINGER_BYTES`] run out.
 pub async fn linger(mut tcp: TcpStream) {
     let _ = tcp.shutdown().await;
-    drain(tcp).await;
+    drain(tcp, &LINGERING, LINGERING_MAX).await;
 }
 
-/// Reads and drops what the client sends on `tcp`, as [`linger`] does.
-pub async fn drain(mut tcp: TcpStream) {
+/// The same for a connection refused at the cap, whose answer is written and shut already.
+pub async fn refused(tcp: TcpStream) {
+    drain(tcp, &REFUSED, REFUSED_MAX).await;
+}
+
+/// Reads and drops what the client sends on `tcp`, as [`linger`] does, if one of `max` slots
+/// counted in `taken` is free.
+async fn drain(mut tcp: TcpStream, taken: &'static AtomicUsize, max: usize) {
     // Given back however the task ends (a runtime shutting down drops it mid-drain).
-    struct Slot;
+    struct Slot(&'static AtomicUsize);
     impl Drop for Slot {
         fn drop(&mut self) {
-            LINGERING.fetch_sub(1, Relaxed);
+            self.0.fetch_sub(1, Relaxed);
         }
     }
-    let _slot = Slot;
-    if LINGERING.fetch_add(1, Relaxed) >= LINGERING_MAX {
+    let _slot = Slot(taken);
+    if taken.fetch_add(1, Relaxed) >= max {
         return;
     }
-    let mut buf = [0u8; 8192];
+    // On the heap, and only now: a buffer in the future's state would be part of every
+    // connection's task, for the connection's whole life.
+    let mut buf = vec![0u8; 8192];
     let mut read = 0;
     let reading = async {
         while read < LINGER_BYTES {

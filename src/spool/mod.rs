@@ -29,9 +29,9 @@
 //!   records on disk; they are delivered after the restart (like any "maybe written" request).
 //! - Bounded: at most `max_bytes` of segment files; past it [`SpoolError::Full`] (a 503).
 //! - A torn or corrupt tail found at [`Spool::open`] is cut at the last valid record and logged.
-//! - Disk errors turn [`Spool::healthy`] false. The writer's answer [`SpoolError::Disk`], and
-//!   the writer probes the disk every second until writes work again; the sender's (its
-//!   checkpoint, segment reads, the dead-letter file) last until that same operation, which the
+//! - Disk errors turn [`Spool::healthy`] false. The writer's (and the dead-letter file's) answer
+//!   [`SpoolError::Disk`] to appends, and the writer probes the disk every second until writes
+//!   work again; the checkpoint's and segment reads' last until that same operation, which the
 //!   sender retries, works again. A write that hangs for seconds turns it false too.
 //! - Records are sent in spool order; a record that fails retriably is sent again before any
 //!   record behind it is sent for the first time, so a partition's order holds except across a
@@ -207,6 +207,11 @@ impl Inner {
         *lock(&self.last_error) = Some(message);
     }
 
+    /// Whether the sender's `file` failed at its last attempt.
+    fn sender_faulty(&self, file: SenderFile) -> bool {
+        self.sender_faults.load(Ordering::Acquire) & file as u8 != 0
+    }
+
     /// The sender's `file` worked.
     fn sender_ok(&self, file: SenderFile) {
         let before = self
@@ -262,7 +267,6 @@ impl Inner {
 enum SenderFile {
     Checkpoint = 1,
     Segment = 2,
-    DeadLetter = 4,
 }
 
 impl SenderFile {
@@ -270,7 +274,6 @@ impl SenderFile {
         match self {
             SenderFile::Checkpoint => "checkpoint",
             SenderFile::Segment => "read segment",
-            SenderFile::DeadLetter => "dead-letter file",
         }
     }
 }

@@ -21,7 +21,10 @@ impl Sender {
                 deletable.push(f);
             }
         }
-        if acked == self.written && deletable.is_empty() {
+        // A step that failed after its writes (the directory's fsync) is tried again even when
+        // nothing moved since: on a drained spool nothing else would, and the fault would stay.
+        let resync = self.inner.sender_faulty(SenderFile::Checkpoint);
+        if acked == self.written && deletable.is_empty() && !resync {
             return;
         }
         let (inner, write) = (self.inner.clone(), acked != self.written);
@@ -52,7 +55,7 @@ impl Sender {
                 }
                 done.deleted += 1;
             }
-            if done.deleted > 0
+            if (done.deleted > 0 || resync)
                 && let Err(e) = sync_dir(&inner.dir)
             {
                 done.error = Some(e);

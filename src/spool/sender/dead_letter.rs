@@ -11,7 +11,6 @@ use rdkafka::error::RDKafkaErrorCode;
 use super::{Sender, State};
 use crate::kafka::SendError;
 use crate::kafka::delivery::Persisted;
-use crate::spool::SenderFile;
 use crate::spool::segment::Entry;
 use crate::spool::{DEAD_LETTER_FILE, lock, unix_ms};
 
@@ -50,12 +49,14 @@ impl Sender {
                     "spool: record refused by Kafka for good; dead-lettered"
                 );
                 self.inner.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                self.inner.sender_ok(SenderFile::DeadLetter);
                 self.count_outcome(i, Some(&refusal.error));
                 self.set_state(i, State::Done);
             }
             Err(error) => {
-                self.inner.sender_error(SenderFile::DeadLetter, &error);
+                // The record goes back to Kafka, and may yet be delivered (a topic created, an
+                // ACL granted): no dead-letter write may come to clear a fault of its own. The
+                // writer's probe, in the same directory, tells when the disk takes writes again.
+                self.inner.disk_error("dead-letter file", &error);
                 self.retry(i, "dead-letter file not writable");
             }
         }
