@@ -4,7 +4,6 @@
 
 use std::io::Read;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -13,6 +12,10 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
 use crate::error::IngestError;
+
+mod budget;
+
+pub use budget::{Budget, Held};
 
 /// How a request body is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,78 +93,6 @@ impl Limits {
             deadline: server.body_deadline,
             buffer: Arc::new(Budget::new(server.max_body_buffer_bytes)),
         }
-    }
-}
-
-/// A count of bytes shared by every request, with a ceiling. An atomic counter, not a
-/// semaphore: handing permits back to a tokio semaphore takes its waiters' lock, on every
-/// request, and nothing here ever waits.
-#[derive(Debug)]
-pub struct Budget {
-    used: AtomicUsize,
-    max: usize,
-}
-
-/// Bytes held of a [`Budget`], given back when dropped.
-pub struct Held<'a> {
-    budget: &'a Budget,
-    bytes: usize,
-}
-
-impl Budget {
-    /// Up to `max` bytes.
-    pub fn new(max: usize) -> Budget {
-        Budget {
-            used: AtomicUsize::new(0),
-            max,
-        }
-    }
-
-    /// Bytes held now.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    /// Holds `bytes` until the answer is dropped; `None` when the budget has no room for them.
-    pub fn hold(&self, bytes: usize) -> Option<Held<'_>> {
-        let mut held = Held {
-            budget: self,
-            bytes: 0,
-        };
-        held.cover(bytes).ok()?;
-        Some(held)
-    }
-}
-
-impl Held<'_> {
-    /// Holds at least `bytes` in all; 503 when the budget is spent.
-    fn cover(&mut self, bytes: usize) -> Result<(), IngestError> {
-        let Some(more) = bytes.checked_sub(self.bytes).filter(|&m| m > 0) else {
-            return Ok(());
-        };
-        let before = self.budget.used.fetch_add(more, Ordering::Relaxed);
-        if before.saturating_add(more) > self.budget.max {
-            self.budget.used.fetch_sub(more, Ordering::Relaxed);
-            return Err(IngestError::Unavailable(
-                "too many request bodies in flight".into(),
-            ));
-        }
-        self.bytes += more;
-        Ok(())
-    }
-
-    /// Holds no more than `bytes` from now on.
-    fn give_back_to(&mut self, bytes: usize) {
-        if let Some(extra) = self.bytes.checked_sub(bytes).filter(|&e| e > 0) {
-            self.budget.used.fetch_sub(extra, Ordering::Relaxed);
-            self.bytes = bytes;
-        }
-    }
-}
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -396,7 +327,7 @@ mod tests {
                 &l,
             );
             assert_eq!(body.await.unwrap().len(), max, "{declared:?}");
-            assert_eq!(l.buffer.used.load(Ordering::Relaxed), 0);
+            assert_eq!(l.buffer.used(), 0);
             // With only the limit itself, the last copy would pass the budget: a 503 that no
             // retry could get past, which is why the config refuses such a budget.
             l.buffer = Arc::new(Budget::new(max));
