@@ -116,8 +116,8 @@ pub async fn serve(
         match &tls {
             None => {
                 tokio::spawn(async move {
-                    let (tcp, mut back) = linger::returned(tcp);
-                    let io = TokioIo::new(Stall::new(tcp, write_timeout));
+                    let (io, mut back) = Stall::new(tcp, write_timeout);
+                    let io = TokioIo::new(io);
                     connection.serve(io, None).await;
                     drop(permit);
                     if let Ok(tcp) = back.try_recv() {
@@ -136,8 +136,8 @@ pub async fn serve(
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .and_then(crate::tls::client_subject);
-                            let (stream, mut back) = linger::returned(stream);
-                            let io = TokioIo::new(Stall::new(stream, write_timeout));
+                            let (io, mut back) = Stall::new(stream, write_timeout);
+                            let io = TokioIo::new(io);
                             connection.serve(io, subject).await;
                             drop(permit);
                             // Lingering on the socket beneath: what arrives is dropped unread.

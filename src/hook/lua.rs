@@ -20,7 +20,7 @@ mod tree;
 mod verdict;
 
 use request::LuaRequest;
-use state::{Budget, State, spent};
+use state::{Budget, State, spent, within_budget};
 use verdict::verdict;
 
 /// Limits of one script.

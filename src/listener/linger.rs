@@ -5,15 +5,11 @@
 //! answer is out, a connection's write side is shut, and what the client still sends is read
 //! and dropped until it closes too, or for a bounded time.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 
 /// Connections lingering at once, after their answers and after a refusal at the connection
 /// cap (kept apart, so a flood of refused connections cannot take the others' room); past it a
@@ -26,80 +22,6 @@ static REFUSED: AtomicUsize = AtomicUsize::new(0);
 /// to finish sending a body several times `server.max_body_bytes` and read its answer.
 const LINGER_FOR: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 16 << 20;
-
-/// `io`, handed back through a channel when hyper drops it (hyper drops its connection's
-/// stream as soon as it is done), so the connection can close lingering ([`linger`]).
-pub struct Returned<IO> {
-    io: Option<IO>,
-    back: Option<oneshot::Sender<IO>>,
-}
-
-/// `io` wrapped, and where it comes back once hyper is done with it.
-pub fn returned<IO>(io: IO) -> (Returned<IO>, oneshot::Receiver<IO>) {
-    let (tx, rx) = oneshot::channel();
-    let io = Returned {
-        io: Some(io),
-        back: Some(tx),
-    };
-    (io, rx)
-}
-
-impl<IO> Drop for Returned<IO> {
-    fn drop(&mut self) {
-        if let (Some(io), Some(back)) = (self.io.take(), self.back.take()) {
-            let _ = back.send(io);
-        }
-    }
-}
-
-impl<IO> Returned<IO> {
-    /// The stream; gone only once the wrapper is being dropped.
-    fn io(&mut self) -> io::Result<&mut IO> {
-        self.io
-            .as_mut()
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Returned<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(self.io()?).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Returned<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(self.io()?).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(self.io()?).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.as_ref().is_some_and(AsyncWrite::is_write_vectored)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.io()?).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.io()?).poll_shutdown(cx)
-    }
-}
 
 /// Shuts the write side of `tcp` (if hyper did not), then reads and drops what the client
 /// sends until it closes, or [`LINGER_FOR`] and [`LINGER_BYTES`] run out.

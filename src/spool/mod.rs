@@ -196,15 +196,9 @@ impl Inner {
     /// Records a disk error of the sender's `file`: unhealthy until it next works, counted,
     /// logged.
     fn sender_error(&self, file: SenderFile, error: &std::io::Error) {
-        let message = format!("{}: {error}", file.name());
         let before = self.sender_faults.fetch_or(file as u8, Ordering::AcqRel);
-        if before & file as u8 == 0 {
-            tracing::error!(dir = %self.dir.display(), %message, "spool: disk error, not ready");
-        } else {
-            tracing::warn!(dir = %self.dir.display(), %message, "spool: disk error");
-        }
-        self.disk_errors.fetch_add(1, Ordering::Relaxed);
-        *lock(&self.last_error) = Some(message);
+        let message = format!("{}: {error}", file.name());
+        self.note_error(message, before & file as u8 == 0);
     }
 
     /// Whether the sender's `file` failed at its last attempt.
@@ -232,8 +226,14 @@ impl Inner {
     /// Records a disk error of the writer: unhealthy until its probe or a write works,
     /// counted, logged; returns the message.
     fn disk_error(&self, what: &str, error: &std::io::Error) -> String {
-        let message = format!("{what}: {error}");
-        if self.healthy.swap(false, Ordering::AcqRel) {
+        let newly = self.healthy.swap(false, Ordering::AcqRel);
+        self.note_error(format!("{what}: {error}"), newly)
+    }
+
+    /// Counts and logs a disk error (at error level when it made the spool `newly` unhealthy),
+    /// and keeps its message for the status page; returns it.
+    fn note_error(&self, message: String, newly: bool) -> String {
+        if newly {
             tracing::error!(dir = %self.dir.display(), %message, "spool: disk error, not ready");
         } else {
             tracing::warn!(dir = %self.dir.display(), %message, "spool: disk error");

@@ -60,14 +60,17 @@ pub(super) fn recover(dir: &Path) -> io::Result<Found> {
     // Numbers count records and segments from 0: no spool comes near 2^62 of either. Numbers
     // past it are files kafboy did not write, and the next number would wrap around.
     let past = |n: u64| n > NUMBERS_END;
-    if past(checkpoint) || ids.last().copied().is_some_and(past) {
-        return Err(io::Error::new(
+    let foreign = |what: &str| {
+        io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "a checkpoint or segment number past 2^62 in {}: not a spool kafboy wrote",
+                "a {what} number past 2^62 in {}: not a spool kafboy wrote",
                 dir.display()
             ),
-        ));
+        )
+    };
+    if past(checkpoint) || ids.last().copied().is_some_and(past) {
+        return Err(foreign("checkpoint or segment"));
     }
     let mut last_seq: Option<u64> = None;
     let mut sealed = BTreeMap::new();
@@ -115,13 +118,7 @@ pub(super) fn recover(dir: &Path) -> io::Result<Found> {
     }
     let next_seq = last_seq.map_or(0, |s| s.saturating_add(1)).max(checkpoint);
     if past(next_seq) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "a record number past 2^62 in {}: not a spool kafboy wrote",
-                dir.display()
-            ),
-        ));
+        return Err(foreign("record"));
     }
     Ok(Found {
         checkpoint,

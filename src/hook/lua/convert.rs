@@ -140,8 +140,8 @@ fn measure(
 ) -> Result<(), Measured> {
     // With no memory limit the walk is bounded by the call's budget alone, checked as it goes.
     *nodes += 1;
-    if nodes.is_multiple_of(4096) && super::spent(lua) {
-        return Err(mlua::Error::runtime("the hook's budget is spent").into());
+    if nodes.is_multiple_of(4096) {
+        super::within_budget(lua)?;
     }
     let cost = match value {
         mlua::Value::String(s) => NODE_BYTES + s.as_bytes().len(),

@@ -177,6 +177,15 @@ pub(super) fn spent(lua: &Lua) -> bool {
     lua.app_data_ref::<Budget>().is_none_or(|b| b.exhausted())
 }
 
+/// Fails once the call's instruction or time budget is spent: for Rust work driven by a
+/// script, which the VM's checks between instructions do not see.
+pub(super) fn within_budget(lua: &Lua) -> mlua::Result<()> {
+    if spent(lua) {
+        return Err(mlua::Error::runtime("the hook's budget is spent"));
+    }
+    Ok(())
+}
+
 impl LuaHook {
     pub(super) fn new_state(&self) -> mlua::Result<State> {
         let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8;

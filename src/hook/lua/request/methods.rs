@@ -4,14 +4,7 @@ use bytes::Bytes;
 use mlua::{UserData, UserDataMethods};
 
 use super::{Doc, LuaRequest};
-
-/// Fails once the call's instruction or time budget is spent.
-fn within_budget(lua: &mlua::Lua) -> mlua::Result<()> {
-    if crate::hook::lua::spent(lua) {
-        return Err(mlua::Error::runtime("the hook's budget is spent"));
-    }
-    Ok(())
-}
+use crate::hook::lua::within_budget;
 
 impl UserData for LuaRequest {
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
