@@ -59,6 +59,8 @@ function on_request(req)
     while true do pcall(function() while true do end end) end
   elseif case == "fail" then
     error("boom")
+  elseif case == "trim" then
+    return respond(200, (req:get("text"):match("^%s*(.-)%s*$")))
   elseif case == "escape" then
     os.execute("touch ESCAPED")
   elseif case == "hog" then
@@ -390,6 +392,19 @@ async fn lua_hook_outcomes() {
         assert_eq!(r.status, 500, "{case}: {}", r.body);
     }
     assert!(!escaped.exists(), "the script ran a command");
+    // The usual trim pattern takes time quadratic in a run of inner spaces: minutes for this
+    // body in Lua's own matcher, which no budget reached. Now the hook's budget stops it.
+    let r = post(&gw, p, "trim", r#"{"text":"  hi  "}"#).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "hi"));
+    let long = format!(r#"{{"text":"x{}y"}}"#, " ".repeat(200_000));
+    let started = Instant::now();
+    let r = post(&gw, p, "trim", &long).await;
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     // A script that reads a body that is not JSON fails on the client's account: 400, as
     // without a hook, not the hook's 500.
     let topic = b.topic("hook-bad-body", 1);

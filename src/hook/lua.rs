@@ -13,9 +13,11 @@ use super::{Failure, Hook, HookError, HookFuture, HookRequest, Verdict, ready};
 use crate::throttle::Throttle;
 
 mod convert;
+mod pattern;
 mod raw;
 mod request;
 mod state;
+mod strings;
 mod tree;
 mod verdict;
 

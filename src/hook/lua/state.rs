@@ -241,6 +241,7 @@ impl LuaHook {
         };
         arm()?;
         lua.load(PRELUDE).set_name("=prelude").exec()?;
+        super::strings::install(&lua, self.limits.max_memory)?;
         let forward: Table = globals.get("__kafboy_forward")?;
         globals.set("__kafboy_forward", mlua::Value::Nil)?;
         arm()?;

@@ -1,0 +1,283 @@
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mlua::Lua;
+use proptest::prelude::*;
+
+use super::super::{Limits, LuaHook};
+
+/// Every way the library reads a pattern, as one line per call: `pcall`'s status and the
+/// values with their types, so that a wrong type or a changed message shows.
+const PROBE: &str = r#"
+local s, p, init, repl = ...
+local function show(ok, ...)
+  local out = { tostring(ok) }
+  for i = 1, select('#', ...) do
+    local v = select(i, ...)
+    out[#out + 1] = type(v) .. ":" .. tostring(v)
+  end
+  return table.concat(out, "|")
+end
+local function each(...)
+  local seen = {}
+  for a, b in string.gmatch(...) do
+    seen[#seen + 1] = tostring(a) .. "," .. tostring(b)
+    if #seen > 50 then break end
+  end
+  return table.concat(seen, ";")
+end
+return table.concat({
+  show(pcall(string.find, s, p, init)),
+  show(pcall(string.find, s, p, init, true)),
+  show(pcall(string.match, s, p, init)),
+  show(pcall(each, s, p)),
+  show(pcall(each, s, p, init)),
+  show(pcall(string.gsub, s, p, repl)),
+  show(pcall(string.gsub, s, p, repl, 2)),
+  show(pcall(string.gsub, s, p, function(a, b) if b then return tostring(a) .. "+" end end)),
+  show(pcall(string.gsub, s, p, { a = "A", b = false, [1] = 1.5 })),
+  show(pcall(string.gsub, s, p, { a = {} })),
+}, "\n")
+"#;
+
+fn limits(timeout: Duration) -> Limits {
+    Limits {
+        timeout,
+        max_instructions: 10_000_000,
+        max_memory: 16 << 20,
+        max_depth: 128,
+    }
+}
+
+fn hook(timeout: Duration) -> LuaHook {
+    let script = "function on_request(req) return forward() end";
+    LuaHook::from_source(Path::new("test.lua"), script, limits(timeout)).unwrap()
+}
+
+fn probe(lua: &Lua, s: &[u8], p: &[u8], init: i64, repl: &[u8]) -> String {
+    let (s, p, repl) = (
+        lua.create_string(s).unwrap(),
+        lua.create_string(p).unwrap(),
+        lua.create_string(repl).unwrap(),
+    );
+    lua.load(PROBE).call((s, p, init, repl)).unwrap()
+}
+
+/// Runs `code` in the hook's state under a fresh budget.
+fn run_in<R: mlua::FromLuaMulti>(hook: &LuaHook, code: &str) -> Result<R, String> {
+    hook.with_state(|state| {
+        let limits = hook.limits;
+        state
+            .lua
+            .app_data_ref::<super::super::state::Budget>()
+            .unwrap()
+            .arm(&limits);
+        state.lua.load(code).eval::<R>()
+    })
+    .map_err(|e| e.0)
+}
+
+/// The C library and the port, on the same inputs, must give the same line for each call.
+fn same(c: &Lua, hook: &LuaHook, s: &[u8], p: &[u8], init: i64, repl: &[u8]) {
+    let expected = probe(c, s, p, init, repl);
+    let got = hook
+        .with_state(|state| {
+            let limits = hook.limits;
+            let budget = state.lua.app_data_ref::<super::super::state::Budget>();
+            budget.unwrap().arm(&limits);
+            Ok(probe(&state.lua, s, p, init, repl))
+        })
+        .unwrap();
+    assert_eq!(
+        got,
+        expected,
+        "subject {:?}, pattern {:?}, init {init}, replacement {:?}",
+        String::from_utf8_lossy(s),
+        String::from_utf8_lossy(p),
+        String::from_utf8_lossy(repl)
+    );
+}
+
+#[test]
+fn the_port_answers_as_lua_does() {
+    let c = Lua::new();
+    let hook = hook(Duration::from_secs(5));
+    let subjects: [&[u8]; 8] = [
+        b"hello world from Lua",
+        b"  key = value  ",
+        b"f(a(b)c)d [x] THE (quick) fox",
+        b"",
+        b"aaa",
+        b"x\0y\0z",
+        b"2024-11-26T10:00:00Z, 3.14, -7",
+        b"THE (quick) fox\n\tjumps",
+    ];
+    let patterns: [&[u8]; 52] = [
+        b"",
+        b"o",
+        b"l+",
+        b"l*",
+        b"l-",
+        b"l?",
+        b"^h",
+        b"^",
+        b"$",
+        b"d$",
+        b"a$b",
+        b"(o)(r)",
+        b"()o()",
+        b"(h)(e)(l)",
+        b"%w+",
+        b"%W+",
+        b"%a%d",
+        b"%s*(.-)%s*$",
+        b"^%s*(.-)%s*$",
+        b"[%w_]+",
+        b"[^%s]+",
+        b"[a-f]+",
+        b"[]]",
+        b"[^]]+",
+        b"[%]]",
+        b"[a-]",
+        b"[-a]",
+        b"%bxy",
+        b"%b()",
+        b"%b",
+        b"%f[%w]%w+",
+        b"%f[%W]",
+        b"%f%w",
+        b"(a)%1",
+        b"(a*)%1",
+        b"%1",
+        b"%0",
+        b"(()",
+        b"(a",
+        b"a)",
+        b"%",
+        b"[a",
+        b"[^",
+        b"%z",
+        b"%Z+",
+        b"(%d+)-(%d+)",
+        b"(%d+)%.(%d+)",
+        b"%x+",
+        b"%p+",
+        b"%c",
+        b".-",
+        b"\0",
+    ];
+    let replacements: [&[u8]; 6] = [b"<%0>", b"%1-%2", b"%%", b"%", b"x%9", b"%3"];
+    for (i, s) in subjects.iter().enumerate() {
+        for (j, p) in patterns.iter().enumerate() {
+            let init = [1, 3, -2, 0, 100][(i + j) % 5];
+            let repl = replacements[(i * 7 + j) % replacements.len()];
+            same(&c, &hook, s, p, init, repl);
+        }
+    }
+    // Thirty-two captures are allowed, not thirty-three; 200 nested calls, not more.
+    same(&c, &hook, b"aaaa", &b"()".repeat(32), 1, b"%1");
+    same(&c, &hook, b"aaaa", &b"()".repeat(33), 1, b"%1");
+    same(&c, &hook, &[b'a'; 300], &b"a?".repeat(250), 1, b"");
+    same(&c, &hook, &[b'a'; 300], &b"(a)".repeat(30), 1, b"%2");
+}
+
+fn pattern_byte() -> impl Strategy<Value = u8> {
+    prop::sample::select(b"ab().%[]^$*+-?01bfdsw ".to_vec())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+    #[test]
+    fn random_patterns_answer_as_lua_does(
+        s in prop::collection::vec(prop::sample::select(b"ab()[] %-.\n0".to_vec()), 0..14),
+        p in prop::collection::vec(pattern_byte(), 0..10),
+        init in -16i64..16,
+        repl in prop::collection::vec(prop::sample::select(b"x%012".to_vec()), 0..5),
+    ) {
+        thread_local! {
+            static STATES: (Lua, LuaHook) = (Lua::new(), hook(Duration::from_secs(5)));
+        }
+        STATES.with(|(c, hook)| same(c, hook, &s, &p, init, &repl));
+    }
+}
+
+#[test]
+fn a_costly_match_stops_at_the_time_budget() {
+    // `(.-)%s*$` over a long run of spaces is quadratic: Lua's C matcher takes minutes on this
+    // and no budget reaches it.
+    let hook = hook(Duration::from_millis(200));
+    let started = Instant::now();
+    let refused = run_in::<mlua::Value>(
+        &hook,
+        r#"return string.find(string.rep(" ", 200000) .. "x", "(.-)%s*$")"#,
+    );
+    let error = refused.unwrap_err();
+    assert!(error.contains("time budget exceeded"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // So does every other way in: a match, an iterator, a replacement.
+    for call in [
+        r#"string.match(s, "(.-)%s*$")"#,
+        r#"s:gsub("(.-)%s*$", "%1")"#,
+        r#"s:gsub("(.-)%s*$", function(x) return x end)"#,
+        r#"(function() for x in s:gmatch("(.-)%s*$") do end end)()"#,
+        r#"pcall(string.find, s, "(.-)%s*$") or string.find(s, "x")"#,
+    ] {
+        let code = format!(r#"local s = string.rep(" ", 200000) .. "x"; return {call}"#);
+        let started = Instant::now();
+        let error = run_in::<mlua::Value>(&hook, &code).unwrap_err();
+        assert!(error.contains("time budget exceeded"), "{call}: {error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{call}: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_plain_find_is_linear_in_the_subject() {
+    // A needle that almost matches everywhere: a byte-by-byte compare is quadratic.
+    let hook = hook(Duration::from_secs(1));
+    let found: Option<i64> = run_in(
+        &hook,
+        r#"local s = string.rep("a", 1000000)
+           return (string.find(s, string.rep("a", 200000) .. "b", 1, true))"#,
+    )
+    .unwrap();
+    assert_eq!(found, None);
+    let found: i64 = run_in(&hook, r#"return (("xab"):rep(3):find("ab", 5))"#).unwrap();
+    assert_eq!(found, 5);
+}
+
+#[test]
+fn a_replacement_cannot_grow_past_the_memory_limit() {
+    let hook = hook(Duration::from_secs(5));
+    let error = run_in::<mlua::Value>(
+        &hook,
+        r#"return string.gsub(string.rep("a", 100000), "a+", string.rep("%0", 1000))"#,
+    )
+    .unwrap_err();
+    assert!(error.contains("not enough memory"), "{error}");
+    // What fits is made.
+    let (out, n): (String, i64) = run_in(&hook, r#"return ("abc"):gsub("%w", "%0%0")"#).unwrap();
+    assert_eq!((out.as_str(), n), ("aabbcc", 3));
+}
+
+#[test]
+fn a_script_cannot_reach_the_library_s_internals() {
+    let hook = hook(Duration::from_secs(1));
+    let (kind, same): (String, bool) = run_in(
+        &hook,
+        r#"error = nil; tostring = nil
+           local ok, e = pcall(string.find, "x", "[")
+           return type(e), ("x"):find("x") == string.find("x", "x")"#,
+    )
+    .unwrap();
+    assert_eq!((kind.as_str(), same), ("string", true));
+}
