@@ -145,6 +145,15 @@ pub(super) struct Budget {
 }
 
 impl Budget {
+    /// A budget of `timeout` from now, for a state without the instruction count.
+    #[cfg(test)]
+    pub(super) fn lasting(timeout: std::time::Duration) -> Budget {
+        Budget {
+            instructions_left: Cell::new(u64::MAX),
+            deadline: Cell::new(Instant::now() + timeout),
+        }
+    }
+
     pub(super) fn exhausted(&self) -> bool {
         self.instructions_left.get() == 0 || Instant::now() > self.deadline.get()
     }
@@ -240,8 +249,9 @@ impl LuaHook {
                 .ok_or_else(|| mlua::Error::runtime("no budget"))
         };
         arm()?;
+        // Before the prelude, which wraps `pcall`: the library keeps Lua's own.
+        super::strings::install(&lua, self.limits.max_memory, super::strings::C_MAX)?;
         lua.load(PRELUDE).set_name("=prelude").exec()?;
-        super::strings::install(&lua, self.limits.max_memory)?;
         let forward: Table = globals.get("__kafboy_forward")?;
         globals.set("__kafboy_forward", mlua::Value::Nil)?;
         arm()?;

@@ -1,16 +1,82 @@
--- string.find, match, gmatch and gsub for hooks: the Lua half of src/hook/lua/strings.rs,
--- whose functions do the searching under the hook's budget and answer `false, message` where
--- the C library would raise an error. The error is raised here, as C raises it: a string,
--- with the position of the script's line that called the library (level 2 from a function the
--- wrapper tail-calls, level 3 from one it calls and returns from). Everything it uses is kept
--- in a local, so a script that replaces a global cannot change it.
-local find, gsub, step = ...
-local error, type, tostring, tonumber, toint = error, type, tostring, tonumber, math.tointeger
-local sub, byte, concat = string.sub, string.byte, table.concat
+-- string.find, match, gmatch and gsub for hooks: the Lua half of src/hook/lua/strings.rs.
+--
+-- A call whose worst case is small goes to Lua's own C function, which is quick to call; any
+-- other to the port in Rust, which checks the budget as it goes. The port's functions answer
+-- `false, message` where C would raise an error, and the error is raised here as C raises it:
+-- a string, with the position of the script's line that called the library (level 2 from a
+-- function the wrapper tail-calls, level 3 from one it calls and returns from). Everything
+-- used is kept in a local, so a script that replaces a global cannot change it.
+local find, gsub, step, C_MAX = ...
+-- Loaded before the prelude, so this `pcall` is Lua's own: an error it catches is raised again
+-- at once, never swallowed.
+local pcall, error, type, tostring, tonumber, toint =
+  pcall, error, type, tostring, tonumber, math.tointeger
+local select, sub, byte, concat = select, string.sub, string.byte, table.concat
+local c_find, c_match, c_gmatch, c_gsub = string.find, string.match, string.gmatch, string.gsub
+
+-- A pattern's kind: -1 when it has no special byte (a plain string), else how many of its
+-- items may try every length of the subject (`*`, `+`, `-`, `?`, `%b`, `%1`..`%9`; counted by
+-- byte, so an escaped or bracketed one counts too, which only overestimates). Asked of C, on
+-- at most 256 bytes.
+local SPECIALS = "[%^%$%*%+%?%.%(%[%%%-]"
+local function kind(p)
+  if #p > 256 then return 1e9 end
+  if not c_find(p, SPECIALS) then return -1 end
+  return select(2, c_gsub(p, "[%*%+%-%?]", "")) + select(2, c_gsub(p, "%%[b1-9]", ""))
+end
+
+-- The worst case, in steps, of a call of kind `how` with pattern `p` on n bytes. "plain" is
+-- `find`'s plain search (memchr, then memcmp: at most n * m compares), as is "find" for a
+-- pattern without a special byte; "match" (and `gsub`) and "gmatch" run the matcher, which
+-- tries at most n + 1 starts (one when `^` anchors, which it does not in `gmatch`), and from
+-- each, every counted item may try every length, each try walking the pattern and subject.
+local function cost(how, p, k, n)
+  local m = #p
+  if how == "plain" or (how == "find" and k < 0) then return n * m end
+  if k < 0 then k = 0 end
+  local starts = (how ~= "gmatch" and byte(p, 1) == 94) and 1 or n + 1
+  return starts * (n + 1) ^ k * (k + 1) * (n * m + m * m + 1)
+end
+
+-- For each kind of call, the longest subject C may take with each pattern seen (its worst
+-- case within C_MAX steps; -1 for none), worked out once and kept for up to 1024 patterns of
+-- up to 256 bytes.
+local plain_at, find_at, match_at, gmatch_at, known = {}, {}, {}, {}, 0
+local function limit(how, p)
+  if type(p) ~= "string" then return -1 end
+  local k = kind(p)
+  local lo, hi = -1, C_MAX
+  while lo < hi do
+    local mid = (lo + hi + 1) // 2
+    if cost(how, p, k, mid) <= C_MAX then lo = mid else hi = mid - 1 end
+  end
+  if #p > 256 then return lo end
+  if known >= 1024 then
+    plain_at, find_at, match_at, gmatch_at, known = {}, {}, {}, {}, 0
+  end
+  local at = how == "plain" and plain_at or how == "find" and find_at
+    or how == "match" and match_at or gmatch_at
+  at[p], known = lo, known + 1
+  return lo
+end
 
 local function check(ok, ...)
   if ok then return ... end
   error((...), 2)
+end
+
+-- The C functions' own errors name the line that called them: this file's. They are raised
+-- again with the script's line instead, as a direct call would have them; anything else (an
+-- error in a replacement function, the budget's) as it is.
+local HERE = "^kafboy%.strings:%d+: "
+local function c_check(ok, ...)
+  if ok then return ... end
+  local e = ...
+  if type(e) == "string" then
+    local message, n = c_gsub(e, HERE, "", 1)
+    if n > 0 then error(message, 2) end
+  end
+  error(e, 0)
 end
 
 local function text(v, i, name)
@@ -27,10 +93,23 @@ local function integer(v, i, name)
   error("bad argument #" .. i .. " to '" .. name .. "' (" .. why .. ")", 3)
 end
 
-string.find = function(s, p, init, plain) return check(find(true, s, p, init, plain)) end
-string.match = function(s, p, init) return check(find(false, s, p, init)) end
+string.find = function(s, p, init, plain)
+  local max
+  if plain then max = plain_at[p] or limit("plain", p) else max = find_at[p] or limit("find", p) end
+  if type(s) == "string" and #s <= max then return c_check(pcall(c_find, s, p, init, plain)) end
+  return check(find(true, s, p, init, plain))
+end
+string.match = function(s, p, init)
+  if type(s) == "string" and #s <= (match_at[p] or limit("match", p)) then
+    return c_check(pcall(c_match, s, p, init))
+  end
+  return check(find(false, s, p, init))
+end
 
 string.gmatch = function(s, p, init)
+  if type(s) == "string" and #s <= (gmatch_at[p] or limit("gmatch", p)) then
+    return c_check(pcall(c_gmatch, s, p, init))
+  end
   s, p = text(s, 1, "gmatch"), text(p, 2, "gmatch")
   local at, last = 0, -1
   if init ~= nil then
@@ -44,10 +123,13 @@ string.gmatch = function(s, p, init)
     at, last = e, e
     return ...
   end
-  return function() return on(step(s, p, at, last, false)) end
+  return function() return on(step(s, p, at, last, false, false)) end
 end
 
 string.gsub = function(s, p, repl, n)
+  if type(s) == "string" and #s <= (match_at[p] or limit("match", p)) then
+    return c_check(pcall(c_gsub, s, p, repl, n))
+  end
   local tr = type(repl)
   if tr == "string" or tr == "number" then return check(gsub(s, p, repl, n)) end
   s, p = text(s, 1, "gsub"), text(p, 2, "gsub")
@@ -74,7 +156,7 @@ string.gsub = function(s, p, repl, n)
     k, at, last, count = k + 2, e, e, count + 1
     return true
   end
-  while count < max and on(step(s, p, at, last, true)) and not anchored do end
+  while count < max and on(step(s, p, at, last, true, tr == "table")) and not anchored do end
   pieces[k + 1] = sub(s, at + 1)
   return concat(pieces), count
 end

@@ -35,37 +35,54 @@ impl From<mlua::Error> for Stop {
     }
 }
 
-type Answer = Result<Vec<LuaValue>, Stop>;
+/// The values of an answer, with room for the `true` that [`checked`] puts first.
+type Answer = Result<MultiValue, Stop>;
+
+fn values<const N: usize>(values: [LuaValue; N]) -> MultiValue {
+    let mut all = MultiValue::with_capacity(N + 1);
+    all.extend(values);
+    all
+}
+
+/// The most steps a call's worst case may take for Lua's own C function to run it: about a
+/// millisecond. A script gets back to the VM, and its budget checks, after each such call.
+pub(super) const C_MAX: i64 = 1 << 20;
 
 /// Puts the four functions into `string`, which is also what strings index as methods.
-/// `max_memory` bounds what `gsub` builds outside the Lua heap.
-pub(super) fn install(lua: &Lua, max_memory: usize) -> mlua::Result<()> {
+/// `max_memory` bounds what `gsub` builds outside the Lua heap; `c_max` is [`C_MAX`] but in
+/// tests that compare the port with C.
+pub(super) fn install(lua: &Lua, max_memory: usize, c_max: i64) -> mlua::Result<()> {
     type FindArgs = (bool, LuaValue, LuaValue, LuaValue, bool);
     let find = lua.create_function(|lua, (positions, s, p, init, plain): FindArgs| {
         checked(lua, find(lua, positions, s, p, init, plain))
     })?;
     type GsubArgs = (LuaValue, LuaValue, LuaValue, LuaValue);
     let gsub = lua.create_function(move |lua, (s, p, repl, n): GsubArgs| {
-        checked(lua, gsub(lua, [s, p, repl], n, max_memory))
+        checked(lua, gsub::gsub(lua, [s, p, repl], n, max_memory))
     })?;
-    type StepArgs = (mlua::LuaString, mlua::LuaString, i64, i64, bool);
-    let step = lua.create_function(|lua, (s, p, at, last, anchors): StepArgs| {
-        let found = step(lua, &s.as_bytes(), &p.as_bytes(), at, last, anchors);
+    type StepArgs = (mlua::LuaString, mlua::LuaString, i64, i64, bool, bool);
+    let step = lua.create_function(|lua, (s, p, at, last, anchors, one): StepArgs| {
+        let (src, pat) = (s.as_bytes(), p.as_bytes());
+        let found = step(lua, (&src, &pat), (at, last), anchors, one);
         match found {
-            Ok(values) => Ok(MultiValue::from_iter(values)),
+            Ok(values) => Ok(values),
             Err(stop) => refused(lua, stop),
         }
     })?;
-    let library: Function = lua.load(LIBRARY).set_name("=string").into_function()?;
-    library.call((find, gsub, step))
+    let library: Function = lua
+        .load(LIBRARY)
+        .set_name("=kafboy.strings")
+        .into_function()?;
+    library.call((find, gsub, step, c_max))
 }
 
 /// `true` and the values, or what [`refused`] gives.
 fn checked(lua: &Lua, answer: Answer) -> mlua::Result<MultiValue> {
     match answer {
-        Ok(values) => Ok(std::iter::once(LuaValue::Boolean(true))
-            .chain(values)
-            .collect()),
+        Ok(mut values) => {
+            values.push_front(LuaValue::Boolean(true));
+            Ok(values)
+        }
         Err(stop) => refused(lua, stop),
     }
 }
@@ -96,130 +113,69 @@ fn find(
     let init = integer(lua, init, 1, 3, name)?;
     let (src, pat) = (s.as_bytes(), p.as_bytes());
     let Some(init) = start(init, src.len()) else {
-        return Ok(vec![LuaValue::Nil]);
+        return Ok(values([LuaValue::Nil]));
     };
     if positions && (plain || pattern::plain(&pat)) {
         // Two-way search: linear in the subject, whatever the needle.
         return Ok(match memchr::memmem::find(&src[init..], &pat) {
-            Some(at) => vec![int(init + at + 1), int(init + at + pat.len())],
-            None => vec![LuaValue::Nil],
+            Some(at) => values([int(init + at + 1), int(init + at + pat.len())]),
+            None => values([LuaValue::Nil]),
         });
     }
     let (anchored, pat) = anchor(&pat);
     let mut matcher = Matcher::new(&src, pat, || spent(lua));
     for s1 in init..=src.len() {
         if let Some(e) = matcher.at(s1)? {
-            let mut values = match positions {
-                true => vec![int(s1 + 1), int(e)],
-                false => Vec::new(),
+            let mut found = match positions {
+                true => values([int(s1 + 1), int(e)]),
+                false => values([]),
             };
             for capture in matcher.captures(s1, e, !positions)? {
-                values.push(value(lua, &src, capture)?);
+                found.push_back(value(lua, &src, capture)?);
             }
-            return Ok(values);
+            return Ok(found);
         }
         if anchored {
             break;
         }
     }
-    Ok(vec![LuaValue::Nil])
-}
-
-/// `string.gsub` with a string (or number) for its replacement.
-fn gsub(lua: &Lua, [s, p, repl]: [LuaValue; 3], n: LuaValue, max_memory: usize) -> Answer {
-    let s = text(lua, s, 1, "gsub")?;
-    let p = text(lua, p, 2, "gsub")?;
-    let repl = text(lua, repl, 3, "gsub")?;
-    let (src, pat, repl) = (s.as_bytes(), p.as_bytes(), repl.as_bytes());
-    let all = i64::try_from(src.len())
-        .unwrap_or(i64::MAX)
-        .saturating_add(1);
-    let max = integer(lua, n, all, 4, "gsub")?;
-    let (anchored, pat) = anchor(&pat);
-    let mut matcher = Matcher::new(&src, pat, || spent(lua));
-    let mut out = Vec::new();
-    let (mut at, mut last, mut count) = (0, None, 0);
-    while count < max {
-        match matcher.at(at)? {
-            Some(e) if Some(e) != last => {
-                count += 1;
-                substitute(&mut out, &repl, &matcher, &src, at..e, max_memory)?;
-                (at, last) = (e, Some(e));
-            }
-            _ if at < src.len() => {
-                out.push(src[at]);
-                at += 1;
-            }
-            _ => break,
-        }
-        if anchored {
-            break;
-        }
-    }
-    out.extend_from_slice(&src[at..]);
-    within(&out, max_memory)?;
-    Ok(vec![
-        LuaValue::String(lua.create_string(&out)?),
-        LuaValue::Integer(count),
-    ])
-}
-
-/// Appends `repl` for the match `whole`, its `%0`..`%9` and `%%` replaced.
-fn substitute<F: FnMut() -> bool>(
-    out: &mut Vec<u8>,
-    repl: &[u8],
-    matcher: &Matcher<'_, F>,
-    src: &[u8],
-    whole: std::ops::Range<usize>,
-    max_memory: usize,
-) -> Result<(), Stop> {
-    let mut rest = repl;
-    while let Some(i) = memchr::memchr(b'%', rest) {
-        out.extend_from_slice(&rest[..i]);
-        match rest.get(i + 1) {
-            Some(b'%') => out.push(b'%'),
-            Some(b'0') => out.extend_from_slice(&src[whole.clone()]),
-            Some(&d @ b'1'..=b'9') => {
-                match matcher.capture(usize::from(d - b'1'), whole.start, whole.end)? {
-                    Value::Text(a, b) => out.extend_from_slice(&src[a..b]),
-                    Value::Position(n) => out.extend_from_slice(n.to_string().as_bytes()),
-                }
-            }
-            _ => {
-                let why = "invalid use of '%' in replacement string";
-                return Err(Stop::Refused(why.into()));
-            }
-        }
-        within(out, max_memory)?;
-        rest = &rest[i + 2..];
-    }
-    out.extend_from_slice(rest);
-    within(out, max_memory)
+    Ok(values([LuaValue::Nil]))
 }
 
 /// The next match at or after subject offset `at` (only at `at` when `anchors` and the
-/// pattern starts with `^`) that does not end at `last`: its offsets and captures, or nothing.
-/// `gmatch` and `gsub` with a function or table call it once per match.
-fn step(lua: &Lua, src: &[u8], pat: &[u8], at: i64, last: i64, anchors: bool) -> Answer {
+/// pattern starts with `^`) that does not end at `last`: its offsets and captures (only the
+/// first with `one`, as `gsub` indexes a table with it), or nothing. `gmatch` and `gsub`
+/// with a function or table call it once per match.
+fn step(
+    lua: &Lua,
+    (src, pat): (&[u8], &[u8]),
+    (at, last): (i64, i64),
+    anchors: bool,
+    one: bool,
+) -> Answer {
     let (anchored, pat) = if anchors { anchor(pat) } else { (false, pat) };
     let last = usize::try_from(last).ok();
     let Ok(from) = usize::try_from(at) else {
-        return Ok(Vec::new());
+        return Ok(values([]));
     };
     let mut matcher = Matcher::new(src, pat, || spent(lua));
     for s1 in from..=src.len() {
         if let Some(e) = matcher.at(s1)?.filter(|&e| Some(e) != last) {
-            let mut values = vec![int(s1), int(e)];
-            for capture in matcher.captures(s1, e, true)? {
-                values.push(value(lua, src, capture)?);
+            let mut found = values([int(s1), int(e)]);
+            if one {
+                found.push_back(value(lua, src, matcher.capture(0, s1, e)?)?);
+                return Ok(found);
             }
-            return Ok(values);
+            for capture in matcher.captures(s1, e, true)? {
+                found.push_back(value(lua, src, capture)?);
+            }
+            return Ok(found);
         }
         if anchored {
             break;
         }
     }
-    Ok(Vec::new())
+    Ok(values([]))
 }
 
 /// A pattern's leading `^`, which anchors it, and the rest.
@@ -239,13 +195,6 @@ fn start(init: i64, len: usize) -> Option<usize> {
         _ => len.saturating_sub(back),
     };
     (at <= len).then_some(at)
-}
-
-fn within(out: &[u8], max_memory: usize) -> Result<(), Stop> {
-    match out.len() > max_memory {
-        true => Err(Stop::Refused("not enough memory".into())),
-        false => Ok(()),
-    }
 }
 
 /// `luaL_checklstring`: a string, or a number as Lua writes it.
@@ -295,5 +244,6 @@ fn value(lua: &Lua, src: &[u8], capture: Value) -> mlua::Result<LuaValue> {
     })
 }
 
+mod gsub;
 #[cfg(test)]
 mod tests;

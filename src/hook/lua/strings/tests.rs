@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use mlua::Lua;
 use proptest::prelude::*;
 
+use super::super::state::Budget;
 use super::super::{Limits, LuaHook};
+use super::install;
 
 /// Every way the library reads a pattern, as one line per call: `pcall`'s status and the
 /// values with their types, so that a wrong type or a changed message shows.
@@ -65,45 +67,58 @@ fn probe(lua: &Lua, s: &[u8], p: &[u8], init: i64, repl: &[u8]) -> String {
     lua.load(PROBE).call((s, p, init, repl)).unwrap()
 }
 
-/// Runs `code` in the hook's state under a fresh budget.
-fn run_in<R: mlua::FromLuaMulti>(hook: &LuaHook, code: &str) -> Result<R, String> {
+/// Runs `f` on the hook's state (this thread's) under a fresh budget.
+fn in_hook<R>(hook: &LuaHook, f: impl FnOnce(&Lua) -> R) -> R {
     hook.with_state(|state| {
         let limits = hook.limits;
-        state
-            .lua
-            .app_data_ref::<super::super::state::Budget>()
-            .unwrap()
-            .arm(&limits);
-        state.lua.load(code).eval::<R>()
+        let budget = state.lua.app_data_ref::<Budget>().unwrap();
+        budget.arm(&limits);
+        drop(budget);
+        Ok(f(&state.lua))
     })
-    .map_err(|e| e.0)
+    .unwrap()
 }
 
-/// The C library and the port, on the same inputs, must give the same line for each call.
-fn same(c: &Lua, hook: &LuaHook, s: &[u8], p: &[u8], init: i64, repl: &[u8]) {
+/// Runs `code` in the hook's state under a fresh budget.
+fn run_in<R: mlua::FromLuaMulti>(hook: &LuaHook, code: &str) -> Result<R, String> {
+    in_hook(hook, |lua| lua.load(code).eval::<R>()).map_err(|e| e.to_string())
+}
+
+/// A state whose four functions are the port's for every call, none handed to C.
+fn port() -> Lua {
+    let lua = Lua::new();
+    lua.set_app_data(Budget::lasting(Duration::from_secs(3600)));
+    install(&lua, 16 << 20, -1).unwrap();
+    lua
+}
+
+/// The C library, the port alone, and the hook's state (C for small worst cases, the port for
+/// the rest) must give the same line for each call.
+fn same(states: &States, s: &[u8], p: &[u8], init: i64, repl: &[u8]) {
+    let (c, port, hook) = states;
     let expected = probe(c, s, p, init, repl);
-    let got = hook
-        .with_state(|state| {
-            let limits = hook.limits;
-            let budget = state.lua.app_data_ref::<super::super::state::Budget>();
-            budget.unwrap().arm(&limits);
-            Ok(probe(&state.lua, s, p, init, repl))
-        })
-        .unwrap();
-    assert_eq!(
-        got,
-        expected,
-        "subject {:?}, pattern {:?}, init {init}, replacement {:?}",
-        String::from_utf8_lossy(s),
-        String::from_utf8_lossy(p),
-        String::from_utf8_lossy(repl)
-    );
+    let what = || {
+        format!(
+            "subject {:?}, pattern {:?}, init {init}, replacement {:?}",
+            String::from_utf8_lossy(s),
+            String::from_utf8_lossy(p),
+            String::from_utf8_lossy(repl)
+        )
+    };
+    assert_eq!(probe(port, s, p, init, repl), expected, "port: {}", what());
+    let hooked = in_hook(hook, |lua| probe(lua, s, p, init, repl));
+    assert_eq!(hooked, expected, "hook: {}", what());
+}
+
+type States = (Lua, Lua, LuaHook);
+
+fn states() -> States {
+    (Lua::new(), port(), hook(Duration::from_secs(5)))
 }
 
 #[test]
 fn the_port_answers_as_lua_does() {
-    let c = Lua::new();
-    let hook = hook(Duration::from_secs(5));
+    let states = states();
     let subjects: [&[u8]; 8] = [
         b"hello world from Lua",
         b"  key = value  ",
@@ -173,14 +188,14 @@ fn the_port_answers_as_lua_does() {
         for (j, p) in patterns.iter().enumerate() {
             let init = [1, 3, -2, 0, 100][(i + j) % 5];
             let repl = replacements[(i * 7 + j) % replacements.len()];
-            same(&c, &hook, s, p, init, repl);
+            same(&states, s, p, init, repl);
         }
     }
     // Thirty-two captures are allowed, not thirty-three; 200 nested calls, not more.
-    same(&c, &hook, b"aaaa", &b"()".repeat(32), 1, b"%1");
-    same(&c, &hook, b"aaaa", &b"()".repeat(33), 1, b"%1");
-    same(&c, &hook, &[b'a'; 300], &b"a?".repeat(250), 1, b"");
-    same(&c, &hook, &[b'a'; 300], &b"(a)".repeat(30), 1, b"%2");
+    same(&states, b"aaaa", &b"()".repeat(32), 1, b"%1");
+    same(&states, b"aaaa", &b"()".repeat(33), 1, b"%1");
+    same(&states, &[b'a'; 300], &b"a?".repeat(250), 1, b"");
+    same(&states, &[b'a'; 300], &b"(a)".repeat(30), 1, b"%2");
 }
 
 fn pattern_byte() -> impl Strategy<Value = u8> {
@@ -197,9 +212,41 @@ proptest! {
         repl in prop::collection::vec(prop::sample::select(b"x%012".to_vec()), 0..5),
     ) {
         thread_local! {
-            static STATES: (Lua, LuaHook) = (Lua::new(), hook(Duration::from_secs(5)));
+            static STATES: States = states();
         }
-        STATES.with(|(c, hook)| same(c, hook, &s, &p, init, &repl));
+        STATES.with(|states| same(states, &s, &p, init, &repl));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    /// Short plain searches go to C itself; long ones (here, past a megabyte) to the port's.
+    #[test]
+    fn long_plain_finds_answer_as_lua_does(
+        s in prop::collection::vec(prop::sample::select(b"ab%.[".to_vec()), 0..40),
+        p in prop::collection::vec(prop::sample::select(b"ab%.[".to_vec()), 0..6),
+        init in -1_048_640i64..64,
+    ) {
+        thread_local! {
+            static STATES: States = states();
+        }
+        const FIND: &str = r#"local s, p, init = ...
+            local long = s .. string.rep("z", 1048576)
+            local function show(...)
+              local t = table.pack(...)
+              for i = 1, t.n do t[i] = tostring(t[i]) end
+              return table.concat(t, ",", 1, t.n)
+            end
+            return show(long:find(p, init, true)) .. " " .. show(pcall(long.find, long, p, init))"#;
+        STATES.with(|(c, port, _)| {
+            let call = |lua: &Lua| -> String {
+                let args = (lua.create_string(&s).unwrap(), lua.create_string(&p).unwrap(), init);
+                lua.load(FIND).call(args).unwrap()
+            };
+            let (expected, got) = (call(c), call(port));
+            prop_assert_eq!(got, expected);
+            Ok(())
+        })?;
     }
 }
 
