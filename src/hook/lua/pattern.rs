@@ -91,8 +91,10 @@ impl<'a, F: FnMut() -> bool> Matcher<'a, F> {
         self.matches(s, 0)
     }
 
-    /// Counts `n` steps, and looks at the budget when enough have passed.
-    fn tick(&mut self, n: u32) -> Result<(), Fault> {
+    /// Counts `n` steps, and looks at the budget when enough have passed. A step is about a
+    /// byte compared: a single-character class costs as many as the set it names is long.
+    pub(in crate::hook::lua) fn tick(&mut self, n: usize) -> Result<(), Fault> {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
         self.steps = self.steps.saturating_add(n);
         if self.steps >= CHECK_EVERY {
             self.steps = 0;
@@ -144,6 +146,7 @@ impl<'a, F: FnMut() -> bool> Matcher<'a, F> {
                         return malformed("missing '[' after '%f' in pattern");
                     }
                     let ep = self.class_end(p)?;
+                    self.tick(ep - p)?;
                     let previous = if s == 0 { 0 } else { self.src[s - 1] };
                     let current = self.src.get(s).copied().unwrap_or(0);
                     if self.bracket(previous, p, ep - 1) || !self.bracket(current, p, ep - 1) {
@@ -159,6 +162,7 @@ impl<'a, F: FnMut() -> bool> Matcher<'a, F> {
                 }
                 _ => {
                     let ep = self.class_end(p)?;
+                    self.tick(ep - p)?;
                     let suffix = self.pc(ep);
                     if !self.single(s, p, ep) {
                         if matches!(suffix, b'*' | b'?' | b'-') {
@@ -209,7 +213,7 @@ impl<'a, F: FnMut() -> bool> Matcher<'a, F> {
     fn max_expand(&mut self, s: usize, p: usize, ep: usize) -> Result<Option<usize>, Fault> {
         let mut i = 0;
         while self.single(s + i, p, ep) {
-            self.tick(1)?;
+            self.tick(ep - p)?;
             i += 1;
         }
         loop {
@@ -228,6 +232,7 @@ impl<'a, F: FnMut() -> bool> Matcher<'a, F> {
             if let Some(e) = self.matches(s, ep + 1)? {
                 return Ok(Some(e));
             }
+            self.tick(ep - p)?;
             if !self.single(s, p, ep) {
                 return Ok(None);
             }

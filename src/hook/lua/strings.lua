@@ -11,7 +11,8 @@ local find, gsub, step, C_MAX = ...
 -- at once, never swallowed.
 local pcall, error, type, tostring, tonumber, toint =
   pcall, error, type, tostring, tonumber, math.tointeger
-local select, sub, byte, concat = select, string.sub, string.byte, table.concat
+local select, getmetatable = select, getmetatable
+local sub, byte, concat = string.sub, string.byte, table.concat
 local c_find, c_match, c_gmatch, c_gsub = string.find, string.match, string.gmatch, string.gsub
 
 -- A pattern's kind: -1 when it has no special byte (a plain string), else how many of its
@@ -65,18 +66,24 @@ local function check(ok, ...)
   error((...), 2)
 end
 
--- The C functions' own errors name the line that called them: this file's. They are raised
--- again with the script's line instead, as a direct call would have them; anything else (an
--- error in a replacement function, the budget's) as it is.
-local HERE = "^kafboy%.strings:%d+: "
+-- C runs under pcall, where it names no line in its errors; its own errors (a malformed
+-- pattern, an unfinished capture) are raised again from the script's line, as a direct call
+-- has them. Arguments C would refuse never reach it: such calls go to the port, whose messages
+-- name them. An error in the script's replacement function is marked by `relay` and passes on
+-- as it is.
+local relayed = false
+local function relay(ok, ...)
+  if ok then return ... end
+  relayed = true
+  error((...), 0)
+end
 local function c_check(ok, ...)
   if ok then return ... end
-  local e = ...
-  if type(e) == "string" then
-    local message, n = c_gsub(e, HERE, "", 1)
-    if n > 0 then error(message, 2) end
+  if relayed then
+    relayed = false
+    error((...), 0)
   end
-  error(e, 0)
+  error((...), 2)
 end
 
 local function text(v, i, name)
@@ -96,18 +103,22 @@ end
 string.find = function(s, p, init, plain)
   local max
   if plain then max = plain_at[p] or limit("plain", p) else max = find_at[p] or limit("find", p) end
-  if type(s) == "string" and #s <= max then return c_check(pcall(c_find, s, p, init, plain)) end
+  if type(s) == "string" and #s <= max and (init == nil or toint(init)) then
+    return c_check(pcall(c_find, s, p, init, plain))
+  end
   return check(find(true, s, p, init, plain))
 end
 string.match = function(s, p, init)
-  if type(s) == "string" and #s <= (match_at[p] or limit("match", p)) then
+  if type(s) == "string" and #s <= (match_at[p] or limit("match", p))
+      and (init == nil or toint(init)) then
     return c_check(pcall(c_match, s, p, init))
   end
   return check(find(false, s, p, init))
 end
 
 string.gmatch = function(s, p, init)
-  if type(s) == "string" and #s <= (gmatch_at[p] or limit("gmatch", p)) then
+  if type(s) == "string" and #s <= (gmatch_at[p] or limit("gmatch", p))
+      and (init == nil or toint(init)) then
     return c_check(pcall(c_gmatch, s, p, init))
   end
   s, p = text(s, 1, "gmatch"), text(p, 2, "gmatch")
@@ -126,11 +137,22 @@ string.gmatch = function(s, p, init)
   return function() return on(step(s, p, at, last, false, false)) end
 end
 
+-- On top of the matching, C walks a replacement string once per match, whatever the match
+-- adds (an empty one adds nothing, so the memory limit would not stop it): at most n + 1
+-- walks. A table with a metatable may run code C cannot tell from its own errors: the port.
 string.gsub = function(s, p, repl, n)
-  if type(s) == "string" and #s <= (match_at[p] or limit("match", p)) then
-    return c_check(pcall(c_gsub, s, p, repl, n))
-  end
   local tr = type(repl)
+  if tr == "number" then repl, tr = tostring(repl), "string" end
+  if type(s) == "string" and #s <= (match_at[p] or limit("match", p))
+      and (n == nil or toint(n)) then
+    if tr == "string" and (#s + 1) * (#repl + 1) <= C_MAX
+        or tr == "table" and getmetatable(repl) == nil then
+      return c_check(pcall(c_gsub, s, p, repl, n))
+    elseif tr == "function" then
+      local f = repl
+      return c_check(pcall(c_gsub, s, p, function(...) return relay(pcall(f, ...)) end, n))
+    end
+  end
   if tr == "string" or tr == "number" then return check(gsub(s, p, repl, n)) end
   s, p = text(s, 1, "gsub"), text(p, 2, "gsub")
   local max = #s + 1

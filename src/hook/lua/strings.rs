@@ -24,7 +24,7 @@ impl From<Fault> for Stop {
     fn from(fault: Fault) -> Stop {
         match fault {
             Fault::Pattern(message) => Stop::Refused(message),
-            Fault::Budget => Stop::Refused("time budget exceeded".into()),
+            Fault::Budget => Stop::Refused("the hook's budget is spent".into()),
         }
     }
 }

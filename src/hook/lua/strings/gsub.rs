@@ -30,7 +30,7 @@ pub(super) fn gsub(
         match matcher.at(at)? {
             Some(e) if Some(e) != last => {
                 count += 1;
-                substitute(&mut out, &repl, &matcher, &src, at..e, max_memory)?;
+                substitute(&mut out, &repl, &mut matcher, &src, at..e, max_memory)?;
                 (at, last) = (e, Some(e));
             }
             _ if at < src.len() => {
@@ -55,11 +55,14 @@ pub(super) fn gsub(
 fn substitute<F: FnMut() -> bool>(
     out: &mut Vec<u8>,
     repl: &[u8],
-    matcher: &Matcher<'_, F>,
+    matcher: &mut Matcher<'_, F>,
     src: &[u8],
     whole: std::ops::Range<usize>,
     max_memory: usize,
 ) -> Result<(), Stop> {
+    // The walk, once per match, counts against the budget: with empty matches or captures
+    // nothing is added, and the memory limit would never stop it.
+    matcher.tick(repl.len() / 16 + 1)?;
     let mut rest = repl;
     while let Some(i) = memchr::memchr(b'%', rest) {
         out.extend_from_slice(&rest[..i]);
