@@ -43,7 +43,11 @@ impl Cluster {
         match request.send().await {
             Ok(answer) if declined(answer.status()) => {
                 tracing::debug!(%peer, status = %answer.status(), "peer declined a forwarded request");
-                if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
+                // Full, stopping or over its own limit: not asked again until its next check.
+                if matches!(
+                    answer.status(),
+                    StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+                ) {
                     self.mark(&peer, false, 0.0);
                 }
                 None
@@ -102,6 +106,9 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// Longest answer relayed from a peer: kafboy's own are small, a hook's reply may not be.
+const RELAY_MAX: usize = 16 << 20;
+
 async fn relay(answer: reqwest::Response) -> Response {
     let status = answer.status();
     let keep = [
@@ -114,7 +121,7 @@ async fn relay(answer: reqwest::Response) -> Response {
         .iter()
         .filter_map(|h| answer.headers().get(h).map(|v| (h.clone(), v.clone())))
         .collect();
-    let mut response = match answer.bytes().await {
+    let mut response = match super::watch::capped(answer, RELAY_MAX).await {
         Ok(body) => (status, body).into_response(),
         // The status came and its body did not. A 2xx without its body (the sync offsets) is
         // a 504: the peer took the record. Any other status keeps its meaning.

@@ -16,8 +16,12 @@ mod watch;
 /// The header a forwarded request carries: the name of the node that forwarded it.
 pub const HOP: HeaderName = HeaderName::from_static("x-kafboy-forwarded-by");
 
-/// How much less room than this node a peer may have and still take its overflow.
+/// How much less room than this node (or than the high-water mark leaves) a peer may have and
+/// still take its overflow.
 const ROOM_SLACK: f64 = 0.02;
+
+/// Most peers a discovery list may add: each is asked `/ready` every `health_interval`.
+const MAX_DISCOVERED: usize = 256;
 
 /// Longest wait for a connection to a peer. A peer whose host died, or behind a firewall that
 /// drops packets, must be given up on as unreachable (the request is then served here), not
@@ -35,13 +39,14 @@ pub struct ClusterConfig {
     /// Peer base URLs, e.g. `http://10.0.0.2:8000`.
     #[serde(deserialize_with = "crate::config::string_or_list")]
     pub peers: Vec<String>,
-    /// A URL answering peer base URLs, one per line (e.g. a load balancer in front of
-    /// `/disco`-like endpoints or a file server), re-read every `refresh`.
+    /// An `http://` URL answering the base URLs of every node, one per line (a line may name
+    /// the node first, as `/disco` does: `name url`), e.g. a file server; re-read every
+    /// `refresh`. Peers it stops listing are dropped, so it must list them all each time.
     pub discovery_url: Option<String>,
     /// How often the discovery URL is re-read. Default 10s.
     #[serde(with = "humantime_serde")]
     pub refresh: Duration,
-    /// How often peers are asked `/ready`. Default 1s.
+    /// How often peers are asked `/ready`. Default 1s; at least 100ms.
     #[serde(with = "humantime_serde")]
     pub health_interval: Duration,
     /// Share of the producer queue above which requests are handed to a peer. Default 0.8.
@@ -123,16 +128,39 @@ impl Cluster {
         if !(0.0..=1.0).contains(&config.high_water) {
             return Err("cluster.high_water must be between 0 and 1".into());
         }
-        // Zero would ask every peer about once a millisecond (and never re-read discovery); a
-        // day past what the clock can hold would panic.
-        for (name, d) in [
-            ("cluster.refresh", config.refresh),
-            ("cluster.health_interval", config.health_interval),
-            ("cluster.forward_timeout", forward_timeout),
+        // Zero would ask every peer about once a millisecond (and never re-read discovery),
+        // each check on a new connection; a day past what the clock can hold would panic. A
+        // forward must outlast its connect: a slow connect ended by the whole request's timeout
+        // is not told from a request the peer took, and would be a 504 for nothing sent.
+        for (name, d, least) in [
+            (
+                "cluster.refresh",
+                config.refresh,
+                Duration::from_millis(100),
+            ),
+            (
+                "cluster.health_interval",
+                config.health_interval,
+                Duration::from_millis(100),
+            ),
+            (
+                "cluster.forward_timeout",
+                forward_timeout,
+                2 * CONNECT_TIMEOUT,
+            ),
         ] {
-            if d < Duration::from_millis(10) || d > crate::config::MAX_DURATION {
-                return Err(format!("{name} must be between 10ms and 1 day"));
+            if d < least || d > crate::config::MAX_DURATION {
+                return Err(format!("{name} must be between {least:?} and 1 day"));
             }
+        }
+        if let Some(name) = &config.name
+            && axum::http::HeaderValue::from_str(name).is_err()
+        {
+            return Err(format!("cluster.name {name:?} cannot go in a header"));
+        }
+        if let Some(source) = &config.discovery_url {
+            normalize(source)
+                .map_err(|_| format!("cluster.discovery_url {source:?} must be an http:// URL"))?;
         }
         // Written as peer URLs are (no trailing slash), so that a list naming this node's own
         // URL is recognised at once.
@@ -164,8 +192,10 @@ impl Cluster {
         // kept-alive connection the peer was closing (a peer stopping closes its idle
         // connections) fails as if it had reached the peer, and is a 504 although nothing was
         // written.
+        // No redirects: a forwarded POST (and the key it carries) goes to the peer, nowhere else.
         let client = reqwest::Client::builder()
             .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_max_idle_per_host(0)
             .build()
@@ -185,16 +215,22 @@ impl Cluster {
     }
 
     /// The peer a request should go to, if any: this node is past its high-water mark (or has
-    /// no room at all), the request was not forwarded already, and a ready peer has room, and at
-    /// least as much as this node (a fuller one would only answer 503 sooner). "As much" is
-    /// within [`ROOM_SLACK`]: a peer's figure is up to one health check old, and a queue with a
-    /// record in it is not fuller in any way that matters.
+    /// no room at all), the request was not forwarded already, and a ready peer has room. With
+    /// room left here, the peer must be below the high-water mark itself and have at least as
+    /// much room as this node: nodes under the same load must not hand each other their
+    /// requests (every request would take two hops just when the cluster is busiest). With no
+    /// room here, any peer with room will do. Both within [`ROOM_SLACK`]: a peer's figure is up
+    /// to one health check old, and a queue with a record in it is not fuller in any way that
+    /// matters.
     pub fn peer_for(&self, fill: f64, full: bool, headers: &HeaderMap) -> Option<String> {
-        let room = if full { 0.0 } else { 1.0 - fill };
         if !(full || fill >= self.config.high_water) || headers.contains_key(HOP) {
             return None;
         }
-        self.best(room)
+        let need = match full {
+            true => 0.0,
+            false => (1.0 - fill).max(1.0 - self.config.high_water) - ROOM_SLACK,
+        };
+        self.best(need)
     }
 
     /// Whether a request may be forwarded at all: one authenticated by its TLS client
@@ -203,14 +239,14 @@ impl Cluster {
         extensions.get::<crate::auth::ClientSubject>().is_none()
     }
 
-    /// A ready peer with room, at least `room` of it (less the slack), and the most headroom; among peers
-    /// within 10 % of the best, one at random, so equally idle peers share the overflow.
-    fn best(&self, room: f64) -> Option<String> {
+    /// A ready peer with room, at least `need` of it, and the most headroom; among peers within
+    /// 10 % of the best, one at random, so equally idle peers share the overflow.
+    fn best(&self, need: f64) -> Option<String> {
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
         let ready: Vec<&Peer> = peers
             .values()
             .filter(|p| p.ready && !p.own)
-            .filter(|p| p.headroom > 0.0 && p.headroom >= room - ROOM_SLACK)
+            .filter(|p| p.headroom > 0.0 && p.headroom >= need)
             .collect();
         let top = ready
             .iter()
@@ -279,6 +315,19 @@ mod tests {
         assert_eq!(c.peer_for(0.85, false, &none), None, "less room than here");
         c.mark(peer, true, 0.5);
         assert_eq!(c.peer_for(0.85, false, &none).as_deref(), Some(peer));
+        // Past the high-water mark itself, the peer takes nothing from a node with room left:
+        // under even load, nodes would hand each other their requests.
+        c.mark(peer, true, 0.16);
+        assert_eq!(
+            c.peer_for(0.86, false, &none),
+            None,
+            "the peer is as loaded"
+        );
+        assert_eq!(
+            c.peer_for(0.9, true, &none).as_deref(),
+            Some(peer),
+            "none here"
+        );
         // An idle node forwarding everything (high water 0): a peer with a record or two in
         // its queue is as good as an empty one.
         let eager = cluster(&format!("peers = [\"{peer}\"]\nhigh_water = 0.0"))
@@ -304,16 +353,21 @@ mod tests {
     }
 
     #[test]
-    fn cluster_durations_are_checked() {
-        for bad in [
-            "health_interval = \"0s\"",
-            "refresh = \"0s\"",
-            "forward_timeout = \"400days\"",
+    fn cluster_settings_are_checked() {
+        for (bad, why) in [
+            ("health_interval = \"0s\"", "between"),
+            ("health_interval = \"10ms\"", "between"),
+            ("refresh = \"0s\"", "between"),
+            ("forward_timeout = \"400days\"", "between"),
+            ("forward_timeout = \"500ms\"", "between"),
+            ("name = \"a\\nb\"", "header"),
+            ("discovery_url = \"https://lb/peers\"", "http://"),
         ] {
             let toml = format!("peers = [\"http://10.0.0.2:8000\"]\n{bad}");
+            let error = cluster(&toml).err();
             assert!(
-                cluster(&toml).err().is_some_and(|e| e.contains("between")),
-                "{bad}"
+                error.as_ref().is_some_and(|e| e.contains(why)),
+                "{bad}: {error:?}"
             );
         }
     }

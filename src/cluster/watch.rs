@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use axum::http::StatusCode;
 use metrics::gauge;
 
-use super::{Cluster, Peer, normalize};
+use super::{Cluster, MAX_DISCOVERED, Peer, normalize};
 
 impl Cluster {
     /// Records a peer's state from a check or a failed forward.
@@ -43,7 +43,16 @@ impl Cluster {
                 if body["node"].as_str() == Some(self.id.as_str()) {
                     self.found_self(url);
                 }
-                (true, body["headroom"].as_f64().unwrap_or(0.0))
+                // A share: a peer that claims more would draw all the overflow.
+                let headroom = body["headroom"].as_f64().unwrap_or(0.0);
+                (
+                    true,
+                    if headroom.is_finite() {
+                        headroom.clamp(0.0, 1.0)
+                    } else {
+                        0.0
+                    },
+                )
             }
             _ => (false, 0.0),
         };
@@ -69,16 +78,15 @@ impl Cluster {
             .send()
             .await
         {
-            Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+            // A list read in part would drop the peers it missed: the old one stays instead.
+            Ok(r) if r.status().is_success() => match capped(r, DISCOVERY_MAX).await {
+                Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+                Err(error) => return tracing::warn!(%source, %error, "discovery failed"),
+            },
             Ok(r) => return tracing::warn!(%source, status = %r.status(), "discovery failed"),
             Err(error) => return tracing::warn!(%source, %error, "discovery failed"),
         };
-        let found: Vec<String> = listed
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .filter_map(|l| normalize(l).ok())
-            .collect();
+        let found = listed_urls(&listed, source);
         let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
         peers.retain(|url, p| {
             let keep = p.fixed || found.contains(url);
@@ -148,6 +156,59 @@ impl Cluster {
     }
 }
 
+/// Longest discovery list read, and longest `/ready` answer.
+const DISCOVERY_MAX: usize = 1 << 20;
+const READY_MAX: usize = 64 << 10;
+
+/// The URLs of a discovery list: the last field of each line that has one, so that `/disco`'s
+/// `name url` lines do too; at most [`MAX_DISCOVERED`]. Lines that are no `http://` URL are
+/// logged, not silently dropped.
+fn listed_urls(listed: &str, source: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for line in listed.lines().filter_map(|l| l.split_whitespace().last()) {
+        match normalize(line) {
+            Ok(url) if found.len() < MAX_DISCOVERED => found.push(url),
+            Ok(_) => {
+                tracing::warn!(%source, max = MAX_DISCOVERED, "discovery list too long; the rest is left out");
+                break;
+            }
+            Err(error) => tracing::warn!(%source, %error, "discovery line left out"),
+        }
+    }
+    found
+}
+
+/// A response body of at most `max` bytes; a longer one, or one cut short, is an error.
+pub(super) async fn capped(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > max {
+            return Err(format!("the answer is longer than {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 async fn json_of(response: reqwest::Response) -> Option<serde_json::Value> {
-    serde_json::from_slice(&response.bytes().await.ok()?).ok()
+    serde_json::from_slice(&capped(response, READY_MAX).await.ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovery_lists_take_the_last_field_of_a_line() {
+        let listed =
+            "http://10.0.0.2:8000\nkafboy@10.0.0.3:8000 http://10.0.0.3:8000/\n\n  \nftp://x\n";
+        assert_eq!(
+            listed_urls(listed, "test"),
+            ["http://10.0.0.2:8000", "http://10.0.0.3:8000"]
+        );
+        let long: String = (0..300)
+            .map(|i| format!("http://10.0.{}.{}:8000\n", i / 256, i % 256))
+            .collect();
+        assert_eq!(listed_urls(&long, "test").len(), MAX_DISCOVERED);
+    }
 }

@@ -27,7 +27,7 @@ mod hooked;
 mod overflow;
 mod send;
 
-use overflow::{forwardable, hand_over, overflow, received};
+use overflow::{Handed, forwardable, hand_over, overflow, received};
 use send::{enqueue, records_for};
 
 /// The hook of a route, if it has one.
@@ -132,11 +132,14 @@ async fn ingest(
         // Without a hook the topic is known before the body is read, so a bad one costs nothing.
         let info = lookup(app, &topic).await?;
         let body = body::read(incoming, encoding, declared, limits).await?;
-        if let Some(answer) = overflow(app, route, &topic, &parts, &body).await {
-            return Ok(Reply::Relayed(answer));
-        }
-        // With peers, what a full queue refuses may still go to one: the body as it came.
-        let relay = forwardable(app, route)
+        let asked = match overflow(app, route, &topic, &parts, &body).await {
+            Handed::Answered(answer) => return Ok(Reply::Relayed(answer)),
+            Handed::Declined => true,
+            Handed::NotSent => false,
+        };
+        // With peers, what a full queue refuses may still go to one (if none was asked
+        // already): the body as it came.
+        let relay = (!asked && forwardable(app, route))
             .then(|| (body.clone(), app.topic_metrics.get(&topic).label.clone()));
         let values = decode::decode(kind, body, &app.decode_limits)?;
         let count = values.len() as u64;
@@ -148,8 +151,8 @@ async fn ingest(
         let queued = match (queued, relay) {
             (Err(IngestError::QueueFull), Some((raw, label))) => {
                 return match hand_over(app, &parts, raw, 1.0, true).await {
-                    Some(answer) => Ok(Reply::Relayed(answer)),
-                    None => {
+                    Handed::Answered(answer) => Ok(Reply::Relayed(answer)),
+                    Handed::Declined | Handed::NotSent => {
                         crate::metrics::dropped(&label, "queue_full", count);
                         Err(IngestError::QueueFull)
                     }

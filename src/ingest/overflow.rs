@@ -20,17 +20,28 @@ pub(super) fn received(app: &AppState, parts: &Parts) -> bool {
     true
 }
 
+/// What became of a request offered to a peer.
+pub(super) enum Handed {
+    /// The peer's answer, to relay.
+    Answered(Response),
+    /// A peer was asked and did not take it (unreachable, or a refusal that wrote nothing):
+    /// serve it here, and ask no other (each ask may take up to `cluster.forward_timeout`).
+    Declined,
+    /// No peer was asked.
+    NotSent,
+}
+
 /// Hands a request of a route without a hook to a peer when this node's producer queue is past
-/// its high-water mark; `None` to serve it here.
+/// its high-water mark.
 pub(super) async fn overflow(
     app: &AppState,
     route: &Route,
     topic: &str,
     parts: &Parts,
     body: &Bytes,
-) -> Option<Response> {
+) -> Handed {
     if received(app, parts) || !forwardable(app, route) {
-        return None;
+        return Handed::NotSent;
     }
     let (fill, full) = app.producers.for_mode(route.mode, topic).fill();
     hand_over(app, parts, body.clone(), fill, full).await
@@ -44,22 +55,28 @@ pub(super) fn forwardable(app: &AppState, route: &Route) -> bool {
     app.cluster.is_some() && !super::send::spooled(app, route, route.mode)
 }
 
-/// Forwards to the best ready peer if `fill`/`full` call for it; the peer's answer, if any.
+/// Forwards to the best ready peer if `fill`/`full` call for it.
 pub(super) async fn hand_over(
     app: &AppState,
     parts: &Parts,
     body: Bytes,
     fill: f64,
     full: bool,
-) -> Option<Response> {
-    let cluster = app.cluster.as_ref()?;
+) -> Handed {
+    let Some(cluster) = app.cluster.as_ref() else {
+        return Handed::NotSent;
+    };
     if !crate::cluster::Cluster::may_forward(&parts.extensions) {
-        return None;
+        return Handed::NotSent;
     }
-    let peer = cluster.peer_for(fill, full, &parts.headers)?;
+    let Some(peer) = cluster.peer_for(fill, full, &parts.headers) else {
+        return Handed::NotSent;
+    };
     // The body stays in memory until the peer answers (up to `cluster.forward_timeout`): it
     // keeps its share of the buffer budget meanwhile, and without room there it is served here.
-    let _held = app.body_limits.buffer.hold(body.len())?;
+    let Some(_held) = app.body_limits.buffer.hold(body.len()) else {
+        return Handed::NotSent;
+    };
     // Boxed because a call to a peer is a large future (1.3 KiB) that few requests need:
     // inline, it would grow the future of every request, which axum boxes and moves.
     let id = parts
@@ -74,12 +91,12 @@ pub(super) async fn hand_over(
         id,
         body,
     );
-    let answer = Box::pin(forward).await;
-    if answer.is_some() {
-        ::metrics::counter!(crate::metrics::FORWARDED, "direction" => "sent").increment(1);
-        app.stats
-            .forwarded_sent
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    answer
+    let Some(answer) = Box::pin(forward).await else {
+        return Handed::Declined;
+    };
+    ::metrics::counter!(crate::metrics::FORWARDED, "direction" => "sent").increment(1);
+    app.stats
+        .forwarded_sent
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Handed::Answered(answer)
 }
