@@ -11,8 +11,8 @@ use axum::response::Response;
 use serde_json::Value;
 
 use crate::operations::Listener;
-use crate::server::json;
 use crate::state::AppState;
+use axum::response::IntoResponse;
 
 /// The description of the default configuration.
 pub const SPEC: &str = include_str!("../docs/openapi.json");
@@ -111,6 +111,21 @@ fn is_default_route(path: &str) -> bool {
 }
 
 /// `GET /openapi.json` on `listener`.
-pub async fn serve(State(app): State<Arc<AppState>>, listener: Listener) -> Response {
-    json(StatusCode::OK, &describe(&app, listener))
+/// `GET /openapi.json`: described once per listener (the routes do not change while the app
+/// runs), then the same bytes for every request, which needs no key.
+pub async fn serve(
+    State(app): State<Arc<AppState>>,
+    listener: Listener,
+    described: Arc<std::sync::OnceLock<bytes::Bytes>>,
+) -> Response {
+    let body = described.get_or_init(|| {
+        let spec = describe(&app, listener);
+        bytes::Bytes::from(serde_json::to_vec(&spec).unwrap_or_else(|_| b"{}".to_vec()))
+    });
+    let mut response = (StatusCode::OK, body.clone()).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    response
 }

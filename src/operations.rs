@@ -34,10 +34,11 @@ impl Listener {
 /// The operational endpoints of `listener`.
 pub fn router(listener: Listener) -> Router<Arc<AppState>> {
     let private = listener.private();
+    let described = Arc::new(std::sync::OnceLock::new());
     let router = Router::new()
         .route(
             "/openapi.json",
-            get(move |app| crate::openapi::serve(app, listener)),
+            get(move |app| crate::openapi::serve(app, listener, described.clone())),
         )
         .route("/health", get(health))
         .route("/disco", get(disco))
@@ -112,14 +113,28 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     }
     ::metrics::gauge!(crate::metrics::READY).set(if app.not_ready().is_none() { 1.0 } else { 0.0 });
     // Folding the histograms and writing them out is work for a blocking thread, not for the
-    // async worker whose other requests would wait behind it.
-    let text = tokio::task::spawn_blocking(|| {
+    // async worker whose other requests would wait behind it; one scrape at a time, so that a
+    // flood of scrapes takes one blocking thread, not one each.
+    static RENDERING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    let Ok(_one) = RENDERING.acquire().await else {
+        return crate::server::json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({ "error": "metrics unavailable" }),
+        );
+    };
+    let rendered = tokio::task::spawn_blocking(|| {
         let handle = crate::metrics::handle();
         handle.run_upkeep();
         handle.render()
     })
-    .await
-    .unwrap_or_default();
+    .await;
+    // A 200 with nothing in it would read as a node with no metrics.
+    let Ok(text) = rendered else {
+        return crate::server::json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({ "error": "rendering the metrics failed" }),
+        );
+    };
     let mut response = (StatusCode::OK, text).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -165,6 +165,7 @@ impl AppState {
             return Ok(Some(key));
         }
         let presented = crate::auth::presented(&parts.headers)
+            .map_err(Denied::Unauthenticated)?
             .ok_or(Denied::Unauthenticated("API key required"))?;
         set.find(presented)
             .map(Some)

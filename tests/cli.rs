@@ -156,6 +156,9 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[cluster]\npeers = [\"http://a:1\"]\nhigh_water = 5.0".into(), "cluster.high_water"),
         (format!("[spool]\ndir = \"{}/x\"", not_a_dir.path().display()), "directory"),
         ("[server]\nadmin_listen = \"127.0.0.1:9\"\nlisten = \"127.0.0.1:9\"".into(), "admin_listen"),
+        ("[server]\nadmin_listen = \"127.0.0.1:9\"\nlisten = \"0.0.0.0:9\"".into(), "admin_listen"),
+        ("[server]\nadmin_listen = \"[::]:9\"\nlisten = \"127.0.0.1:9\"".into(), "admin_listen"),
+        ("[cluster]\npeers = [\"http://a:1\"]\nname = \"a\\u0001b\"".into(), "cluster.name"),
         // librdkafka's own checks, run when a producer is created.
         ("[kafka]\nmessage_timeout = \"3ms\"".into(), "message.timeout.ms"),
         ("[kafka.options]\n\"retries\" = \"0\"".into(), "retries"),

@@ -462,6 +462,15 @@ async fn rust_hook_outcomes() {
             .any(|(s, m, _)| *s == 500 && m.contains("300ms")),
         "{seen:?}"
     );
+    // A refusal before admission (here a topic's name) costs nothing and reaches no hook.
+    errors.lock().unwrap().clear();
+    let r = post(&gw, "/async/no%20spaces", "forward", "{}").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "{:?}",
+        errors.lock().unwrap()
+    );
     gw.stop().await;
 }
 

@@ -268,15 +268,27 @@ pub struct ClientSubject(pub String);
 const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// The key a request presents: `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
-/// An empty value is no key.
-pub fn presented(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(&API_KEY).filter(|v| !v.is_empty()) {
-        return Some(v.as_bytes());
+/// An empty value is no key. Two lines of either header are refused: which one counts would
+/// be a guess (a proxy that adds its own key after the client's would lose to the client's).
+pub fn presented(headers: &HeaderMap) -> Result<Option<&[u8]>, &'static str> {
+    let authorization = axum::http::header::AUTHORIZATION;
+    if headers.get_all(&API_KEY).iter().nth(1).is_some()
+        || headers.get_all(&authorization).iter().nth(1).is_some()
+    {
+        return Err("send one API key, in one X-Api-Key or Authorization header");
     }
-    let auth = headers.get(axum::http::header::AUTHORIZATION)?.as_bytes();
-    let (scheme, rest) = auth.split_at(auth.iter().position(|b| *b == b' ')?);
+    if let Some(v) = headers.get(&API_KEY).filter(|v| !v.is_empty()) {
+        return Ok(Some(v.as_bytes()));
+    }
+    let Some(auth) = headers.get(authorization).map(|v| v.as_bytes()) else {
+        return Ok(None);
+    };
+    let Some(space) = auth.iter().position(|b| *b == b' ') else {
+        return Ok(None);
+    };
+    let (scheme, rest) = auth.split_at(space);
     let rest = rest.trim_ascii();
-    (scheme.eq_ignore_ascii_case(b"bearer") && !rest.is_empty()).then_some(rest)
+    Ok((scheme.eq_ignore_ascii_case(b"bearer") && !rest.is_empty()).then_some(rest))
 }
 
 fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
@@ -377,20 +389,27 @@ mod tests {
     #[test]
     fn presented_keys() {
         let mut h = HeaderMap::new();
-        assert_eq!(presented(&h), None);
+        assert_eq!(presented(&h).unwrap(), None);
         h.insert("authorization", "Bearer  abc ".parse().unwrap());
-        assert_eq!(presented(&h), Some(&b"abc"[..]));
+        assert_eq!(presented(&h).unwrap(), Some(&b"abc"[..]));
         h.insert("authorization", "Basic abc".parse().unwrap());
-        assert_eq!(presented(&h), None);
+        assert_eq!(presented(&h).unwrap(), None);
         h.insert("x-api-key", "xyz".parse().unwrap());
-        assert_eq!(presented(&h), Some(&b"xyz"[..]));
+        assert_eq!(presented(&h).unwrap(), Some(&b"xyz"[..]));
         // An empty value is no key: the other header counts, or none does.
         h.insert("x-api-key", "".parse().unwrap());
-        assert_eq!(presented(&h), None);
+        assert_eq!(presented(&h).unwrap(), None);
         h.insert("authorization", "Bearer abc".parse().unwrap());
-        assert_eq!(presented(&h), Some(&b"abc"[..]));
+        assert_eq!(presented(&h).unwrap(), Some(&b"abc"[..]));
         h.insert("authorization", "Bearer  ".parse().unwrap());
-        assert_eq!(presented(&h), None);
+        assert_eq!(presented(&h).unwrap(), None);
+        // Two of either header: which one counts would be a guess.
+        h.insert("x-api-key", "xyz".parse().unwrap());
+        h.append("x-api-key", "abc".parse().unwrap());
+        assert!(presented(&h).is_err());
+        h.remove("x-api-key");
+        h.append("authorization", "Bearer abc".parse().unwrap());
+        assert!(presented(&h).is_err());
     }
 
     #[test]

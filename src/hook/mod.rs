@@ -173,8 +173,9 @@ pub trait Hook: Send + Sync + 'static {
     /// errors or runs out of time fails the request with 500 and produces nothing.
     fn on_request(&self, request: Arc<HookRequest>) -> HookFuture;
 
-    /// Called for every failed request on the hook's routes, after the reply is decided;
-    /// not for a `401`, a rate limit's `429` or a `405`, which anyone can cause without a key.
+    /// Called for the failed requests on the hook's routes that were admitted (past the checks
+    /// that cost nothing and the global rate limit), after the reply is decided: not for a
+    /// `401`, `429` or `405`, or a topic refused by name, which anyone can cause for free.
     fn on_error(&self, _failure: &Failure<'_>) {}
 }
 

@@ -40,8 +40,8 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
         .extensions()
         .get::<RequestId>()
         .map(|id| id.0.clone());
-    let mut topic = None;
-    let response = match ingest(&app, &served.route, &served.hook, request, &mut topic).await {
+    let mut seen = Seen::default();
+    let response = match ingest(&app, &served.route, &served.hook, request, &mut seen).await {
         Ok(reply) => {
             served.metrics.records(reply.records());
             reply.into_response()
@@ -65,18 +65,15 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
                 // Client mistakes are not the operator's problem; they are counted, not shouted.
                 tracing::debug!(request_id = id, %path, %status, %error, "request refused");
             }
-            // Not for refusals before the client is known and admitted (no key, over a rate
-            // limit): anyone could make the script run, for free.
-            let unadmitted = matches!(
-                error,
-                IngestError::Unauthenticated(_) | IngestError::Limited(_)
-            );
-            if let Some(hook) = served.hook.as_ref().filter(|_| !unadmitted) {
+            // Only for requests admitted (past every refusal that costs nothing, and a token of
+            // the global rate limit): anyone could make the script run, for free, with a
+            // request refused before that (no key, a bad topic name, a topic not allowed).
+            if let Some(hook) = served.hook.as_ref().filter(|_| seen.admitted) {
                 let message = error.to_string();
                 hook.on_error(&Failure {
                     status,
                     message: &message,
-                    topic: topic.as_deref(),
+                    topic: seen.topic.as_deref(),
                 });
             }
             error.into_response()
@@ -88,12 +85,21 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
     response
 }
 
+/// What `handle` learns of a request as `ingest` goes, for the error hook.
+#[derive(Default)]
+struct Seen {
+    /// The request's topic, once known.
+    topic: Option<String>,
+    /// Past `AppState::admit`.
+    admitted: bool,
+}
+
 async fn ingest(
     app: &Arc<AppState>,
     route: &Arc<Route>,
     hook: &RouteHook,
     request: Request,
-    topic_seen: &mut Option<String>,
+    seen: &mut Seen,
 ) -> Result<Reply, IngestError> {
     let (mut parts, incoming) = request.into_parts();
     // Who is asking is settled before anything else is looked at.
@@ -101,7 +107,7 @@ async fn ingest(
     let topic = topic_of(route, &mut parts).await?;
     if hook.is_some() {
         // For the hook's `on_error`; nothing else reads it.
-        *topic_seen = Some(topic.clone());
+        seen.topic = Some(topic.clone());
     }
     validate_topic(&topic).map_err(|e| IngestError::BadRequest(e.into()))?;
     if let Some(key) = &key {
@@ -128,6 +134,7 @@ async fn ingest(
     // Every refusal that costs nothing is behind us: from here on the request costs the node
     // (a body read, a metadata lookup, a produce), so it spends a token of the global limit.
     app.admit()?;
+    seen.admitted = true;
     let Some(hook) = hook else {
         // Without a hook the topic is known before the body is read, so a bad one costs nothing.
         let info = lookup(app, &topic).await?;
@@ -184,7 +191,16 @@ async fn ingest(
         )
         .with_key(meta.key.clone()),
     );
-    hooked::run(app, route, hook, key.as_deref(), request, meta, topic_seen).await
+    hooked::run(
+        app,
+        route,
+        hook,
+        key.as_deref(),
+        request,
+        meta,
+        &mut seen.topic,
+    )
+    .await
 }
 
 async fn lookup(app: &AppState, topic: &str) -> Result<Arc<TopicInfo>, IngestError> {

@@ -35,7 +35,13 @@ impl Cors {
         if c.allowed_origins.is_empty() {
             return Err("server.cors.allowed_origins is empty: no page could call kafboy".into());
         }
-        let origins = if c.allowed_origins.iter().any(|o| o == "*") {
+        let any = c.allowed_origins.iter().any(|o| o == "*");
+        if any && c.allowed_origins.len() > 1 {
+            return Err(
+                "server.cors.allowed_origins: \"*\" allows every origin; list it alone".into(),
+            );
+        }
+        let origins = if any {
             AllowOrigin::any()
         } else {
             let list = c
@@ -53,6 +59,11 @@ impl Cors {
                     .map_err(|_| format!("server.cors.allowed_methods: bad method {m:?}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if !methods.contains(&Method::POST) {
+            return Err(
+                "server.cors.allowed_methods must hold POST: every produce call is one".into(),
+            );
+        }
         let mut headers = AllowedHeaders::default();
         for h in &c.allowed_headers {
             let bad = || format!("server.cors.allowed_headers: bad header {h:?}");
@@ -92,20 +103,31 @@ impl Cors {
     }
 }
 
-/// An origin as browsers send it, `scheme://host[:port]` in lower case, or `null`. Anything
-/// else (a trailing slash, a path, capitals) would never match, and every call would fail.
+/// An origin as browsers send it, `scheme://host[:port]` in lower case. Anything else (a
+/// trailing slash, a path, capitals, the scheme's default port) would never match, and every
+/// call would fail. `null` is what sandboxed frames and `data:` pages send, from any site: it
+/// would let every such page read the answers.
 fn origin(o: &str) -> Result<HeaderValue, String> {
     let bad = |why: &str| format!("server.cors.allowed_origins: {o:?} {why}");
-    if o != "null" {
-        let (scheme, host) = o
-            .split_once("://")
-            .ok_or_else(|| bad("is not scheme://host[:port]"))?;
-        if scheme.is_empty() || host.is_empty() || host.contains('/') {
-            return Err(bad("is not scheme://host[:port], without a path"));
-        }
-        if o.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Err(bad("has capitals; browsers send origins in lower case"));
-        }
+    if o == "null" {
+        return Err(bad(
+            "is what any sandboxed frame or data: page sends; list real origins",
+        ));
+    }
+    let (scheme, host) = o
+        .split_once("://")
+        .ok_or_else(|| bad("is not scheme://host[:port]"))?;
+    if scheme.is_empty() || host.is_empty() || host.contains('/') {
+        return Err(bad("is not scheme://host[:port], without a path"));
+    }
+    if o.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(bad("has capitals; browsers send origins in lower case"));
+    }
+    if (scheme == "https" && host.ends_with(":443")) || (scheme == "http" && host.ends_with(":80"))
+    {
+        return Err(bad(
+            "names the scheme's default port, which browsers leave out",
+        ));
     }
     HeaderValue::from_str(o).map_err(|_| bad("is not a header value"))
 }
@@ -163,7 +185,12 @@ mod tests {
 
     #[test]
     fn origins_that_could_never_match_are_config_errors() {
-        for ok in ["https://app.example", "http://10.0.0.1:8080", "*", "null"] {
+        for ok in [
+            "https://app.example",
+            "http://10.0.0.1:8080",
+            "*",
+            "https://a.example:8443",
+        ] {
             assert!(Cors::new(&config(&[ok], &[])).is_ok(), "{ok}");
         }
         for bad in [
@@ -172,11 +199,18 @@ mod tests {
             "https://App.example",
             "app.example",
             "https://",
+            "null",
+            "https://app.example:443",
+            "http://app.example:80",
         ] {
             let err = Cors::new(&config(&[bad], &[])).err().unwrap();
             assert!(err.contains(bad), "{bad}: {err}");
         }
         assert!(Cors::new(&config(&[], &[])).is_err());
+        assert!(Cors::new(&config(&["*", "https://app.example"], &[])).is_err());
+        let mut no_post = config(&["*"], &[]);
+        no_post.allowed_methods = vec!["GET".into()];
+        assert!(Cors::new(&no_post).err().unwrap().contains("POST"));
     }
 
     #[test]

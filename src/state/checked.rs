@@ -106,10 +106,16 @@ fn check_ranges(config: &Config) -> Result<(), String> {
             "server.max_body_buffer_bytes must be at least twice server.max_body_bytes".into(),
         );
     }
-    if s.admin_listen
-        .is_some_and(|a| a == s.listen && a.port() != 0)
-    {
-        return Err("server.admin_listen must differ from server.listen".into());
+    // The same port on the same address, or on any address when either is a wildcard
+    // (0.0.0.0 or [::] takes the port on every address): the second bind would fail at start.
+    if s.admin_listen.is_some_and(|a| {
+        a.port() == s.listen.port()
+            && a.port() != 0
+            && (a.ip() == s.listen.ip()
+                || a.ip().is_unspecified()
+                || s.listen.ip().is_unspecified())
+    }) {
+        return Err("server.admin_listen must not take server.listen's port".into());
     }
     let most = tokio::sync::Semaphore::MAX_PERMITS;
     if !(1..=most).contains(&s.max_connections) {
