@@ -75,7 +75,7 @@ pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
         routes.push(compile_one(rc).map_err(|e| format!("routes[{i}] ({}): {e}", rc.path))?);
     }
     // A route whose one topic the allowlist refuses could only ever answer 404.
-    let allow = Allowlist::new(&config.topics.allow).map_err(|e| format!("topics.allow: {e}"))?;
+    let allow = Allowlist::new(&config.topics.allow).map_err(|e| format!("topics.allow{e}"))?;
     for route in &routes {
         if let TopicSource::Fixed(topic) = &route.topic
             && !allow.allows(topic)
@@ -194,17 +194,28 @@ pub struct Allowlist {
 }
 
 impl Allowlist {
-    /// Builds the list; an empty list allows every topic.
+    /// Builds the list; an empty list allows every topic. Errors name an entry by its index
+    /// (`[i]: ...`); the caller says which list.
     pub fn new(entries: &[String]) -> Result<Allowlist, String> {
         let mut list = Allowlist::default();
         for (i, entry) in entries.iter().enumerate() {
             match entry.strip_suffix('*') {
                 Some(prefix) if prefix.contains('*') => {
-                    return Err(format!("topics.allow[{i}]: only a trailing '*' is allowed"));
+                    return Err(format!("[{i}]: only a trailing '*' is allowed"));
+                }
+                // A prefix with a byte no topic name has would never match.
+                Some(prefix)
+                    if !prefix
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) =>
+                {
+                    return Err(format!(
+                        "[{i}]: {entry:?} could match no topic (names hold letters, digits, '.', '_' and '-')"
+                    ));
                 }
                 Some(prefix) => list.prefixes.push(prefix.to_string()),
                 None => {
-                    validate_topic(entry).map_err(|e| format!("topics.allow[{i}]: {e}"))?;
+                    validate_topic(entry).map_err(|e| format!("[{i}]: {e}"))?;
                     list.exact.insert(entry.clone());
                 }
             }
@@ -317,6 +328,8 @@ mod tests {
         assert!(!list.allows("click") && !list.allows("logs") && !list.allows("other"));
         assert!(Allowlist::new(&[]).unwrap().allows("anything"));
         assert!(Allowlist::new(&["a*b*".into()]).is_err());
+        assert!(Allowlist::new(&["web/*".into()]).is_err());
+        assert!(Allowlist::new(&["*".into(), "a-b_c.*".into()]).is_ok());
     }
 
     proptest! {

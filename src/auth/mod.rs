@@ -229,7 +229,7 @@ impl Key {
             name: c.name.clone(),
             digest,
             subject: c.client_cert_subject.clone(),
-            topics: Allowlist::new(&c.topics)?,
+            topics: Allowlist::new(&c.topics).map_err(|e| format!("topics{e}"))?,
             modes: c.modes.clone(),
             bucket,
         })

@@ -197,7 +197,7 @@ impl Checked {
                 ));
             }
         }
-        let allow = Allowlist::new(&config.topics.allow)?;
+        let allow = Allowlist::new(&config.topics.allow).map_err(|e| format!("topics.allow{e}"))?;
         let mut topic_partitioner = HashMap::new();
         for (topic, o) in &config.topics.overrides {
             routes::validate_topic(topic).map_err(|e| format!("topics.overrides.{topic}: {e}"))?;
