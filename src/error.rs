@@ -82,7 +82,7 @@ pub enum IngestError {
     /// A sync request with several records where some were not acknowledged.
     #[error("{message}")]
     Partial {
-        /// Status decided by [`delivery_status`] over all records.
+        /// Status decided by [`client_status`] over all records.
         status: StatusCode,
         /// Summary.
         message: String,
@@ -113,7 +113,7 @@ impl IngestError {
     /// The error for one record that librdkafka reported as failed.
     pub fn from_delivery(error: RDKafkaErrorCode, persisted: Persisted) -> IngestError {
         let message = format!("not delivered: {error}");
-        match delivery_status(error, persisted) {
+        match client_status(error, persisted) {
             StatusCode::PAYLOAD_TOO_LARGE => IngestError::TooLarge(message),
             StatusCode::NOT_FOUND => IngestError::UnknownTopic(message),
             StatusCode::FORBIDDEN => IngestError::Forbidden(message),
@@ -136,21 +136,32 @@ pub fn too_large(error: RDKafkaErrorCode) -> bool {
 /// Status for a record librdkafka gave up on. Permanent refusals by the broker keep their
 /// meaning when the record was never persisted; everything else is 503 when librdkafka says it
 /// was never persisted and 504 when it may have been (a retry refused as too large may follow
-/// an attempt that landed).
+/// an attempt that landed). The spool's dead-letter decision reads this; clients get
+/// [`client_status`].
 pub fn delivery_status(error: RDKafkaErrorCode, persisted: Persisted) -> StatusCode {
     use RDKafkaErrorCode as E;
     match (error, persisted) {
         (error, Persisted::No) if too_large(error) => StatusCode::PAYLOAD_TOO_LARGE,
-        // librdkafka's own "unknown partition" means its partition count is behind the one
-        // kafboy chose from (partitions were just added): not the client's fault, and gone
-        // once its metadata catches up.
         (E::UnknownTopicOrPartition | E::UnknownTopic, Persisted::No) => StatusCode::NOT_FOUND,
         (E::TopicAuthorizationFailed | E::ClusterAuthorizationFailed, Persisted::No) => {
             StatusCode::FORBIDDEN
         }
-        (E::InvalidRecord | E::InvalidMessage, Persisted::No) => StatusCode::BAD_REQUEST,
+        // The broker's verdict on the record itself (a compacted topic's record without a key).
+        // A corrupt message (`InvalidMessage`, a CRC mismatch) is not the client's doing.
+        (E::InvalidRecord, Persisted::No) => StatusCode::BAD_REQUEST,
         (_, Persisted::No) => StatusCode::SERVICE_UNAVAILABLE,
         (_, Persisted::Possibly) => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
+/// Status a client gets for a record librdkafka gave up on: [`delivery_status`], except that
+/// librdkafka's own "unknown topic" is `503`. One broker's metadata answer makes librdkafka
+/// call a topic gone (deleted and recreated, or a broker behind), for a while; the topic cache
+/// answers `404` when the brokers really lack it.
+pub fn client_status(error: RDKafkaErrorCode, persisted: Persisted) -> StatusCode {
+    match delivery_status(error, persisted) {
+        StatusCode::NOT_FOUND => StatusCode::SERVICE_UNAVAILABLE,
+        status => status,
     }
 }
 
@@ -275,12 +286,21 @@ mod tests {
                 S::GATEWAY_TIMEOUT,
             ),
             (E::TopicAuthorizationFailed, Persisted::No, S::FORBIDDEN),
+            (E::InvalidRecord, Persisted::No, S::BAD_REQUEST),
+            (E::InvalidMessage, Persisted::No, S::SERVICE_UNAVAILABLE),
         ] {
             assert_eq!(
                 delivery_status(error, persisted),
                 want,
                 "{error:?} {persisted:?}"
             );
+        }
+        // librdkafka's own "unknown topic" may pass (a broker behind, a topic recreated): a
+        // client gets 503, and 404 only from the topic cache.
+        for error in [E::UnknownTopic, E::UnknownTopicOrPartition] {
+            assert_eq!(client_status(error, Persisted::No), S::SERVICE_UNAVAILABLE);
+            let refused = IngestError::from(SendError::Refused { accepted: 0, error });
+            assert_eq!(refused.status(), S::SERVICE_UNAVAILABLE);
         }
     }
 

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::error::{IngestError, RecordReport, delivery_status};
+use crate::error::{IngestError, RecordReport, client_status};
 use crate::kafka::delivery::{Outcome, Persisted};
 
 /// What a successful request answers.
@@ -81,7 +81,7 @@ fn failure(outcomes: Vec<Option<Outcome>>, timeout: std::time::Duration) -> Inge
             Some(Outcome::Failed {
                 error,
                 persisted: Persisted::No,
-            }) => delivery_status(*error, Persisted::No),
+            }) => client_status(*error, Persisted::No),
             _ => StatusCode::GATEWAY_TIMEOUT,
         })
         .collect();

@@ -239,7 +239,17 @@ impl Producers {
                         while old.queued() > 0 && Instant::now() < until && !gate.is_closed() {
                             ffi::flush(&old.inner, Duration::from_millis(100));
                         }
-                        lock(&retiring).retain(|p| !Arc::ptr_eq(p, &old));
+                        // Only a drained producer leaves the list (a fatal one takes no new
+                        // records). One that still holds records stays for a shutdown's flush,
+                        // which reads the list once the gate is closed, and is never dropped
+                        // here with records in flight: dropping purges them, uncounted.
+                        {
+                            let mut list = lock(&retiring);
+                            if old.queued() > 0 {
+                                return;
+                            }
+                            list.retain(|p| !Arc::ptr_eq(p, &old));
+                        }
                         // A request that took this producer just before the swap may still
                         // hold it. The last reference is best dropped here: librdkafka's
                         // destroy joins its threads, which would stall an async worker.
