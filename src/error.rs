@@ -194,7 +194,9 @@ impl From<DecodeError> for IngestError {
             DecodeError::UnsupportedType(_) | DecodeError::BadContentType(_) => {
                 IngestError::UnsupportedType(e.to_string())
             }
-            DecodeError::TooManyRecords(_) => IngestError::TooLarge(e.to_string()),
+            DecodeError::TooManyRecords(_) | DecodeError::TooManyFields(_) => {
+                IngestError::TooLarge(e.to_string())
+            }
             _ => IngestError::BadRequest(e.to_string()),
         }
     }
