@@ -72,14 +72,8 @@ fn main() -> ExitCode {
         }
         None => match Config::load(cli.config.as_deref(), &overrides) {
             Ok(config) => {
-                // Before the logs exist: a bad filter would hide its own error. KAFBOY_LOG,
-                // which wins over log.level, is held to the same rules.
-                if let Err(e) = config.log.check() {
-                    return config_error(&e);
-                }
-                if let Ok(filter) = std::env::var("KAFBOY_LOG")
-                    && let Err(e) = kafboy::config::check_log_filter("KAFBOY_LOG", &filter)
-                {
+                // Before the logs exist: a bad filter would hide its own error.
+                if let Err(e) = check_logs(&config) {
                     return config_error(&e);
                 }
                 init_logs(config.log.format, &config.log.level);
@@ -123,17 +117,39 @@ fn demo(listen: Option<SocketAddr>) -> ExitCode {
     }
 }
 
+/// `log.level`, and `KAFBOY_LOG`, which wins over it, held to the same rules.
+fn check_logs(config: &Config) -> Result<(), String> {
+    config.log.check()?;
+    match std::env::var("KAFBOY_LOG") {
+        Ok(filter) => kafboy::config::check_log_filter("KAFBOY_LOG", &filter),
+        Err(_) => Ok(()),
+    }
+}
+
 fn check_config(file: &std::path::Path, overrides: &Overrides) -> ExitCode {
     let config = match Config::load(Some(file), overrides) {
         Ok(c) => c,
         Err(e) => return config_error(&e.to_string()),
     };
     // What parsing cannot check: routes, hooks, keys, librdkafka properties. Nothing is bound
-    // and no producer is created, so no broker is contacted.
-    if let Err(e) = kafboy::state::AppState::check(&config) {
+    // and no producer is created, so no broker is contacted. The environment is checked as a
+    // start would check it.
+    if let Err(e) = check_logs(&config).and_then(|()| kafboy::state::AppState::check(&config)) {
         return config_error(&e);
     }
+    for name in kafboy::config::ignored_env(&config) {
+        eprintln!(
+            "warning: {name} is not a setting and ignored: settings are KAFBOY_SECTION__KEY, two underscores after the section"
+        );
+    }
+    // Key digests stay out of what is printed: a key a person chose can be guessed from its
+    // digest offline.
     let mut shown = config.clone();
+    for key in &mut shown.auth.keys {
+        if key.sha256.is_some() {
+            key.sha256 = Some("<redacted>".into());
+        }
+    }
     for (key, value) in shown.kafka.options.iter_mut() {
         if key.contains("password") || key.contains("secret") {
             *value = "<redacted>".into();
@@ -167,6 +183,18 @@ fn init_logs(format: LogFormat, level: &str) {
     }
 }
 
+/// A listener that cannot be bound. An address this host does not have, or a port it may not
+/// take, is the configuration's fault (64: no restart fixes it); a port in use may come free
+/// (1: a supervisor should try again).
+fn bind_failed(addr: SocketAddr, e: &std::io::Error) -> ExitCode {
+    use std::io::ErrorKind as K;
+    let message = format!("cannot listen on {addr}: {e}");
+    match e.kind() {
+        K::AddrNotAvailable | K::PermissionDenied | K::InvalidInput => config_error(&message),
+        _ => fail(&message),
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -188,12 +216,12 @@ async fn serve(config: Config) -> ExitCode {
     };
     let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
         Ok(l) => l,
-        Err(e) => return fail(&format!("cannot listen on {}: {e}", config.server.listen)),
+        Err(e) => return bind_failed(config.server.listen, &e),
     };
     if let Some(admin) = config.server.admin_listen {
         match tokio::net::TcpListener::bind(admin).await {
             Ok(l) => app = app.with_admin_listener(l),
-            Err(e) => return fail(&format!("cannot listen on {admin}: {e}")),
+            Err(e) => return bind_failed(admin, &e),
         }
     }
     let addr = listener.local_addr().map_or(config.server.listen, |a| a);

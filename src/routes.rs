@@ -118,6 +118,14 @@ fn compile_one(rc: &RouteConfig) -> Result<Route, String> {
             None if seg.contains(['{', '}', '*', ':']) => {
                 return Err(format!("segment `{seg}` has a reserved character"));
             }
+            // Clients and proxies fold `.` and `..` away, and may write an escape in either
+            // case: a route with either could never be reached as written, or could pass for
+            // another path in the clash checks.
+            None if seg == "." || seg == ".." || seg.contains('%') => {
+                return Err(format!(
+                    "segment `{seg}` is a dot segment or holds an escape; write the path as clients send it"
+                ));
+            }
             // Requests are matched on the raw path, so anything a client must percent-encode
             // (spaces, non-ASCII, `?`, `#`) would make a route no request can reach.
             None if !seg

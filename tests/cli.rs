@@ -92,6 +92,8 @@ fn config_errors_exit_64_and_name_the_key() {
             "max_records",
         ),
         (vec![("KAFBOY_LOG", "debgu")], String::new(), "kafboy_log"),
+        // Set but empty (a template's `KAFBOY_LOG=${KAFBOY_LOG}`): every line would be dropped.
+        (vec![("KAFBOY_LOG", " ")], String::new(), "kafboy_log"),
     ];
     for (env, toml, want) in cases {
         let file = config_file(&toml);
@@ -164,6 +166,10 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[kafka.options]\n\"retries\" = \"0\"".into(), "retries"),
         ("[server]\nsync_timeout = \"0s\"".into(), "server.sync_timeout"),
         ("[server]\nmax_headers = 100000".into(), "server.max_headers"),
+        ("[server]\nmax_headers = 2".into(), "server.max_headers"),
+        ("[server]\nmax_body_bytes = 0".into(), "server.max_body_bytes"),
+        ("[[routes]]\npath = \"/a/../:topic\"\nmode = \"async\"".into(), "dot segment"),
+        ("[[routes]]\npath = \"/caf%C3%A9/:topic\"\nmode = \"async\"".into(), "escape"),
         ("[spool]\ndir = \"/tmp\"\ncommit_interval = \"10m\"".into(), "spool.commit_interval"),
     ];
     for (toml, want) in &refused {

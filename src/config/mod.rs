@@ -91,6 +91,11 @@ pub fn check_log_filter(name: &str, filter: &str) -> Result<(), String> {
         "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
     ];
     let bad = |why: &str| Err(format!("{name} {filter:?}: {why}"));
+    // An empty filter (`KAFBOY_LOG=` from a template) has no default level: every line, the
+    // errors included, would be dropped.
+    if filter.split(',').all(|d| d.trim().is_empty()) {
+        return bad("names no level; leave it unset for the default");
+    }
     let bare = |d: &&str| !d.is_empty() && !d.contains(['=', '[', ':']);
     let typo = filter
         .split(',')
@@ -231,9 +236,15 @@ pub fn ignored_env(config: &Config) -> Vec<String> {
     std::env::vars_os()
         .filter_map(|(name, _)| name.into_string().ok())
         .filter(|name| {
-            name.strip_prefix("KAFBOY_")
-                .is_some_and(|rest| !rest.contains("__") && !matches!(rest, "CONFIG" | "LOG"))
-                && !named.contains(&Some(name.as_str()))
+            // figment takes the prefix in any case (`kafboy_server__listen` is a setting), so
+            // a typo in lower case is reported too.
+            let rest = name
+                .get(..7)
+                .filter(|p| p.eq_ignore_ascii_case("KAFBOY_"))
+                .map(|_| name[7..].to_ascii_uppercase());
+            rest.is_some_and(|rest| {
+                !rest.contains("__") && !matches!(rest.as_str(), "CONFIG" | "LOG")
+            }) && !named.contains(&Some(name.as_str()))
         })
         .collect()
 }

@@ -87,11 +87,16 @@ fn check_ranges(config: &Config) -> Result<(), String> {
         return Err("server.max_records must be at least 1".into());
     }
     // hyper sizes two arrays of `max_headers` slots for every request, and reads a head into a
-    // buffer of at most ~400 KiB whatever `max_header_bytes` says.
-    if !(1..=MAX_HEADERS).contains(&s.max_headers) {
+    // buffer of at most ~400 KiB whatever `max_header_bytes` says. Below 8, a POST with its
+    // Host, Content-Type and Content-Length, and a proxy's few, would be a 431 every time.
+    if !(8..=MAX_HEADERS).contains(&s.max_headers) {
         return Err(format!(
-            "server.max_headers must be between 1 and {MAX_HEADERS}"
+            "server.max_headers must be between 8 and {MAX_HEADERS}"
         ));
+    }
+    // At 0 every non-empty body would be a 413, and an empty one is refused as well.
+    if s.max_body_bytes < 64 {
+        return Err("server.max_body_bytes must be at least 64".into());
     }
     if !(1024..=MAX_HEADER_BYTES).contains(&s.max_header_bytes) {
         return Err(format!(
