@@ -76,22 +76,28 @@ pub fn content_type(headers: &axum::http::HeaderMap) -> Result<Option<&str>, Dec
 }
 
 /// A media type's `;`-separated parts; a `;` inside a quoted value (`a="x;y"`) is part of it.
-fn split_params(ct: &str) -> Vec<&str> {
-    let (mut parts, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
-    for (i, c) in ct.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            ';' if !quoted => {
-                parts.push(&ct[start..i]);
-                start = i + 1;
+/// (Every request reads its Content-Type: nothing is allocated.)
+fn split_params(ct: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(ct);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        let (mut quoted, mut escaped) = (false, false);
+        for (i, b) in s.bytes().enumerate() {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' if quoted => escaped = true,
+                b'"' => quoted = !quoted,
+                // An ASCII byte: `i` is a char boundary.
+                b';' if !quoted => {
+                    rest = Some(&s[i + 1..]);
+                    return Some(&s[..i]);
+                }
+                _ => {}
             }
-            _ => {}
         }
-    }
-    parts.push(&ct[start..]);
-    parts
+        rest = None;
+        Some(s)
+    })
 }
 
 impl BodyKind {
@@ -104,7 +110,7 @@ impl BodyKind {
         let Some(ct) = content_type else {
             return Ok(BodyKind::Json);
         };
-        let mut parts = split_params(ct).into_iter();
+        let mut parts = split_params(ct);
         let media = parts.next().unwrap_or_default().trim();
         for param in parts {
             let Some((name, value)) = param.split_once('=') else {
