@@ -76,28 +76,46 @@ pub fn content_type(headers: &axum::http::HeaderMap) -> Result<Option<&str>, Dec
 }
 
 /// A media type's `;`-separated parts; a `;` inside a quoted value (`a="x;y"`) is part of it.
-/// (Every request reads its Content-Type: nothing is allocated.)
+/// (Every request reads its Content-Type: nothing is allocated, and the scan is memchr's.)
 fn split_params(ct: &str) -> impl Iterator<Item = &str> {
     let mut rest = Some(ct);
     std::iter::from_fn(move || {
         let s = rest?;
-        let (mut quoted, mut escaped) = (false, false);
-        for (i, b) in s.bytes().enumerate() {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' if quoted => escaped = true,
-                b'"' => quoted = !quoted,
-                // An ASCII byte: `i` is a char boundary.
-                b';' if !quoted => {
-                    rest = Some(&s[i + 1..]);
-                    return Some(&s[..i]);
-                }
-                _ => {}
+        match next_separator(s.as_bytes()) {
+            // An ASCII byte: `i` is a char boundary.
+            Some(i) => {
+                rest = Some(&s[i + 1..]);
+                Some(&s[..i])
+            }
+            None => {
+                rest = None;
+                Some(s)
             }
         }
-        rest = None;
-        Some(s)
     })
+}
+
+/// The first `;` of `b` outside a quoted value (none after a quote that is never closed).
+fn next_separator(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    loop {
+        i += memchr::memchr2(b';', b'"', &b[i..])?;
+        if b[i] == b';' {
+            return Some(i);
+        }
+        // A quoted value: to its closing quote, past escaped characters.
+        i += 1;
+        loop {
+            match b.get(i)? {
+                b'\\' => i += 2,
+                b'"' => {
+                    i += 1;
+                    break;
+                }
+                _ => i += 1,
+            }
+        }
+    }
 }
 
 impl BodyKind {
