@@ -183,14 +183,15 @@ fn init_logs(format: LogFormat, level: &str) {
     }
 }
 
-/// A listener that cannot be bound. An address this host does not have, or a port it may not
-/// take, is the configuration's fault (64: no restart fixes it); a port in use may come free
-/// (1: a supervisor should try again).
+/// A listener that cannot be bound. A port this process may not take is the configuration's
+/// fault (64: no restart fixes it). A port in use may come free, and an address this host
+/// does not have yet may come (a VRRP address, an IPv6 address still tentative at boot): 1, so
+/// that a supervisor tries again.
 fn bind_failed(addr: SocketAddr, e: &std::io::Error) -> ExitCode {
     use std::io::ErrorKind as K;
     let message = format!("cannot listen on {addr}: {e}");
     match e.kind() {
-        K::AddrNotAvailable | K::PermissionDenied | K::InvalidInput => config_error(&message),
+        K::PermissionDenied | K::InvalidInput => config_error(&message),
         _ => fail(&message),
     }
 }

@@ -116,13 +116,16 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     // async worker whose other requests would wait behind it; one scrape at a time, so that a
     // flood of scrapes takes one blocking thread, not one each.
     static RENDERING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-    let Ok(_one) = RENDERING.acquire().await else {
+    let Ok(one) = RENDERING.acquire().await else {
         return crate::server::json(
             StatusCode::INTERNAL_SERVER_ERROR,
             &serde_json::json!({ "error": "metrics unavailable" }),
         );
     };
-    let rendered = tokio::task::spawn_blocking(|| {
+    // The permit goes with the render: a client that hangs up must not free it while the
+    // render still runs.
+    let rendered = tokio::task::spawn_blocking(move || {
+        let _one = one;
         let handle = crate::metrics::handle();
         handle.run_upkeep();
         handle.render()

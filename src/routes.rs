@@ -118,12 +118,11 @@ fn compile_one(rc: &RouteConfig) -> Result<Route, String> {
             None if seg.contains(['{', '}', '*', ':']) => {
                 return Err(format!("segment `{seg}` has a reserved character"));
             }
-            // Clients and proxies fold `.` and `..` away, and may write an escape in either
-            // case: a route with either could never be reached as written, or could pass for
-            // another path in the clash checks.
-            None if seg == "." || seg == ".." || seg.contains('%') => {
+            // Clients and proxies fold `.` and `..` away: such a route could never be reached as
+            // written, and could pass for another path in the clash checks.
+            None if seg == "." || seg == ".." => {
                 return Err(format!(
-                    "segment `{seg}` is a dot segment or holds an escape; write the path as clients send it"
+                    "segment `{seg}` is a dot segment, which clients fold away; write the path as they send it"
                 ));
             }
             // Requests are matched on the raw path, so anything a client must percent-encode

@@ -43,11 +43,9 @@ impl Cluster {
         match request.send().await {
             Ok(answer) if declined(answer.status()) => {
                 tracing::debug!(%peer, status = %answer.status(), "peer declined a forwarded request");
-                // Full, stopping or over its own limit: not asked again until its next check.
-                if matches!(
-                    answer.status(),
-                    StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
-                ) {
+                // Full or stopping: not asked again until its next check. (Not for a 429: one
+                // key's own bucket may be empty there, and the peer serves every other key.)
+                if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
                     self.mark(&peer, false, 0.0);
                 }
                 None

@@ -123,7 +123,7 @@ impl Cluster {
                 .saturating_add(s.enqueue_timeout)
                 .saturating_add(whole.hook.timeout)
                 .saturating_add(Duration::from_secs(1))
-                .min(crate::config::MAX_DURATION)
+                .clamp(2 * CONNECT_TIMEOUT, crate::config::MAX_DURATION)
         });
         if !(0.0..=1.0).contains(&config.high_water) {
             return Err("cluster.high_water must be between 0 and 1".into());
@@ -219,16 +219,20 @@ impl Cluster {
     /// room left here, the peer must be below the high-water mark itself and have at least as
     /// much room as this node: nodes under the same load must not hand each other their
     /// requests (every request would take two hops just when the cluster is busiest). With no
-    /// room here, any peer with room will do. Both within [`ROOM_SLACK`]: a peer's figure is up
-    /// to one health check old, and a queue with a record in it is not fuller in any way that
-    /// matters.
+    /// room here, any peer with room will do. "As much" is within [`ROOM_SLACK`]: a peer's
+    /// figure is up to one health check old, and a queue with a record in it is not fuller in
+    /// any way that matters.
     pub fn peer_for(&self, fill: f64, full: bool, headers: &HeaderMap) -> Option<String> {
         if !(full || fill >= self.config.high_water) || headers.contains_key(HOP) {
             return None;
         }
+        // At or below the high-water mark itself, not within the slack above it: two nodes
+        // just past the mark would hand each other their requests. (Below a mark of
+        // `ROOM_SLACK`, where every node forwards, a peer with a record or two is still empty.)
+        let below_mark = (1.0 - self.config.high_water).min(1.0 - ROOM_SLACK);
         let need = match full {
             true => 0.0,
-            false => (1.0 - fill).max(1.0 - self.config.high_water) - ROOM_SLACK,
+            false => (1.0 - fill - ROOM_SLACK).max(below_mark),
         };
         self.best(need)
     }
@@ -322,6 +326,18 @@ mod tests {
             c.peer_for(0.86, false, &none),
             None,
             "the peer is as loaded"
+        );
+        c.mark(peer, true, 0.19);
+        assert_eq!(
+            c.peer_for(0.81, false, &none),
+            None,
+            "both just past the mark"
+        );
+        c.mark(peer, true, 0.2);
+        assert_eq!(
+            c.peer_for(0.81, false, &none).as_deref(),
+            Some(peer),
+            "at the mark"
         );
         assert_eq!(
             c.peer_for(0.9, true, &none).as_deref(),

@@ -242,9 +242,10 @@ pub fn ignored_env(config: &Config) -> Vec<String> {
                 .get(..7)
                 .filter(|p| p.eq_ignore_ascii_case("KAFBOY_"))
                 .map(|_| name[7..].to_ascii_uppercase());
-            rest.is_some_and(|rest| {
-                !rest.contains("__") && !matches!(rest.as_str(), "CONFIG" | "LOG")
-            }) && !named.contains(&Some(name.as_str()))
+            // KAFBOY_CONFIG and KAFBOY_LOG are read as they are written: `kafboy_log` is not.
+            rest.is_some_and(|rest| !rest.contains("__"))
+                && !matches!(name.as_str(), "KAFBOY_CONFIG" | "KAFBOY_LOG")
+                && !named.contains(&Some(name.as_str()))
         })
         .collect()
 }

@@ -174,8 +174,10 @@ pub trait Hook: Send + Sync + 'static {
     fn on_request(&self, request: Arc<HookRequest>) -> HookFuture;
 
     /// Called for the failed requests on the hook's routes that were admitted (past the checks
-    /// that cost nothing and the global rate limit), after the reply is decided: not for a
-    /// `401`, `429` or `405`, or a topic refused by name, which anyone can cause for free.
+    /// that cost nothing and the global rate limit), after the reply is decided. Not for a
+    /// refusal before that (`401`, `429`, `405`, the topic's name or allowlist, the key's topics
+    /// and modes, the headers and declared length, shutting down), which anyone can cause for
+    /// free.
     fn on_error(&self, _failure: &Failure<'_>) {}
 }
 

@@ -229,14 +229,16 @@ impl Producers {
                     if index == 0 {
                         self.topics.set_client(slot.current().inner.clone());
                     }
-                    let until = Instant::now() + slot.kafka.message_timeout;
                     lock(&self.retiring).push(old.clone());
                     let (retiring, gate) = (self.retiring.clone(), self.gate.clone());
                     tokio::task::spawn_blocking(move || {
                         // In short steps: once a shutdown closes the gate, its own flush (under
                         // its deadline) takes this producer over, and the process must not
                         // wait out the message timeout here.
-                        while old.queued() > 0 && Instant::now() < until && !gate.is_closed() {
+                        // Until it is drained: librdkafka reports every record by the message
+                        // timeout, and a producer that left the list here with records still
+                        // held would stay for the life of the process.
+                        while old.queued() > 0 && !gate.is_closed() {
                             ffi::flush(&old.inner, Duration::from_millis(100));
                         }
                         // Only a drained producer leaves the list (a fatal one takes no new
