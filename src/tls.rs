@@ -2,7 +2,7 @@
 //! with a client CA, mutual TLS, where the client certificate's subject can stand for an API key.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -16,15 +16,23 @@ use crate::config::TlsConfig;
 pub struct Tls {
     files: TlsConfig,
     current: RwLock<Arc<ServerConfig>>,
+    /// SIGHUPs from the moment the files were read, for [`Tls::spawn_watch`]: one that comes
+    /// while the node is still starting (a long spool recovery) is not missed. (None outside
+    /// a runtime, as in `check-config`.)
+    hangups: Mutex<Option<crate::shutdown::Hangups>>,
 }
 
 impl Tls {
     /// Reads the files; errors name the file.
     pub fn load(files: &TlsConfig) -> Result<Tls, String> {
+        let hangups = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|_| crate::shutdown::hangups());
         let config = build(files)?;
         Ok(Tls {
             files: files.clone(),
             current: RwLock::new(Arc::new(config)),
+            hangups: Mutex::new(hangups),
         })
     }
 
@@ -48,8 +56,13 @@ impl Tls {
     /// Re-reads the files on every SIGHUP, for as long as the settings are in use.
     pub fn spawn_watch(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
+        let early = self
+            .hangups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let mut hangups = early.unwrap_or_else(crate::shutdown::hangups);
         tokio::spawn(async move {
-            let mut hangups = crate::shutdown::hangups();
             loop {
                 hangups.next().await;
                 let Some(tls) = weak.upgrade() else { return };

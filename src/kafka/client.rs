@@ -115,6 +115,10 @@ const BROKEN_BY: &[(&str, &str)] = &[
         "transactional.id",
         "kafboy's producers are not transactional; every send would fail",
     ),
+    (
+        "plugin.library.paths",
+        "a plugin is loaded code, which may set any property, security ones included",
+    ),
 ];
 
 /// librdkafka properties that typed settings own; `kafka.options` may not set them.
@@ -215,13 +219,9 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
         if let Some((_, why)) = BROKEN_BY.iter().find(|(k, _)| k == key) {
             return Err(format!("kafka.options.\"{key}\": not allowed: {why}"));
         }
-        if TYPED_KEYS.contains(&key.as_str()) {
-            return Err(format!(
-                "kafka.options.\"{key}\": set by a typed kafka setting; use that instead"
-            ));
-        }
         // Security properties (turning certificate checks off, inline keys) only through
-        // [kafka.tls] and [kafka.sasl], where secrets never sit in the file.
+        // [kafka.tls] and [kafka.sasl], where secrets never sit in the file. (Asked before the
+        // typed settings' list, which holds some of them: the message names the right place.)
         if [
             "ssl.",
             "ssl_",
@@ -235,6 +235,11 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
         {
             return Err(format!(
                 "kafka.options.\"{key}\": security settings go in [kafka.tls] and [kafka.sasl]"
+            ));
+        }
+        if TYPED_KEYS.contains(&key.as_str()) {
+            return Err(format!(
+                "kafka.options.\"{key}\": set by a typed kafka setting; use that instead"
             ));
         }
         c.set(key, value);
@@ -291,6 +296,16 @@ fn security(kafka: &KafkaConfig, c: &mut ClientConfig) -> Result<(), String> {
                 return Err("kafka.sasl: set exactly one of password_env and password_file".into());
             }
         };
+        // Found out only as failed logins at the brokers otherwise.
+        if password.is_empty() {
+            return Err("kafka.sasl: the password is empty".into());
+        }
+        if matches!(sasl.mechanism, M::Plain) && kafka.tls.is_none() {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                tracing::warn!("kafka.sasl PLAIN without [kafka.tls]: the password goes to the brokers in clear");
+            });
+        }
         c.set("sasl.mechanisms", mechanism)
             .set("sasl.username", &sasl.username)
             .set("sasl.password", password);
@@ -346,9 +361,14 @@ mod tests {
                 .unwrap_err()
                 .contains("KAFBOY_TEST_NO_SUCH_VAR")
         );
+        // An empty password would only show as failed logins at the brokers.
+        std::fs::write(&secret, "\n").unwrap();
+        let sasl = kafka.sasl.as_mut().unwrap();
+        (sasl.password_env, sasl.password_file) = (None, Some(secret.clone()));
+        assert!(client_config(&kafka).unwrap_err().contains("empty"));
         kafka.sasl = None;
         kafka.options.insert("sasl.password".into(), "x".into());
-        assert!(client_config(&kafka).unwrap_err().contains("typed"));
+        assert!(client_config(&kafka).unwrap_err().contains("[kafka.sasl]"));
     }
 
     #[test]
@@ -366,7 +386,11 @@ mod tests {
 
     #[test]
     fn options_that_break_the_replies_are_refused() {
-        for key in ["delivery.report.only.error", "transactional.id"] {
+        for key in [
+            "delivery.report.only.error",
+            "transactional.id",
+            "plugin.library.paths",
+        ] {
             let mut kafka = KafkaConfig::default();
             kafka.options.insert(key.into(), "true".into());
             let error = client_config(&kafka).unwrap_err();
