@@ -1,12 +1,13 @@
 //! Request bodies to record values. JSON is validated without building a tree and forwarded as
 //! the original bytes; NDJSON lines are slices of the body; only forms are re-encoded.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
-
 use bytes::Bytes;
 
 use crate::config::Payload;
+
+mod form;
+
+pub use form::{MAX_FORM_FIELDS, form_to_json};
 
 /// How a body is read, from the route's payload setting and the Content-Type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,11 +52,6 @@ pub enum DecodeError {
     #[error("more than {0} fields in one form")]
     TooManyFields(usize),
 }
-
-/// Most fields a form may have. Each costs some 80 bytes while the form is turned into JSON,
-/// outside the body budget: a megabyte of `a&a&...` held some 50 MB. (PHP's default is 1000,
-/// Tomcat's 10000.)
-pub const MAX_FORM_FIELDS: usize = 10_000;
 
 /// The request's Content-Type: `None` when there is none; 415 when it is not text or comes on
 /// more than one line (which one would decide how the body is read?).
@@ -233,99 +229,6 @@ fn ndjson(body: Bytes, limits: &Limits) -> Result<Vec<Bytes>, DecodeError> {
         return Err(DecodeError::Empty);
     }
     Ok(records)
-}
-
-/// `a=1&b=2&a=3` → `{"a":["1","3"],"b":"2"}`: keys in first-seen order, repeated keys as arrays.
-pub fn form_to_json(body: &[u8]) -> Result<Bytes, DecodeError> {
-    let pairs = form_pairs(body)?;
-    // `&&` is a form with nothing in it.
-    if pairs.is_empty() {
-        return Err(DecodeError::Empty);
-    }
-    // Keys are found through a map: a body of 150k distinct keys must not cost 150k² compares.
-    let mut slots: HashMap<&str, usize> = HashMap::new();
-    let mut fields: Vec<(&str, Vec<&str>)> = Vec::new();
-    for (key, value) in &pairs {
-        match slots.entry(key) {
-            Entry::Occupied(slot) => fields[*slot.get()].1.push(value),
-            Entry::Vacant(slot) => {
-                slot.insert(fields.len());
-                fields.push((key, vec![value]));
-            }
-        }
-    }
-    let mut out = Vec::with_capacity(body.len() + 16);
-    out.push(b'{');
-    for (i, (key, values)) in fields.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        crate::json::write_string(&mut out, key);
-        out.push(b':');
-        match values.as_slice() {
-            [one] => crate::json::write_string(&mut out, one),
-            many => {
-                out.push(b'[');
-                for (j, v) in many.iter().enumerate() {
-                    if j > 0 {
-                        out.push(b',');
-                    }
-                    crate::json::write_string(&mut out, v);
-                }
-                out.push(b']');
-            }
-        }
-    }
-    out.push(b'}');
-    Ok(Bytes::from(out))
-}
-
-/// The fields of a form body as browsers encode them: `&` between fields, the first `=` between
-/// name and value, `+` for a space, `%XX` for a byte (a `%` without two hex digits stays as it
-/// is). serde_urlencoded decodes the same way but puts U+FFFD in place of bytes that are not
-/// UTF-8, which would produce a record the client never sent; here that is an error.
-fn form_pairs(body: &[u8]) -> Result<Vec<(String, String)>, DecodeError> {
-    let fields = body.split(|&b| b == b'&').filter(|field| !field.is_empty());
-    if fields.clone().nth(MAX_FORM_FIELDS).is_some() {
-        return Err(DecodeError::TooManyFields(MAX_FORM_FIELDS));
-    }
-    fields
-        .map(|field| {
-            let (name, value) = match field.iter().position(|&b| b == b'=') {
-                Some(eq) => (&field[..eq], &field[eq + 1..]),
-                None => (field, &b""[..]),
-            };
-            Ok((unescape(name)?, unescape(value)?))
-        })
-        .collect()
-}
-
-fn unescape(text: &[u8]) -> Result<String, DecodeError> {
-    let hex = |b: Option<&u8>| b.and_then(|&b| (b as char).to_digit(16));
-    let mut out = Vec::with_capacity(text.len());
-    let mut i = 0;
-    while let Some(&b) = text.get(i) {
-        match (b, hex(text.get(i + 1)), hex(text.get(i + 2))) {
-            (b'+', _, _) => out.push(b' '),
-            (b'%', Some(high), Some(low)) => {
-                // Two hex digits: at most 0xFF.
-                out.push((high * 16 + low) as u8);
-                i += 2;
-            }
-            _ => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|e| {
-        // The start of the field is enough to find it; all of it could be a megabyte.
-        const SHOWN: usize = 64;
-        let more = if text.len() > SHOWN { "..." } else { "" };
-        DecodeError::Form(format!(
-            "a field is not UTF-8 once decoded (byte {} of {:?}{more})",
-            e.utf8_error().valid_up_to() + 1,
-            String::from_utf8_lossy(&text[..text.len().min(SHOWN)])
-        ))
-    })
 }
 
 #[cfg(test)]

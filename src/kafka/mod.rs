@@ -13,6 +13,7 @@ pub mod partition;
 mod poller;
 mod producer;
 mod record;
+mod retire;
 
 pub use client::{check, client_config};
 pub use gate::Gate;
@@ -21,7 +22,7 @@ pub use record::Record;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
@@ -124,10 +125,6 @@ pub struct Producers {
     retiring: Arc<Mutex<Vec<Arc<Producer>>>>,
 }
 
-/// How long a replaced producer's flush waits for requests that still hold the producer to
-/// let go of it: longer than a request holds it (`server.enqueue_timeout`, 100 ms by default).
-const LAST_HOLDER_WAIT: Duration = Duration::from_secs(5);
-
 impl Producers {
     /// Builds the producers. Errors name the config key at fault.
     pub fn build(
@@ -213,80 +210,6 @@ impl Producers {
         } else {
             None
         }
-    }
-
-    /// Replaces every producer that hit a fatal error. librdkafka has already purged its queue
-    /// (those records were answered 503); what it had in flight is flushed before it goes.
-    pub fn replace_failed(&self) {
-        for (index, slot) in self.slots().enumerate() {
-            if !slot.current().is_fatal() {
-                continue;
-            }
-            match slot.replace() {
-                Ok(old) => {
-                    tracing::warn!(producer = %slot.name, "fatal error: producer replaced");
-                    old.retire();
-                    if index == 0 {
-                        self.topics.set_client(slot.current().inner.clone());
-                    }
-                    lock(&self.retiring).push(old.clone());
-                    let (retiring, gate) = (self.retiring.clone(), self.gate.clone());
-                    tokio::task::spawn_blocking(move || {
-                        // In short steps: once a shutdown closes the gate, its own flush (under
-                        // its deadline) takes this producer over, and the process must not
-                        // wait out the message timeout here.
-                        // Until it is drained: librdkafka reports every record by the message
-                        // timeout, and a producer that left the list here with records still
-                        // held would stay for the life of the process.
-                        while old.queued() > 0 && !gate.is_closed() {
-                            ffi::flush(&old.inner, Duration::from_millis(100));
-                        }
-                        // Only a drained producer leaves the list (a fatal one takes no new
-                        // records). One that still holds records stays for a shutdown's flush,
-                        // which reads the list once the gate is closed, and is never dropped
-                        // here with records in flight: dropping purges them, uncounted.
-                        {
-                            let mut list = lock(&retiring);
-                            if old.queued() > 0 {
-                                return;
-                            }
-                            list.retain(|p| !Arc::ptr_eq(p, &old));
-                        }
-                        // A request that took this producer just before the swap may still
-                        // hold it. The last reference is best dropped here: librdkafka's
-                        // destroy joins its threads, which would stall an async worker.
-                        // (A shutdown's flush holds it too, and lets it go itself.)
-                        let until = Instant::now() + LAST_HOLDER_WAIT;
-                        while Arc::strong_count(&old) > 1
-                            && Instant::now() < until
-                            && !gate.is_closed()
-                        {
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                    });
-                }
-                Err(error) => {
-                    tracing::error!(producer = %slot.name, %error, "cannot replace producer")
-                }
-            }
-        }
-    }
-
-    /// Checks for fatal producer errors every `period` for as long as the producers live.
-    pub fn spawn_supervisor(self: &Arc<Self>, period: Duration) {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(period).await;
-                let Some(producers) = weak.upgrade() else {
-                    return;
-                };
-                // Building a producer reads files and starts threads: off the async workers.
-                if producers.all().iter().any(|p| p.is_fatal()) {
-                    let _ = tokio::task::spawn_blocking(move || producers.replace_failed()).await;
-                }
-            }
-        });
     }
 
     /// For shutdown: closes the producers to new records (later sends get `Closed`), then waits

@@ -1,0 +1,123 @@
+-- The prelude every hook script gets before its own code runs (src/hook/lua/state.rs).
+-- pcall and xpcall would catch the budget error and let a script run on; once the budget is
+-- spent they pass the error on instead.
+do
+  local raw_pcall, raw_xpcall, exhausted, error = pcall, xpcall, __kafboy_exhausted, error
+  local pack, unpack = table.pack, table.unpack
+  __kafboy_exhausted = nil
+  local function check(r)
+    if not r[1] and exhausted() then error(r[2], 0) end
+    return unpack(r, 1, r.n)
+  end
+  pcall = function(...) return check(pack(raw_pcall(...))) end
+  xpcall = function(...) return check(pack(raw_xpcall(...))) end
+end
+-- A finalizer runs with hooks off, so no budget could stop it: scripts get none.
+do
+  local raw_setmetatable, rawget, type, error = setmetatable, rawget, type, error
+  setmetatable = function(t, mt)
+    if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+      error("__gc is not allowed in hooks: a finalizer would run outside the budgets", 2)
+    end
+    return raw_setmetatable(t, mt)
+  end
+end
+-- Library loops that run in C, where no instruction count reaches them, are held to what they
+-- produce: an empty string repeated, or a move or shift over a length a __len made up, would
+-- otherwise loop for as long as a 64-bit count lasts. Counts are converted as the C functions
+-- convert them (numeric strings included) before they are checked. A table with a metatable
+-- (whose __len may answer anything, and differently each time), or whose length is past the
+-- limit (a length is any border: {[1]=1, [2]=1, [4]=1, ..., [2^40]=1} may have one near 2^40),
+-- is shifted here, in Lua, where the budget sees every step.
+do
+  local rep, move, insert, remove = string.rep, table.move, table.insert, table.remove
+  local error, type, tostring, tonumber, toint, getmetatable, select, rawlen =
+    error, type, tostring, tonumber, math.tointeger, getmetatable, select, rawlen
+  local LIMIT = 1000000
+  local function int(x)
+    local n = tonumber(x)
+    return n and toint(n)
+  end
+  local function empty(s)
+    return (type(s) == "string" or type(s) == "number") and #tostring(s) == 0
+  end
+  string.rep = function(s, n, sep)
+    local count = int(n)
+    if count and count > 1 and empty(s) and (sep == nil or empty(sep)) then
+      return ""
+    end
+    return rep(s, count or n, sep)
+  end
+  table.move = function(a1, f, e, t, a2)
+    local first, last = int(f), int(e)
+    -- In floats: integers would wrap around on the widest ranges.
+    if first and last and (last + 0.0) - first > LIMIT then
+      error("table.move of more than " .. LIMIT .. " elements", 2)
+    end
+    return move(a1, first or f, last or e, t, a2)
+  end
+  local function lua_insert(t, ...)
+    local e = #t + 1
+    local n = select('#', ...)
+    if n == 1 then
+      t[e] = ...
+      return
+    elseif n ~= 2 then
+      error("wrong number of arguments to 'insert'", 2)
+    end
+    local pos, v = ...
+    local p = int(pos) or error("bad argument #2 to 'insert' (number expected)", 2)
+    if p < 1 or p > e then
+      error("bad argument #2 to 'insert' (position out of bounds)", 2)
+    end
+    for i = e, p + 1, -1 do
+      t[i] = t[i - 1]
+    end
+    t[p] = v
+  end
+  local function lua_remove(t, ...)
+    local size = #t
+    local pos = size
+    local given = ...
+    if given ~= nil then
+      pos = int(given) or error("bad argument #2 to 'remove' (number expected)", 2)
+    end
+    if pos ~= size and (pos < 1 or pos > size + 1) then
+      error("bad argument #2 to 'remove' (position out of bounds)", 2)
+    end
+    local v = t[pos]
+    while pos < size do
+      t[pos] = t[pos + 1]
+      pos = pos + 1
+    end
+    t[pos] = nil
+    return v
+  end
+  local function shifted_here(t)
+    return type(t) == "table" and (getmetatable(t) ~= nil or rawlen(t) > LIMIT)
+  end
+  table.insert = function(t, ...)
+    if shifted_here(t) then
+      return lua_insert(t, ...)
+    end
+    return insert(t, ...)
+  end
+  table.remove = function(t, ...)
+    if shifted_here(t) then
+      return lua_remove(t, ...)
+    end
+    return remove(t, ...)
+  end
+end
+-- One read-only table for every forward(): nothing to allocate, and the host knows it on sight.
+do
+  local error = error
+  local verdict = setmetatable({}, {
+    __index = { action = "forward" },
+    __newindex = function() error("forward() is read-only", 2) end,
+  })
+  __kafboy_forward = verdict
+  function forward() return verdict end
+end
+function reject(status, message) return { action = "reject", status = status, message = message } end
+function respond(status, body, produce) return { action = "respond", status = status, body = body, produce = produce } end
