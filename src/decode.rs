@@ -219,7 +219,13 @@ fn ndjson(body: Bytes, limits: &Limits) -> Result<Vec<Bytes>, DecodeError> {
         if is_blank(trimmed) {
             continue;
         }
-        check_json(trimmed, limits.max_depth).map_err(|e| DecodeError::Line(index + 1, e))?;
+        // The check sees one line: its "line 1" is this one, whose number comes first.
+        check_json(trimmed, limits.max_depth).map_err(|e| {
+            DecodeError::Line(
+                index + 1,
+                e.replacen(" at line 1 column ", " at column ", 1),
+            )
+        })?;
         if records.len() == limits.max_records {
             return Err(DecodeError::TooManyRecords(limits.max_records));
         }
@@ -440,6 +446,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, DecodeError::Line(3, _)), "{err}");
+        // One line number: the body's, not the line's own "line 1".
+        let err = decode(BodyKind::Ndjson, Bytes::from_static(b"1\n2\n{x"), &lim(10)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("line 3: ") && text.ends_with(" at column 2"),
+            "{text}"
+        );
         let err = decode(BodyKind::Ndjson, Bytes::from_static(b"1\n2\n3"), &lim(2)).unwrap_err();
         assert_eq!(err, DecodeError::TooManyRecords(2));
         assert_eq!(

@@ -79,6 +79,7 @@ impl Tls {
 
 fn build(files: &TlsConfig) -> Result<ServerConfig, String> {
     let certs = read_certs(&files.cert).map_err(|e| format!("server.tls.cert {e}"))?;
+    warn_if_not_valid_now(&files.cert, &certs[0]);
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| format!("server.tls.key {}: {e}", files.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -115,6 +116,24 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err(format!("{}: no certificate in the file", path.display()));
     }
     Ok(certs)
+}
+
+/// Says so when the leaf certificate is expired or not valid yet: every client would refuse
+/// it. (Served all the same: at a reload the one before may be no better, and at a start
+/// nothing else could be served.) `read_certs` found at least one certificate.
+fn warn_if_not_valid_now(path: &Path, leaf: &CertificateDer<'_>) {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
+        return;
+    };
+    let validity = parsed.validity();
+    if !validity.is_valid() {
+        tracing::warn!(
+            cert = %path.display(),
+            not_before = %validity.not_before,
+            not_after = %validity.not_after,
+            "server.tls.cert is not valid now: clients will refuse it"
+        );
+    }
 }
 
 /// The subject of a verified client certificate as text: attributes in certificate order

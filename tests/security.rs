@@ -375,6 +375,15 @@ async fn cors_preflight_is_answered_without_kafka() {
         .await
         .unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
+    // An OPTIONS that is no preflight (no Origin, no Access-Control-Request-Method) gets the
+    // route's own answer, as with CORS off.
+    let r = client()
+        .request(reqwest::Method::OPTIONS, &url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
     // Record headers may be asked for by prefix; other headers are left out of the answer, so
     // the browser does not send them.
     let r = client()

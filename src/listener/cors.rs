@@ -98,8 +98,67 @@ impl Cors {
     pub fn wrap(&self, router: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
         let headers = self.headers.clone();
         router
-            .layer(self.layer.clone())
+            .layer(PreflightsOnly(self.layer.clone()))
             .layer(MapRequestLayer::new(move |r| headers.filter(r)))
+    }
+}
+
+/// tower-http's layer takes every `OPTIONS` for a preflight and answers it `200`. One without
+/// `Origin` and `Access-Control-Request-Method` is none: it gets the route's own answer (`405`
+/// with `Allow: POST`), as with CORS off. Every other request goes through the layer.
+#[derive(Clone)]
+struct PreflightsOnly(CorsLayer);
+
+impl<S: Clone> tower::Layer<S> for PreflightsOnly {
+    type Service = PreflightDispatch<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        PreflightDispatch {
+            cors: self.0.layer(inner.clone()),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct PreflightDispatch<S> {
+    cors: CorsService<S>,
+    inner: S,
+}
+
+type CorsService<S> = tower_http::cors::Cors<S>;
+
+type Answer<R, E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<R, E>> + Send>>;
+
+impl<S, ResBody> tower::Service<Request> for PreflightDispatch<S>
+where
+    S: tower::Service<Request, Response = axum::http::Response<ResBody>> + Clone,
+    S::Future: Send + 'static,
+    ResBody: Default + Send + 'static,
+    S::Error: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    // Boxed: the two paths' futures differ, and only routes with CORS pay for it.
+    type Future = Answer<S::Response, S::Error>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::ready!(self.cors.poll_ready(cx))?;
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let h = request.headers();
+        let bare_options = request.method() == Method::OPTIONS
+            && !(h.contains_key(axum::http::header::ORIGIN)
+                && h.contains_key(axum::http::header::ACCESS_CONTROL_REQUEST_METHOD));
+        match bare_options {
+            true => Box::pin(self.inner.call(request)),
+            false => Box::pin(self.cors.call(request)),
+        }
     }
 }
 
