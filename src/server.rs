@@ -6,18 +6,19 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::error::IngestError;
 use crate::hook::Hook;
 use crate::ingest;
 use crate::kafka::Producers;
-use crate::state::{AppState, Served};
+use crate::state::AppState;
+
+mod answers;
+
+pub use answers::json;
+use answers::{method_not_allowed, not_found};
 
 /// A server ready to run: config turned into runtime types.
 pub struct App {
@@ -271,34 +272,4 @@ async fn finish(
         undelivered,
         spooled,
     }
-}
-
-/// A JSON response.
-pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
-    // Serializing these plain structs cannot fail; an empty object is the fallback anyway.
-    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut response = (status, bytes).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-async fn method_not_allowed(served: Arc<Served>) -> Response {
-    // Not handed to the hook's `on_error`: anyone could make the script run, without a key.
-    let message = "method not allowed; use POST";
-    served.metrics.request(405, std::time::Duration::ZERO);
-    let mut response = json(
-        StatusCode::METHOD_NOT_ALLOWED,
-        &serde_json::json!({ "error": message }),
-    );
-    response
-        .headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("POST"));
-    response
-}
-
-async fn not_found() -> Response {
-    IngestError::NoRoute.into_response()
 }

@@ -1,0 +1,40 @@
+//! The answers the router gives itself: JSON bodies, a wrong method, no route.
+
+use std::sync::Arc;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::error::IngestError;
+use crate::state::Served;
+
+/// A JSON response.
+pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    // Serializing these plain structs cannot fail; an empty object is the fallback anyway.
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut response = (status, bytes).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+pub(super) async fn method_not_allowed(served: Arc<Served>) -> Response {
+    // Not handed to the hook's `on_error`: anyone could make the script run, without a key.
+    let message = "method not allowed; use POST";
+    served.metrics.request(405, std::time::Duration::ZERO);
+    let mut response = json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &serde_json::json!({ "error": message }),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+    response
+}
+
+pub(super) async fn not_found() -> Response {
+    IngestError::NoRoute.into_response()
+}
