@@ -119,7 +119,7 @@ async fn relay(answer: reqwest::Response) -> Response {
         .iter()
         .filter_map(|h| answer.headers().get(h).map(|v| (h.clone(), v.clone())))
         .collect();
-    let mut response = match super::watch::capped(answer, RELAY_MAX).await {
+    let mut response = match super::capped(answer, RELAY_MAX).await {
         Ok(body) => (status, body).into_response(),
         // The status came and its body did not. A 2xx without its body (the sync offsets) is
         // a 504: the peer took the record. Any other status keeps its meaning.

@@ -272,6 +272,18 @@ impl Cluster {
     }
 }
 
+/// A response body of at most `max` bytes; a longer one, or one cut short, is an error.
+async fn capped(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > max {
+            return Err(format!("the answer is longer than {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// `http://host:port` without a trailing slash.
 fn normalize(url: &str) -> Result<String, String> {
     let url = url.trim().trim_end_matches('/');

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use axum::http::StatusCode;
 use metrics::gauge;
 
-use super::{Cluster, MAX_DISCOVERED, Peer, normalize};
+use super::{Cluster, MAX_DISCOVERED, Peer, capped, normalize};
 
 impl Cluster {
     /// Records a peer's state from a check or a failed forward.
@@ -176,18 +176,6 @@ fn listed_urls(listed: &str, source: &str) -> Vec<String> {
         }
     }
     found
-}
-
-/// A response body of at most `max` bytes; a longer one, or one cut short, is an error.
-pub(super) async fn capped(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
-        if body.len() + chunk.len() > max {
-            return Err(format!("the answer is longer than {max} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 async fn json_of(response: reqwest::Response) -> Option<serde_json::Value> {

@@ -238,12 +238,12 @@ pub fn ignored_env(config: &Config) -> Vec<String> {
         .filter(|name| {
             // figment takes the prefix in any case (`kafboy_server__listen` is a setting), so
             // a typo in lower case is reported too.
-            let rest = name
+            let prefixed = name
                 .get(..7)
-                .filter(|p| p.eq_ignore_ascii_case("KAFBOY_"))
-                .map(|_| name[7..].to_ascii_uppercase());
+                .is_some_and(|p| p.eq_ignore_ascii_case("KAFBOY_"));
             // KAFBOY_CONFIG and KAFBOY_LOG are read as they are written: `kafboy_log` is not.
-            rest.is_some_and(|rest| !rest.contains("__"))
+            prefixed
+                && !name[7..].contains("__")
                 && !matches!(name.as_str(), "KAFBOY_CONFIG" | "KAFBOY_LOG")
                 && !named.contains(&Some(name.as_str()))
         })

@@ -91,6 +91,26 @@ impl<'a, F: FnMut() -> bool> Matcher<'a, F> {
         self.matches(s, 0)
     }
 
+    /// The first match that starts at or after `from` (only at `from` when `anchored`) and
+    /// does not end at `last`, as its start and end. (A match ending where the one before
+    /// ended is the empty match just after it, which `gmatch` and `gsub` pass over.)
+    pub(super) fn search(
+        &mut self,
+        from: usize,
+        anchored: bool,
+        last: Option<usize>,
+    ) -> Result<Option<(usize, usize)>, Fault> {
+        for s in from..=self.src.len() {
+            if let Some(e) = self.at(s)?.filter(|&e| Some(e) != last) {
+                return Ok(Some((s, e)));
+            }
+            if anchored {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
     /// Counts `n` steps, and looks at the budget when enough have passed. A step is about a
     /// byte compared: a single-character class costs as many as the set it names is long.
     pub(in crate::hook::lua) fn tick(&mut self, n: usize) -> Result<(), Fault> {

@@ -63,11 +63,7 @@ pub(super) fn install(lua: &Lua, max_memory: usize, c_max: i64) -> mlua::Result<
     type StepArgs = (mlua::LuaString, mlua::LuaString, i64, i64, bool, bool);
     let step = lua.create_function(|lua, (s, p, at, last, anchors, one): StepArgs| {
         let (src, pat) = (s.as_bytes(), p.as_bytes());
-        let found = step(lua, (&src, &pat), (at, last), anchors, one);
-        match found {
-            Ok(values) => Ok(values),
-            Err(stop) => refused(lua, stop),
-        }
+        step(lua, (&src, &pat), (at, last), anchors, one).or_else(|stop| refused(lua, stop))
     })?;
     let library: Function = lua
         .load(LIBRARY)
@@ -124,22 +120,17 @@ fn find(
     }
     let (anchored, pat) = anchor(&pat);
     let mut matcher = Matcher::new(&src, pat, || spent(lua));
-    for s1 in init..=src.len() {
-        if let Some(e) = matcher.at(s1)? {
-            let mut found = match positions {
-                true => values([int(s1 + 1), int(e)]),
-                false => values([]),
-            };
-            for capture in matcher.captures(s1, e, !positions)? {
-                found.push_back(value(lua, &src, capture)?);
-            }
-            return Ok(found);
-        }
-        if anchored {
-            break;
-        }
+    let Some((s1, e)) = matcher.search(init, anchored, None)? else {
+        return Ok(values([LuaValue::Nil]));
+    };
+    let mut found = match positions {
+        true => values([int(s1 + 1), int(e)]),
+        false => values([]),
+    };
+    for capture in matcher.captures(s1, e, !positions)? {
+        found.push_back(value(lua, &src, capture)?);
     }
-    Ok(values([LuaValue::Nil]))
+    Ok(found)
 }
 
 /// The next match at or after subject offset `at` (only at `at` when `anchors` and the
@@ -159,23 +150,18 @@ fn step(
         return Ok(values([]));
     };
     let mut matcher = Matcher::new(src, pat, || spent(lua));
-    for s1 in from..=src.len() {
-        if let Some(e) = matcher.at(s1)?.filter(|&e| Some(e) != last) {
-            let mut found = values([int(s1), int(e)]);
-            if one {
-                found.push_back(value(lua, src, matcher.capture(0, s1, e)?)?);
-                return Ok(found);
-            }
-            for capture in matcher.captures(s1, e, true)? {
-                found.push_back(value(lua, src, capture)?);
-            }
-            return Ok(found);
-        }
-        if anchored {
-            break;
-        }
+    let Some((s1, e)) = matcher.search(from, anchored, last)? else {
+        return Ok(values([]));
+    };
+    let mut found = values([int(s1), int(e)]);
+    if one {
+        found.push_back(value(lua, src, matcher.capture(0, s1, e)?)?);
+        return Ok(found);
     }
-    Ok(values([]))
+    for capture in matcher.captures(s1, e, true)? {
+        found.push_back(value(lua, src, capture)?);
+    }
+    Ok(found)
 }
 
 /// A pattern's leading `^`, which anchors it, and the rest.

@@ -27,18 +27,14 @@ pub(super) fn gsub(
     let mut out = Vec::new();
     let (mut at, mut last, mut count) = (0, None, 0);
     while count < max {
-        match matcher.at(at)? {
-            Some(e) if Some(e) != last => {
-                count += 1;
-                substitute(&mut out, &repl, &mut matcher, &src, at..e, max_memory)?;
-                (at, last) = (e, Some(e));
-            }
-            _ if at < src.len() => {
-                out.push(src[at]);
-                at += 1;
-            }
-            _ => break,
-        }
+        let Some((s1, e)) = matcher.search(at, anchored, last)? else {
+            break;
+        };
+        // What the match passed over stays as it was.
+        out.extend_from_slice(&src[at..s1]);
+        count += 1;
+        substitute(&mut out, &repl, &mut matcher, &src, s1..e, max_memory)?;
+        (at, last) = (e, Some(e));
         if anchored {
             break;
         }
