@@ -48,6 +48,9 @@ pub enum DecodeError {
     /// More NDJSON records than `max_records`.
     #[error("more than {0} records in one request")]
     TooManyRecords(usize),
+    /// An NDJSON or raw body, asked for as one JSON document (by a hook).
+    #[error("the body is not one JSON document")]
+    NotOneDocument,
     /// More form fields than [`MAX_FORM_FIELDS`].
     #[error("more than {0} fields in one form")]
     TooManyFields(usize),

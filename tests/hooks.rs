@@ -413,6 +413,19 @@ async fn lua_hook_outcomes() {
         assert_eq!(r.status, 400, "{body:?}: {}", r.body);
         assert!(r.error().contains(want), "{body:?}: {}", r.body);
     }
+    // A form of too many fields is the 413 it is without a hook, once the script reads it.
+    let form = "a=1&".repeat(10_001);
+    let r = common::client()
+        .post(format!("{}/sync/{topic}", gw.url))
+        .header("x-case", "edit")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    let r = Reply::read(r).await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(r.error().contains("fields"), "{}", r.body);
     // Once the script caught that error, what fails next is the script's own: 500.
     let r = post(&gw, &format!("/sync/{topic}"), "caught", "{\"user\":").await;
     assert_eq!(r.status, 500, "{}", r.body);

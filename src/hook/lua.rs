@@ -130,11 +130,11 @@ impl LuaHook {
                 &mut *state.req.borrow_mut::<LuaRequest>()?,
                 LuaRequest::idle(),
             );
-            // The script failed on the client's body, which is not JSON: that is the 400 the
-            // request would get without a hook. Any other failure stays the hook's.
+            // The script failed on the client's body, which is not JSON: that is the 400 (or
+            // 413) the request would get without a hook. Any other failure stays the hook's.
             if let Some(why) = result.as_ref().err().and_then(convert::BadBody::of) {
                 return Ok(Verdict::Reject {
-                    status: axum::http::StatusCode::BAD_REQUEST,
+                    status: crate::error::IngestError::from(why.clone()).status(),
                     message: why.to_string(),
                 });
             }

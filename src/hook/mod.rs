@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::config::Mode;
-use crate::decode::{self, BodyKind};
+use crate::decode::{self, BodyKind, DecodeError};
 
 /// One produce request, as a hook sees it.
 #[derive(Debug)]
@@ -38,7 +38,7 @@ pub struct HookRequest {
     /// The record key the request asked for (`?key=` or `X-Kafka-Key`), if any.
     pub key: Option<Bytes>,
     kind: BodyKind,
-    parsed: OnceLock<Result<Value, String>>,
+    parsed: OnceLock<Result<Value, DecodeError>>,
 }
 
 impl HookRequest {
@@ -88,19 +88,22 @@ impl HookRequest {
         self.parsed
             .get_or_init(|| parse_body(self.kind, &self.body))
             .as_ref()
-            .map_err(Clone::clone)
+            .map_err(ToString::to_string)
     }
 }
 
-/// Parses a body the way the route would decode it, into one JSON value.
-pub fn parse_body(kind: BodyKind, body: &[u8]) -> Result<Value, String> {
+/// Parses a body the way the route would decode it, into one JSON value. The error is the one
+/// the route gives the same body without a hook (a form of too many fields is a 413).
+pub fn parse_body(kind: BodyKind, body: &[u8]) -> Result<Value, DecodeError> {
     match kind {
-        BodyKind::Json => serde_json::from_slice(body).map_err(|e| format!("invalid json: {e}")),
-        BodyKind::Form => {
-            let json = decode::form_to_json(body).map_err(|e| e.to_string())?;
-            serde_json::from_slice(&json).map_err(|e| e.to_string())
+        BodyKind::Json => {
+            serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))
         }
-        BodyKind::Ndjson | BodyKind::Raw => Err("the body is not one JSON document".into()),
+        BodyKind::Form => {
+            let json = decode::form_to_json(body)?;
+            serde_json::from_slice(&json).map_err(|e| DecodeError::Form(e.to_string()))
+        }
+        BodyKind::Ndjson | BodyKind::Raw => Err(DecodeError::NotOneDocument),
     }
 }
 

@@ -6,6 +6,8 @@ use std::borrow::Cow;
 use mlua::LuaSerdeExt;
 use serde_json::Value;
 
+use crate::decode::DecodeError;
+
 pub(super) fn to_lua(lua: &mlua::Lua, value: &Value) -> mlua::Result<mlua::Value> {
     Ok(match value {
         Value::Null => mlua::Value::Nil,
@@ -67,23 +69,24 @@ pub(super) fn scalar_json(value: &mlua::Value) -> Option<Cow<'static, [u8]>> {
 }
 
 /// The error a script gets when it reads the client's own body and that is not JSON (or a
-/// form). A call that fails with it is the client's bad body (400), not the hook's fault.
+/// form). A call that fails with it is the client's bad body (the 400 or 413 the route gives
+/// it without a hook), not the hook's fault.
 #[derive(Debug)]
-pub struct BadBody(pub String);
+pub struct BadBody(pub DecodeError);
 
 impl std::fmt::Display for BadBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        self.0.fmt(f)
     }
 }
 
 impl std::error::Error for BadBody {}
 
 impl BadBody {
-    /// The bad-body message `error` carries, if that is what the call failed with.
-    pub fn of(error: &mlua::Error) -> Option<&str> {
+    /// The client's body error `error` carries, if that is what the call failed with.
+    pub fn of(error: &mlua::Error) -> Option<&DecodeError> {
         match error {
-            mlua::Error::ExternalError(e) => e.downcast_ref::<BadBody>().map(|b| b.0.as_str()),
+            mlua::Error::ExternalError(e) => e.downcast_ref::<BadBody>().map(|b| &b.0),
             mlua::Error::CallbackError { cause, .. } | mlua::Error::WithContext { cause, .. } => {
                 BadBody::of(cause)
             }

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::convert::{BadBody, json_to_lua, scalar_json, table_json, to_lua};
 use super::raw;
 use super::tree::{lookup, remove, segments, single, slot};
-use crate::decode::BodyKind;
+use crate::decode::{BodyKind, DecodeError};
 use crate::hook::{Forward, HookRequest};
 
 mod methods;
@@ -131,14 +131,14 @@ impl LuaRequest {
         };
         let clients =
             self.forward.body.is_none() && matches!(kind, BodyKind::Json | BodyKind::Form);
-        let refused = |why: String| match (clients, body.is_empty()) {
-            (true, true) => mlua::Error::external(BadBody("empty body".into())),
+        let refused = |why: DecodeError| match (clients, body.is_empty()) {
+            (true, true) => mlua::Error::external(BadBody(DecodeError::Empty)),
             (true, false) => mlua::Error::external(BadBody(why)),
-            (false, _) => mlua::Error::runtime(why),
+            (false, _) => mlua::Error::runtime(why.to_string()),
         };
         self.doc = if kind == BodyKind::Json {
             let doc = raw::RawDoc::check(body.clone(), self.depth)
-                .map_err(|e| refused(format!("invalid json: {e}")))?;
+                .map_err(|e| refused(DecodeError::Json(e.to_string())))?;
             Doc::Raw { doc, edited: false }
         } else {
             let value = crate::hook::parse_body(kind, body).map_err(refused)?;
