@@ -750,7 +750,7 @@ async fn produce_refusals_for_good_keep_their_meaning_and_write_nothing() {
         let (cluster, topic) = cluster_with_topic("refused", 1);
         let gw = common::gateway(
             &cluster.bootstrap_servers(),
-            "[kafka]\nmessage_timeout = \"5s\"\n[server]\nsync_timeout = \"10s\"\nshutdown_timeout = \"1s\"",
+            "[kafka]\nmessage_timeout = \"5s\"\nunknown_topic_ttl = \"60s\"\n[server]\nsync_timeout = \"10s\"\nshutdown_timeout = \"1s\"",
         )
         .await;
         warm_up(&gw, &cluster.bootstrap_servers(), &topic).await;
@@ -762,6 +762,11 @@ async fn produce_refusals_for_good_keep_their_meaning_and_write_nothing() {
         assert!(reply.error().contains("not delivered"), "{reply:?}");
         let refused = format!("{error:?}: the refused record was written");
         assert_holds(&cluster.bootstrap_servers(), &topic, &[WARM_UP], &refused).await;
+        // A refusal to write is remembered for the topic: an async request gets the 403 too,
+        // not a 202 for records the brokers would go on refusing. A record too large is not.
+        let (reply, _) = timed_post(&gw, &format!("/async/{topic}"), None, "{}", PROMPT).await;
+        let want = if status == 403 { 403 } else { 202 };
+        assert_eq!(reply.status, want, "{error:?}: {reply:?}");
         stop(gw).await;
     }
 }

@@ -101,6 +101,8 @@ pub struct Context {
     /// Accepted records that failed: at most one line a second. Past `message_timeout` with
     /// the brokers down, a whole queue fails at once.
     pub failures: Throttle,
+    /// Where a topic the brokers refuse to let kafboy write is reported.
+    pub refusals: Arc<super::metadata::WriteRefusals>,
 }
 
 impl ClientContext for Context {
@@ -185,6 +187,9 @@ impl ProducerContext for Context {
             }
             Some(error) => {
                 let code = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+                if code == RDKafkaErrorCode::TopicAuthorizationFailed {
+                    self.refusals.refused(message.topic());
+                }
                 if !spooled {
                     self.count_failed(message.topic(), &format!("{code:?}"));
                 }

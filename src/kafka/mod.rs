@@ -30,7 +30,7 @@ use rdkafka::error::KafkaError;
 use crate::config::{Config, KafkaConfig, Mode};
 use crate::lock;
 use client::Plan;
-use metadata::Topics;
+use metadata::{Topics, WriteRefusals};
 
 /// A producer that is replaced when librdkafka reports a fatal error. Requests take the current
 /// one; a replaced producer keeps delivering what it had in flight, then goes.
@@ -49,12 +49,14 @@ impl Slot {
         recipe: ClientConfig,
         topics: &Arc<crate::metrics::Topics>,
         gate: &Arc<Gate>,
+        refusals: &Arc<WriteRefusals>,
     ) -> Result<Slot, String> {
         let shared = Shared {
             tally: Arc::default(),
             topics: topics.clone(),
             brokers: Arc::default(),
             gate: gate.clone(),
+            refusals: refusals.clone(),
         };
         let producer = Producer::build(name, kafka, recipe.clone(), &shared)
             .map_err(|e| format!("{} ({name} producer)", describe(&e)))?;
@@ -134,7 +136,8 @@ impl Producers {
         let kafka = Arc::new(config.kafka.clone());
         let plan = Plan::new(config)?;
         let gate = Arc::new(Gate::default());
-        let slot = |name: &str, recipe| Slot::new(name, &kafka, recipe, topics, &gate);
+        let refusals = Arc::new(WriteRefusals::default());
+        let slot = |name: &str, recipe| Slot::new(name, &kafka, recipe, topics, &gate, &refusals);
         let sync = slot("sync", plan.sync)?;
         let asynchronous = slot("async", plan.asynchronous)?;
         let batch = slot("batch", plan.batch)?;
@@ -151,6 +154,7 @@ impl Producers {
             kafka.unknown_topic_ttl,
             kafka.auto_create_topics,
         ));
+        refusals.attach(&topics);
         Ok(Producers {
             sync,
             asynchronous,

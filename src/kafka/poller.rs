@@ -150,6 +150,7 @@ pub(crate) mod tests {
             failures: Throttle::new(Duration::from_secs(1)),
             retired: AtomicBool::new(false),
             broker_totals: Mutex::default(),
+            refusals: Arc::default(),
         };
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", bootstrap);

@@ -62,6 +62,8 @@ pub struct Shared {
     pub brokers: Arc<std::sync::Mutex<Vec<crate::metrics::BrokerState>>>,
     /// Closed for the final flush.
     pub gate: Arc<Gate>,
+    /// Where topics the brokers refuse to let kafboy write are reported.
+    pub refusals: Arc<super::metadata::WriteRefusals>,
 }
 
 impl SendError {
@@ -135,6 +137,7 @@ impl Producer {
             failures: Throttle::new(Duration::from_secs(1)),
             retired: AtomicBool::new(false),
             broker_totals: Mutex::default(),
+            refusals: shared.refusals.clone(),
         };
         let inner = BaseProducer::from_config_and_context(&client, context)?;
         let inner = Polled::new(inner, name).map_err(|e| {

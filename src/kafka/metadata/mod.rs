@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::RDKafkaErrorCode;
@@ -75,6 +75,29 @@ pub enum LookupError {
     Denied,
     /// The brokers could not be asked.
     Unavailable(String),
+}
+
+/// Where producers report a topic the brokers refused kafboy to write (`TOPIC_AUTHORIZATION_FAILED`
+/// in a delivery report), so the cache answers `403` for it until `unknown_topic_ttl` runs out.
+/// Kafka lists a topic a client may describe but not write, so without this an async request
+/// would get `202` for every record the brokers go on refusing. The producers exist before the
+/// cache does, so the cache is set here once built; a weak handle, as the cache holds a producer.
+#[derive(Debug, Default)]
+pub struct WriteRefusals(OnceLock<Weak<Topics>>);
+
+impl WriteRefusals {
+    /// Reports to `topics` from now on.
+    pub fn attach(&self, topics: &Arc<Topics>) {
+        // Set once, by the one `Producers::build`; a second call would name the same cache.
+        let _ = self.0.set(Arc::downgrade(topics));
+    }
+
+    /// The brokers refused to write a record to `topic`.
+    pub fn refused(&self, topic: &str) {
+        if let Some(topics) = self.0.get().and_then(Weak::upgrade) {
+            topics.refuse_writes(topic);
+        }
+    }
 }
 
 /// Remembered missing topics beyond this are forgotten early, so random names cannot grow memory.
@@ -154,6 +177,19 @@ impl Topics {
             }
             Entry::Refused(..) => None,
         }
+    }
+
+    /// Answers `Denied` for `topic` until `unknown_topic_ttl` runs out (see [`WriteRefusals`]).
+    /// A refused batch reports each of its records: the first one marks the topic.
+    fn refuse_writes(&self, topic: &str) {
+        if let Some(Err(LookupError::Denied)) = self.cached(topic) {
+            return;
+        }
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        entries.insert(
+            topic.to_string(),
+            Entry::Refused(Instant::now(), LookupError::Denied),
+        );
     }
 
     /// The topic's metadata, asking the brokers on a miss (one lookup at a time, bounded wait).
@@ -264,6 +300,27 @@ mod tests {
     use super::*;
     use RDKafkaErrorCode as E;
 
+    const TTL: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_topic_refused_for_writes_stays_refused_until_its_ttl_though_listed() {
+        let mut entries = HashMap::from([(
+            "t".to_string(),
+            Entry::Refused(Instant::now(), LookupError::Denied),
+        )]);
+        let found = || vec![("t".to_string(), Listed::Partitions(3))];
+        let mut fresh = merged(&mut entries, found(), TTL);
+        assert!(matches!(
+            fresh.get("t"),
+            Some(Entry::Refused(_, LookupError::Denied))
+        ));
+        let fresh = merged(&mut fresh, found(), Duration::ZERO);
+        assert!(
+            matches!(fresh.get("t"), Some(Entry::Known(_))),
+            "past its TTL"
+        );
+    }
+
     #[test]
     fn a_topic_listed_with_an_error_and_no_partitions_is_settling() {
         assert_eq!(Listed::of(None, 3), Some(Listed::Partitions(3)));
@@ -302,7 +359,7 @@ mod tests {
             ("b".to_string(), Listed::Partitions(6)),
             ("new".to_string(), Listed::Settling(E::LeaderNotAvailable)),
         ];
-        let fresh = merged(&mut entries, found);
+        let fresh = merged(&mut entries, found, TTL);
         let partitions = |name: &str| match fresh.get(name) {
             Some(Entry::Known(info)) => Some(info.partitions),
             _ => None,
@@ -334,15 +391,15 @@ mod tests {
             _ => panic!("t is not known"),
         };
         let listed = |p| vec![("t".to_string(), Listed::Partitions(p))];
-        let mut fresh = merged(&mut entries, listed(6));
+        let mut fresh = merged(&mut entries, listed(6), TTL);
         assert_eq!(counts(&fresh), (3, 6), "seen, not used yet");
-        let mut fresh = merged(&mut fresh, listed(6));
+        let mut fresh = merged(&mut fresh, listed(6), TTL);
         assert_eq!(counts(&fresh), (6, 0), "used from the next refresh");
         // Added again before the first addition was used: the wait starts over.
-        fresh = merged(&mut fresh, listed(8));
-        let mut fresh = merged(&mut fresh, listed(9));
+        fresh = merged(&mut fresh, listed(8), TTL);
+        let mut fresh = merged(&mut fresh, listed(9), TTL);
         assert_eq!(counts(&fresh), (6, 9));
-        let fresh = merged(&mut fresh, listed(9));
+        let fresh = merged(&mut fresh, listed(9), TTL);
         assert_eq!(counts(&fresh), (9, 0));
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{Entry, Listed, TopicInfo, Topics};
+use super::{Entry, Listed, LookupError, TopicInfo, Topics};
 
 impl Topics {
     /// Catches up, in the background, with topics a producer found deleted or with fewer
@@ -53,7 +53,7 @@ impl Topics {
     pub fn refresh_all(&self) -> Result<usize, String> {
         let found = self.fetch(None, self.timeout)?;
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        let fresh = merged(&mut entries, found);
+        let fresh = merged(&mut entries, found, self.missing_ttl);
         let count = fresh.len();
         *entries = fresh;
         self.fetched.store(true, Ordering::Release);
@@ -87,10 +87,12 @@ impl Topics {
 
 /// The cache after a full metadata answer: listed topics known (keeping their rotation state
 /// while their partition count is unchanged), known topics between leaders kept as they were,
-/// missing and refused ones remembered until their TTL runs out.
+/// missing and refused ones remembered until their TTL (`ttl`) runs out, listed or not: a topic
+/// kafboy may describe but not write is listed like any other.
 pub(super) fn merged(
     entries: &mut HashMap<String, Entry>,
     found: Vec<(String, Listed)>,
+    ttl: Duration,
 ) -> HashMap<String, Entry> {
     let mut fresh = HashMap::with_capacity(found.len());
     let mut usable = Vec::with_capacity(found.len());
@@ -108,6 +110,10 @@ pub(super) fn merged(
     }
     for (name, partitions) in usable {
         let info = match entries.remove(&name) {
+            Some(refused @ Entry::Refused(at, LookupError::Denied)) if at.elapsed() < ttl => {
+                fresh.insert(name, refused);
+                continue;
+            }
             Some(Entry::Known(old)) if old.partitions == partitions => old,
             // Added since the last refresh: used from the next one.
             Some(Entry::Known(old)) if partitions > old.partitions && old.added != partitions => {
