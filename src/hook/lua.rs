@@ -565,6 +565,73 @@ mod tests {
     }
 
     #[test]
+    fn tables_from_get_keep_their_kind_when_written_back() {
+        let after = |edit: &str, body: &str| match run(
+            &format!("function on_request(req) {edit} return forward() end"),
+            body,
+        ) {
+            Ok(Verdict::Forward(f)) => Ok(String::from_utf8(f.body.unwrap().to_vec()).unwrap()),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.0),
+        };
+        let u = r#"local u = req:get("u") u.seen = true req:set("u", u)"#;
+        // Empty objects stay objects (mlua wrote every empty table as []), empty arrays
+        // arrays, nulls nulls; keys come out sorted.
+        assert_eq!(
+            after(u, r#"{"u":{"z":1,"prefs":{},"tags":[],"n":null}}"#).unwrap(),
+            r#"{"u":{"n":null,"prefs":{},"seen":true,"tags":[],"z":1}}"#
+        );
+        assert_eq!(
+            after(
+                r#"req:set("o", {}) req:set("a", array()) req:set("b", array(1, nil, 3))"#,
+                "{}"
+            )
+            .unwrap(),
+            r#"{"o":{},"a":[],"b":[1,null,3]}"#
+        );
+        // A null inside a table is `null`, which a script can test for.
+        assert_eq!(
+            after(
+                r#"req:set("is", req:get("u").n == null)"#,
+                r#"{"u":{"n":null}}"#
+            )
+            .unwrap(),
+            r#"{"u":{"n":null},"is":true}"#
+        );
+        // An array from get with a gap past its end: a null, not the end of the array; with
+        // a string key: an error, not a key dropped without a word.
+        let tags = r#"local t = req:get("t") t[4] = "d" req:set("t", t)"#;
+        assert_eq!(
+            after(tags, r#"{"t":["a","b"]}"#).unwrap(),
+            r#"{"t":["a","b",null,"d"]}"#
+        );
+        let keyed = r#"local t = req:get("t") t.primary = "a" req:set("t", t)"#;
+        assert!(after(keyed, r#"{"t":["a"]}"#).unwrap_err().contains("both"));
+        assert!(
+            after(r#"req:set("t", {[1e9] = 1})"#, "{}")
+                .unwrap_err()
+                .contains("sparse")
+        );
+        assert!(after(r#"req:set("t", {[true] = 1})"#, "{}").is_err());
+        // A key with a dot in it is read through its parent: the whole body, at the top.
+        let dotted = r#"req:set("n", req:get("")["card.number"])"#;
+        assert_eq!(
+            after(dotted, r#"{"card.number":"4111"}"#).unwrap(),
+            r#"{"card.number":"4111","n":"4111"}"#
+        );
+    }
+
+    #[test]
+    fn a_string_is_charged_as_it_is_written() {
+        // Control bytes take six each as JSON: 3 MiB of them is past the 16 MiB limit.
+        let edit = r#"function on_request(req)
+            req:set("x", string.rep("\1", 3 * 2^20)) return forward()
+        end"#;
+        let error = run(edit, "{}").unwrap_err();
+        assert!(error.0.contains("max_memory_bytes"), "{error:?}");
+    }
+
+    #[test]
     fn forward_is_shared_and_read_only() {
         let edit =
             r#"function on_request(req) req:set("n", req:get("a.b") + 1) return forward() end"#;

@@ -43,6 +43,20 @@ pub fn validate_indexed(bytes: &[u8], max_depth: usize) -> Result<Option<Vec<Mem
     Ok(object.then_some(members))
 }
 
+/// The length of `text` as a JSON string, quotes included, as [`write_string`] writes it: what
+/// an edit is charged before the copy is made (a control byte takes six).
+pub fn quoted_len(text: &[u8]) -> usize {
+    let escapes: usize = text
+        .iter()
+        .map(|&b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+            0..0x20 => 5,
+            _ => 0,
+        })
+        .sum();
+    text.len() + escapes + 2
+}
+
 /// Writes `text` as a JSON string, as serde_json writes it: as it is between quotes when
 /// nothing in it needs escaping (keys and most values), else through serde_json.
 pub fn write_string(out: &mut Vec<u8>, text: &str) {
@@ -334,9 +348,16 @@ mod tests {
 
     #[test]
     fn strings_are_written_as_serde_writes_them() {
-        for text in ["", "plain é", "q\"\\\n\u{1f}\u{7f}", "\u{1F600}"] {
+        for text in [
+            "",
+            "plain é",
+            "q\"\\\n\u{1f}\u{7f}",
+            "\u{1F600}",
+            "\u{8}\u{c}\r\t\u{0}/",
+        ] {
             let mut out = Vec::new();
             write_string(&mut out, text);
+            assert_eq!(out.len(), quoted_len(text.as_bytes()), "{text:?}");
             assert_eq!(out, serde_json::to_vec(text).unwrap(), "{text:?}");
         }
     }

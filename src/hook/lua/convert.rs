@@ -118,14 +118,84 @@ pub(super) fn table_json(
         )),
         Measured::Lua(e) => e,
     })?;
-    let options = mlua::serde::DeserializeOptions::new().detect_mixed_tables(true);
-    let value: Value = lua.from_value_with(value, options)?;
+    let value = lua_json(&value, &lua.array_metatable())?;
     if segments + depth(&value) > max_depth {
         return Err(mlua::Error::runtime(format!(
             "the value would nest the body deeper than {max_depth} levels"
         )));
     }
     Ok(value)
+}
+
+/// A Lua value, bounded by [`measure`], as JSON. A table is an array when its keys are 1..n
+/// (holes are nulls) or when it came from `req:get` as one (mlua's array metatable), else an
+/// object, with its keys in sorted order (a Lua table has no order of its own): so an empty
+/// table is `{}`, and an array read with `get` stays one, emptied or not. mlua's own
+/// conversion wrote every empty table as `[]` and cut arrays from `get` at their first hole.
+fn lua_json(value: &mlua::Value, array: &mlua::Table) -> mlua::Result<Value> {
+    use mlua::Value as V;
+    Ok(match value {
+        V::Nil => Value::Null,
+        V::LightUserData(p) if p.0.is_null() => Value::Null,
+        V::Boolean(b) => Value::Bool(*b),
+        V::Integer(i) => Value::from(*i),
+        V::Number(n) => serde_json::Number::from_f64(*n)
+            .map(Value::Number)
+            .ok_or_else(|| mlua::Error::runtime("NaN and infinities are not JSON"))?,
+        V::String(s) => Value::String(s.to_str()?.to_owned()),
+        V::Table(t) => table_value(t, array)?,
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "a {} cannot be JSON",
+                other.type_name()
+            )));
+        }
+    })
+}
+
+fn table_value(table: &mlua::Table, array: &mlua::Table) -> mlua::Result<Value> {
+    let mut items = Vec::new();
+    let mut members = Vec::new();
+    for pair in table.pairs::<mlua::Value, mlua::Value>() {
+        match pair? {
+            (mlua::Value::Integer(i), v) if i >= 1 => items.push((i, v)),
+            (mlua::Value::String(k), v) => members.push((k.to_str()?.to_owned(), v)),
+            (k, _) => {
+                return Err(mlua::Error::runtime(format!(
+                    "a table key must be a string or an index from 1, not {}",
+                    k.type_name()
+                )));
+            }
+        }
+    }
+    if !items.is_empty() && !members.is_empty() {
+        return Err(mlua::Error::runtime(
+            "a table that is both an array and an object cannot be JSON",
+        ));
+    }
+    if !members.is_empty() || (items.is_empty() && table.metatable().as_ref() != Some(array)) {
+        members.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut object = serde_json::Map::with_capacity(members.len());
+        for (k, v) in members {
+            object.insert(k, lua_json(&v, array)?);
+        }
+        return Ok(Value::Object(object));
+    }
+    // Holes are nulls; a table mostly made of holes (`{[1e9] = 1}`) is not meant as an array
+    // of a billion nulls.
+    let len = items.iter().map(|(i, _)| *i).max().unwrap_or(0);
+    if len > 2 * items.len() as i64 + 16 {
+        return Err(mlua::Error::runtime(format!(
+            "a table with {} items up to index {len} is too sparse to be an array",
+            items.len()
+        )));
+    }
+    let mut out = vec![Value::Null; len as usize];
+    for (i, v) in items {
+        // 1 ≤ i ≤ len, checked above.
+        out[i as usize - 1] = lua_json(&v, array)?;
+    }
+    Ok(Value::Array(out))
 }
 
 /// What one node of a converted table costs at least: a `serde_json::Value` and its slot.
@@ -147,7 +217,7 @@ fn measure(
         super::within_budget(lua)?;
     }
     let cost = match value {
-        mlua::Value::String(s) => NODE_BYTES + s.as_bytes().len(),
+        mlua::Value::String(s) => NODE_BYTES + crate::json::quoted_len(&s.as_bytes()),
         mlua::Value::Number(n) if !n.is_finite() => {
             return Err(mlua::Error::runtime("NaN and infinities are not JSON").into());
         }

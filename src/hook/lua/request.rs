@@ -66,9 +66,15 @@ impl LuaRequest {
 
     /// Counts `bytes` more of edits against the limit.
     fn charge(&mut self, bytes: usize) -> mlua::Result<()> {
+        self.fits(bytes)?;
         self.charged = self.charged.saturating_add(bytes);
+        Ok(())
+    }
+
+    /// Whether `bytes` more of edits are within the limit (checked before they are made).
+    fn fits(&self, bytes: usize) -> mlua::Result<()> {
         // 0 is "no limit", as for the Lua heap.
-        if self.limit > 0 && self.charged > self.limit {
+        if self.limit > 0 && self.charged.saturating_add(bytes) > self.limit {
             return Err(mlua::Error::runtime(format!(
                 "the request's edits take more than hook.max_memory_bytes ({} bytes)",
                 self.limit
@@ -204,8 +210,11 @@ impl LuaRequest {
     /// `set`: a top-level field is spliced into the bytes; deeper paths go through a tree.
     fn set(&mut self, lua: &mlua::Lua, path: &str, value: mlua::Value) -> mlua::Result<()> {
         check_path(path, self.depth)?;
-        // The value as JSON text, counted against the edit budget; a table also as a tree,
-        // converted once.
+        // The value as JSON text, counted against the edit budget (a string before it is
+        // copied: escaped, it may be six times as long); a table also as a tree, converted once.
+        if let mlua::Value::String(s) = &value {
+            self.fits(path.len() + crate::json::quoted_len(&s.as_bytes()))?;
+        }
         let (text, table) = match scalar_json(&value) {
             Some(text) => (text, None),
             None => {

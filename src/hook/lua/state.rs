@@ -4,6 +4,7 @@
 use std::cell::Cell;
 use std::time::Instant;
 
+use mlua::LuaSerdeExt as _;
 use mlua::{AnyUserData, Function, HookTriggers, Lua, LuaOptions, StdLib, Table, VmState};
 
 use super::request::LuaRequest;
@@ -86,6 +87,20 @@ impl LuaHook {
             lua.create_function(|_, values: mlua::Variadic<mlua::Value>| {
                 tracing::info!(target: "kafboy::hook::lua", "{}", print_line(&values));
                 Ok(())
+            })?,
+        )?;
+        // JSON null inside tables `req:get` returns (a nil would drop the key), and arrays
+        // that stay arrays when empty: what `req:set` needs to write `null` and `[]`.
+        globals.set("null", mlua::Value::NULL)?;
+        globals.set(
+            "array",
+            lua.create_function(|lua, items: mlua::Variadic<mlua::Value>| {
+                let table = lua.create_table_with_capacity(items.len(), 0)?;
+                for (i, item) in items.into_iter().enumerate() {
+                    table.raw_set(i + 1, item)?;
+                }
+                table.set_metatable(Some(lua.array_metatable()))?;
+                Ok(table)
             })?,
         )?;
         lua.set_memory_limit(self.limits.max_memory)?;
