@@ -528,6 +528,26 @@ async fn a_topic_created_after_start_is_found() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_the_cache_has_not_seen_yet_is_503_not_400() {
+    let b = broker();
+    let topic = b.topic("grown", 2);
+    let gw = gateway(&b.addr, "[kafka]\nmetadata_refresh = \"1h\"").await;
+    let path = |p: i32| format!("/async/{topic}?partition={p}");
+    assert_eq!(gw.post_json(&path(1), "{}").await.status, 202);
+    // Four partitions now, where the cache still has two: partition 3 is not the client's
+    // mistake, and a 400 would tell it not to try again.
+    b.delete_topic(&topic);
+    b.create_topic(&topic, 4);
+    let r = gw.post_json(&path(3), "{}").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.error().contains("just added"), "{}", r.body);
+    let r = gw.post_json(&path(4), "{}").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().contains("out of range"), "{}", r.body);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strategies_spread_records_over_256_partitions() {
     let b = broker();
     let topic = b.topic("wide", 256);

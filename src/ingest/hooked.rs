@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::error::Elapsed;
 
-use super::lookup;
 use super::send::{Queued, enqueue, records_for};
+use super::{check_partition, lookup};
 use crate::auth::Key;
 use crate::config::Mode;
 use crate::decode::{self, BodyKind, DecodeError};
@@ -144,6 +144,7 @@ async fn prepared(
     let (topic, meta, values) = forwarded(app, request, meta, forward)?;
     *topic_seen = Some(topic.clone());
     let info = lookup(app, &topic).await?;
+    check_partition(app, &topic, &info, meta.partition).await?;
     let records = records_for(app, route, mode, &topic, &info, meta, values)?;
     Ok(Later {
         topic,

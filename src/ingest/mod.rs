@@ -150,6 +150,7 @@ async fn ingest(
             .then(|| (body.clone(), app.topic_metrics.get(&topic).label.clone()));
         let values = decode::decode(kind, body, &app.decode_limits)?;
         let count = values.len() as u64;
+        check_partition(app, &topic, &info, meta.partition).await?;
         let records = records_for(app, route, route.mode, &topic, &info, meta, values)?;
         let peer_may_take = relay.is_some();
         let queued = enqueue(app, route, route.mode, topic, records, kind, peer_may_take).await;
@@ -217,6 +218,28 @@ async fn lookup(app: &AppState, topic: &str) -> Result<Arc<TopicInfo>, IngestErr
                 IngestError::Unavailable(format!("kafka metadata: {why}"))
             }
         })
+}
+
+/// A partition past the cached count may have been added since the last metadata refresh: a
+/// listing made now settles whether it is out of range (left to [`RecordMeta::into_records`]:
+/// `400`) or not yet known to every producer (`503`; used from the next refreshes on).
+async fn check_partition(
+    app: &AppState,
+    topic: &str,
+    info: &TopicInfo,
+    partition: Option<i32>,
+) -> Result<(), IngestError> {
+    let Some(p) = partition else { return Ok(()) };
+    if p < info.partitions.max(info.added) {
+        return Ok(());
+    }
+    match app.producers.topics.listed_partitions(topic).await {
+        Ok(Some(n)) if p < n => Err(IngestError::Unavailable(format!(
+            "partition {p} was just added; kafboy writes to it from its next metadata refresh"
+        ))),
+        Ok(_) => Ok(()),
+        Err(why) => Err(IngestError::Unavailable(format!("kafka metadata: {why}"))),
+    }
 }
 
 async fn topic_of(route: &Route, parts: &mut Parts) -> Result<String, IngestError> {

@@ -117,6 +117,25 @@ impl Broker {
         name
     }
 
+    /// Deletes `name`.
+    pub fn delete_topic(&self, name: &str) {
+        let out = Command::new(tansu_path())
+            .args([
+                "topic",
+                "delete",
+                "--broker",
+                &format!("tcp://{}", self.addr),
+            ])
+            .arg(name)
+            .output()
+            .expect("run tansu topic delete");
+        assert!(
+            out.status.success(),
+            "topic delete: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Creates `name` with `partitions` partitions.
     pub fn create_topic(&self, name: &str, partitions: u32) {
         let out = Command::new(tansu_path())

@@ -240,6 +240,21 @@ impl Topics {
         Err(answer)
     }
 
+    /// How many partitions the brokers list for `topic` now (from a listing made after this
+    /// call, shared with lookups): for a partition past the cached count, which may have been
+    /// added since the last refresh. `None` for a topic not listed with partitions.
+    pub async fn listed_partitions(self: &Arc<Self>, topic: &str) -> Result<Option<i32>, String> {
+        let arrived = Instant::now();
+        let deadline = arrived + self.timeout;
+        let _turn = tokio::time::timeout_at(deadline.into(), self.lookup.lock())
+            .await
+            .map_err(|_| "metadata lookup timed out".to_string())?;
+        Ok(match self.listed(topic, arrived, deadline).await? {
+            Some(Listed::Partitions(n)) => Some(n),
+            _ => None,
+        })
+    }
+
     /// Listings of the whole cluster lookups have made.
     pub fn listings(&self) -> u64 {
         self.listings.made()
