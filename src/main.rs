@@ -231,7 +231,7 @@ async fn serve(config: Config) -> ExitCode {
     }
     tracing::info!(%addr, brokers = %config.kafka.brokers.join(","), version = env!("CARGO_PKG_VERSION"), "kafboy listening");
     let report = app.run(listener, kafboy::shutdown::signal()).await;
-    if report.undelivered > 0 {
+    if report.undelivered > 0 || report.failed > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

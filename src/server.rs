@@ -36,6 +36,9 @@ pub struct ShutdownReport {
     pub undelivered: usize,
     /// Records kept in the spool for the next start.
     pub spooled: u64,
+    /// Records accepted before the shutdown that failed during its flush (the brokers refused
+    /// them, or their message timeout ran out with the brokers away): lost too.
+    pub failed: u64,
 }
 
 /// Builds an [`App`], optionally with a Rust hook for every produce route.
@@ -256,7 +259,11 @@ async fn finish(
             None => 0,
         }
     };
-    let (spooled, undelivered) = tokio::join!(spool_done, state.producers.flush(grace));
+    let (spooled, flushed) = tokio::join!(spool_done, state.producers.flush(grace));
+    let crate::kafka::Flushed {
+        undelivered,
+        failed,
+    } = flushed;
     if spooled > 0 {
         tracing::info!(spooled, "records kept in the spool for the next start");
     }
@@ -265,11 +272,16 @@ async fn finish(
             undelivered,
             "records still undelivered at the flush deadline"
         );
-    } else {
+    }
+    if failed > 0 {
+        tracing::error!(failed, "records failed during the flush");
+    }
+    if undelivered == 0 && failed == 0 {
         tracing::info!("all accepted records delivered or reported");
     }
     ShutdownReport {
         undelivered,
         spooled,
+        failed,
     }
 }

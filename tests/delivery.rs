@@ -772,6 +772,25 @@ async fn produce_refusals_for_good_keep_their_meaning_and_write_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_fail_during_the_final_flush_are_reported_lost() {
+    let (cluster, topic) = cluster_with_topic("flush-fails", 1);
+    let gw = common::gateway(
+        &cluster.bootstrap_servers(),
+        "[kafka]\nlinger = \"2s\"\nmessage_timeout = \"5s\"\n[server]\nshutdown_timeout = \"3s\"",
+    )
+    .await;
+    let (reply, _) = timed_post(&gw, &format!("/async/{topic}"), None, "{}", PROMPT).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    // The record waits for its linger; the flush sends it, and the broker refuses it for good.
+    let refused = RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
+    cluster.request_errors(RDKafkaApiKey::Produce, &[refused]);
+    let report = tokio::time::timeout(Duration::from_secs(10), gw.stop())
+        .await
+        .expect("gateway stops");
+    assert_eq!((report.undelivered, report.failed), (0, 1), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_headers_take_queue_room_for_every_record_they_go_with() {
     let (cluster, topic) = cluster_with_topic("header-room", 1);
     let bootstrap = cluster.bootstrap_servers();

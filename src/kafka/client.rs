@@ -123,6 +123,17 @@ const BROKEN_BY: &[(&str, &str)] = &[
         "plugin.library.paths",
         "a plugin is loaded code, which may set any property, security ones included",
     ),
+    (
+        // A prefix: librdkafka's test settings (`test.mock.num.brokers` answers from an
+        // in-process mock cluster).
+        "test.",
+        "librdkafka's test settings could make it answer from an in-process mock cluster: \
+         every 200 and offset would come from it, and nothing would reach Kafka",
+    ),
+    (
+        "log.queue",
+        "librdkafka's logs would pile up in a queue nobody reads",
+    ),
 ];
 
 /// librdkafka properties that typed settings own; `kafka.options` may not set them.
@@ -220,7 +231,8 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
     );
     security(kafka, &mut c)?;
     for (key, value) in &kafka.options {
-        if let Some((_, why)) = BROKEN_BY.iter().find(|(k, _)| k == key) {
+        let broken = |k: &str| k == key || (k.ends_with('.') && key.starts_with(k));
+        if let Some((_, why)) = BROKEN_BY.iter().find(|(k, _)| broken(k)) {
             return Err(format!("kafka.options.\"{key}\": not allowed: {why}"));
         }
         // Security properties (turning certificate checks off, inline keys) only through
@@ -324,6 +336,8 @@ mod tests {
             "delivery.report.only.error",
             "transactional.id",
             "plugin.library.paths",
+            "test.mock.num.brokers",
+            "log.queue",
         ] {
             let mut kafka = KafkaConfig::default();
             kafka.options.insert(key.into(), "true".into());

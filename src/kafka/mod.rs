@@ -92,11 +92,15 @@ impl Slot {
             .clone()
     }
 
-    /// Builds a fresh producer and puts it in place of the current one; returns the old one.
-    fn replace(&self) -> Result<Arc<Producer>, KafkaError> {
+    /// Builds a fresh producer and puts it in place of the current one; returns the old one,
+    /// which joins `retiring` before the new one can be seen: a shutdown's flush that finds
+    /// the new producer finds the old one too.
+    fn replace(&self, retiring: &Mutex<Vec<Arc<Producer>>>) -> Result<Arc<Producer>, KafkaError> {
         let fresh = Producer::build(&self.name, &self.kafka, self.recipe.clone(), &self.shared)?;
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        Ok(std::mem::replace(&mut *current, Arc::new(fresh)))
+        let old = std::mem::replace(&mut *current, Arc::new(fresh));
+        lock(retiring).push(old.clone());
+        Ok(old)
     }
 }
 
@@ -217,13 +221,18 @@ impl Producers {
     }
 
     /// For shutdown: closes the producers to new records (later sends get `Closed`), then waits
-    /// until every queued record is delivered or failed, or `deadline` passes; returns how many
-    /// records are still undelivered.
-    pub async fn flush(&self, deadline: Duration) -> usize {
+    /// until every queued record is delivered or failed, or `deadline` passes.
+    pub async fn flush(&self, deadline: Duration) -> Flushed {
         // Nothing may be queued behind the flush's back: after it, dropping a producer purges.
         self.gate.close().await;
+        let (_, failed_before) = self.tally();
         let mut producers = self.all();
-        producers.extend(lock(&self.retiring).iter().cloned());
+        // A producer replaced since `all` read the slots is in both.
+        for old in lock(&self.retiring).iter() {
+            if !producers.iter().any(|p| Arc::ptr_eq(p, old)) {
+                producers.push(old.clone());
+            }
+        }
         let flushes: Vec<_> = producers
             .iter()
             .map(|p| {
@@ -238,6 +247,21 @@ impl Producers {
         // counts waiting events (statistics, errors) as well: the records still holding room,
         // handed over and not yet reported, decide. Those the spool also holds are not lost:
         // they are sent again at the next start.
-        producers.iter().map(|p| p.unspooled()).sum()
+        let undelivered = producers.iter().map(|p| p.unspooled()).sum();
+        let (_, failed_after) = self.tally();
+        Flushed {
+            undelivered,
+            failed: failed_after.saturating_sub(failed_before),
+        }
     }
+}
+
+/// What a shutdown's flush left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    /// Records still handed over and unreported at the deadline (spooled ones aside).
+    pub undelivered: usize,
+    /// Records reported failed during the flush (refused, or past their message timeout with
+    /// the brokers away): accepted before the shutdown, and lost.
+    pub failed: u64,
 }

@@ -18,14 +18,13 @@ impl Producers {
             if !slot.current().is_fatal() {
                 continue;
             }
-            match slot.replace() {
+            match slot.replace(&self.retiring) {
                 Ok(old) => {
                     tracing::warn!(producer = %slot.name, "fatal error: producer replaced");
                     old.retire();
                     if index == 0 {
                         self.topics.set_client(slot.current().inner.clone());
                     }
-                    lock(&self.retiring).push(old.clone());
                     let (retiring, gate) = (self.retiring.clone(), self.gate.clone());
                     tokio::task::spawn_blocking(move || {
                         // In short steps: once a shutdown closes the gate, its own flush (under
