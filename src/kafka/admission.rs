@@ -17,6 +17,9 @@ pub struct Admission {
     max_bytes: usize,
     /// Of the records holding room, those the spool also keeps on disk.
     spooled: AtomicUsize,
+    /// Records handed to librdkafka and not yet reported. Not the room taken: a request
+    /// waiting for room may hold some of it before it is refused at a closed gate.
+    handed: AtomicUsize,
 }
 
 /// Why room could not be had.
@@ -39,6 +42,7 @@ impl Admission {
             max_records,
             max_bytes,
             spooled: AtomicUsize::new(0),
+            handed: AtomicUsize::new(0),
         }
     }
 
@@ -126,9 +130,22 @@ impl Admission {
         self.spooled.fetch_sub(records, Ordering::Relaxed);
     }
 
-    /// Records holding room that only this queue holds: the ones a shutdown would lose.
+    /// Notes `records` more records handed to librdkafka (before the hand-over: a report may
+    /// come at once).
+    pub fn hand(&self, records: usize) {
+        self.handed.fetch_add(records, Ordering::Relaxed);
+    }
+
+    /// Undoes [`Admission::hand`] for records librdkafka refused, or reported.
+    pub fn unhand(&self, records: usize) {
+        self.handed.fetch_sub(records, Ordering::Relaxed);
+    }
+
+    /// Records handed over and not yet reported that only this queue holds: the ones a
+    /// shutdown would lose.
     pub fn unspooled(&self) -> usize {
-        self.queued()
+        self.handed
+            .load(Ordering::Relaxed)
             .saturating_sub(self.spooled.load(Ordering::Relaxed))
     }
 }

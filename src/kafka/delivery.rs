@@ -173,6 +173,7 @@ impl ProducerContext for Context {
             self.admission.unmark_spooled(1);
         }
         self.admission.release(1, record_bytes(message));
+        self.admission.unhand(1);
         // A spooled record's attempt is not its outcome: the spool sends it again after a
         // failure, and counts what finally happened to it (`Producer::count_delivered`).
         let outcome = match error {

@@ -181,6 +181,7 @@ impl Producer {
         let spooled = report == Report::Spool;
         let mut receivers = Vec::with_capacity(if waited { records.len() } else { 0 });
         let total = records.len();
+        self.admission.hand(total);
         let mut handed_bytes = 0;
         for (i, record) in records.into_iter().enumerate() {
             let waiter = if waited {
@@ -213,6 +214,7 @@ impl Producer {
                 // Give back the room of this record and of the ones never handed over; records
                 // already queued give theirs back through their delivery reports.
                 self.admission.release(total - i, bytes - handed_bytes);
+                self.admission.unhand(total - i);
                 let error = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
                 return Err(SendError::Refused { accepted: i, error });
             }

@@ -212,6 +212,16 @@ impl Topics {
             .await
             .map_err(LookupError::Unavailable)?;
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        // A refresh or a producer's report may have settled the topic while the listing ran:
+        // that answer is at least as new as this one (a refresh listing the topic just
+        // created, a refusal to write it), so it stands.
+        match entries.get(topic) {
+            Some(Entry::Known(info)) => return Ok(info.clone()),
+            Some(Entry::Refused(at, answer)) if at.elapsed() < self.missing_ttl => {
+                return Err(answer.clone());
+            }
+            _ => {}
+        }
         let listed = listed.map(|l| (topic, l));
         if !matches!(listed, Some((_, Listed::Partitions(p))) if p > 0)
             && entries.len() > MAX_MISSING
