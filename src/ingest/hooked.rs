@@ -47,11 +47,11 @@ pub(super) async fn run(
             return Err(IngestError::HookFailed("hook failed".into()));
         }
         Err(_) => {
-            let message = format!("hook gave no answer within {:?}", app.hook_timeout);
             if let Some(suppressed) = HOOK_FAILED.pass() {
-                tracing::error!(path = %route.path, suppressed, "{message}");
+                let error = format!("no answer within {:?}", app.hook_timeout);
+                tracing::error!(path = %route.path, %error, suppressed, "hook failed");
             }
-            return Err(IngestError::HookFailed(message));
+            return Err(IngestError::HookFailed("hook failed".into()));
         }
     };
     match verdict {
