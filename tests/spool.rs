@@ -580,6 +580,46 @@ async fn records_kafka_refuses_for_good_are_dead_lettered_not_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_is_gone_is_dead_lettered_after_the_grace_not_retried_for_ever() {
+    let (cluster, topic) = mock_cluster("spool-gone");
+    let bootstrap = cluster.bootstrap_servers();
+    let producers = producers(&bootstrap, "[kafka]\nmessage_timeout = \"10s\"");
+    let dir = tempfile::tempdir().expect("dir");
+    let grace = Duration::from_millis(300);
+    let config = SpoolConfig {
+        missing_grace: grace,
+        ..config()
+    };
+    let spool = Spool::open(dir.path(), &config).expect("open");
+    start_sender(&spool, &producers);
+    // A partition the topic no longer has (as after a recreate with fewer): librdkafka refuses
+    // it at once. It was retried for ever, and held back every record behind it.
+    let gone = Record {
+        partition: Some(5),
+        ..record("gone")
+    };
+    let started = Instant::now();
+    spool
+        .append(&topic, &[gone, record("behind")])
+        .await
+        .expect("append");
+    wait_drained(&spool, Duration::from_secs(10)).await;
+    assert!(started.elapsed() >= grace, "dead-lettered before its grace");
+    let stats = spool.stats();
+    assert_eq!((stats.dead_lettered, stats.delivered), (1, 1), "{stats:?}");
+    let text = std::fs::read_to_string(dir.path().join(kafboy::spool::DEAD_LETTER_FILE))
+        .expect("dead-letter file");
+    assert!(
+        text.contains("UnknownPartition") && text.contains("\"gone\""),
+        "{text}"
+    );
+    let want = ["behind".to_string()].into();
+    let got = read_topic(&bootstrap, &topic, want, Duration::from_secs(10)).await;
+    assert_eq!(values(&got), ["behind"]);
+    spool.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_error_answers_disk_and_unhealthy_until_writes_work_again() {
     assert!(Path::new("/dev/full").exists(), "this test needs /dev/full");
     let dir = tempfile::tempdir().expect("dir");

@@ -42,6 +42,12 @@ pub struct SpoolConfig {
     /// Longest wait between two attempts of one record. Default 5s.
     #[serde(with = "humantime_serde")]
     pub retry_backoff_max: Duration,
+    /// How long a record is retried while Kafka says its topic or partition does not exist,
+    /// before it is dead-lettered. librdkafka says so for a while of a topic deleted and
+    /// created again, or when one broker's metadata is behind; a partition that went with a
+    /// recreated topic never comes back. Records behind it wait meanwhile. Default 5m.
+    #[serde(with = "humantime_serde")]
+    pub missing_grace: Duration,
 }
 
 impl Default for SpoolConfig {
@@ -58,6 +64,7 @@ impl Default for SpoolConfig {
             window_bytes: 16 << 20,
             retry_backoff: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(5),
+            missing_grace: Duration::from_secs(300),
         }
     }
 }
@@ -99,6 +106,7 @@ impl SpoolConfig {
             ("spool.checkpoint_interval", self.checkpoint_interval),
             ("spool.retry_backoff", self.retry_backoff),
             ("spool.retry_backoff_max", self.retry_backoff_max),
+            ("spool.missing_grace", self.missing_grace),
         ] {
             if d > crate::config::MAX_DURATION {
                 return Err(format!("{name} must be at most 1 day"));

@@ -19,9 +19,31 @@ pub(super) struct Refusal {
     error: String,
     reason: String,
     status: u16,
+    /// Kafka says the topic or partition does not exist: dead-lettered only once that has
+    /// lasted `spool.missing_grace`.
+    missing: bool,
 }
 
 impl Sender {
+    /// Whether record `i`, refused with `refusal`, is to be retried rather than dead-lettered:
+    /// its topic or partition has been missing for less than `spool.missing_grace`.
+    pub(super) fn waits(&mut self, i: usize, refusal: &Refusal) -> bool {
+        if !refusal.missing {
+            return false;
+        }
+        let now = tokio::time::Instant::now();
+        let since = *self.window[i].missing_since.get_or_insert(now);
+        now.duration_since(since) < self.inner.config.missing_grace
+    }
+
+    /// Why record `i` is retried after `refusal`.
+    pub(super) fn missing_why(&self, refusal: &Refusal) -> String {
+        format!(
+            "{} (dead-lettered if still so after spool.missing_grace, {:?})",
+            refusal.reason, self.inner.config.missing_grace
+        )
+    }
+
     /// Writes record `i` to the dead-letter file (fsynced) and marks it done; if the file cannot
     /// be written, the record is retried instead.
     pub(super) async fn dead_letter(&mut self, i: usize, refusal: Refusal) {
@@ -102,16 +124,25 @@ pub(super) fn refusal_of_delivery(
         true => StatusCode::PAYLOAD_TOO_LARGE,
         false => crate::error::delivery_status(error, persisted),
     };
+    // A topic or partition librdkafka does not see may come back (see `spool.missing_grace`).
+    let missing = persisted == Persisted::No
+        && matches!(
+            error,
+            RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownPartition
+        );
     let permanent = [
         StatusCode::PAYLOAD_TOO_LARGE,
         StatusCode::NOT_FOUND,
         StatusCode::FORBIDDEN,
         StatusCode::BAD_REQUEST,
     ];
-    permanent.contains(&status).then(|| Refusal {
+    (missing || permanent.contains(&status)).then(|| Refusal {
         error: format!("{error:?}"),
         reason: error.to_string(),
-        status: status.as_u16(),
+        status: if missing { 404 } else { status.as_u16() },
+        missing,
     })
 }
 
@@ -121,6 +152,7 @@ pub(super) fn refusal_of_send(error: &SendError) -> Option<Refusal> {
             error: "TooBig".into(),
             reason: "record larger than the producer queue".into(),
             status: StatusCode::PAYLOAD_TOO_LARGE.as_u16(),
+            missing: false,
         }),
         SendError::Refused { error, .. } => refusal_of_delivery(*error, Persisted::No),
         SendError::QueueFull | SendError::Fatal | SendError::Closed => None,
@@ -199,6 +231,19 @@ mod tests {
         assert!(refusal_of_delivery(E::MessageTimedOut, Persisted::No).is_none());
         assert!(refusal_of_delivery(E::MessageTimedOut, Persisted::Possibly).is_none());
         assert!(refusal_of_delivery(E::UnknownTopicOrPartition, Persisted::Possibly).is_none());
+        for missing in [
+            E::UnknownTopic,
+            E::UnknownTopicOrPartition,
+            E::UnknownPartition,
+        ] {
+            let refusal = refusal_of_delivery(missing, Persisted::No).unwrap();
+            assert!(refusal.missing && refusal.status == 404, "{missing:?}");
+        }
+        assert!(
+            !refusal_of_delivery(E::TopicAuthorizationFailed, Persisted::No)
+                .unwrap()
+                .missing
+        );
         assert!(refusal_of_send(&SendError::QueueFull).is_none());
         assert!(refusal_of_send(&SendError::Fatal).is_none());
         assert!(refusal_of_send(&SendError::TooBig).is_some());
@@ -220,6 +265,7 @@ mod tests {
             error: "MessageSizeTooLarge".into(),
             reason: "too large".into(),
             status: 413,
+            missing: false,
         };
         let line = dead_letter_line(&entry, &refusal, 1);
         assert_eq!(line.last(), Some(&b'\n'));

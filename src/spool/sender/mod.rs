@@ -111,6 +111,8 @@ struct Flight {
     entry: Entry,
     state: State,
     attempts: u32,
+    /// Since when Kafka has said the record's topic or partition does not exist.
+    missing_since: Option<tokio::time::Instant>,
 }
 
 /// A delivery report, tagged with its record.

@@ -205,6 +205,7 @@ impl Sender {
                 entry,
                 state: State::Unsent,
                 attempts: 0,
+                missing_since: None,
             });
         }
         self.finished.extend(batch.finished);

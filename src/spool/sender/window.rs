@@ -85,7 +85,12 @@ impl Sender {
                     }
                 }
                 Err(error) => match refusal_of_send(&error) {
-                    Some(refusal) => self.dead_letter(i, refusal).await,
+                    Some(refusal) if !self.waits(i, &refusal) => self.dead_letter(i, refusal).await,
+                    Some(refusal) => {
+                        let why = self.missing_why(&refusal);
+                        self.retry(i, &why);
+                        return;
+                    }
                     None => {
                         let why = format!("{error:?}");
                         self.retry(i, &why);
@@ -144,7 +149,11 @@ impl Sender {
             }
             Ok(Outcome::Failed { error, persisted }) => {
                 match refusal_of_delivery(error, persisted) {
-                    Some(refusal) => self.dead_letter(i, refusal).await,
+                    Some(refusal) if !self.waits(i, &refusal) => self.dead_letter(i, refusal).await,
+                    Some(refusal) => {
+                        let why = self.missing_why(&refusal);
+                        self.retry(i, &why);
+                    }
                     None => self.retry(i, &format!("{error} ({persisted:?})")),
                 }
             }
