@@ -1076,6 +1076,38 @@ async fn a_segment_that_cannot_be_created_is_skipped_not_kept() {
     spool.crash();
 }
 
+/// A shutdown with a spooled backlog that cannot all be sent in time ends once what was sent
+/// is reported: the rest waits on disk for the next start, not the whole grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_with_a_spooled_backlog_does_not_wait_out_its_grace() {
+    let (cluster, topic) = mock_cluster("spool-stop-backlog");
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().expect("dir");
+    let toml = format!(
+        "[server]\nshutdown_timeout = \"5s\"\n\
+         [spool]\ndir = {:?}\nwindow_records = 1\n\
+         [[routes]]\npath = \"/durable/:topic\"\nmode = \"async\"\nspool = true\n",
+        dir.path().display().to_string()
+    );
+    let gw = common::gateway(&bootstrap, &toml).await;
+    // One record in flight at a time, 200 ms each: 40 of them are 8 s of backlog.
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::from_millis(200))
+        .expect("slow broker");
+    for i in 0..40 {
+        let r = gw
+            .post_json(&format!("/durable/{topic}"), &format!("{{\"n\":{i}}}"))
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
+    }
+    let started = Instant::now();
+    let report = gw.stop().await;
+    let took = started.elapsed();
+    assert!(report.spooled > 0, "{report:?}");
+    assert_eq!((report.undelivered, report.failed), (0, 0), "{report:?}");
+    assert!(took < Duration::from_secs(3), "the stop took {took:?}");
+}
+
 /// A shutdown that finds a spooled record still in a producer (the broker slow to answer)
 /// counts it as kept for the next start, not as lost; a record of a plain async route in the
 /// same state is lost, and counted so. The next start sends the spooled one.

@@ -78,6 +78,7 @@ pub(super) fn spawn(
         events_rx,
         stop: stop_rx,
         read_again_at: None,
+        closed: false,
     };
     Handle {
         task: tokio::spawn(sender.run()),
@@ -142,6 +143,9 @@ struct Sender {
     stop: watch::Receiver<Option<Instant>>,
     /// After a failed read, when to read again.
     read_again_at: Option<Instant>,
+    /// The producers were closed by a shutdown's flush: nothing more can be sent, and what is
+    /// not sent stays on disk for the next start.
+    closed: bool,
 }
 
 impl Sender {
@@ -161,8 +165,14 @@ impl Sender {
                 self.fill().await;
                 continue;
             }
+            // Done when everything was sent and acknowledged, or nothing more can be sent
+            // and every record sent has its report (waiting out the grace for records that
+            // can only wait for the next start would hold every stop as long).
+            let reported = || self.window.iter().all(|f| f.state != State::Sent);
             if let Some(d) = deadline
-                && ((self.window.is_empty() && self.caught_up()) || Instant::now() >= d)
+                && ((self.window.is_empty() && self.caught_up())
+                    || (self.closed && reported())
+                    || Instant::now() >= d)
             {
                 break;
             }

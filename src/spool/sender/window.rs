@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::dead_letter::{refusal_of_delivery, refusal_of_send};
 use super::{Event, Sender, State};
 use crate::kafka::delivery::Outcome;
-use crate::kafka::{Record, Report};
+use crate::kafka::{Record, Report, SendError};
 use crate::spool::ID_HEADER;
 use crate::spool::segment::Entry;
 
@@ -46,7 +46,7 @@ impl Sender {
     /// Hands every record that is due to the producer, in order; stops at the first one that
     /// must wait (so nothing overtakes a record waiting for its retry).
     pub(super) async fn send_due(&mut self) {
-        if self.unsent == 0 {
+        if self.unsent == 0 || self.closed {
             return;
         }
         let now = Instant::now();
@@ -92,6 +92,7 @@ impl Sender {
                         return;
                     }
                     None => {
+                        self.closed |= matches!(error, SendError::Closed);
                         let why = format!("{error:?}");
                         self.retry(i, &why);
                         return;
