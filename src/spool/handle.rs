@@ -41,7 +41,7 @@ impl Spool {
         config.check().map_err(SpoolError::Open)?;
         let dir = dir.as_ref().to_path_buf();
         let io = |what: &str, e: std::io::Error| SpoolError::Disk(format!("{what}: {e}"));
-        std::fs::create_dir_all(&dir).map_err(|e| io(&format!("create {}", dir.display()), e))?;
+        recover::create_dir(&dir).map_err(|e| io(&format!("create {}", dir.display()), e))?;
         let lock = recover::DirLock::acquire(&dir)?;
         let found = recover::recover(&dir).map_err(|e| io("recovery", e))?;
         let mut config = config.clone();

@@ -192,6 +192,24 @@ pub(super) fn write_checkpoint(dir: &Path, next: u64) -> io::Result<()> {
 }
 
 /// fsyncs a directory, so created, renamed and deleted names in it are durable.
+/// Creates `dir` and the directories above it that are missing, each made durable in its
+/// parent: without that, a power loss just after the first 202s could take a new spool
+/// directory with its records.
+pub(super) fn create_dir(dir: &Path) -> io::Result<()> {
+    let created: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
+    std::fs::create_dir_all(dir)?;
+    for made in created.iter().rev() {
+        match made.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
