@@ -47,11 +47,12 @@ pub(super) async fn run(
             return Err(IngestError::HookFailed("hook failed".into()));
         }
         Err(_) => {
+            // Not the script's detail: the client may see how long kafboy waited.
+            let message = format!("hook gave no answer within {:?}", app.hook_timeout);
             if let Some(suppressed) = HOOK_FAILED.pass() {
-                let error = format!("no answer within {:?}", app.hook_timeout);
-                tracing::error!(path = %route.path, %error, suppressed, "hook failed");
+                tracing::error!(path = %route.path, error = %message, suppressed, "hook failed");
             }
-            return Err(IngestError::HookFailed("hook failed".into()));
+            return Err(IngestError::HookFailed(message));
         }
     };
     match verdict {

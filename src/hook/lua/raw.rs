@@ -9,6 +9,10 @@ use bytes::Bytes;
 
 use crate::json::{Member, special_offset};
 
+mod path;
+
+pub use path::Edit;
+
 /// A checked JSON document and the ranges of its top-level members.
 pub struct RawDoc {
     bytes: Bytes,
@@ -399,7 +403,7 @@ mod tests {
     }
 
     /// Small JSON values, keys from a tiny alphabet so that edits hit existing members.
-    fn value() -> impl Strategy<Value = Value> {
+    pub(super) fn value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::from),
@@ -430,7 +434,7 @@ mod tests {
 
     /// The document as text with whitespace around every token, so ranges are not trivially
     /// aligned.
-    fn spaced(v: &Value) -> Vec<u8> {
+    pub(super) fn spaced(v: &Value) -> Vec<u8> {
         let compact = serde_json::to_string(v).unwrap();
         let mut out = String::from(" ");
         let mut in_string = false;

@@ -1,7 +1,6 @@
 //! The `req` object a Lua script receives: accessors over the request and the edits the script
 //! makes. A JSON body is checked on the first `get`/`set`/`delete`, then read and edited as bytes
-//! (see [`raw`]); only edits below the top level, `fields` and form bodies build a tree. Only the
-//! parts a script reads are converted to Lua.
+//! (see [`raw`]); only form bodies and edits through an object with a key twice build a tree. Only the parts a script reads are converted to Lua.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -225,12 +224,20 @@ impl LuaRequest {
             }
         };
         self.charge(path.len() + text.len())?;
-        if let Some(name) = single(path)
-            && let Some(doc) = self.raw()?
-            && doc.set_top(name, &text)
-        {
-            self.mark_edited();
-            return Ok(());
+        if let Some(doc) = self.raw()? {
+            let edit = match single(path) {
+                Some(name) if doc.set_top(name, &text) => raw::Edit::Done,
+                Some(_) => raw::Edit::Tree,
+                None => doc.set_path(path, &segments(path).collect::<Vec<_>>(), &text),
+            };
+            match edit {
+                raw::Edit::Done => {
+                    self.mark_edited();
+                    return Ok(());
+                }
+                raw::Edit::Refused(why) => return Err(mlua::Error::runtime(why)),
+                raw::Edit::Tree => {}
+            }
         }
         let value = match table {
             Some(table) => table,
@@ -243,16 +250,18 @@ impl LuaRequest {
     /// `delete`: whether something was removed.
     fn delete(&mut self, path: &str) -> mlua::Result<bool> {
         check_path(path, self.depth)?;
-        if let Some(name) = single(path)
-            && let Some(doc) = self.raw()?
-        {
-            match doc.delete_top(name) {
-                Some(true) => {
+        if let Some(doc) = self.raw()? {
+            let removed = match single(path) {
+                Some(name) => doc.delete_top(name).ok_or(raw::Edit::Tree),
+                None => doc.delete_path(&segments(path).collect::<Vec<_>>()),
+            };
+            match removed {
+                Ok(true) => {
                     self.mark_edited();
                     return Ok(true);
                 }
-                Some(false) => return Ok(false),
-                None => {}
+                Ok(false) => return Ok(false),
+                Err(_) => {}
             }
         }
         let removed = remove(self.tree(false)?, path);

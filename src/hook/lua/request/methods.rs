@@ -81,6 +81,9 @@ impl UserData for LuaRequest {
         });
         m.add_method_mut("fields", |lua, this, ()| {
             within_budget(lua)?;
+            if let Some(doc) = this.raw()? {
+                return Ok(doc.keys());
+            }
             Ok(this
                 .tree(false)?
                 .as_object()
