@@ -62,6 +62,8 @@ pub struct Tally {
     pub delivered: AtomicU64,
     /// Records that failed after they were accepted.
     pub failed: AtomicU64,
+    /// Of those, spooled records kept in the dead-letter file.
+    pub dead_lettered: AtomicU64,
 }
 
 impl Tally {
@@ -172,8 +174,6 @@ impl ProducerContext for Context {
         if spooled {
             self.admission.unmark_spooled(1);
         }
-        self.admission.release(1, record_bytes(message));
-        self.admission.unhand(1);
         // A spooled record's attempt is not its outcome: the spool sends it again after a
         // failure, and counts what finally happened to it (`Producer::count_delivered`).
         let outcome = match error {
@@ -200,6 +200,10 @@ impl ProducerContext for Context {
                 }
             }
         };
+        // Counted before it stops being counted as handed over: a shutdown reads what is
+        // undelivered, then what failed, and must not miss a record between the two.
+        self.admission.release(1, record_bytes(message));
+        self.admission.unhand(1);
         match (waiter.0, &outcome) {
             // The requester may have given up (deadline, disconnect); the outcome is counted anyway.
             (Some(waiting), _) => drop(waiting.tx.send(outcome)),

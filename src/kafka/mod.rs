@@ -21,6 +21,7 @@ pub use producer::{Producer, Report, SendError, Shared, set_queue_limits};
 pub use record::Record;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -157,8 +158,8 @@ impl Producers {
             kafka.metadata_timeout,
             kafka.unknown_topic_ttl,
             kafka.auto_create_topics,
+            refusals,
         ));
-        refusals.attach(&topics);
         Ok(Producers {
             sync,
             asynchronous,
@@ -220,12 +221,23 @@ impl Producers {
         }
     }
 
+    /// Records failed since start that are not in a spool's dead-letter file either.
+    fn lost(&self) -> u64 {
+        self.slots()
+            .map(|slot| {
+                let tally = &slot.shared.tally;
+                let (_, failed) = tally.counts();
+                failed.saturating_sub(tally.dead_lettered.load(Ordering::Relaxed))
+            })
+            .sum()
+    }
+
     /// For shutdown: closes the producers to new records (later sends get `Closed`), then waits
     /// until every queued record is delivered or failed, or `deadline` passes.
     pub async fn flush(&self, deadline: Duration) -> Flushed {
         // Nothing may be queued behind the flush's back: after it, dropping a producer purges.
         self.gate.close().await;
-        let (_, failed_before) = self.tally();
+        let failed_before = self.lost();
         let mut producers = self.all();
         // A producer replaced since `all` read the slots is in both.
         for old in lock(&self.retiring).iter() {
@@ -248,7 +260,7 @@ impl Producers {
         // handed over and not yet reported, decide. Those the spool also holds are not lost:
         // they are sent again at the next start.
         let undelivered = producers.iter().map(|p| p.unspooled()).sum();
-        let (_, failed_after) = self.tally();
+        let failed_after = self.lost();
         Flushed {
             undelivered,
             failed: failed_after.saturating_sub(failed_before),

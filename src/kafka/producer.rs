@@ -223,6 +223,11 @@ impl Producer {
         Ok(receivers)
     }
 
+    /// Whether a shutdown's flush closed the producers to new records.
+    pub fn closed(&self) -> bool {
+        self.gate.is_closed()
+    }
+
     /// Records queued or in flight.
     pub fn in_flight(&self) -> usize {
         self.inner.in_flight_count().max(0) as usize
@@ -259,7 +264,11 @@ impl Producer {
         let context = self.inner.context();
         match failed {
             None => context.count_delivered(topic),
-            Some(reason) => context.count_failed(topic, reason),
+            Some(reason) => {
+                context.count_failed(topic, reason);
+                // In the dead-letter file, not lost: a shutdown does not count it as lost.
+                context.tally.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

@@ -45,7 +45,8 @@ pub struct SpoolConfig {
     /// How long a record is retried while Kafka says its topic or partition does not exist,
     /// before it is dead-lettered. librdkafka says so for a while of a topic deleted and
     /// created again, or when one broker's metadata is behind; a partition that went with a
-    /// recreated topic never comes back. Records behind it wait meanwhile. Default 5m.
+    /// recreated topic never comes back. One grace per topic or partition: its later records
+    /// go at once once it has run out. Records behind it wait meanwhile. Default 5m.
     #[serde(with = "humantime_serde")]
     pub missing_grace: Duration,
 }

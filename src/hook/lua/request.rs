@@ -225,10 +225,11 @@ impl LuaRequest {
         };
         self.charge(path.len() + text.len())?;
         if let Some(doc) = self.raw()? {
+            // A top-level member by its index; anything else (a body that is not an object, a
+            // key twice, a deeper path) by the path.
             let edit = match single(path) {
                 Some(name) if doc.set_top(name, &text) => raw::Edit::Done,
-                Some(_) => raw::Edit::Tree,
-                None => doc.set_path(path, &segments(path).collect::<Vec<_>>(), &text),
+                _ => doc.set_path(path, &segments(path).collect::<Vec<_>>(), &text),
             };
             match edit {
                 raw::Edit::Done => {
@@ -251,8 +252,8 @@ impl LuaRequest {
     fn delete(&mut self, path: &str) -> mlua::Result<bool> {
         check_path(path, self.depth)?;
         if let Some(doc) = self.raw()? {
-            let removed = match single(path) {
-                Some(name) => doc.delete_top(name).ok_or(raw::Edit::Tree),
+            let removed = match single(path).and_then(|name| doc.delete_top(name)) {
+                Some(removed) => Ok(removed),
                 None => doc.delete_path(&segments(path).collect::<Vec<_>>()),
             };
             match removed {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::RDKafkaErrorCode;
@@ -13,6 +13,9 @@ use rdkafka::producer::Producer as _;
 use super::poller::Polled;
 
 mod refresh;
+mod refused;
+
+pub use refused::WriteRefusals;
 
 use super::listing::Listings;
 use super::partition::Rotation;
@@ -30,6 +33,10 @@ pub struct TopicInfo {
     pub added: i32,
     /// State of the round-robin and sticky strategies.
     pub rotation: Rotation,
+    /// The partition count a listing gave when a request named a partition past
+    /// `partitions`, and when: one listing per `unknown_topic_ttl` settles the requests
+    /// that do so.
+    pub(super) listed: std::sync::Mutex<Option<(Instant, i32)>>,
 }
 
 #[derive(Debug)]
@@ -77,29 +84,6 @@ pub enum LookupError {
     Unavailable(String),
 }
 
-/// Where producers report a topic the brokers refused kafboy to write (`TOPIC_AUTHORIZATION_FAILED`
-/// in a delivery report), so the cache answers `403` for it until `unknown_topic_ttl` runs out.
-/// Kafka lists a topic a client may describe but not write, so without this an async request
-/// would get `202` for every record the brokers go on refusing. The producers exist before the
-/// cache does, so the cache is set here once built; a weak handle, as the cache holds a producer.
-#[derive(Debug, Default)]
-pub struct WriteRefusals(OnceLock<Weak<Topics>>);
-
-impl WriteRefusals {
-    /// Reports to `topics` from now on.
-    pub fn attach(&self, topics: &Arc<Topics>) {
-        // Set once, by the one `Producers::build`; a second call would name the same cache.
-        let _ = self.0.set(Arc::downgrade(topics));
-    }
-
-    /// The brokers refused to write a record to `topic`.
-    pub fn refused(&self, topic: &str) {
-        if let Some(topics) = self.0.get().and_then(Weak::upgrade) {
-            topics.refuse_writes(topic);
-        }
-    }
-}
-
 /// Remembered missing topics beyond this are forgotten early, so random names cannot grow memory.
 const MAX_MISSING: usize = 10_000;
 
@@ -118,12 +102,20 @@ pub struct Topics {
     /// Lookups ask for the topic by name, so that the brokers create it (`auto_create_topics`):
     /// every name becomes a topic then, and a topic object in librdkafka is the lesser cost.
     by_name: bool,
+    /// Topics the producers found the brokers refuse kafboy to write.
+    refusals: Arc<WriteRefusals>,
 }
 
 impl Topics {
     /// A cache that asks the brokers through `client`; `by_name` when a lookup should make the
     /// brokers create the topic.
-    pub fn new(client: Polled, timeout: Duration, missing_ttl: Duration, by_name: bool) -> Self {
+    pub fn new(
+        client: Polled,
+        timeout: Duration,
+        missing_ttl: Duration,
+        by_name: bool,
+        refusals: Arc<WriteRefusals>,
+    ) -> Self {
         Topics {
             entries: RwLock::default(),
             client: RwLock::new(client),
@@ -134,6 +126,7 @@ impl Topics {
             timeout,
             missing_ttl,
             by_name,
+            refusals,
         }
     }
 
@@ -168,6 +161,7 @@ impl Topics {
     }
 
     fn cached(&self, topic: &str) -> Option<Result<Arc<TopicInfo>, LookupError>> {
+        self.take_refusals();
         // A poisoned lock only means a panic elsewhere mid-insert; the map itself stays usable.
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         match entries.get(topic)? {
@@ -177,19 +171,6 @@ impl Topics {
             }
             Entry::Refused(..) => None,
         }
-    }
-
-    /// Answers `Denied` for `topic` until `unknown_topic_ttl` runs out (see [`WriteRefusals`]).
-    /// A refused batch reports each of its records: the first one marks the topic.
-    fn refuse_writes(&self, topic: &str) {
-        if let Some(Err(LookupError::Denied)) = self.cached(topic) {
-            return;
-        }
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        entries.insert(
-            topic.to_string(),
-            Entry::Refused(Instant::now(), LookupError::Denied),
-        );
     }
 
     /// The topic's metadata, asking the brokers on a miss (one lookup at a time, bounded wait).
@@ -226,7 +207,13 @@ impl Topics {
         if !matches!(listed, Some((_, Listed::Partitions(p))) if p > 0)
             && entries.len() > MAX_MISSING
         {
-            entries.retain(|_, e| matches!(e, Entry::Known(_)));
+            let ttl = self.missing_ttl;
+            entries.retain(|_, e| match e {
+                Entry::Known(_) => true,
+                // A refusal to write, which random names cannot be.
+                Entry::Refused(at, LookupError::Denied) => at.elapsed() < ttl,
+                Entry::Refused(..) => false,
+            });
         }
         let answer = match listed {
             Some((_, Listed::Partitions(partitions))) if partitions > 0 => {
@@ -248,21 +235,6 @@ impl Topics {
             Entry::Refused(Instant::now(), answer.clone()),
         );
         Err(answer)
-    }
-
-    /// How many partitions the brokers list for `topic` now (from a listing made after this
-    /// call, shared with lookups): for a partition past the cached count, which may have been
-    /// added since the last refresh. `None` for a topic not listed with partitions.
-    pub async fn listed_partitions(self: &Arc<Self>, topic: &str) -> Result<Option<i32>, String> {
-        let arrived = Instant::now();
-        let deadline = arrived + self.timeout;
-        let _turn = tokio::time::timeout_at(deadline.into(), self.lookup.lock())
-            .await
-            .map_err(|_| "metadata lookup timed out".to_string())?;
-        Ok(match self.listed(topic, arrived, deadline).await? {
-            Some(Listed::Partitions(n)) => Some(n),
-            _ => None,
-        })
     }
 
     /// Listings of the whole cluster lookups have made.
@@ -442,8 +414,44 @@ mod tests {
             Duration::from_secs(10),
             Duration::from_secs(30),
             false,
+            Arc::default(),
         );
         (cluster, topics)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_topic_refused_for_writes_is_denied_until_its_ttl() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("real", 3, 1).unwrap();
+        let client = crate::kafka::poller::tests::producer(&cluster.bootstrap_servers());
+        let refusals = Arc::new(WriteRefusals::default());
+        let ttl = Duration::from_millis(300);
+        let topics = Arc::new(Topics::new(
+            Polled::new(client, "meta").unwrap(),
+            Duration::from_secs(10),
+            ttl,
+            false,
+            refusals.clone(),
+        ));
+        assert!(topics.lookup("real").await.is_ok());
+        refusals.refused("real");
+        let refused_at = Instant::now();
+        assert_eq!(
+            topics.lookup("real").await.unwrap_err(),
+            LookupError::Denied
+        );
+        // A refresh lists it, and leaves the refusal in place.
+        topics.refresh_all().unwrap();
+        assert_eq!(
+            topics.lookup("real").await.unwrap_err(),
+            LookupError::Denied
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while topics.lookup("real").await.is_err() {
+            assert!(Instant::now() < deadline, "still refused");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(refused_at.elapsed() >= ttl);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

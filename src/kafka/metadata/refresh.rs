@@ -99,12 +99,17 @@ pub(super) fn merged(
     for (name, listed) in found {
         match listed {
             Listed::Partitions(p) if p > 0 => usable.push((name, p)),
-            // A known topic between leaders stays known, with the count it had.
-            Listed::Settling(_) => {
-                if let Some(known @ Entry::Known(_)) = entries.remove(&name) {
+            // A known topic between leaders stays known, with the count it had; one refused
+            // for writes stays refused.
+            Listed::Settling(_) => match entries.remove(&name) {
+                Some(known @ Entry::Known(_)) => {
                     fresh.insert(name, known);
                 }
-            }
+                Some(refused @ Entry::Refused(_, LookupError::Denied)) => {
+                    fresh.insert(name, refused);
+                }
+                _ => {}
+            },
             _ => {}
         }
     }

@@ -21,19 +21,40 @@ pub(super) struct Refusal {
     status: u16,
     /// Kafka says the topic or partition does not exist: dead-lettered only once that has
     /// lasted `spool.missing_grace`.
-    missing: bool,
+    missing: Missing,
+}
+
+/// What Kafka says does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Missing {
+    Nothing,
+    Topic,
+    Partition,
 }
 
 impl Sender {
     /// Whether record `i`, refused with `refusal`, is to be retried rather than dead-lettered:
     /// its topic or partition has been missing for less than `spool.missing_grace`.
     pub(super) fn waits(&mut self, i: usize, refusal: &Refusal) -> bool {
-        if !refusal.missing {
-            return false;
-        }
+        let entry = &self.window[i].entry;
+        let key = match refusal.missing {
+            Missing::Nothing => return false,
+            Missing::Topic => (entry.topic.clone(), None),
+            Missing::Partition => (entry.topic.clone(), entry.partition),
+        };
         let now = tokio::time::Instant::now();
-        let since = *self.window[i].missing_since.get_or_insert(now);
+        let since = *self.missing.entry(key).or_insert(now);
         now.duration_since(since) < self.inner.config.missing_grace
+    }
+
+    /// Record `i` was delivered: its topic and partition exist.
+    pub(super) fn found(&mut self, i: usize) {
+        if self.missing.is_empty() {
+            return;
+        }
+        let entry = &self.window[i].entry;
+        self.missing.remove(&(entry.topic.clone(), None));
+        self.missing.remove(&(entry.topic.clone(), entry.partition));
     }
 
     /// Why record `i` is retried after `refusal`.
@@ -125,23 +146,25 @@ pub(super) fn refusal_of_delivery(
         false => crate::error::delivery_status(error, persisted),
     };
     // A topic or partition librdkafka does not see may come back (see `spool.missing_grace`).
-    let missing = persisted == Persisted::No
-        && matches!(
-            error,
-            RDKafkaErrorCode::UnknownTopic
-                | RDKafkaErrorCode::UnknownTopicOrPartition
-                | RDKafkaErrorCode::UnknownPartition
-        );
+    let missing = match (error, persisted) {
+        (RDKafkaErrorCode::UnknownPartition, Persisted::No) => Missing::Partition,
+        (
+            RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition,
+            Persisted::No,
+        ) => Missing::Topic,
+        _ => Missing::Nothing,
+    };
     let permanent = [
         StatusCode::PAYLOAD_TOO_LARGE,
         StatusCode::NOT_FOUND,
         StatusCode::FORBIDDEN,
         StatusCode::BAD_REQUEST,
     ];
-    (missing || permanent.contains(&status)).then(|| Refusal {
+    let gone = missing != Missing::Nothing;
+    (gone || permanent.contains(&status)).then(|| Refusal {
         error: format!("{error:?}"),
         reason: error.to_string(),
-        status: if missing { 404 } else { status.as_u16() },
+        status: if gone { 404 } else { status.as_u16() },
         missing,
     })
 }
@@ -152,7 +175,7 @@ pub(super) fn refusal_of_send(error: &SendError) -> Option<Refusal> {
             error: "TooBig".into(),
             reason: "record larger than the producer queue".into(),
             status: StatusCode::PAYLOAD_TOO_LARGE.as_u16(),
-            missing: false,
+            missing: Missing::Nothing,
         }),
         SendError::Refused { error, .. } => refusal_of_delivery(*error, Persisted::No),
         SendError::QueueFull | SendError::Fatal | SendError::Closed => None,
@@ -231,19 +254,15 @@ mod tests {
         assert!(refusal_of_delivery(E::MessageTimedOut, Persisted::No).is_none());
         assert!(refusal_of_delivery(E::MessageTimedOut, Persisted::Possibly).is_none());
         assert!(refusal_of_delivery(E::UnknownTopicOrPartition, Persisted::Possibly).is_none());
-        for missing in [
-            E::UnknownTopic,
-            E::UnknownTopicOrPartition,
-            E::UnknownPartition,
+        for (error, missing) in [
+            (E::UnknownTopic, Missing::Topic),
+            (E::UnknownTopicOrPartition, Missing::Topic),
+            (E::UnknownPartition, Missing::Partition),
+            (E::TopicAuthorizationFailed, Missing::Nothing),
         ] {
-            let refusal = refusal_of_delivery(missing, Persisted::No).unwrap();
-            assert!(refusal.missing && refusal.status == 404, "{missing:?}");
+            let refusal = refusal_of_delivery(error, Persisted::No).unwrap();
+            assert_eq!(refusal.missing, missing, "{error:?}");
         }
-        assert!(
-            !refusal_of_delivery(E::TopicAuthorizationFailed, Persisted::No)
-                .unwrap()
-                .missing
-        );
         assert!(refusal_of_send(&SendError::QueueFull).is_none());
         assert!(refusal_of_send(&SendError::Fatal).is_none());
         assert!(refusal_of_send(&SendError::TooBig).is_some());
@@ -265,7 +284,7 @@ mod tests {
             error: "MessageSizeTooLarge".into(),
             reason: "too large".into(),
             status: 413,
-            missing: false,
+            missing: Missing::Nothing,
         };
         let line = dead_letter_line(&entry, &refusal, 1);
         assert_eq!(line.last(), Some(&b'\n'));

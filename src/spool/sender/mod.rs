@@ -8,7 +8,7 @@ mod dead_letter;
 mod read;
 mod window;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -79,6 +79,7 @@ pub(super) fn spawn(
         stop: stop_rx,
         read_again_at: None,
         closed: false,
+        missing: HashMap::new(),
     };
     Handle {
         task: tokio::spawn(sender.run()),
@@ -112,8 +113,6 @@ struct Flight {
     entry: Entry,
     state: State,
     attempts: u32,
-    /// Since when Kafka has said the record's topic or partition does not exist.
-    missing_since: Option<tokio::time::Instant>,
 }
 
 /// A delivery report, tagged with its record.
@@ -146,6 +145,9 @@ struct Sender {
     /// The producers were closed by a shutdown's flush: nothing more can be sent, and what is
     /// not sent stays on disk for the next start.
     closed: bool,
+    /// Since when Kafka has said a topic (partition `None`) or a partition does not exist, for
+    /// `spool.missing_grace`: one grace for all its records, not one each in turn.
+    missing: HashMap<(String, Option<i32>), Instant>,
 }
 
 impl Sender {
@@ -161,13 +163,19 @@ impl Sender {
             if self.read_again_at.is_some_and(|t| t <= Instant::now()) {
                 self.read_again_at = None;
             }
-            if self.has_room() && !self.caught_up() && self.read_again_at.is_none() {
+            if self.has_room() && !self.caught_up() && self.read_again_at.is_none() && !self.closed
+            {
                 self.fill().await;
                 continue;
             }
             // Done when everything was sent and acknowledged, or nothing more can be sent
             // and every record sent has its report (waiting out the grace for records that
             // can only wait for the next start would hold every stop as long).
+            if deadline.is_some() && !self.closed {
+                // Any producer tells: the flush closes them all at once.
+                let topic = self.window.front().map_or("", |f| f.entry.topic.as_str());
+                self.closed = (self.producer_for)(topic).closed();
+            }
             let reported = || self.window.iter().all(|f| f.state != State::Sent);
             if let Some(d) = deadline
                 && ((self.window.is_empty() && self.caught_up())

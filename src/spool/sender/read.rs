@@ -205,7 +205,6 @@ impl Sender {
                 entry,
                 state: State::Unsent,
                 attempts: 0,
-                missing_since: None,
             });
         }
         self.finished.extend(batch.finished);

@@ -144,6 +144,7 @@ impl Sender {
         }
         match event.outcome {
             Ok(Outcome::Delivered { .. }) => {
+                self.found(i);
                 self.inner.delivered.fetch_add(1, Ordering::Relaxed);
                 self.count_outcome(i, None);
                 self.set_state(i, State::Done);

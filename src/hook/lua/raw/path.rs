@@ -138,11 +138,13 @@ impl RawDoc {
     /// `None` when the body is not an object.
     pub fn keys(&self) -> Option<Vec<String>> {
         let doc = &self.bytes[..];
-        let mut keys: Vec<String> = Vec::new();
-        for m in self.members.as_ref()? {
+        let members = self.members.as_ref()?;
+        let mut seen = std::collections::HashSet::with_capacity(members.len());
+        let mut keys: Vec<String> = Vec::with_capacity(members.len());
+        for m in members {
             // Checked JSON: a key is a string.
             let key: String = serde_json::from_slice(&doc[m.key.clone()]).ok()?;
-            if !keys.contains(&key) {
+            if seen.insert(key.clone()) {
                 keys.push(key);
             }
         }
@@ -226,6 +228,11 @@ mod tests {
             serde_json::from_slice::<Value>(whole.bytes()).unwrap(),
             json!({"c":{}, "b":1})
         );
+        // A body that is not an object: its elements by index, the rest as sent.
+        let mut array = doc(r#"[{"id":18446744073709551616}, {"x":1.10}, 3]"#);
+        assert_eq!(array.set_path("2", &segs("2"), b"4"), Edit::Done);
+        assert_eq!(array.delete_path(&segs("1")), Ok(true));
+        assert_eq!(array.bytes(), &br#"[{"id":18446744073709551616}, 4]"#[..]);
         // Keys once each, where they first stand, decoded.
         assert_eq!(
             doc(r#"{"b":1, "a\u0041":2, "b":3}"#).keys(),

@@ -1,0 +1,92 @@
+//! Topics the brokers refuse kafboy to write, and partitions past the cached count: what the
+//! cache learns from requests rather than from its listings.
+//!
+//! Kafka lists a topic a client may describe but not write like any other, so only a delivery
+//! report (`TOPIC_AUTHORIZATION_FAILED`) tells; without this an async request would get `202`
+//! for every record the brokers go on refusing. The report thread only queues the name: the
+//! next lookup takes it into the cache, as `Denied` until `unknown_topic_ttl` runs out.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use super::{Entry, Listed, LookupError, TopicInfo, Topics};
+use crate::lock;
+
+/// Names waiting beyond this are dropped: each is a topic a broker refused within one
+/// lookup's time, and the next refused record reports its topic again.
+const MAX_PENDING: usize = 1024;
+
+/// Refusals reported by the producers, waiting for the next lookup.
+#[derive(Debug, Default)]
+pub struct WriteRefusals {
+    /// Set while `pending` has names: the one check on the lookups' fast path.
+    any: AtomicBool,
+    pending: Mutex<Vec<(String, Instant)>>,
+}
+
+impl WriteRefusals {
+    /// The brokers refused to write a record to `topic`. (A refused batch reports each of its
+    /// records: the first one queues the name.)
+    pub fn refused(&self, topic: &str) {
+        let mut pending = lock(&self.pending);
+        if pending.len() < MAX_PENDING && !pending.iter().any(|(t, _)| t == topic) {
+            pending.push((topic.to_string(), Instant::now()));
+        }
+        // Under the lock: `take` clears it under the same lock, so no name is left unseen.
+        self.any.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Vec<(String, Instant)> {
+        if !self.any.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut pending = lock(&self.pending);
+        self.any.store(false, Ordering::Release);
+        std::mem::take(&mut *pending)
+    }
+}
+
+impl Topics {
+    /// Takes the refusals reported since into the cache.
+    pub(super) fn take_refusals(&self) {
+        let refused = self.refusals.take();
+        if refused.is_empty() {
+            return;
+        }
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        for (topic, at) in refused {
+            entries.insert(topic, Entry::Refused(at, LookupError::Denied));
+        }
+    }
+
+    /// How many partitions the brokers list for `topic` now, for a request that names a
+    /// partition past the cached count (it may have been added since the last refresh): from
+    /// a listing made for it, or one made for another such request within `unknown_topic_ttl`.
+    /// `None` for a topic not listed with partitions.
+    pub async fn listed_partitions(
+        self: &Arc<Self>,
+        topic: &str,
+        info: &TopicInfo,
+    ) -> Result<Option<i32>, String> {
+        if let Some((at, n)) = *lock(&info.listed)
+            && at.elapsed() < self.missing_ttl
+        {
+            return Ok(Some(n));
+        }
+        let arrived = Instant::now();
+        let deadline = arrived + self.timeout;
+        let _turn = tokio::time::timeout_at(deadline.into(), self.lookup.lock())
+            .await
+            .map_err(|_| "metadata lookup timed out".to_string())?;
+        let listed = match self.listed(topic, arrived, deadline).await? {
+            Some(Listed::Partitions(n)) => Some(n),
+            _ => None,
+        };
+        if let Some(n) = listed {
+            *lock(&info.listed) = Some((Instant::now(), n));
+        }
+        Ok(listed)
+    }
+}
