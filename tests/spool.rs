@@ -1193,8 +1193,17 @@ async fn a_checkpoint_that_failed_once_leaves_the_spool_healthy_again_while_idle
     spool.append(&topic, &[record("a")]).await.expect("append");
     wait_drained(&spool, Duration::from_secs(20)).await;
     // A directory where the checkpoint's temporary file goes: its next write fails.
+    // (The checkpoint writes that file itself every 20 ms, for a moment: the directory goes in
+    // between two writes.)
     let blocker = dir.path().join("checkpoint.tmp");
-    std::fs::create_dir(&blocker).expect("blocker");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = std::fs::create_dir(&blocker) {
+        assert!(
+            e.kind() == std::io::ErrorKind::AlreadyExists && Instant::now() < deadline,
+            "blocker: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     spool.append(&topic, &[record("b")]).await.expect("append");
     wait_for("the failed checkpoint", Duration::from_secs(20), || {
         !spool.healthy()

@@ -622,6 +622,33 @@ mod tests {
     }
 
     #[test]
+    fn edits_leave_what_they_do_not_touch_as_it_came() {
+        let after = |edit: &str, body: &str| match run(
+            &format!("function on_request(req) {edit} return forward() end"),
+            body,
+        ) {
+            Ok(Verdict::Forward(f)) => String::from_utf8(f.body.unwrap().to_vec()).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        // Integers past a double and spacing, around an edit below the top level, after a
+        // failed one, and in a body that is not an object.
+        let big = r#"{"id": 123456789012345678901234567890, "a": {"x": 1.10}}"#;
+        assert_eq!(
+            after(r#"req:set("a.y", 2)"#, big),
+            r#"{"id": 123456789012345678901234567890, "a": {"x": 1.10,"y":2}}"#
+        );
+        assert_eq!(
+            after(r#"pcall(req.set, req, "id.b", 1) req:set("z", 1)"#, big),
+            r#"{"id": 123456789012345678901234567890, "a": {"x": 1.10},"z":1}"#
+        );
+        let array = r#"[{"id":18446744073709551616}, {"x":1.10}, 3]"#;
+        assert_eq!(
+            after(r#"req:delete("1") req:set("1", 4)"#, array),
+            r#"[{"id":18446744073709551616}, 4]"#
+        );
+    }
+
+    #[test]
     fn forward_is_shared_and_read_only() {
         let edit =
             r#"function on_request(req) req:set("n", req:get("a.b") + 1) return forward() end"#;

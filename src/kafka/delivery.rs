@@ -62,8 +62,8 @@ pub struct Tally {
     pub delivered: AtomicU64,
     /// Records that failed after they were accepted.
     pub failed: AtomicU64,
-    /// Of those, spooled records kept in the dead-letter file.
-    pub dead_lettered: AtomicU64,
+    /// Of those, the ones only kafboy's memory held (not spooled): lost.
+    pub lost: AtomicU64,
 }
 
 impl Tally {
@@ -193,6 +193,7 @@ impl ProducerContext for Context {
                 }
                 if !spooled {
                     self.count_failed(message.topic(), &format!("{code:?}"));
+                    self.tally.lost.fetch_add(1, Ordering::Relaxed);
                 }
                 Outcome::Failed {
                     error: code,

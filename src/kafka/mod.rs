@@ -221,14 +221,10 @@ impl Producers {
         }
     }
 
-    /// Records failed since start that are not in a spool's dead-letter file either.
+    /// Records failed since start that only memory held (a spool's dead-letters are on disk).
     fn lost(&self) -> u64 {
         self.slots()
-            .map(|slot| {
-                let tally = &slot.shared.tally;
-                let (_, failed) = tally.counts();
-                failed.saturating_sub(tally.dead_lettered.load(Ordering::Relaxed))
-            })
+            .map(|slot| slot.shared.tally.lost.load(Ordering::Relaxed))
             .sum()
     }
 

@@ -264,11 +264,7 @@ impl Producer {
         let context = self.inner.context();
         match failed {
             None => context.count_delivered(topic),
-            Some(reason) => {
-                context.count_failed(topic, reason);
-                // In the dead-letter file, not lost: a shutdown does not count it as lost.
-                context.tally.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            }
+            Some(reason) => context.count_failed(topic, reason),
         }
     }
 

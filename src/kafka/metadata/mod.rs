@@ -192,6 +192,7 @@ impl Topics {
             .listed(topic, arrived, deadline)
             .await
             .map_err(LookupError::Unavailable)?;
+        self.take_refusals();
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         // A refresh or a producer's report may have settled the topic while the listing ran:
         // that answer is at least as new as this one (a refresh listing the topic just

@@ -49,9 +49,24 @@ impl WriteRefusals {
 }
 
 impl Topics {
-    /// Takes the refusals reported since into the cache.
+    /// Takes the refusals reported since into the cache. A refused batch reports every record
+    /// of it, and the report thread queues the name again after each take: a topic already
+    /// marked keeps its mark (and its time), without a write lock.
     pub(super) fn take_refusals(&self) {
-        let refused = self.refusals.take();
+        let mut refused = self.refusals.take();
+        if refused.is_empty() {
+            return;
+        }
+        let ttl = self.missing_ttl;
+        {
+            let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+            refused.retain(|(topic, at)| {
+                let marked = matches!(entries.get(topic),
+                    Some(Entry::Refused(when, LookupError::Denied)) if when.elapsed() < ttl);
+                // One reported longer than a TTL ago (no lookup since) has run out already.
+                !marked && at.elapsed() < ttl
+            });
+        }
         if refused.is_empty() {
             return;
         }
@@ -80,6 +95,12 @@ impl Topics {
         let _turn = tokio::time::timeout_at(deadline.into(), self.lookup.lock())
             .await
             .map_err(|_| "metadata lookup timed out".to_string())?;
+        // Requests that waited together for the turn share the first one's listing.
+        if let Some((at, n)) = *lock(&info.listed)
+            && at >= arrived
+        {
+            return Ok(Some(n));
+        }
         let listed = match self.listed(topic, arrived, deadline).await? {
             Some(Listed::Partitions(n)) => Some(n),
             _ => None,

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use axum::http::StatusCode;
 use rdkafka::error::RDKafkaErrorCode;
 
-use super::{Sender, State};
+use super::{Gone, Sender, State};
 use crate::kafka::SendError;
 use crate::kafka::delivery::Persisted;
 use crate::spool::segment::Entry;
@@ -37,14 +37,33 @@ impl Sender {
     /// its topic or partition has been missing for less than `spool.missing_grace`.
     pub(super) fn waits(&mut self, i: usize, refusal: &Refusal) -> bool {
         let entry = &self.window[i].entry;
-        let key = match refusal.missing {
+        let partition = match refusal.missing {
             Missing::Nothing => return false,
-            Missing::Topic => (entry.topic.clone(), None),
-            Missing::Partition => (entry.topic.clone(), entry.partition),
+            Missing::Topic => None,
+            Missing::Partition => entry.partition,
         };
+        let grace = self.inner.config.missing_grace;
         let now = tokio::time::Instant::now();
-        let since = *self.missing.entry(key).or_insert(now);
-        now.duration_since(since) < self.inner.config.missing_grace
+        let list = self.missing.entry(entry.topic.clone()).or_default();
+        let at = match list.iter().position(|g| g.partition == partition) {
+            Some(at) => at,
+            None => {
+                list.push(Gone {
+                    partition,
+                    since: now,
+                    last: now,
+                });
+                list.len() - 1
+            }
+        };
+        let gone = &mut list[at];
+        // Refusals come at least every `retry_backoff_max` while an outage lasts; one a grace
+        // after the last is a new outage (the topic came back in between), with its own grace.
+        if now.duration_since(gone.last) > grace {
+            gone.since = now;
+        }
+        gone.last = now;
+        now.duration_since(gone.since) < grace
     }
 
     /// Record `i` was delivered: its topic and partition exist.
@@ -53,8 +72,12 @@ impl Sender {
             return;
         }
         let entry = &self.window[i].entry;
-        self.missing.remove(&(entry.topic.clone(), None));
-        self.missing.remove(&(entry.topic.clone(), entry.partition));
+        if let Some(list) = self.missing.get_mut(&entry.topic) {
+            list.retain(|g| g.partition.is_some() && g.partition != entry.partition);
+            if list.is_empty() {
+                self.missing.remove(&entry.topic);
+            }
+        }
     }
 
     /// Why record `i` is retried after `refusal`.

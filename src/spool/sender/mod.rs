@@ -145,9 +145,18 @@ struct Sender {
     /// The producers were closed by a shutdown's flush: nothing more can be sent, and what is
     /// not sent stays on disk for the next start.
     closed: bool,
-    /// Since when Kafka has said a topic (partition `None`) or a partition does not exist, for
-    /// `spool.missing_grace`: one grace for all its records, not one each in turn.
-    missing: HashMap<(String, Option<i32>), Instant>,
+    /// Topics (partition `None`) and partitions Kafka says do not exist, by topic, for
+    /// `spool.missing_grace`: one grace for all their records, not one each in turn.
+    missing: HashMap<String, Vec<Gone>>,
+}
+
+/// A topic or partition Kafka says does not exist.
+struct Gone {
+    partition: Option<i32>,
+    /// The first refusal of this outage.
+    since: Instant,
+    /// The latest refusal: one more than a grace later starts a new outage.
+    last: Instant,
 }
 
 impl Sender {
