@@ -233,7 +233,8 @@ async fn check_partition(
     if p < info.partitions.max(info.added) {
         return Ok(());
     }
-    match app.producers.topics.listed_partitions(topic, info).await {
+    // Boxed: the listing's future is large, and every request's future would carry its room.
+    match Box::pin(app.producers.topics.listed_partitions(topic, info)).await {
         Ok(Some(n)) if p < n => Err(IngestError::Unavailable(format!(
             "partition {p} was just added; kafboy writes to it from its next metadata refresh"
         ))),
