@@ -119,38 +119,25 @@ impl Broker {
 
     /// Deletes `name`.
     pub fn delete_topic(&self, name: &str) {
-        let out = Command::new(tansu_path())
-            .args([
-                "topic",
-                "delete",
-                "--broker",
-                &format!("tcp://{}", self.addr),
-            ])
-            .arg(name)
-            .output()
-            .expect("run tansu topic delete");
-        assert!(
-            out.status.success(),
-            "topic delete: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.topic_command("delete", &[name]);
     }
 
     /// Creates `name` with `partitions` partitions.
     pub fn create_topic(&self, name: &str, partitions: u32) {
+        self.topic_command("create", &["--partitions", &partitions.to_string(), name]);
+    }
+
+    /// Runs `tansu topic <verb> --broker ... <args>`, which must succeed.
+    fn topic_command(&self, verb: &str, args: &[&str]) {
+        let broker = format!("tcp://{}", self.addr);
         let out = Command::new(tansu_path())
-            .args([
-                "topic",
-                "create",
-                "--broker",
-                &format!("tcp://{}", self.addr),
-            ])
-            .args(["--partitions", &partitions.to_string(), name])
+            .args(["topic", verb, "--broker", &broker])
+            .args(args)
             .output()
-            .expect("run tansu topic create");
+            .unwrap_or_else(|e| panic!("run tansu topic {verb}: {e}"));
         assert!(
             out.status.success(),
-            "topic create: {}",
+            "topic {verb}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
