@@ -239,9 +239,15 @@ impl RouteMetrics {
 
     /// One request answered with `status` after `elapsed`.
     pub fn request(&self, status: u16, elapsed: Duration) {
+        self.answered(status);
+        self.seconds.record(elapsed.as_secs_f64());
+    }
+
+    /// Counts an answer by class without a latency: one that took no work (a wrong method),
+    /// whose zero would fill the fastest bucket for anyone who sends GETs.
+    pub fn answered(&self, status: u16) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.answers[class].increment(1);
-        self.seconds.record(elapsed.as_secs_f64());
     }
 
     /// A request carried `n` records.

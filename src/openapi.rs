@@ -41,6 +41,15 @@ pub fn describe(app: &AppState, listener: Listener) -> Value {
     // Templates from the file as it is, before any configured route replaces an entry.
     let builtin = paths.clone();
     let served: Vec<&str> = app.served().map(|s| s.route.pattern.as_str()).collect();
+    // OpenAPI wants every operationId once: a configured route adds its path to its mode's.
+    let mut ids: std::collections::HashSet<String> = builtin
+        .values()
+        .filter_map(|item| {
+            item.pointer("/post/operationId")?
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
     for served in app.served() {
         let route = &served.route;
         // A default route, or a configured route on a default route's path and mode.
@@ -53,6 +62,10 @@ pub fn describe(app: &AppState, listener: Listener) -> Value {
             .cloned()
             .unwrap_or(Value::Null);
         if let Some(op) = item.get_mut("post").and_then(Value::as_object_mut) {
+            if let Some(base) = op.get("operationId").and_then(Value::as_str) {
+                let id = unique_id(&mut ids, base, &route.pattern);
+                op.insert("operationId".into(), Value::from(id));
+            }
             if let crate::routes::TopicSource::Fixed(topic) = &route.topic {
                 // Key, partition and the rest apply as on the built-in route; only the path
                 // has no topic.
@@ -128,4 +141,17 @@ pub async fn serve(
         axum::http::HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// `base` with `path`'s letters and digits, and a number if that is taken too; noted in `ids`.
+fn unique_id(ids: &mut std::collections::HashSet<String>, base: &str, path: &str) -> String {
+    let mut id = format!("{base}_");
+    id.extend(path.chars().filter(char::is_ascii_alphanumeric));
+    let mut candidate = id.clone();
+    let mut n = 2;
+    while !ids.insert(candidate.clone()) {
+        candidate = format!("{id}_{n}");
+        n += 1;
+    }
+    candidate
 }

@@ -16,6 +16,8 @@ use crate::config::TlsConfig;
 pub struct Tls {
     files: TlsConfig,
     current: RwLock<Arc<ServerConfig>>,
+    /// The leaf certificate in force, to compare a reloaded one with.
+    leaf: Mutex<CertificateDer<'static>>,
     /// SIGHUPs from the moment the files were read, for [`Tls::spawn_watch`]: one that comes
     /// while the node is still starting (a long spool recovery) is not missed. (None outside
     /// a runtime, as in `check-config`.)
@@ -28,10 +30,12 @@ impl Tls {
         let hangups = tokio::runtime::Handle::try_current()
             .ok()
             .map(|_| crate::shutdown::hangups());
-        let config = build(files)?;
+        let (config, leaf) = build(files)?;
+        warn_if_not_valid_now(&files.cert, &leaf);
         Ok(Tls {
             files: files.clone(),
             current: RwLock::new(Arc::new(config)),
+            leaf: Mutex::new(leaf),
             hangups: Mutex::new(hangups),
         })
     }
@@ -46,10 +50,23 @@ impl Tls {
         )
     }
 
-    /// Re-reads the files; on error the settings in force stay.
+    /// Re-reads the files; on error the settings in force stay. So do they when the new
+    /// certificate is not valid now (expired, or not yet valid: a clock ahead, a renewal
+    /// staged early) and the one in force is: every client would refuse the new one.
     pub fn reload(&self) -> Result<(), String> {
-        let config = build(&self.files)?;
+        let (config, leaf) = build(&self.files)?;
+        let mut current_leaf = self.leaf.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = not_valid_now(&leaf)
+            && not_valid_now(&current_leaf).is_none()
+        {
+            return Err(format!(
+                "server.tls.cert {}: {why}, and the one in force is valid",
+                self.files.cert.display()
+            ));
+        }
+        warn_if_not_valid_now(&self.files.cert, &leaf);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        *current_leaf = leaf;
         Ok(())
     }
 
@@ -77,9 +94,11 @@ impl Tls {
     }
 }
 
-fn build(files: &TlsConfig) -> Result<ServerConfig, String> {
+/// The settings from the files, and the leaf certificate.
+fn build(files: &TlsConfig) -> Result<(ServerConfig, CertificateDer<'static>), String> {
     let certs = read_certs(&files.cert).map_err(|e| format!("server.tls.cert {e}"))?;
-    warn_if_not_valid_now(&files.cert, &certs[0]);
+    // `read_certs` found at least one.
+    let leaf = certs[0].clone();
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| format!("server.tls.key {}: {e}", files.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -105,7 +124,7 @@ fn build(files: &TlsConfig) -> Result<ServerConfig, String> {
         .with_single_cert(certs, key)
         .map_err(|e| format!("server.tls: certificate and key do not fit: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok((config, leaf))
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -119,21 +138,24 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// Says so when the leaf certificate is expired or not valid yet: every client would refuse
-/// it. (Served all the same: at a reload the one before may be no better, and at a start
-/// nothing else could be served.) `read_certs` found at least one certificate.
+/// it. (Served all the same at a start, where nothing else could be, and at a reload when the
+/// one in force is no better.)
 fn warn_if_not_valid_now(path: &Path, leaf: &CertificateDer<'_>) {
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
-        return;
-    };
-    let validity = parsed.validity();
-    if !validity.is_valid() {
-        tracing::warn!(
-            cert = %path.display(),
-            not_before = %validity.not_before,
-            not_after = %validity.not_after,
-            "server.tls.cert is not valid now: clients will refuse it"
-        );
+    if let Some(why) = not_valid_now(leaf) {
+        tracing::warn!(cert = %path.display(), "server.tls.cert {why}: clients will refuse it");
     }
+}
+
+/// Why `leaf` is not valid now, if it is not (one x509-parser cannot read is left to rustls).
+fn not_valid_now(leaf: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let validity = parsed.validity();
+    (!validity.is_valid()).then(|| {
+        format!(
+            "is not valid now (not before {}, not after {})",
+            validity.not_before, validity.not_after
+        )
+    })
 }
 
 /// The subject of a verified client certificate as text: attributes in certificate order
@@ -246,5 +268,44 @@ mod subject_tests {
             edges.as_deref(),
             Some("CN=\\ #a\\+b\\\\c\\;\\<d\\>\\\"e\\ ")
         );
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, date_time_ymd};
+
+    /// Writes a self-signed certificate for localhost (valid from `from` to `to`, years) and its
+    /// key to the files of `files`.
+    fn write(files: &TlsConfig, from: i32, to: i32) {
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.not_before = date_time_ymd(from, 1, 1);
+        params.not_after = date_time_ymd(to, 1, 1);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    }
+
+    #[test]
+    fn a_reload_keeps_a_valid_certificate_over_one_not_valid_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsConfig {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            client_ca: None,
+        };
+        write(&files, 2020, 4000);
+        let tls = Tls::load(&files).unwrap();
+        // Expired, and not valid yet: refused while the one in force is valid.
+        for (from, to) in [(2000, 2001), (3900, 4000)] {
+            write(&files, from, to);
+            let error = tls.reload().unwrap_err();
+            assert!(error.contains("not valid now"), "{error}");
+        }
+        write(&files, 2021, 4000);
+        assert!(tls.reload().is_ok());
     }
 }

@@ -207,6 +207,46 @@ async fn async_records_that_expire_with_the_brokers_down_are_counted_failed_and_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_client_gives_up_on_is_still_counted() {
+    let (cluster, topic) = cluster_with_topic("abandoned", 1);
+    let gw = common::gateway(
+        &cluster.bootstrap_servers(),
+        "[server]\nsync_timeout = \"10s\"\nshutdown_timeout = \"1s\"",
+    )
+    .await;
+    warm_up(&gw, &cluster.bootstrap_servers(), &topic).await;
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::from_secs(3))
+        .expect("slow broker");
+    // The client's own timeout is shorter than the wait for the ack.
+    let gave_up = common::client()
+        .post(format!("{}/sync/{topic}", gw.url))
+        .header("content-type", "application/json")
+        .body("{}")
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    let closed = [("route", "/sync/:topic"), ("class", "4xx")];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = get(&gw, "/metrics").await.body;
+        if metric(&text, "kafboy_http_requests_total", &closed) == Some(1.0) {
+            assert!(text.contains("kafboy_http_request_duration_seconds_count{mode=\"sync\",route=\"/sync/:topic\"} 1")
+                || text.contains("kafboy_http_request_duration_seconds_count{route=\"/sync/:topic\",mode=\"sync\"} 1"),
+                "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::ZERO)
+        .expect("fast broker");
+    stop(gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_ndjson_with_one_leader_down_is_504_and_says_which_records_were_written() {
     let (cluster, topic) = common::mock_topic(3, "partial", 3);
     for p in 0..3 {

@@ -492,6 +492,15 @@ async fn openapi_describes_exactly_the_routes_served() {
     let mut got: Vec<&str> = paths.iter().map(|p| p.as_str()).collect();
     got.sort();
     assert_eq!(got, want);
+    // Every operationId once, as OpenAPI requires.
+    let ids: Vec<&str> = served["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|item| item.pointer("/post/operationId")?.as_str())
+        .collect();
+    let unique: std::collections::HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), unique.len(), "{ids:?}");
     assert!(
         served["paths"]["/1/foo/{topic}"]["post"]["responses"]["504"].is_object(),
         "batch_sync may answer 504"

@@ -36,6 +36,12 @@ pub type RouteHook = Option<Arc<dyn Hook>>;
 /// Serves one produce request on a route.
 pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -> Response {
     let start = Instant::now();
+    let mut counted = Abandoned {
+        app: &app,
+        served: &served,
+        start,
+        answered: false,
+    };
     let id = request
         .extensions()
         .get::<RequestId>()
@@ -82,8 +88,34 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
     let status = response.status().as_u16();
     served.metrics.request(status, start.elapsed());
     app.stats.answer(status);
+    counted.answered = true;
     response
 }
+
+/// A request whose client went away before its answer: hyper drops the handler then, so it is
+/// counted here, as `499` (nginx's "client closed request"), with the time it had taken. The
+/// slowest requests (a sync request waiting for acks past a client's own timeout) are the
+/// ones clients give up on, and must not vanish from the latency histogram.
+struct Abandoned<'a> {
+    app: &'a AppState,
+    served: &'a Served,
+    start: Instant,
+    answered: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.served
+                .metrics
+                .request(CLIENT_CLOSED, self.start.elapsed());
+            self.app.stats.answer(CLIENT_CLOSED);
+        }
+    }
+}
+
+/// The status counted for a request whose client went away first.
+const CLIENT_CLOSED: u16 = 499;
 
 /// What `handle` learns of a request as `ingest` goes, for the error hook.
 #[derive(Default)]

@@ -24,7 +24,7 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
 pub(super) async fn method_not_allowed(served: Arc<Served>) -> Response {
     // Not handed to the hook's `on_error`: anyone could make the script run, without a key.
     let message = "method not allowed; use POST";
-    served.metrics.request(405, std::time::Duration::ZERO);
+    served.metrics.answered(405);
     let mut response = json(
         StatusCode::METHOD_NOT_ALLOWED,
         &serde_json::json!({ "error": message }),
