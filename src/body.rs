@@ -29,8 +29,17 @@ pub enum Encoding {
 }
 
 impl Encoding {
-    /// The encoding named by `Content-Encoding`; anything else is 415.
+    /// The encoding named by `Content-Encoding`; anything else is 415. So is a transfer coding
+    /// other than `chunked` (`Transfer-Encoding: gzip, chunked`): hyper takes the chunks off and
+    /// leaves the gzip on, and a raw route would write the compressed bytes as the record.
     pub fn of(headers: &HeaderMap) -> Result<Encoding, IngestError> {
+        if headers.contains_key(header::TRANSFER_ENCODING) && !only_chunked(headers) {
+            return Err(IngestError::UnsupportedType(
+                "unsupported Transfer-Encoding; send chunked alone, and gzip or zstd as the \
+                 Content-Encoding"
+                    .into(),
+            ));
+        }
         let mut values = headers.get_all(header::CONTENT_ENCODING).iter();
         let Some(value) = values.next() else {
             return Ok(Encoding::Identity);
@@ -54,6 +63,16 @@ impl Encoding {
             )),
         }
     }
+}
+
+/// Whether every `Transfer-Encoding` coding is `chunked`.
+fn only_chunked(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TRANSFER_ENCODING).iter().all(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .all(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
+        })
+    })
 }
 
 /// The declared `Content-Length`, if any.
@@ -482,6 +501,11 @@ mod tests {
     fn encodings() {
         let mut h = HeaderMap::new();
         assert_eq!(Encoding::of(&h).unwrap(), Encoding::Identity);
+        let mut chunked = HeaderMap::new();
+        chunked.insert(header::TRANSFER_ENCODING, "Chunked".parse().unwrap());
+        assert_eq!(Encoding::of(&chunked).unwrap(), Encoding::Identity);
+        chunked.insert(header::TRANSFER_ENCODING, "gzip, chunked".parse().unwrap());
+        assert_eq!(Encoding::of(&chunked).unwrap_err().status(), 415);
         h.insert(header::CONTENT_ENCODING, "GZIP".parse().unwrap());
         assert_eq!(Encoding::of(&h).unwrap(), Encoding::Gzip);
         h.append(header::CONTENT_ENCODING, "gzip".parse().unwrap());

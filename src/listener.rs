@@ -54,8 +54,25 @@ const TOO_MANY_BODY: &[u8] = b"\r\n\r\n{\"error\":\"too many connections\"}\n";
 /// hyper's default `max_headers`.
 const HYPER_MAX_HEADERS: usize = 100;
 
+/// What a listener's drain left.
+pub struct Drained {
+    /// Every connection finished within the grace.
+    pub in_time: bool,
+    open: Arc<Semaphore>,
+    max: u32,
+}
+
+impl Drained {
+    /// Waits, at most `wait`, for the connections still open to finish. After the final flush
+    /// the requests still running are answered at once (`503`, the producers are closed), and
+    /// the process must not exit before their answers are written.
+    pub async fn settle(&self, wait: Duration) {
+        let _ = tokio::time::timeout(wait, self.open.acquire_many(self.max)).await;
+    }
+}
+
 /// Serves `router` on `listener` until `stop` turns true, then lets open connections finish
-/// their requests for up to `grace`. Returns whether they all finished in time.
+/// their requests for up to `grace`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -63,7 +80,7 @@ pub async fn serve(
     tls: Option<Arc<Tls>>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
-) -> bool {
+) -> Drained {
     let graceful = GracefulShutdown::new();
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let mut refusals = Refusals::default();
@@ -153,9 +170,15 @@ pub async fn serve(
         }
     }
     drop(listener);
-    tokio::time::timeout(grace, graceful.shutdown())
+    let in_time = tokio::time::timeout(grace, graceful.shutdown())
         .await
-        .is_ok()
+        .is_ok();
+    Drained {
+        in_time,
+        // At most `Semaphore::MAX_PERMITS` (`server.max_connections` is checked against it).
+        max: u32::try_from(limits.max_connections).unwrap_or(u32::MAX),
+        open,
+    }
 }
 
 /// What one connection needs to be served.

@@ -190,13 +190,22 @@ impl App {
         if let Some(tls) = &self.tls {
             tls.spawn_watch();
         }
-        if !crate::listener::serve(listener, router, limits, self.tls.clone(), stop_rx, grace).await
-        {
+        let drained =
+            crate::listener::serve(listener, router, limits, self.tls.clone(), stop_rx, grace)
+                .await;
+        if !drained.in_time {
             tracing::warn!(?grace, "requests still open at the shutdown deadline");
         }
-        finish(&state, began, grace).await
+        let report = finish(&state, began, grace).await;
+        if !drained.in_time {
+            drained.settle(LAST_ANSWERS).await;
+        }
+        report
     }
 }
+
+/// How long requests still running after the final flush get to write their answers.
+const LAST_ANSWERS: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The tasks and threads that run beside the listener for the server's life.
 fn start_background(state: &Arc<AppState>) {
