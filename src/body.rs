@@ -65,14 +65,23 @@ impl Encoding {
     }
 }
 
-/// Whether every `Transfer-Encoding` coding is `chunked`.
+/// Whether the `Transfer-Encoding` codings, over all its lines, are `chunked` once (empty list
+/// elements aside, as RFC 9110 has them): `chunked, chunked` would leave one layer of chunks
+/// in the body.
 fn only_chunked(headers: &HeaderMap) -> bool {
-    headers.get_all(header::TRANSFER_ENCODING).iter().all(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .all(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
-        })
-    })
+    let mut chunked = 0;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let Ok(value) = value.to_str() else {
+            return false;
+        };
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return false;
+            }
+            chunked += 1;
+        }
+    }
+    chunked == 1
 }
 
 /// The declared `Content-Length`, if any.
@@ -504,8 +513,16 @@ mod tests {
         let mut chunked = HeaderMap::new();
         chunked.insert(header::TRANSFER_ENCODING, "Chunked".parse().unwrap());
         assert_eq!(Encoding::of(&chunked).unwrap(), Encoding::Identity);
-        chunked.insert(header::TRANSFER_ENCODING, "gzip, chunked".parse().unwrap());
-        assert_eq!(Encoding::of(&chunked).unwrap_err().status(), 415);
+        chunked.insert(header::TRANSFER_ENCODING, " , chunked".parse().unwrap());
+        assert_eq!(Encoding::of(&chunked).unwrap(), Encoding::Identity);
+        for refused in ["gzip, chunked", "chunked, chunked"] {
+            chunked.insert(header::TRANSFER_ENCODING, refused.parse().unwrap());
+            assert_eq!(
+                Encoding::of(&chunked).unwrap_err().status(),
+                415,
+                "{refused}"
+            );
+        }
         h.insert(header::CONTENT_ENCODING, "GZIP".parse().unwrap());
         assert_eq!(Encoding::of(&h).unwrap(), Encoding::Gzip);
         h.append(header::CONTENT_ENCODING, "gzip".parse().unwrap());

@@ -59,15 +59,29 @@ pub struct Drained {
     /// Every connection finished within the grace.
     pub in_time: bool,
     open: Arc<Semaphore>,
-    max: u32,
+    max: usize,
 }
 
 impl Drained {
-    /// Waits, at most `wait`, for the connections still open to finish. After the final flush
-    /// the requests still running are answered at once (`503`, the producers are closed), and
-    /// the process must not exit before their answers are written.
+    /// Waits, at most `wait`, for the connections still open to finish and close. After the
+    /// final flush most requests still running are answered at once (`503`: the producers
+    /// are closed), and the process must not exit before those answers are out.
     pub async fn settle(&self, wait: Duration) {
-        let _ = tokio::time::timeout(wait, self.open.acquire_many(self.max)).await;
+        let settled = async {
+            let mut left = self.max;
+            while left > 0 {
+                let n = u32::try_from(left).unwrap_or(u32::MAX);
+                if let Ok(permits) = self.open.acquire_many(n).await {
+                    permits.forget();
+                }
+                left -= n as usize;
+            }
+            // Then their lingering closes (polled: a second at most, once per process).
+            while linger::lingering() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let _ = tokio::time::timeout(wait, settled).await;
     }
 }
 
@@ -175,8 +189,7 @@ pub async fn serve(
         .is_ok();
     Drained {
         in_time,
-        // At most `Semaphore::MAX_PERMITS` (`server.max_connections` is checked against it).
-        max: u32::try_from(limits.max_connections).unwrap_or(u32::MAX),
+        max: limits.max_connections,
         open,
     }
 }

@@ -36,8 +36,8 @@ pub struct ShutdownReport {
     pub undelivered: usize,
     /// Records kept in the spool for the next start.
     pub spooled: u64,
-    /// Records accepted before the shutdown that failed during its flush (the brokers refused
-    /// them, or their message timeout ran out with the brokers away): lost too.
+    /// Records that failed since the shutdown began, in its drain or its flush (the brokers
+    /// refused them, or their message timeout ran out with the brokers away): lost too.
     pub failed: u64,
 }
 
@@ -197,14 +197,13 @@ impl App {
             tracing::warn!(?grace, "requests still open at the shutdown deadline");
         }
         let report = finish(&state, began, grace).await;
-        if !drained.in_time {
-            drained.settle(LAST_ANSWERS).await;
-        }
+        drained.settle(LAST_ANSWERS).await;
         report
     }
 }
 
-/// How long requests still running after the final flush get to write their answers.
+/// How long requests still running after the final flush get to write their answers, and
+/// connections to finish their lingering closes.
 const LAST_ANSWERS: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The tasks and threads that run beside the listener for the server's life.
@@ -283,7 +282,7 @@ async fn finish(
         );
     }
     if failed > 0 {
-        tracing::error!(failed, "records failed during the flush");
+        tracing::error!(failed, "records failed during the shutdown");
     }
     if undelivered == 0 && failed == 0 {
         tracing::info!("all accepted records delivered or reported");

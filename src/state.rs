@@ -204,6 +204,7 @@ impl AppState {
 
     /// Starts shutdown: new requests get 503 and `/ready` turns false.
     pub fn begin_shutdown(&self) {
+        self.producers.note_stop();
         self.shutting_down.store(true, Ordering::SeqCst);
     }
 

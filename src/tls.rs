@@ -51,16 +51,15 @@ impl Tls {
     }
 
     /// Re-reads the files; on error the settings in force stay. So do they when the new
-    /// certificate is not valid now (expired, or not yet valid: a clock ahead, a renewal
-    /// staged early) and the one in force is: every client would refuse the new one.
+    /// certificate has expired and the one in force has not (a backup restored by mistake):
+    /// every client would refuse the new one. One not valid yet is taken, with a warning:
+    /// clients judge that by their own clocks, and no other SIGHUP may come.
     pub fn reload(&self) -> Result<(), String> {
         let (config, leaf) = build(&self.files)?;
         let mut current_leaf = self.leaf.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(why) = not_valid_now(&leaf)
-            && not_valid_now(&current_leaf).is_none()
-        {
+        if let (Some(true), Some(false)) = (expired(&leaf), expired(&current_leaf)) {
             return Err(format!(
-                "server.tls.cert {}: {why}, and the one in force is valid",
+                "server.tls.cert {}: expired, and the one in force has not",
                 self.files.cert.display()
             ));
         }
@@ -144,6 +143,12 @@ fn warn_if_not_valid_now(path: &Path, leaf: &CertificateDer<'_>) {
     if let Some(why) = not_valid_now(leaf) {
         tracing::warn!(cert = %path.display(), "server.tls.cert {why}: clients will refuse it");
     }
+}
+
+/// Whether `leaf`'s validity has ended; `None` when x509-parser cannot read it.
+fn expired(leaf: &CertificateDer<'_>) -> Option<bool> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(parsed.validity().not_after < x509_parser::time::ASN1Time::now())
 }
 
 /// Why `leaf` is not valid now, if it is not (one x509-parser cannot read is left to rustls).
@@ -290,7 +295,7 @@ mod reload_tests {
     }
 
     #[test]
-    fn a_reload_keeps_a_valid_certificate_over_one_not_valid_now() {
+    fn a_reload_keeps_a_certificate_in_force_over_an_expired_one() {
         let dir = tempfile::tempdir().unwrap();
         let files = TlsConfig {
             cert: dir.path().join("cert.pem"),
@@ -299,12 +304,13 @@ mod reload_tests {
         };
         write(&files, 2020, 4000);
         let tls = Tls::load(&files).unwrap();
-        // Expired, and not valid yet: refused while the one in force is valid.
-        for (from, to) in [(2000, 2001), (3900, 4000)] {
-            write(&files, from, to);
-            let error = tls.reload().unwrap_err();
-            assert!(error.contains("not valid now"), "{error}");
-        }
+        // Expired: refused while the one in force has not.
+        write(&files, 2000, 2001);
+        let error = tls.reload().unwrap_err();
+        assert!(error.contains("expired"), "{error}");
+        // Not valid yet by this clock: taken (clients have their own).
+        write(&files, 3900, 4000);
+        assert!(tls.reload().is_ok());
         write(&files, 2021, 4000);
         assert!(tls.reload().is_ok());
     }

@@ -106,10 +106,13 @@ struct Abandoned<'a> {
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if !self.answered {
-            self.served
-                .metrics
-                .request(CLIENT_CLOSED, self.start.elapsed());
-            self.app.stats.answer(CLIENT_CLOSED);
+            // A panic unwinding through the handler is the server's failure, not the client's.
+            let status = match std::thread::panicking() {
+                true => 500,
+                false => CLIENT_CLOSED,
+            };
+            self.served.metrics.request(status, self.start.elapsed());
+            self.app.stats.answer(status);
         }
     }
 }

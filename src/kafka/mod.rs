@@ -130,6 +130,8 @@ pub struct Producers {
     /// Producers replaced after a fatal error, until what they had in flight is done: the
     /// final flush waits for them too, and counts what they still hold.
     retiring: Arc<Mutex<Vec<Arc<Producer>>>>,
+    /// Records lost before the shutdown began: the ones after count against its exit code.
+    lost_at_stop: std::sync::OnceLock<u64>,
 }
 
 impl Producers {
@@ -169,6 +171,7 @@ impl Producers {
             topics,
             gate,
             retiring: Arc::default(),
+            lost_at_stop: std::sync::OnceLock::new(),
         })
     }
 
@@ -221,6 +224,12 @@ impl Producers {
         }
     }
 
+    /// Notes that a shutdown began: records failing from now on (during the drain, or the
+    /// flush) are lost with the shutdown, and make its exit code 1.
+    pub fn note_stop(&self) {
+        let _ = self.lost_at_stop.set(self.lost());
+    }
+
     /// Records failed since start that only memory held (a spool's dead-letters are on disk).
     fn lost(&self) -> u64 {
         self.slots()
@@ -233,7 +242,11 @@ impl Producers {
     pub async fn flush(&self, deadline: Duration) -> Flushed {
         // Nothing may be queued behind the flush's back: after it, dropping a producer purges.
         self.gate.close().await;
-        let failed_before = self.lost();
+        let failed_before = self
+            .lost_at_stop
+            .get()
+            .copied()
+            .unwrap_or_else(|| self.lost());
         let mut producers = self.all();
         // A producer replaced since `all` read the slots is in both.
         for old in lock(&self.retiring).iter() {
@@ -269,7 +282,7 @@ impl Producers {
 pub struct Flushed {
     /// Records still handed over and unreported at the deadline (spooled ones aside).
     pub undelivered: usize,
-    /// Records reported failed during the flush (refused, or past their message timeout with
-    /// the brokers away): accepted before the shutdown, and lost.
+    /// Records reported failed since the shutdown began (refused, or past their message
+    /// timeout with the brokers away, during the drain or the flush): accepted, and lost.
     pub failed: u64,
 }

@@ -30,6 +30,12 @@ pub async fn linger(mut tcp: TcpStream) {
     drain(tcp, &LINGERING, LINGERING_MAX).await;
 }
 
+/// Connections lingering now (and refused ones draining): a process about to exit waits for
+/// them, since dropping one with input unread sends the reset lingering is there to avoid.
+pub fn lingering() -> usize {
+    LINGERING.load(Relaxed) + REFUSED.load(Relaxed)
+}
+
 /// The same for a connection refused at the cap, whose answer is written and shut already.
 pub async fn refused(tcp: TcpStream) {
     drain(tcp, &REFUSED, REFUSED_MAX).await;
