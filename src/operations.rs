@@ -101,12 +101,10 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     for slot in app.producers.slots() {
-        let current = slot.current();
+        let (queued, in_flight) = app.producers.held(slot);
         let name = slot.name().to_string();
-        ::metrics::gauge!(crate::metrics::QUEUED, "producer" => name.clone())
-            .set(current.queued() as f64);
-        ::metrics::gauge!(crate::metrics::IN_FLIGHT, "producer" => name)
-            .set(current.in_flight() as f64);
+        ::metrics::gauge!(crate::metrics::QUEUED, "producer" => name.clone()).set(queued as f64);
+        ::metrics::gauge!(crate::metrics::IN_FLIGHT, "producer" => name).set(in_flight as f64);
     }
     if let Some(spool) = &app.spool {
         spool_metrics(&spool.stats());

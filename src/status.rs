@@ -185,11 +185,11 @@ pub async fn status_json(State(app): State<Arc<AppState>>) -> Response {
             .producers
             .slots()
             .map(|slot| {
-                let current = slot.current();
+                let (queued, in_flight) = app.producers.held(slot);
                 ProducerView {
                     name: slot.name().to_string(),
-                    queued: current.queued(),
-                    in_flight: current.in_flight(),
+                    queued,
+                    in_flight,
                     brokers: slot.brokers(),
                 }
             })

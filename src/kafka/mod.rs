@@ -194,6 +194,21 @@ impl Producers {
             .chain(self.groups.iter())
     }
 
+    /// Records queued and in flight in `slot`'s producers: the current one, and any replaced
+    /// after a fatal error that still holds records.
+    pub fn held(&self, slot: &Slot) -> (usize, usize) {
+        let current = slot.current();
+        let mut held = (current.queued(), current.in_flight());
+        for old in lock(&self.retiring)
+            .iter()
+            .filter(|p| p.name() == slot.name())
+        {
+            held.0 += old.queued();
+            held.1 += old.in_flight();
+        }
+        held
+    }
+
     /// The current producer of every slot, for flushing and reporting.
     pub fn all(&self) -> Vec<Arc<Producer>> {
         self.slots().map(Slot::current).collect()

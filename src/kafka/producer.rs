@@ -223,6 +223,11 @@ impl Producer {
         Ok(receivers)
     }
 
+    /// The producer's name (`sync`, `async`, `batch`, `batch-N`), its slot's.
+    pub fn name(&self) -> &str {
+        &self.inner.context().name
+    }
+
     /// Whether a shutdown's flush closed the producers to new records.
     pub fn closed(&self) -> bool {
         self.gate.is_closed()
