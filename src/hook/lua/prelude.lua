@@ -96,18 +96,16 @@ do
   local function shifted_here(t)
     return type(t) == "table" and (getmetatable(t) ~= nil or rawlen(t) > LIMIT)
   end
-  table.insert = function(t, ...)
-    if shifted_here(t) then
-      return lua_insert(t, ...)
+  local function either(in_lua, in_c)
+    return function(t, ...)
+      if shifted_here(t) then
+        return in_lua(t, ...)
+      end
+      return in_c(t, ...)
     end
-    return insert(t, ...)
   end
-  table.remove = function(t, ...)
-    if shifted_here(t) then
-      return lua_remove(t, ...)
-    end
-    return remove(t, ...)
-  end
+  table.insert = either(lua_insert, insert)
+  table.remove = either(lua_remove, remove)
 end
 -- One read-only table for every forward(): nothing to allocate, and the host knows it on sight.
 do

@@ -112,12 +112,8 @@ impl RawDoc {
             (Some(i), None) => i,
             (Some(_), Some(_)) => return None,
         };
-        // The member goes with the comma that joins it to a neighbour.
-        let cut = match (i.checked_sub(1), members.get(i + 1)) {
-            (_, Some(next)) => members[i].key.start..next.key.start,
-            (Some(previous), None) => members[previous].value.end..members[i].value.end,
-            (None, None) => members[i].key.start..members[i].value.end,
-        };
+        let items: Vec<_> = members.iter().map(|m| m.key.start..m.value.end).collect();
+        let cut = item_cut(&items, i);
         members.remove(i);
         for m in &mut members[i..] {
             m.shift(-(cut.len() as isize));
@@ -127,14 +123,20 @@ impl RawDoc {
     }
 }
 
-/// The value `seg` names inside the value at `range`.
+/// What removing item `i` of a list (an object's members from their keys, an array's elements)
+/// cuts: the item with the comma that joins it to a neighbour.
+fn item_cut(items: &[Range<usize>], i: usize) -> Range<usize> {
+    match (i.checked_sub(1), items.get(i + 1)) {
+        (_, Some(next)) => items[i].start..next.start,
+        (Some(previous), None) => items[previous].end..items[i].end,
+        (None, None) => items[i].clone(),
+    }
+}
+
+/// The value `seg` names inside the value at `range` (the last of duplicate keys).
 fn step(doc: &[u8], range: Range<usize>, seg: &str) -> Option<Range<usize>> {
-    match doc.get(range.start)? {
-        b'{' => members(doc, range.start)
-            .filter(|m| key_is(doc, &m.key, seg))
-            .last()
-            .map(|m| m.value),
-        b'[' => elements(doc, range.start).nth(seg.parse().ok()?),
+    match path::step(doc, &range, seg) {
+        path::Step::To(value) | path::Step::Twice(value) => Some(value),
         _ => None,
     }
 }

@@ -19,7 +19,7 @@ pub enum Edit {
 }
 
 /// Where `seg` leads inside the object or array at `range`.
-enum Step {
+pub(super) enum Step {
     To(Range<usize>),
     /// An object without `seg`.
     Missing,
@@ -27,21 +27,22 @@ enum Step {
     NoIndex(String),
     /// A scalar.
     Scalar,
-    /// `seg` twice in an object.
-    Twice,
+    /// `seg` more than once in an object: the last one's value, which a read takes (a tree's
+    /// map keeps the last value), and which an edit leaves to a tree.
+    Twice(Range<usize>),
 }
 
-fn step(doc: &[u8], range: &Range<usize>, seg: &str) -> Step {
-    match doc[range.start] {
-        b'{' => {
+pub(super) fn step(doc: &[u8], range: &Range<usize>, seg: &str) -> Step {
+    match doc.get(range.start) {
+        Some(b'{') => {
             let mut hits = members(doc, range.start).filter(|m| key_is(doc, &m.key, seg));
-            match (hits.next(), hits.next()) {
+            match (hits.next(), hits.last()) {
                 (Some(m), None) => Step::To(m.value),
                 (None, _) => Step::Missing,
-                _ => Step::Twice,
+                (Some(_), Some(last)) => Step::Twice(last.value),
             }
         }
-        b'[' => match seg.parse::<usize>() {
+        Some(b'[') => match seg.parse::<usize>() {
             Ok(i) => match elements(doc, range.start).nth(i) {
                 Some(r) => Step::To(r),
                 None => Step::NoIndex(format!("index {i} out of range")),
@@ -86,7 +87,7 @@ impl RawDoc {
                 Step::Scalar => {
                     return Edit::Refused(format!("cannot set {path:?}: not an object"));
                 }
-                Step::Twice => return Edit::Tree,
+                Step::Twice(_) => return Edit::Tree,
             };
         }
         self.apply(range, value)
@@ -102,7 +103,7 @@ impl RawDoc {
         for seg in parents {
             range = match step(&doc, &range, seg) {
                 Step::To(next) => next,
-                Step::Twice => return Err(Edit::Tree),
+                Step::Twice(_) => return Err(Edit::Tree),
                 _ => return Ok(false),
             };
         }
@@ -124,13 +125,7 @@ impl RawDoc {
             _ => last.parse::<usize>().ok().filter(|&i| i < items.len()),
         };
         let Some(i) = found else { return Ok(false) };
-        // The item goes with the comma that joins it to a neighbour.
-        let cut = match (i.checked_sub(1), items.get(i + 1)) {
-            (_, Some(next)) => items[i].start..next.start,
-            (Some(previous), None) => items[previous].end..items[i].end,
-            (None, None) => items[i].clone(),
-        };
-        self.apply(cut, b"");
+        self.apply(super::item_cut(&items, i), b"");
         Ok(true)
     }
 
