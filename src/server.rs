@@ -18,7 +18,7 @@ use crate::state::AppState;
 mod answers;
 
 pub use answers::json;
-use answers::{method_not_allowed, not_found};
+use answers::{method_not_allowed, not_found, reserve};
 
 /// A server ready to run: config turned into runtime types.
 pub struct App {
@@ -131,7 +131,9 @@ impl App {
                 private: self.admin.is_none(),
             },
         ));
-        router.fallback(not_found).with_state(self.state.clone())
+        reserve(router, self.admin.is_some())
+            .fallback(not_found)
+            .with_state(self.state.clone())
     }
 
     /// The producers, for inspection.

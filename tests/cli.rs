@@ -165,6 +165,13 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[kafka]\nmessage_timeout = \"3ms\"".into(), "message.timeout.ms"),
         ("[kafka.options]\n\"retries\" = \"0\"".into(), "retries"),
         ("[server]\nsync_timeout = \"0s\"".into(), "server.sync_timeout"),
+        (
+            "[kafka]\nsync_linger = \"30s\"\n[server]\nsync_timeout = \"30s\"".into(),
+            "kafka.sync_linger",
+        ),
+        ("[kafka]\nunknown_topic_ttl = \"0s\"".into(), "kafka.unknown_topic_ttl"),
+        ("[kafka]\nunknown_topic_ttl = \"2d\"".into(), "kafka.unknown_topic_ttl"),
+        ("[kafka.options]\n\"topic.acks\" = \"0\"".into(), "typed"),
         ("[server]\nmax_headers = 100000".into(), "server.max_headers"),
         ("[server]\nmax_headers = 2".into(), "server.max_headers"),
         ("[server]\nmax_body_bytes = 0".into(), "server.max_body_bytes"),

@@ -366,6 +366,56 @@ async fn status_json_and_the_admin_listener() {
     gw.stop().await;
 }
 
+/// A `/:topic` route does not take kafboy's own paths: not `/metrics` and `/status.json` once
+/// they moved to the admin listener, nor any of them with a trailing slash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_topic_route_leaves_kafboys_own_paths_alone() {
+    let b = broker();
+    let topic = b.topic("root", 1);
+    let mut config =
+        kafboy::Config::from_toml("[[routes]]\npath = \"/:topic\"\nmode = \"async\"").unwrap();
+    config.kafka.brokers = vec![b.addr.clone()];
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_url = format!("http://{}", admin.local_addr().unwrap());
+    let app = kafboy::App::build(&config)
+        .unwrap()
+        .with_admin_listener(admin);
+    let gw = common::serve(app).await;
+    for path in [
+        "/metrics",
+        "/status.json",
+        "/metrics/",
+        "/status.json/",
+        "/health/",
+        "/ready/",
+        "/disco/",
+        "/openapi.json/",
+    ] {
+        let r = gw.post_json(path, "{}").await;
+        assert_eq!(r.status, 404, "POST {path}: {}", r.body);
+        // No route, not an unknown topic named after the path.
+        assert_eq!(r.body, r#"{"error":"not found"}"#, "POST {path}");
+        let r = client()
+            .get(format!("{}{path}", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "GET {path}");
+    }
+    assert_eq!(gw.post_json(&format!("/{topic}"), "{}").await.status, 202);
+    assert_eq!(gw.post_json(&format!("/{topic}/"), "{}").await.status, 202);
+    let r = client()
+        .get(format!("{admin_url}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let report = gw.stop().await;
+    assert_eq!(report.undelivered, 0);
+    let values = common::values(&common::consume(&b.addr, &topic, 2));
+    assert_eq!(values, ["{}", "{}"]);
+}
+
 fn chromium() -> String {
     if let Ok(p) = std::env::var("KAFBOY_CHROMIUM") {
         return p;

@@ -154,6 +154,36 @@ impl Keys {
     }
 }
 
+/// When the key file is due for a reload, decided on a fixed beat.
+#[derive(Default)]
+struct Watch {
+    /// A SIGHUP came since the last reload.
+    asked: bool,
+}
+
+impl Watch {
+    /// A SIGHUP asks for a reload even of an unchanged file, but not of one being written:
+    /// sent mid-rewrite, it would apply a cut-off file that parses (a key without its `rate`,
+    /// and the keys after it gone). So it takes no sample of its own: the file must hold
+    /// still from one beat to the next, as without a signal.
+    fn signalled(&mut self) {
+        self.asked = true;
+    }
+
+    /// At a beat: whether to reload now.
+    fn beat(&mut self, keys: &Keys) -> bool {
+        let due = if self.asked {
+            keys.held_still()
+        } else {
+            keys.file_settled()
+        };
+        if due {
+            self.asked = false;
+        }
+        due
+    }
+}
+
 /// Re-reads the key file when it has changed and then held still for one check (checked every
 /// 2 s), and on SIGHUP once it holds still, for as long as the keys are in use. Without a key
 /// file there is nothing to watch.
@@ -164,10 +194,7 @@ pub fn spawn_watch(keys: &Arc<Keys>) {
     let weak = Arc::downgrade(keys);
     tokio::spawn(async move {
         let mut hangups = crate::shutdown::hangups();
-        // A SIGHUP asks for a reload even of an unchanged file, but not of one being written:
-        // sent mid-rewrite, it would apply a cut-off file that parses (a key without its
-        // `rate`, and the keys after it gone).
-        let mut asked = false;
+        let mut watch = Watch::default();
         // A fixed beat: signals in quick succession must not keep pushing the next check away.
         let mut beat = tokio::time::interval(Duration::from_secs(2));
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -179,19 +206,12 @@ pub fn spawn_watch(keys: &Arc<Keys>) {
             };
             let Some(keys) = weak.upgrade() else { return };
             if signalled {
-                asked = true;
-                keys.held_still();
+                watch.signalled();
                 continue;
             }
-            let due = if asked {
-                keys.held_still()
-            } else {
-                keys.file_settled()
-            };
-            if !due {
+            if !watch.beat(&keys) {
                 continue;
             }
-            asked = false;
             match keys.reload() {
                 Ok(count) => tracing::info!(keys = count, "API keys reloaded"),
                 Err(error) => {
@@ -262,6 +282,26 @@ mod tests {
         assert!(keys.file_settled());
         assert_eq!(keys.reload().unwrap(), 1);
         assert!(keys.current().find(b"x").is_none());
+    }
+
+    #[test]
+    fn a_sighup_waits_for_the_file_to_hold_still_for_a_beat() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, entry("a")).unwrap();
+        let keys = Keys::load(&[], Some(&path), false).unwrap();
+        let mut watch = Watch::default();
+        assert!(!watch.beat(&keys), "unchanged, not asked");
+        // Asked with no change: the next beat reloads.
+        watch.signalled();
+        assert!(watch.beat(&keys));
+        assert!(!watch.beat(&keys), "done");
+        // A piece of a new file lands just before a SIGHUP (sent for the TLS certificate,
+        // say) and the beat right after it.
+        std::fs::write(&path, entry("a") + "[[keys]]\nname = \"b\"\n").unwrap();
+        watch.signalled();
+        assert!(!watch.beat(&keys), "it changed since the last beat");
+        assert!(watch.beat(&keys), "held still for a beat");
     }
 
     #[test]

@@ -232,7 +232,8 @@ pub fn presented(headers: &HeaderMap) -> Result<Option<&[u8]>, &'static str> {
 
 fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim();
-    if hex.len() != 64 {
+    // `from_str_radix` takes a leading `+`: "+f" would pass for a digit pair.
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -294,6 +295,21 @@ mod tests {
             let mut k = b"secret-a".to_vec();
             k[i] ^= 1;
             assert!(set.find(&k).is_none());
+        }
+    }
+
+    #[test]
+    fn a_digest_is_64_hex_digits_and_nothing_else() {
+        let mut c = key("d", "s", &["t"]);
+        let good = c.sha256.clone().unwrap();
+        assert!(KeySet::new(std::slice::from_ref(&c), false).is_ok());
+        for bad in [
+            format!("+{}", &good[1..]),
+            format!("{}+f{}", &good[..2], &good[4..]),
+        ] {
+            c.sha256 = Some(bad.clone());
+            let e = KeySet::new(std::slice::from_ref(&c), false).unwrap_err();
+            assert!(e.contains("64 hex digits"), "{bad}: {e}");
         }
     }
 

@@ -231,36 +231,42 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, String> {
     );
     security(kafka, &mut c)?;
     for (key, value) in &kafka.options {
-        let broken = |k: &str| k == key || (k.ends_with('.') && key.starts_with(k));
-        if let Some((_, why)) = BROKEN_BY.iter().find(|(k, _)| broken(k)) {
-            return Err(format!("kafka.options.\"{key}\": not allowed: {why}"));
-        }
-        // Security properties (turning certificate checks off, inline keys) only through
-        // [kafka.tls] and [kafka.sasl], where secrets never sit in the file. (Asked before the
-        // typed settings' list, which holds some of them: the message names the right place.)
-        if [
-            "ssl.",
-            "ssl_",
-            "sasl.",
-            "security.",
-            "enable.ssl.",
-            "enable.sasl.",
-        ]
-        .iter()
-        .any(|p| key.starts_with(p))
-        {
-            return Err(format!(
-                "kafka.options.\"{key}\": security settings go in [kafka.tls] and [kafka.sasl]"
-            ));
-        }
-        if TYPED_KEYS.contains(&key.as_str()) {
-            return Err(format!(
-                "kafka.options.\"{key}\": set by a typed kafka setting; use that instead"
-            ));
+        // librdkafka takes a name it does not know globally as a topic property, with any
+        // `topic.` prefix taken off: `topic.acks` sets `acks`. Both names are checked.
+        for name in std::iter::once(key.as_str()).chain(key.strip_prefix("topic.")) {
+            refused_option(name).map_err(|why| format!("kafka.options.\"{key}\": {why}"))?;
         }
         c.set(key, value);
     }
     Ok(c)
+}
+
+/// Why `name` may not be set through `kafka.options`, if it may not.
+fn refused_option(name: &str) -> Result<(), String> {
+    let broken = |k: &str| k == name || (k.ends_with('.') && name.starts_with(k));
+    if let Some((_, why)) = BROKEN_BY.iter().find(|(k, _)| broken(k)) {
+        return Err(format!("not allowed: {why}"));
+    }
+    // Security properties (turning certificate checks off, inline keys) only through
+    // [kafka.tls] and [kafka.sasl], where secrets never sit in the file. (Asked before the
+    // typed settings' list, which holds some of them: the message names the right place.)
+    if [
+        "ssl.",
+        "ssl_",
+        "sasl.",
+        "security.",
+        "enable.ssl.",
+        "enable.sasl.",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+    {
+        return Err("security settings go in [kafka.tls] and [kafka.sasl]".into());
+    }
+    if TYPED_KEYS.contains(&name) {
+        return Err("set by a typed kafka setting; use that instead".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -351,6 +357,29 @@ mod tests {
         kafka
             .options
             .insert("socket.keepalive.enable".into(), "true".into());
+        assert!(client_config(&kafka).is_ok());
+    }
+
+    #[test]
+    fn a_topic_prefix_does_not_get_past_the_typed_settings() {
+        // librdkafka would set `acks` and the rest from these, in whatever order the
+        // properties happen to be applied.
+        for key in [
+            "topic.acks",
+            "topic.request.required.acks",
+            "topic.message.timeout.ms",
+            "topic.compression.type",
+            "topic.partitioner",
+        ] {
+            let mut kafka = KafkaConfig::default();
+            kafka.options.insert(key.into(), "0".into());
+            let error = client_config(&kafka).unwrap_err();
+            assert!(error.contains(key) && error.contains("typed"), "{error}");
+        }
+        let mut kafka = KafkaConfig::default();
+        kafka
+            .options
+            .insert("topic.request.timeout.ms".into(), "5000".into());
         assert!(client_config(&kafka).is_ok());
     }
 }

@@ -2,12 +2,15 @@
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::any;
 use serde::Serialize;
 
 use crate::error::IngestError;
-use crate::state::Served;
+use crate::routes::RESERVED_PATHS;
+use crate::state::{AppState, Served};
 
 /// A JSON response.
 pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
@@ -37,4 +40,19 @@ pub(super) async fn method_not_allowed(served: Arc<Served>) -> Response {
 
 pub(super) async fn not_found() -> Response {
     IngestError::NoRoute.into_response()
+}
+
+/// kafboy's own paths that `router` does not serve (moved to the admin listener), and every one
+/// with a trailing slash, answer 404: a `/{topic}` route (with its `/{topic}/`) would take them,
+/// and write `POST /metrics` to a topic named `metrics`.
+pub(super) fn reserve(mut router: Router<Arc<AppState>>, admin: bool) -> Router<Arc<AppState>> {
+    for path in RESERVED_PATHS.iter().filter(|p| **p != "/") {
+        router = router.route(&format!("{path}/"), any(not_found));
+    }
+    if admin {
+        for path in ["/metrics", "/status.json"] {
+            router = router.route(path, any(not_found));
+        }
+    }
+    router
 }

@@ -53,6 +53,7 @@ fn check_ranges(config: &Config) -> Result<(), String> {
         ("server.write_timeout", s.write_timeout),
         ("hook.timeout", config.hook.timeout),
         ("kafka.metadata_timeout", config.kafka.metadata_timeout),
+        ("kafka.unknown_topic_ttl", config.kafka.unknown_topic_ttl),
     ];
     if let Some((name, _)) = durations
         .iter()
@@ -76,9 +77,20 @@ fn check_ranges(config: &Config) -> Result<(), String> {
         ("kafka.message_timeout", k.message_timeout, ms(1)),
         ("kafka.metadata_timeout", k.metadata_timeout, ms(10)),
         ("kafka.metadata_refresh", k.metadata_refresh, ms(1000)),
+        // Zero would look up every request's missing topic (or partition past the cached
+        // count) at the brokers, one lookup after another.
+        ("kafka.unknown_topic_ttl", k.unknown_topic_ttl, ms(100)),
     ];
     if let Some((name, _, floor)) = floors.iter().find(|(_, d, floor)| d < floor) {
         return Err(format!("{name} must be at least {floor:?}"));
+    }
+    // A sync reply waits out the linger before its record is even sent.
+    if k.sync_linger >= s.sync_timeout {
+        return Err(
+            "kafka.sync_linger must be below server.sync_timeout: every sync reply \
+                    would be a 504 with its record written"
+                .into(),
+        );
     }
     if k.queue_max_messages == 0 || k.queue_max_bytes == 0 {
         return Err("kafka.queue_max_messages and kafka.queue_max_bytes must be above 0".into());
