@@ -721,10 +721,7 @@ pub fn record(data: &[u8]) {
         Partitioner::KeyHash,
         Partitioner::Sticky,
     ][usize::from(input.strategy % 5)];
-    let info = TopicInfo {
-        partitions,
-        ..Default::default()
-    };
+    let info = TopicInfo::with_partitions(partitions);
     let values: Vec<Bytes> = (0..input.values % 8)
         .map(|i| Bytes::from(vec![i; usize::from(i)]))
         .collect();

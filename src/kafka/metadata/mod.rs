@@ -39,6 +39,17 @@ pub struct TopicInfo {
     pub(super) listed: std::sync::Mutex<Option<(Instant, i32)>>,
 }
 
+impl TopicInfo {
+    /// A topic of `partitions` partitions, none added since (for building records outside
+    /// a cache, as the fuzz targets do).
+    pub fn with_partitions(partitions: i32) -> TopicInfo {
+        TopicInfo {
+            partitions,
+            ..TopicInfo::default()
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Entry {
     Known(Arc<TopicInfo>),
