@@ -115,13 +115,13 @@ async fn sync_with_all_brokers_down_is_503_after_message_timeout() {
     let message_timeout = Duration::from_millis(1500);
     let gw = common::gateway(
         &cluster.bootstrap_servers(),
-        "[kafka]\nmessage_timeout = \"1500ms\"\n[server]\nsync_timeout = \"10s\"\nshutdown_timeout = \"1s\"",
+        "[kafka]\nmessage_timeout = \"1500ms\"\n[server]\nsync_timeout = \"30s\"\nshutdown_timeout = \"1s\"",
     )
     .await;
     // Ready means the topic's metadata is cached; from here on no broker answers.
     cluster.broker_down(ALL_BROKERS).expect("brokers down");
 
-    let limit = message_timeout + Duration::from_secs(4);
+    let limit = Duration::from_secs(20);
     let (reply, elapsed) =
         timed_post(&gw, &format!("/sync/{topic}"), None, r#"{"n":1}"#, limit).await;
     eprintln!(
@@ -130,13 +130,13 @@ async fn sync_with_all_brokers_down_is_503_after_message_timeout() {
     );
     assert_unavailable(&reply, "record never sent");
     assert!(reply.error().contains("not delivered"), "{reply:?}");
-    // It is librdkafka's message timeout that ends the wait, not sync_timeout (10 s).
+    // It is librdkafka's message timeout that ends the wait, not sync_timeout (30 s).
     assert!(
         elapsed >= message_timeout - Duration::from_millis(100),
         "answered before the message timeout: {elapsed:?}"
     );
     assert!(
-        elapsed < message_timeout + Duration::from_secs(3),
+        elapsed < Duration::from_secs(15),
         "answered too late: {elapsed:?}"
     );
     // "Definitely not written": once the brokers are back, only what comes after is there.
@@ -324,7 +324,7 @@ async fn sync_with_rtt_beyond_message_timeout_is_504() {
     let message_timeout = Duration::from_millis(1500);
     let gw = common::gateway(
         &cluster.bootstrap_servers(),
-        "[kafka]\nmessage_timeout = \"1500ms\"\n[server]\nsync_timeout = \"10s\"\nshutdown_timeout = \"1s\"",
+        "[kafka]\nmessage_timeout = \"1500ms\"\n[server]\nsync_timeout = \"30s\"\nshutdown_timeout = \"1s\"",
     )
     .await;
     // Ready only means metadata: the connection to the leader and the idempotent producer id
@@ -336,7 +336,7 @@ async fn sync_with_rtt_beyond_message_timeout_is_504() {
         .broker_round_trip_time(ALL_BROKERS, Duration::from_secs(4))
         .expect("rtt");
 
-    let limit = message_timeout + Duration::from_secs(4);
+    let limit = Duration::from_secs(20);
     let (reply, elapsed) =
         timed_post(&gw, &format!("/sync/{topic}"), None, r#"{"n":1}"#, limit).await;
     eprintln!(
@@ -350,7 +350,7 @@ async fn sync_with_rtt_beyond_message_timeout_is_504() {
         "answered before the message timeout: {elapsed:?}"
     );
     assert!(
-        elapsed < message_timeout + Duration::from_secs(3),
+        elapsed < Duration::from_secs(15),
         "answered too late: {elapsed:?}"
     );
     cluster
@@ -583,10 +583,9 @@ async fn unreachable_brokers_mean_not_ready_and_503() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let metadata_timeout = Duration::from_secs(1);
     let gw = common::gateway_unready(
         &format!("127.0.0.1:{port}"),
-        "[kafka]\nmetadata_timeout = \"1s\"\nmessage_timeout = \"2s\"\n[server]\nshutdown_timeout = \"1s\"",
+        "[kafka]\nmetadata_timeout = \"1s\"\nmessage_timeout = \"20s\"\n[server]\nshutdown_timeout = \"1s\"",
     )
     .await;
 
@@ -596,7 +595,7 @@ async fn unreachable_brokers_mean_not_ready_and_503() {
     assert_eq!(health.status, 200, "{health:?}");
 
     for path in ["/sync/nowhere", "/async/nowhere"] {
-        let limit = metadata_timeout + Duration::from_secs(4);
+        let limit = Duration::from_secs(15);
         let (reply, elapsed) = timed_post(&gw, path, None, r#"{"n":1}"#, limit).await;
         eprintln!(
             "{path} without brokers: {} after {elapsed:?}: {}",
@@ -605,7 +604,8 @@ async fn unreachable_brokers_mean_not_ready_and_503() {
         assert_unavailable(&reply, path);
         assert!(reply.error().contains("metadata"), "{reply:?}");
         assert!(
-            elapsed < metadata_timeout + Duration::from_secs(2),
+            // The metadata timeout (1 s) ends the wait, not the message timeout (20 s).
+            elapsed < Duration::from_secs(10),
             "{path} took {elapsed:?}"
         );
     }

@@ -322,13 +322,25 @@ async fn configured_routes_take_their_mode_from_the_route() {
         assert_eq!(r.status(), 202, "{:?}", r.text().await);
     }
     let got = consume(&b.addr, &fixed, 3);
-    assert!(got.iter().all(|r| r.value == raw), "{got:?}");
+    let got: Vec<&[u8]> = got.iter().map(|r| r.value.as_slice()).collect();
+    assert_eq!(got, [&raw[..]; 3]);
     let r = gw.post_json(&format!("/k/{topic}"), "{}").await;
     assert_eq!(r.status, 400);
     assert!(r.error().contains("key"), "{}", r.body);
-    let r = gw.post_json(&format!("/k/{topic}?key=a"), "{}").await;
+    let r = gw
+        .post_json(&format!("/k/{topic}?key=a"), "{\"k\":1}")
+        .await;
     assert_eq!(r.status, 202);
     gw.stop().await;
+    // The sync record above, and the keyed one in the partition its key hashes to.
+    let got = consume(&b.addr, &topic, 2);
+    let keyed = got
+        .iter()
+        .find(|r| r.value == b"{\"k\":1}")
+        .expect("keyed record");
+    assert_eq!(keyed.key.as_deref(), Some(&b"a"[..]));
+    assert_eq!(keyed.partition as u32, key_hash(b"a", 2));
+    assert_eq!(got.len(), 2, "{got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
