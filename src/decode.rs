@@ -426,7 +426,8 @@ mod tests {
         let start = std::time::Instant::now();
         let refused = form_to_json(body.join("&").as_bytes());
         assert!(matches!(refused, Err(DecodeError::TooManyFields(_))));
-        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+        // Generous for a debug build on a busy machine; the quadratic path took 30 s.
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
         // As many distinct keys as a form may have, in linear time.
         let body = body[..MAX_FORM_FIELDS].join("&");
         let json = form_to_json(body.as_bytes()).unwrap();

@@ -159,7 +159,6 @@ async fn a_peer_going_down_is_skipped_and_with_no_peer_left_the_node_serves_itse
     );
     let a = node("127.0.0.1", &brokers, &toml).await;
     wait_peers(&a, &[&b.url, &c.url]).await;
-    let c_url = c.url.clone();
     c.stop().await;
     wait_peers(&a, &[&b.url]).await;
     let before = counter(&status(&b).await, "forwarded_received");
@@ -171,7 +170,6 @@ async fn a_peer_going_down_is_skipped_and_with_no_peer_left_the_node_serves_itse
         10,
         "all to the peer still up"
     );
-    let _ = c_url;
     b.stop().await;
     wait_peers(&a, &[]).await;
     let sent_before = counter(&status(&a).await, "forwarded_sent");
@@ -182,6 +180,16 @@ async fn a_peer_going_down_is_skipped_and_with_no_peer_left_the_node_serves_itse
     );
     assert_eq!(counter(&status(&a).await, "forwarded_sent"), sent_before);
     a.stop().await;
+    // Written once each, whichever node served them.
+    let mut got: Vec<String> = consume_for(&brokers, "d", 12, Duration::from_secs(3))
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    want.push("{\"local\":1}".into());
+    want.sort();
+    assert_eq!(got, want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

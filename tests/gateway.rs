@@ -117,7 +117,12 @@ async fn batch_routes_flush_by_size_and_time_and_batch_sync_waits_for_the_ack() 
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.json()["offset"].is_i64());
-    assert_eq!(consume(&b.addr, &topic, 11).len(), 11);
+    let mut got = values(&consume(&b.addr, &topic, 11));
+    got.sort();
+    let mut want: Vec<String> = (0..10).map(|i| format!("[{i}]")).collect();
+    want.push("\"last\"".into());
+    want.sort();
+    assert_eq!(got, want);
     // The per-topic override holds records for its own, longer flush timeout.
     let start = Instant::now();
     let r = gw.post_json(&format!("/batch/sync/{slow}"), "1").await;
@@ -608,7 +613,11 @@ async fn shutdown_flushes_what_was_accepted() {
         start.elapsed() < Duration::from_secs(5),
         "flush must not wait out the linger"
     );
-    assert_eq!(consume(&b.addr, &topic, 200).len(), 200);
+    let mut got = values(&consume(&b.addr, &topic, 200));
+    got.sort();
+    let mut want: Vec<String> = (0..200).map(|i| format!("{{\"n\":{i}}}")).collect();
+    want.sort();
+    assert_eq!(got, want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,12 +139,23 @@ async fn rate_limits_are_per_key_and_global() {
         );
     }
     gw.stop().await;
+    // What got 202 is written, what got 429 is not.
+    common::produce_marker(&b.addr, &topic);
+    assert_eq!(
+        values(&before_markers(&b.addr, &topic, 1)),
+        vec!["{\"x\":1}"; 13]
+    );
     let gw = gateway(&b.addr, "[auth]\nglobal_rate = 0.001\nglobal_burst = 2").await;
     let url = format!("{}/async/{topic}", gw.url);
     let codes: Vec<u16> = futures_join(&url, 4).await;
     assert_eq!(codes.iter().filter(|c| **c == 202).count(), 2, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| **c == 429).count(), 2, "{codes:?}");
     gw.stop().await;
+    common::produce_marker(&b.addr, &topic);
+    assert_eq!(
+        values(&before_markers(&b.addr, &topic, 2)),
+        vec!["{\"x\":1}"; 15]
+    );
     // Requests refused for what they ask (mode, topic, grammar) spend none of the node's
     // tokens: one key cannot turn every other client away with requests it may not make.
     let toml = format!(
