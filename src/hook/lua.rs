@@ -106,13 +106,20 @@ impl LuaHook {
             let result = f(state);
             // A script stopped by its memory limit or a budget may have left its globals
             // full or half-changed, and would fail the same way on every later call: the next
-            // call gets a new state instead.
-            if let Err(e) = &result
-                && (out_of_memory(e) || spent(&state.lua))
-            {
+            // call gets a new state instead. So does a state left nearly full whatever the
+            // call returned: a script that catches its memory errors with `pcall` (a cache
+            // of what clients sent) would otherwise fail for good.
+            let why = match &result {
+                Err(e) if out_of_memory(e) || spent(&state.lua) => Some(flatten(e)),
+                _ if nearly_full(&state.lua, self.limits.max_memory) => {
+                    Some("memory nearly full after the call".into())
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
                 static REPLACED: Throttle = Throttle::new(Duration::from_secs(1));
                 if let Some(suppressed) = REPLACED.pass() {
-                    tracing::warn!(script = %self.path.display(), error = %flatten(e), suppressed, "hook state replaced");
+                    tracing::warn!(script = %self.path.display(), error = %why, suppressed, "hook state replaced");
                 }
                 states.swap_remove(index);
             }
@@ -157,6 +164,18 @@ impl Hook for LuaHook {
             tracing::warn!(error = %e, "lua on_error failed");
         }
     }
+}
+
+/// Whether the state holds more than three quarters of `limit` (0: none) after a collection;
+/// only collected when past seven eighths, which a script that stays well within its limit
+/// never pays for.
+fn nearly_full(lua: &mlua::Lua, limit: usize) -> bool {
+    if limit == 0 || lua.used_memory() <= limit / 8 * 7 {
+        return false;
+    }
+    // A collection cannot fail for want of memory (Lua 5.4 frees, it does not allocate).
+    let _ = lua.gc_collect();
+    lua.used_memory() > limit / 4 * 3
 }
 
 /// Whether `e` is the memory limit, also when it struck inside a `req` method (mlua wraps it
@@ -244,6 +263,78 @@ mod tests {
             call();
         }
         assert!(used() <= before + 4096, "{before} -> {} bytes", used());
+    }
+
+    #[test]
+    fn a_state_filled_by_what_clients_send_is_replaced_though_the_script_catches_the_error() {
+        // A cache of the ids seen, behind a `pcall` that turns any failure into a 500: once
+        // the heap is full every call fails, and the script catches each failure itself.
+        let script = r#"
+            seen = {}
+            local FAILED = reject(500, "internal error")
+            local function handle(req)
+                local id = req:get("id")
+                if seen[id] then return reject(409, "seen") end
+                seen[id] = string.rep("x", 1000) .. id
+                return forward()
+            end
+            function on_request(req)
+                local ok, verdict = pcall(handle, req)
+                if not ok then return FAILED end
+                return verdict
+            end"#;
+        let limits = Limits {
+            max_memory: 1 << 20,
+            ..limits(128)
+        };
+        let hook = LuaHook::from_source(Path::new("test.lua"), script, limits).unwrap();
+        for i in 0..4_000 {
+            let verdict = hook.call(request(&format!(r#"{{"id":"{i}"}}"#)));
+            assert!(
+                matches!(verdict, Ok(Verdict::Forward(_))),
+                "call {i}: {verdict:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refused_edit_through_a_tree_leaves_the_body_as_it_came() {
+        // A key twice on the path takes the edit through a tree; the edit is refused (`a` is
+        // a number), and the body must not be rewritten from that tree.
+        let verdict = run(
+            r#"function on_request(req)
+                assert(not pcall(req.set, req, "u.a.b", 1))
+                return forward()
+            end"#,
+            r#"{"id": 123456789012345678901234567890, "u": {"a": 1}, "u": {"a": 2}}"#,
+        );
+        match verdict {
+            Ok(Verdict::Forward(forward)) => assert_eq!(forward.body, None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn edits_kept_in_a_tree_are_charged_what_the_tree_holds() {
+        // A key twice keeps edits in a tree, where 100 000 zeros take some 6 MB, not the
+        // 200 KB of their text: the 16 MiB allows two such edits, not eighty.
+        let verdict = run(
+            r#"function on_request(req)
+                local t = {}
+                for i = 1, 100000 do t[i] = 0 end
+                local n = 0
+                while n < 100 and pcall(req.set, req, "u.k" .. n, t) do n = n + 1 end
+                return reject(400, tostring(n))
+            end"#,
+            r#"{"u":{},"u":{}}"#,
+        );
+        match verdict {
+            Ok(Verdict::Reject { message, .. }) => {
+                let n: usize = message.parse().unwrap();
+                assert!((1..=2).contains(&n), "{n} edits");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -348,27 +439,26 @@ mod tests {
 
     #[test]
     fn a_state_a_limit_stopped_is_replaced() {
-        // Each call keeps 1 MiB in a global; the 16 MiB limit stops one of the first twenty.
+        // Each call keeps 6 MiB in a global (and needs more while `string.rep` builds it): the
+        // 16 MiB limit stops one of the first calls.
         let hook = hook(
             r#"kept = kept or {}
             function on_request(req)
-                kept[#kept + 1] = string.rep("x", 1 << 20)
+                kept[#kept + 1] = string.rep("x", 6 << 20)
                 return forward()
             end"#,
         );
         assert!(fails_then_recovers(&hook, "{}") < 20);
     }
 
-    /// Calls `hook` forty times with `body`: one of the calls fails on the memory limit, and
-    /// the calls after it run on a new state. Returns when the first failure came.
+    /// Calls `hook` forty times with `body`: calls fail on the memory limit, and the call
+    /// after each failure runs on a new state. Returns when the first failure came.
     fn fails_then_recovers(hook: &LuaHook, body: &str) -> usize {
         let results: Vec<bool> = (0..40).map(|_| hook.call(request(body)).is_ok()).collect();
         let first_failure = results.iter().position(|ok| !ok).expect("a call failed");
         assert!(
-            results[first_failure + 1..first_failure + 5]
-                .iter()
-                .all(|ok| *ok),
-            "the calls after the failure run on a new state: {results:?}"
+            results.windows(2).all(|pair| pair[0] || pair[1]),
+            "the call after a failure runs on a new state: {results:?}"
         );
         first_failure
     }
@@ -383,7 +473,7 @@ mod tests {
                 return forward()
             end"#,
         );
-        fails_then_recovers(&hook, &format!("\"{}\"", "x".repeat(1 << 20)));
+        fails_then_recovers(&hook, &format!("\"{}\"", "x".repeat(6 << 20)));
     }
 
     #[test]

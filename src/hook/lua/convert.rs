@@ -201,6 +201,21 @@ fn table_value(table: &mlua::Table, array: &mlua::Table) -> mlua::Result<Value> 
 /// What one node of a converted table costs at least: a `serde_json::Value` and its slot.
 const NODE_BYTES: usize = 64;
 
+/// What `value` holds outside the Lua heap as a tree: its nodes and its text. A body parsed
+/// into one (`[0,0,...]` takes some 36 times its length) is charged this.
+pub(super) fn tree_bytes(value: &Value) -> usize {
+    NODE_BYTES
+        + match value {
+            Value::String(s) => s.len(),
+            Value::Array(items) => items.iter().map(tree_bytes).sum(),
+            Value::Object(members) => members
+                .iter()
+                .map(|(k, v)| NODE_BYTES + k.len() + tree_bytes(v))
+                .sum(),
+            _ => 0,
+        }
+}
+
 /// Takes what `value` would cost as JSON from `left`, and fails once it runs out, on a float
 /// that JSON cannot hold (serde would write NaN and the infinities as null), or past `levels`
 /// of nesting.

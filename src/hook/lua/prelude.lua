@@ -106,6 +106,37 @@ do
   end
   table.insert = either(lua_insert, insert)
   table.remove = either(lua_remove, remove)
+  -- sort and concat read the length and the elements as their C loops go: such a table is
+  -- copied into a plain one here first. A comparator is called through Lua, so that a C
+  -- function (rawequal, math.max) does not make a sort's comparisons free of the budget.
+  local sort, concat = table.sort, table.concat
+  local function plain(t)
+    local copy, n = {}, #t
+    for i = 1, n do
+      copy[i] = t[i]
+    end
+    return copy, n
+  end
+  table.sort = function(t, comp)
+    local order = comp
+    if type(comp) == "function" then
+      order = function(a, b) return comp(a, b) end
+    end
+    if not shifted_here(t) then
+      return sort(t, order)
+    end
+    local copy, n = plain(t)
+    sort(copy, order)
+    for i = 1, n do
+      t[i] = copy[i]
+    end
+  end
+  table.concat = function(t, ...)
+    if shifted_here(t) then
+      return concat((plain(t)), ...)
+    end
+    return concat(t, ...)
+  end
 end
 -- One read-only table for every forward(): nothing to allocate, and the host knows it on sight.
 do

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::convert::{BadBody, json_to_lua, scalar_json, table_json, to_lua};
+use super::convert::{BadBody, json_to_lua, scalar_json, table_json, to_lua, tree_bytes};
 use super::raw;
 use super::tree::{lookup, remove, segments, single, slot};
 use crate::decode::{BodyKind, DecodeError};
@@ -147,6 +147,7 @@ impl LuaRequest {
             Doc::Raw { doc, edited: false }
         } else {
             let value = crate::hook::parse_body(kind, body).map_err(refused)?;
+            self.charge(tree_bytes(&value))?;
             Doc::Tree {
                 value,
                 dirty: false,
@@ -155,22 +156,23 @@ impl LuaRequest {
         Ok(())
     }
 
-    /// The body as a tree, built from the bytes if need be; `dirty` is raised when `edit`.
-    fn tree(&mut self, edit: bool) -> mlua::Result<&mut Value> {
+    /// The body as a tree, built from the bytes if need be (an edit marks it `dirty` itself,
+    /// once made).
+    fn tree(&mut self) -> mlua::Result<&mut Value> {
         self.load()?;
         if let Doc::Raw { doc, edited } = &self.doc {
+            let edited = *edited;
             let value = serde_json::from_slice(doc.bytes())
                 .map_err(|e| mlua::Error::runtime(format!("invalid json: {e}")))?;
+            // The tree lives outside the Lua heap, at many times the text's size.
+            self.charge(tree_bytes(&value))?;
             self.doc = Doc::Tree {
                 value,
-                dirty: *edited,
+                dirty: edited,
             };
         }
         match &mut self.doc {
-            Doc::Tree { value, dirty } => {
-                *dirty |= edit;
-                Ok(value)
-            }
+            Doc::Tree { value, .. } => Ok(value),
             // Just made a tree above.
             _ => Err(mlua::Error::runtime("no body")),
         }
@@ -200,7 +202,7 @@ impl LuaRequest {
                 Some(text) => json_to_lua(lua, text),
             };
         }
-        match lookup(self.tree(false)?, path) {
+        match lookup(self.tree()?, path) {
             Some(value) => to_lua(lua, value),
             None => Ok(mlua::Value::Nil),
         }
@@ -244,7 +246,13 @@ impl LuaRequest {
             Some(table) => table,
             None => serde_json::from_slice(&text).map_err(mlua::Error::external)?,
         };
-        *slot(self.tree(true)?, path)? = value;
+        // Kept as a tree, the value costs its nodes too, not only its text (charged above).
+        self.charge(tree_bytes(&value).saturating_sub(text.len()))?;
+        // Marked changed only once the slot is there: a refused edit changes nothing.
+        *slot(self.tree()?, path)? = value;
+        if let Doc::Tree { dirty, .. } = &mut self.doc {
+            *dirty = true;
+        }
         Ok(())
     }
 
@@ -265,7 +273,7 @@ impl LuaRequest {
                 Err(_) => {}
             }
         }
-        let removed = remove(self.tree(false)?, path);
+        let removed = remove(self.tree()?, path);
         if removed && let Doc::Tree { dirty, .. } = &mut self.doc {
             *dirty = true;
         }

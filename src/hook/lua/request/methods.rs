@@ -85,7 +85,7 @@ impl UserData for LuaRequest {
                 return Ok(doc.keys());
             }
             Ok(this
-                .tree(false)?
+                .tree()?
                 .as_object()
                 .map(|o| o.keys().cloned().collect::<Vec<_>>()))
         });
@@ -115,8 +115,9 @@ impl UserData for LuaRequest {
         m.add_method_mut(
             "set_header",
             |_, this, (name, value): (String, mlua::LuaString)| {
-                // With what each entry costs besides its text: empty headers are not free.
-                this.charge(32 + name.len() + value.as_bytes().len())?;
+                // With what each entry costs besides its text (a name, a value, a slot in the
+                // list, and a header map's entry once sent): empty headers are not free.
+                this.charge(96 + name.len() + value.as_bytes().len())?;
                 this.forward
                     .headers
                     .push((name, Bytes::copy_from_slice(&value.as_bytes())));

@@ -1,5 +1,6 @@
 //! `string.gsub` with a string (or number) for its replacement, built in Rust, outside the
-//! Lua heap, and held to the state's memory limit as it grows.
+//! Lua heap, and held as it grows to what the heap could still take: the result is copied
+//! into it.
 
 use mlua::{Lua, Value as LuaValue};
 
@@ -24,6 +25,11 @@ pub(super) fn gsub(
     let max = integer(lua, n, all, 4, "gsub")?;
     let (anchored, pat) = anchor(&pat);
     let mut matcher = Matcher::new(&src, pat, || spent(lua));
+    // 0 is "no limit", as for the heap.
+    let room = match max_memory {
+        0 => usize::MAX,
+        limit => limit.saturating_sub(lua.used_memory()),
+    };
     let mut out = Vec::new();
     let (mut at, mut last, mut count) = (0, None, 0);
     while count < max {
@@ -31,16 +37,15 @@ pub(super) fn gsub(
             break;
         };
         // What the match passed over stays as it was.
-        out.extend_from_slice(&src[at..s1]);
+        append(&mut out, &src[at..s1], room)?;
         count += 1;
-        substitute(&mut out, &repl, &mut matcher, &src, s1..e, max_memory)?;
+        substitute(&mut out, &repl, &mut matcher, &src, s1..e, room)?;
         (at, last) = (e, Some(e));
         if anchored {
             break;
         }
     }
-    out.extend_from_slice(&src[at..]);
-    within(&out, max_memory)?;
+    append(&mut out, &src[at..], room)?;
     Ok(values([
         LuaValue::String(lua.create_string(&out)?),
         LuaValue::Integer(count),
@@ -54,21 +59,21 @@ fn substitute<F: FnMut() -> bool>(
     matcher: &mut Matcher<'_, F>,
     src: &[u8],
     whole: std::ops::Range<usize>,
-    max_memory: usize,
+    room: usize,
 ) -> Result<(), Stop> {
     // The walk, once per match, counts against the budget: with empty matches or captures
     // nothing is added, and the memory limit would never stop it.
     matcher.tick(repl.len() / 16 + 1)?;
     let mut rest = repl;
     while let Some(i) = memchr::memchr(b'%', rest) {
-        out.extend_from_slice(&rest[..i]);
+        append(out, &rest[..i], room)?;
         match rest.get(i + 1) {
-            Some(b'%') => out.push(b'%'),
-            Some(b'0') => out.extend_from_slice(&src[whole.clone()]),
+            Some(b'%') => append(out, b"%", room)?,
+            Some(b'0') => append(out, &src[whole.clone()], room)?,
             Some(&d @ b'1'..=b'9') => {
                 match matcher.capture(usize::from(d - b'1'), whole.start, whole.end)? {
-                    Value::Text(a, b) => out.extend_from_slice(&src[a..b]),
-                    Value::Position(n) => out.extend_from_slice(n.to_string().as_bytes()),
+                    Value::Text(a, b) => append(out, &src[a..b], room)?,
+                    Value::Position(n) => append(out, n.to_string().as_bytes(), room)?,
                 }
             }
             _ => {
@@ -76,16 +81,22 @@ fn substitute<F: FnMut() -> bool>(
                 return Err(Stop::Refused(why.into()));
             }
         }
-        within(out, max_memory)?;
         rest = &rest[i + 2..];
     }
-    out.extend_from_slice(rest);
-    within(out, max_memory)
+    append(out, rest, room)
 }
 
-fn within(out: &[u8], max_memory: usize) -> Result<(), Stop> {
-    match out.len() > max_memory {
-        true => Err(Stop::Refused("not enough memory".into())),
-        false => Ok(()),
+/// Appends `bytes` to `out`, which may hold at most `room` bytes: its buffer grows by
+/// doubling, but never past `room`.
+fn append(out: &mut Vec<u8>, bytes: &[u8], room: usize) -> Result<(), Stop> {
+    let needed = out.len().saturating_add(bytes.len());
+    if needed > room {
+        return Err(Stop::Refused("not enough memory".into()));
     }
+    if needed > out.capacity() {
+        let target = needed.max(out.capacity().saturating_mul(2)).min(room);
+        out.reserve_exact(target - out.len());
+    }
+    out.extend_from_slice(bytes);
+    Ok(())
 }

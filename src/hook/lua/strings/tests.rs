@@ -351,6 +351,58 @@ fn a_replacement_cannot_grow_past_the_memory_limit() {
 }
 
 #[test]
+fn no_memory_limit_is_no_limit_for_a_replacement_either() {
+    let limits = Limits {
+        max_memory: 0,
+        ..limits(Duration::from_secs(5))
+    };
+    let script = "function on_request(req) return forward() end";
+    let hook = LuaHook::from_source(Path::new("test.lua"), script, limits).unwrap();
+    // Long enough for the port, not the C library.
+    let n: i64 = run_in(
+        &hook,
+        r#"local out, n = string.rep("a", 100000):gsub("a", "b") return n"#,
+    )
+    .unwrap();
+    assert_eq!(n, 100_000);
+}
+
+#[test]
+fn sort_and_concat_over_a_made_up_length_are_held_to_the_budget() {
+    let hook = hook(Duration::from_secs(1));
+    let started = std::time::Instant::now();
+    for call in [
+        "table.sort(t)",
+        "table.sort(t, function(a, b) return a < b end)",
+        "table.concat(t)",
+    ] {
+        // Elements made up by C functions, writes swallowed: nothing for the memory limit.
+        let code = format!(
+            "local t = setmetatable({{}}, {{ __len = function() return (1 << 31) - 2 end, \
+             __index = rawlen, __newindex = rawequal }}) {call}"
+        );
+        // Stopped by the budget or by the memory the copy takes, whichever comes first.
+        let error = run_in::<()>(&hook, &code).unwrap_err();
+        assert!(
+            error.contains("budget") || error.contains("not enough memory"),
+            "{call}: {error}"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // What they are for still works, on tables with metatables too.
+    let (sorted, joined): (String, String) = run_in(
+        &hook,
+        r#"local t = setmetatable({3, 1, 2}, {})
+           table.sort(t, function(a, b) return a > b end)
+           local u = {"b", "c", "a"}
+           table.sort(u)
+           return table.concat(t, ","), table.concat(setmetatable(u, {}), "", 2, 3)"#,
+    )
+    .unwrap();
+    assert_eq!((sorted.as_str(), joined.as_str()), ("3,2,1", "bc"));
+}
+
+#[test]
 fn a_script_cannot_reach_the_library_s_internals() {
     let hook = hook(Duration::from_secs(1));
     let (kind, same): (String, bool) = run_in(
