@@ -76,9 +76,11 @@ pub async fn run(
     stop.store(true, Ordering::Relaxed);
     let _ = printer.join();
     drop(cluster);
-    match report.undelivered {
-        0 => Ok(()),
-        n => Err(format!("{n} records undelivered")),
+    match (report.undelivered, report.failed) {
+        (0, 0) => Ok(()),
+        (undelivered, failed) => Err(format!(
+            "{undelivered} records undelivered, {failed} failed during the shutdown"
+        )),
     }
 }
 

@@ -109,8 +109,21 @@ fn demo(listen: Option<SocketAddr>) -> ExitCode {
             Err(e) => return fail(&format!("{e}")),
         },
     };
-    let result = runtime()
-        .and_then(|rt| rt.block_on(kafboy::demo::run(listen, None, kafboy::shutdown::signal())));
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let stop = kafboy::shutdown::signal();
+            let mut hangups = kafboy::shutdown::hangups();
+            // Closing the demo's terminal sends SIGHUP: it ends the demo, which has nothing
+            // to reload, instead of leaving it holding its port.
+            let stop = async move {
+                tokio::select! {
+                    () = stop => {}
+                    () = hangups.next() => tracing::info!("SIGHUP received"),
+                }
+            };
+            kafboy::demo::run(listen, None, stop).await
+        })
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("demo: {e}")),
@@ -127,6 +140,13 @@ fn check_logs(config: &Config) -> Result<(), String> {
 }
 
 fn check_config(file: &std::path::Path, overrides: &Overrides) -> ExitCode {
+    // The warnings a start would log (a certificate past its dates, SASL PLAIN in clear), on
+    // stderr: a check that says "valid" must not keep them back.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .init();
     let config = match Config::load(Some(file), overrides) {
         Ok(c) => c,
         Err(e) => return config_error(&e.to_string()),
@@ -205,8 +225,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 async fn serve(config: Config) -> ExitCode {
     // SIGHUP ends a process that does not handle it, and a key rotation may send it to a node
-    // still starting (replaying a large spool, say): from here on it is handled.
+    // still starting (replaying a large spool, say): from here on it is handled. So are
+    // SIGTERM and SIGINT, which then end the node as soon as it serves.
     let _hangups = kafboy::shutdown::hangups();
+    let stop = kafboy::shutdown::signal();
     let mut app = match App::build(&config) {
         Ok(app) => app,
         // What check-config would refuse is the configuration's fault (64: a restart cannot fix
@@ -230,7 +252,7 @@ async fn serve(config: Config) -> ExitCode {
         tracing::warn!(%addr, "auth is off and kafboy listens beyond loopback: anyone who can reach it can write; see docs/SECURITY.md");
     }
     tracing::info!(%addr, brokers = %config.kafka.brokers.join(","), version = env!("CARGO_PKG_VERSION"), "kafboy listening");
-    let report = app.run(listener, kafboy::shutdown::signal()).await;
+    let report = app.run(listener, stop).await;
     if report.undelivered > 0 || report.failed > 0 {
         ExitCode::FAILURE
     } else {

@@ -153,15 +153,11 @@ impl App {
         start_background(&state);
         let grace = state.server.shutdown_timeout;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        // When the shutdown began: the drain and the wait for hooks' late produces share one
-        // `grace` from then, and the flush gets another.
-        let began = Arc::new(std::sync::OnceLock::new());
+        // The drain has one `grace` from the signal, and the flush another.
         {
             let state = state.clone();
-            let began = began.clone();
             tokio::spawn(async move {
                 shutdown.await;
-                let _ = began.set(tokio::time::Instant::now());
                 state.begin_shutdown();
                 tracing::info!("shutting down: no new connections, finishing requests");
                 let _ = stop_tx.send(true);
@@ -198,7 +194,7 @@ impl App {
         if !drained.in_time {
             tracing::warn!(?grace, "requests still open at the shutdown deadline");
         }
-        let report = finish(&state, began, grace).await;
+        let report = finish(&state, grace).await;
         drained.settle(LAST_ANSWERS).await;
         report
     }
@@ -243,22 +239,7 @@ fn start_background(state: &Arc<AppState>) {
 
 /// After the listener stopped: waits for hooks' late produces, then sends the spool's last
 /// records and flushes the producers, under one more `grace`.
-async fn finish(
-    state: &AppState,
-    began: Arc<std::sync::OnceLock<tokio::time::Instant>>,
-    grace: std::time::Duration,
-) -> ShutdownReport {
-    // A hook's produce after its own reply may still be on its way to the spool or a queue.
-    let began = began
-        .get()
-        .copied()
-        .unwrap_or_else(tokio::time::Instant::now);
-    if !state.background.wait(began + grace).await {
-        tracing::warn!(
-            ?grace,
-            "produces after a hook's reply still running at the deadline"
-        );
-    }
+async fn finish(state: &AppState, grace: std::time::Duration) -> ShutdownReport {
     // The spool's last sends and the producers' flush run at once, under one grace: a stop
     // takes at most two (the drain's and this one), as the docs size a supervisor's
     // timeout, and a spool backlog cannot leave the flush of records held only in memory
@@ -269,7 +250,19 @@ async fn finish(
             None => 0,
         }
     };
-    let (spooled, flushed) = tokio::join!(spool_done, state.producers.flush(grace));
+    // Hooks that replied before their records' acks still wait for them (to report a
+    // failure): alongside the flush, which is what sends a record waiting for its batch.
+    let deadline = tokio::time::Instant::now() + grace;
+    let acks_after_replies = async {
+        if !state.background.wait(deadline).await {
+            tracing::warn!(
+                ?grace,
+                "acks after a hook's reply still awaited at the deadline"
+            );
+        }
+    };
+    let ((), spooled, flushed) =
+        tokio::join!(acks_after_replies, spool_done, state.producers.flush(grace));
     let crate::kafka::Flushed {
         undelivered,
         failed,

@@ -221,6 +221,23 @@ fn config_errors_exit_64_and_name_the_key() {
 }
 
 #[test]
+fn check_config_says_what_a_start_would_warn_of() {
+    let file = config_file(
+        "[kafka.sasl]\nmechanism = \"plain\"\nusername = \"u\"\npassword_env = \"KAFBOY_TEST_PW\"",
+    );
+    let out = run_to_end({
+        let mut c = kafboy();
+        c.arg("check-config")
+            .arg(file.path())
+            .env("KAFBOY_TEST_PW", "pw");
+        c
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("in clear"), "{stderr}");
+}
+
+#[test]
 fn environment_values_are_read_as_the_readme_says() {
     let file = config_file("");
     let out = run_to_end({
@@ -355,7 +372,8 @@ async fn sigterm_flushes_every_accepted_record_and_exits_0() {
     cmd.args(["--brokers", &b.addr])
         .env("KAFBOY_BATCH__FLUSH_TIMEOUT", "60s")
         .env("KAFBOY_BATCH__BATCH_SIZE", "100000")
-        .env("KAFBOY_SERVER_MAX_RECORDS", "5");
+        .env("KAFBOY_SERVER_MAX_RECORDS", "5")
+        .env("KAFBOY_SERVER__MAX_RECORDS__", "5");
     let (mut child, url) = start(cmd).await;
     let lines: String = (0..100).map(|i| format!("{{\"i\":{i}}}\n")).collect();
     for _ in 0..3 {
@@ -396,6 +414,8 @@ async fn sigterm_flushes_every_accepted_record_and_exits_0() {
         log.contains("KAFBOY_SERVER_MAX_RECORDS") && log.contains("not a setting"),
         "{log}"
     );
+    // An empty segment, which figment drops without a word: said too.
+    assert!(log.contains("KAFBOY_SERVER__MAX_RECORDS__"), "{log}");
     // Three copies of the 100 lines (over two partitions: compared sorted).
     let mut got = common::values(&consume(&b.addr, &topic, 300));
     got.sort();

@@ -241,9 +241,12 @@ pub fn ignored_env(config: &Config) -> Vec<String> {
             let prefixed = name
                 .get(..7)
                 .is_some_and(|p| p.eq_ignore_ascii_case("KAFBOY_"));
+            // figment drops a name with an empty segment (`KAFBOY_SERVER____LISTEN`,
+            // `KAFBOY_SERVER__LISTEN__`) without a word, as it does one with no `__` at all.
+            let malformed = |key: &str| !key.contains("__") || key.split("__").any(str::is_empty);
             // KAFBOY_CONFIG and KAFBOY_LOG are read as they are written: `kafboy_log` is not.
             prefixed
-                && !name[7..].contains("__")
+                && malformed(&name[7..])
                 && !matches!(name.as_str(), "KAFBOY_CONFIG" | "KAFBOY_LOG")
                 && !named.contains(&Some(name.as_str()))
         })
