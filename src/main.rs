@@ -228,14 +228,28 @@ async fn serve(config: Config) -> ExitCode {
     // still starting (replaying a large spool, say): from here on it is handled. So are
     // SIGTERM and SIGINT, which then end the node as soon as it serves.
     let _hangups = kafboy::shutdown::hangups();
-    let stop = kafboy::shutdown::signal();
-    let mut app = match App::build(&config) {
-        Ok(app) => app,
+    let stopped = stop_flag();
+    // Built on a blocking thread, so that a stop still ends a start that takes long (a spool
+    // replaying, a disk that hangs): nothing has been accepted yet.
+    let build = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || App::build(&config)
+    });
+    let built = tokio::select! {
+        built = build => built,
+        () = stopped.clone().wait() => {
+            tracing::info!("stopped while starting; nothing was accepted");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let mut app = match built {
+        Ok(Ok(app)) => app,
         // What check-config would refuse is the configuration's fault (64: a restart cannot fix
         // it); anything else (a spool directory that cannot be opened, a thread that cannot
         // start) may pass, and a supervisor should try again (1).
-        Err(e) if kafboy::state::AppState::check(&config).is_err() => return config_error(&e),
-        Err(e) => return fail(&e),
+        Ok(Err(e)) if kafboy::state::AppState::check(&config).is_err() => return config_error(&e),
+        Ok(Err(e)) => return fail(&e),
+        Err(e) => return fail(&format!("start failed: {e}")),
     };
     let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
         Ok(l) => l,
@@ -252,12 +266,33 @@ async fn serve(config: Config) -> ExitCode {
         tracing::warn!(%addr, "auth is off and kafboy listens beyond loopback: anyone who can reach it can write; see docs/SECURITY.md");
     }
     tracing::info!(%addr, brokers = %config.kafka.brokers.join(","), version = env!("CARGO_PKG_VERSION"), "kafboy listening");
-    let report = app.run(listener, stop).await;
+    let report = app.run(listener, stopped.wait()).await;
     if report.undelivered > 0 || report.failed > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// SIGTERM or SIGINT, listened for from now on, as a flag more than one wait can share.
+#[derive(Clone)]
+struct Stopped(tokio::sync::watch::Receiver<bool>);
+
+impl Stopped {
+    async fn wait(mut self) {
+        // The sender only goes away after it said so.
+        let _ = self.0.wait_for(|stopped| *stopped).await;
+    }
+}
+
+fn stop_flag() -> Stopped {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let signal = kafboy::shutdown::signal();
+    tokio::spawn(async move {
+        signal.await;
+        let _ = tx.send(true);
+    });
+    Stopped(rx)
 }
 
 fn fail(message: &str) -> ExitCode {

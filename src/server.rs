@@ -237,8 +237,8 @@ fn start_background(state: &Arc<AppState>) {
     }
 }
 
-/// After the listener stopped: waits for hooks' late produces, then sends the spool's last
-/// records and flushes the producers, under one more `grace`.
+/// After the listener stopped: sends the spool's last records, flushes the producers and lets
+/// hooks that replied before their acks have them, all at once, under one more `grace`.
 async fn finish(state: &AppState, grace: std::time::Duration) -> ShutdownReport {
     // The spool's last sends and the producers' flush run at once, under one grace: a stop
     // takes at most two (the drain's and this one), as the docs size a supervisor's

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// Work that outlives its request (a hook's produce after its own reply): the shutdown waits
-/// for it before the final flush, which would otherwise miss what it is about to queue.
+/// Work that outlives its request (a hook's wait for the acks of what it produced after its
+/// own reply, to report a failure): the shutdown waits for it alongside the final flush,
+/// which is what sends a record still waiting for its batch.
 #[derive(Debug, Default)]
 pub struct Tracker {
     running: AtomicUsize,
@@ -49,32 +50,46 @@ impl Drop for Running {
     }
 }
 
-/// Listens for SIGTERM and SIGINT (Ctrl-C) from this call on, and resolves on the first. The
-/// listeners are in place before the future is first polled: a stop sent while kafboy is still
-/// starting (replaying a large spool, say) is not lost, as it would be by PID 1 in a container,
-/// and does not kill the process without its drain elsewhere. Call it inside the runtime.
+/// Listens for SIGTERM and SIGINT (Ctrl-C) and resolves on the first. Called inside a runtime,
+/// it listens from this call on: a stop sent while kafboy is still starting (replaying a large
+/// spool, say) is not lost, as it would be by PID 1 in a container, and does not kill the
+/// process without its drain elsewhere. Outside one (or on a platform without Unix signals),
+/// from the future's first poll.
 pub fn signal() -> impl Future<Output = ()> + Send + 'static {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let first = |s: Option<tokio::signal::unix::Signal>| async move {
-            match s {
-                Some(mut s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
+    let now = tokio::runtime::Handle::try_current().is_ok().then(listen);
+    async move {
+        let stopped = match now {
+            Some(stopped) => stopped,
+            None => listen(),
         };
-        let int = first(signal(SignalKind::interrupt()).ok());
-        let term = first(signal(SignalKind::terminate()).ok());
-        async move {
-            tokio::select! {
-                () = int => tracing::info!("SIGINT received"),
-                () = term => tracing::info!("SIGTERM received"),
+        stopped.await;
+    }
+}
+
+/// The listeners, registered now (with a runtime), and the wait on them.
+#[cfg(unix)]
+fn listen() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    let first = |s: Option<Signal>| async move {
+        match s {
+            Some(mut s) => {
+                s.recv().await;
             }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    let int = first(signal(SignalKind::interrupt()).ok());
+    let term = first(signal(SignalKind::terminate()).ok());
+    async move {
+        tokio::select! {
+            () = int => tracing::info!("SIGINT received"),
+            () = term => tracing::info!("SIGTERM received"),
         }
     }
-    #[cfg(not(unix))]
+}
+
+#[cfg(not(unix))]
+fn listen() -> impl Future<Output = ()> + Send + 'static {
     async {
         if tokio::signal::ctrl_c().await.is_ok() {
             tracing::info!("SIGINT received");
@@ -114,6 +129,20 @@ impl Hangups {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stop_can_be_asked_for_outside_a_runtime() {
+        // Made before any runtime exists (a library user's `block_on(app.run(.., signal()))`):
+        // it listens from its first poll instead of panicking.
+        let stop = signal();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let waited =
+            rt.block_on(async { tokio::time::timeout(Duration::from_millis(20), stop).await });
+        assert!(waited.is_err(), "no signal was sent");
+    }
     use std::time::Duration;
 
     #[tokio::test]

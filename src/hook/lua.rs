@@ -111,7 +111,7 @@ impl LuaHook {
             // of what clients sent) would otherwise fail for good.
             let why = match &result {
                 Err(e) if out_of_memory(e) || spent(&state.lua) => Some(flatten(e)),
-                _ if nearly_full(&state.lua, self.limits.max_memory) => {
+                _ if nearly_full(state, self.limits.max_memory) => {
                     Some("memory nearly full after the call".into())
                 }
                 _ => None,
@@ -166,16 +166,20 @@ impl Hook for LuaHook {
     }
 }
 
-/// Whether the state holds more than three quarters of `limit` (0: none) after a collection;
-/// only collected when past seven eighths, which a script that stays well within its limit
-/// never pays for.
-fn nearly_full(lua: &mlua::Lua, limit: usize) -> bool {
-    if limit == 0 || lua.used_memory() <= limit / 8 * 7 {
+/// Whether the state has filled more than three quarters of the room its script's top-level
+/// code left it under `limit` (0: none), after a collection; only collected past seven eighths,
+/// which a script that stays well within its room never pays for. Measured from what a new
+/// state starts with, so that replacing it gains room: a script whose tables fill most of the
+/// limit from the start is not replaced on every call.
+fn nearly_full(state: &State, limit: usize) -> bool {
+    let room = limit.saturating_sub(state.resident);
+    let over = |eighths: usize| state.lua.used_memory() > state.resident + room / 8 * eighths;
+    if limit == 0 || !over(7) {
         return false;
     }
     // A collection cannot fail for want of memory (Lua 5.4 frees, it does not allocate).
-    let _ = lua.gc_collect();
-    lua.used_memory() > limit / 4 * 3
+    let _ = state.lua.gc_collect();
+    over(6)
 }
 
 /// Whether `e` is the memory limit, also when it struck inside a `req` method (mlua wraps it
@@ -294,6 +298,35 @@ mod tests {
                 matches!(verdict, Ok(Verdict::Forward(_))),
                 "call {i}: {verdict:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_script_whose_tables_fill_most_of_the_limit_from_the_start_keeps_its_state() {
+        // A lookup table built by the top-level code: replacing the state would gain nothing,
+        // and would run the top level again on every call, losing the globals each time.
+        let script = r#"
+            lookup = {}
+            for i = 1, 75000 do lookup[i] = {i} end
+            function on_request(req)
+                calls = (calls or 0) + 1
+                return reject(400, tostring(calls))
+            end"#;
+        let limits = Limits {
+            max_memory: 8 << 20,
+            ..limits(128)
+        };
+        let hook = LuaHook::from_source(Path::new("test.lua"), script, limits).unwrap();
+        let used = hook.with_state(|s| Ok(s.lua.used_memory())).unwrap();
+        assert!(
+            used > (8 << 20) / 8 * 7,
+            "the test needs a state past 7/8: {used}"
+        );
+        for want in 1..=10 {
+            match hook.call(request("{}")) {
+                Ok(Verdict::Reject { message, .. }) => assert_eq!(message, want.to_string()),
+                other => panic!("{other:?}"),
+            }
         }
     }
 

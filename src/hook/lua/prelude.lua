@@ -106,36 +106,42 @@ do
   end
   table.insert = either(lua_insert, insert)
   table.remove = either(lua_remove, remove)
-  -- sort and concat read the length and the elements as their C loops go: such a table is
-  -- copied into a plain one here first. A comparator is called through Lua, so that a C
-  -- function (rawequal, math.max) does not make a sort's comparisons free of the budget.
-  local sort, concat = table.sort, table.concat
-  local function plain(t)
+  -- sort and concat read the length and the elements as their C loops go: a table with a
+  -- metatable (a __len that makes up a length, an __index that makes up elements) is copied
+  -- into a plain one here first, where the budget sees every step. A comparator that is a C
+  -- function (rawequal, math.max) is called through Lua, so that a sort's comparisons are not
+  -- free of the budget; string.dump tells one (it cannot dump a C function).
+  local sort, concat, dump, pcall = table.sort, table.concat, string.dump, pcall
+  table.sort = function(t, comp)
+    local order = comp
+    if type(comp) == "function" and not pcall(dump, comp) then
+      order = function(a, b) return comp(a, b) end
+    end
+    if type(t) ~= "table" or getmetatable(t) == nil then
+      return sort(t, order)
+    end
     local copy, n = {}, #t
     for i = 1, n do
       copy[i] = t[i]
     end
-    return copy, n
-  end
-  table.sort = function(t, comp)
-    local order = comp
-    if type(comp) == "function" then
-      order = function(a, b) return comp(a, b) end
-    end
-    if not shifted_here(t) then
-      return sort(t, order)
-    end
-    local copy, n = plain(t)
     sort(copy, order)
     for i = 1, n do
       t[i] = copy[i]
     end
   end
-  table.concat = function(t, ...)
-    if shifted_here(t) then
-      return concat((plain(t)), ...)
+  table.concat = function(t, sep, i, j)
+    local first, last = int(i), int(j)
+    -- Bad arguments: the C function says what is wrong with them.
+    if type(t) ~= "table" or getmetatable(t) == nil or (i ~= nil and not first)
+        or (j ~= nil and not last) then
+      return concat(t, sep, i, j)
     end
-    return concat(t, ...)
+    first, last = first or 1, last or #t
+    local copy = {}
+    for k = first, last do
+      copy[k] = t[k]
+    end
+    return concat(copy, sep, first, last)
   end
 end
 -- One read-only table for every forward(): nothing to allocate, and the host knows it on sight.

@@ -56,6 +56,9 @@ pub(super) struct State {
     /// it fell behind, and the heap grew until every call failed on the memory limit (after
     /// about 150k calls the growth started; 64 MiB were gone after ~1.7M).
     pub(super) req: AnyUserData,
+    /// Bytes the state held once its script's top-level code had run (after a collection):
+    /// what a new state would start from.
+    pub(super) resident: usize,
 }
 
 /// Whether the call under way (or the last one) in `lua` ran out of its instruction or time
@@ -158,12 +161,15 @@ impl LuaHook {
             })?;
         let on_error = lua.globals().get::<Option<Function>>("on_error")?;
         let req = lua.create_userdata(LuaRequest::idle())?;
+        lua.gc_collect()?;
+        let resident = lua.used_memory();
         Ok(State {
             lua,
             on_request,
             on_error,
             forward,
             req,
+            resident,
         })
     }
 }

@@ -24,12 +24,41 @@ pub(super) fn gsub(
         .saturating_add(1);
     let max = integer(lua, n, all, 4, "gsub")?;
     let (anchored, pat) = anchor(&pat);
-    let mut matcher = Matcher::new(&src, pat, || spent(lua));
     // 0 is "no limit", as for the heap.
-    let room = match max_memory {
+    let room = || match max_memory {
         0 => usize::MAX,
         limit => limit.saturating_sub(lua.used_memory()),
     };
+    let replaced = |room| replace(lua, &src, pat, &repl, anchored, max, room);
+    // Garbage counts as used until a collection: short of room, one is made before refusing,
+    // as Lua's own allocator does.
+    let (out, count) = match replaced(room()) {
+        Err(Stop::Refused(why)) if why == NO_ROOM => {
+            lua.gc_collect()?;
+            replaced(room())?
+        }
+        done => done?,
+    };
+    Ok(values([
+        LuaValue::String(lua.create_string(&out)?),
+        LuaValue::Integer(count),
+    ]))
+}
+
+/// The refusal when the result would not fit in the room left.
+const NO_ROOM: &str = "not enough memory";
+
+/// `src` with up to `max` matches of `pat` replaced, in at most `room` bytes; and the count.
+fn replace(
+    lua: &Lua,
+    src: &[u8],
+    pat: &[u8],
+    repl: &[u8],
+    anchored: bool,
+    max: i64,
+    room: usize,
+) -> Result<(Vec<u8>, i64), Stop> {
+    let mut matcher = Matcher::new(src, pat, || spent(lua));
     let mut out = Vec::new();
     let (mut at, mut last, mut count) = (0, None, 0);
     while count < max {
@@ -39,17 +68,14 @@ pub(super) fn gsub(
         // What the match passed over stays as it was.
         append(&mut out, &src[at..s1], room)?;
         count += 1;
-        substitute(&mut out, &repl, &mut matcher, &src, s1..e, room)?;
+        substitute(&mut out, repl, &mut matcher, src, s1..e, room)?;
         (at, last) = (e, Some(e));
         if anchored {
             break;
         }
     }
     append(&mut out, &src[at..], room)?;
-    Ok(values([
-        LuaValue::String(lua.create_string(&out)?),
-        LuaValue::Integer(count),
-    ]))
+    Ok((out, count))
 }
 
 /// Appends `repl` for the match `whole`, its `%0`..`%9` and `%%` replaced.
@@ -91,7 +117,7 @@ fn substitute<F: FnMut() -> bool>(
 fn append(out: &mut Vec<u8>, bytes: &[u8], room: usize) -> Result<(), Stop> {
     let needed = out.len().saturating_add(bytes.len());
     if needed > room {
-        return Err(Stop::Refused("not enough memory".into()));
+        return Err(Stop::Refused(NO_ROOM.into()));
     }
     if needed > out.capacity() {
         let target = needed.max(out.capacity().saturating_mul(2)).min(room);

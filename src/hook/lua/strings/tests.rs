@@ -390,16 +390,29 @@ fn sort_and_concat_over_a_made_up_length_are_held_to_the_budget() {
     }
     assert!(started.elapsed() < Duration::from_secs(10));
     // What they are for still works, on tables with metatables too.
-    let (sorted, joined): (String, String) = run_in(
+    let (sorted, joined, made_up): (String, String, String) = run_in(
         &hook,
         r#"local t = setmetatable({3, 1, 2}, {})
            table.sort(t, function(a, b) return a > b end)
            local u = {"b", "c", "a"}
            table.sort(u)
-           return table.concat(t, ","), table.concat(setmetatable(u, {}), "", 2, 3)"#,
+           local x = setmetatable({}, { __index = function() return "x" end })
+           return table.concat(t, ","), table.concat(setmetatable(u, {}), "", 2, 3),
+               table.concat(x, ",", 1, 3)"#,
     )
     .unwrap();
-    assert_eq!((sorted.as_str(), joined.as_str()), ("3,2,1", "bc"));
+    assert_eq!(
+        (sorted.as_str(), joined.as_str(), made_up.as_str()),
+        ("3,2,1", "bc", "x,x,x")
+    );
+    // A C comparator costs VM instructions: a long sort with one meets the budget.
+    let error = run_in::<()>(
+        &hook,
+        "local t = {} for i = 1, 200000 do t[i] = (i * 7919) % 200000 end
+         table.sort(t, rawequal)",
+    )
+    .unwrap_err();
+    assert!(error.contains("budget"), "{error}");
 }
 
 #[test]
