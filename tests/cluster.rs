@@ -34,17 +34,7 @@ async fn node_on(listener: tokio::net::TcpListener, brokers: &str, toml: &str) -
 }
 
 async fn status(gw: &Gateway) -> Value {
-    serde_json::from_str(
-        &client()
-            .get(format!("{}/status.json", gw.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap()
+    common::get_json(&format!("{}/status.json", gw.url)).await
 }
 
 /// Waits until `gw` sees exactly `want` as its ready peers.
@@ -221,14 +211,7 @@ async fn the_discovery_url_adds_and_removes_peers() {
     assert_eq!(own.len(), 1, "{s}");
     assert_eq!(own[0]["self"], true, "{s}");
     assert_eq!(own[0]["ready"], false, "{s}");
-    let disco = client()
-        .get(format!("{}/disco", a.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let disco = common::get_text(&format!("{}/disco", a.url)).await;
     assert_eq!(disco, format!("kafboy@{} {}\n", a.addr, a.url));
     for g in [a, b, c] {
         g.stop().await;

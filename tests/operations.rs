@@ -77,15 +77,19 @@ fn parse_exposition(text: &str) -> Vec<Sample> {
 }
 
 async fn scrape(url: &str) -> Vec<Sample> {
-    let text = client()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
+    parse_exposition(&common::get_text(&format!("{url}/metrics")).await)
+}
+
+/// A gateway on `config`'s routes with an admin listener too; and the admin listener's URL.
+async fn with_admin(toml: &str) -> (common::Gateway, String) {
+    let mut config = kafboy::Config::from_toml(toml).unwrap();
+    config.kafka.brokers = vec![broker().addr.clone()];
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_url = format!("http://{}", admin.local_addr().unwrap());
+    let app = kafboy::App::build(&config)
         .unwrap()
-        .text()
-        .await
-        .unwrap();
-    parse_exposition(&text)
+        .with_admin_listener(admin);
+    (common::serve(app).await, admin_url)
 }
 
 fn find<'a>(samples: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> Option<&'a Sample> {
@@ -281,18 +285,9 @@ async fn request_ids_are_echoed_or_generated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_and_the_admin_listener() {
-    let b = broker();
-    let topic = b.topic("status", 3);
-    let mut config =
-        kafboy::Config::from_toml("[[routes]]\npath = \"/events\"\ntopic = \"x\"\nmode = \"sync\"")
-            .unwrap();
-    config.kafka.brokers = vec![b.addr.clone()];
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin_url = format!("http://{}", admin.local_addr().unwrap());
-    let app = kafboy::App::build(&config)
-        .unwrap()
-        .with_admin_listener(admin);
-    let gw = common::serve(app).await;
+    let topic = broker().topic("status", 3);
+    let (gw, admin_url) =
+        with_admin("[[routes]]\npath = \"/events\"\ntopic = \"x\"\nmode = \"sync\"").await;
     assert_eq!(
         gw.post_json(&format!("/sync/{topic}"), "{}").await.status,
         200
@@ -389,15 +384,7 @@ async fn status_json_and_the_admin_listener() {
 async fn a_root_topic_route_leaves_kafboys_own_paths_alone() {
     let b = broker();
     let topic = b.topic("root", 1);
-    let mut config =
-        kafboy::Config::from_toml("[[routes]]\npath = \"/:topic\"\nmode = \"async\"").unwrap();
-    config.kafka.brokers = vec![b.addr.clone()];
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin_url = format!("http://{}", admin.local_addr().unwrap());
-    let app = kafboy::App::build(&config)
-        .unwrap()
-        .with_admin_listener(admin);
-    let gw = common::serve(app).await;
+    let (gw, admin_url) = with_admin("[[routes]]\npath = \"/:topic\"\nmode = \"async\"").await;
     for path in [
         "/metrics",
         "/status.json",

@@ -439,8 +439,13 @@ impl Reply {
 
 /// GETs `url` and parses its body as JSON.
 pub async fn get_json(url: &str) -> serde_json::Value {
+    serde_json::from_str(&get_text(url).await).expect("JSON")
+}
+
+/// The body of `GET url`, as text.
+pub async fn get_text(url: &str) -> String {
     let response = client().get(url).send().await.expect("GET");
-    serde_json::from_str(&response.text().await.expect("body")).expect("JSON")
+    response.text().await.expect("body")
 }
 
 /// A plain HTTP client.
