@@ -80,6 +80,11 @@ async fn scrape(url: &str) -> Vec<Sample> {
     parse_exposition(&common::get_text(&format!("{url}/metrics")).await)
 }
 
+/// The status of `GET url`.
+async fn status_of(url: &str) -> u16 {
+    client().get(url).send().await.unwrap().status().as_u16()
+}
+
 /// A gateway on `config`'s routes with an admin listener too; and the admin listener's URL.
 async fn with_admin(toml: &str) -> (common::Gateway, String) {
     let mut config = kafboy::Config::from_toml(toml).unwrap();
@@ -328,22 +333,9 @@ async fn status_json_and_the_admin_listener() {
             private["paths"]["/async/{topic}"].is_null(),
             "no produce route there"
         );
-        let r = client()
-            .get(format!("{}{path}", gw.url))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(status_of(&format!("{}{path}", gw.url)).await, 404, "{path}");
     }
-    assert_eq!(
-        client()
-            .get(format!("{}/metrics", gw.url))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(status_of(&format!("{}/metrics", gw.url)).await, 404);
     let r = client()
         .get(format!("{admin_url}/metrics"))
         .send()
@@ -399,21 +391,15 @@ async fn a_root_topic_route_leaves_kafboys_own_paths_alone() {
         assert_eq!(r.status, 404, "POST {path}: {}", r.body);
         // No route, not an unknown topic named after the path.
         assert_eq!(r.body, r#"{"error":"not found"}"#, "POST {path}");
-        let r = client()
-            .get(format!("{}{path}", gw.url))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 404, "GET {path}");
+        assert_eq!(
+            status_of(&format!("{}{path}", gw.url)).await,
+            404,
+            "GET {path}"
+        );
     }
     assert_eq!(gw.post_json(&format!("/{topic}"), "{}").await.status, 202);
     assert_eq!(gw.post_json(&format!("/{topic}/"), "{}").await.status, 202);
-    let r = client()
-        .get(format!("{admin_url}/metrics"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(status_of(&format!("{admin_url}/metrics")).await, 200);
     let report = gw.stop().await;
     assert_eq!(report.undelivered, 0);
     let values = common::values(&common::consume(&b.addr, &topic, 2));
