@@ -231,14 +231,17 @@ async fn serve(config: Config) -> ExitCode {
     let stopped = stop_flag();
     // Built on a blocking thread, so that a stop still ends a start that takes long (a spool
     // replaying, a disk that hangs): nothing has been accepted yet.
-    let build = tokio::task::spawn_blocking({
+    let mut build = tokio::task::spawn_blocking({
         let config = config.clone();
         move || App::build(&config)
     });
     let built = tokio::select! {
-        built = build => built,
+        built = &mut build => built,
         () = stopped.clone().wait() => {
             tracing::info!("stopped while starting; nothing was accepted");
+            // A build that ends within the grace is dropped here, its Kafka clients shut down
+            // before the exit; one that hangs (a disk) is left behind.
+            let _ = tokio::time::timeout(config.server.shutdown_timeout, build).await;
             return ExitCode::SUCCESS;
         }
     };

@@ -111,20 +111,23 @@ do
   -- into a plain one here first, where the budget sees every step. A comparator that is a C
   -- function (rawequal, math.max) is called through Lua, so that a sort's comparisons are not
   -- free of the budget; string.dump tells one (it cannot dump a C function).
-  local sort, concat, dump, pcall = table.sort, table.concat, string.dump, pcall
+  local sort, concat, dump, pcall, setmetatable = table.sort, table.concat, string.dump, pcall,
+    setmetatable
   table.sort = function(t, comp)
     local order = comp
-    if type(comp) == "function" and not pcall(dump, comp) then
+    if type(comp) == "function" and not pcall(dump, comp, true) then
       order = function(a, b) return comp(a, b) end
     end
     if type(t) ~= "table" or getmetatable(t) == nil then
       return sort(t, order)
     end
-    local copy, n = {}, #t
+    -- The length as C reads it, once; the copy keeps it whatever holes it has.
+    local n = int(#t) or error("object length is not an integer", 2)
+    local copy = {}
     for i = 1, n do
       copy[i] = t[i]
     end
-    sort(copy, order)
+    sort(setmetatable(copy, { __len = function() return n end }), order)
     for i = 1, n do
       t[i] = copy[i]
     end

@@ -32,10 +32,16 @@ pub(super) fn gsub(
     let replaced = |room| replace(lua, &src, pat, &repl, anchored, max, room);
     // Garbage counts as used until a collection: short of room, one is made before refusing,
     // as Lua's own allocator does.
-    let (out, count) = match replaced(room()) {
+    let before = room();
+    let (out, count) = match replaced(before) {
         Err(Stop::Refused(why)) if why == NO_ROOM => {
             lua.gc_collect()?;
-            replaced(room())?
+            let after = room();
+            // Matched again only if the collection made room.
+            if after <= before {
+                return Err(Stop::Refused(why));
+            }
+            replaced(after)?
         }
         done => done?,
     };

@@ -405,6 +405,20 @@ fn sort_and_concat_over_a_made_up_length_are_held_to_the_budget() {
         (sorted.as_str(), joined.as_str(), made_up.as_str()),
         ("3,2,1", "bc", "x,x,x")
     );
+    // The length is read once, as C reads it, holes and all.
+    let (holes, bad): (String, String) = run_in(
+        &hook,
+        r#"local t = setmetatable({3, nil, 1}, { __len = function() return 3 end })
+           table.sort(t, function(a, b)
+             if a == nil then return false elseif b == nil then return true end
+             return a < b
+           end)
+           local ok, e = pcall(table.sort, setmetatable({}, { __len = function() return 2.5 end }))
+           return tostring(t[1]) .. tostring(t[2]) .. tostring(t[3]), e"#,
+    )
+    .unwrap();
+    assert_eq!(holes, "13nil");
+    assert!(bad.contains("not an integer"), "{bad}");
     // A C comparator costs VM instructions: a long sort with one meets the budget.
     let error = run_in::<()>(
         &hook,
