@@ -202,10 +202,16 @@ impl IntoResponse for Reply {
                 content_type,
             } => {
                 let mut response = (status, body).into_response();
+                let headers = response.headers_mut();
                 if let Ok(ct) = axum::http::HeaderValue::from_str(&content_type) {
-                    response
-                        .headers_mut()
-                        .insert(axum::http::header::CONTENT_TYPE, ct);
+                    headers.insert(axum::http::header::CONTENT_TYPE, ct);
+                }
+                // A hook's own "come back later" says when, as kafboy's do.
+                if matches!(status.as_u16(), 429 | 503) {
+                    headers.insert(
+                        axum::http::header::RETRY_AFTER,
+                        axum::http::HeaderValue::from_static("1"),
+                    );
                 }
                 response
             }
@@ -234,6 +240,26 @@ mod tests {
 
     fn failed(error: E, persisted: Persisted) -> Option<Outcome> {
         Some(Outcome::Failed { error, persisted })
+    }
+
+    #[test]
+    fn a_hook_s_own_503_and_429_say_when_to_come_back() {
+        for (code, retry) in [(503, true), (429, true), (400, false), (200, false)] {
+            let response = Reply::Custom {
+                status: StatusCode::from_u16(code).unwrap(),
+                body: bytes::Bytes::from_static(b"{}"),
+                content_type: "application/json".into(),
+            }
+            .into_response();
+            assert_eq!(
+                response
+                    .headers()
+                    .get(axum::http::header::RETRY_AFTER)
+                    .is_some(),
+                retry,
+                "{code}"
+            );
+        }
     }
 
     #[test]
