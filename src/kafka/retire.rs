@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::producer::{Producer, PurgeConfig};
+
 use super::{Producers, ffi};
 use crate::lock;
 
@@ -34,6 +36,12 @@ impl Producers {
                         // timeout, and a producer that left the list here with records still
                         // held would stay for the life of the process.
                         while old.queued() > 0 && !gate.is_closed() {
+                            // A fatal producer sends nothing more: records that come back
+                            // from its requests in flight (to be retried after those failed)
+                            // would wait out the message timeout in its queue. Purged, they
+                            // are reported at once, with what librdkafka knows of them kept
+                            // (never sent: 503; maybe written: 504).
+                            old.inner.purge(PurgeConfig::default().queue());
                             ffi::flush(&old.inner, Duration::from_millis(100));
                         }
                         // Only a drained producer leaves the list (a fatal one takes no new
