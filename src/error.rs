@@ -26,6 +26,9 @@ pub enum RecordReport {
     Failed {
         /// Why.
         error: String,
+        /// `"no"` when librdkafka knows the record was not written (retrying it cannot
+        /// duplicate it), else `"maybe"`.
+        written: &'static str,
     },
 }
 

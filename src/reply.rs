@@ -103,11 +103,16 @@ fn failure(outcomes: Vec<Option<Outcome>>, timeout: std::time::Duration) -> Inge
                 partition: *partition,
                 offset: *offset,
             },
-            Some(Outcome::Failed { error, .. }) => RecordReport::Failed {
+            Some(Outcome::Failed { error, persisted }) => RecordReport::Failed {
                 error: error.to_string(),
+                written: match persisted {
+                    Persisted::No => "no",
+                    _ => "maybe",
+                },
             },
             None => RecordReport::Failed {
                 error: timed_out.clone(),
+                written: "maybe",
             },
         })
         .collect();
@@ -293,6 +298,23 @@ mod tests {
         let too_large = failed(E::MessageSizeTooLarge, Persisted::No);
         // One written: a retry would duplicate it.
         assert_eq!(status(vec![delivered.clone(), not_sent.clone()]), 504);
+        // Each failed record says whether it may be written: the client may resend the others.
+        let IngestError::Partial { records, .. } =
+            failure(vec![delivered.clone(), not_sent.clone(), None], timeout)
+        else {
+            panic!("not a partial failure")
+        };
+        let records = serde_json::to_value(&records).unwrap();
+        let written: Vec<&serde_json::Value> = records
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| &r["written"])
+            .collect();
+        assert_eq!(
+            written,
+            [&serde_json::Value::Null, &"no".into(), &"maybe".into()]
+        );
         // None answered in time: may be written.
         assert_eq!(status(vec![not_sent.clone(), None]), 504);
         assert_eq!(
