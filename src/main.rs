@@ -228,7 +228,7 @@ async fn serve(config: Config) -> ExitCode {
     // still starting (replaying a large spool, say): from here on it is handled. So are
     // SIGTERM and SIGINT, which then end the node as soon as it serves.
     let _hangups = kafboy::shutdown::hangups();
-    let stopped = stop_flag();
+    let stopped = kafboy::shutdown::Stopped::listen();
     // Built on a blocking thread, so that a stop still ends a start that takes long (a spool
     // replaying, a disk that hangs): nothing has been accepted yet.
     let mut build = tokio::task::spawn_blocking({
@@ -275,27 +275,6 @@ async fn serve(config: Config) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
-}
-
-/// SIGTERM or SIGINT, listened for from now on, as a flag more than one wait can share.
-#[derive(Clone)]
-struct Stopped(tokio::sync::watch::Receiver<bool>);
-
-impl Stopped {
-    async fn wait(mut self) {
-        // The sender only goes away after it said so.
-        let _ = self.0.wait_for(|stopped| *stopped).await;
-    }
-}
-
-fn stop_flag() -> Stopped {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let signal = kafboy::shutdown::signal();
-    tokio::spawn(async move {
-        signal.await;
-        let _ = tx.send(true);
-    });
-    Stopped(rx)
 }
 
 fn fail(message: &str) -> ExitCode {

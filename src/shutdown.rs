@@ -99,6 +99,30 @@ fn listen() -> impl Future<Output = ()> + Send + 'static {
     }
 }
 
+/// SIGTERM or SIGINT, listened for from [`Stopped::listen`] on, as a flag that more than one
+/// wait can share (the start, then the server).
+#[derive(Clone)]
+pub struct Stopped(tokio::sync::watch::Receiver<bool>);
+
+impl Stopped {
+    /// Starts listening; call it inside a runtime.
+    pub fn listen() -> Stopped {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let signal = signal();
+        tokio::spawn(async move {
+            signal.await;
+            let _ = tx.send(true);
+        });
+        Stopped(rx)
+    }
+
+    /// Resolves once a stop was asked for (at once if it already was).
+    pub async fn wait(mut self) {
+        // The sender only goes away after it said so.
+        let _ = self.0.wait_for(|stopped| *stopped).await;
+    }
+}
+
 /// SIGHUPs, one `next()` per signal; never resolves where there are none.
 pub struct Hangups(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
 
