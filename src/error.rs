@@ -254,14 +254,17 @@ impl IntoResponse for IngestError {
             IngestError::Unauthenticated(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            _ if status == StatusCode::SERVICE_UNAVAILABLE
-                || status == StatusCode::TOO_MANY_REQUESTS =>
-            {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            _ => {}
+            _ => retry_soon(status, headers),
         }
         response
+    }
+}
+
+/// `Retry-After: 1` on a `503` or a `429`: every "come back later" says when, the hook's own
+/// replies included.
+pub(crate) fn retry_soon(status: StatusCode, headers: &mut axum::http::HeaderMap) {
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
 }
 

@@ -211,13 +211,7 @@ impl IntoResponse for Reply {
                 if let Ok(ct) = axum::http::HeaderValue::from_str(&content_type) {
                     headers.insert(axum::http::header::CONTENT_TYPE, ct);
                 }
-                // A hook's own "come back later" says when, as kafboy's do.
-                if matches!(status.as_u16(), 429 | 503) {
-                    headers.insert(
-                        axum::http::header::RETRY_AFTER,
-                        axum::http::HeaderValue::from_static("1"),
-                    );
-                }
+                crate::error::retry_soon(status, headers);
                 response
             }
             Reply::Acked { topic, written, .. } => {

@@ -187,9 +187,12 @@ impl LuaRequest {
         })
     }
 
+    /// Marks the body changed, as bytes or as a tree.
     fn mark_edited(&mut self) {
-        if let Doc::Raw { edited, .. } = &mut self.doc {
-            *edited = true;
+        match &mut self.doc {
+            Doc::Raw { edited, .. } => *edited = true,
+            Doc::Tree { dirty, .. } => *dirty = true,
+            Doc::Unread => {}
         }
     }
 
@@ -250,9 +253,7 @@ impl LuaRequest {
         self.charge(tree_bytes(&value).saturating_sub(text.len()))?;
         // Marked changed only once the slot is there: a refused edit changes nothing.
         *slot(self.tree()?, path)? = value;
-        if let Doc::Tree { dirty, .. } = &mut self.doc {
-            *dirty = true;
-        }
+        self.mark_edited();
         Ok(())
     }
 
@@ -274,8 +275,8 @@ impl LuaRequest {
             }
         }
         let removed = remove(self.tree()?, path);
-        if removed && let Doc::Tree { dirty, .. } = &mut self.doc {
-            *dirty = true;
+        if removed {
+            self.mark_edited();
         }
         Ok(removed)
     }

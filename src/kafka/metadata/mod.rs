@@ -40,8 +40,7 @@ pub struct TopicInfo {
 }
 
 impl TopicInfo {
-    /// A topic of `partitions` partitions, none added since (for building records outside
-    /// a cache, as the fuzz targets do).
+    /// A topic of `partitions` partitions, none added since.
     pub fn with_partitions(partitions: i32) -> TopicInfo {
         TopicInfo {
             partitions,
@@ -229,10 +228,7 @@ impl Topics {
         }
         let answer = match listed {
             Some((_, Listed::Partitions(partitions))) if partitions > 0 => {
-                let info = Arc::new(TopicInfo {
-                    partitions,
-                    ..TopicInfo::default()
-                });
+                let info = Arc::new(TopicInfo::with_partitions(partitions));
                 entries.insert(topic.to_string(), Entry::Known(info.clone()));
                 return Ok(info);
             }
@@ -350,10 +346,7 @@ mod tests {
 
     #[test]
     fn a_refresh_keeps_known_topics_between_leaders_and_remembered_misses() {
-        let known = Arc::new(TopicInfo {
-            partitions: 4,
-            ..TopicInfo::default()
-        });
+        let known = Arc::new(TopicInfo::with_partitions(4));
         let mut entries = HashMap::from([
             ("a".to_string(), Entry::Known(known.clone())),
             ("b".to_string(), Entry::Known(known.clone())),
@@ -390,10 +383,7 @@ mod tests {
     fn added_partitions_are_used_from_the_next_refresh() {
         let mut entries = HashMap::from([(
             "t".to_string(),
-            Entry::Known(Arc::new(TopicInfo {
-                partitions: 3,
-                ..TopicInfo::default()
-            })),
+            Entry::Known(Arc::new(TopicInfo::with_partitions(3))),
         )]);
         let counts = |entries: &HashMap<String, Entry>| match entries.get("t") {
             Some(Entry::Known(info)) => (info.partitions, info.added),
@@ -503,10 +493,7 @@ mod tests {
     fn a_catch_up_applies_deleted_and_shrunk_topics_only() {
         let (_cluster, topics) = cache(&[("kept", 4), ("grown", 2), ("shrunk", 1)]);
         let known = |name: &str, partitions| {
-            let info = Arc::new(TopicInfo {
-                partitions,
-                ..TopicInfo::default()
-            });
+            let info = Arc::new(TopicInfo::with_partitions(partitions));
             (name.to_string(), Entry::Known(info))
         };
         *topics.entries.write().unwrap() = HashMap::from([

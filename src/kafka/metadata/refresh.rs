@@ -37,10 +37,7 @@ impl Topics {
             match listed.get(name) {
                 None => false,
                 Some(Listed::Partitions(p)) if *p > 0 && *p < info.partitions => {
-                    *info = Arc::new(TopicInfo {
-                        partitions: *p,
-                        ..TopicInfo::default()
-                    });
+                    *info = Arc::new(TopicInfo::with_partitions(*p));
                     true
                 }
                 Some(_) => true,
@@ -128,10 +125,7 @@ pub(super) fn merged(
                     ..TopicInfo::default()
                 })
             }
-            _ => Arc::new(TopicInfo {
-                partitions,
-                ..TopicInfo::default()
-            }),
+            _ => Arc::new(TopicInfo::with_partitions(partitions)),
         };
         fresh.insert(name, Entry::Known(info));
     }
