@@ -816,8 +816,9 @@ async fn produce_refusals_for_good_keep_their_meaning_and_write_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_that_fail_during_the_final_flush_are_reported_lost() {
     let (cluster, topic) = cluster_with_topic("flush-fails", 1);
+    let bootstrap = cluster.bootstrap_servers();
     let gw = common::gateway(
-        &cluster.bootstrap_servers(),
+        &bootstrap,
         "[kafka]\nlinger = \"2s\"\nmessage_timeout = \"5s\"\n[server]\nshutdown_timeout = \"3s\"",
     )
     .await;
@@ -830,6 +831,59 @@ async fn records_that_fail_during_the_final_flush_are_reported_lost() {
         .await
         .expect("gateway stops");
     assert_eq!((report.undelivered, report.failed), (0, 1), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_records_that_fail_during_the_drain_are_answered_not_lost() {
+    let (cluster, topic) = cluster_with_topic("drain-fails", 1);
+    let bootstrap = cluster.bootstrap_servers();
+    // On the allowlist, the topic has metrics of its own.
+    let toml = format!(
+        "[topics]\nallow = [\"{topic}\"]\n[kafka]\nmessage_timeout = \"2s\"\n\
+         [server]\nshutdown_timeout = \"8s\""
+    );
+    let gw = common::gateway(&bootstrap, &toml).await;
+    // Both producers have their ids before the brokers go away.
+    warm_up(&gw, &bootstrap, &topic).await;
+    let (reply, _) = timed_post(&gw, &format!("/sync/{topic}"), None, "{}", PROMPT).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    cluster.broker_down(ALL_BROKERS).expect("brokers down");
+    // An async and a sync record, queued before the stop; both expire during the drain.
+    let path = format!("/async/{topic}");
+    let (reply, _) = timed_post(&gw, &path, None, r#"{"a":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    let sync = {
+        let url = format!("{}/sync/{topic}", gw.url);
+        tokio::spawn(async move {
+            let r = common::client().post(url).body(r#"{"s":1}"#).send().await;
+            Reply::read(r.expect("answered")).await
+        })
+    };
+    let accepted = [("topic", topic.as_str())];
+    let deadline = Instant::now() + PROMPT;
+    while metric(
+        &get(&gw, "/metrics").await.body,
+        "kafboy_records_accepted_total",
+        &accepted,
+    ) < Some(4.0)
+    {
+        assert!(!sync.is_finished(), "sync answered before the stop");
+        assert!(
+            Instant::now() < deadline,
+            "the sync record never reached the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = tokio::time::timeout(Duration::from_secs(15), gw.stop())
+        .await
+        .expect("gateway stops");
+    let sync = sync.await.expect("sync request");
+    // The sync requester has its answer (never sent: 503); only the async record, whose
+    // answer was its 202, is lost.
+    assert_unavailable(&sync, "sync record expired in the queue");
+    assert_eq!((report.undelivered, report.failed), (0, 1), "{report:?}");
+    cluster.broker_up(ALL_BROKERS).expect("brokers up");
+    assert_holds(&bootstrap, &topic, &[WARM_UP, "{}"], "expired records").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

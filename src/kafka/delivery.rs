@@ -62,7 +62,7 @@ pub struct Tally {
     pub delivered: AtomicU64,
     /// Records that failed after they were accepted.
     pub failed: AtomicU64,
-    /// Of those, the ones only kafboy's memory held (not spooled): lost.
+    /// Of those, the ones only kafboy's memory held, whose requester had its `202`: lost.
     pub lost: AtomicU64,
 }
 
@@ -193,6 +193,10 @@ impl ProducerContext for Context {
                 }
                 if !spooled {
                     self.count_failed(message.topic(), &format!("{code:?}"));
+                }
+                // Lost: a record whose only answer was its `202`. A sync requester hears of
+                // the failure (or was told `504`, maybe written) and may send it again.
+                if waiter.0.is_none() {
                     self.tally.lost.fetch_add(1, Ordering::Relaxed);
                 }
                 Outcome::Failed {

@@ -239,8 +239,8 @@ impl Producers {
         }
     }
 
-    /// Notes that a shutdown began: records failing from now on (during the drain, or the
-    /// flush) are lost with the shutdown, and make its exit code 1.
+    /// Notes that a shutdown began: records answered `202` that fail from now on (during the
+    /// drain, or the flush) are lost with the shutdown, and make its exit code 1.
     pub fn note_stop(&self) {
         let _ = self.lost_at_stop.set(self.lost());
     }
