@@ -455,6 +455,33 @@ async fn a_full_spool_refuses_all_or_nothing_and_takes_records_again_once_draine
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_one_large_append_filled_is_closed_and_deleted_once_delivered() {
+    let (cluster, topic) = mock_cluster("spool-one-group");
+    let dir = tempfile::tempdir().expect("dir");
+    let limits = SpoolConfig {
+        max_bytes: 16 << 10,
+        ..config()
+    };
+    let spool = Spool::open(dir.path(), &limits).expect("open");
+    // One call, written whole into the current segment: three times `segment_bytes`.
+    let records: Vec<Record> = (0..12).map(|i| record(format!("{i:0>1000}"))).collect();
+    spool.append(&topic, &records).await.expect("append");
+    assert!(spool.stats().bytes > 12_000, "{:?}", spool.stats());
+    let producers = producers(&cluster.bootstrap_servers(), "");
+    start_sender(&spool, &producers);
+    wait_drained(&spool, Duration::from_secs(15)).await;
+    // No append comes to close the segment (a full spool would refuse them): it is closed
+    // while the writer idles, read to its end and deleted.
+    wait_for("room given back", Duration::from_secs(10), || {
+        spool.stats().bytes < 4 << 10
+    })
+    .await;
+    let want: Vec<String> = (0..12).map(|i| format!("{i:0>1000}")).collect();
+    assert_topic_holds(&cluster.bootstrap_servers(), &topic, &want).await;
+    spool.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_segment_tail_is_cut_at_the_last_valid_record() {
     let (cluster, topic) = mock_cluster("spool-corrupt");
     let dir = tempfile::tempdir().expect("dir");

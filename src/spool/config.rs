@@ -76,10 +76,9 @@ const MIN_BYTES: u64 = 4096;
 impl SpoolConfig {
     /// Checks the settings; the message names the key at fault.
     pub fn check(&self) -> Result<(), String> {
-        // Four segments at least: a full spool must always have closed segments whose deletion
-        // frees room. With one segment holding the whole budget, a spool whose every record was
-        // delivered stays full: its segment is only closed by the next append, which finds no
-        // room.
+        // Four segments at least: most of a full spool's room is then in closed segments,
+        // whose deletion frees it. One large append can still take the current segment far
+        // past its size; the writer closes such a segment while it idles.
         if self.max_bytes < 4 * MIN_BYTES {
             return Err(format!(
                 "spool.max_bytes must be at least {}",
@@ -124,8 +123,8 @@ impl SpoolConfig {
         Ok(())
     }
 
-    /// The segment size in force: `segment_bytes`, at most a quarter of `max_bytes`, so a full
-    /// spool always has closed segments whose deletion frees room.
+    /// The segment size in force: `segment_bytes`, at most a quarter of `max_bytes`, so most of
+    /// a full spool's room is in closed segments, whose deletion frees it.
     pub(super) fn effective_segment_bytes(&self) -> u64 {
         self.segment_bytes.min(self.max_bytes / 4).max(MIN_BYTES)
     }

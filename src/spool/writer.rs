@@ -96,9 +96,7 @@ impl Writer {
             let first = match queue.recv_timeout(PROBE_EVERY) {
                 Ok(c) => c,
                 Err(RecvTimeoutError::Timeout) => {
-                    if !self.inner.healthy.load(Ordering::Acquire) {
-                        self.probe();
-                    }
+                    self.busy(Writer::idle);
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -142,12 +140,7 @@ impl Writer {
     /// Writes and fsyncs a group, then answers each of its calls.
     fn commit(&mut self, mut group: Vec<Append>) {
         let records: usize = group.iter().map(|a| a.payloads.len()).sum();
-        self.inner
-            .writing_since_ms
-            .store(super::mono_ms(), Ordering::Release);
-        let written = self.write(&mut group);
-        self.inner.writing_since_ms.store(0, Ordering::Release);
-        match written {
+        match self.busy(|w| w.write(&mut group)) {
             Ok(appended_ms) => {
                 self.inner
                     .records
@@ -173,6 +166,31 @@ impl Writer {
                     self.inner.release(a.bytes);
                     let _ = a.reply.send(Err(SpoolError::Disk(message.clone())));
                 }
+            }
+        }
+    }
+
+    /// Runs `f`, which may wait on the disk, marked as writing: a disk that hangs in it is
+    /// seen as stalled, and appends are refused at once instead of waiting behind it.
+    fn busy<R>(&mut self, f: impl FnOnce(&mut Writer) -> R) -> R {
+        self.inner
+            .writing_since_ms
+            .store(super::mono_ms(), Ordering::Release);
+        let result = f(self);
+        self.inner.writing_since_ms.store(0, Ordering::Release);
+        result
+    }
+
+    /// Between appends: probes a disk that failed; closes a segment a group took past
+    /// `segment_bytes`. Only closed segments are read to their end and deleted, and the room a
+    /// full spool waits for may be all in the current one, with no append coming to close it
+    /// (a full spool refuses them before they get here).
+    fn idle(&mut self) {
+        if !self.inner.healthy.load(Ordering::Acquire) {
+            self.probe();
+        } else if self.file.is_some() && self.offset >= self.inner.config.segment_bytes {
+            if let Err(error) = self.roll() {
+                self.inner.disk_error("segment", &error);
             }
         }
     }
