@@ -657,6 +657,44 @@ async fn a_partition_that_is_gone_is_dead_lettered_after_the_grace_not_retried_f
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grace_shorter_than_the_retry_backoff_still_ends_in_the_dead_letter_file() {
+    let (cluster, topic) = mock_cluster("spool-gone-short");
+    let bootstrap = cluster.bootstrap_servers();
+    let producers = producers(&bootstrap, "[kafka]\nmessage_timeout = \"10s\"");
+    let dir = tempfile::tempdir().expect("dir");
+    // Retries come further apart than the grace (as do refusals that come with a delivery
+    // report): each refusal came more than a grace after the one before, so each began a new
+    // outage, for ever.
+    let config = SpoolConfig {
+        missing_grace: Duration::from_millis(150),
+        retry_backoff: Duration::from_millis(200),
+        ..config()
+    };
+    let spool = Spool::open(dir.path(), &config).expect("open");
+    start_sender(&spool, &producers);
+    spool
+        .append(&topic, &[record("first")])
+        .await
+        .expect("append");
+    wait_drained(&spool, Duration::from_secs(10)).await;
+    let gone = Record {
+        partition: Some(5),
+        ..record("gone")
+    };
+    spool
+        .append(&topic, &[gone, record("behind")])
+        .await
+        .expect("append");
+    wait_drained(&spool, Duration::from_secs(15)).await;
+    let stats = spool.stats();
+    assert_eq!((stats.dead_lettered, stats.delivered), (1, 2), "{stats:?}");
+    let want = ["first".to_string(), "behind".to_string()].into();
+    let got = read_topic(&bootstrap, &topic, want, Duration::from_secs(10)).await;
+    assert_eq!(values(&got), ["first", "behind"]);
+    spool.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_error_answers_disk_and_unhealthy_until_writes_work_again() {
     assert!(Path::new("/dev/full").exists(), "this test needs /dev/full");
     let dir = tempfile::tempdir().expect("dir");

@@ -36,7 +36,7 @@ impl Sender {
     /// Whether record `i`, refused with `refusal`, is to be retried rather than dead-lettered:
     /// its topic or partition has been missing for less than `spool.missing_grace`.
     pub(super) fn waits(&mut self, i: usize, refusal: &Refusal) -> bool {
-        let entry = &self.window[i].entry;
+        let (entry, sent) = (&self.window[i].entry, self.window[i].sent);
         let partition = match refusal.missing {
             Missing::Nothing => return false,
             Missing::Topic => None,
@@ -57,9 +57,12 @@ impl Sender {
             }
         };
         let gone = &mut list[at];
-        // Refusals come at least every `retry_backoff_max` while an outage lasts; one a grace
-        // after the last is a new outage (the topic came back in between), with its own grace.
-        if now.duration_since(gone.last) > grace {
+        // While an outage lasts, a refused record is sent again at most `retry_backoff_max`
+        // after its refusal, though the next refusal may take much longer (a delivery report).
+        // A record sent longer than that (and a grace) after the last refusal finds a new
+        // outage (the topic may have come back in between), with its own grace.
+        let quiet = grace.max(self.inner.config.retry_backoff_max);
+        if sent.saturating_duration_since(gone.last) > quiet {
             gone.since = now;
         }
         gone.last = now;

@@ -113,6 +113,8 @@ struct Flight {
     entry: Entry,
     state: State,
     attempts: u32,
+    /// When it was last handed to the producer.
+    sent: Instant,
 }
 
 /// A delivery report, tagged with its record.
@@ -155,7 +157,7 @@ struct Gone {
     partition: Option<i32>,
     /// The first refusal of this outage.
     since: Instant,
-    /// The latest refusal: one more than a grace later starts a new outage.
+    /// The latest refusal: a record sent long after it starts a new outage.
     last: Instant,
 }
 

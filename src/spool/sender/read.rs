@@ -205,6 +205,7 @@ impl Sender {
                 entry,
                 state: State::Unsent,
                 attempts: 0,
+                sent: Instant::now(),
             });
         }
         self.finished.extend(batch.finished);

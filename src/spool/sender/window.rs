@@ -21,7 +21,8 @@ const SEND_WAIT: Duration = Duration::from_millis(100);
 impl Sender {
     /// When the first record waiting for a retry is due, if one waits.
     pub(super) fn next_retry(&self) -> Option<Instant> {
-        if self.unsent == 0 {
+        // Closed producers take nothing: a retry due would wake the sender in a busy loop.
+        if self.unsent == 0 || self.closed {
             return None;
         }
         self.window.iter().find_map(|f| match f.state {
@@ -63,6 +64,7 @@ impl Sender {
             }
             let flight = &mut self.window[i];
             flight.attempts += 1;
+            flight.sent = Instant::now();
             let seq = flight.seq;
             let record = to_record(&flight.entry);
             let topic = flight.entry.topic.clone();
