@@ -152,7 +152,12 @@ fn append_line(path: &std::path::Path, line: &[u8]) -> io::Result<()> {
             file.write_all(b"\n")?;
         }
         file.write_all(line)?;
-        file.sync_data()
+        file.sync_data()?;
+        // A file just made is durable only with its directory entry.
+        match path.parent() {
+            Some(dir) if len == 0 => crate::spool::recover::sync_dir(dir),
+            _ => Ok(()),
+        }
     })();
     if written.is_err() {
         let _ = file.set_len(len);
