@@ -149,7 +149,14 @@ fn config_errors_exit_64_and_name_the_key() {
             "[kafka]\nacks = \"none\"\nidempotence = false\n[server]\ndefault_routes = false\n\
              [spool]\ndir = \"/tmp\"\n[[routes]]\npath = \"/d/:topic\"\nmode = \"async\"\nspool = true"
                 .into(),
-            "cannot back a spooled route",
+            "cannot go with spool.dir",
+        ),
+        // Records an earlier run left are sent by the spool with no spooled route.
+        (
+            "[kafka]\nacks = \"none\"\nidempotence = false\n[server]\ndefault_routes = false\n\
+             [spool]\ndir = \"/tmp\"\n[[routes]]\npath = \"/d/:topic\"\nmode = \"async\""
+                .into(),
+            "cannot go with spool.dir",
         ),
         (
             "[topics]\nallow = [\"events\"]\n[[routes]]\npath = \"/clicks\"\ntopic = \"t1\"\nmode = \"async\"".into(),

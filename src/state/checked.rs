@@ -171,6 +171,16 @@ impl Checked {
         config.log.check()?;
         let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
         config.spool.check()?;
+        // The spool forgets a record once the broker acknowledged it; with acks = 0 that is as
+        // soon as it is sent, and a record lost on the way would be gone. That holds for the
+        // records an earlier run left in spool.dir too, with no spooled route left.
+        if config.spool.dir.is_some() && config.kafka.acks == crate::config::Acks::None {
+            return Err(
+                "kafka.acks = \"none\" cannot go with spool.dir: the spool would \
+                        forget records as soon as they are sent"
+                    .into(),
+            );
+        }
         for (route, _) in &routes {
             let sync = matches!(
                 route.mode,
@@ -181,14 +191,6 @@ impl Checked {
                 return Err(format!(
                     "route {}: kafka.acks = \"none\" cannot back a sync route (set \
                      server.default_routes = false and configure async routes only)",
-                    route.path
-                ));
-            }
-            // The spool forgets a record once the broker acknowledged it; with acks = 0 that
-            // is as soon as it is sent, and a record lost on the way would be gone.
-            if route.spool && config.kafka.acks == crate::config::Acks::None {
-                return Err(format!(
-                    "route {}: kafka.acks = \"none\" cannot back a spooled route",
                     route.path
                 ));
             }
