@@ -33,9 +33,9 @@
 //!   [`SpoolError::Disk`] to appends, and the writer probes the disk every second until writes
 //!   work again; the checkpoint's and segment reads' last until that same operation, which the
 //!   sender retries, works again. A write that hangs for seconds turns it false too.
-//! - Records are sent in spool order; a record that fails retriably is sent again before any
-//!   record behind it is sent for the first time, so a partition's order holds except across a
-//!   retry. Retriable failures are retried for as long as it takes; permanent ones (the ones
+//! - Records are handed to the producer in spool order; one waiting for its retry holds back
+//!   the records behind it not yet handed over (those already handed over go on), so a
+//!   partition's order holds except around a retry, and the checkpoint never passes it. Retriable failures are retried for as long as it takes; permanent ones (the ones
 //!   [`crate::error::delivery_status`] maps to 400/403/404/413) go to the dead-letter file.
 //! - One process per directory (a pid lock file; a stale one left by a killed process is taken
 //!   over).
