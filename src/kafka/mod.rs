@@ -41,6 +41,8 @@ pub struct Slot {
     kafka: Arc<KafkaConfig>,
     shared: Shared,
     current: RwLock<Arc<Producer>>,
+    /// When the producer may be replaced again after a fatal error.
+    backoff: Mutex<retire::Backoff>,
 }
 
 impl Slot {
@@ -67,6 +69,7 @@ impl Slot {
             kafka: kafka.clone(),
             shared,
             current: RwLock::new(Arc::new(producer)),
+            backoff: Mutex::default(),
         })
     }
 

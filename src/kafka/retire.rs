@@ -12,12 +12,48 @@ use crate::lock;
 /// let go of it: longer than a request holds it (`server.enqueue_timeout`, 100 ms by default).
 const LAST_HOLDER_WAIT: Duration = Duration::from_secs(5);
 
+/// The first wait before a producer that failed again soon after its replacement is replaced
+/// once more, and the longest.
+const FIRST_WAIT: Duration = Duration::from_secs(1);
+const LONGEST_WAIT: Duration = Duration::from_secs(30);
+
+/// A replacement this long after the one before starts over with no wait.
+const STABLE: Duration = Duration::from_secs(60);
+
+/// When a slot may replace its producer again: at once the first time, then after a wait that
+/// doubles (1 s to 30 s) while its producers keep failing within a minute of each other. A
+/// cause that lasts (brokers that refuse idempotent writes) would otherwise have a new client
+/// connect and ask for a producer id every 100 ms, each logging a replacement.
+#[derive(Debug, Default)]
+pub(super) struct Backoff {
+    last: Option<Instant>,
+    wait: Duration,
+}
+
+impl Backoff {
+    /// Whether a replacement may happen at `now`; if so, it is counted.
+    fn take(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last {
+            if now < last + self.wait {
+                return false;
+            }
+            self.wait = if now.duration_since(last) < STABLE {
+                (self.wait * 2).clamp(FIRST_WAIT, LONGEST_WAIT)
+            } else {
+                Duration::ZERO
+            };
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
 impl Producers {
     /// Replaces every producer that hit a fatal error. librdkafka has already purged its queue
     /// (those records were answered 503); what it had in flight is flushed before it goes.
     pub fn replace_failed(&self) {
         for (index, slot) in self.slots().enumerate() {
-            if !slot.current().is_fatal() {
+            if !slot.current().is_fatal() || !lock(&slot.backoff).take(Instant::now()) {
                 continue;
             }
             match slot.replace(&self.retiring) {
@@ -90,5 +126,34 @@ impl Producers {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replacements_that_keep_failing_wait_longer_each_time_and_start_over_once_stable() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut b = Backoff::default();
+        assert!(b.take(at(0)), "the first replacement is at once");
+        assert!(b.take(at(200)), "the second too, and it sets a wait of 1 s");
+        assert!(!b.take(at(1100)));
+        assert!(b.take(at(1200)), "then 2 s");
+        assert!(!b.take(at(3100)));
+        assert!(b.take(at(3200)));
+        let mut now = 3200;
+        for _ in 0..10 {
+            now += 30_000;
+            assert!(b.take(at(now)), "never more than 30 s");
+        }
+        assert!(!b.take(at(now + 29_000)));
+        // A producer that lasted a minute: its replacement is at once, and so is the next.
+        now += 90_000;
+        assert!(b.take(at(now)));
+        assert!(b.take(at(now)));
+        assert!(!b.take(at(now + 999)));
     }
 }
