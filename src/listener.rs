@@ -24,6 +24,7 @@ use crate::tls::Tls;
 
 mod cors;
 mod linger;
+mod path;
 mod request_id;
 mod stall;
 
@@ -212,6 +213,7 @@ impl Connection {
         // Every response carries the request's id. A plain function around the router rather
         // than a layer on it, which would box a future per request.
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            path::normalize(request.uri_mut());
             let id = RequestId::of(request.headers());
             let extensions = request.extensions_mut();
             extensions.insert(id.clone());

@@ -1,0 +1,104 @@
+//! Paths as routes see them: percent-escapes of unreserved characters decoded before routing
+//! (RFC 3986, 6.2.2.2), so `/x/%73pecial` is `/x/special`. Routing matches the raw path and a
+//! `:topic` is decoded after, so without this an escaped letter would take a path past the
+//! route that names it (a fixed topic, kafboy's own paths) to a pattern's topic of that name.
+
+use axum::http::Uri;
+use axum::http::uri::PathAndQuery;
+
+/// `uri` with every `%XX` that stands for a letter, digit, `-`, `.`, `_` or `~` in its path
+/// decoded; other escapes (`%2F`, `%00`, UTF-8) stay as they are.
+pub(super) fn normalize(uri: &mut Uri) {
+    if !uri.path().contains('%') {
+        return;
+    }
+    let Some(path) = decoded(uri.path()) else {
+        return;
+    };
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    // Decoding only removes escapes: what was a valid path still is one.
+    let Ok(path_and_query) = PathAndQuery::try_from(path_and_query) else {
+        return;
+    };
+    parts.path_and_query = Some(path_and_query);
+    if let Ok(normalized) = Uri::from_parts(parts) {
+        *uri = normalized;
+    }
+}
+
+/// The path with its unreserved escapes decoded, or `None` when it has none.
+fn decoded(path: &str) -> Option<String> {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(b.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < b.len() {
+        let unreserved = match (b[i], b.get(i + 1), b.get(i + 2)) {
+            (b'%', Some(&hi), Some(&lo)) => hex(hi)
+                .zip(hex(lo))
+                .map(|(hi, lo)| hi << 4 | lo)
+                .filter(|&c| c.is_ascii_alphanumeric() || b"-._~".contains(&c)),
+            _ => None,
+        };
+        match unreserved {
+            Some(c) => {
+                out.push(char::from(c));
+                changed = true;
+                i += 3;
+            }
+            None => {
+                // A URI's path is ASCII (hyper refuses anything else), so byte by byte is char
+                // by char.
+                out.push(char::from(b[i]));
+                i += 1;
+            }
+        }
+    }
+    changed.then_some(out)
+}
+
+fn hex(c: u8) -> Option<u8> {
+    char::from(c).to_digit(16).map(|d| d as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn normalized(uri: &str) -> String {
+        let mut uri: Uri = uri.parse().unwrap();
+        normalize(&mut uri);
+        uri.to_string()
+    }
+
+    #[test]
+    fn unreserved_escapes_are_decoded_and_the_rest_kept() {
+        assert_eq!(normalized("/x/%73pecial"), "/x/special");
+        assert_eq!(normalized("/%68ealth"), "/health");
+        assert_eq!(normalized("/a/%41%7a%30%2D%2e%5F%7E"), "/a/Az0-._~");
+        assert_eq!(normalized("/a/%2F%00%C3%A9%25"), "/a/%2F%00%C3%A9%25");
+        assert_eq!(normalized("/a/%7"), "/a/%7");
+        assert_eq!(normalized("/a/%zz%"), "/a/%zz%");
+        assert_eq!(
+            normalized("/a/%2561"),
+            "/a/%2561",
+            "decoded once, not twice"
+        );
+        assert_eq!(
+            normalized("/async/%74?key=%74&partition=1"),
+            "/async/t?key=%74&partition=1",
+            "the query is the handler's to decode"
+        );
+        assert_eq!(normalized("/async/t?key=%74"), "/async/t?key=%74");
+    }
+
+    #[test]
+    fn a_path_without_escapes_is_left_alone() {
+        assert_eq!(decoded("/async/events"), None);
+        assert_eq!(decoded("/a/%2F"), None);
+    }
+}
