@@ -188,10 +188,11 @@ impl Writer {
     fn idle(&mut self) {
         if !self.inner.healthy.load(Ordering::Acquire) {
             self.probe();
-        } else if self.file.is_some() && self.offset >= self.inner.config.segment_bytes {
-            if let Err(error) = self.roll() {
-                self.inner.disk_error("segment", &error);
-            }
+        } else if self.file.is_some()
+            && self.offset >= self.inner.config.segment_bytes
+            && let Err(error) = self.roll()
+        {
+            self.inner.disk_error("segment", &error);
         }
     }
 
