@@ -148,6 +148,43 @@ async fn sync_with_all_brokers_down_is_503_after_message_timeout() {
     stop(gw).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_with_all_brokers_down_is_503_before_its_sync_timeout_and_never_written_later() {
+    let (cluster, topic) = cluster_with_topic("down-deadline", 1);
+    // The message timeout (120 s by default) would keep the record queued long after the
+    // client's 504 at sync_timeout, and write it once the brokers return.
+    let sync_timeout = Duration::from_secs(5);
+    let gw = common::gateway(
+        &cluster.bootstrap_servers(),
+        "[server]\nsync_timeout = \"5s\"\nshutdown_timeout = \"1s\"",
+    )
+    .await;
+    cluster.broker_down(ALL_BROKERS).expect("brokers down");
+    let (reply, elapsed) = timed_post(
+        &gw,
+        &format!("/sync/{topic}"),
+        None,
+        r#"{"n":1}"#,
+        PROMPT * 2,
+    )
+    .await;
+    eprintln!(
+        "brokers down: {} after {elapsed:?}: {}",
+        reply.status, reply.body
+    );
+    assert_unavailable(&reply, "record never sent");
+    assert!(
+        elapsed >= sync_timeout - Duration::from_secs(2) - Duration::from_millis(100),
+        "answered before the sync producer's message timeout: {elapsed:?}"
+    );
+    cluster.broker_up(ALL_BROKERS).expect("brokers up");
+    let (reply, _) = timed_post(&gw, &format!("/sync/{topic}"), None, MARKER, PROMPT * 2).await;
+    assert_eq!(reply.status, 200, "after the brokers returned: {reply:?}");
+    let written = "the 503'd record was written after all";
+    assert_holds(&cluster.bootstrap_servers(), &topic, &[MARKER], written).await;
+    stop(gw).await;
+}
+
 /// A record sent once a fault is over, to read back after what the fault did.
 const MARKER: &str = r#"{"marker":true}"#;
 

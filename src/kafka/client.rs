@@ -29,6 +29,9 @@ impl Plan {
         let base = client_config(&config.kafka)?;
         let mut sync = base.clone();
         sync.set("linger.ms", millis(config.kafka.sync_linger));
+        if let Some(timeout) = sync_message_timeout(config) {
+            sync.set("message.timeout.ms", millis(timeout));
+        }
         let mut asynchronous = base.clone();
         asynchronous.set("linger.ms", millis(config.kafka.linger));
         let mut batch_by_topic = HashMap::new();
@@ -94,6 +97,23 @@ pub fn check(config: &Config) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// How long before `server.sync_timeout` librdkafka gives up a sync record: the 1 s of its
+/// timeout scan, and time for the report to reach the request.
+const SYNC_REPORT_MARGIN: Duration = Duration::from_secs(2);
+
+/// The sync producer's message timeout, when `server.sync_timeout` comes before
+/// `kafka.message_timeout`. A sync record has no one to answer once its request's time is up;
+/// kept queued, it would be answered `504` and could still be written after the client was
+/// told so, a duplicate of its retry. Given up a little before, a record never sent gets `503`
+/// (it will not be written), one sent and unanswered `504`. Not below 1 s or the sync linger.
+fn sync_message_timeout(config: &Config) -> Option<Duration> {
+    let timeout = config.server.sync_timeout.checked_sub(SYNC_REPORT_MARGIN)?;
+    (timeout >= Duration::from_secs(1)
+        && timeout > config.kafka.sync_linger
+        && timeout < config.kafka.message_timeout)
+        .then_some(timeout)
 }
 
 fn millis(d: Duration) -> String {
@@ -321,6 +341,29 @@ mod tests {
         kafka.sasl = None;
         kafka.options.insert("sasl.password".into(), "x".into());
         assert!(client_config(&kafka).unwrap_err().contains("[kafka.sasl]"));
+    }
+
+    #[test]
+    fn sync_records_are_given_up_just_before_their_requests_time() {
+        let timeout_of = |toml: &str| {
+            let plan = Plan::new(&Config::from_toml(toml).unwrap()).unwrap();
+            let get = |c: &ClientConfig| c.get("message.timeout.ms").map(str::to_string);
+            (get(&plan.sync), get(&plan.asynchronous), get(&plan.batch))
+        };
+        let (sync, other) = (Some("28000".to_string()), Some("120000".to_string()));
+        assert_eq!(timeout_of(""), (sync, other.clone(), other));
+        // The message timeout comes first anyway, or too little would be left.
+        for toml in [
+            "[kafka]\nmessage_timeout = \"20s\"\n[server]\nsync_timeout = \"30s\"",
+            "[kafka]\nmessage_timeout = \"20s\"\n[server]\nsync_timeout = \"22s\"",
+            "[server]\nsync_timeout = \"2500ms\"",
+            "[kafka]\nsync_linger = \"4s\"\n[server]\nsync_timeout = \"5s\"",
+        ] {
+            let (sync, asynchronous, _) = timeout_of(toml);
+            assert_eq!(sync, asynchronous, "{toml}");
+        }
+        let (sync, _, _) = timeout_of("[server]\nsync_timeout = \"3s\"");
+        assert_eq!(sync.as_deref(), Some("1000"));
     }
 
     #[test]
