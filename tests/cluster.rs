@@ -498,6 +498,54 @@ async fn hooked_and_spooled_routes_are_served_where_they_arrive() {
     a.stop().await;
 }
 
+/// The queue-full drops `gw` counted for `topic`.
+async fn queue_full_drops(gw: &Gateway, topic: &str) -> f64 {
+    let text = common::get_text(&format!("{}/metrics", gw.url)).await;
+    let label = format!("topic=\"{topic}\"");
+    text.lines()
+        .filter(|l| l.starts_with("kafboy_records_dropped_total{"))
+        .filter(|l| l.contains(&label) && l.contains("reason=\"queue_full\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_peer_leaves_the_drop_of_a_forwarded_request_to_the_node_that_sent_it() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("g", 1, 1).unwrap();
+    let toml = "[topics]\nallow = [\"g\"]\n[kafka]\nqueue_max_messages = 2\n\
+                [server]\nenqueue_timeout = \"10ms\"\n\
+                [cluster]\npeers = [\"http://127.0.0.1:9\"]\n";
+    let peer = node("127.0.0.1", &mock.bootstrap_servers(), toml).await;
+    // Records now sit in flight, so the tiny queue fills at once.
+    mock.broker_round_trip_time(1, Duration::from_secs(2))
+        .unwrap();
+    let burst = |forwarded: bool| {
+        let url = format!("{}/async/g", peer.url);
+        let sends = (0..10).map(move |i| {
+            let url = url.clone();
+            async move {
+                let mut r = client().post(&url).body(format!("{i}"));
+                if forwarded {
+                    r = r.header("x-kafboy-forwarded-by", "kafboy@elsewhere");
+                }
+                r.send().await.unwrap().status().as_u16()
+            }
+        });
+        futures_join_all(sends)
+    };
+    let codes = burst(true).await;
+    assert!(codes.contains(&503), "the queue never filled: {codes:?}");
+    // The sender may yet serve what was refused here: it counts the drop if it does not.
+    assert_eq!(queue_full_drops(&peer, "g").await, 0.0);
+    let codes = burst(false).await;
+    let refused = codes.iter().filter(|c| **c == 503).count();
+    assert!(refused > 0, "the queue never filled: {codes:?}");
+    assert_eq!(queue_full_drops(&peer, "g").await, refused as f64);
+    mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
+    peer.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_refuses_wrote_nothing_and_the_node_serves_the_request() {
     // Full or stopping, over its rate limit, or not knowing the key or the topic yet (a key

@@ -76,8 +76,8 @@ impl Cluster {
 
 /// A peer's answer that says nothing was written there and this node, which admitted the
 /// request, may serve it: the peer is full, not ready or shutting down, over its own rate
-/// limit, or does not (yet) know the key or the topic (a key file or metadata not reloaded
-/// there yet).
+/// limit, does not (yet) know the key or the topic (a key file or metadata not reloaded
+/// there yet), or refused the headers before reading the request.
 fn declined(status: StatusCode) -> bool {
     [
         StatusCode::SERVICE_UNAVAILABLE,
@@ -85,6 +85,8 @@ fn declined(status: StatusCode) -> bool {
         StatusCode::UNAUTHORIZED,
         StatusCode::FORBIDDEN,
         StatusCode::NOT_FOUND,
+        // The few headers forwarding adds took the request past the peer's header limit.
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
     ]
     .contains(&status)
 }

@@ -52,9 +52,10 @@ pub struct ClusterConfig {
     /// Share of the producer queue above which requests are handed to a peer. Default 0.8.
     pub high_water: f64,
     /// Longest wait for a peer's answer to a forwarded request. Default: the longest a peer
-    /// may take to answer one (`server.sync_timeout` + `kafka.metadata_timeout` +
-    /// `server.enqueue_timeout` + `hook.timeout`) plus 1 s, so that a peer's late but
-    /// definite answer is relayed, not turned into a 504.
+    /// may take to answer one (`server.sync_timeout` + two `kafka.metadata_timeout`, for the
+    /// topic and its partitions + `server.enqueue_timeout`) plus 1 s, so that a peer's late but
+    /// definite answer is relayed, not turned into a 504. (Routes with a hook are never
+    /// forwarded.)
     #[serde(with = "humantime_serde")]
     pub forward_timeout: Option<Duration>,
 }
@@ -116,12 +117,20 @@ impl Cluster {
         if config.peers.is_empty() && config.discovery_url.is_none() {
             return Ok(None);
         }
+        // Peers are asked over plain HTTP, on their main listener, which TLS would make HTTPS
+        // (and mTLS closed to a client without a certificate): no peer would ever be ready.
+        if whole.server.tls.is_some() {
+            return Err(
+                "[cluster] cannot go with server.tls: nodes forward to each other over \
+                        plain HTTP"
+                    .into(),
+            );
+        }
         let forward_timeout = config.forward_timeout.unwrap_or_else(|| {
             let s = &whole.server;
             s.sync_timeout
-                .saturating_add(whole.kafka.metadata_timeout)
+                .saturating_add(whole.kafka.metadata_timeout.saturating_mul(2))
                 .saturating_add(s.enqueue_timeout)
-                .saturating_add(whole.hook.timeout)
                 .saturating_add(Duration::from_secs(1))
                 .clamp(2 * CONNECT_TIMEOUT, crate::config::MAX_DURATION)
         });
@@ -310,12 +319,25 @@ mod tests {
         let c = cluster("peers = [\"http://10.0.0.2:8000\"]")
             .unwrap()
             .unwrap();
-        // 30 s sync + 5 s metadata + 100 ms enqueue + 1 s hook + 1 s.
-        assert_eq!(c.forward_timeout, Duration::from_millis(37_100));
+        // 30 s sync + 2 x 5 s metadata + 100 ms enqueue + 1 s.
+        assert_eq!(c.forward_timeout, Duration::from_millis(41_100));
         let c = cluster("peers = [\"http://10.0.0.2:8000\"]\nforward_timeout = \"3s\"")
             .unwrap()
             .unwrap();
         assert_eq!(c.forward_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_cluster_behind_tls_is_refused() {
+        let mut config =
+            crate::Config::from_toml("[cluster]\npeers = [\"http://10.0.0.2:8000\"]").unwrap();
+        config.server.tls = Some(crate::config::TlsConfig {
+            cert: "/c.pem".into(),
+            key: "/k.pem".into(),
+            client_ca: None,
+        });
+        let refused = Cluster::new(&config).err().unwrap_or_default();
+        assert!(refused.contains("server.tls"), "{refused}");
     }
 
     #[test]

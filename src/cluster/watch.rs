@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use metrics::gauge;
 
 use super::{Cluster, MAX_DISCOVERED, Peer, capped, normalize};
+use crate::throttle::Throttle;
 
 impl Cluster {
     /// Records a peer's state from a check or a failed forward.
@@ -54,7 +55,19 @@ impl Cluster {
                     },
                 )
             }
-            _ => (false, 0.0),
+            failed => {
+                // A peer that never became ready would otherwise leave no trace (only changes
+                // are logged): a wrong URL, a port that speaks TLS.
+                static FAILED: Throttle = Throttle::new(Duration::from_secs(30));
+                if let Some(suppressed) = FAILED.pass() {
+                    let why = match failed {
+                        Ok(r) => format!("answered {}", r.status()),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::warn!(peer = %url, error = %why, suppressed, "peer health check failed");
+                }
+                (false, 0.0)
+            }
         };
         self.mark(url, ready, headroom);
     }
@@ -118,23 +131,31 @@ impl Cluster {
     }
 
     /// Health checks every `health_interval` and discovery every `refresh`, for as long as the
-    /// cluster view lives.
+    /// cluster view lives. Apart: a discovery source that stalls (up to its 5 s timeout) must
+    /// not hold back the checks that take a hung peer out of the overflow.
     pub fn spawn(self: &Arc<Self>) {
         let weak: Weak<Cluster> = Arc::downgrade(self);
         let interval = self.config.health_interval;
         let refresh = self.config.refresh;
+        if let Some(source) = self.config.discovery_url.clone() {
+            let weak = weak.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Some(cluster) = weak.upgrade() else {
+                        return;
+                    };
+                    let started = Instant::now();
+                    cluster.discover(&source).await;
+                    drop(cluster);
+                    tokio::time::sleep_until(started + refresh).await;
+                }
+            });
+        }
         tokio::spawn(async move {
-            let mut discovered: Option<Instant> = None;
             loop {
                 let Some(cluster) = weak.upgrade() else {
                     return;
                 };
-                if discovered.is_none_or(|at| at.elapsed() >= refresh) {
-                    if let Some(source) = cluster.config.discovery_url.clone() {
-                        cluster.discover(&source).await;
-                    }
-                    discovered = Some(Instant::now());
-                }
                 // All at once: peers that time out one after another would leave every figure
                 // as many checks old as there are such peers.
                 let urls: Vec<String> = cluster.peers().into_iter().map(|p| p.url).collect();

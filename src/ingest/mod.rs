@@ -181,13 +181,15 @@ async fn ingest(
         };
         // With peers, what a full queue refuses may still go to one (if none was asked
         // already): the body as it came.
-        let relay = (!asked && forwardable(app, route))
+        let relay = (!asked && forwardable(app, route, &parts))
             .then(|| (body.clone(), app.topic_metrics.get(&topic).label.clone()));
         let values = decode::decode(kind, body, &app.decode_limits)?;
         let count = values.len() as u64;
         check_partition(app, &topic, &info, meta.partition).await?;
         let records = records_for(app, route, route.mode, &topic, &info, meta, values)?;
-        let peer_may_take = relay.is_some();
+        // A full queue's refusal is counted where the request ends: after the peer's answer
+        // here; at the node that forwarded it, which may yet serve it, on a forwarded one.
+        let peer_may_take = relay.is_some() || parts.headers.contains_key(crate::cluster::HOP);
         let queued = enqueue(app, route, route.mode, topic, records, kind, peer_may_take).await;
         // The copy for a peer goes before a sync request waits for its acks: it is no longer
         // counted in the body budget, and the wait may be as long as `sync_timeout`.

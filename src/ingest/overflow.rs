@@ -40,19 +40,23 @@ pub(super) async fn overflow(
     parts: &Parts,
     body: &Bytes,
 ) -> Handed {
-    if received(app, parts) || !forwardable(app, route) {
+    if received(app, parts) || !forwardable(app, route, parts) {
         return Handed::NotSent;
     }
     let (fill, full) = app.producers.for_mode(route.mode, topic).fill();
     hand_over(app, parts, body.clone(), fill, full).await
 }
 
-/// Whether a request on `route` (one without a hook) may go to a peer at all. Not on a spooled
-/// route: its records go to this node's disk, whatever its producers' queues hold. (Routes
-/// with a hook are never forwarded: the peer's hook would see this node as the client,
-/// `req:peer()`, so a hook's address check could be passed by way of a full node.)
-pub(super) fn forwardable(app: &AppState, route: &Route) -> bool {
-    app.cluster.is_some() && !super::send::spooled(app, route, route.mode)
+/// Whether a request on `route` (one without a hook) may go to a peer at all. Not one a peer
+/// forwarded here: it goes no further (and what its refusal drops is the sender's to count,
+/// which may yet serve it). Not on a spooled route: its records go to this node's disk,
+/// whatever its producers' queues hold. (Routes with a hook are never forwarded: the peer's
+/// hook would see this node as the client, `req:peer()`, so a hook's address check could be
+/// passed by way of a full node.)
+pub(super) fn forwardable(app: &AppState, route: &Route, parts: &Parts) -> bool {
+    app.cluster.is_some()
+        && !parts.headers.contains_key(crate::cluster::HOP)
+        && !super::send::spooled(app, route, route.mode)
 }
 
 /// Forwards to the best ready peer if `fill`/`full` call for it.
