@@ -32,7 +32,7 @@ pub struct KeyConfig {
     /// With mTLS: a client certificate with this subject (e.g. `CN=partner-a`) is this key.
     #[serde(default)]
     pub client_cert_subject: Option<String>,
-    /// Topics it may write: exact names and `prefix*`. Empty: none.
+    /// Topics it may write: exact names and `prefix*`. Required; empty: none.
     pub topics: Vec<String>,
     /// Modes it may use. Empty: all.
     #[serde(default)]

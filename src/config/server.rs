@@ -31,7 +31,8 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub enqueue_timeout: Duration,
     /// How long a sync request waits for the broker's acknowledgement before it gets 504.
-    /// Default 30s.
+    /// Default 30s. The sync producer gives a record up 2 s before, when that comes before
+    /// `kafka.message_timeout`: `503` if it was never sent.
     #[serde(with = "humantime_serde")]
     pub sync_timeout: Duration,
     /// On SIGTERM/SIGINT: time to finish in-flight requests, and then again to flush the
