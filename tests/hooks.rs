@@ -523,6 +523,36 @@ async fn shutdown_waits_for_a_produce_the_hook_asked_for_after_its_reply() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_fails_after_the_hooks_reply_is_lost_with_the_shutdown() {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    mock.create_topic("from", 1, 1).unwrap();
+    let toml =
+        format!("{TOML}[kafka]\nmessage_timeout = \"2s\"\n[server]\nshutdown_timeout = \"8s\"\n");
+    let mut config = kafboy::Config::from_toml(&toml).unwrap();
+    config.kafka.brokers = vec![mock.bootstrap_servers()];
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let app = kafboy::App::builder(config)
+        .hook(TestHook {
+            errors: errors.clone(),
+        })
+        .build()
+        .unwrap();
+    let gw = common::serve(app).await;
+    mock.broker_down(-1).unwrap();
+    // The client has the hook's 200 before its record's acknowledgement, which never comes.
+    let r = post(&gw, "/async/from", "later", "{}").await;
+    assert_eq!((r.status, r.body.as_str()), (200, r#"{"ok":"fast reply"}"#));
+    let report = gw.stop().await;
+    assert_eq!((report.undelivered, report.failed), (0, 1), "{report:?}");
+    assert_eq!(
+        errors.lock().unwrap().len(),
+        1,
+        "{:?}",
+        errors.lock().unwrap()
+    );
+}
+
 #[test]
 fn script_errors_name_file_and_line() {
     let mut file = tempfile::Builder::new().suffix(".lua").tempfile().unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::error::Elapsed;
 
-use super::send::{Queued, enqueue, records_for};
+use super::send::{Queued, Stake, enqueue, records_for};
 use super::{check_partition, lookup};
 use crate::auth::Key;
 use crate::config::Mode;
@@ -79,7 +79,7 @@ pub(super) async fn run(
                 kind,
                 mode,
             } = later.await?;
-            let queued = enqueue(app, route, mode, topic, records, kind, false).await?;
+            let queued = enqueue(app, route, mode, topic, records, kind, Stake::Own).await?;
             queued.answer(app).await
         }
         Verdict::Respond(respond) => {
@@ -95,7 +95,8 @@ pub(super) async fn run(
                 } = prepared(app, route, key, request, meta, mode, forward, topic_seen).await?;
                 // Handed over before the reply too: a full queue, a full spool or a shutdown is
                 // the client's answer, not a log line.
-                let queued = enqueue(app, route, mode, topic.clone(), records, kind, false).await?;
+                let stake = Stake::Replied;
+                let queued = enqueue(app, route, mode, topic.clone(), records, kind, stake).await?;
                 if let Queued::Acks { .. } = queued {
                     acks_after_reply(app.clone(), route.clone(), hook.clone(), topic, queued);
                 }

@@ -28,7 +28,7 @@ mod overflow;
 mod send;
 
 use overflow::{Handed, forwardable, hand_over, overflow, received};
-use send::{enqueue, records_for};
+use send::{Stake, enqueue, records_for};
 
 /// The hook of a route, if it has one.
 pub type RouteHook = Option<Arc<dyn Hook>>;
@@ -189,8 +189,12 @@ async fn ingest(
         let records = records_for(app, route, route.mode, &topic, &info, meta, values)?;
         // A full queue's refusal is counted where the request ends: after the peer's answer
         // here; at the node that forwarded it, which may yet serve it, on a forwarded one.
-        let peer_may_take = relay.is_some() || parts.headers.contains_key(crate::cluster::HOP);
-        let queued = enqueue(app, route, route.mode, topic, records, kind, peer_may_take).await;
+        let from_peer = app.cluster.is_some() && parts.headers.contains_key(crate::cluster::HOP);
+        let stake = match relay.is_some() || from_peer {
+            true => Stake::PeerMayTake,
+            false => Stake::Own,
+        };
+        let queued = enqueue(app, route, route.mode, topic, records, kind, stake).await;
         // The copy for a peer goes before a sync request waits for its acks: it is no longer
         // counted in the body budget, and the wait may be as long as `sync_timeout`.
         let queued = match (queued, relay) {

@@ -93,9 +93,20 @@ impl Queued {
     }
 }
 
+/// What else stands behind a request's answer, for what [`enqueue`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stake {
+    /// Nothing: the answer is the records' outcome.
+    Own,
+    /// A full queue's refusal may yet be served by a peer (or by the node that forwarded the
+    /// request here): the caller counts the drop if none does.
+    PeerMayTake,
+    /// The client was answered already (a hook's reply): a record that fails is lost.
+    Replied,
+}
+
 /// Hands `records` to the spool (on a spooled async route) or the producer of `mode`. Records
-/// refused are counted as dropped, except those a full queue refuses when `peer_may_take`
-/// them: the caller counts those if no peer does.
+/// refused are counted as dropped, except as `stake` says.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn enqueue(
     app: &AppState,
@@ -104,7 +115,7 @@ pub(super) async fn enqueue(
     topic: String,
     records: Vec<Record>,
     kind: BodyKind,
-    peer_may_take: bool,
+    stake: Stake,
 ) -> Result<Queued, IngestError> {
     let count = records.len();
     if spooled(app, route, mode)
@@ -136,7 +147,11 @@ pub(super) async fn enqueue(
         };
     }
     let sync = matches!(mode, Mode::Sync | Mode::BatchSync);
-    let report = if sync { Report::Caller } else { Report::None };
+    let report = match (sync, stake) {
+        (false, _) => Report::None,
+        (true, Stake::Replied) => Report::AfterReply,
+        (true, _) => Report::Caller,
+    };
     let producer = app.producers.for_mode(mode, &topic);
     let counters = app.topic_metrics.get(&topic);
     let receivers = match producer
@@ -167,7 +182,8 @@ pub(super) async fn enqueue(
             app.stats
                 .accepted
                 .fetch_add(queued as u64, std::sync::atomic::Ordering::Relaxed);
-            if !(peer_may_take && matches!(error, crate::kafka::SendError::QueueFull)) {
+            if !(stake == Stake::PeerMayTake && matches!(error, crate::kafka::SendError::QueueFull))
+            {
                 crate::metrics::dropped(&counters.label, error.reason(), (count - queued) as u64);
             }
             return Err(error.into());

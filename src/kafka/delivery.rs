@@ -53,6 +53,8 @@ pub struct Waiting {
     pub tx: oneshot::Sender<Outcome>,
     /// Whether the record is also kept in the spool ([`Admission::mark_spooled`]).
     pub spooled: bool,
+    /// Whether its client was answered already ([`super::Report::AfterReply`]).
+    pub replied: bool,
 }
 
 /// Counters of what happened to the records a producer accepted.
@@ -194,9 +196,10 @@ impl ProducerContext for Context {
                 if !spooled {
                     self.count_failed(message.topic(), &format!("{code:?}"));
                 }
-                // Lost: a record whose only answer was its `202`. A sync requester hears of
-                // the failure (or was told `504`, maybe written) and may send it again.
-                if waiter.0.is_none() {
+                // Lost: a record whose only answer was a 2xx before its outcome. A sync
+                // requester hears of the failure (or was told `504`, maybe written) and may
+                // send it again.
+                if waiter.0.as_ref().is_none_or(|w| w.replied) {
                     self.tally.lost.fetch_add(1, Ordering::Relaxed);
                 }
                 Outcome::Failed {

@@ -175,7 +175,11 @@ pub(crate) mod tests {
             .unwrap();
         for n in 0..3 {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let waiter = Waiter(Some(Box::new(Waiting { tx, spooled: false })));
+            let waiter = Waiter(Some(Box::new(Waiting {
+                tx,
+                spooled: false,
+                replied: false,
+            })));
             let record =
                 BaseRecord::<[u8], [u8], Waiter>::with_opaque_to("t", waiter).payload(&b"x"[..]);
             polled.send(record).map_err(|(e, _)| e).unwrap();

@@ -26,6 +26,9 @@ pub enum Report {
     None,
     /// The caller, through one receiver per record (sync routes).
     Caller,
+    /// The same, for records a client was answered for already (a hook's reply before its
+    /// records' acknowledgements): one that fails is lost, as an async record is.
+    AfterReply,
     /// The spool, through one receiver per record. The records are also on disk, so a
     /// shutdown that leaves them unreported does not count them as undelivered.
     Spool,
@@ -179,6 +182,7 @@ impl Producer {
         };
         let waited = report != Report::None;
         let spooled = report == Report::Spool;
+        let replied = report == Report::AfterReply;
         let mut receivers = Vec::with_capacity(if waited { records.len() } else { 0 });
         let total = records.len();
         self.admission.hand(total);
@@ -187,7 +191,11 @@ impl Producer {
             let waiter = if waited {
                 let (tx, rx) = oneshot::channel();
                 receivers.push(rx);
-                Waiter(Some(Box::new(Waiting { tx, spooled })))
+                Waiter(Some(Box::new(Waiting {
+                    tx,
+                    spooled,
+                    replied,
+                })))
             } else {
                 Waiter(None)
             };
