@@ -24,7 +24,7 @@ use crate::tls::Tls;
 
 mod cors;
 mod linger;
-mod path;
+pub(crate) mod path;
 mod request_id;
 mod stall;
 

@@ -104,7 +104,9 @@ fn compile_one(rc: &RouteConfig) -> Result<Route, String> {
     }
     let mut segments = Vec::new();
     let mut has_topic = false;
-    for seg in rc.path.split('/').filter(|s| !s.is_empty()) {
+    // As requests' paths are before routing: `/a%2Db` is `/a-b`.
+    let path = crate::listener::path::decoded(&rc.path).unwrap_or_else(|| rc.path.clone());
+    for seg in path.split('/').filter(|s| !s.is_empty()) {
         let name = seg
             .strip_prefix(':')
             .or_else(|| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')));
@@ -264,6 +266,21 @@ mod tests {
         assert_eq!(routes[4].mode, Mode::BatchAsync);
         assert_eq!(routes[5].topic, TopicSource::Fixed("clicks".into()));
         assert_eq!(routes[5].payload, Payload::Raw);
+    }
+
+    #[test]
+    fn a_route_path_with_escapes_is_matched_as_requests_are_decoded() {
+        let c = config("[[routes]]\npath = \"/a%2Db/%3A/:topic\"\nmode = \"async\"");
+        assert_eq!(
+            compile(&c).unwrap().last().unwrap().pattern,
+            "/a-b/%3A/{topic}"
+        );
+        let c = config("[[routes]]\npath = \"/%61sync/:topic\"\nmode = \"sync\"");
+        assert!(
+            compile(&c)
+                .unwrap_err()
+                .contains("clashes with /async/:topic")
+        );
     }
 
     #[test]

@@ -30,10 +30,11 @@ pub(super) fn normalize(uri: &mut Uri) {
     }
 }
 
-/// The path with its unreserved escapes decoded, or `None` when it has none.
-fn decoded(path: &str) -> Option<String> {
+/// The path with its unreserved escapes decoded, or `None` when it has none. Routes' own paths
+/// from the config go through it too, so they match what requests become.
+pub(crate) fn decoded(path: &str) -> Option<String> {
     let b = path.as_bytes();
-    let mut out = String::with_capacity(b.len());
+    let mut out = Vec::with_capacity(b.len());
     let mut changed = false;
     let mut i = 0;
     while i < b.len() {
@@ -46,19 +47,18 @@ fn decoded(path: &str) -> Option<String> {
         };
         match unreserved {
             Some(c) => {
-                out.push(char::from(c));
+                out.push(c);
                 changed = true;
                 i += 3;
             }
             None => {
-                // A URI's path is ASCII (hyper refuses anything else), so byte by byte is char
-                // by char.
-                out.push(char::from(b[i]));
+                out.push(b[i]);
                 i += 1;
             }
         }
     }
-    changed.then_some(out)
+    // Escapes of ASCII replaced by ASCII: what was UTF-8 (a path may hold raw UTF-8) still is.
+    changed.then(|| String::from_utf8(out).ok()).flatten()
 }
 
 fn hex(c: u8) -> Option<u8> {
@@ -94,6 +94,7 @@ mod tests {
             "the query is the handler's to decode"
         );
         assert_eq!(normalized("/async/t?key=%74"), "/async/t?key=%74");
+        assert_eq!(decoded("/async/év%65nt").as_deref(), Some("/async/évent"));
     }
 
     #[test]
