@@ -33,15 +33,14 @@ pub(super) struct Backoff {
 impl Backoff {
     /// Whether a replacement may happen at `now`; if so, it is counted.
     fn take(&mut self, now: Instant) -> bool {
-        if let Some(last) = self.last {
-            if now < last + self.wait {
-                return false;
+        match self.last {
+            Some(last) if now.duration_since(last) < STABLE => {
+                if now < last + self.wait {
+                    return false;
+                }
+                self.wait = (self.wait * 2).min(LONGEST_WAIT);
             }
-            self.wait = if now.duration_since(last) < STABLE {
-                (self.wait * 2).clamp(FIRST_WAIT, LONGEST_WAIT)
-            } else {
-                Duration::ZERO
-            };
+            _ => self.wait = FIRST_WAIT,
         }
         self.last = Some(now);
         true
@@ -53,7 +52,14 @@ impl Producers {
     /// (those records were answered 503); what it had in flight is flushed before it goes.
     pub fn replace_failed(&self) {
         for (index, slot) in self.slots().enumerate() {
-            if !slot.current().is_fatal() || !lock(&slot.backoff).take(Instant::now()) {
+            let current = slot.current();
+            if !current.is_fatal() {
+                continue;
+            }
+            if !lock(&slot.backoff).take(Instant::now()) {
+                // Until its replacement, as after it: records that come back from its failed
+                // requests are answered at once, not after the message timeout.
+                current.inner.purge(PurgeConfig::default().queue());
                 continue;
             }
             match slot.replace(&self.retiring) {
@@ -139,21 +145,22 @@ mod tests {
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let mut b = Backoff::default();
         assert!(b.take(at(0)), "the first replacement is at once");
-        assert!(b.take(at(200)), "the second too, and it sets a wait of 1 s");
-        assert!(!b.take(at(1100)));
-        assert!(b.take(at(1200)), "then 2 s");
-        assert!(!b.take(at(3100)));
-        assert!(b.take(at(3200)));
-        let mut now = 3200;
+        assert!(!b.take(at(200)), "the next waits 1 s");
+        assert!(b.take(at(1000)));
+        assert!(!b.take(at(2900)), "then 2 s");
+        assert!(b.take(at(3000)));
+        assert!(!b.take(at(6900)));
+        assert!(b.take(at(7000)));
+        let mut now = 7000;
         for _ in 0..10 {
             now += 30_000;
             assert!(b.take(at(now)), "never more than 30 s");
         }
         assert!(!b.take(at(now + 29_000)));
-        // A producer that lasted a minute: its replacement is at once, and so is the next.
+        // A producer that lasted a minute: its replacement is at once, the next after 1 s.
         now += 90_000;
         assert!(b.take(at(now)));
-        assert!(b.take(at(now)));
         assert!(!b.take(at(now + 999)));
+        assert!(b.take(at(now + 1000)));
     }
 }
