@@ -30,7 +30,7 @@ impl Plan {
         let mut sync = base.clone();
         sync.set("linger.ms", millis(config.kafka.sync_linger));
         if let Some(timeout) = sync_message_timeout(config) {
-            sync.set("message.timeout.ms", millis(timeout));
+            sync.set("message.timeout.ms", timeout.as_millis().to_string());
         }
         let mut asynchronous = base.clone();
         asynchronous.set("linger.ms", millis(config.kafka.linger));
@@ -109,7 +109,9 @@ const SYNC_REPORT_MARGIN: Duration = Duration::from_secs(2);
 /// told so, a duplicate of its retry. Given up a little before, a record never sent gets `503`
 /// (it will not be written), one sent and unanswered `504`. Not below 1 s or the sync linger.
 fn sync_message_timeout(config: &Config) -> Option<Duration> {
+    // In whole milliseconds, as librdkafka takes it.
     let timeout = config.server.sync_timeout.checked_sub(SYNC_REPORT_MARGIN)?;
+    let timeout = Duration::from_millis(u64::try_from(timeout.as_millis()).ok()?);
     (timeout >= Duration::from_secs(1)
         && timeout > config.kafka.sync_linger
         && timeout < config.kafka.message_timeout)
@@ -364,6 +366,12 @@ mod tests {
         }
         let (sync, _, _) = timeout_of("[server]\nsync_timeout = \"3s\"");
         assert_eq!(sync.as_deref(), Some("1000"));
+        // Whole milliseconds, above the linger.
+        let (sync, _, _) = timeout_of("[server]\nsync_timeout = \"3s 500us\"");
+        assert_eq!(sync.as_deref(), Some("1000"));
+        let toml = "[kafka]\nsync_linger = \"1s\"\n[server]\nsync_timeout = \"3s 500us\"";
+        let (sync, asynchronous, _) = timeout_of(toml);
+        assert_eq!(sync, asynchronous);
     }
 
     #[test]
