@@ -177,6 +177,11 @@ fn config_errors_exit_64_and_name_the_key() {
             "kafka.sync_linger",
         ),
         ("[kafka]\nunknown_topic_ttl = \"0s\"".into(), "kafka.unknown_topic_ttl"),
+        ("[kafka]\nauto_create_topics = true".into(), "exact topic names"),
+        (
+            "[topics]\nallow = [\"a\", \"logs.*\"]\n[kafka]\nauto_create_topics = true".into(),
+            "exact topic names",
+        ),
         ("[kafka]\nunknown_topic_ttl = \"2d\"".into(), "kafka.unknown_topic_ttl"),
         ("[kafka.options]\n\"topic.acks\" = \"0\"".into(), "typed"),
         ("[server]\nmax_headers = 100000".into(), "server.max_headers"),

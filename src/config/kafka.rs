@@ -54,7 +54,8 @@ pub struct KafkaConfig {
     /// again. Default 2s.
     #[serde(with = "humantime_serde")]
     pub unknown_topic_ttl: Duration,
-    /// Let a metadata lookup of an unknown topic ask the broker to create it. Default false.
+    /// Let a metadata lookup of an unknown topic ask the broker to create it. Needs
+    /// `topics.allow` to list exact names. Default false.
     pub auto_create_topics: bool,
     /// How often librdkafka reports statistics (broker state, round-trip times, retries) for
     /// `/metrics` and the status page; 0 turns them off. Default 5s.

@@ -41,6 +41,24 @@ const MAX_HEADER_BYTES: usize = 400 << 10;
 /// Limits whose extreme values would fail at run time: a deadline past what the clock can
 /// hold panics, and tokio's semaphore takes at most `MAX_PERMITS` connections; and floors
 /// below which a setting would mean "never" or "no pause at all".
+/// Topic creation only for names the operator listed. With a prefix or no list, every name a
+/// client makes up is asked for by name: a topic at the brokers, or, where they do not create
+/// it, a topic object librdkafka keeps for good and asks about every second, which slows every
+/// produce call as they pile up.
+fn check_auto_create(config: &Config) -> Result<(), String> {
+    let allow = &config.topics.allow;
+    if config.kafka.auto_create_topics
+        && (allow.is_empty() || allow.iter().any(|t| t.ends_with('*')))
+    {
+        return Err(
+            "kafka.auto_create_topics needs topics.allow to list exact topic names \
+                    (no prefix*): otherwise clients could make the brokers create any name"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 fn check_ranges(config: &Config) -> Result<(), String> {
     let s = &config.server;
     let durations = [
@@ -168,6 +186,7 @@ impl Checked {
             return Err("server.max_json_depth must be between 1 and 127".into());
         }
         check_ranges(config)?;
+        check_auto_create(config)?;
         config.log.check()?;
         let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
         config.spool.check()?;

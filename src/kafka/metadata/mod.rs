@@ -64,10 +64,10 @@ pub(super) enum Listed {
     Partitions(i32),
     /// The brokers refuse kafboy the topic (Kafka lists it with no partitions then).
     Denied,
-    /// Listed with another error and no partitions: being created (auto-create answers the
-    /// request that creates a topic with `LEADER_NOT_AVAILABLE`) or between leaders. It exists,
-    /// or is about to; librdkafka treats this as temporary too.
-    Settling(RDKafkaErrorCode),
+    /// Listed with another error (or none) and no partitions: being created (auto-create
+    /// answers the request that creates a topic with `LEADER_NOT_AVAILABLE`) or between
+    /// leaders. It exists, or is about to; librdkafka treats this as temporary too.
+    Settling(Option<RDKafkaErrorCode>),
 }
 
 impl Listed {
@@ -77,7 +77,7 @@ impl Listed {
         Some(match error {
             Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return None,
             Some(RDKafkaErrorCode::TopicAuthorizationFailed) => Listed::Denied,
-            Some(error) if partitions == 0 => Listed::Settling(error),
+            error if partitions <= 0 => Listed::Settling(error),
             _ => Listed::Partitions(partitions),
         })
     }
@@ -101,7 +101,8 @@ const MAX_MISSING: usize = 10_000;
 pub struct Topics {
     entries: RwLock<HashMap<String, Entry>>,
     client: RwLock<Polled>,
-    lookup: tokio::sync::Mutex<()>,
+    /// One lookup at a time; owned, so that a by-name fetch holds it to its end.
+    lookup: Arc<tokio::sync::Mutex<()>>,
     /// Listings of the whole cluster, for lookups.
     listings: Arc<Listings>,
     /// A refresh asked for by [`Topics::refresh_soon`] is under way.
@@ -129,7 +130,7 @@ impl Topics {
         Topics {
             entries: RwLock::default(),
             client: RwLock::new(client),
-            lookup: tokio::sync::Mutex::new(()),
+            lookup: Arc::default(),
             listings: Arc::default(),
             refreshing: AtomicBool::new(false),
             fetched: AtomicBool::new(false),
@@ -192,14 +193,15 @@ impl Topics {
         let arrived = Instant::now();
         let deadline = arrived + self.timeout;
         let busy = || LookupError::Unavailable("metadata lookup timed out".into());
-        let _turn = tokio::time::timeout_at(deadline.into(), self.lookup.lock())
+        let turn = tokio::time::timeout_at(deadline.into(), self.lookup.clone().lock_owned())
             .await
             .map_err(|_| busy())?;
+        let mut turn = Some(turn);
         if let Some(hit) = self.cached(topic) {
             return hit;
         }
         let listed = self
-            .listed(topic, arrived, deadline)
+            .listed(topic, arrived, deadline, &mut turn)
             .await
             .map_err(LookupError::Unavailable)?;
         self.take_refusals();
@@ -215,16 +217,8 @@ impl Topics {
             _ => {}
         }
         let listed = listed.map(|l| (topic, l));
-        if !matches!(listed, Some((_, Listed::Partitions(p))) if p > 0)
-            && entries.len() > MAX_MISSING
-        {
-            let ttl = self.missing_ttl;
-            entries.retain(|_, e| match e {
-                Entry::Known(_) => true,
-                // A refusal to write, which random names cannot be.
-                Entry::Refused(at, LookupError::Denied) => at.elapsed() < ttl,
-                Entry::Refused(..) => false,
-            });
+        if !matches!(listed, Some((_, Listed::Partitions(p))) if p > 0) {
+            make_room(&mut entries, self.missing_ttl);
         }
         let answer = match listed {
             Some((_, Listed::Partitions(partitions))) if partitions > 0 => {
@@ -234,7 +228,8 @@ impl Topics {
             }
             Some((_, Listed::Denied)) => LookupError::Denied,
             Some((_, Listed::Settling(error))) => LookupError::Unavailable(format!(
-                "topic {topic:?} has no usable partitions yet: {error}"
+                "topic {topic:?} has no usable partitions yet{}",
+                error.map_or(String::new(), |e| format!(": {e}"))
             )),
             _ => LookupError::Unknown,
         };
@@ -251,12 +246,15 @@ impl Topics {
     }
 
     /// How the brokers list `topic`, if at all, for a lookup that `arrived` then: from a
-    /// listing of the whole cluster asked for since; by name with auto-create.
+    /// listing of the whole cluster asked for since; by name with auto-create. A by-name
+    /// fetch takes the lookup's `turn` along: a lookup given up (its client gone) must not
+    /// let the next one start a fetch beside a fetch that goes on blocking a thread.
     async fn listed(
         self: &Arc<Self>,
         topic: &str,
         arrived: Instant,
         deadline: Instant,
+        turn: &mut Option<tokio::sync::OwnedMutexGuard<()>>,
     ) -> Result<Option<Listed>, String> {
         let this = self.clone();
         if !self.by_name {
@@ -266,9 +264,13 @@ impl Topics {
         }
         let name = topic.to_string();
         let left = deadline.saturating_duration_since(Instant::now());
-        let found = tokio::task::spawn_blocking(move || this.fetch(Some(&name), left))
-            .await
-            .map_err(|e| e.to_string())??;
+        let held = turn.take();
+        let (found, held) =
+            tokio::task::spawn_blocking(move || (this.fetch(Some(&name), left), held))
+                .await
+                .map_err(|e| e.to_string())?;
+        *turn = held;
+        let found = found?;
         Ok(found.into_iter().find(|(n, _)| n == topic).map(|(_, l)| l))
     }
 
@@ -299,6 +301,26 @@ impl Topics {
     }
 }
 
+/// Room for one more miss: past [`MAX_MISSING`] remembered, misses are forgotten, all but
+/// refusals to write within their TTL (which random names cannot be). Known topics do not
+/// count: on a cluster of more topics than that, every miss would forget the others.
+fn make_room(entries: &mut HashMap<String, Entry>, ttl: Duration) {
+    let missing = |entries: &HashMap<String, Entry>| {
+        entries
+            .values()
+            .filter(|e| matches!(e, Entry::Refused(..)))
+            .count()
+    };
+    if entries.len() <= MAX_MISSING || missing(entries) <= MAX_MISSING {
+        return;
+    }
+    entries.retain(|_, e| match e {
+        Entry::Known(_) => true,
+        Entry::Refused(at, LookupError::Denied) => at.elapsed() < ttl,
+        Entry::Refused(..) => false,
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::refresh::merged;
@@ -327,6 +349,34 @@ mod tests {
     }
 
     #[test]
+    fn only_misses_count_toward_the_cap_on_misses() {
+        let info = Arc::new(TopicInfo::with_partitions(1));
+        let known = || Entry::Known(info.clone());
+        let miss = || Entry::Refused(Instant::now(), LookupError::Unknown);
+        let mut entries: HashMap<String, Entry> = (0..MAX_MISSING + 2000)
+            .map(|i| (format!("t{i}"), known()))
+            .collect();
+        entries.insert("ordrs".into(), miss());
+        make_room(&mut entries, TTL);
+        assert!(
+            entries.contains_key("ordrs"),
+            "a big cluster forgot its miss"
+        );
+        entries.extend((0..MAX_MISSING).map(|i| (format!("x{i}"), miss())));
+        entries.insert(
+            "denied".into(),
+            Entry::Refused(Instant::now(), LookupError::Denied),
+        );
+        make_room(&mut entries, TTL);
+        assert_eq!(
+            entries.len(),
+            MAX_MISSING + 2000 + 1,
+            "misses forgotten, the rest kept"
+        );
+        assert!(entries.contains_key("denied"));
+    }
+
+    #[test]
     fn a_topic_listed_with_an_error_and_no_partitions_is_settling() {
         assert_eq!(Listed::of(None, 3), Some(Listed::Partitions(3)));
         assert_eq!(Listed::of(Some(E::UnknownTopicOrPartition), 0), None);
@@ -336,8 +386,10 @@ mod tests {
         );
         assert_eq!(
             Listed::of(Some(E::LeaderNotAvailable), 0),
-            Some(Listed::Settling(E::LeaderNotAvailable))
+            Some(Listed::Settling(Some(E::LeaderNotAvailable)))
         );
+        // No partitions and no error: just created, not a missing topic (404).
+        assert_eq!(Listed::of(None, 0), Some(Listed::Settling(None)));
         assert_eq!(
             Listed::of(Some(E::LeaderNotAvailable), 2),
             Some(Listed::Partitions(2))
@@ -357,9 +409,15 @@ mod tests {
             ("dropped".to_string(), Entry::Known(known.clone())),
         ]);
         let found = vec![
-            ("a".to_string(), Listed::Settling(E::LeaderNotAvailable)),
+            (
+                "a".to_string(),
+                Listed::Settling(Some(E::LeaderNotAvailable)),
+            ),
             ("b".to_string(), Listed::Partitions(6)),
-            ("new".to_string(), Listed::Settling(E::LeaderNotAvailable)),
+            (
+                "new".to_string(),
+                Listed::Settling(Some(E::LeaderNotAvailable)),
+            ),
         ];
         let fresh = merged(&mut entries, found, TTL);
         let partitions = |name: &str| match fresh.get(name) {

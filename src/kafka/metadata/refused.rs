@@ -92,16 +92,17 @@ impl Topics {
         }
         let arrived = Instant::now();
         let deadline = arrived + self.timeout;
-        let _turn = tokio::time::timeout_at(deadline.into(), self.lookup.lock())
+        let turn = tokio::time::timeout_at(deadline.into(), self.lookup.clone().lock_owned())
             .await
             .map_err(|_| "metadata lookup timed out".to_string())?;
+        let mut turn = Some(turn);
         // Requests that waited together for the turn share the first one's listing.
         if let Some((at, n)) = *lock(&info.listed)
             && at >= arrived
         {
             return Ok(Some(n));
         }
-        let listed = match self.listed(topic, arrived, deadline).await? {
+        let listed = match self.listed(topic, arrived, deadline, &mut turn).await? {
             Some(Listed::Partitions(n)) => Some(n),
             _ => None,
         };
