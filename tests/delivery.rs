@@ -109,31 +109,25 @@ async fn stop(gw: Gateway) {
         .expect("gateway stops");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sync_with_all_brokers_down_is_503_after_message_timeout() {
-    let (cluster, topic) = cluster_with_topic("down", 1);
-    let message_timeout = Duration::from_millis(1500);
-    let gw = common::gateway(
-        &cluster.bootstrap_servers(),
-        "[kafka]\nmessage_timeout = \"1500ms\"\n[server]\nsync_timeout = \"30s\"\nshutdown_timeout = \"1s\"",
-    )
-    .await;
+/// With every broker down, a sync request is answered `503` once its record's timeout (`given
+/// up`, after the gateway is ready) ends the wait, and the record is never written later.
+async fn sync_with_all_brokers_down(prefix: &str, toml: &str, given_up: Duration) {
+    let (cluster, topic) = cluster_with_topic(prefix, 1);
+    let gw = common::gateway(&cluster.bootstrap_servers(), toml).await;
     // Ready means the topic's metadata is cached; from here on no broker answers.
     cluster.broker_down(ALL_BROKERS).expect("brokers down");
-
     let limit = Duration::from_secs(20);
     let (reply, elapsed) =
         timed_post(&gw, &format!("/sync/{topic}"), None, r#"{"n":1}"#, limit).await;
     eprintln!(
-        "all brokers down: {} after {elapsed:?}: {}",
+        "brokers down: {} after {elapsed:?}: {}",
         reply.status, reply.body
     );
     assert_unavailable(&reply, "record never sent");
     assert!(reply.error().contains("not delivered"), "{reply:?}");
-    // It is librdkafka's message timeout that ends the wait, not sync_timeout (30 s).
     assert!(
-        elapsed >= message_timeout - Duration::from_millis(100),
-        "answered before the message timeout: {elapsed:?}"
+        elapsed >= given_up - Duration::from_millis(100),
+        "answered before the record's timeout: {elapsed:?}"
     );
     assert!(
         elapsed < Duration::from_secs(15),
@@ -149,40 +143,40 @@ async fn sync_with_all_brokers_down_is_503_after_message_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_with_all_brokers_down_is_503_after_message_timeout() {
+    // librdkafka's message timeout ends the wait, not sync_timeout (30 s).
+    let toml = "[kafka]\nmessage_timeout = \"1500ms\"\n[server]\nsync_timeout = \"30s\"\n\
+                shutdown_timeout = \"1s\"";
+    sync_with_all_brokers_down("down", toml, Duration::from_millis(1500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_with_all_brokers_down_is_503_before_its_sync_timeout_and_never_written_later() {
-    let (cluster, topic) = cluster_with_topic("down-deadline", 1);
     // The message timeout (120 s by default) would keep the record queued long after the
-    // client's 504 at sync_timeout, and write it once the brokers return.
-    let sync_timeout = Duration::from_secs(5);
-    let gw = common::gateway(
-        &cluster.bootstrap_servers(),
-        "[server]\nsync_timeout = \"5s\"\nshutdown_timeout = \"1s\"",
-    )
-    .await;
-    cluster.broker_down(ALL_BROKERS).expect("brokers down");
-    let (reply, elapsed) = timed_post(
-        &gw,
-        &format!("/sync/{topic}"),
-        None,
-        r#"{"n":1}"#,
-        PROMPT * 2,
-    )
-    .await;
-    eprintln!(
-        "brokers down: {} after {elapsed:?}: {}",
-        reply.status, reply.body
-    );
-    assert_unavailable(&reply, "record never sent");
-    assert!(
-        elapsed >= sync_timeout - Duration::from_secs(2) - Duration::from_millis(100),
-        "answered before the sync producer's message timeout: {elapsed:?}"
-    );
-    cluster.broker_up(ALL_BROKERS).expect("brokers up");
-    let (reply, _) = timed_post(&gw, &format!("/sync/{topic}"), None, MARKER, PROMPT * 2).await;
-    assert_eq!(reply.status, 200, "after the brokers returned: {reply:?}");
-    let written = "the 503'd record was written after all";
-    assert_holds(&cluster.bootstrap_servers(), &topic, &[MARKER], written).await;
-    stop(gw).await;
+    // client's 504 at sync_timeout (5 s), and write it once the brokers return: the sync
+    // producer gives it up 2 s before.
+    let toml = "[server]\nsync_timeout = \"5s\"\nshutdown_timeout = \"1s\"";
+    sync_with_all_brokers_down("down-deadline", toml, Duration::from_secs(3)).await;
+}
+
+/// Waits until `gw` counts `want` records of `topic` (on the allowlist) accepted, checking
+/// `meanwhile` at every poll.
+async fn wait_accepted(gw: &Gateway, topic: &str, want: f64, meanwhile: impl Fn()) {
+    let accepted = [("topic", topic)];
+    let deadline = Instant::now() + PROMPT;
+    while metric(
+        &get(gw, "/metrics").await.body,
+        "kafboy_records_accepted_total",
+        &accepted,
+    ) < Some(want)
+    {
+        meanwhile();
+        assert!(
+            Instant::now() < deadline,
+            "the records never reached the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A record sent once a fault is over, to read back after what the fault did.
@@ -754,20 +748,7 @@ async fn a_shutdown_lets_open_sync_requests_finish_and_takes_no_new_connections(
         })
         .collect();
     // All three are queued (and so inside their handlers) before the stop.
-    let accepted = [("topic", topic.as_str())];
-    let deadline = Instant::now() + PROMPT;
-    while metric(
-        &get(&gw, "/metrics").await.body,
-        "kafboy_records_accepted_total",
-        &accepted,
-    ) < Some(4.0)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the requests never reached the queue"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_accepted(&gw, &topic, 4.0, || {}).await;
     let stopping = tokio::spawn(gw.stop());
     // New connections are refused (or closed unanswered, when one slipped into the listen
     // backlog as the listener closed) while the open requests still wait for their acks:
@@ -896,21 +877,10 @@ async fn sync_records_that_fail_during_the_drain_are_answered_not_lost() {
             Reply::read(r.expect("answered")).await
         })
     };
-    let accepted = [("topic", topic.as_str())];
-    let deadline = Instant::now() + PROMPT;
-    while metric(
-        &get(&gw, "/metrics").await.body,
-        "kafboy_records_accepted_total",
-        &accepted,
-    ) < Some(4.0)
-    {
-        assert!(!sync.is_finished(), "sync answered before the stop");
-        assert!(
-            Instant::now() < deadline,
-            "the sync record never reached the queue"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_accepted(&gw, &topic, 4.0, || {
+        assert!(!sync.is_finished(), "sync answered before the stop")
+    })
+    .await;
     let report = tokio::time::timeout(Duration::from_secs(15), gw.stop())
         .await
         .expect("gateway stops");

@@ -487,19 +487,31 @@ async fn rust_hook_outcomes() {
     gw.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_waits_for_a_produce_the_hook_asked_for_after_its_reply() {
+/// A mock cluster with topic `from`, and an app on it with [`TestHook`] and `toml`.
+fn test_hook_app(
+    toml: &str,
+) -> (
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    kafboy::App,
+    Errors,
+) {
     let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
     mock.create_topic("from", 1, 1).unwrap();
-    let mut config = kafboy::Config::from_toml(TOML).unwrap();
+    let mut config = kafboy::Config::from_toml(toml).unwrap();
     config.kafka.brokers = vec![mock.bootstrap_servers()];
-    let errors = Arc::new(Mutex::new(Vec::new()));
+    let errors: Errors = Arc::new(Mutex::new(Vec::new()));
     let app = kafboy::App::builder(config)
         .hook(TestHook {
             errors: errors.clone(),
         })
         .build()
         .unwrap();
+    (mock, app, errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_produce_the_hook_asked_for_after_its_reply() {
+    let (mock, app, errors) = test_hook_app(TOML);
     let producers = app.producers().clone();
     let gw = common::serve(app).await;
     // A topic the gateway has not looked up yet, behind a slow broker: the produce after the
@@ -525,19 +537,9 @@ async fn shutdown_waits_for_a_produce_the_hook_asked_for_after_its_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_that_fails_after_the_hooks_reply_is_lost_with_the_shutdown() {
-    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
-    mock.create_topic("from", 1, 1).unwrap();
     let toml =
         format!("{TOML}[kafka]\nmessage_timeout = \"2s\"\n[server]\nshutdown_timeout = \"8s\"\n");
-    let mut config = kafboy::Config::from_toml(&toml).unwrap();
-    config.kafka.brokers = vec![mock.bootstrap_servers()];
-    let errors = Arc::new(Mutex::new(Vec::new()));
-    let app = kafboy::App::builder(config)
-        .hook(TestHook {
-            errors: errors.clone(),
-        })
-        .build()
-        .unwrap();
+    let (mock, app, errors) = test_hook_app(&toml);
     let gw = common::serve(app).await;
     mock.broker_down(-1).unwrap();
     // The client has the hook's 200 before its record's acknowledgement, which never comes.

@@ -51,6 +51,13 @@ fn config() -> SpoolConfig {
     }
 }
 
+/// Starts the sender of `spool` on a producer for `cluster`; waits until all is delivered.
+async fn send_all(spool: &Spool, cluster: &Cluster) {
+    let producers = producers(&cluster.bootstrap_servers(), "");
+    start_sender(spool, &producers);
+    wait_drained(spool, Duration::from_secs(15)).await;
+}
+
 fn record(value: impl Into<Bytes>) -> Record {
     Record {
         key: None,
@@ -429,9 +436,7 @@ async fn a_full_spool_refuses_all_or_nothing_and_takes_records_again_once_draine
     while spool.append(&topic, &[record(value.clone())]).await.is_ok() {
         n += 1;
     }
-    let producers = producers(&cluster.bootstrap_servers(), "");
-    start_sender(&spool, &producers);
-    wait_drained(&spool, Duration::from_secs(15)).await;
+    send_all(&spool, &cluster).await;
     wait_for("room given back", Duration::from_secs(5), || {
         spool.stats().bytes < 8 << 10
     })
@@ -467,9 +472,7 @@ async fn a_segment_one_large_append_filled_is_closed_and_deleted_once_delivered(
     let records: Vec<Record> = (0..12).map(|i| record(format!("{i:0>1000}"))).collect();
     spool.append(&topic, &records).await.expect("append");
     assert!(spool.stats().bytes > 12_000, "{:?}", spool.stats());
-    let producers = producers(&cluster.bootstrap_servers(), "");
-    start_sender(&spool, &producers);
-    wait_drained(&spool, Duration::from_secs(15)).await;
+    send_all(&spool, &cluster).await;
     // No append comes to close the segment (a full spool would refuse them): it is closed
     // while the writer idles, read to its end and deleted.
     wait_for("room given back", Duration::from_secs(10), || {
@@ -606,6 +609,24 @@ async fn records_kafka_refuses_for_good_are_dead_lettered_not_retried() {
     spool.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A spool in `dir` whose sender has delivered the record `first` to `topic` (so the producer
+/// knows the topic).
+async fn sending_to_a_known_topic(
+    dir: &Path,
+    config: &SpoolConfig,
+    producers: &Arc<Producers>,
+    topic: &str,
+) -> Spool {
+    let spool = Spool::open(dir, config).expect("open");
+    start_sender(&spool, producers);
+    spool
+        .append(topic, &[record("first")])
+        .await
+        .expect("append");
+    wait_drained(&spool, Duration::from_secs(10)).await;
+    spool
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_that_is_gone_is_dead_lettered_after_the_grace_not_retried_for_ever() {
     let (cluster, topic) = mock_cluster("spool-gone");
@@ -619,17 +640,11 @@ async fn a_partition_that_is_gone_is_dead_lettered_after_the_grace_not_retried_f
         missing_grace: grace,
         ..config()
     };
-    let spool = Spool::open(dir.path(), &config).expect("open");
-    start_sender(&spool, &producers);
     // A partition the topic no longer has (as after a recreate with fewer): librdkafka refuses
     // it at once. It was retried for ever, and held back every record behind it.
     // Once the producer knows the topic, it refuses such a record at once, at the send; four
     // of them: one grace for the partition, not one for each record in turn.
-    spool
-        .append(&topic, &[record("first")])
-        .await
-        .expect("append");
-    wait_drained(&spool, Duration::from_secs(10)).await;
+    let spool = sending_to_a_known_topic(dir.path(), &config, &producers, &topic).await;
     let gone = || Record {
         partition: Some(5),
         ..record("gone")
@@ -670,13 +685,7 @@ async fn a_grace_shorter_than_the_retry_backoff_still_ends_in_the_dead_letter_fi
         retry_backoff: Duration::from_millis(200),
         ..config()
     };
-    let spool = Spool::open(dir.path(), &config).expect("open");
-    start_sender(&spool, &producers);
-    spool
-        .append(&topic, &[record("first")])
-        .await
-        .expect("append");
-    wait_drained(&spool, Duration::from_secs(10)).await;
+    let spool = sending_to_a_known_topic(dir.path(), &config, &producers, &topic).await;
     let gone = Record {
         partition: Some(5),
         ..record("gone")
