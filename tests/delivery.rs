@@ -894,6 +894,43 @@ async fn sync_records_that_fail_during_the_drain_are_answered_not_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_request_still_waiting_after_the_flush_is_answered_not_cut_off() {
+    let (cluster, topic) = cluster_with_topic("past-flush", 1);
+    // The record outlives both the drain and the flush (1 s each): its request is still
+    // waiting when they are over.
+    let toml = format!(
+        "[topics]\nallow = [\"{topic}\"]\n[kafka]\nmessage_timeout = \"30s\"\n\
+         [server]\nsync_timeout = \"10s\"\nshutdown_timeout = \"1s\""
+    );
+    let gw = common::gateway(&cluster.bootstrap_servers(), &toml).await;
+    cluster.broker_down(ALL_BROKERS).expect("brokers down");
+    let sync = {
+        let url = format!("{}/sync/{topic}", gw.url);
+        tokio::spawn(async move { common::client().post(url).body("{}").send().await })
+    };
+    wait_accepted(&gw, &topic, 1.0, || {}).await;
+    let stopping = Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(10), gw.stop())
+        .await
+        .expect("gateway stops");
+    let sync = sync
+        .await
+        .expect("task")
+        .expect("an answer, not a closed connection");
+    // Within the last second for answers: a process exits then, and a later answer (at the
+    // sync producer's own timeout, 8 s) would never be written.
+    let answered = stopping.elapsed();
+    assert!(
+        answered < Duration::from_secs(5),
+        "answered after {answered:?}"
+    );
+    let sync = Reply::read(sync).await;
+    // Never sent: given up at the flush deadline, so the client can send it again safely.
+    assert_unavailable(&sync, "never sent, given up at the flush deadline");
+    assert_eq!(report.undelivered, 1, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_headers_take_queue_room_for_every_record_they_go_with() {
     let (cluster, topic) = cluster_with_topic("header-room", 1);
     let bootstrap = cluster.bootstrap_servers();

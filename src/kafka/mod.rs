@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
+use rdkafka::producer::{Producer as _, PurgeConfig};
 
 use crate::config::{Config, KafkaConfig, Mode};
 use crate::lock;
@@ -288,6 +289,12 @@ impl Producers {
         // they are sent again at the next start.
         let undelivered = producers.iter().map(|p| p.unspooled()).sum();
         let failed_after = self.lost();
+        // What the deadline left is given up now, not when the producers are dropped after
+        // the last answers: a sync request waiting for such a record gets its `503` (never
+        // sent) or `504` (in flight) while it can still write it.
+        for p in &producers {
+            p.inner.purge(PurgeConfig::default().queue().inflight());
+        }
         Flushed {
             undelivered,
             failed: failed_after.saturating_sub(failed_before),
