@@ -107,6 +107,8 @@ pub struct Context {
     pub failures: Throttle,
     /// Where a topic the brokers refuse to let kafboy write is reported.
     pub refusals: Arc<super::metadata::WriteRefusals>,
+    /// The shutdown's gate: past the flush's deadline, a failure was counted undelivered.
+    pub gate: Arc<super::gate::Gate>,
 }
 
 impl ClientContext for Context {
@@ -193,13 +195,15 @@ impl ProducerContext for Context {
                 if code == RDKafkaErrorCode::TopicAuthorizationFailed {
                     self.refusals.refused(message.topic());
                 }
-                if !spooled {
+                // Given up at the flush's deadline: counted undelivered there already.
+                let given_up = self.gate.given_up();
+                if !spooled && !given_up {
                     self.count_failed(message.topic(), &format!("{code:?}"));
                 }
                 // Lost: a record whose only answer was a 2xx before its outcome. A sync
                 // requester hears of the failure (or was told `504`, maybe written) and may
                 // send it again.
-                if waiter.0.as_ref().is_none_or(|w| w.replied) {
+                if !given_up && waiter.0.as_ref().is_none_or(|w| w.replied) {
                     self.tally.lost.fetch_add(1, Ordering::Relaxed);
                 }
                 Outcome::Failed {

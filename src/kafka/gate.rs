@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub struct Gate {
     closed: AtomicBool,
     passing: AtomicUsize,
+    /// The flush's deadline passed: what it left was counted undelivered, and is purged.
+    given_up: AtomicBool,
 }
 
 /// Leave to hand records over; see [`Gate`].
@@ -25,6 +27,17 @@ impl Gate {
             return None;
         }
         Some(Pass(self))
+    }
+
+    /// Marks what is left after the flush's deadline as given up (counted undelivered):
+    /// its purge reports are not failures on top.
+    pub fn give_up(&self) {
+        self.given_up.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Gate::give_up`] was called.
+    pub fn given_up(&self) -> bool {
+        self.given_up.load(Ordering::SeqCst)
     }
 
     /// Whether a shutdown closed it.

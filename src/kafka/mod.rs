@@ -292,6 +292,7 @@ impl Producers {
         // What the deadline left is given up now, not when the producers are dropped after
         // the last answers: a sync request waiting for such a record gets its `503` (never
         // sent) or `504` (in flight) while it can still write it.
+        self.gate.give_up();
         for p in &producers {
             p.inner.purge(PurgeConfig::default().queue().inflight());
         }

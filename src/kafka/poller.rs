@@ -151,6 +151,7 @@ pub(crate) mod tests {
             retired: AtomicBool::new(false),
             broker_totals: Mutex::default(),
             refusals: Arc::default(),
+            gate: Arc::default(),
         };
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", bootstrap);

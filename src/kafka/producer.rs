@@ -141,6 +141,7 @@ impl Producer {
             retired: AtomicBool::new(false),
             broker_totals: Mutex::default(),
             refusals: shared.refusals.clone(),
+            gate: shared.gate.clone(),
         };
         let inner = BaseProducer::from_config_and_context(&client, context)?;
         let inner = Polled::new(inner, name).map_err(|e| {
