@@ -64,7 +64,8 @@ pub struct Tally {
     pub delivered: AtomicU64,
     /// Records that failed after they were accepted.
     pub failed: AtomicU64,
-    /// Of those, the ones only kafboy's memory held, whose requester had its `202`: lost.
+    /// Of those, the ones only kafboy's memory held, whose client had a 2xx before their
+    /// outcome (a `202`, or a hook's own reply): lost.
     pub lost: AtomicU64,
 }
 

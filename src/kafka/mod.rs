@@ -257,7 +257,8 @@ impl Producers {
     }
 
     /// For shutdown: closes the producers to new records (later sends get `Closed`), then waits
-    /// until every queued record is delivered or failed, or `deadline` passes.
+    /// until every queued record is delivered or failed, or `deadline` passes; what is still
+    /// queued then is purged (counted undelivered, not failed).
     pub async fn flush(&self, deadline: Duration) -> Flushed {
         // Nothing may be queued behind the flush's back: after it, dropping a producer purges.
         self.gate.close().await;
@@ -289,12 +290,14 @@ impl Producers {
         // they are sent again at the next start.
         let undelivered = producers.iter().map(|p| p.unspooled()).sum();
         let failed_after = self.lost();
-        // What the deadline left is given up now, not when the producers are dropped after
-        // the last answers: a sync request waiting for such a record gets its `503` (never
-        // sent) or `504` (in flight) while it can still write it.
+        // What the deadline left unsent is given up now, not when the producers are dropped
+        // after the last answers: a sync request waiting for such a record gets its `503`
+        // while it can still write it. Records in flight keep their last second: an ack may
+        // still come (a `200`), and a purge would make it a `504`. Not blocking: a broker
+        // thread stuck in a connect would hold the purge, and the exit, with it.
         self.gate.give_up();
         for p in &producers {
-            p.inner.purge(PurgeConfig::default().queue().inflight());
+            p.inner.purge(PurgeConfig::default().queue().non_blocking());
         }
         Flushed {
             undelivered,

@@ -38,9 +38,6 @@ const MAX_HEADERS: usize = 1000;
 /// Most `server.max_header_bytes`: hyper's read buffer stops there.
 const MAX_HEADER_BYTES: usize = 400 << 10;
 
-/// Limits whose extreme values would fail at run time: a deadline past what the clock can
-/// hold panics, and tokio's semaphore takes at most `MAX_PERMITS` connections; and floors
-/// below which a setting would mean "never" or "no pause at all".
 /// Topic creation only for names the operator listed. With a prefix or no list, every name a
 /// client makes up is asked for by name: a topic at the brokers, or, where they do not create
 /// it, a topic object librdkafka keeps for good and asks about every second, which slows every
@@ -59,6 +56,9 @@ fn check_auto_create(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Limits whose extreme values would fail at run time: a deadline past what the clock can
+/// hold panics, and tokio's semaphore takes at most `MAX_PERMITS` connections; and floors
+/// below which a setting would mean "never" or "no pause at all".
 fn check_ranges(config: &Config) -> Result<(), String> {
     let s = &config.server;
     let durations = [

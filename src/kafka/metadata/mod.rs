@@ -64,10 +64,11 @@ pub(super) enum Listed {
     Partitions(i32),
     /// The brokers refuse kafboy the topic (Kafka lists it with no partitions then).
     Denied,
-    /// Listed with another error (or none) and no partitions: being created (auto-create
-    /// answers the request that creates a topic with `LEADER_NOT_AVAILABLE`) or between
-    /// leaders. It exists, or is about to; librdkafka treats this as temporary too.
-    Settling(Option<RDKafkaErrorCode>),
+    /// Listed with another error and no partitions: being created (auto-create answers the
+    /// request that creates a topic with `LEADER_NOT_AVAILABLE`) or between leaders. It exists,
+    /// or is about to; librdkafka treats this as temporary too. (No error and no partitions
+    /// is a topic on its way out, as a deleted one may be listed: missing.)
+    Settling(RDKafkaErrorCode),
 }
 
 impl Listed {
@@ -77,7 +78,7 @@ impl Listed {
         Some(match error {
             Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return None,
             Some(RDKafkaErrorCode::TopicAuthorizationFailed) => Listed::Denied,
-            error if partitions <= 0 => Listed::Settling(error),
+            Some(error) if partitions == 0 => Listed::Settling(error),
             _ => Listed::Partitions(partitions),
         })
     }
@@ -228,8 +229,7 @@ impl Topics {
             }
             Some((_, Listed::Denied)) => LookupError::Denied,
             Some((_, Listed::Settling(error))) => LookupError::Unavailable(format!(
-                "topic {topic:?} has no usable partitions yet{}",
-                error.map_or(String::new(), |e| format!(": {e}"))
+                "topic {topic:?} has no usable partitions yet: {error}"
             )),
             _ => LookupError::Unknown,
         };
@@ -386,10 +386,8 @@ mod tests {
         );
         assert_eq!(
             Listed::of(Some(E::LeaderNotAvailable), 0),
-            Some(Listed::Settling(Some(E::LeaderNotAvailable)))
+            Some(Listed::Settling(E::LeaderNotAvailable))
         );
-        // No partitions and no error: just created, not a missing topic (404).
-        assert_eq!(Listed::of(None, 0), Some(Listed::Settling(None)));
         assert_eq!(
             Listed::of(Some(E::LeaderNotAvailable), 2),
             Some(Listed::Partitions(2))
@@ -409,15 +407,9 @@ mod tests {
             ("dropped".to_string(), Entry::Known(known.clone())),
         ]);
         let found = vec![
-            (
-                "a".to_string(),
-                Listed::Settling(Some(E::LeaderNotAvailable)),
-            ),
+            ("a".to_string(), Listed::Settling(E::LeaderNotAvailable)),
             ("b".to_string(), Listed::Partitions(6)),
-            (
-                "new".to_string(),
-                Listed::Settling(Some(E::LeaderNotAvailable)),
-            ),
+            ("new".to_string(), Listed::Settling(E::LeaderNotAvailable)),
         ];
         let fresh = merged(&mut entries, found, TTL);
         let partitions = |name: &str| match fresh.get(name) {
