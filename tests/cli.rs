@@ -178,6 +178,15 @@ fn config_errors_exit_64_and_name_the_key() {
         ),
         ("[kafka]\nunknown_topic_ttl = \"0s\"".into(), "kafka.unknown_topic_ttl"),
         ("[kafka]\nauto_create_topics = true".into(), "exact topic names"),
+        ("[kafka]\nmessage_timeout = \"50days\"".into(), "kafka.message_timeout"),
+        ("[kafka]\nmessage_max_bytes = 4294968296".into(), "kafka.message_max_bytes"),
+        ("[kafka]\nstatistics_interval = \"2days\"".into(), "kafka.statistics_interval"),
+        ("[batch]\nbatch_size = 2000000".into(), "batch.batch_size"),
+        (
+            "[topics.overrides.t]\nbatch_size = 2000000".into(),
+            "topics.overrides.t.batch_size",
+        ),
+        ("[hook]\nmax_memory_bytes = 0".into(), "hook.max_memory_bytes"),
         (
             "[topics]\nallow = [\"a\", \"logs.*\"]\n[kafka]\nauto_create_topics = true".into(),
             "exact topic names",

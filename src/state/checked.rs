@@ -38,6 +38,38 @@ const MAX_HEADERS: usize = 1000;
 /// Most `server.max_header_bytes`: hyper's read buffer stops there.
 const MAX_HEADER_BYTES: usize = 400 << 10;
 
+/// Settings librdkafka reads as 32-bit integers, within its own ranges: past them a value
+/// would wrap (a message timeout of 50 days becomes 7 hours, a size of 4 GB becomes 1000
+/// bytes) instead of being refused. And a Lua state's memory limit: 0 would be none.
+fn check_librdkafka_ranges(config: &Config) -> Result<(), String> {
+    let k = &config.kafka;
+    if k.message_timeout.as_millis() > i32::MAX as u128 {
+        return Err("kafka.message_timeout must be at most 24 days".into());
+    }
+    if k.statistics_interval > Duration::from_secs(86_400) {
+        return Err("kafka.statistics_interval must be at most 1 day".into());
+    }
+    if k.message_max_bytes > 1_000_000_000 {
+        return Err("kafka.message_max_bytes must be at most 1000000000".into());
+    }
+    let batch_sizes = std::iter::once(("batch.batch_size".to_string(), config.batch.batch_size))
+        .chain(config.topics.overrides.iter().filter_map(|(topic, o)| {
+            Some((
+                format!("topics.overrides.{topic}.batch_size"),
+                o.batch_size?,
+            ))
+        }));
+    for (name, size) in batch_sizes {
+        if size > 1_000_000 {
+            return Err(format!("{name} must be at most 1000000"));
+        }
+    }
+    if config.hook.max_memory_bytes < 1 << 20 {
+        return Err("hook.max_memory_bytes must be at least 1 MiB".into());
+    }
+    Ok(())
+}
+
 /// Topic creation only for names the operator listed. With a prefix or no list, every name a
 /// client makes up is asked for by name: a topic at the brokers, or, where they do not create
 /// it, a topic object librdkafka keeps for good and asks about every second, which slows every
@@ -186,6 +218,7 @@ impl Checked {
             return Err("server.max_json_depth must be between 1 and 127".into());
         }
         check_ranges(config)?;
+        check_librdkafka_ranges(config)?;
         check_auto_create(config)?;
         config.log.check()?;
         let routes = crate::hook::attach(config, routes::compile(config)?, rust_hook)?;
