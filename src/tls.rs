@@ -82,11 +82,13 @@ impl Tls {
             loop {
                 hangups.next().await;
                 let Some(tls) = weak.upgrade() else { return };
-                match tls.reload() {
-                    Ok(()) => tracing::info!("TLS certificate reloaded"),
-                    Err(error) => {
+                // Off the async workers: a file on a mount that hangs would hold one.
+                match tokio::task::spawn_blocking(move || tls.reload()).await {
+                    Ok(Ok(())) => tracing::info!("TLS certificate reloaded"),
+                    Ok(Err(error)) => {
                         tracing::error!(%error, "TLS certificate not reloaded; the previous one stays")
                     }
+                    Err(_) => return,
                 }
             }
         });

@@ -209,12 +209,20 @@ pub fn spawn_watch(keys: &Arc<Keys>) {
                 watch.signalled();
                 continue;
             }
-            if !watch.beat(&keys) {
-                continue;
-            }
-            match keys.reload() {
-                Ok(count) => tracing::info!(keys = count, "API keys reloaded"),
-                Err(error) => {
+            // Off the async workers: a file on a mount that hangs would hold one, and with a
+            // single worker every request and the shutdown's signal with it.
+            let checked = tokio::task::spawn_blocking(move || {
+                let reloaded = watch.beat(&keys).then(|| keys.reload());
+                (watch, reloaded)
+            });
+            let Ok((checked, reloaded)) = checked.await else {
+                return;
+            };
+            watch = checked;
+            match reloaded {
+                None => {}
+                Some(Ok(count)) => tracing::info!(keys = count, "API keys reloaded"),
+                Some(Err(error)) => {
                     tracing::error!(%error, "API keys not reloaded; the previous keys stay in force")
                 }
             }
