@@ -267,7 +267,18 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
     let p = format!("/sync/{topic}");
     let body = r#"{"user":{"id":7},"secret":"pw","z":1}"#;
 
-    let r = post(gw, &p, "edit", body).await;
+    // The client's own `seen-by` header is replaced by the hook's, not kept beside it.
+    let r = common::client()
+        .post(format!("{}{p}", gw.url))
+        .header("x-case", "edit")
+        .header("content-type", "application/json")
+        .header("x-kafka-header-Seen-By", "forged")
+        .header("x-kafka-header-kept", "yes")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let r = Reply::read(r).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let r = post(gw, &format!("{p}?to={other}"), "topic", body).await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -339,10 +350,15 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
         json!({"user": {"id": 7, "tags": ["a", "b"]}, "z": 1, "extra": 1})
     );
     assert_eq!(got[0].key.as_deref(), Some(&b"k-7"[..]));
-    assert!(
-        got[0]
-            .headers
-            .contains(&("seen-by".into(), Some(b"hook".to_vec())))
+    let mut headers = got[0].headers.clone();
+    headers.retain(|(name, _)| name != "kafboy-id");
+    headers.sort();
+    assert_eq!(
+        headers,
+        [
+            ("kept".to_string(), Some(b"yes".to_vec())),
+            ("seen-by".to_string(), Some(b"hook".to_vec()))
+        ]
     );
     assert_eq!(
         &got[1].value[..],

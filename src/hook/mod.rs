@@ -118,7 +118,8 @@ pub struct Forward {
     pub key: Option<Bytes>,
     /// Explicit partition.
     pub partition: Option<i32>,
-    /// Record headers to add.
+    /// Record headers to set: each replaces the request's headers of its name (ASCII case
+    /// aside).
     pub headers: Vec<(String, Bytes)>,
 }
 

@@ -180,6 +180,14 @@ fn forwarded(
     };
     meta.key = forward.key.or(meta.key);
     meta.partition = forward.partition.or(meta.partition);
+    // A header the hook sets replaces the client's of that name: a hook that stamps a
+    // header (a source, a verified user) must not leave a forged one beside it.
+    meta.headers.retain(|(name, _)| {
+        !forward
+            .headers
+            .iter()
+            .any(|(set, _)| set.eq_ignore_ascii_case(name))
+    });
     meta.headers.extend(forward.headers);
     let values = match forward.body {
         Some(body) if body.is_empty() => return Err(DecodeError::Empty.into()),

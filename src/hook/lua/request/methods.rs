@@ -118,9 +118,10 @@ impl UserData for LuaRequest {
                 // With what each entry costs besides its text (a name, a value, a slot in the
                 // list, and a header map's entry once sent): empty headers are not free.
                 this.charge(96 + name.len() + value.as_bytes().len())?;
-                this.forward
-                    .headers
-                    .push((name, Bytes::copy_from_slice(&value.as_bytes())));
+                // Set, not added: a second call for a name replaces the first.
+                let headers = &mut this.forward.headers;
+                headers.retain(|(set, _)| !set.eq_ignore_ascii_case(&name));
+                headers.push((name, Bytes::copy_from_slice(&value.as_bytes())));
                 Ok(())
             },
         );
