@@ -603,7 +603,7 @@ mod tests {
 
     #[test]
     fn methods_over_a_large_body_stop_at_the_time_budget() {
-        // Each `get` parses and converts a 50,000-element array: a thousand instructions of
+        // Each `get` parses and converts a 50,000-element array: a hundred instructions of
         // such calls, the interval at which the VM checks the budget, take seconds.
         let limits = Limits {
             timeout: Duration::from_millis(200),
@@ -622,6 +622,41 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn closers_that_run_after_the_budget_are_held_to_it() {
+        // Lua runs every to-be-closed variable's closer as the budget's error unwinds: each
+        // closer here would sort 100,000 elements, a hundred times over.
+        let limits = Limits {
+            timeout: Duration::from_millis(200),
+            ..limits(128)
+        };
+        let script = r#"
+            local function rec(t, n)
+              local c <close> = setmetatable({}, {__close = function() table.sort(t) end})
+              if n > 0 then return rec(t, n - 1) end
+              while true do end
+            end
+            function on_request(req)
+              local t = {}
+              for i = 1, 100000 do t[i] = -i end
+              rec(t, 100)
+            end"#;
+        let hook = LuaHook::from_source(Path::new("test.lua"), script, limits).unwrap();
+        let started = std::time::Instant::now();
+        assert!(hook.call(request("{}")).is_err());
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        // Strings' shared metatable, where a C function could be made every string's closer,
+        // is out of reach.
+        let script = r#"function on_request(req)
+            return respond(200, tostring(getmetatable("")))
+        end"#;
+        match run(script, "{}") {
+            Ok(Verdict::Respond(r)) => assert_eq!(&r.body[..], b"false"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1,10 +1,11 @@
 -- The prelude every hook script gets before its own code runs (src/hook/lua/state.rs).
 -- pcall and xpcall would catch the budget error and let a script run on; once the budget is
 -- spent they pass the error on instead.
+local exhausted = __kafboy_exhausted
+__kafboy_exhausted = nil
 do
-  local raw_pcall, raw_xpcall, exhausted, error = pcall, xpcall, __kafboy_exhausted, error
+  local raw_pcall, raw_xpcall, error = pcall, xpcall, error
   local pack, unpack = table.pack, table.unpack
-  __kafboy_exhausted = nil
   local function check(r)
     if not r[1] and exhausted() then error(r[2], 0) end
     return unpack(r, 1, r.n)
@@ -12,6 +13,10 @@ do
   pcall = function(...) return check(pack(raw_pcall(...))) end
   xpcall = function(...) return check(pack(raw_xpcall(...))) end
 end
+-- Strings share one metatable: a script could give them a __close (a C function as the closer
+-- runs free of the budget, once per frame as an error unwinds) or change every string's
+-- methods for the rest of the state's life. It is read-only to scripts.
+getmetatable("").__metatable = false
 -- A finalizer runs with hooks off, so no budget could stop it: scripts get none.
 do
   local raw_setmetatable, rawget, type, error = setmetatable, rawget, type, error
@@ -114,6 +119,9 @@ do
   local sort, concat, dump, pcall, setmetatable = table.sort, table.concat, string.dump, pcall,
     setmetatable
   table.sort = function(t, comp)
+    -- One sort of a large table is a long C call: none starts once the budget is spent (a
+    -- to-be-closed variable's closer runs after the budget's error).
+    if exhausted() then error("the hook's budget is spent", 2) end
     local order = comp
     if type(comp) == "function" and not pcall(dump, comp, true) then
       order = function(a, b) return comp(a, b) end

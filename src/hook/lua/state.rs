@@ -14,8 +14,11 @@ use super::{Limits, LuaHook};
 /// locals: a script that replaced the global `error` would otherwise turn the guards off.
 const PRELUDE: &str = include_str!("prelude.lua");
 
-/// How often the budget is checked, in VM instructions.
-const CHECK_EVERY: u32 = 1000;
+/// How often the budget is checked, in VM instructions. Each check also bounds what runs after
+/// the budget is spent: the closers of to-be-closed variables, which Lua runs as the budget's
+/// error unwinds, get this many instructions each before the next check fails them too; and
+/// the C library calls that fit in this many instructions run unchecked.
+const CHECK_EVERY: u32 = 100;
 
 pub(super) struct Budget {
     instructions_left: Cell<u64>,
