@@ -660,6 +660,29 @@ mod tests {
     }
 
     #[test]
+    fn strings_that_are_not_utf8_are_written_with_replacement_characters() {
+        let script = r#"function on_request(req)
+            req:set("ua", "caf\xe9 " .. ("\u{e9}"):sub(1, 1))
+            req:set("t", {["k\xff"] = {"\xfe"}})
+            return forward()
+        end"#;
+        match run(script, "{}") {
+            Ok(Verdict::Forward(f)) => {
+                assert_eq!(
+                    std::str::from_utf8(&f.body.unwrap()).unwrap(),
+                    "{\"ua\":\"caf\u{fffd} \u{fffd}\",\"t\":{\"k\u{fffd}\":[\"\u{fffd}\"]}}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let script = r#"function on_request(req) return reject(400, "bad: caf\xe9", 1) end"#;
+        match run(script, "{}") {
+            Ok(Verdict::Reject { message, .. }) => assert_eq!(message, "bad: caf\u{fffd}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn print_takes_any_value() {
         let script = r#"function on_request(req)
             print("x", nil, true, 1, 2.5, {}, req)

@@ -59,7 +59,10 @@ pub(super) fn scalar_json(value: &mlua::Value) -> Option<Cow<'static, [u8]>> {
         mlua::Value::Boolean(false) => Some(Cow::Borrowed(b"false")),
         mlua::Value::Integer(i) => Some(Cow::Owned(i.to_string().into_bytes())),
         mlua::Value::String(s) => {
-            let s = s.to_str().ok()?;
+            // JSON text is UTF-8: bytes that are not (a header the client sent, a string cut
+            // mid-character) become U+FFFD, as a browser shows them, not a failed call.
+            let bytes = s.as_bytes();
+            let s = String::from_utf8_lossy(&bytes);
             let mut text = Vec::with_capacity(s.len() + 2);
             crate::json::write_string(&mut text, &s);
             Some(Cow::Owned(text))
@@ -142,7 +145,7 @@ fn lua_json(value: &mlua::Value, array: &mlua::Table) -> mlua::Result<Value> {
         V::Number(n) => serde_json::Number::from_f64(*n)
             .map(Value::Number)
             .ok_or_else(|| mlua::Error::runtime("NaN and infinities are not JSON"))?,
-        V::String(s) => Value::String(s.to_str()?.to_owned()),
+        V::String(s) => Value::String(s.to_string_lossy()),
         V::Table(t) => table_value(t, array)?,
         other => {
             return Err(mlua::Error::runtime(format!(
@@ -159,7 +162,7 @@ fn table_value(table: &mlua::Table, array: &mlua::Table) -> mlua::Result<Value> 
     for pair in table.pairs::<mlua::Value, mlua::Value>() {
         match pair? {
             (mlua::Value::Integer(i), v) if i >= 1 => items.push((i, v)),
-            (mlua::Value::String(k), v) => members.push((k.to_str()?.to_owned(), v)),
+            (mlua::Value::String(k), v) => members.push((k.to_string_lossy(), v)),
             (k, _) => {
                 return Err(mlua::Error::runtime(format!(
                     "a table key must be a string or an index from 1, not {}",

@@ -32,9 +32,10 @@ pub(super) fn verdict(
         "forward" => Ok(Verdict::Forward(edits)),
         "reject" => Ok(Verdict::Reject {
             status: status(&table, 400)?,
+            // Lossy: a message quoting what the client sent may not be UTF-8.
             message: table
-                .get::<Option<String>>("message")?
-                .unwrap_or_else(|| "rejected".into()),
+                .get::<Option<mlua::LuaString>>("message")?
+                .map_or_else(|| "rejected".into(), |m| m.to_string_lossy()),
         }),
         "respond" => {
             let body: mlua::LuaString = table.get("body")?;
