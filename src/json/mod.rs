@@ -46,15 +46,23 @@ pub fn validate_indexed(bytes: &[u8], max_depth: usize) -> Result<Option<Vec<Mem
 /// The length of `text` as a JSON string, quotes included, as [`write_string`] writes it: what
 /// an edit is charged before the copy is made (a control byte takes six).
 pub fn quoted_len(text: &[u8]) -> usize {
-    let escapes: usize = text
-        .iter()
-        .map(|&b| match b {
-            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
-            0..0x20 => 5,
-            _ => 0,
-        })
+    // Bytes that are not UTF-8 are written as U+FFFD (three bytes), a run of them as one.
+    let quoted = |valid: &str| -> usize {
+        let escapes: usize = valid
+            .bytes()
+            .map(|b| match b {
+                b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+                0..0x20 => 5,
+                _ => 0,
+            })
+            .sum();
+        valid.len() + escapes
+    };
+    let body: usize = text
+        .utf8_chunks()
+        .map(|c| quoted(c.valid()) + if c.invalid().is_empty() { 0 } else { 3 })
         .sum();
-    text.len() + escapes + 2
+    body + 2
 }
 
 /// Writes `text` as a JSON string, as serde_json writes it: as it is between quotes when
@@ -359,6 +367,13 @@ mod tests {
             write_string(&mut out, text);
             assert_eq!(out.len(), quoted_len(text.as_bytes()), "{text:?}");
             assert_eq!(out, serde_json::to_vec(text).unwrap(), "{text:?}");
+        }
+        // Bytes that are not UTF-8: counted as the U+FFFD they are written as.
+        for bytes in [&b"caf\xe9"[..], b"\xff\xfe\xfd", b"a\xe2\x82", b"\"\xff\n"] {
+            let lossy = String::from_utf8_lossy(bytes);
+            let mut out = Vec::new();
+            write_string(&mut out, &lossy);
+            assert_eq!(out.len(), quoted_len(bytes), "{bytes:?}");
         }
     }
 

@@ -44,7 +44,7 @@ const MAX_HEADER_BYTES: usize = 400 << 10;
 fn check_librdkafka_ranges(config: &Config) -> Result<(), String> {
     let k = &config.kafka;
     if k.message_timeout.as_millis() > i32::MAX as u128 {
-        return Err("kafka.message_timeout must be at most 24 days".into());
+        return Err("kafka.message_timeout must be at most 24.8 days (2147483647 ms)".into());
     }
     if k.statistics_interval > Duration::from_secs(86_400) {
         return Err("kafka.statistics_interval must be at most 1 day".into());

@@ -50,8 +50,8 @@ pub(super) fn json_to_lua(lua: &mlua::Lua, text: &[u8]) -> mlua::Result<mlua::Va
     })
 }
 
-/// The JSON text of a Lua nil, boolean, integer or UTF-8 string, as serde would write it;
-/// `None` for the rest (tables, floats, other strings), which go through serde.
+/// The JSON text of a Lua nil, boolean, integer or string (U+FFFD for bytes that are not
+/// UTF-8), as serde would write it; `None` for the rest (tables, floats), which go through serde.
 pub(super) fn scalar_json(value: &mlua::Value) -> Option<Cow<'static, [u8]>> {
     match value {
         mlua::Value::Nil => Some(Cow::Borrowed(b"null")),
@@ -162,7 +162,9 @@ fn table_value(table: &mlua::Table, array: &mlua::Table) -> mlua::Result<Value> 
     for pair in table.pairs::<mlua::Value, mlua::Value>() {
         match pair? {
             (mlua::Value::Integer(i), v) if i >= 1 => items.push((i, v)),
-            (mlua::Value::String(k), v) => members.push((k.to_string_lossy(), v)),
+            // Keys stay strict: two keys that differ only in bytes that are not UTF-8 would
+            // become one, and which value stayed would depend on the table's order.
+            (mlua::Value::String(k), v) => members.push((k.to_str()?.to_owned(), v)),
             (k, _) => {
                 return Err(mlua::Error::runtime(format!(
                     "a table key must be a string or an index from 1, not {}",

@@ -14,8 +14,8 @@ do
   xpcall = function(...) return check(pack(raw_xpcall(...))) end
 end
 -- Strings share one metatable: a script could give them a __close (a C function as the closer
--- runs free of the budget, once per frame as an error unwinds) or change every string's
--- methods for the rest of the state's life. It is read-only to scripts.
+-- runs free of the budget, once per frame as an error unwinds) or other metamethods. It is
+-- read-only to scripts (the `string` table, its __index, stays the script's).
 getmetatable("").__metatable = false
 -- A finalizer runs with hooks off, so no budget could stop it: scripts get none.
 do

@@ -65,7 +65,7 @@ impl UserData for LuaRequest {
             Ok(())
         });
         // The methods that work over the body check the budget first: it is checked between VM
-        // instructions, and a thousand instructions' worth of these calls on a large body in a
+        // instructions, and a hundred instructions' worth of these calls on a large body in a
         // loop would outrun `hook.timeout` many times over.
         m.add_method_mut("get", |lua, this, path: String| {
             within_budget(lua)?;
