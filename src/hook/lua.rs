@@ -22,7 +22,7 @@ mod tree;
 mod verdict;
 
 use request::LuaRequest;
-use state::{Budget, State, spent, within_budget};
+use state::{State, arm, spent, within_budget};
 use verdict::verdict;
 
 /// Limits of one script.
@@ -98,11 +98,7 @@ impl LuaHook {
                 }
             };
             let state = &states[index].1;
-            state
-                .lua
-                .app_data_ref::<Budget>()
-                .ok_or_else(|| HookError("no budget".into()))?
-                .arm(&self.limits);
+            arm(&state.lua, &self.limits).map_err(|e| HookError(e.to_string()))?;
             let result = f(state);
             // A script stopped by its memory limit or a budget may have left its globals
             // full or half-changed, and would fail the same way on every later call: the next
@@ -630,22 +626,33 @@ mod tests {
         // closer here would sort 100,000 elements, a hundred times over.
         let limits = Limits {
             timeout: Duration::from_millis(200),
+            max_memory: 64 << 20,
             ..limits(128)
         };
+        // A closer that sorts, and one whose C calls no guard knows (utf8.len over 8 MiB,
+        // thirty times in a few instructions).
         let script = r#"
-            local function rec(t, n)
+            local function rec(t, s, n)
               local c <close> = setmetatable({}, {__close = function() table.sort(t) end})
-              if n > 0 then return rec(t, n - 1) end
+              local d <close> = setmetatable({}, {__close = function()
+                for i = 1, 30 do utf8.len(s) end
+              end})
+              if n > 0 then return rec(t, s, n - 1) end
               while true do end
             end
             function on_request(req)
               local t = {}
               for i = 1, 100000 do t[i] = -i end
-              rec(t, 100)
+              rec(t, string.rep("x", 8 << 20), 100)
             end"#;
         let hook = LuaHook::from_source(Path::new("test.lua"), script, limits).unwrap();
         let started = std::time::Instant::now();
-        assert!(hook.call(request("{}")).is_err());
+        let error = hook
+            .call(request("{}"))
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default();
+        assert!(error.contains("budget"), "{error}");
         let took = started.elapsed();
         assert!(took < Duration::from_millis(1500), "{took:?}");
         // Strings' shared metatable, where a C function could be made every string's closer,

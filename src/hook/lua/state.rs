@@ -14,15 +14,16 @@ use super::{Limits, LuaHook};
 /// locals: a script that replaced the global `error` would otherwise turn the guards off.
 const PRELUDE: &str = include_str!("prelude.lua");
 
-/// How often the budget is checked, in VM instructions. Each check also bounds what runs after
-/// the budget is spent: the closers of to-be-closed variables, which Lua runs as the budget's
-/// error unwinds, get this many instructions each before the next check fails them too; and
-/// the C library calls that fit in this many instructions run unchecked.
+/// How often the budget is checked, in VM instructions: the C library calls that fit in this
+/// many instructions run unchecked. (Once the budget is spent, the check runs on every
+/// instruction: see [`budget_hook`].)
 const CHECK_EVERY: u32 = 100;
 
 pub(super) struct Budget {
     instructions_left: Cell<u64>,
     deadline: Cell<Instant>,
+    /// The hook fires on every instruction (the budget ran out), until the next call's arm.
+    tight: Cell<bool>,
 }
 
 impl Budget {
@@ -32,6 +33,7 @@ impl Budget {
         Budget {
             instructions_left: Cell::new(u64::MAX),
             deadline: Cell::new(Instant::now() + timeout),
+            tight: Cell::new(false),
         }
     }
 
@@ -62,6 +64,51 @@ pub(super) struct State {
     /// Bytes the state held once its script's top-level code had run (after a collection):
     /// what a new state would start from.
     pub(super) resident: usize,
+}
+
+/// The VM's check of the budget, every [`CHECK_EVERY`] instructions. Once the budget is spent
+/// it fires on every instruction: Lua runs the closers of to-be-closed variables as the
+/// budget's error unwinds, and each then fails at its first instruction, not after a window
+/// of them (with whatever C calls fit in it).
+fn budget_hook(lua: &Lua, _: &mlua::debug::Debug<'_>) -> mlua::Result<VmState> {
+    let budget = lua
+        .app_data_ref::<Budget>()
+        .ok_or_else(|| mlua::Error::runtime("no budget"))?;
+    let left = budget
+        .instructions_left
+        .get()
+        .saturating_sub(u64::from(CHECK_EVERY));
+    budget.instructions_left.set(left);
+    let why = if left == 0 {
+        "instruction budget exceeded"
+    } else if Instant::now() > budget.deadline.get() {
+        "time budget exceeded"
+    } else {
+        return Ok(VmState::Continue);
+    };
+    if !budget.tight.replace(true) {
+        drop(budget);
+        // A hook that cannot be set (no memory left) leaves the window as it was.
+        let _ = lua.set_hook(HookTriggers::new().every_nth_instruction(1), budget_hook);
+    }
+    Err(mlua::Error::runtime(why))
+}
+
+/// Gives the state a fresh budget for a call (or top-level code), with the budget's check back
+/// at its usual interval if the last call spent its budget.
+pub(super) fn arm(lua: &Lua, limits: &Limits) -> mlua::Result<()> {
+    let budget = lua
+        .app_data_ref::<Budget>()
+        .ok_or_else(|| mlua::Error::runtime("no budget"))?;
+    budget.arm(limits);
+    if budget.tight.replace(false) {
+        drop(budget);
+        lua.set_hook(
+            HookTriggers::new().every_nth_instruction(CHECK_EVERY),
+            budget_hook,
+        )?;
+    }
+    Ok(())
 }
 
 /// Whether the call under way (or the last one) in `lua` ran out of its instruction or time
@@ -113,26 +160,11 @@ impl LuaHook {
         lua.set_app_data(Budget {
             instructions_left: Cell::new(u64::MAX),
             deadline: Cell::new(Instant::now()),
+            tight: Cell::new(false),
         });
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(CHECK_EVERY),
-            |lua, _| {
-                let budget = lua
-                    .app_data_ref::<Budget>()
-                    .ok_or_else(|| mlua::Error::runtime("no budget"))?;
-                let left = budget
-                    .instructions_left
-                    .get()
-                    .saturating_sub(u64::from(CHECK_EVERY));
-                budget.instructions_left.set(left);
-                if left == 0 {
-                    return Err(mlua::Error::runtime("instruction budget exceeded"));
-                }
-                if Instant::now() > budget.deadline.get() {
-                    return Err(mlua::Error::runtime("time budget exceeded"));
-                }
-                Ok(VmState::Continue)
-            },
+            budget_hook,
         )?;
         globals.set(
             "__kafboy_exhausted",
@@ -141,11 +173,7 @@ impl LuaHook {
         // The prelude and the script's top-level code run under a call's budgets: a loop there
         // would otherwise hold the first request of every worker thread (a state is made on a
         // thread's first call) for ever.
-        let arm = || {
-            lua.app_data_ref::<Budget>()
-                .map(|b| b.arm(&self.limits))
-                .ok_or_else(|| mlua::Error::runtime("no budget"))
-        };
+        let arm = || arm(&lua, &self.limits);
         arm()?;
         // Before the prelude, which wraps `pcall`: the library keeps Lua's own.
         super::strings::install(&lua, self.limits.max_memory, super::strings::C_MAX)?;
