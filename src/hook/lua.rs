@@ -630,7 +630,8 @@ mod tests {
             ..limits(128)
         };
         // A closer that sorts, and one whose C calls no guard knows (utf8.len over 8 MiB,
-        // thirty times in a few instructions).
+        // thirty times in a few instructions), in each of 101 frames. (The innermost frame's,
+        // where the budget runs out, run unchecked inside the hook: see `budget_hook`.)
         let script = r#"
             local function rec(t, s, n)
               local c <close> = setmetatable({}, {__close = function() table.sort(t) end})

@@ -46,7 +46,8 @@ pub fn validate_indexed(bytes: &[u8], max_depth: usize) -> Result<Option<Vec<Mem
 /// The length of `text` as a JSON string, quotes included, as [`write_string`] writes it: what
 /// an edit is charged before the copy is made (a control byte takes six).
 pub fn quoted_len(text: &[u8]) -> usize {
-    // Bytes that are not UTF-8 are written as U+FFFD (three bytes), a run of them as one.
+    // Bytes that are not UTF-8 are written as U+FFFD (three bytes), one for each maximal
+    // invalid sequence, as `String::from_utf8_lossy` writes them.
     let quoted = |valid: &str| -> usize {
         let escapes: usize = valid
             .bytes()

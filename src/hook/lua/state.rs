@@ -67,9 +67,11 @@ pub(super) struct State {
 }
 
 /// The VM's check of the budget, every [`CHECK_EVERY`] instructions. Once the budget is spent
-/// it fires on every instruction: Lua runs the closers of to-be-closed variables as the
-/// budget's error unwinds, and each then fails at its first instruction, not after a window
-/// of them (with whatever C calls fit in it).
+/// it fires on every instruction: Lua runs the closers of to-be-closed variables in the
+/// callers' frames as the budget's error unwinds, and each then fails at its first
+/// instruction, not after a window of them (with whatever C calls fit in it). (The closers of
+/// the frame the budget ran out in run inside this hook, where Lua turns hooks off: mlua
+/// resets the stack there to hand the error over. No check reaches them; SECURITY says so.)
 fn budget_hook(lua: &Lua, _: &mlua::debug::Debug<'_>) -> mlua::Result<VmState> {
     let budget = lua
         .app_data_ref::<Budget>()
@@ -101,12 +103,15 @@ pub(super) fn arm(lua: &Lua, limits: &Limits) -> mlua::Result<()> {
         .app_data_ref::<Budget>()
         .ok_or_else(|| mlua::Error::runtime("no budget"))?;
     budget.arm(limits);
-    if budget.tight.replace(false) {
+    if budget.tight.get() {
         drop(budget);
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(CHECK_EVERY),
             budget_hook,
         )?;
+        if let Some(budget) = lua.app_data_ref::<Budget>() {
+            budget.tight.set(false);
+        }
     }
     Ok(())
 }
