@@ -178,14 +178,13 @@ impl LuaHook {
         // The prelude and the script's top-level code run under a call's budgets: a loop there
         // would otherwise hold the first request of every worker thread (a state is made on a
         // thread's first call) for ever.
-        let arm = || arm(&lua, &self.limits);
-        arm()?;
+        arm(&lua, &self.limits)?;
         // Before the prelude, which wraps `pcall`: the library keeps Lua's own.
         super::strings::install(&lua, self.limits.max_memory, super::strings::C_MAX)?;
         lua.load(PRELUDE).set_name("=prelude").exec()?;
         let forward: Table = globals.get("__kafboy_forward")?;
         globals.set("__kafboy_forward", mlua::Value::Nil)?;
-        arm()?;
+        arm(&lua, &self.limits)?;
         lua.load(&*self.source)
             .set_name(format!("@{}", self.path.display()))
             .exec()?;

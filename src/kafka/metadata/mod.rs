@@ -95,6 +95,9 @@ pub enum LookupError {
     Unavailable(String),
 }
 
+/// A lookup's hold on its turn ([`Topics::turn`]).
+type Turn = Option<tokio::sync::OwnedMutexGuard<()>>;
+
 /// Remembered missing topics beyond this are forgotten early, so random names cannot grow memory.
 const MAX_MISSING: usize = 10_000;
 
@@ -193,11 +196,10 @@ impl Topics {
         // One deadline for waiting our turn and for the request itself.
         let arrived = Instant::now();
         let deadline = arrived + self.timeout;
-        let busy = || LookupError::Unavailable("metadata lookup timed out".into());
-        let turn = tokio::time::timeout_at(deadline.into(), self.lookup.clone().lock_owned())
+        let mut turn = self
+            .turn(deadline)
             .await
-            .map_err(|_| busy())?;
-        let mut turn = Some(turn);
+            .map_err(|_| LookupError::Unavailable("metadata lookup timed out".into()))?;
         if let Some(hit) = self.cached(topic) {
             return hit;
         }
@@ -245,6 +247,13 @@ impl Topics {
         self.listings.made()
     }
 
+    /// This lookup's turn (one at a time), waited for until `deadline`; in an `Option`, so that
+    /// a by-name fetch can take it along (see [`Topics::listed`]).
+    async fn turn(&self, deadline: Instant) -> Result<Turn, tokio::time::error::Elapsed> {
+        let guard = tokio::time::timeout_at(deadline.into(), self.lookup.clone().lock_owned());
+        Ok(Some(guard.await?))
+    }
+
     /// How the brokers list `topic`, if at all, for a lookup that `arrived` then: from a
     /// listing of the whole cluster asked for since; by name with auto-create. A by-name
     /// fetch takes the lookup's `turn` along: a lookup given up (its client gone) must not
@@ -254,7 +263,7 @@ impl Topics {
         topic: &str,
         arrived: Instant,
         deadline: Instant,
-        turn: &mut Option<tokio::sync::OwnedMutexGuard<()>>,
+        turn: &mut Turn,
     ) -> Result<Option<Listed>, String> {
         let this = self.clone();
         if !self.by_name {

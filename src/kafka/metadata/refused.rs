@@ -92,10 +92,10 @@ impl Topics {
         }
         let arrived = Instant::now();
         let deadline = arrived + self.timeout;
-        let turn = tokio::time::timeout_at(deadline.into(), self.lookup.clone().lock_owned())
+        let mut turn = self
+            .turn(deadline)
             .await
             .map_err(|_| "metadata lookup timed out".to_string())?;
-        let mut turn = Some(turn);
         // Requests that waited together for the turn share the first one's listing.
         if let Some((at, n)) = *lock(&info.listed)
             && at >= arrived
