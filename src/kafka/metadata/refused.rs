@@ -79,7 +79,8 @@ impl Topics {
     /// How many partitions the brokers list for `topic` now, for a request that names a
     /// partition past the cached count (it may have been added since the last refresh): from
     /// a listing made for it, or one made for another such request within `unknown_topic_ttl`.
-    /// `None` for a topic not listed with partitions.
+    /// `None` for a topic not listed; an error for one listed without partitions for now
+    /// (being made again, or between leaders): whether the partition will exist is not known.
     pub async fn listed_partitions(
         self: &Arc<Self>,
         topic: &str,
@@ -104,7 +105,12 @@ impl Topics {
         }
         let listed = match self.listed(topic, arrived, deadline, &mut turn).await? {
             Some(Listed::Partitions(n)) => Some(n),
-            _ => None,
+            Some(Listed::Settling(error)) => {
+                return Err(format!(
+                    "topic {topic:?} has no usable partitions now: {error}"
+                ));
+            }
+            Some(Listed::Denied) | None => None,
         };
         if let Some(n) = listed {
             *lock(&info.listed) = Some((Instant::now(), n));
