@@ -62,6 +62,8 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    // The port bound, when asked for port 0.
+    let listen = listener.local_addr().unwrap_or(listen);
     let stop = Arc::new(AtomicBool::new(false));
     let printer = spawn_printer(brokers.clone(), stop.clone());
     println!(

@@ -294,24 +294,16 @@ fn environment_values_are_read_as_the_readme_says() {
     assert_eq!(effective["kafka"]["client_id"].as_str(), Some("123"));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts the binary on a free port and waits for `/ready`.
+/// Starts the binary on port 0 and waits for `/ready`.
 async fn start(mut cmd: Command) -> (Child, String) {
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+    cmd.args(["--listen", "127.0.0.1:0"]);
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
+    let port = common::listening_port(&mut child);
+    let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(r) = common::client().get(format!("{url}/ready")).send().await
@@ -477,14 +469,29 @@ async fn sigterm_with_brokers_down_reports_undelivered_and_exits_1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_original_quick_start_works_as_printed() {
-    let port = free_port();
     let mut child = kafboy()
-        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["demo", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn demo");
-    let url = format!("http://127.0.0.1:{port}/batch/async/ekaf");
+    // The demo prints where it listens, the port it was given for port 0.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    let listen = loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        assert!(n > 0, "no address printed: {banner}");
+        banner.push_str(&line);
+        if let Some(at) = line
+            .trim()
+            .strip_prefix("kafboy demo: listening on http://")
+        {
+            break at.trim_end_matches("; try").to_string();
+        }
+    };
+    assert!(!listen.ends_with(":0"), "{banner}");
+    let url = format!("http://{listen}/batch/async/ekaf");
     let deadline = Instant::now() + Duration::from_secs(20);
     // curl -d sends a form; a bare -XPOST sends nothing and no Content-Type.
     let curl = |body: Option<&'static str>| {
@@ -535,7 +542,6 @@ async fn the_original_quick_start_works_as_printed() {
         assert_eq!(r.text().await.unwrap(), r#"{"ok":"fast reply"}"#, "{body}");
     }
     // Both records are printed as they land; read stdout until they are.
-    let mut stdout = child.stdout.take().unwrap();
     let seen = tokio::task::spawn_blocking(move || {
         let mut text = String::new();
         let mut buf = [0u8; 4096];

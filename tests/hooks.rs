@@ -537,6 +537,11 @@ async fn shutdown_waits_for_a_produce_the_hook_asked_for_after_its_reply() {
         .unwrap();
     let r = post(&gw, "/async/from?to=late", "later-to", "{}").await;
     assert_eq!((r.status, r.body.as_str()), (200, r#"{"ok":"fast reply"}"#));
+    assert_eq!(
+        producers.tally(),
+        (0, 0),
+        "still under way as the shutdown starts"
+    );
     let report = gw.stop().await;
     assert_eq!(report.undelivered, 0);
     assert_eq!(

@@ -655,7 +655,7 @@ mod tests {
             .unwrap_or_default();
         assert!(error.contains("budget"), "{error}");
         let took = started.elapsed();
-        assert!(took < Duration::from_millis(1500), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
         // Strings' shared metatable, where a C function could be made every string's closer,
         // is out of reach.
         let script = r#"function on_request(req)

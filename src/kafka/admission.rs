@@ -188,7 +188,9 @@ mod tests {
             let a = a.clone();
             tokio::spawn(async move { a.acquire(1, 1, Duration::from_secs(1)).await })
         };
-        tokio::task::yield_now().await;
+        // Halfway through its wait (the clock is paused: no real time passes).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!waiter.is_finished(), "still waiting for room");
         a.release(1, 1);
         assert_eq!(waiter.await.unwrap(), Ok(()));
     }

@@ -492,3 +492,44 @@ fn response_complete(out: &[u8]) -> bool {
         .and_then(|v| v.parse::<usize>().ok());
     length.is_some_and(|n| body.len() >= n)
 }
+
+/// The port process `pid` listens on over IPv4 loopback, once it does: for a child started
+/// with `--listen 127.0.0.1:0`. Read from `/proc` (its sockets, then the kernel's TCP table),
+/// so nothing has to be parsed from its logs. Fails after 20 s, or if the child exits.
+pub fn listening_port(child: &mut std::process::Child) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(port) = loopback_listener(child.id()) {
+            return port;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("exited before it listened: {status}");
+        }
+        assert!(Instant::now() < deadline, "not listening after 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn loopback_listener(pid: u32) -> Option<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // local address, state (0A: LISTEN), inode; 0100007F is 127.0.0.1.
+        let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+        let (ip, port) = local.split_once(':')?;
+        let ours = ip == "0100007F" && *state == "0A" && inodes.iter().any(|i| i == inode);
+        ours.then(|| u16::from_str_radix(port, 16).ok())?
+    })
+}
