@@ -42,7 +42,9 @@ pub struct KafkaConfig {
     pub queue_max_messages: usize,
     /// Most value, key and header bytes waiting in each producer's queue. Default 256 MiB.
     pub queue_max_bytes: usize,
-    /// Largest Kafka request librdkafka builds (`message.max.bytes`). Default 1114112.
+    /// Largest record, and largest Kafka request, librdkafka builds (`message.max.bytes`).
+    /// Default 1000000: a batch of that size and its header fit a broker's default limit
+    /// (1048588), which it checks against the whole batch, after kafboy's `202`.
     pub message_max_bytes: usize,
     /// How often the topic list is refreshed from the brokers. Default 30s.
     #[serde(with = "humantime_serde")]
@@ -167,7 +169,7 @@ impl Default for KafkaConfig {
             sync_linger: Duration::ZERO,
             queue_max_messages: 100_000,
             queue_max_bytes: 256 << 20,
-            message_max_bytes: (1 << 20) + (64 << 10),
+            message_max_bytes: 1_000_000,
             metadata_refresh: Duration::from_secs(30),
             metadata_timeout: Duration::from_secs(5),
             unknown_topic_ttl: Duration::from_secs(2),
@@ -186,5 +188,20 @@ impl Default for BatchConfig {
             batch_size: 100,
             flush_timeout: Duration::from_millis(100),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_batch_fits_a_default_broker() {
+        // Kafka's default `message.max.bytes`, checked against a whole record batch; the
+        // batch's header (RD_KAFKAP_MSGSET_V2_SIZE) comes on top of librdkafka's limit.
+        const BROKER_DEFAULT: usize = 1_048_588;
+        const BATCH_HEADER: usize = 61;
+        let kafka = super::KafkaConfig::default();
+        assert!(kafka.message_max_bytes + BATCH_HEADER <= BROKER_DEFAULT);
+        let server = crate::config::ServerConfig::default();
+        assert!(server.max_body_bytes <= kafka.message_max_bytes);
     }
 }

@@ -21,7 +21,7 @@ pub struct ServerConfig {
     /// Cross-origin access for browser clients. Default: none.
     pub cors: Option<CorsConfig>,
     /// Largest request body accepted, after any chunked transfer; bigger gets 413. Must not exceed
-    /// `kafka.message_max_bytes`. Default 1 MiB.
+    /// `kafka.message_max_bytes`. Default 1000000.
     pub max_body_bytes: usize,
     /// Most records one NDJSON request may carry; more gets 413. Default 10000.
     pub max_records: usize,
@@ -138,7 +138,7 @@ impl Default for ServerConfig {
             admin_listen: None,
             tls: None,
             cors: None,
-            max_body_bytes: 1 << 20,
+            max_body_bytes: 1_000_000,
             max_records: 10_000,
             max_json_depth: 64,
             enqueue_timeout: Duration::from_millis(100),
