@@ -633,3 +633,52 @@ async fn openapi_describes_exactly_the_routes_served() {
     );
     gw.stop().await;
 }
+
+/// A producer whose connection ends while nothing needs the broker (here: closed idle) goes
+/// back to librdkafka's INIT state; its `kafboy_broker_up` must read 0 then, not the 1 it read
+/// while connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_connection_that_ended_reads_as_down() {
+    let (cluster, topic) = common::mock_topic(1, "idle", 1);
+    let toml = "[kafka]\nstatistics_interval = \"100ms\"\nmetadata_refresh = \"1h\"\n\
+                [kafka.options]\n\"connections.max.idle.ms\" = \"1000\"";
+    let gw = gateway(&cluster.bootstrap_servers(), toml).await;
+    // The broker's label is unique to this test: its mock cluster's port.
+    let labels = |samples: &[Sample]| -> Vec<(String, f64)> {
+        samples
+            .iter()
+            .filter(|s| {
+                s.name == "kafboy_broker_up"
+                    && s.labels.get("producer").map(String::as_str) == Some("sync")
+                    && s.labels.get("broker").is_some_and(|b| {
+                        cluster
+                            .bootstrap_servers()
+                            .contains(b.split('/').next().unwrap())
+                    })
+            })
+            .map(|s| (s.labels["broker"].clone(), s.value))
+            .collect()
+    };
+    assert_eq!(
+        gw.post_json(&format!("/sync/{topic}"), "{}").await.status,
+        200
+    );
+    let read = |want: f64| {
+        let url = gw.url.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let got = labels(&scrape(&url).await);
+                if !got.is_empty() && got.iter().all(|(_, v)| *v == want) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "want {want}, got {got:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    read(1.0).await;
+    // Idle for a second: librdkafka closes the connection, and nothing needs another.
+    read(0.0).await;
+    gw.stop().await;
+}

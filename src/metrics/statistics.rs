@@ -29,16 +29,20 @@ pub fn statistics(
     totals: &mut HashMap<String, [u64; 2]>,
 ) {
     let mut view = Vec::new();
-    // A broker librdkafka never needed to connect to stays in INIT; it is not down.
-    for b in stats
-        .brokers
-        .values()
-        .filter(|b| b.nodeid >= 0 && b.state != "INIT")
-    {
+    for b in stats.brokers.values().filter(|b| b.nodeid >= 0) {
         let labels = [
             ("producer", producer.to_string()),
             ("broker", b.name.clone()),
         ];
+        if b.state == "INIT" {
+            // A broker librdkafka never needed to connect to stays in INIT: no series. One it
+            // was connected to goes back to INIT when the connection ends (lost, or closed
+            // idle) and nothing needs it: not up, whatever it read before.
+            if totals.contains_key(&b.name) {
+                gauge!(BROKER_UP, &labels).set(0.0);
+            }
+            continue;
+        }
         gauge!(BROKER_UP, &labels).set(if b.state == "UP" { 1.0 } else { 0.0 });
         // librdkafka's totals are per client: counted by their growth, so that a producer
         // replaced after a fatal error (whose totals start from 0) adds to the series.
