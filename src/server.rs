@@ -112,7 +112,7 @@ impl App {
             };
             let refused = {
                 let served = served.clone();
-                move || method_not_allowed(served.clone())
+                move |State(app): State<Arc<AppState>>| method_not_allowed(app, served.clone())
             };
             let method = post(handler).fallback(refused);
             router = router.route(&served.route.pattern, method.clone());

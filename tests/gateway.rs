@@ -414,6 +414,12 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
     );
     let answer = common::raw_http(gw.addr, request.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let errors = || async {
+        common::get_json(&format!("{}/status.json", gw.url)).await["totals"]["answers_4xx"]
+            .as_u64()
+            .unwrap()
+    };
+    let errors_before = errors().await;
     let r = common::client()
         .get(format!("{}{p}", gw.url))
         .send()
@@ -428,6 +434,11 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status(), 405);
+    assert_eq!(
+        errors().await,
+        errors_before + 2,
+        "the status page counts 405s"
+    );
     let r = gw.post_json(&p, MARKER).await;
     assert_eq!(r.status, 202, "{}", r.body);
     assert_eq!(

@@ -24,10 +24,11 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     response
 }
 
-pub(super) async fn method_not_allowed(served: Arc<Served>) -> Response {
+pub(super) async fn method_not_allowed(app: Arc<AppState>, served: Arc<Served>) -> Response {
     // Not handed to the hook's `on_error`: anyone could make the script run, without a key.
     let message = "method not allowed; use POST";
     served.metrics.answered(405);
+    app.stats.answer(405);
     let mut response = json(
         StatusCode::METHOD_NOT_ALLOWED,
         &serde_json::json!({ "error": message }),
