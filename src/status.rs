@@ -26,8 +26,8 @@ const PAGE: &str = include_str!("status.html");
 pub struct Stats {
     /// Answers by class: 2xx (with the rare 1xx or 3xx a hook replies), 4xx, 5xx.
     pub answers: [AtomicU64; 3],
-    /// Records queued.
-    pub accepted: AtomicU64,
+    /// Records queued; shared with the tasks that wait out a spool's late confirmation.
+    pub accepted: Arc<AtomicU64>,
     /// Requests handed to a peer.
     pub forwarded_sent: AtomicU64,
     /// Requests taken from a peer.

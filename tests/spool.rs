@@ -1301,3 +1301,62 @@ async fn a_checkpoint_that_failed_once_leaves_the_spool_healthy_again_while_idle
     wait_for("healthy again", Duration::from_secs(10), || spool.healthy()).await;
     spool.shutdown(Duration::from_secs(2)).await;
 }
+
+/// An append the writer answers only after the request's `sync_timeout` (a disk that hangs:
+/// here the segment the writer opens next, once the first is full, is a FIFO, whose open
+/// blocks) gets `504`; its
+/// outcome is counted when it comes. Here the disk then fails the write (a FIFO cannot be
+/// fsynced): counted as dropped, as a refusal in time would have been.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_answered_after_its_timeout_is_counted_when_it_is() {
+    let b = common::broker();
+    let topic = b.topic("late-append", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[topics]\nallow = [\"{topic}\"]\n[spool]\ndir = {:?}\nsegment_bytes = 4096\n\
+         [server]\nsync_timeout = \"1s\"\n\
+         [[routes]]\npath = \"/durable/:topic\"\nmode = \"async\"\nspool = true\n",
+        dir.path().display().to_string()
+    );
+    let gw = common::gateway(&b.addr, &toml).await;
+    let dropped = || async {
+        let text = common::get_text(&format!("{}/metrics", gw.url)).await;
+        let series =
+            format!("kafboy_records_dropped_total{{topic=\"{topic}\",reason=\"spool_disk\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map_or(0.0, |v| v.parse::<f64>().unwrap())
+    };
+    let fifos: Vec<_> = (0..8)
+        .map(|id| dir.path().join(format!("{id:020}.seg")))
+        .filter(|path| !path.exists())
+        .collect();
+    for fifo in &fifos {
+        assert!(Command::new("mkfifo").arg(fifo).status().unwrap().success());
+    }
+    let path = format!("/durable/{topic}");
+    // Fills the current segment: the idle writer opens the next, and hangs.
+    let big = format!("\"{}\"", "x".repeat(5000));
+    assert_eq!(gw.post_json(&path, &big).await.status, 202);
+    let r = gw.post_json(&path, "{\"n\":1}").await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(dropped().await, 0.0);
+    // The disk answers: each FIFO opened at both ends (which never blocks on Linux), so the
+    // writer's open goes through; its fsync fails.
+    let _both_ends: Vec<_> = fifos
+        .iter()
+        .map(|fifo| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(fifo)
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while dropped().await != 1.0 {
+        assert!(Instant::now() < deadline, "the late refusal is not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.stop().await;
+}

@@ -2,6 +2,9 @@
 //! ([`enqueue`]), and the answer that waits for acknowledgements on the sync modes
 //! ([`Queued::answer`]).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
@@ -14,6 +17,7 @@ use crate::kafka::{Record, Report};
 use crate::record::RecordMeta;
 use crate::reply::{Reply, await_acks};
 use crate::routes::Route;
+use crate::spool::SpoolError;
 use crate::state::AppState;
 
 /// The records of a request, partitions chosen, each checked against
@@ -105,6 +109,31 @@ pub(super) enum Stake {
     Replied,
 }
 
+/// A spool append's records, counted when its outcome comes: accepted, or dropped.
+struct Appended {
+    accepted: metrics::Counter,
+    label: Arc<str>,
+    total: Arc<AtomicU64>,
+    count: usize,
+}
+
+impl Appended {
+    fn count(self, done: Result<(), SpoolError>) -> Result<(), IngestError> {
+        let n = self.count as u64;
+        match done {
+            Ok(()) => {
+                self.accepted.increment(n);
+                self.total.fetch_add(n, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => {
+                crate::metrics::dropped(&self.label, error.reason(), n);
+                Err(error.into())
+            }
+        }
+    }
+}
+
 /// Hands `records` to the spool (on a spooled async route) or the producer of `mode`. Records
 /// refused are counted as dropped, except as `stake` says.
 #[allow(clippy::too_many_arguments)]
@@ -122,27 +151,29 @@ pub(super) async fn enqueue(
         && let Some(spool) = &app.spool
     {
         let counters = app.topic_metrics.get(&topic);
-        // A disk that hangs answers nothing, not even an error: the client is not held past
-        // `sync_timeout`. The write may still complete, and its records be sent: 504.
-        let appended =
-            tokio::time::timeout(app.server.sync_timeout, spool.append(&topic, &records));
-        let Ok(appended) = appended.await else {
-            return Err(IngestError::Unknown(format!(
-                "the spool did not confirm the write within {:?}; the records may have been written",
-                app.server.sync_timeout
-            )));
+        let appending = spool.submit(&topic, &records).inspect_err(|error| {
+            crate::metrics::dropped(&counters.label, error.reason(), count as u64);
+        })?;
+        let outcome = Appended {
+            accepted: counters.accepted.clone(),
+            label: counters.label.clone(),
+            total: app.stats.accepted.clone(),
+            count,
         };
-        return match appended {
-            Ok(()) => {
-                counters.accepted.increment(count as u64);
-                app.stats
-                    .accepted
-                    .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
-                Ok(Queued::Accepted(count))
-            }
-            Err(error) => {
-                crate::metrics::dropped(&counters.label, error.reason(), count as u64);
-                Err(error.into())
+        let mut confirmed = Box::pin(appending.confirmed());
+        // A disk that hangs answers nothing, not even an error: the client is not held past
+        // `sync_timeout`. The write may still complete, and its records be sent (504); they
+        // are counted when it does, so that what is delivered was accepted first.
+        return match tokio::time::timeout(app.server.sync_timeout, &mut confirmed).await {
+            Ok(done) => outcome.count(done).map(|()| Queued::Accepted(count)),
+            Err(_) => {
+                tokio::spawn(async move {
+                    let _ = outcome.count(confirmed.await);
+                });
+                Err(IngestError::Unknown(format!(
+                    "the spool did not confirm the write within {:?}; the records may have been written",
+                    app.server.sync_timeout
+                )))
             }
         };
     }
@@ -181,7 +212,7 @@ pub(super) async fn enqueue(
             counters.accepted.increment(queued as u64);
             app.stats
                 .accepted
-                .fetch_add(queued as u64, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(queued as u64, Ordering::Relaxed);
             if !(stake == Stake::PeerMayTake && matches!(error, crate::kafka::SendError::QueueFull))
             {
                 crate::metrics::dropped(&counters.label, error.reason(), (count - queued) as u64);
@@ -192,7 +223,7 @@ pub(super) async fn enqueue(
     counters.accepted.increment(count as u64);
     app.stats
         .accepted
-        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+        .fetch_add(count as u64, Ordering::Relaxed);
     if !sync {
         return Ok(Queued::Accepted(count));
     }

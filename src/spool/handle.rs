@@ -31,6 +31,20 @@ pub struct Spool {
     _lock: recover::DirLock,
 }
 
+/// Records handed to the spool's writer ([`Spool::submit`]), not yet confirmed.
+#[derive(Debug)]
+pub struct Appending(Option<oneshot::Receiver<Result<(), SpoolError>>>);
+
+impl Appending {
+    /// Once the records are fsynced: as [`Spool::append`].
+    pub async fn confirmed(self) -> Result<(), SpoolError> {
+        match self.0 {
+            None => Ok(()),
+            Some(answer) => answer.await.unwrap_or(Err(SpoolError::Closed)),
+        }
+    }
+}
+
 impl Spool {
     /// Opens (creating if needed) the spool in `dir`: takes the directory's lock, cuts torn or
     /// corrupt segment tails, reads the checkpoint, deletes fully acknowledged segments, and
@@ -115,8 +129,15 @@ impl Spool {
     /// A record's `kafboy-id` header, if the client set one, is replaced by the spool's id when
     /// sent.
     pub async fn append(&self, topic: &str, records: &[Record]) -> Result<(), SpoolError> {
+        self.submit(topic, records)?.confirmed().await
+    }
+
+    /// [`Spool::append`] in two steps: the records handed to the writer now (refused at once
+    /// when they cannot be), and its confirmation, which a caller that stops waiting for it
+    /// can hand to a task of its own: the write goes on without a waiter.
+    pub fn submit(&self, topic: &str, records: &[Record]) -> Result<Appending, SpoolError> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Appending(None));
         }
         if self.closed.load(Ordering::Acquire) {
             return Err(SpoolError::Closed);
@@ -171,7 +192,7 @@ impl Spool {
             self.inner.release(bytes);
             return Err(SpoolError::Closed);
         }
-        answer.await.unwrap_or(Err(SpoolError::Closed))
+        Ok(Appending(Some(answer)))
     }
 
     /// Starts the task that sends spooled records, in order, through the producer

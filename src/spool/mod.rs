@@ -57,7 +57,7 @@ use crate::lock;
 use std::time::Duration;
 
 pub use config::SpoolConfig;
-pub use handle::Spool;
+pub use handle::{Appending, Spool};
 
 /// Name of the Kafka header that carries each spooled record's stable id.
 pub const ID_HEADER: &str = "kafboy-id";
