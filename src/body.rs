@@ -128,17 +128,26 @@ impl Limits {
 /// idle time, or when it is not all there by the deadline; then inflated if encoded, again
 /// refused past the size limit. `declared` is the Content-Length, already checked against
 /// the limit, so the buffer is sized once.
+///
+/// An inflated body stays held of the buffer budget until the caller drops the [`Held`] (once
+/// its records are handed over): a few bytes of gzip would otherwise pin up to the size limit
+/// each while they wait for room in the queue, out of the budget's sight. A body as it came
+/// cost its client its size, and is held while it arrives only.
 pub async fn read(
     body: Body,
     encoding: Encoding,
     declared: Option<usize>,
     limits: &Limits,
-) -> Result<Bytes, IngestError> {
+) -> Result<(Bytes, Held<'_>), IngestError> {
     let raw = collect(body, declared, limits).await?;
     let limit = limits.max_bytes;
-    match encoding {
-        Encoding::Identity => Ok(raw),
-        Encoding::Gzip => inflate(flate2::read::MultiGzDecoder::new(&raw[..]), limit, "gzip"),
+    let mut held = Held {
+        budget: &limits.buffer,
+        bytes: 0,
+    };
+    let inflated = match encoding {
+        Encoding::Identity => return Ok((raw, held)),
+        Encoding::Gzip => inflate(flate2::read::MultiGzDecoder::new(&raw[..]), limit, "gzip")?,
         Encoding::Zstd => {
             let bad = |e: std::io::Error| IngestError::BadRequest(format!("zstd body: {e}"));
             let mut decoder = zstd::stream::read::Decoder::new(&raw[..]).map_err(bad)?;
@@ -146,9 +155,11 @@ pub async fn read(
             // cap, 128 MiB, would be ten bytes' work for a client. Nothing under the limit needs
             // a window wider than the limit; 8 MiB is what `zstd -19` uses on a stream.
             decoder.window_log_max(window_log(limit)).map_err(bad)?;
-            inflate(decoder, limit, "zstd")
+            inflate(decoder, limit, "zstd")?
         }
-    }
+    };
+    held.cover(inflated.len())?;
+    Ok((inflated, held))
 }
 
 async fn collect(
@@ -269,6 +280,44 @@ fn inflate(decoder: impl Read, limit: usize, name: &str) -> Result<Bytes, Ingest
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// The body alone, its hold given back at once.
+    async fn read(
+        body: Body,
+        encoding: Encoding,
+        declared: Option<usize>,
+        limits: &Limits,
+    ) -> Result<Bytes, IngestError> {
+        super::read(body, encoding, declared, limits)
+            .await
+            .map(|(body, _)| body)
+    }
+
+    #[tokio::test]
+    async fn an_inflated_body_is_held_of_the_budget_until_handed_over() {
+        let mut l = limits(10_000);
+        l.buffer = Arc::new(Budget::new(15_000));
+        let zeros = || Body::from(gzip(&[b'0'; 10_000]));
+        let (first, held) = super::read(zeros(), Encoding::Gzip, None, &l)
+            .await
+            .unwrap();
+        assert_eq!((first.len(), l.buffer.used()), (10_000, 10_000));
+        // Tens of bytes on the wire, ten thousand held: the next one finds no room.
+        let Err(refused) = super::read(zeros(), Encoding::Gzip, None, &l).await else {
+            panic!("a second inflated body fit the budget");
+        };
+        assert!(
+            matches!(refused, IngestError::Unavailable(_)),
+            "{refused:?}"
+        );
+        drop(held);
+        assert_eq!(l.buffer.used(), 0);
+        let (plain, held) = super::read(Body::from("{}"), Encoding::Identity, None, &l)
+            .await
+            .unwrap();
+        assert_eq!((&plain[..], l.buffer.used()), (&b"{}"[..], 0));
+        drop(held);
+    }
 
     fn gzip(data: &[u8]) -> Vec<u8> {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());

@@ -53,9 +53,10 @@ pub struct ServerConfig {
     /// 408. Default 60s.
     #[serde(with = "humantime_serde")]
     pub body_deadline: Duration,
-    /// Most bytes of request bodies held while they arrive, over all connections at once; a
-    /// request whose body would pass it gets 503 + Retry-After. Bounds what slow or stalled
-    /// uploads can hold (10000 connections × 1 MiB bodies would be 10 GiB). At least twice
+    /// Most bytes of request bodies held while they arrive, and of gzip/zstd bodies inflated
+    /// until their records are queued, over all connections at once; a request whose body
+    /// would pass it gets 503 + Retry-After. Bounds what slow or stalled uploads and small
+    /// compressed bodies can hold (10000 connections × 1 MiB bodies would be 10 GiB). At least twice
     /// `max_body_bytes`: a body's buffer grows by doubling as its bytes arrive, and the old and
     /// the new buffer are both held while one is copied. Default 256 MiB.
     pub max_body_buffer_bytes: usize,

@@ -173,7 +173,7 @@ async fn ingest(
     let Some(hook) = hook else {
         // Without a hook the topic is known before the body is read, so a bad one costs nothing.
         let info = lookup(app, &topic).await?;
-        let body = body::read(incoming, encoding, declared, limits).await?;
+        let (body, inflated) = body::read(incoming, encoding, declared, limits).await?;
         let asked = match overflow(app, route, &topic, &parts, &body).await {
             Handed::Answered(answer) => return Ok(Reply::Relayed(answer)),
             Handed::Declined => true,
@@ -195,6 +195,7 @@ async fn ingest(
             false => Stake::Own,
         };
         let queued = enqueue(app, route, route.mode, topic, records, kind, stake).await;
+        drop(inflated);
         // The copy for a peer goes before a sync request waits for its acks: it is no longer
         // counted in the body budget, and the wait may be as long as `sync_timeout`.
         let queued = match (queued, relay) {
@@ -211,7 +212,9 @@ async fn ingest(
         };
         return queued.answer(app).await;
     };
-    let body = body::read(incoming, encoding, declared, limits).await?;
+    // An inflated body stays held of the budget to the end: through the hook, which may keep
+    // copies of it.
+    let (body, _inflated) = body::read(incoming, encoding, declared, limits).await?;
     // Served here, never handed to a peer (see `forwardable`).
     received(app, &parts);
     // Only a hook reads the client's address.
