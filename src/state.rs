@@ -162,6 +162,7 @@ impl AppState {
             .get::<ClientSubject>()
             .and_then(|s| set.by_subject(&s.0))
         {
+            self.page_may_use_certificate(&parts.headers)?;
             return Ok(Some(key));
         }
         let presented = crate::auth::presented(&parts.headers)
@@ -170,6 +171,27 @@ impl AppState {
         set.find(presented)
             .map(Some)
             .ok_or(Denied::Unauthenticated("unknown API key"))
+    }
+
+    /// A browser sends its client certificate with any page's request, a plain form's too,
+    /// which asks no preflight: a request with an `Origin` the CORS settings do not list is
+    /// refused the certificate's key (a key or token is a header no page can add unasked).
+    fn page_may_use_certificate(&self, headers: &axum::http::HeaderMap) -> Result<(), Denied> {
+        let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
+            return Ok(());
+        };
+        let listed = self.server.cors.as_ref().is_some_and(|cors| {
+            cors.allowed_origins
+                .iter()
+                .any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
+        });
+        match listed {
+            true => Ok(()),
+            false => Err(Denied::Forbidden(
+                "a page of an origin not in server.cors.allowed_origins may not write with a client certificate"
+                    .into(),
+            )),
+        }
     }
 
     /// Takes a token from the global rate limit. Called once every refusal that costs nothing

@@ -516,14 +516,16 @@ async fn https_post(
     client: Option<(&str, &str)>,
     path: &str,
 ) -> Result<String, String> {
-    https_post_body(addr, ca, client, path, "{\"a\":1}").await
+    https_post_body(addr, ca, client, path, "", "{\"a\":1}").await
 }
 
+/// POSTs `body` with `headers` (lines ending in CRLF) over TLS, with the client certificate.
 async fn https_post_body(
     addr: std::net::SocketAddr,
     ca: &str,
     client: Option<(&str, &str)>,
     path: &str,
+    headers: &str,
     body: &str,
 ) -> Result<String, String> {
     use rustls::pki_types::pem::PemObject;
@@ -558,7 +560,7 @@ async fn https_post_body(
         .await
         .map_err(|e| e.to_string())?;
     let req = format!(
-        "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\n{headers}content-length: {}\r\n\r\n{body}",
         body.len()
     );
     tls.write_all(req.as_bytes())
@@ -601,6 +603,7 @@ async fn https_and_mtls_with_the_certificate_as_the_key() {
 
     let toml = format!(
         "[server.tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\n\
+         [server.cors]\nallowed_origins = [\"https://partner.example\"]\n\
          [[auth.keys]]\nname = \"partner-a\"\nclient_cert_subject = \"CN=partner-a\"\ntopics = [\"{topic}\"]\n"
     );
     let gw = common::gateway_unready(&b.addr, &toml).await;
@@ -623,20 +626,24 @@ async fn https_and_mtls_with_the_certificate_as_the_key() {
         refused.is_err() || !refused.unwrap().starts_with("HTTP/1.1 200"),
         "no client certificate, no service"
     );
-    let marker = https_post_body(
-        gw.addr,
-        &ca,
-        Some((&client_cert, &client_key)),
-        &path,
-        MARKER,
-    )
-    .await
-    .unwrap();
+    // A browser sends its certificate with any page's request, a plain form too: only the
+    // pages CORS lists may write with it.
+    let cert = Some((client_cert.as_str(), client_key.as_str()));
+    let from =
+        |origin: &'static str| https_post_body(gw.addr, &ca, cert, &path, origin, "{\"a\":1}");
+    let foreign = from("origin: https://evil.example\r\n").await.unwrap();
+    assert!(foreign.starts_with("HTTP/1.1 403"), "{foreign}");
+    assert!(foreign.contains("client certificate"), "{foreign}");
+    let listed = from("origin: https://partner.example\r\n").await.unwrap();
+    assert!(listed.starts_with("HTTP/1.1 200"), "{listed}");
+    let marker = https_post_body(gw.addr, &ca, cert, &path, "", MARKER)
+        .await
+        .unwrap();
     assert!(marker.starts_with("HTTP/1.1 200"), "{marker}");
     assert_eq!(
         values(&before_markers(&b.addr, &topic, 1)),
-        ["{\"a\":1}"; 2],
-        "one record per 200, none for the refused request"
+        ["{\"a\":1}"; 3],
+        "one record per 200, none for the refused requests"
     );
     gw.stop().await;
 }

@@ -188,7 +188,50 @@ fn origin(o: &str) -> Result<HeaderValue, String> {
             "names the scheme's default port, which browsers leave out",
         ));
     }
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_lowercase())
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
+    // Pages of these schemes send the origin `null`.
+    if !scheme_ok || ["javascript", "data", "file", "blob", "about"].contains(&scheme) {
+        return Err(bad("has no scheme a browser sends in an origin"));
+    }
+    check_host(host).map_err(|why| bad(why))?;
     HeaderValue::from_str(o).map_err(|_| bad("is not a header value"))
+}
+
+/// An origin's `host[:port]` as browsers send it: a DNS name (punycode for others), an IPv4
+/// address or a bracketed IPv6 one, and a port of 1 to 65535. Not a pattern: `*.example.com`
+/// is no origin any browser sends.
+fn check_host(host: &str) -> Result<(), &'static str> {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port))
+            if !name.ends_with(':') && (!name.starts_with('[') || name.ends_with(']')) =>
+        {
+            (name, Some(port))
+        }
+        _ => (host, None),
+    };
+    if let Some(port) = port
+        && !(port.bytes().all(|b| b.is_ascii_digit()) && matches!(port.parse::<u16>(), Ok(1..)))
+    {
+        return Err("has a port that is not 1 to 65535");
+    }
+    let ok = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+        }
+    };
+    if !ok {
+        return Err(
+            "names no host a browser sends (a pattern, user info, a query, or a name not in punycode)",
+        );
+    }
+    Ok(())
 }
 
 impl AllowedHeaders {
@@ -249,6 +292,9 @@ mod tests {
             "http://10.0.0.1:8080",
             "*",
             "https://a.example:8443",
+            "http://[::1]:8080",
+            "https://xn--bcher-kva.example",
+            "chrome-extension://abcdefghijklmnop",
         ] {
             assert!(Cors::new(&config(&[ok], &[])).is_ok(), "{ok}");
         }
@@ -261,6 +307,16 @@ mod tests {
             "null",
             "https://app.example:443",
             "http://app.example:80",
+            "https://*.example.com",
+            "https://bücher.example",
+            "https://app.example?x",
+            "https://user@app.example",
+            "https://app.example:99999",
+            "https://app.example:0",
+            "https://app.example:",
+            "javascript://x",
+            "1http://x",
+            "http://[::1",
         ] {
             let err = Cors::new(&config(&[bad], &[])).err().unwrap();
             assert!(err.contains(bad), "{bad}: {err}");
