@@ -54,6 +54,12 @@ pub enum DecodeError {
     /// More form fields than [`MAX_FORM_FIELDS`].
     #[error("more than {0} fields in one form")]
     TooManyFields(usize),
+    /// A form body that is a JSON object or array: as a form it would be one field's name.
+    /// curl's `-d` sends a form unless told otherwise, the commonest mistake there is.
+    #[error(
+        "the body is JSON sent as a form (curl -d sends application/x-www-form-urlencoded unless told otherwise); send Content-Type: application/json"
+    )]
+    JsonAsForm,
 }
 
 /// The request's Content-Type: `None` when there is none; 415 when it is not text or comes on
@@ -193,9 +199,16 @@ pub fn decode(kind: BodyKind, body: Bytes, limits: &Limits) -> Result<Vec<Bytes>
             check_json(&body, limits.max_depth).map_err(DecodeError::Json)?;
             Ok(vec![body])
         }
+        BodyKind::Form if json_container(&body, limits.max_depth) => Err(DecodeError::JsonAsForm),
         BodyKind::Form => Ok(vec![form_to_json(&body)?]),
         BodyKind::Ndjson => ndjson(body, limits),
     }
+}
+
+/// Whether `body` is a JSON object or array (what no browser's form encoding starts with).
+fn json_container(body: &[u8], max_depth: usize) -> bool {
+    let start = body.iter().find(|b| !b.is_ascii_whitespace());
+    matches!(start, Some(b'{' | b'[')) && check_json(body, max_depth).is_ok()
 }
 
 /// Strict JSON check ([`crate::json::validate`]): one UTF-8 JSON document with nothing but
@@ -383,6 +396,20 @@ mod tests {
             decode(BodyKind::Json, Bytes::new(), &lim(10)),
             Err(DecodeError::Empty)
         );
+    }
+
+    #[test]
+    fn json_sent_as_a_form_is_refused_not_written_as_a_field_name() {
+        let form = |body: &'static [u8]| decode(BodyKind::Form, Bytes::from_static(body), &lim(10));
+        for json in [&b"{\"a\":1}"[..], b" [1,2]\n", b"{}"] {
+            assert_eq!(form(json), Err(DecodeError::JsonAsForm), "{json:?}");
+        }
+        // Forms that only look like it stay forms.
+        for not_json in [&b"{a=1"[..], b"[x]=1&y=2", b"a={\"b\":1}"] {
+            assert!(form(not_json).is_ok(), "{not_json:?}");
+        }
+        let status = crate::error::IngestError::from(DecodeError::JsonAsForm).status();
+        assert_eq!(status, axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
 
     #[test]

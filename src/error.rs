@@ -194,9 +194,9 @@ impl From<crate::spool::SpoolError> for IngestError {
 impl From<DecodeError> for IngestError {
     fn from(e: DecodeError) -> Self {
         match e {
-            DecodeError::UnsupportedType(_) | DecodeError::BadContentType(_) => {
-                IngestError::UnsupportedType(e.to_string())
-            }
+            DecodeError::UnsupportedType(_)
+            | DecodeError::BadContentType(_)
+            | DecodeError::JsonAsForm => IngestError::UnsupportedType(e.to_string()),
             DecodeError::TooManyRecords(_) | DecodeError::TooManyFields(_) => {
                 IngestError::TooLarge(e.to_string())
             }
