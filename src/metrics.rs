@@ -12,7 +12,7 @@ use metrics_util::MetricKindMask;
 
 mod statistics;
 
-pub use statistics::{BrokerState, statistics};
+pub use statistics::{BrokerState, Seen, statistics};
 
 /// HTTP requests, by route, mode and status class.
 pub const REQUESTS: &str = "kafboy_http_requests_total";

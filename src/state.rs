@@ -153,15 +153,16 @@ impl AppState {
         &self,
         parts: &axum::http::request::Parts,
     ) -> Result<Option<Arc<Key>>, Denied> {
+        let certified = parts.extensions.get::<ClientSubject>();
         let Some(keys) = &self.keys else {
+            // With auth off, a client certificate (mTLS) is what lets a request in.
+            if certified.is_some() {
+                self.page_may_use_certificate(&parts.headers)?;
+            }
             return Ok(None);
         };
         let set = keys.current();
-        if let Some(key) = parts
-            .extensions
-            .get::<ClientSubject>()
-            .and_then(|s| set.by_subject(&s.0))
-        {
+        if let Some(key) = certified.and_then(|s| set.by_subject(&s.0)) {
             self.page_may_use_certificate(&parts.headers)?;
             return Ok(Some(key));
         }
@@ -174,8 +175,9 @@ impl AppState {
     }
 
     /// A browser sends its client certificate with any page's request, a plain form's too,
-    /// which asks no preflight: a request with an `Origin` the CORS settings do not list is
-    /// refused the certificate's key (a key or token is a header no page can add unasked).
+    /// which asks no preflight: a request with an `Origin` the CORS settings do not name is
+    /// refused what the certificate grants (a key or token is a header no page can add
+    /// unasked). `"*"` names no origin: it lets any page read answers, not use certificates.
     fn page_may_use_certificate(&self, headers: &axum::http::HeaderMap) -> Result<(), Denied> {
         let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
             return Ok(());
@@ -183,7 +185,7 @@ impl AppState {
         let listed = self.server.cors.as_ref().is_some_and(|cors| {
             cors.allowed_origins
                 .iter()
-                .any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
+                .any(|o| o.as_bytes() == origin.as_bytes())
         });
         match listed {
             true => Ok(()),

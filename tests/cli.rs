@@ -135,7 +135,7 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[spool]\nretry_backoff = \"5ms\"".into(), "spool.retry_backoff"),
         (
             format!(
-                "[spool]\ndir = \"{}\"\n[kafka]\nqueue_max_bytes = 1000000\n\
+                "[spool]\ndir = \"{}\"\n[kafka]\nqueue_max_bytes = 500000\n\
                  [[routes]]\npath = \"/d/:topic\"\nmode = \"async\"\nspool = true",
                 std::env::temp_dir().join("kafboy-cli-queue-check").display()
             ),
@@ -477,20 +477,27 @@ async fn the_original_quick_start_works_as_printed() {
         .expect("spawn demo");
     // The demo prints where it listens, the port it was given for port 0.
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut banner = String::new();
-    let listen = loop {
-        let mut line = String::new();
-        let n = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-        assert!(n > 0, "no address printed: {banner}");
-        banner.push_str(&line);
-        if let Some(at) = line
-            .trim()
-            .strip_prefix("kafboy demo: listening on http://")
-        {
-            break at.trim_end_matches("; try").to_string();
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut banner = String::new();
+        loop {
+            let mut line = String::new();
+            let n = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+            assert!(n > 0, "no address printed: {banner}");
+            banner.push_str(&line);
+            if let Some(at) = line
+                .trim()
+                .strip_prefix("kafboy demo: listening on http://")
+            {
+                return (at.trim_end_matches("; try").to_string(), stdout);
+            }
         }
+    });
+    let Ok(banner) = tokio::time::timeout(Duration::from_secs(20), banner).await else {
+        let _ = child.kill();
+        panic!("the demo printed no address within 20 s");
     };
-    assert!(!listen.ends_with(":0"), "{banner}");
+    let (listen, mut stdout) = banner.unwrap();
+    assert!(!listen.ends_with(":0"), "{listen}");
     let url = format!("http://{listen}/batch/async/ekaf");
     let deadline = Instant::now() + Duration::from_secs(20);
     // curl -d sends a form; a bare -XPOST sends nothing and no Content-Type.

@@ -1314,7 +1314,7 @@ async fn an_append_answered_after_its_timeout_is_counted_when_it_is() {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         "[topics]\nallow = [\"{topic}\"]\n[spool]\ndir = {:?}\nsegment_bytes = 4096\n\
-         [server]\nsync_timeout = \"1s\"\n\
+         [server]\nsync_timeout = \"3s\"\n\
          [[routes]]\npath = \"/durable/:topic\"\nmode = \"async\"\nspool = true\n",
         dir.path().display().to_string()
     );

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::time::error::Elapsed;
 
 use super::send::{Queued, Stake, enqueue, records_for};
-use super::{check_partition, lookup};
+use super::topic::{check_partition, lookup};
 use crate::auth::Key;
 use crate::config::Mode;
 use crate::decode::{self, BodyKind, DecodeError};
@@ -25,6 +25,12 @@ use crate::throttle::Throttle;
 /// Hook failures: at most one line a second.
 static HOOK_FAILED: Throttle = Throttle::new(Duration::from_secs(1));
 
+/// What a hook's verdict came to: records queued, whose answer may wait for acks, or a reply.
+pub(super) enum Handled {
+    Queued(Queued),
+    Reply(Reply),
+}
+
 /// Runs `hook` on `request` (under the hook time budget) and carries out its verdict. `key` is
 /// the client's API key, which must allow any topic or mode the hook moves the record to.
 pub(super) async fn run(
@@ -35,7 +41,7 @@ pub(super) async fn run(
     request: Arc<HookRequest>,
     meta: RecordMeta,
     topic_seen: &mut Option<String>,
-) -> Result<Reply, IngestError> {
+) -> Result<Handled, IngestError> {
     let verdict = match decide(app.hook_timeout, hook.on_request(request.clone())).await {
         Ok(Ok(verdict)) => verdict,
         Ok(Err(e)) => {
@@ -80,7 +86,7 @@ pub(super) async fn run(
                 mode,
             } = later.await?;
             let queued = enqueue(app, route, mode, topic, records, kind, Stake::Own).await?;
-            queued.answer(app).await
+            Ok(Handled::Queued(queued))
         }
         Verdict::Respond(respond) => {
             if let Some((mode, forward)) = respond.then {
@@ -104,11 +110,11 @@ pub(super) async fn run(
             let content_type = respond
                 .content_type
                 .unwrap_or_else(|| "application/json".into());
-            Ok(Reply::Custom {
+            Ok(Handled::Reply(Reply::Custom {
                 status: respond.status,
                 body: respond.body,
                 content_type,
-            })
+            }))
         }
     }
 }

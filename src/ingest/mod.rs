@@ -6,29 +6,29 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::RequestPartsExt;
-use axum::extract::{ConnectInfo, RawPathParams, Request};
-use axum::http::request::Parts;
+use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
 
 use crate::body::{self, Encoding};
 use crate::decode::{self, BodyKind};
 use crate::error::IngestError;
 use crate::hook::{Failure, Hook, HookRequest};
-use crate::kafka::metadata::{LookupError, TopicInfo};
 use crate::listener::RequestId;
 use crate::record::RecordMeta;
 use crate::reply::Reply;
-use crate::routes::{Route, TopicSource, validate_topic};
+use crate::routes::{Route, validate_topic};
 use crate::state::{AppState, Served};
 use crate::throttle::Throttle;
 
 mod hooked;
 mod overflow;
 mod send;
+mod topic;
 
+use hooked::Handled;
 use overflow::{Handed, forwardable, hand_over, overflow, received};
 use send::{Stake, enqueue, records_for};
+use topic::{check_partition, lookup, topic_of};
 
 /// The hook of a route, if it has one.
 pub type RouteHook = Option<Arc<dyn Hook>>;
@@ -195,12 +195,13 @@ async fn ingest(
             false => Stake::Own,
         };
         let queued = enqueue(app, route, route.mode, topic, records, kind, stake).await;
-        drop(inflated);
         // The copy for a peer goes before a sync request waits for its acks: it is no longer
         // counted in the body budget, and the wait may be as long as `sync_timeout`.
         let queued = match (queued, relay) {
             (Err(IngestError::QueueFull), Some((raw, label))) => {
-                return match hand_over(app, &parts, raw, 1.0, true).await {
+                let handed = hand_over(app, &parts, raw, 1.0, true).await;
+                drop(inflated);
+                return match handed {
                     Handed::Answered(answer) => Ok(Reply::Relayed(answer)),
                     Handed::Declined | Handed::NotSent => {
                         crate::metrics::dropped(&label, "queue_full", count);
@@ -210,11 +211,10 @@ async fn ingest(
             }
             (queued, _) => queued?,
         };
+        drop(inflated);
         return queued.answer(app).await;
     };
-    // An inflated body stays held of the budget to the end: through the hook, which may keep
-    // copies of it.
-    let (body, _inflated) = body::read(incoming, encoding, declared, limits).await?;
+    let (body, inflated) = body::read(incoming, encoding, declared, limits).await?;
     // Served here, never handed to a peer (see `forwardable`).
     received(app, &parts);
     // Only a hook reads the client's address.
@@ -236,7 +236,7 @@ async fn ingest(
         )
         .with_key(meta.key.clone()),
     );
-    hooked::run(
+    let handled = hooked::run(
         app,
         route,
         hook,
@@ -244,62 +244,11 @@ async fn ingest(
         request,
         meta,
         &mut seen.topic,
-    )
-    .await
-}
-
-async fn lookup(app: &AppState, topic: &str) -> Result<Arc<TopicInfo>, IngestError> {
-    app.producers
-        .topics
-        .lookup(topic)
-        .await
-        .map_err(|e| match e {
-            LookupError::Unknown => IngestError::UnknownTopic(topic.to_string()),
-            LookupError::Denied => {
-                IngestError::Forbidden(format!("kafka refuses kafboy the topic {topic}"))
-            }
-            LookupError::Unavailable(why) => {
-                IngestError::Unavailable(format!("kafka metadata: {why}"))
-            }
-        })
-}
-
-/// A partition past the cached count may have been added since the last metadata refresh: a
-/// listing made now settles whether it is out of range (left to [`RecordMeta::into_records`]:
-/// `400`) or not yet known to every producer (`503`; used from the next refreshes on).
-async fn check_partition(
-    app: &AppState,
-    topic: &str,
-    info: &TopicInfo,
-    partition: Option<i32>,
-) -> Result<(), IngestError> {
-    let Some(p) = partition else { return Ok(()) };
-    if p < info.partitions.max(info.added) {
-        return Ok(());
-    }
-    // Boxed: the listing's future is large, and every request's future would carry its room.
-    match Box::pin(app.producers.topics.listed_partitions(topic, info)).await {
-        Ok(Some(n)) if p < n => Err(IngestError::Unavailable(format!(
-            "partition {p} was just added; kafboy writes to it from its next metadata refresh"
-        ))),
-        Ok(_) => Ok(()),
-        Err(why) => Err(IngestError::Unavailable(format!("kafka metadata: {why}"))),
-    }
-}
-
-async fn topic_of(route: &Route, parts: &mut Parts) -> Result<String, IngestError> {
-    match &route.topic {
-        TopicSource::Fixed(topic) => Ok(topic.clone()),
-        TopicSource::Path => {
-            let params = parts
-                .extract::<RawPathParams>()
-                .await
-                .map_err(|e| IngestError::BadRequest(format!("topic: {}", e.body_text())))?;
-            params
-                .iter()
-                .find(|(name, _)| *name == "topic")
-                .map(|(_, value)| value.to_string())
-                .ok_or_else(|| IngestError::BadRequest("no topic in path".into()))
-        }
+    );
+    let handled = handled.await?;
+    drop(inflated);
+    match handled {
+        Handled::Queued(queued) => queued.answer(app).await,
+        Handled::Reply(reply) => Ok(reply),
     }
 }

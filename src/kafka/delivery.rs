@@ -103,6 +103,8 @@ pub struct Context {
     /// Each broker's retry and timeout totals at the last statistics, to count their growth
     /// (a replacement producer's totals start again from 0).
     pub broker_totals: Mutex<HashMap<String, [u64; 2]>>,
+    /// The slot's brokers with a `kafboy_broker_up` series.
+    pub exported: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Accepted records that failed: at most one line a second. Past `message_timeout` with
     /// the brokers down, a whole queue fails at once.
     pub failures: Throttle,
@@ -118,13 +120,12 @@ impl ClientContext for Context {
             return;
         }
         let mut totals = crate::lock(&self.broker_totals);
-        crate::metrics::statistics(
-            &self.name,
-            &statistics,
-            &self.topics,
-            &self.brokers,
-            &mut totals,
-        );
+        let mut exported = crate::lock(&self.exported);
+        let seen = crate::metrics::Seen {
+            totals: &mut totals,
+            exported: &mut exported,
+        };
+        crate::metrics::statistics(&self.name, &statistics, &self.topics, &self.brokers, seen);
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {

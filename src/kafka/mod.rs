@@ -59,6 +59,7 @@ impl Slot {
             tally: Arc::default(),
             topics: topics.clone(),
             brokers: Arc::default(),
+            exported: Arc::default(),
             gate: gate.clone(),
             refusals: refusals.clone(),
         };

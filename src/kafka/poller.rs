@@ -150,6 +150,7 @@ pub(crate) mod tests {
             failures: Throttle::new(Duration::from_secs(1)),
             retired: AtomicBool::new(false),
             broker_totals: Mutex::default(),
+            exported: Arc::default(),
             refusals: Arc::default(),
             gate: Arc::default(),
         };

@@ -63,6 +63,9 @@ pub struct Shared {
     pub topics: Arc<crate::metrics::Topics>,
     /// Broker states from statistics.
     pub brokers: Arc<std::sync::Mutex<Vec<crate::metrics::BrokerState>>>,
+    /// Brokers the slot's producers have given a `kafboy_broker_up` series, the replaced ones
+    /// included: a series outlives the producer that made it.
+    pub exported: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// Closed for the final flush.
     pub gate: Arc<Gate>,
     /// Where topics the brokers refuse to let kafboy write are reported.
@@ -140,6 +143,7 @@ impl Producer {
             failures: Throttle::new(Duration::from_secs(1)),
             retired: AtomicBool::new(false),
             broker_totals: Mutex::default(),
+            exported: shared.exported.clone(),
             refusals: shared.refusals.clone(),
             gate: shared.gate.clone(),
         };

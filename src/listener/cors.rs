@@ -196,7 +196,7 @@ fn origin(o: &str) -> Result<HeaderValue, String> {
     if !scheme_ok || ["javascript", "data", "file", "blob", "about"].contains(&scheme) {
         return Err(bad("has no scheme a browser sends in an origin"));
     }
-    check_host(host).map_err(|why| bad(why))?;
+    check_host(host).map_err(&bad)?;
     HeaderValue::from_str(o).map_err(|_| bad("is not a header value"))
 }
 

@@ -1,7 +1,7 @@
 //! librdkafka's statistics, exported: broker states, retries, timeouts, round trips and batch
 //! sizes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use metrics::{counter, gauge};
@@ -20,14 +20,23 @@ pub struct BrokerState {
     pub rtt_ms: Option<f64>,
 }
 
+/// What earlier statistics left that the next ones need.
+pub struct Seen<'a> {
+    /// Each broker's retry and timeout totals in this producer's last statistics.
+    pub totals: &'a mut HashMap<String, [u64; 2]>,
+    /// Brokers with a `kafboy_broker_up` series for this producer's slot.
+    pub exported: &'a mut HashSet<String>,
+}
+
 /// Exports one producer's librdkafka statistics and keeps the broker view for the status page.
 pub fn statistics(
     producer: &str,
     stats: &Statistics,
     topics: &Topics,
     brokers: &Mutex<Vec<BrokerState>>,
-    totals: &mut HashMap<String, [u64; 2]>,
+    seen: Seen<'_>,
 ) {
+    let Seen { totals, exported } = seen;
     let mut view = Vec::new();
     for b in stats.brokers.values().filter(|b| b.nodeid >= 0) {
         let labels = [
@@ -38,12 +47,14 @@ pub fn statistics(
             // A broker librdkafka never needed to connect to stays in INIT: no series. One it
             // was connected to goes back to INIT when the connection ends (lost, or closed
             // idle) and nothing needs it: not up, whatever it read before.
-            if totals.contains_key(&b.name) {
+            if exported.contains(&b.name) {
                 gauge!(BROKER_UP, &labels).set(0.0);
             }
             continue;
         }
         gauge!(BROKER_UP, &labels).set(if b.state == "UP" { 1.0 } else { 0.0 });
+        // Bounded: the cluster's brokers.
+        exported.insert(b.name.clone());
         // librdkafka's totals are per client: counted by their growth, so that a producer
         // replaced after a fatal error (whose totals start from 0) adds to the series.
         let seen = totals.entry(b.name.clone()).or_default();

@@ -6,10 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::message::Headers as _;
 use tokio::sync::{oneshot, watch};
 
-use super::segment::{self, FRAME_HEADER, Fields};
+use super::append::{self, Appending};
 use super::writer::{self, Command, Durable};
 use super::{Inner, SpoolConfig, SpoolError, Stats, lock, recover, sender, unix_ms};
 use crate::kafka::{Producer, Record};
@@ -29,20 +28,6 @@ pub struct Spool {
     sender: Mutex<Option<sender::Handle>>,
     closed: AtomicBool,
     _lock: recover::DirLock,
-}
-
-/// Records handed to the spool's writer ([`Spool::submit`]), not yet confirmed.
-#[derive(Debug)]
-pub struct Appending(Option<oneshot::Receiver<Result<(), SpoolError>>>);
-
-impl Appending {
-    /// Once the records are fsynced: as [`Spool::append`].
-    pub async fn confirmed(self) -> Result<(), SpoolError> {
-        match self.0 {
-            None => Ok(()),
-            Some(answer) => answer.await.unwrap_or(Err(SpoolError::Closed)),
-        }
-    }
 }
 
 impl Spool {
@@ -148,30 +133,7 @@ impl Spool {
         if self.inner.stalled() {
             return Err(SpoolError::Stalled);
         }
-        let mut payloads = Vec::with_capacity(records.len());
-        let mut bytes = 0u64;
-        for r in records {
-            let headers: Vec<(&str, Option<&[u8]>)> = r
-                .headers
-                .as_ref()
-                .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-                .unwrap_or_default();
-            let fields = Fields {
-                seq: 0,
-                origin: self.inner.origin,
-                appended_ms: 0,
-                topic,
-                key: r.key.as_deref(),
-                partition: r.partition,
-                value: &r.value,
-            };
-            let size = segment::payload_size(&fields, headers.iter().copied())
-                .map_err(|e| SpoolError::TooLarge(e.to_string()))?;
-            let mut payload = Vec::with_capacity(size);
-            segment::encode_payload(&mut payload, &fields, headers.iter().copied());
-            bytes += (FRAME_HEADER + payload.len()) as u64;
-            payloads.push(payload);
-        }
+        let (payloads, bytes) = append::encode(self.inner.origin, topic, records)?;
         if bytes > self.inner.config.max_bytes {
             return Err(SpoolError::TooLarge(format!(
                 "request of {bytes} bytes larger than the spool ({} bytes)",

@@ -42,6 +42,7 @@
 
 pub mod segment;
 
+mod append;
 mod config;
 mod handle;
 mod recover;
@@ -56,8 +57,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use crate::lock;
 use std::time::Duration;
 
+pub use append::Appending;
 pub use config::SpoolConfig;
-pub use handle::{Appending, Spool};
+pub use handle::Spool;
 
 /// Name of the Kafka header that carries each spooled record's stable id.
 pub const ID_HEADER: &str = "kafboy-id";

@@ -34,9 +34,9 @@ pub struct TopicInfo {
     /// State of the round-robin and sticky strategies.
     pub rotation: Rotation,
     /// The partition count a listing gave when a request named a partition past
-    /// `partitions`, and when: one listing per `unknown_topic_ttl` settles the requests
-    /// that do so.
-    pub(super) listed: std::sync::Mutex<Option<(Instant, i32)>>,
+    /// `partitions` (`None`: listed without partitions for now), and when: one listing per
+    /// `unknown_topic_ttl` settles the requests that do so.
+    pub(super) listed: std::sync::Mutex<Option<(Instant, Option<i32>)>>,
 }
 
 impl TopicInfo {

@@ -86,10 +86,16 @@ impl Topics {
         topic: &str,
         info: &TopicInfo,
     ) -> Result<Option<i32>, String> {
+        // A count, or `None` for a topic listed without partitions (kept too: its `503` invites
+        // retries, each of which would make a listing).
+        let answer = |n: Option<i32>| {
+            n.map(Some)
+                .ok_or_else(|| format!("topic {topic:?} has no usable partitions now"))
+        };
         if let Some((at, n)) = *lock(&info.listed)
             && at.elapsed() < self.missing_ttl
         {
-            return Ok(Some(n));
+            return answer(n);
         }
         let arrived = Instant::now();
         let deadline = arrived + self.timeout;
@@ -101,20 +107,14 @@ impl Topics {
         if let Some((at, n)) = *lock(&info.listed)
             && at >= arrived
         {
-            return Ok(Some(n));
+            return answer(n);
         }
         let listed = match self.listed(topic, arrived, deadline, &mut turn).await? {
             Some(Listed::Partitions(n)) => Some(n),
-            Some(Listed::Settling(error)) => {
-                return Err(format!(
-                    "topic {topic:?} has no usable partitions now: {error}"
-                ));
-            }
-            Some(Listed::Denied) | None => None,
+            Some(Listed::Settling(_)) => None,
+            Some(Listed::Denied) | None => return Ok(None),
         };
-        if let Some(n) = listed {
-            *lock(&info.listed) = Some((Instant::now(), n));
-        }
-        Ok(listed)
+        *lock(&info.listed) = Some((Instant::now(), listed));
+        answer(listed)
     }
 }
