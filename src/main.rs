@@ -35,8 +35,8 @@ enum Command {
     /// Check a configuration file and print the effective configuration (defaults, file,
     /// KAFBOY_* environment and flags merged). Exits 64 if it is not valid.
     CheckConfig {
-        /// The file to check.
-        file: PathBuf,
+        /// The file to check; without it, the one --config or KAFBOY_CONFIG names, if any.
+        file: Option<PathBuf>,
     },
     /// Print a new random API key and the SHA-256 to put in the config (`sha256 = "..."`).
     HashKey,
@@ -64,7 +64,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Demo) => demo(cli.listen),
-        Some(Command::CheckConfig { file }) => check_config(&file, &overrides),
+        Some(Command::CheckConfig { file }) => {
+            check_config(file.or(cli.config).as_deref(), &overrides)
+        }
         Some(Command::HashKey) => {
             let (key, digest) = kafboy::auth::new_key();
             println!("key:    {key}\nsha256: {digest}");
@@ -139,7 +141,7 @@ fn check_logs(config: &Config) -> Result<(), String> {
     }
 }
 
-fn check_config(file: &std::path::Path, overrides: &Overrides) -> ExitCode {
+fn check_config(file: Option<&std::path::Path>, overrides: &Overrides) -> ExitCode {
     // The warnings a start would log (a certificate past its dates, SASL PLAIN in clear), on
     // stderr: a check that says "valid" must not keep them back.
     tracing_subscriber::fmt()
@@ -147,7 +149,7 @@ fn check_config(file: &std::path::Path, overrides: &Overrides) -> ExitCode {
         .with_max_level(tracing::Level::WARN)
         .with_ansi(false)
         .init();
-    let config = match Config::load(Some(file), overrides) {
+    let config = match Config::load(file, overrides) {
         Ok(c) => c,
         Err(e) => return config_error(&e.to_string()),
     };
@@ -182,7 +184,7 @@ fn check_config(file: &std::path::Path, overrides: &Overrides) -> ExitCode {
             let _ = writeln!(
                 out,
                 "# {}: valid; effective configuration:\n{text}",
-                file.display()
+                file.map_or("no file".into(), |f| f.display().to_string())
             );
             ExitCode::SUCCESS
         }

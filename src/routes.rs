@@ -74,8 +74,14 @@ pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
     for (i, rc) in config.routes.iter().enumerate() {
         routes.push(compile_one(rc).map_err(|e| format!("routes[{i}] ({}): {e}", rc.path))?);
     }
-    // A route whose one topic the allowlist refuses could only ever answer 404.
+    // A route whose one topic the allowlist refuses could only ever answer 404; an override
+    // of such a topic (a typo, most likely) would never apply.
     let allow = Allowlist::new(&config.topics.allow).map_err(|e| format!("topics.allow{e}"))?;
+    if let Some(name) = config.topics.overrides.keys().find(|t| !allow.allows(t)) {
+        return Err(format!(
+            "topics.overrides.{name}: the topic is not in topics.allow"
+        ));
+    }
     for route in &routes {
         if let TopicSource::Fixed(topic) = &route.topic
             && !allow.allows(topic)
@@ -95,7 +101,35 @@ pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
             return Err(format!("route {} clashes with {other}", route.path));
         }
     }
+    // A fixed path wins over a `:topic` pattern that also matches it (`/sync/orders` over
+    // `/sync/:topic`): in another mode, the URL would promise what it does not do.
+    for (fixed, general) in routes
+        .iter()
+        .flat_map(|a| routes.iter().map(move |b| (a, b)))
+    {
+        if fixed.mode != general.mode && overlaps(&fixed.pattern, &general.pattern) {
+            return Err(format!(
+                "route {} ({}) takes requests route {} ({}) would serve: give it a path of its own",
+                fixed.path,
+                fixed.mode.as_str(),
+                general.path,
+                general.mode.as_str()
+            ));
+        }
+    }
     Ok(routes)
+}
+
+/// Whether some path matches both patterns, `a` taking it for a fixed segment where `b` has
+/// its parameter (same shape is a clash, found before).
+fn overlaps(a: &str, b: &str) -> bool {
+    let segments = |p: &'_ str| -> Vec<String> { shape(p).split('/').map(String::from).collect() };
+    let (a, b) = (segments(a), segments(b));
+    a.len() == b.len()
+        && a != b
+        && a.iter()
+            .zip(&b)
+            .all(|(x, y)| x == y || (y == "{}" && x != "{}"))
 }
 
 fn compile_one(rc: &RouteConfig) -> Result<Route, String> {
@@ -294,6 +328,16 @@ mod tests {
             ));
             assert!(compile(&c).unwrap_err().contains("built-in"), "{path}");
         }
+        // A fixed path under a `:topic` route of another mode would take its requests.
+        let c = config("[[routes]]\npath = \"/sync/orders\"\ntopic = \"audit\"\nmode = \"async\"");
+        let err = compile(&c).unwrap_err();
+        assert!(
+            err.contains("/sync/orders (async)") && err.contains("/sync/:topic"),
+            "{err}"
+        );
+        // In the same mode it is a special case of that route: allowed.
+        let c = config("[[routes]]\npath = \"/sync/orders\"\ntopic = \"audit\"\nmode = \"sync\"");
+        assert!(compile(&c).is_ok());
     }
 
     #[test]
@@ -302,6 +346,15 @@ mod tests {
         let err = compile(&config(&format!("[topics]\nallow = [\"events\"]\n{route}")));
         assert!(err.unwrap_err().contains("not in topics.allow"));
         assert!(compile(&config(&format!("[topics]\nallow = [\"t*\"]\n{route}"))).is_ok());
+        let overrides = |name: &str| {
+            config(&format!(
+                "[topics]\nallow = [\"clicks\", \"logs.*\"]\n[topics.overrides.{name}]\nbatch_size = 5"
+            ))
+        };
+        let err = compile(&overrides("clcks")).unwrap_err();
+        assert!(err.contains("topics.overrides.clcks"), "{err}");
+        assert!(compile(&overrides("clicks")).is_ok());
+        assert!(compile(&overrides("\"logs.web\"")).is_ok());
     }
 
     #[test]

@@ -259,6 +259,32 @@ fn check_config_says_what_a_start_would_warn_of() {
 }
 
 #[test]
+fn check_config_without_a_file_checks_the_one_config_names() {
+    let bad = config_file("[server]\nmax_body_bytes = 0");
+    for how in ["flag", "env"] {
+        let out = run_to_end({
+            let mut c = kafboy();
+            match how {
+                "flag" => c.arg("--config").arg(bad.path()).arg("check-config"),
+                _ => c.arg("check-config").env("KAFBOY_CONFIG", bad.path()),
+            };
+            c
+        });
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{how}: {stderr}");
+        assert!(stderr.contains("server.max_body_bytes"), "{how}: {stderr}");
+    }
+    // No file at all: the defaults and the environment.
+    let out = run_to_end({
+        let mut c = kafboy();
+        c.arg("check-config");
+        c
+    });
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("# no file: valid"));
+}
+
+#[test]
 fn environment_values_are_read_as_the_readme_says() {
     let file = config_file("");
     let out = run_to_end({

@@ -168,8 +168,7 @@ impl Cluster {
             return Err(format!("cluster.name {name:?} cannot go in a header"));
         }
         if let Some(source) = &config.discovery_url {
-            normalize(source)
-                .map_err(|_| format!("cluster.discovery_url {source:?} must be an http:// URL"))?;
+            normalize(source).map_err(|e| format!("cluster.discovery_url: {e}"))?;
         }
         // Written as peer URLs are (no trailing slash), so that a list naming this node's own
         // URL is recognised at once.
@@ -300,6 +299,14 @@ fn normalize(url: &str) -> Result<String, String> {
     if !url.starts_with("http://") {
         return Err(format!("cluster peer {url:?} must be an http:// URL"));
     }
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("cluster peer {url:?}: {e}"))?;
+    // Not echoed: it would print the password. Nor sent: forwarding adds no credentials.
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        let host = parsed.host_str().unwrap_or_default();
+        return Err(format!(
+            "cluster URL of {host:?}: no user info (user:password@); peers take none"
+        ));
+    }
     Ok(url.to_string())
 }
 
@@ -412,12 +419,26 @@ mod tests {
             ("forward_timeout = \"500ms\"", "between"),
             ("name = \"a\\nb\"", "header"),
             ("discovery_url = \"https://lb/peers\"", "http://"),
+            ("discovery_url = \"http://u:hunter2@lb/peers\"", "user info"),
         ] {
             let toml = format!("peers = [\"http://10.0.0.2:8000\"]\n{bad}");
             let error = cluster(&toml).err();
             assert!(
                 error.as_ref().is_some_and(|e| e.contains(why)),
                 "{bad}: {error:?}"
+            );
+        }
+        for (peer, why) in [
+            ("http://a b:1/x", "a b"),
+            ("http://a:99999", "port"),
+            ("http://u:hunter2@a:1", "user info"),
+        ] {
+            let error = cluster(&format!("peers = [\"{peer}\"]"))
+                .err()
+                .unwrap_or_default();
+            assert!(
+                error.contains(why) && !error.contains("hunter2"),
+                "{peer}: {error}"
             );
         }
     }

@@ -156,6 +156,46 @@ pub struct BatchConfig {
     pub flush_timeout: Duration,
 }
 
+impl KafkaConfig {
+    /// Each broker as librdkafka reads one, `[PROTOCOL://]host[:port]`: it would wrap a port past
+    /// 65535 into another port, and retry a name with a space in it for ever.
+    pub fn check_brokers(&self) -> Result<(), String> {
+        if self.brokers.is_empty() {
+            return Err("kafka.brokers is empty".into());
+        }
+        // An entry may itself be a list, as librdkafka's `bootstrap.servers` is.
+        for broker in self
+            .brokers
+            .iter()
+            .flat_map(|b| b.split(','))
+            .map(str::trim)
+        {
+            let bad = |why: &str| format!("kafka.brokers: {broker:?} {why}");
+            let address = broker.split_once("://").map_or(broker, |(_, a)| a);
+            let (host, port) = match address.strip_prefix('[') {
+                Some(v6) => match v6.split_once(']') {
+                    Some((ip, rest)) => (ip, rest.strip_prefix(':')),
+                    None => return Err(bad("has no closing ]")),
+                },
+                None => match address.rsplit_once(':') {
+                    Some((host, port)) => (host, Some(port)),
+                    None => (address, None),
+                },
+            };
+            if host.is_empty() || host.contains(|c: char| c.is_whitespace() || "/@".contains(c)) {
+                return Err(bad("is not host:port"));
+            }
+            if let Some(port) = port
+                && !(port.bytes().all(|b| b.is_ascii_digit())
+                    && matches!(port.parse::<u16>(), Ok(1..)))
+            {
+                return Err(bad("has a port that is not 1 to 65535"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         KafkaConfig {
@@ -193,6 +233,37 @@ impl Default for BatchConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn brokers_are_host_and_port() {
+        let check = |brokers: &[&str]| {
+            super::KafkaConfig {
+                brokers: brokers.iter().map(|b| b.to_string()).collect(),
+                ..super::KafkaConfig::default()
+            }
+            .check_brokers()
+        };
+        for ok in [
+            &["kafka1:9092", "10.0.0.2:9093"][..],
+            &["kafka1"],
+            &["[::1]:9092"],
+            &["SASL_SSL://kafka1:9094"],
+            &["a:1,b:2"],
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            &["kafka1:99999"][..],
+            &["kafka1:0"],
+            &["kafka1:"],
+            &["kafka 1:9092"],
+            &[":9092"],
+            &["[::1:9092"],
+            &[],
+        ] {
+            assert!(check(bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn the_default_batch_fits_a_default_broker() {
         // Kafka's default `message.max.bytes`, checked against a whole record batch; the

@@ -218,6 +218,7 @@ impl Checked {
             return Err("server.max_json_depth must be between 1 and 127".into());
         }
         check_ranges(config)?;
+        config.kafka.check_brokers()?;
         check_librdkafka_ranges(config)?;
         check_auto_create(config)?;
         config.log.check()?;
