@@ -167,7 +167,9 @@ pub async fn serve(
                                 .1
                                 .peer_certificates()
                                 .and_then(|c| c.first())
-                                .and_then(crate::tls::client_subject);
+                                // Empty for a subject that is not text: no key's, but a
+                                // certificate all the same.
+                                .map(|c| crate::tls::client_subject(c).unwrap_or_default());
                             let (io, mut back) = Stall::new(stream, write_timeout);
                             let io = TokioIo::new(io);
                             connection.serve(io, subject).await;

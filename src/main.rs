@@ -172,6 +172,10 @@ fn check_config(file: Option<&std::path::Path>, overrides: &Overrides) -> ExitCo
             key.sha256 = Some("<redacted>".into());
         }
     }
+    // A discovery URL's Basic auth.
+    if let Some(url) = shown.cluster.discovery_url.as_mut() {
+        *url = kafboy::cluster::redacted(url);
+    }
     for (key, value) in shown.kafka.options.iter_mut() {
         if key.contains("password") || key.contains("secret") {
             *value = "<redacted>".into();

@@ -101,8 +101,9 @@ pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
             return Err(format!("route {} clashes with {other}", route.path));
         }
     }
-    // A fixed path wins over a `:topic` pattern that also matches it (`/sync/orders` over
-    // `/sync/:topic`): in another mode, the URL would promise what it does not do.
+    // A fixed segment wins over a `:topic` that also matches it (`/sync/orders` over
+    // `/sync/:topic`, `/sync/async` under `/:topic/async` over `/sync/:topic`): in another
+    // mode, the URL would promise what it does not do.
     for (fixed, general) in routes
         .iter()
         .flat_map(|a| routes.iter().map(move |b| (a, b)))
@@ -120,8 +121,7 @@ pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
     Ok(routes)
 }
 
-/// Whether some path matches both patterns, `a` taking it for a fixed segment where `b` has
-/// its parameter (same shape is a clash, found before).
+/// Whether some path matches both patterns (same shape is a clash, found before).
 fn overlaps(a: &str, b: &str) -> bool {
     let segments = |p: &'_ str| -> Vec<String> { shape(p).split('/').map(String::from).collect() };
     let (a, b) = (segments(a), segments(b));
@@ -129,7 +129,7 @@ fn overlaps(a: &str, b: &str) -> bool {
         && a != b
         && a.iter()
             .zip(&b)
-            .all(|(x, y)| x == y || (y == "{}" && x != "{}"))
+            .all(|(x, y)| x == y || x == "{}" || y == "{}")
 }
 
 fn compile_one(rc: &RouteConfig) -> Result<Route, String> {
@@ -335,6 +335,9 @@ mod tests {
             err.contains("/sync/orders (async)") && err.contains("/sync/:topic"),
             "{err}"
         );
+        let c = config("[[routes]]\npath = \"/:topic/async\"\nmode = \"async\"");
+        let err = compile(&c).unwrap_err();
+        assert!(err.contains("/sync/:topic"), "{err}");
         // In the same mode it is a special case of that route: allowed.
         let c = config("[[routes]]\npath = \"/sync/orders\"\ntopic = \"audit\"\nmode = \"sync\"");
         assert!(compile(&c).is_ok());

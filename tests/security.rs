@@ -628,15 +628,15 @@ async fn https_and_mtls_with_the_certificate_as_the_key() {
     );
     // A browser sends its certificate with any page's request, a plain form too: only the
     // pages CORS lists may write with it.
-    let cert = Some((client_cert.as_str(), client_key.as_str()));
+    let presented = Some((client_cert.as_str(), client_key.as_str()));
     let from =
-        |origin: &'static str| https_post_body(gw.addr, &ca, cert, &path, origin, "{\"a\":1}");
+        |origin: &'static str| https_post_body(gw.addr, &ca, presented, &path, origin, "{\"a\":1}");
     let foreign = from("origin: https://evil.example\r\n").await.unwrap();
     assert!(foreign.starts_with("HTTP/1.1 403"), "{foreign}");
     assert!(foreign.contains("client certificate"), "{foreign}");
     let listed = from("origin: https://partner.example\r\n").await.unwrap();
     assert!(listed.starts_with("HTTP/1.1 200"), "{listed}");
-    let marker = https_post_body(gw.addr, &ca, cert, &path, "", MARKER)
+    let marker = https_post_body(gw.addr, &ca, presented, &path, "", MARKER)
         .await
         .unwrap();
     assert!(marker.starts_with("HTTP/1.1 200"), "{marker}");
@@ -645,6 +645,30 @@ async fn https_and_mtls_with_the_certificate_as_the_key() {
         ["{\"a\":1}"; 3],
         "one record per 200, none for the refused requests"
     );
+    gw.stop().await;
+
+    // With auth off the certificate is what lets a request in; `"*"` names no origin.
+    let toml = format!(
+        "[server.tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\n\
+         [server.cors]\nallowed_origins = [\"*\"]\n"
+    );
+    let gw = common::gateway_unready(&b.addr, &toml).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let plain = https_post_body(gw.addr, &ca, presented, &path, "", MARKER).await;
+        if plain
+            .as_deref()
+            .is_ok_and(|a| a.starts_with("HTTP/1.1 200"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{plain:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let from =
+        |origin: &'static str| https_post_body(gw.addr, &ca, presented, &path, origin, "{\"a\":1}");
+    let foreign = from("origin: https://evil.example\r\n").await.unwrap();
+    assert!(foreign.starts_with("HTTP/1.1 403"), "{foreign}");
     gw.stop().await;
 }
 

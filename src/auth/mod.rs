@@ -199,7 +199,8 @@ impl Key {
     }
 }
 
-/// The subject of the client certificate a TLS connection presented (mTLS).
+/// The subject of the client certificate a TLS connection presented (mTLS); empty when it is
+/// not text (it names no key: an empty `client_cert_subject` is refused).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSubject(pub String);
 

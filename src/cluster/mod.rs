@@ -167,8 +167,9 @@ impl Cluster {
         {
             return Err(format!("cluster.name {name:?} cannot go in a header"));
         }
+        // User info here is sent as Basic auth, and never printed.
         if let Some(source) = &config.discovery_url {
-            normalize(source).map_err(|e| format!("cluster.discovery_url: {e}"))?;
+            checked_url(source).map_err(|e| format!("cluster.discovery_url: {e}"))?;
         }
         // Written as peer URLs are (no trailing slash), so that a list naming this node's own
         // URL is recognised at once.
@@ -283,7 +284,11 @@ impl Cluster {
 /// A response body of at most `max` bytes; a longer one, or one cut short, is an error.
 async fn capped(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| e.without_url().to_string())?
+    {
         if body.len() + chunk.len() > max {
             return Err(format!("the answer is longer than {max} bytes"));
         }
@@ -292,22 +297,41 @@ async fn capped(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, 
     Ok(body)
 }
 
-/// `http://host:port` without a trailing slash.
+/// A peer's URL, `http://host:port` without a trailing slash. Without user info: a peer's URL
+/// is a metric label, a status page entry and a log field.
 fn normalize(url: &str) -> Result<String, String> {
+    let url = checked_url(url)?;
+    let with_user_info = |u: reqwest::Url| !u.username().is_empty() || u.password().is_some();
+    if reqwest::Url::parse(&url).is_ok_and(with_user_info) {
+        return Err(format!(
+            "cluster peer {:?}: no user info (user:password@) in a peer's URL",
+            redacted(&url)
+        ));
+    }
+    Ok(url)
+}
+
+/// `url` trimmed, without a trailing slash, if it is an `http://` URL.
+fn checked_url(url: &str) -> Result<String, String> {
     let url = url.trim().trim_end_matches('/');
     // Peers talk plain HTTP (forwarding has no TLS client): keep that link on a private network.
     if !url.starts_with("http://") {
-        return Err(format!("cluster peer {url:?} must be an http:// URL"));
+        return Err(format!("cluster URL {:?} must be http://", redacted(url)));
     }
-    let parsed = reqwest::Url::parse(url).map_err(|e| format!("cluster peer {url:?}: {e}"))?;
-    // Not echoed: it would print the password. Nor sent: forwarding adds no credentials.
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        let host = parsed.host_str().unwrap_or_default();
-        return Err(format!(
-            "cluster URL of {host:?}: no user info (user:password@); peers take none"
-        ));
-    }
+    reqwest::Url::parse(url).map_err(|e| format!("cluster URL {:?}: {e}", redacted(url)))?;
     Ok(url.to_string())
+}
+
+/// `url` with the user info of its authority, if any, left out: what may be printed.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://<user info>@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -418,20 +442,32 @@ mod tests {
             ("forward_timeout = \"400days\"", "between"),
             ("forward_timeout = \"500ms\"", "between"),
             ("name = \"a\\nb\"", "header"),
-            ("discovery_url = \"https://lb/peers\"", "http://"),
-            ("discovery_url = \"http://u:hunter2@lb/peers\"", "user info"),
+            ("discovery_url = \"https://u:hunter2@lb/peers\"", "http://"),
         ] {
             let toml = format!("peers = [\"http://10.0.0.2:8000\"]\n{bad}");
             let error = cluster(&toml).err();
             assert!(
-                error.as_ref().is_some_and(|e| e.contains(why)),
+                error
+                    .as_ref()
+                    .is_some_and(|e| e.contains(why) && !e.contains("hunter2")),
                 "{bad}: {error:?}"
             );
         }
+        let basic = "peers = [\"http://10.0.0.2:8000\"]\ndiscovery_url = \"http://u:pw@lb/peers\"";
+        assert!(
+            cluster(basic).is_ok(),
+            "a discovery URL may carry Basic auth"
+        );
+        assert_eq!(
+            redacted("http://u:hunter2@lb:80/peers?a@b"),
+            "http://<user info>@lb:80/peers?a@b"
+        );
         for (peer, why) in [
             ("http://a b:1/x", "a b"),
             ("http://a:99999", "port"),
             ("http://u:hunter2@a:1", "user info"),
+            ("http://u:hunter2@a:99999", "port"),
+            ("https://u:hunter2@a", "http://"),
         ] {
             let error = cluster(&format!("peers = [\"{peer}\"]"))
                 .err()

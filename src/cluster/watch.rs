@@ -84,6 +84,9 @@ impl Cluster {
     }
 
     async fn discover(&self, source: &str) {
+        // The URL may carry Basic auth: neither it nor reqwest's errors (which name it) go
+        // into the log.
+        let shown = super::redacted(source);
         let listed = match self
             .client
             .get(source)
@@ -94,12 +97,17 @@ impl Cluster {
             // A list read in part would drop the peers it missed: the old one stays instead.
             Ok(r) if r.status().is_success() => match capped(r, DISCOVERY_MAX).await {
                 Ok(body) => String::from_utf8_lossy(&body).into_owned(),
-                Err(error) => return tracing::warn!(%source, %error, "discovery failed"),
+                Err(error) => return tracing::warn!(source = %shown, %error, "discovery failed"),
             },
-            Ok(r) => return tracing::warn!(%source, status = %r.status(), "discovery failed"),
-            Err(error) => return tracing::warn!(%source, %error, "discovery failed"),
+            Ok(r) => {
+                return tracing::warn!(source = %shown, status = %r.status(), "discovery failed");
+            }
+            Err(error) => {
+                let error = error.without_url();
+                return tracing::warn!(source = %shown, %error, "discovery failed");
+            }
         };
-        let found = listed_urls(&listed, source);
+        let found = listed_urls(&listed, &shown);
         let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
         peers.retain(|url, p| {
             let keep = p.fixed || found.contains(url);

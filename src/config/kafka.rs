@@ -157,42 +157,64 @@ pub struct BatchConfig {
 }
 
 impl KafkaConfig {
-    /// Each broker as librdkafka reads one, `[PROTOCOL://]host[:port]`: it would wrap a port past
-    /// 65535 into another port, and retry a name with a space in it for ever.
+    /// Each broker as librdkafka reads one, `[PROTOCOL://]host[:port][/...]`: it would wrap a
+    /// port past 65535 into another port, retry a name with a space in it for ever, and skip
+    /// the rest of the list after a protocol other than the one kafboy speaks.
     pub fn check_brokers(&self) -> Result<(), String> {
-        if self.brokers.is_empty() {
+        let protocol = match (self.tls.is_some(), self.sasl.is_some()) {
+            (false, false) => "PLAINTEXT",
+            (true, false) => "SSL",
+            (false, true) => "SASL_PLAINTEXT",
+            (true, true) => "SASL_SSL",
+        };
+        // An entry may itself be a list, as librdkafka's `bootstrap.servers` is (it skips
+        // empty items).
+        let brokers = self.brokers.iter().flat_map(|b| b.split(','));
+        let mut brokers = brokers.map(str::trim).filter(|b| !b.is_empty()).peekable();
+        if brokers.peek().is_none() {
             return Err("kafka.brokers is empty".into());
         }
-        // An entry may itself be a list, as librdkafka's `bootstrap.servers` is.
-        for broker in self
-            .brokers
-            .iter()
-            .flat_map(|b| b.split(','))
-            .map(str::trim)
-        {
-            let bad = |why: &str| format!("kafka.brokers: {broker:?} {why}");
-            let address = broker.split_once("://").map_or(broker, |(_, a)| a);
-            let (host, port) = match address.strip_prefix('[') {
-                Some(v6) => match v6.split_once(']') {
-                    Some((ip, rest)) => (ip, rest.strip_prefix(':')),
-                    None => return Err(bad("has no closing ]")),
-                },
-                None => match address.rsplit_once(':') {
-                    Some((host, port)) => (host, Some(port)),
-                    None => (address, None),
-                },
+        for broker in brokers {
+            let bad = |why: String| format!("kafka.brokers: {broker:?} {why}");
+            let address = match broker.split_once("://") {
+                Some((named, rest)) if named.eq_ignore_ascii_case(protocol) => {
+                    rest.split('/').next().unwrap_or_default()
+                }
+                Some(_) => {
+                    return Err(bad(format!(
+                        "names another protocol than {protocol}, which the [kafka.tls] and [kafka.sasl] settings make"
+                    )));
+                }
+                None => broker,
             };
-            if host.is_empty() || host.contains(|c: char| c.is_whitespace() || "/@".contains(c)) {
-                return Err(bad("is not host:port"));
-            }
-            if let Some(port) = port
-                && !(port.bytes().all(|b| b.is_ascii_digit())
-                    && matches!(port.parse::<u16>(), Ok(1..)))
-            {
-                return Err(bad("has a port that is not 1 to 65535"));
-            }
+            check_address(address).map_err(|why| bad(why.into()))?;
         }
         Ok(())
+    }
+}
+
+/// `host[:port]` as librdkafka splits it: a port after the one `:`, or after `]:` (an IPv6
+/// address has more than one `:`).
+fn check_address(address: &str) -> Result<(), &'static str> {
+    let (host, port) = match address.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') || host.ends_with(']') => (host, Some(port)),
+        _ => (address, None),
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || "/@[]".contains(c)) {
+        return Err("is not host:port");
+    }
+    match port {
+        Some(port)
+            if !(port.bytes().all(|b| b.is_ascii_digit())
+                && matches!(port.parse::<u16>(), Ok(1..))) =>
+        {
+            Err("has a port that is not 1 to 65535")
+        }
+        _ => Ok(()),
     }
 }
 
@@ -246,8 +268,10 @@ mod tests {
             &["kafka1:9092", "10.0.0.2:9093"][..],
             &["kafka1"],
             &["[::1]:9092"],
-            &["SASL_SSL://kafka1:9094"],
-            &["a:1,b:2"],
+            &["PLAINTEXT://kafka1:9094/"],
+            &["a:1,b:2,"],
+            &["fd00::beef"],
+            &["kafka_1:9092"],
         ] {
             assert_eq!(check(ok), Ok(()), "{ok:?}");
         }
@@ -258,7 +282,10 @@ mod tests {
             &["kafka 1:9092"],
             &[":9092"],
             &["[::1:9092"],
+            &["SASL_SSL://kafka1:9094"],
+            &["kafka://kafka1:9094"],
             &[],
+            &[" , "],
         ] {
             assert!(check(bad).is_err(), "{bad:?}");
         }

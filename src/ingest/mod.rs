@@ -195,13 +195,14 @@ async fn ingest(
             false => Stake::Own,
         };
         let queued = enqueue(app, route, route.mode, topic, records, kind, stake).await;
+        // Queued, or refused: an inflated body no longer waits (a copy for a peer is held of
+        // the budget by the hand-over).
+        drop(inflated);
         // The copy for a peer goes before a sync request waits for its acks: it is no longer
         // counted in the body budget, and the wait may be as long as `sync_timeout`.
         let queued = match (queued, relay) {
             (Err(IngestError::QueueFull), Some((raw, label))) => {
-                let handed = hand_over(app, &parts, raw, 1.0, true).await;
-                drop(inflated);
-                return match handed {
+                return match hand_over(app, &parts, raw, 1.0, true).await {
                     Handed::Answered(answer) => Ok(Reply::Relayed(answer)),
                     Handed::Declined | Handed::NotSent => {
                         crate::metrics::dropped(&label, "queue_full", count);
@@ -211,7 +212,6 @@ async fn ingest(
             }
             (queued, _) => queued?,
         };
-        drop(inflated);
         return queued.answer(app).await;
     };
     let (body, inflated) = body::read(incoming, encoding, declared, limits).await?;
