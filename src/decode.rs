@@ -199,16 +199,9 @@ pub fn decode(kind: BodyKind, body: Bytes, limits: &Limits) -> Result<Vec<Bytes>
             check_json(&body, limits.max_depth).map_err(DecodeError::Json)?;
             Ok(vec![body])
         }
-        BodyKind::Form if json_container(&body, limits.max_depth) => Err(DecodeError::JsonAsForm),
         BodyKind::Form => Ok(vec![form_to_json(&body)?]),
         BodyKind::Ndjson => ndjson(body, limits),
     }
-}
-
-/// Whether `body` is a JSON object or array (what no browser's form encoding starts with).
-fn json_container(body: &[u8], max_depth: usize) -> bool {
-    let start = body.iter().find(|b| !b.is_ascii_whitespace());
-    matches!(start, Some(b'{' | b'[')) && check_json(body, max_depth).is_ok()
 }
 
 /// Strict JSON check ([`crate::json::validate`]): one UTF-8 JSON document with nothing but
@@ -404,10 +397,19 @@ mod tests {
         for json in [&b"{\"a\":1}"[..], b" [1,2]\n", b"{}"] {
             assert_eq!(form(json), Err(DecodeError::JsonAsForm), "{json:?}");
         }
+        // NDJSON, or JSON with a stray `&`: no field in it.
+        for json in [&b"{\"n\":1}\n{\"n\":2}\n"[..], b"{\"a\":1}&"] {
+            assert_eq!(form(json), Err(DecodeError::JsonAsForm), "{json:?}");
+        }
         // Forms that only look like it stay forms.
         for not_json in [&b"{a=1"[..], b"[x]=1&y=2", b"a={\"b\":1}"] {
             assert!(form(not_json).is_ok(), "{not_json:?}");
         }
+        // A hook reads the body through the same conversion.
+        assert_eq!(
+            crate::hook::parse_body(BodyKind::Form, b"{\"a\":1}"),
+            Err(DecodeError::JsonAsForm)
+        );
         let status = crate::error::IngestError::from(DecodeError::JsonAsForm).status();
         assert_eq!(status, axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }

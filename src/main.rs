@@ -172,8 +172,10 @@ fn check_config(file: Option<&std::path::Path>, overrides: &Overrides) -> ExitCo
             key.sha256 = Some("<redacted>".into());
         }
     }
-    // A discovery URL's Basic auth.
-    if let Some(url) = shown.cluster.discovery_url.as_mut() {
+    // A discovery URL's Basic auth or token; what any cluster URL may hold.
+    let cluster = &mut shown.cluster;
+    let urls = cluster.peers.iter_mut().chain(&mut cluster.discovery_url);
+    for url in urls.chain(&mut cluster.advertise_url) {
         *url = kafboy::cluster::redacted(url);
     }
     for (key, value) in shown.kafka.options.iter_mut() {

@@ -322,15 +322,20 @@ fn checked_url(url: &str) -> Result<String, String> {
     Ok(url.to_string())
 }
 
-/// `url` with the user info of its authority, if any, left out: what may be printed.
+/// `url` with the user info of its authority and its query, if any, left out (either may hold
+/// a secret): what may be printed.
 pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let (url, query) = match url.split_once('?') {
+        Some((url, _)) => (url, "?<query>"),
+        None => (url, ""),
     };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return format!("{url}{query}");
+    };
+    let end = rest.find(['/', '#']).unwrap_or(rest.len());
     match rest[..end].rfind('@') {
-        Some(at) => format!("{scheme}://<user info>@{}", &rest[at + 1..]),
-        None => url.to_string(),
+        Some(at) => format!("{scheme}://<user info>@{}{query}", &rest[at + 1..]),
+        None => format!("{url}{query}"),
     }
 }
 
@@ -459,9 +464,10 @@ mod tests {
             "a discovery URL may carry Basic auth"
         );
         assert_eq!(
-            redacted("http://u:hunter2@lb:80/peers?a@b"),
-            "http://<user info>@lb:80/peers?a@b"
+            redacted("http://u:hunter2@lb:80/peers?token=a@b"),
+            "http://<user info>@lb:80/peers?<query>"
         );
+        assert_eq!(redacted("http://lb/peers"), "http://lb/peers");
         for (peer, why) in [
             ("http://a b:1/x", "a b"),
             ("http://a:99999", "port"),

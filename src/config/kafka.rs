@@ -200,10 +200,12 @@ fn check_address(address: &str) -> Result<(), &'static str> {
         Some((host, port)) if !host.contains(':') || host.ends_with(']') => (host, Some(port)),
         _ => (address, None),
     };
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    // Unbracketed, more than one `:` is all address: `::1:19093` would be host `::1:19093`.
+    if bracketed.is_none() && host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err("is no IPv6 address; write one with a port as [address]:port");
+    }
+    let host = bracketed.unwrap_or(host);
     if host.is_empty() || host.contains(|c: char| c.is_whitespace() || "/@[]".contains(c)) {
         return Err("is not host:port");
     }
@@ -282,6 +284,7 @@ mod tests {
             &["kafka 1:9092"],
             &[":9092"],
             &["[::1:9092"],
+            &["::1:19093"],
             &["SASL_SSL://kafka1:9094"],
             &["kafka://kafka1:9094"],
             &[],

@@ -14,6 +14,9 @@ pub const MAX_FORM_FIELDS: usize = 10_000;
 
 /// `a=1&b=2&a=3` → `{"a":["1","3"],"b":"2"}`: keys in first-seen order, repeated keys as arrays.
 pub fn form_to_json(body: &[u8]) -> Result<Bytes, DecodeError> {
+    if json_sent_as_form(body) {
+        return Err(DecodeError::JsonAsForm);
+    }
     let pairs = form_pairs(body)?;
     // `&&` is a form with nothing in it.
     if pairs.is_empty() {
@@ -55,6 +58,17 @@ pub fn form_to_json(body: &[u8]) -> Result<Bytes, DecodeError> {
     }
     out.push(b'}');
     Ok(Bytes::from(out))
+}
+
+/// Whether a form body is JSON (or NDJSON) that a client sent without its Content-Type: it
+/// starts with `{` or `[` (which a browser's form encoding escapes) and is JSON, or has no
+/// `=` in it at all. As a form it would be written as one field's name.
+fn json_sent_as_form(body: &[u8]) -> bool {
+    let start = body.iter().find(|b| !b.is_ascii_whitespace());
+    // The deepest nesting kafboy's settings allow: nothing is refused for depth here.
+    const DEEPEST: usize = 127;
+    matches!(start, Some(b'{' | b'['))
+        && (!body.contains(&b'=') || crate::json::validate(body, DEEPEST).is_ok())
 }
 
 /// The fields of a form body as browsers encode them: `&` between fields, the first `=` between
