@@ -444,7 +444,10 @@ mod tests {
         let long = [b"a=".as_slice(), &[1u8; 100_000], b"%FF"].concat();
         let err = form_to_json(&long).unwrap_err().to_string();
         assert!(err.len() < 500 && err.contains("..."), "{}", err.len());
-        assert_eq!(form_to_json(b"&&"), Err(DecodeError::Empty));
+        assert_eq!(
+            form_to_json(b"&&"),
+            Err(DecodeError::Form("no fields".into()))
+        );
     }
 
     #[test]

@@ -18,9 +18,9 @@ pub fn form_to_json(body: &[u8]) -> Result<Bytes, DecodeError> {
         return Err(DecodeError::JsonAsForm);
     }
     let pairs = form_pairs(body)?;
-    // `&&` is a form with nothing in it.
+    // `&&` is a form with nothing in it: not an empty body, but nothing to write either.
     if pairs.is_empty() {
-        return Err(DecodeError::Empty);
+        return Err(DecodeError::Form("no fields".into()));
     }
     // Keys are found through a map: a body of 150k distinct keys must not cost 150k² compares.
     let mut slots: HashMap<&str, usize> = HashMap::new();
