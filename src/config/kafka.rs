@@ -13,7 +13,9 @@ use super::string_or_list;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
-    /// Bootstrap servers, as a list or one comma-separated string. Default `["127.0.0.1:9092"]`.
+    /// Bootstrap servers, as a list or one comma-separated string, each
+    /// `[PROTOCOL://]host[:port]` (an IPv6 address with a port as `[address]:port`). Default
+    /// `["127.0.0.1:9092"]`.
     #[serde(deserialize_with = "string_or_list")]
     pub brokers: Vec<String>,
     /// `client.id` sent to the brokers. Default `kafboy`.

@@ -16,7 +16,7 @@ pub struct TopicsConfig {
     pub allow: Vec<String>,
     /// Default partition strategy. Default `auto`.
     pub partitioner: Partitioner,
-    /// Per-topic settings, keyed by exact topic name.
+    /// Per-topic settings, keyed by exact topic name (a topic `allow` admits, when it is set).
     pub overrides: BTreeMap<String, TopicOverride>,
 }
 
