@@ -1360,3 +1360,60 @@ async fn an_append_answered_after_its_timeout_is_counted_when_it_is() {
     }
     gw.stop().await;
 }
+
+/// A spool directory removed under a running spool (an operator's `rm -rf`, a volume gone):
+/// appends would go on into a file no one reads, answered `202` and lost. They get `503`, and
+/// `/ready` turns `503`, until the directory is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_directory_removed_at_runtime_gets_503_not_a_lost_202() {
+    let b = common::broker();
+    let topic = b.topic("spool-gone", 1);
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("spool");
+    std::fs::create_dir(&dir).unwrap();
+    let toml = format!(
+        "[spool]\ndir = {:?}\n\
+         [[routes]]\npath = \"/durable/:topic\"\nmode = \"async\"\nspool = true\n",
+        dir.display().to_string()
+    );
+    let gw = common::gateway(&b.addr, &toml).await;
+    let path = format!("/durable/{topic}");
+    assert_eq!(gw.post_json(&path, "{\"before\":1}").await.status, 202);
+    assert_eq!(
+        common::values(&common::consume(&b.addr, &topic, 1)),
+        ["{\"before\":1}"]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    let r = gw.post_json(&path, "{\"gone\":1}").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.headers.contains_key("retry-after"), "{:?}", r.headers);
+    let ready = common::client()
+        .get(format!("{}/ready", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "ready without a spool directory");
+    // Back: the next append goes to a new segment there.
+    std::fs::create_dir(&dir).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = gw.post_json(&path, "{\"back\":1}").await;
+        if r.status == 202 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(
+            Instant::now() < deadline,
+            "never accepted again: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = common::consume_for(&b.addr, &topic, 3, Duration::from_secs(5));
+    assert_eq!(
+        common::values(&got),
+        ["{\"before\":1}", "{\"back\":1}"],
+        "a refused record landed, or the accepted one did not"
+    );
+    gw.stop().await;
+}

@@ -213,19 +213,23 @@ impl Writer {
         }
         // Numbers are never reused, even when the write fails: they may be on disk.
         self.next_seq = seq;
+        let path = self.inner.dir.join(segment_name(self.segment));
         let Some(file) = self.file.as_mut() else {
             return Err(io::Error::other("no segment open"));
         };
-        match file.write_all(&self.buf).and_then(|()| file.sync_data()) {
-            Ok(()) => {
-                self.offset += self.buf.len() as u64;
-                Ok(appended_ms)
-            }
-            Err(error) => {
-                self.rollback();
-                Err(error)
-            }
+        if let Err(error) = file.write_all(&self.buf).and_then(|()| file.sync_data()) {
+            self.rollback();
+            return Err(error);
         }
+        if let Err(error) = segment::in_place(&path, file) {
+            // Written where the sender will never read it: a disk error, and the next write
+            // goes to a new segment.
+            self.rollback();
+            self.file = None;
+            return Err(error);
+        }
+        self.offset += self.buf.len() as u64;
+        Ok(appended_ms)
     }
 
     /// Cuts what a failed write may have left, so records answered with a disk error are never

@@ -146,6 +146,25 @@ pub struct Fields<'a> {
     pub value: &'a [u8],
 }
 
+/// Whether `file` is still the file at `path`. The sender opens segments by path: a directory
+/// removed or renamed under a running spool would take writes into a file no one reads.
+pub fn in_place(path: &std::path::Path, file: &std::fs::File) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let (named, open) = (std::fs::metadata(path)?, file.metadata()?);
+        if (named.dev(), named.ino()) != (open.dev(), open.ino()) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} is another file now", path.display()),
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, file);
+    Ok(())
+}
+
 /// The file name of segment `id`.
 pub fn segment_name(id: u64) -> String {
     format!("{id:020}.seg")
