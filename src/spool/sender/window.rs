@@ -13,6 +13,7 @@ use crate::kafka::delivery::Outcome;
 use crate::kafka::{Record, Report, SendError};
 use crate::spool::ID_HEADER;
 use crate::spool::segment::Entry;
+use crate::throttle::Throttle;
 
 /// How long one send waits for room in the producer's queue before it counts as a retriable
 /// failure.
@@ -124,6 +125,13 @@ impl Sender {
             .retry_backoff
             .saturating_mul(1u32 << exp)
             .min(c.retry_backoff_max);
+        // A line every 10 s at most: a spool that keeps retrying (brokers away, or refusing
+        // its producer) shows why in the log, not only in its gauges.
+        static RETRIES: Throttle = Throttle::new(Duration::from_secs(10));
+        if let Some(suppressed) = RETRIES.pass() {
+            let topic = &f.entry.topic;
+            tracing::warn!(%topic, why, suppressed, "spool: sends failing; retrying");
+        }
         tracing::debug!(
             id = %f.entry.id(),
             topic = %f.entry.topic,
