@@ -104,17 +104,17 @@ pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
     // A fixed segment wins over a `:topic` that also matches it (`/sync/orders` over
     // `/sync/:topic`, `/sync/async` under `/:topic/async` over `/sync/:topic`): in another
     // mode, the URL would promise what it does not do.
-    for (fixed, general) in routes
+    for (a, b) in routes
         .iter()
         .flat_map(|a| routes.iter().map(move |b| (a, b)))
     {
-        if fixed.mode != general.mode && overlaps(&fixed.pattern, &general.pattern) {
+        if a.mode != b.mode && overlaps(&a.pattern, &b.pattern) {
             return Err(format!(
                 "route {} ({}) takes requests route {} ({}) would serve: give it a path of its own",
-                fixed.path,
-                fixed.mode.as_str(),
-                general.path,
-                general.mode.as_str()
+                a.path,
+                a.mode.as_str(),
+                b.path,
+                b.mode.as_str()
             ));
         }
     }
@@ -123,13 +123,13 @@ pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
 
 /// Whether some path matches both patterns (same shape is a clash, found before).
 fn overlaps(a: &str, b: &str) -> bool {
-    let segments = |p: &'_ str| -> Vec<String> { shape(p).split('/').map(String::from).collect() };
-    let (a, b) = (segments(a), segments(b));
+    let (a, b) = (shape(a), shape(b));
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.split('/').collect(), b.split('/').collect());
     a.len() == b.len()
         && a != b
         && a.iter()
             .zip(&b)
-            .all(|(x, y)| x == y || x == "{}" || y == "{}")
+            .all(|(x, y)| x == y || *x == "{}" || *y == "{}")
 }
 
 fn compile_one(rc: &RouteConfig) -> Result<Route, String> {

@@ -187,13 +187,13 @@ impl AppState {
                 .iter()
                 .any(|o| o.as_bytes() == origin.as_bytes())
         });
-        match listed {
-            true => Ok(()),
-            false => Err(Denied::Forbidden(
-                "a page of an origin not in server.cors.allowed_origins may not write with a client certificate"
-                    .into(),
-            )),
+        if listed {
+            return Ok(());
         }
+        Err(Denied::Forbidden(
+            "a page of an origin not in server.cors.allowed_origins may not write with a client certificate"
+                .into(),
+        ))
     }
 
     /// Takes a token from the global rate limit. Called once every refusal that costs nothing

@@ -300,9 +300,8 @@ async fn capped(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, 
 /// A peer's URL, `http://host:port` without a trailing slash. Without user info: a peer's URL
 /// is a metric label, a status page entry and a log field.
 fn normalize(url: &str) -> Result<String, String> {
-    let url = checked_url(url)?;
-    let with_user_info = |u: reqwest::Url| !u.username().is_empty() || u.password().is_some();
-    if reqwest::Url::parse(&url).is_ok_and(with_user_info) {
+    let (url, parsed) = checked_url(url)?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(format!(
             "cluster peer {:?}: no user info (user:password@) in a peer's URL",
             redacted(&url)
@@ -311,15 +310,16 @@ fn normalize(url: &str) -> Result<String, String> {
     Ok(url)
 }
 
-/// `url` trimmed, without a trailing slash, if it is an `http://` URL.
-fn checked_url(url: &str) -> Result<String, String> {
+/// `url` trimmed, without a trailing slash, and parsed, if it is an `http://` URL.
+fn checked_url(url: &str) -> Result<(String, reqwest::Url), String> {
     let url = url.trim().trim_end_matches('/');
     // Peers talk plain HTTP (forwarding has no TLS client): keep that link on a private network.
     if !url.starts_with("http://") {
         return Err(format!("cluster URL {:?} must be http://", redacted(url)));
     }
-    reqwest::Url::parse(url).map_err(|e| format!("cluster URL {:?}: {e}", redacted(url)))?;
-    Ok(url.to_string())
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| format!("cluster URL {:?}: {e}", redacted(url)))?;
+    Ok((url.to_string(), parsed))
 }
 
 /// `url` with the user info of its authority and its query, if any, left out (either may hold

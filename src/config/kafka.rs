@@ -212,12 +212,7 @@ fn check_address(address: &str) -> Result<(), &'static str> {
         return Err("is not host:port");
     }
     match port {
-        Some(port)
-            if !(port.bytes().all(|b| b.is_ascii_digit())
-                && matches!(port.parse::<u16>(), Ok(1..))) =>
-        {
-            Err("has a port that is not 1 to 65535")
-        }
+        Some(port) if !super::valid_port(port) => Err("has a port that is not 1 to 65535"),
         _ => Ok(()),
     }
 }

@@ -274,6 +274,11 @@ pub(crate) fn string_or_list<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<Str
     })
 }
 
+/// Whether `port` is a TCP port as written in an address: digits only, 1 to 65535.
+pub(crate) fn valid_port(port: &str) -> bool {
+    port.bytes().all(|b| b.is_ascii_digit()) && matches!(port.parse::<u16>(), Ok(1..))
+}
+
 /// Splits a comma-separated list, dropping blanks.
 pub fn split_list(s: &str) -> Vec<String> {
     s.split(',')

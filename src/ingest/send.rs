@@ -122,8 +122,7 @@ impl Appended {
         let n = self.count as u64;
         match done {
             Ok(()) => {
-                self.accepted.increment(n);
-                self.total.fetch_add(n, Ordering::Relaxed);
+                count_accepted(&self.accepted, &self.total, n);
                 Ok(())
             }
             Err(error) => {
@@ -132,6 +131,12 @@ impl Appended {
             }
         }
     }
+}
+
+/// `n` records accepted: in `/metrics` (the topic's counter) and on the status page.
+fn count_accepted(counter: &metrics::Counter, total: &AtomicU64, n: u64) {
+    counter.increment(n);
+    total.fetch_add(n, Ordering::Relaxed);
 }
 
 /// Hands `records` to the spool (on a spooled async route) or the producer of `mode`. Records
@@ -209,10 +214,7 @@ pub(super) async fn enqueue(
                 }
                 _ => 0,
             };
-            counters.accepted.increment(queued as u64);
-            app.stats
-                .accepted
-                .fetch_add(queued as u64, Ordering::Relaxed);
+            count_accepted(&counters.accepted, &app.stats.accepted, queued as u64);
             if !(stake == Stake::PeerMayTake && matches!(error, crate::kafka::SendError::QueueFull))
             {
                 crate::metrics::dropped(&counters.label, error.reason(), (count - queued) as u64);
@@ -220,10 +222,7 @@ pub(super) async fn enqueue(
             return Err(error.into());
         }
     };
-    counters.accepted.increment(count as u64);
-    app.stats
-        .accepted
-        .fetch_add(count as u64, Ordering::Relaxed);
+    count_accepted(&counters.accepted, &app.stats.accepted, count as u64);
     if !sync {
         return Ok(Queued::Accepted(count));
     }

@@ -213,7 +213,7 @@ fn check_host(host: &str) -> Result<(), &'static str> {
         _ => (host, None),
     };
     if let Some(port) = port
-        && !(port.bytes().all(|b| b.is_ascii_digit()) && matches!(port.parse::<u16>(), Ok(1..)))
+        && !crate::config::valid_port(port)
     {
         return Err("has a port that is not 1 to 65535");
     }
