@@ -3,25 +3,19 @@
 //! get 431 from hyper, and past the connection cap a new connection gets a 503 and is closed at
 //! once instead of waiting in the backlog.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Request};
-use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::rt::TokioTimer;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use tower::ServiceExt;
 
-use crate::auth::ClientSubject;
 use crate::tls::Tls;
 
+mod connection;
 mod cors;
 mod linger;
 pub(crate) mod path;
@@ -31,7 +25,6 @@ mod stall;
 pub use cors::Cors;
 
 pub use request_id::{REQUEST_ID, RequestId};
-use stall::Stall;
 
 /// Connection limits, from `[server]`.
 #[derive(Debug, Clone, Copy)]
@@ -69,13 +62,8 @@ impl Drained {
     /// are closed), and the process must not exit before those answers are out.
     pub async fn settle(&self, wait: Duration) {
         let settled = async {
-            let mut left = self.max;
-            while left > 0 {
-                let n = u32::try_from(left).unwrap_or(u32::MAX);
-                if let Ok(permits) = self.open.acquire_many(n).await {
-                    permits.forget();
-                }
-                left -= n as usize;
+            for permits in all_closed(&self.open, self.max).await {
+                permits.forget();
             }
             // Then their lingering closes (polled: a second at most, once per process).
             while linger::lingering() > 0 {
@@ -93,12 +81,10 @@ pub async fn serve(
     router: Router,
     limits: Limits,
     tls: Option<Arc<Tls>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> Drained {
-    let graceful = GracefulShutdown::new();
     let open = Arc::new(Semaphore::new(limits.max_connections));
-    let mut refusals = Refusals::default();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -108,8 +94,17 @@ pub async fn serve(
     if limits.max_headers != HYPER_MAX_HEADERS {
         http.max_headers(limits.max_headers);
     }
-    let http = Arc::new(http);
+    let mut accepting = connection::Accepting {
+        http: Arc::new(http),
+        router,
+        limits,
+        tls,
+        open: open.clone(),
+        refusals: Refusals::default(),
+        stop: stop.clone(),
+    };
     let stopped = async move {
+        let mut stop = stop;
         // The guard `wait_for` returns must not be held across the loop's awaits.
         let _ = stop.wait_for(|stopped| *stopped).await.map(|_| ());
     };
@@ -127,114 +122,28 @@ pub async fn serve(
             },
             () = &mut stopped => break,
         };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            refusals.note();
-            // A plain-text answer would be garbage to a TLS client; it just gets the close.
-            if tls.is_none() {
-                tokio::spawn(refuse(tcp));
-            }
-            continue;
-        };
-        // Replies are small; waiting for Nagle would add tens of milliseconds.
-        let _ = tcp.set_nodelay(true);
-        let connection = Connection {
-            http: http.clone(),
-            router: router.clone(),
-            peer,
-            watcher: graceful.watcher(),
-        };
-        let handshake = limits.header_read_timeout;
-        let write_timeout = limits.write_timeout;
-        match &tls {
-            None => {
-                tokio::spawn(async move {
-                    let (io, mut back) = Stall::new(tcp, write_timeout);
-                    let io = TokioIo::new(io);
-                    connection.serve(io, None).await;
-                    drop(permit);
-                    if let Ok(tcp) = back.try_recv() {
-                        linger::linger(tcp).await;
-                    }
-                });
-            }
-            Some(tls) => {
-                let acceptor = tls.acceptor();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let subject = stream
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                // Empty for a subject that is not text: no key's, but a
-                                // certificate all the same.
-                                .map(|c| crate::tls::client_subject(c).unwrap_or_default());
-                            let (io, mut back) = Stall::new(stream, write_timeout);
-                            let io = TokioIo::new(io);
-                            connection.serve(io, subject).await;
-                            drop(permit);
-                            // Lingering on the socket beneath: what arrives is dropped unread.
-                            if let Ok(stream) = back.try_recv() {
-                                linger::linger(stream.into_inner().0).await;
-                            }
-                        }
-                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        }
+        accepting.take(tcp, peer);
     }
-    drop(listener);
-    let in_time = tokio::time::timeout(grace, graceful.shutdown())
+    accepting.take_backlog(listener);
+    let max = limits.max_connections;
+    let in_time = tokio::time::timeout(grace, all_closed(&open, max))
         .await
         .is_ok();
-    Drained {
-        in_time,
-        max: limits.max_connections,
-        open,
-    }
+    Drained { in_time, max, open }
 }
 
-/// What one connection needs to be served.
-struct Connection {
-    http: Arc<http1::Builder>,
-    router: Router,
-    peer: SocketAddr,
-    watcher: Watcher,
-}
-
-impl Connection {
-    async fn serve<IO>(self, io: TokioIo<IO>, subject: Option<String>)
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let peer = self.peer;
-        let router = self.router;
-        // Every response carries the request's id. A plain function around the router rather
-        // than a layer on it, which would box a future per request.
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            path::normalize(request.uri_mut());
-            let id = RequestId::of(request.headers());
-            let extensions = request.extensions_mut();
-            extensions.insert(id.clone());
-            extensions.insert(ConnectInfo::<SocketAddr>(peer));
-            if let Some(subject) = &subject {
-                extensions.insert(ClientSubject(subject.clone()));
-            }
-            let answer = router.clone().oneshot(request);
-            async move {
-                let mut response = answer.await?;
-                response.headers_mut().entry(REQUEST_ID).or_insert(id.0);
-                Ok::<_, Infallible>(response)
-            }
-        });
-        let connection = self.watcher.watch(self.http.serve_connection(io, service));
-        if let Err(error) = connection.await {
-            tracing::debug!(%peer, %error, "connection ended with an error");
+/// Waits until every connection of `max` slots has closed, and keeps their slots.
+async fn all_closed(open: &Semaphore, max: usize) -> Vec<tokio::sync::SemaphorePermit<'_>> {
+    let mut permits = Vec::new();
+    let mut left = max;
+    while left > 0 {
+        let n = u32::try_from(left).unwrap_or(u32::MAX);
+        if let Ok(permit) = open.acquire_many(n).await {
+            permits.push(permit);
         }
+        left -= n as usize;
     }
+    permits
 }
 
 async fn refuse(mut tcp: TcpStream) {

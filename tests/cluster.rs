@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -328,6 +329,9 @@ struct FakePeer {
     addr: SocketAddr,
     /// Stops the accept loop; it answers once it has stopped.
     blackhole: Mutex<Option<tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>>>,
+    /// While raised, a connection gets a `503` as it is accepted, before anything is read
+    /// from it, as kafboy's connection cap answers.
+    refuse_unread: Arc<AtomicBool>,
 }
 
 impl FakePeer {
@@ -338,13 +342,19 @@ impl FakePeer {
         let addr = listener.local_addr().unwrap();
         let (blackhole, mut stop) =
             tokio::sync::oneshot::channel::<tokio::sync::oneshot::Sender<()>>();
+        let refuse_unread = Arc::new(AtomicBool::new(false));
+        let unread = refuse_unread.clone();
         tokio::spawn(async move {
             let stopped = loop {
                 let tcp = tokio::select! {
                     accepted = listener.accept() => accepted.unwrap().0,
                     stopped = &mut stop => break stopped.unwrap(),
                 };
-                tokio::spawn(fake_answer(tcp, produce));
+                if unread.load(Ordering::SeqCst) {
+                    tokio::spawn(refuse_at_once(tcp));
+                } else {
+                    tokio::spawn(fake_answer(tcp, produce));
+                }
             };
             // Listening still, accepting nothing.
             let _ = stopped.send(());
@@ -355,6 +365,7 @@ impl FakePeer {
             url: format!("http://{addr}"),
             addr,
             blackhole: Mutex::new(Some(blackhole)),
+            refuse_unread,
         }
     }
 
@@ -414,6 +425,22 @@ async fn fake_answer(mut tcp: tokio::net::TcpStream, produce: Produce) {
         let _ = tcp.write_all(answer.as_bytes()).await;
         return;
     }
+}
+
+/// The connection cap's answer: written as the connection is accepted, then what comes is read
+/// and dropped.
+async fn refuse_at_once(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = r#"{"error":"too many connections"}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tcp.write_all(answer.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut sink)).await;
 }
 
 /// Reads topic `h` of `brokers` for a while: the ids written there.
@@ -568,6 +595,42 @@ async fn a_peer_that_refuses_wrote_nothing_and_the_node_serves_the_request() {
         assert_eq!(counter(&s, "forwarded_sent"), 0, "{refusal}: {s}");
         a.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_answers_503_before_reading_the_request_wrote_nothing() {
+    // Whether the answer overtakes the request is a race: ten peers, one request to each.
+    let mut peers = Vec::new();
+    for _ in 0..10 {
+        // A forward the peer read would be a 504.
+        peers.push(FakePeer::start(Produce::HangUp).await);
+    }
+    let urls: Vec<&str> = peers.iter().map(|p| p.url.as_str()).collect();
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("h", 1, 1).unwrap();
+    // One check, at the start: after it only a forward can change a peer's state.
+    let toml =
+        format!("[cluster]\npeers = {urls:?}\nhigh_water = 0.0\nhealth_interval = \"60s\"\n");
+    let a = node("127.0.0.1", &mock.bootstrap_servers(), &toml).await;
+    wait_peers(&a, &urls).await;
+    for peer in &peers {
+        peer.refuse_unread.store(true, Ordering::SeqCst);
+    }
+    let mut want = Vec::new();
+    for id in 0..10 {
+        let r = a.post_json("/async/h", &format!("{{\"id\":{id}}}")).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        want.push(format!("{{\"id\":{id}}}"));
+    }
+    let s = status(&a).await;
+    let tried = s["peers"].as_array().unwrap();
+    assert!(
+        tried.iter().all(|p| p["ready"] == false),
+        "each peer was tried once: {s}"
+    );
+    assert_eq!(counter(&s, "forwarded_sent"), 0, "{s}");
+    assert_eq!(written(&mock.bootstrap_servers(), 10).await, want);
+    a.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -633,6 +633,49 @@ async fn shutdown_flushes_what_was_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_before_a_shutdown_gets_an_answer_to_its_first_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let b = broker();
+    let topic = b.topic("early", 1);
+    let gw = gateway(&b.addr, "").await;
+    let addr = gw.addr;
+    // Connected, their requests not written yet: clients between their connect and their write
+    // as the stop comes. Closing these would reset requests already on their way.
+    let mut early = Vec::new();
+    for _ in 0..3 {
+        early.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let stopping = tokio::spawn(gw.stop());
+    // The stop is under way once the listener is closed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still listening");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let request = format!(
+        "POST /async/{topic} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: 7\r\n\r\n{{\"a\":1}}"
+    );
+    for mut tcp in early {
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer));
+        read.await
+            .expect("closed after its answer")
+            .expect("an answer, not a reset");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 503")
+                && answer.contains("retry-after")
+                && answer.contains("shutting down"),
+            "{answer}"
+        );
+    }
+    assert_eq!(stopping.await.unwrap().undelivered, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_still_running_after_the_final_flush_is_refused_not_queued_and_purged() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let b = broker();

@@ -52,12 +52,12 @@ impl Cluster {
             }
             Ok(answer) => Some(relay(answer).await),
             Err(error) => {
-                tracing::warn!(%peer, %error, "forwarding failed");
+                tracing::warn!(%peer, error = %causes(&error), "forwarding failed");
                 self.mark(&peer, false, 0.0);
                 // Only a request that never reached the peer (no connection) was certainly not
                 // taken; the caller may then serve it. Once it was sent, a timeout, a reset or
                 // an answer cut short may follow a produce on the peer: 504, never a second try.
-                if error.is_connect() || error.is_builder() {
+                if error.is_connect() || error.is_builder() || never_sent(&error) {
                     return None;
                 }
                 let what = if error.is_timeout() {
@@ -72,6 +72,40 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Whether the request failed before any of it was written to the connection: the peer sent
+/// something before the request went out (a peer at its connection cap writes its `503` as it
+/// accepts), and hyper gave up the connection with the request unwritten. hyper reports that as
+/// an unexpected message (hyper-util, when the request came back to it unsent, as `Canceled`);
+/// neither kind is exposed but in its message. A fresh connection carries one request, so an
+/// unexpected message cannot be an answer to it.
+fn never_sent(error: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        let unsent = match e.downcast_ref::<hyper_util::client::legacy::Error>() {
+            Some(e) => e.to_string() == "client error (Canceled)",
+            None => e.to_string() == "received unexpected message from connection",
+        };
+        if unsent {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The error and its causes, one after another: reqwest's own message says only "error sending
+/// request".
+fn causes(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 /// A peer's answer that says nothing was written there and this node, which admitted the

@@ -1,0 +1,207 @@
+//! Taking connections from the listener and serving each with hyper, and how a connection ends
+//! when the server stops.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tower::ServiceExt;
+
+use super::stall::Stall;
+use super::{Limits, Refusals, RequestId, linger, path, refuse};
+use crate::auth::ClientSubject;
+use crate::tls::Tls;
+
+/// How long a connection that has not brought its first request yet is kept open once the server
+/// stops. Its client connected before the listener closed and is sending that request now:
+/// closing the connection under it would reset it, and a reset after a request was sent reads
+/// as "may have been taken" (to a forwarding peer too, which then answers `504`). Kept open, the
+/// request gets its answer: `503`, shutting down.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+
+/// What every connection of one listener is served with.
+pub(super) struct Accepting {
+    pub http: Arc<http1::Builder>,
+    pub router: Router,
+    pub limits: Limits,
+    pub tls: Option<Arc<Tls>>,
+    /// One permit per open connection.
+    pub open: Arc<Semaphore>,
+    pub refusals: Refusals,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl Accepting {
+    /// Serves `tcp` on a task of its own, or refuses it at the connection cap.
+    pub fn take(&mut self, tcp: TcpStream, peer: SocketAddr) {
+        let Ok(permit) = self.open.clone().try_acquire_owned() else {
+            self.refusals.note();
+            // A plain-text answer would be garbage to a TLS client; it just gets the close.
+            if self.tls.is_none() {
+                tokio::spawn(refuse(tcp));
+            }
+            return;
+        };
+        // Replies are small; waiting for Nagle would add tens of milliseconds.
+        let _ = tcp.set_nodelay(true);
+        let connection = Connection {
+            http: self.http.clone(),
+            router: self.router.clone(),
+            peer,
+            stop: self.stop.clone(),
+        };
+        let write_timeout = self.limits.write_timeout;
+        match &self.tls {
+            None => {
+                tokio::spawn(async move {
+                    let (io, mut back) = Stall::new(tcp, write_timeout);
+                    connection.serve(TokioIo::new(io), None).await;
+                    drop(permit);
+                    if let Ok(tcp) = back.try_recv() {
+                        linger::linger(tcp).await;
+                    }
+                });
+            }
+            Some(tls) => {
+                let tls = tls.clone();
+                tokio::spawn(serve_tls(tls, tcp, connection, self.limits, permit));
+            }
+        }
+    }
+
+    /// Takes the connections the kernel has completed and the listener not yet accepted: closing
+    /// the listener would reset them, after their clients may have sent a request. Each is
+    /// served as any other, and its request answered `503` (shutting down).
+    pub fn take_backlog(&mut self, listener: tokio::net::TcpListener) {
+        let Ok(listener) = listener.into_std() else {
+            return;
+        };
+        while let Ok((tcp, peer)) = listener.accept() {
+            let tcp = tcp
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(tcp));
+            if let Ok(tcp) = tcp {
+                self.take(tcp, peer);
+            }
+        }
+    }
+}
+
+async fn serve_tls(
+    tls: Arc<Tls>,
+    tcp: TcpStream,
+    connection: Connection,
+    limits: Limits,
+    permit: OwnedSemaphorePermit,
+) {
+    let peer = connection.peer;
+    let handshake = limits.header_read_timeout;
+    match tokio::time::timeout(handshake, tls.acceptor().accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            let subject = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                // Empty for a subject that is not text: no key's, but a certificate all the same.
+                .map(|c| crate::tls::client_subject(c).unwrap_or_default());
+            let (io, mut back) = Stall::new(stream, limits.write_timeout);
+            connection.serve(TokioIo::new(io), subject).await;
+            drop(permit);
+            // Lingering on the socket beneath: what arrives is dropped unread.
+            if let Ok(stream) = back.try_recv() {
+                linger::linger(stream.into_inner().0).await;
+            }
+        }
+        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+/// What one connection needs to be served.
+struct Connection {
+    http: Arc<http1::Builder>,
+    router: Router,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn serve<IO>(mut self, io: TokioIo<IO>, subject: Option<String>)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = self.peer;
+        let router = self.router;
+        let first = Arc::new(FirstRequest::default());
+        let seen = first.clone();
+        // Every response carries the request's id. A plain function around the router rather
+        // than a layer on it, which would box a future per request.
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            seen.note();
+            path::normalize(request.uri_mut());
+            let id = RequestId::of(request.headers());
+            let extensions = request.extensions_mut();
+            extensions.insert(id.clone());
+            extensions.insert(ConnectInfo::<SocketAddr>(peer));
+            if let Some(subject) = &subject {
+                extensions.insert(ClientSubject(subject.clone()));
+            }
+            let answer = router.clone().oneshot(request);
+            async move {
+                let mut response = answer.await?;
+                response
+                    .headers_mut()
+                    .entry(super::REQUEST_ID)
+                    .or_insert(id.0);
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let connection = self.http.serve_connection(io, service);
+        tokio::pin!(connection);
+        let stopping = async {
+            let _ = self.stop.wait_for(|stopped| *stopped).await;
+            if !first.seen.load(Relaxed) {
+                let came = first.came.notified();
+                let _ = tokio::time::timeout(FIRST_REQUEST_WAIT, came).await;
+            }
+        };
+        let ended = tokio::select! {
+            ended = connection.as_mut() => ended,
+            () = stopping => {
+                // An idle connection closes now; one with a request open answers it first.
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(error) = ended {
+            tracing::debug!(%peer, %error, "connection ended with an error");
+        }
+    }
+}
+
+/// Whether a connection has brought a request yet, and a wake-up when its first one comes.
+#[derive(Default)]
+struct FirstRequest {
+    seen: AtomicBool,
+    came: Notify,
+}
+
+impl FirstRequest {
+    fn note(&self) {
+        // A load per request; the store and the wake-up only for the first.
+        if !self.seen.load(Relaxed) {
+            self.seen.store(true, Relaxed);
+            self.came.notify_one();
+        }
+    }
+}
