@@ -17,8 +17,7 @@ function on_request(req)
   end
 
   -- Several records, one per line (NDJSON): nothing to massage; produce them as they are.
-  local content_type = req:header("content-type") or ""
-  if content_type:find("ndjson") or content_type:find("jsonl") or content_type:find("jsonlines") then
+  if req:kind() == "ndjson" then
     return forward()
   end
 

@@ -206,6 +206,14 @@ impl IntoResponse for Reply {
                 body,
                 content_type,
             } => {
+                // These statuses carry no content (RFC 9110): a body would go as a stray
+                // Content-Length.
+                let body = match status {
+                    StatusCode::NO_CONTENT
+                    | StatusCode::RESET_CONTENT
+                    | StatusCode::NOT_MODIFIED => bytes::Bytes::new(),
+                    _ => body,
+                };
                 let mut response = (status, body).into_response();
                 let headers = response.headers_mut();
                 if let Ok(ct) = axum::http::HeaderValue::from_str(&content_type) {
@@ -258,6 +266,20 @@ mod tests {
                 retry,
                 "{code}"
             );
+        }
+    }
+
+    #[test]
+    fn a_hook_s_204_carries_no_body() {
+        use axum::body::HttpBody;
+        for (code, length) in [(204, 0), (205, 0), (304, 0), (200, 2)] {
+            let response = Reply::Custom {
+                status: StatusCode::from_u16(code).unwrap(),
+                body: bytes::Bytes::from_static(b"{}"),
+                content_type: "application/json".into(),
+            }
+            .into_response();
+            assert_eq!(response.body().size_hint().exact(), Some(length), "{code}");
         }
     }
 

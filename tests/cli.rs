@@ -561,10 +561,11 @@ async fn the_original_quick_start_works_as_printed() {
     let r = curl(None).await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.text().await.unwrap(), r#"{"error":"ekaf.insufficient"}"#);
-    // NDJSON: the demo hook lets the records through as they are.
+    // NDJSON: the demo hook lets the records through as they are (its type matched as kafboy
+    // matches it, case aside).
     let r = common::client()
         .post(&url)
-        .header("content-type", "application/x-ndjson")
+        .header("content-type", "Application/X-NDJSON")
         .body("{\"n\":1}\n{\"n\":2}\n")
         .send()
         .await

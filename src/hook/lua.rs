@@ -410,6 +410,19 @@ mod tests {
                 "hook.max_memory_bytes",
             ),
             ("req:set_partition(-1) return forward()", "numbered from 0"),
+            // A message handler past the budget would run with the budget's checks off.
+            (
+                "xpcall(function() while true do end end, function(e) while true do end end)
+                return forward()",
+                // Or the time budget, on a busy machine.
+                "budget exceeded",
+            ),
+            (
+                "xpcall(function() error('x') end, function(e) while true do end end)
+                return forward()",
+                // Or the time budget, on a busy machine.
+                "budget exceeded",
+            ),
             ("return respond(700, 'x')", "not an HTTP status"),
             // A script's own `error` must not turn the guards off.
             (
@@ -448,6 +461,7 @@ mod tests {
         for script in [
             "while true do end",
             "while true do pcall(function() while true do end end) end",
+            "xpcall(function() while true do end end, function(e) while true do end end)",
         ] {
             let source = format!("{script}\nfunction on_request(req) return forward() end");
             let error = LuaHook::from_source(Path::new("loop.lua"), &source, limits).err();
@@ -664,6 +678,33 @@ mod tests {
         match run(script, "{}") {
             Ok(Verdict::Respond(r)) => assert_eq!(&r.body[..], b"false"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_script_reads_how_the_body_is_read() {
+        let script = "function on_request(req) return respond(200, req:kind()) end";
+        for (kind, name) in [
+            (BodyKind::Json, "json"),
+            (BodyKind::Form, "form"),
+            (BodyKind::Ndjson, "ndjson"),
+            (BodyKind::Raw, "raw"),
+        ] {
+            let request = HookRequest::new(
+                "t".into(),
+                Mode::Async,
+                axum::http::Method::POST,
+                "/async/t".into(),
+                None,
+                axum::http::HeaderMap::new(),
+                None,
+                Bytes::from_static(b"{}"),
+                kind,
+            );
+            match hook(script).call(Arc::new(request)) {
+                Ok(Verdict::Respond(r)) => assert_eq!(&r.body[..], name.as_bytes()),
+                other => panic!("{other:?}"),
+            }
         }
     }
 

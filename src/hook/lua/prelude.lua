@@ -1,17 +1,29 @@
 -- The prelude every hook script gets before its own code runs (src/hook/lua/state.rs).
 -- pcall and xpcall would catch the budget error and let a script run on; once the budget is
--- spent they pass the error on instead.
+-- spent they pass the error on instead. xpcall's message handler runs where the error is
+-- raised, and the budget's error is raised from the budget check itself, where Lua turns the
+-- checks off: a handler left to run then would run unchecked (and a loop in it for ever). So
+-- once the budget is spent the handler hands the error on untouched.
 local exhausted = __kafboy_exhausted
 __kafboy_exhausted = nil
 do
-  local raw_pcall, raw_xpcall, error = pcall, xpcall, error
+  local raw_pcall, raw_xpcall, error, type = pcall, xpcall, error, type
   local pack, unpack = table.pack, table.unpack
   local function check(r)
     if not r[1] and exhausted() then error(r[2], 0) end
     return unpack(r, 1, r.n)
   end
   pcall = function(...) return check(pack(raw_pcall(...))) end
-  xpcall = function(...) return check(pack(raw_xpcall(...))) end
+  xpcall = function(f, handler, ...)
+    if type(handler) == "function" then
+      local script_handler = handler
+      handler = function(e)
+        if exhausted() then return e end
+        return script_handler(e)
+      end
+    end
+    return check(pack(raw_xpcall(f, handler, ...)))
+  end
 end
 -- Strings share one metatable: a script could give them a __close (a C function as the closer
 -- runs free of the budget, once per frame as an error unwinds) or other metamethods. It is

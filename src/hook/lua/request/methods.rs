@@ -21,6 +21,15 @@ impl UserData for LuaRequest {
             Ok(())
         });
         m.add_method("mode", |_, this, ()| Ok(this.req.mode.as_str()));
+        // How kafboy reads the body, Content-Type matched as it matches it (case aside).
+        m.add_method("kind", |_, this, ()| {
+            Ok(match this.req.kind() {
+                crate::decode::BodyKind::Json => "json",
+                crate::decode::BodyKind::Form => "form",
+                crate::decode::BodyKind::Ndjson => "ndjson",
+                crate::decode::BodyKind::Raw => "raw",
+            })
+        });
         m.add_method("method", |_, this, ()| {
             Ok(this.req.method.as_str().to_string())
         });
