@@ -300,3 +300,32 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// A spool's shared state over `dir`, for the modules' tests.
+#[cfg(test)]
+fn test_inner(dir: &std::path::Path, sealed: std::collections::BTreeMap<u64, u64>) -> Inner {
+    use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64};
+    let zero = || AtomicU64::new(0);
+    Inner {
+        dir: dir.to_path_buf(),
+        config: SpoolConfig::default(),
+        origin: 1,
+        bytes: zero(),
+        records: zero(),
+        oldest_ms: zero(),
+        replayed: zero(),
+        delivered: zero(),
+        dead_lettered: zero(),
+        retried: zero(),
+        refused_full: zero(),
+        disk_errors: zero(),
+        healthy: AtomicBool::new(true),
+        sender_faults: AtomicU8::new(0),
+        writing_since_ms: AtomicU64::new(0),
+        last_error: Mutex::new(None),
+        checkpoint: zero(),
+        sealed: Mutex::new(sealed),
+        dead: AtomicBool::new(false),
+        fs_gate: Mutex::new(()),
+    }
+}

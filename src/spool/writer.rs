@@ -184,9 +184,17 @@ impl Writer {
     /// Between appends: probes a disk that failed; closes a segment a group took past
     /// `segment_bytes`. Only closed segments are read to their end and deleted, and the room a
     /// full spool waits for may be all in the current one, with no append coming to close it
-    /// (a full spool refuses them before they get here).
+    /// (a full spool refuses them before they get here). An unhealthy spool closes its
+    /// current segment too: on a disk full of delivered records the room is all in it, and
+    /// appends that fail never take it past `segment_bytes`.
     fn idle(&mut self) {
         if !self.inner.healthy.load(Ordering::Acquire) {
+            if self.file.is_some()
+                && self.offset > 0
+                && let Err(error) = self.roll()
+            {
+                tracing::debug!(%error, "spool: no new segment after a disk error");
+            }
             self.probe();
         } else if self.file.is_some()
             && self.offset >= self.inner.config.segment_bytes
@@ -261,6 +269,12 @@ impl Writer {
             }
             self.segment += 1;
             self.offset = 0;
+            // Before the file is made: the sender finishes the segment closed now (and it is
+            // deleted once delivered) even when the next one cannot be created.
+            self.durable.send_replace(Durable {
+                segment: self.segment,
+                offset: 0,
+            });
         }
         self.file = None;
         self.spent = true;
@@ -277,10 +291,6 @@ impl Writer {
         }
         sync_dir(&self.inner.dir)?;
         self.file = Some(file);
-        self.durable.send_replace(Durable {
-            segment: self.segment,
-            offset: 0,
-        });
         Ok(())
     }
 
@@ -307,5 +317,66 @@ impl Writer {
                 tracing::debug!(%error, "spool: disk probe failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn append(writer: &mut Writer, n: usize) {
+        let group = (0..n)
+            .map(|_| {
+                let record = crate::kafka::Record {
+                    key: None,
+                    partition: None,
+                    headers: None,
+                    value: bytes::Bytes::from_static(b"v"),
+                };
+                let (payloads, bytes) = super::super::append::encode(1, "t", &[record]).unwrap();
+                let (reply, _) = oneshot::channel();
+                Append {
+                    payloads,
+                    bytes,
+                    reply,
+                }
+            })
+            .collect();
+        writer.commit(group);
+    }
+
+    #[test]
+    fn an_unhealthy_writer_closes_its_segment_so_its_room_can_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = Arc::new(super::super::test_inner(dir.path(), BTreeMap::new()));
+        let (mut writer, durable) = Writer::start(inner.clone(), 1, 0).unwrap();
+        append(&mut writer, 3);
+        let written = durable.borrow().offset;
+        assert!(written > 0 && durable.borrow().segment == 1);
+        // Healthy, under `segment_bytes`: the segment stays open.
+        writer.idle();
+        assert_eq!(durable.borrow().segment, 1);
+        // A disk error (a full disk refuses the appends): the segment is closed at once, so
+        // the sender reads it to its end and deletes it once delivered, even when no next
+        // segment can be made (here a directory is in its way).
+        std::fs::create_dir(dir.path().join(segment_name(2))).unwrap();
+        inner.disk_error("append", &io::Error::other("no space"));
+        writer.idle();
+        assert_eq!(lock(&inner.sealed).get(&1), Some(&written));
+        // The probe found the disk writable: past the number whose file could not be made.
+        assert_eq!(
+            durable.borrow().segment,
+            3,
+            "the sender moves past segment 1"
+        );
+        assert!(inner.healthy.load(Ordering::Acquire));
+        // Nothing more to close: later idle turns do not use up segment numbers.
+        inner.disk_error("append", &io::Error::other("no space"));
+        writer.idle();
+        writer.idle();
+        assert_eq!(durable.borrow().segment, 3);
     }
 }

@@ -142,6 +142,9 @@ fn read_into(
                         }
                     }
                 }
+                // The whole directory away (renamed or removed): its segments come back with
+                // it, and are read then. Skipping them would count their records delivered.
+                Err(e) if e.kind() == ErrorKind::NotFound && !inner.dir.is_dir() => return Err(e),
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     tracing::error!(segment = %path.display(), "spool: segment vanished");
                     cursor.offset = limit;
@@ -234,29 +237,7 @@ mod tests {
     use crate::spool::segment::Entry;
 
     fn inner(dir: &Path, sealed: BTreeMap<u64, u64>) -> Inner {
-        let zero = || AtomicU64::new(0);
-        Inner {
-            dir: dir.to_path_buf(),
-            config: SpoolConfig::default(),
-            origin: 1,
-            bytes: zero(),
-            records: zero(),
-            oldest_ms: zero(),
-            replayed: zero(),
-            delivered: zero(),
-            dead_lettered: zero(),
-            retried: zero(),
-            refused_full: zero(),
-            disk_errors: zero(),
-            healthy: AtomicBool::new(true),
-            sender_faults: std::sync::atomic::AtomicU8::new(0),
-            writing_since_ms: AtomicU64::new(0),
-            last_error: Mutex::new(None),
-            checkpoint: zero(),
-            sealed: Mutex::new(sealed),
-            dead: AtomicBool::new(false),
-            fs_gate: Mutex::new(()),
-        }
+        crate::spool::test_inner(dir, sealed)
     }
 
     /// Segment bytes holding records `seqs`.
@@ -309,6 +290,36 @@ mod tests {
         let (batch, error) = read_batch(&inner, &mut cursor, durable, 4096, 1 << 24);
         assert!(error.is_none(), "{error:?}");
         assert_eq!(seqs(&batch), [3, 4]);
+    }
+
+    #[test]
+    fn segments_of_a_directory_moved_away_are_read_once_it_is_back() {
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("spool");
+        std::fs::create_dir(&dir).unwrap();
+        let first = segment(0..3);
+        std::fs::write(dir.join(segment_name(1)), &first).unwrap();
+        let inner = inner(&dir, BTreeMap::new());
+        let mut cursor = Cursor::new(1, 0, 0);
+        let durable = Durable {
+            segment: 1,
+            offset: first.len() as u64,
+        };
+        let away = top.path().join("away");
+        std::fs::rename(&dir, &away).unwrap();
+        let (batch, error) = read_batch(&inner, &mut cursor, durable, 4096, 1 << 24);
+        assert!(error.is_some(), "an error to try again on, not a skip");
+        assert!(batch.records.is_empty());
+        std::fs::rename(&away, &dir).unwrap();
+        let (batch, error) = read_batch(&inner, &mut cursor, durable, 4096, 1 << 24);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(seqs(&batch), [0, 1, 2]);
+        // A segment removed from a directory still there is gone for good: stepped over.
+        std::fs::remove_file(dir.join(segment_name(1))).unwrap();
+        let mut cursor = Cursor::new(1, 0, 0);
+        let (batch, error) = read_batch(&inner, &mut cursor, durable, 4096, 1 << 24);
+        assert!(error.is_none() && batch.records.is_empty(), "{error:?}");
+        assert!(cursor.caught_up(durable));
     }
 
     #[test]
