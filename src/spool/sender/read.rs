@@ -227,13 +227,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use std::collections::BTreeMap;
     use std::path::Path;
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicBool, AtomicU64};
 
     use bytes::Bytes;
 
     use super::*;
-    use crate::spool::SpoolConfig;
     use crate::spool::segment::Entry;
 
     fn inner(dir: &Path, sealed: BTreeMap<u64, u64>) -> Inner {
