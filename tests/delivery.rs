@@ -1067,3 +1067,44 @@ async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutd
     eprintln!("the stop took {:?}", started.elapsed());
     assert_eq!(report.undelivered, 1, "the retired producer's record");
 }
+
+/// Room a delivery report gives back is taken at once by requests waiting for it, while
+/// librdkafka still counts the reported records until it has handed over their whole batch of
+/// reports. Its own limits leave room for that: its QueueFull never refuses a request kafboy's
+/// accounting let in (a `503` "refused", or a `504` for a request queued in part).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_room_are_queued_whole_as_reports_come_back() {
+    let (cluster, topic) = cluster_with_topic("refill", 4);
+    let toml = format!(
+        "[topics]\nallow = [\"{topic}\"]\n[kafka]\nqueue_max_messages = 20000\n\
+         [server]\nenqueue_timeout = \"60s\"\nshutdown_timeout = \"5s\""
+    );
+    let gw = common::gateway(&cluster.bootstrap_servers(), &toml).await;
+    warm_up(&gw, &cluster.bootstrap_servers(), &topic).await;
+    // Acknowledgements come back in bursts of many records.
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::from_millis(200))
+        .expect("rtt");
+    let body: String = (0..2000).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+    let url = format!("{}/async/{topic}", gw.url);
+    let requests: Vec<_> = (0..20)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            tokio::spawn(async move {
+                let r = common::client()
+                    .post(url)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("answered");
+                Reply::read(r).await
+            })
+        })
+        .collect();
+    for request in requests {
+        let reply = request.await.expect("request task");
+        assert_eq!(reply.status, 202, "{reply:?}");
+    }
+    stop(gw).await;
+}

@@ -85,19 +85,17 @@ impl SendError {
     }
 }
 
-/// librdkafka's own queue limits, set a little above kafboy's accounting (with room for
-/// reports still being handed back) so its QueueFull stays an exception.
+/// librdkafka's own queue limits, twice kafboy's accounting and a little more, so its QueueFull
+/// stays an exception: a delivery report gives its record's room back as it is handed over,
+/// and requests waiting for room take it at once, while librdkafka counts the record until it
+/// has handed over the whole batch of reports it came in (up to a queue's worth).
 pub fn set_queue_limits(client: &mut ClientConfig, kafka: &KafkaConfig) {
     // Saturating: a huge configured queue must not wrap around to a small one.
     let slack_msgs = kafka
         .queue_max_messages
-        .saturating_add(kafka.queue_max_messages / 10)
+        .saturating_mul(2)
         .saturating_add(1000);
-    let slack_kb = kafka
-        .queue_max_bytes
-        .saturating_add(kafka.queue_max_bytes / 10)
-        / 1024
-        + 1024;
+    let slack_kb = kafka.queue_max_bytes.saturating_mul(2) / 1024 + 1024;
     client
         .set(
             "queue.buffering.max.messages",
