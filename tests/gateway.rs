@@ -787,7 +787,7 @@ async fn a_fatal_producer_error_gets_503_until_the_producer_is_replaced() {
     }
     let post = || client.post(format!("{url}/sync/{topic}")).body("{}").send();
     assert_eq!(post().await.unwrap().status(), 200);
-    producers.inject_fatal_error();
+    producers.inject_fatal_error(kafboy::config::Mode::Sync);
     // librdkafka refuses new records at once; kafboy answers 503 until the producer is replaced.
     let r = common::Reply::read(post().await.unwrap()).await;
     assert_eq!(r.status, 503, "{}", r.body);

@@ -51,7 +51,7 @@ pub struct Waiter(pub Option<Box<Waiting>>);
 pub struct Waiting {
     /// Where the outcome goes.
     pub tx: oneshot::Sender<Outcome>,
-    /// Whether the record is also kept in the spool ([`Admission::mark_spooled`]).
+    /// Whether the record is also kept in the spool ([`Admission::cover`]).
     pub spooled: bool,
     /// Whether its client was answered already ([`super::Report::AfterReply`]).
     pub replied: bool,
@@ -177,9 +177,8 @@ impl ProducerContext for Context {
             Err((e, m)) => (m, Some(e)),
         };
         let spooled = waiter.0.as_ref().is_some_and(|w| w.spooled);
-        if spooled {
-            self.admission.unmark_spooled(1);
-        }
+        // As `Producer::send` covered it: the spool keeps it, or a requester waits for it.
+        let covered = waiter.0.as_ref().is_some_and(|w| w.spooled || !w.replied);
         // A spooled record's attempt is not its outcome: the spool sends it again after a
         // failure, and counts what finally happened to it (`Producer::count_delivered`).
         let outcome = match error {
@@ -218,6 +217,9 @@ impl ProducerContext for Context {
         // undelivered, then what failed, and must not miss a record between the two.
         self.admission.release(1, record_bytes(message));
         self.admission.unhand(1);
+        if covered {
+            self.admission.uncover(1);
+        }
         match (waiter.0, &outcome) {
             // The requester may have given up (deadline, disconnect); the outcome is counted anyway.
             (Some(waiting), _) => drop(waiting.tx.send(outcome)),

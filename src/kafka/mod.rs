@@ -227,10 +227,11 @@ impl Producers {
         })
     }
 
-    /// Raises a fatal error in the `sync` producer, for fault tests.
+    /// Raises a fatal error in the producer of `mode` (the shared batch one for the batch
+    /// modes), for fault tests.
     #[doc(hidden)]
-    pub fn inject_fatal_error(&self) {
-        ffi::inject_fatal_error(&self.sync.current().inner);
+    pub fn inject_fatal_error(&self, mode: Mode) {
+        ffi::inject_fatal_error(&self.for_mode(mode, "").inner);
     }
 
     /// Why the server is not ready, if it is not.
@@ -287,9 +288,10 @@ impl Producers {
         }
         // librdkafka#4103: flush's return code is not trusted. Nor is its queue length, which
         // counts waiting events (statistics, errors) as well: the records still holding room,
-        // handed over and not yet reported, decide. Those the spool also holds are not lost:
-        // they are sent again at the next start.
-        let undelivered = producers.iter().map(|p| p.unspooled()).sum();
+        // handed over and not yet reported, decide. Those the spool also holds are not lost
+        // (they are sent again at the next start), nor those a requester still waits for: it is
+        // answered (`503` once they are purged below, or `504`).
+        let undelivered = producers.iter().map(|p| p.uncovered()).sum();
         let failed_after = self.lost();
         // What the deadline left unsent is given up now, not when the producers are dropped
         // after the last answers: a sync request waiting for such a record gets its `503`
@@ -310,7 +312,8 @@ impl Producers {
 /// What a shutdown's flush left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flushed {
-    /// Records still handed over and unreported at the deadline (spooled ones aside).
+    /// Records still handed over and unreported at the deadline whose clients had a `2xx`
+    /// (those the spool keeps, and those a requester still waits for, aside).
     pub undelivered: usize,
     /// Records reported failed since the shutdown began (refused, or past their message
     /// timeout with the brokers away, during the drain or the flush): accepted, and lost.

@@ -186,6 +186,7 @@ impl Producer {
         let waited = report != Report::None;
         let spooled = report == Report::Spool;
         let replied = report == Report::AfterReply;
+        let covered = matches!(report, Report::Spool | Report::Caller);
         let mut receivers = Vec::with_capacity(if waited { records.len() } else { 0 });
         let total = records.len();
         self.admission.hand(total);
@@ -215,17 +216,17 @@ impl Producer {
                 // The last record of a request takes the shared copy itself.
                 base = base.headers(Arc::unwrap_or_clone(h));
             }
-            if spooled {
-                self.admission.mark_spooled(1);
+            if covered {
+                self.admission.cover(1);
             }
             if let Err((error, _)) = self.inner.send(base) {
-                if spooled {
-                    self.admission.unmark_spooled(1);
-                }
                 // Give back the room of this record and of the ones never handed over; records
                 // already queued give theirs back through their delivery reports.
                 self.admission.release(total - i, bytes - handed_bytes);
                 self.admission.unhand(total - i);
+                if covered {
+                    self.admission.uncover(1);
+                }
                 let error = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
                 return Err(SendError::Refused { accepted: i, error });
             }
@@ -289,9 +290,10 @@ impl Producer {
         self.inner.context().retired.store(true, Ordering::Relaxed);
     }
 
-    /// Records holding room that are not also kept in the spool.
-    pub fn unspooled(&self) -> usize {
-        self.admission.unspooled()
+    /// Records handed over and unreported that neither the spool keeps nor a requester waits
+    /// for ([`Admission::uncovered`]).
+    pub fn uncovered(&self) -> usize {
+        self.admission.uncovered()
     }
 
     /// Share of the queue in use, 0 to 1, and whether it is full.

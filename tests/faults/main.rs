@@ -454,7 +454,7 @@ async fn s6_fatal_producer_error() {
         }
     };
     let injected = Instant::now();
-    producers.inject_fatal_error();
+    producers.inject_fatal_error(kafboy::config::Mode::Sync);
     // /ready goes 503, then (producer rebuilt) back to 200.
     let mut went_down = None;
     let mut came_back = None;
@@ -750,7 +750,7 @@ async fn s6b_fatal_producer_error_with_records_queued() {
     let down = Instant::now();
     hold(Duration::from_millis(500)).await;
     let injected = Instant::now();
-    producers.inject_fatal_error();
+    producers.inject_fatal_error(kafboy::config::Mode::Sync);
     hold(Duration::from_millis(500)).await;
     cluster.broker_up(ALL_BROKERS).unwrap();
     poll_until(PATIENCE, || clients.all_ok_since(injected)).await;
