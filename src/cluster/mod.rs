@@ -34,7 +34,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct ClusterConfig {
     /// This node's name, as `/disco` tells it. Default: `kafboy@<listen address>`.
     pub name: Option<String>,
-    /// The URL peers reach this node at. Default: `http://<listen address>`.
+    /// The URL peers reach this node at. Default: `http://<listen address>` (set it when
+    /// listening on 0.0.0.0 or `[::]`, which no peer can reach; a warning says so).
     pub advertise_url: Option<String>,
     /// Peer base URLs, e.g. `http://10.0.0.2:8000`.
     #[serde(deserialize_with = "crate::config::string_or_list")]
@@ -171,6 +172,13 @@ impl Cluster {
         if let Some(source) = &config.discovery_url {
             checked_url(source).map_err(|e| format!("cluster.discovery_url: {e}"))?;
         }
+        if config.advertise_url.is_none() && listen.ip().is_unspecified() {
+            tracing::warn!(
+                %listen,
+                "cluster.advertise_url is not set: /disco names this node by an address other \
+                 nodes cannot reach"
+            );
+        }
         // Written as peer URLs are (no trailing slash), so that a list naming this node's own
         // URL is recognised at once.
         let url = config.advertise_url.as_deref().map_or_else(
@@ -297,13 +305,20 @@ async fn capped(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, 
     Ok(body)
 }
 
-/// A peer's URL, `http://host:port` without a trailing slash. Without user info: a peer's URL
-/// is a metric label, a status page entry and a log field.
+/// A peer's URL, `http://host:port` without a trailing slash. Without user info, query or
+/// fragment: a peer's URL is a metric label, a status page entry and a log field, and kafboy's
+/// paths (`/ready`, the request's) are appended to it.
 fn normalize(url: &str) -> Result<String, String> {
     let (url, parsed) = checked_url(url)?;
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(format!(
             "cluster peer {:?}: no user info (user:password@) in a peer's URL",
+            redacted(&url)
+        ));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!(
+            "cluster peer {:?}: no query (?) or fragment (#) in a peer's URL",
             redacted(&url)
         ));
     }

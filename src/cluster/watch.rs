@@ -108,6 +108,11 @@ impl Cluster {
             }
         };
         let found = listed_urls(&listed, &shown);
+        // A list with no peer in it is more likely an error page, or a file caught as it is
+        // rewritten, than a cluster of one: the old list stays.
+        if found.is_empty() {
+            return tracing::warn!(source = %shown, "discovery list names no peer; kept the last one");
+        }
         let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
         peers.retain(|url, p| {
             let keep = p.fixed || found.contains(url);
@@ -190,19 +195,27 @@ const DISCOVERY_MAX: usize = 1 << 20;
 const READY_MAX: usize = 64 << 10;
 
 /// The URLs of a discovery list: the last field of each line that has one, so that `/disco`'s
-/// `name url` lines do too; at most [`MAX_DISCOVERED`]. Lines that are no `http://` URL are
-/// logged, not silently dropped.
+/// `name url` lines do too; each once, at most [`MAX_DISCOVERED`]. Lines that are no `http://`
+/// URL are logged (one line for all of them), not silently dropped.
 fn listed_urls(listed: &str, source: &str) -> Vec<String> {
-    let mut found = Vec::new();
+    let mut found: Vec<String> = Vec::new();
+    let (mut left_out, mut first_error) = (0usize, None);
     for line in listed.lines().filter_map(|l| l.split_whitespace().last()) {
         match normalize(line) {
+            Ok(url) if found.contains(&url) => {}
             Ok(url) if found.len() < MAX_DISCOVERED => found.push(url),
             Ok(_) => {
                 tracing::warn!(%source, max = MAX_DISCOVERED, "discovery list too long; the rest is left out");
                 break;
             }
-            Err(error) => tracing::warn!(%source, %error, "discovery line left out"),
+            Err(error) => {
+                left_out += 1;
+                first_error.get_or_insert(error);
+            }
         }
+    }
+    if let Some(first) = first_error {
+        tracing::warn!(%source, lines = left_out, %first, "discovery lines left out");
     }
     found
 }
@@ -227,5 +240,16 @@ mod tests {
             .map(|i| format!("http://10.0.{}.{}:8000\n", i / 256, i % 256))
             .collect();
         assert_eq!(listed_urls(&long, "test").len(), MAX_DISCOVERED);
+        // Each once: repeats do not take the room of the peers after them.
+        let repeated = format!(
+            "{}http://10.9.9.9:8000\n",
+            "http://10.0.0.2:8000\n".repeat(300)
+        );
+        assert_eq!(
+            listed_urls(&repeated, "test"),
+            ["http://10.0.0.2:8000", "http://10.9.9.9:8000"]
+        );
+        // Nothing a query or a fragment would be appended to.
+        assert!(listed_urls("http://10.0.0.2:8000?x=1\nhttp://10.0.0.3#f\n", "test").is_empty());
     }
 }

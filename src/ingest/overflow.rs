@@ -10,6 +10,8 @@ use crate::state::AppState;
 
 /// Counts a request a peer forwarded here; whether it was one (it is never forwarded again).
 pub(super) fn received(app: &AppState, parts: &Parts) -> bool {
+    // Counted on a node without `[cluster]` too: a peer may forward to a node that forwards
+    // nothing itself.
     if !parts.headers.contains_key(crate::cluster::HOP) {
         return false;
     }
