@@ -238,7 +238,12 @@ impl Inner {
         if newly {
             tracing::error!(dir = %self.dir.display(), %message, "spool: disk error, not ready");
         } else {
-            tracing::warn!(dir = %self.dir.display(), %message, "spool: disk error");
+            // Every refused append of an outage comes here: a line a second at most.
+            static REPEATS: crate::throttle::Throttle =
+                crate::throttle::Throttle::new(std::time::Duration::from_secs(1));
+            if let Some(suppressed) = REPEATS.pass() {
+                tracing::warn!(dir = %self.dir.display(), %message, suppressed, "spool: disk error");
+            }
         }
         self.disk_errors.fetch_add(1, Ordering::Relaxed);
         *lock(&self.last_error) = Some(message.clone());
