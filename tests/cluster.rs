@@ -527,13 +527,50 @@ async fn hooked_and_spooled_routes_are_served_where_they_arrive() {
 
 /// The queue-full drops `gw` counted for `topic`.
 async fn queue_full_drops(gw: &Gateway, topic: &str) -> f64 {
+    drops(gw, topic, "queue_full").await
+}
+
+/// The drops `gw` counted for `topic` with `reason`.
+async fn drops(gw: &Gateway, topic: &str, reason: &str) -> f64 {
     let text = common::get_text(&format!("{}/metrics", gw.url)).await;
     let label = format!("topic=\"{topic}\"");
+    let reason = format!("reason=\"{reason}\"");
     text.lines()
         .filter(|l| l.starts_with("kafboy_records_dropped_total{"))
-        .filter(|l| l.contains(&label) && l.contains("reason=\"queue_full\""))
+        .filter(|l| l.contains(&label) && l.contains(&reason))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Not only a full queue: any refusal the forwarding node declines (and serves itself) is its
+/// to count, here a producer's fatal error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_refusing_a_forwarded_request_leaves_its_drop_to_the_node_that_sent_it() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("f", 1, 1).unwrap();
+    let toml = "[topics]\nallow = [\"f\"]\n[cluster]\npeers = [\"http://127.0.0.1:9\"]\n";
+    let mut config = kafboy::Config::from_toml(toml).unwrap();
+    config.kafka.brokers = vec![mock.bootstrap_servers()];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    config.server.listen = listener.local_addr().unwrap();
+    let app = kafboy::App::build(&config).unwrap();
+    let producers = app.producers().clone();
+    let peer = common::serve_on(app, listener).await;
+    peer.wait_ready().await;
+    assert_eq!(peer.post_json("/sync/f", "{}").await.status, 200);
+    // librdkafka refuses new records at once (503) until the producer is replaced.
+    producers.inject_fatal_error(kafboy::config::Mode::Sync);
+    let r = client()
+        .post(format!("{}/sync/f", peer.url))
+        .header("x-kafboy-forwarded-by", "kafboy@elsewhere")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let counted = drops(&peer, "f", "refused").await + drops(&peer, "f", "fatal").await;
+    assert_eq!(counted, 0.0, "left to the sender");
+    peer.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -112,7 +112,7 @@ fn causes(error: &reqwest::Error) -> String {
 /// request, may serve it: the peer is full, not ready or shutting down, over its own rate
 /// limit, does not (yet) know the key or the topic (a key file or metadata not reloaded
 /// there yet), or refused the headers before reading the request.
-fn declined(status: StatusCode) -> bool {
+pub(crate) fn declined(status: StatusCode) -> bool {
     [
         StatusCode::SERVICE_UNAVAILABLE,
         StatusCode::TOO_MANY_REQUESTS,

@@ -11,6 +11,8 @@ use axum::http::{HeaderMap, HeaderName};
 use serde::{Deserialize, Serialize};
 
 mod forward;
+
+pub(crate) use forward::declined;
 mod watch;
 
 /// The header a forwarded request carries: the name of the node that forwarded it.

@@ -187,12 +187,13 @@ async fn ingest(
         let count = values.len() as u64;
         check_partition(app, &topic, &info, meta.partition).await?;
         let records = records_for(app, route, route.mode, &topic, &info, meta, values)?;
-        // A full queue's refusal is counted where the request ends: after the peer's answer
-        // here; at the node that forwarded it, which may yet serve it, on a forwarded one.
+        // A refusal is counted where the request ends: a full queue's after the peer's answer
+        // here; on a forwarded request, at the node that forwarded it, which may yet serve it.
         let from_peer = app.cluster.is_some() && parts.headers.contains_key(crate::cluster::HOP);
-        let stake = match relay.is_some() || from_peer {
-            true => Stake::PeerMayTake,
-            false => Stake::Own,
+        let stake = match (relay.is_some(), from_peer) {
+            (true, _) => Stake::PeerMayTake,
+            (false, true) => Stake::Forwarded,
+            (false, false) => Stake::Own,
         };
         let queued = enqueue(app, route, route.mode, topic, records, kind, stake).await;
         // Queued, or refused: an inflated body no longer waits (a copy for a peer is held of

@@ -102,9 +102,12 @@ impl Queued {
 pub(super) enum Stake {
     /// Nothing: the answer is the records' outcome.
     Own,
-    /// A full queue's refusal may yet be served by a peer (or by the node that forwarded the
-    /// request here): the caller counts the drop if none does.
+    /// A full queue's refusal may yet be served by a peer: the caller counts the drop if none
+    /// does.
     PeerMayTake,
+    /// A peer forwarded the request here: a refusal it declines (`503`, and the others that
+    /// write nothing) it serves itself, and counts the drop if it cannot.
+    Forwarded,
     /// The client was answered already (a hook's reply): a record that fails is lost.
     Replied,
 }
@@ -215,11 +218,18 @@ pub(super) async fn enqueue(
                 _ => 0,
             };
             count_accepted(&counters.accepted, &app.stats.accepted, queued as u64);
-            if !(stake == Stake::PeerMayTake && matches!(error, crate::kafka::SendError::QueueFull))
-            {
-                crate::metrics::dropped(&counters.label, error.reason(), (count - queued) as u64);
+            let reason = error.reason();
+            let full = matches!(error, crate::kafka::SendError::QueueFull);
+            let failure = IngestError::from(error);
+            let counted_elsewhere = match stake {
+                Stake::PeerMayTake => full,
+                Stake::Forwarded => crate::cluster::declined(failure.status()),
+                Stake::Own | Stake::Replied => false,
+            };
+            if !counted_elsewhere {
+                crate::metrics::dropped(&counters.label, reason, (count - queued) as u64);
             }
-            return Err(error.into());
+            return Err(failure);
         }
     };
     count_accepted(&counters.accepted, &app.stats.accepted, count as u64);
