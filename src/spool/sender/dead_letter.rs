@@ -223,9 +223,11 @@ fn dead_letter_line(entry: &Entry, refusal: &Refusal, attempts: u32) -> Vec<u8> 
         None => (serde_json::Value::Null, "utf8"),
     };
     let (value, value_encoding) = text_or_hex(&entry.value);
+    // As the record was sent: a client's own `kafboy-id` gave way to the spool's (`id`).
     let headers: Vec<serde_json::Value> = entry
         .headers
         .iter()
+        .filter(|(name, _)| name != crate::spool::ID_HEADER)
         .map(|(name, value)| {
             let value = value.as_ref().map(|v| text_or_hex(v));
             serde_json::json!({
@@ -308,7 +310,14 @@ mod tests {
             topic: "t".into(),
             key: Some(Bytes::from_static(b"k")),
             partition: Some(3),
-            headers: vec![("h".into(), Some(Bytes::from_static(&[0xff, 0x00])))],
+            headers: vec![
+                ("h".into(), Some(Bytes::from_static(&[0xff, 0x00]))),
+                // A client's: the record went with the spool's id instead.
+                (
+                    crate::spool::ID_HEADER.into(),
+                    Some(Bytes::from_static(b"forged")),
+                ),
+            ],
             value: Bytes::from_static(&[0xc3, 0x28]),
         };
         let refusal = Refusal {
@@ -325,6 +334,7 @@ mod tests {
         assert_eq!(v["value_encoding"], "hex");
         assert_eq!(v["key"], "k");
         assert_eq!(v["headers"][0]["value"], "ff00");
+        assert_eq!(v["headers"].as_array().unwrap().len(), 1, "{v}");
         assert_eq!(v["status"], 413);
     }
 }
