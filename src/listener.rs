@@ -102,6 +102,7 @@ pub async fn serve(
         open: open.clone(),
         refusals: Refusals::default(),
         stop: stop.clone(),
+        grace,
     };
     let stopped = async move {
         let mut stop = stop;

@@ -52,12 +52,17 @@ impl Cluster {
             }
             Ok(answer) => Some(relay(answer).await),
             Err(error) => {
-                tracing::warn!(%peer, error = %causes(&error), "forwarding failed");
                 self.mark(&peer, false, 0.0);
+                // A peer at its connection cap, as a declined request is.
+                if never_sent(&error) {
+                    tracing::debug!(%peer, error = %causes(&error), "peer refused a forward before it was sent");
+                    return None;
+                }
+                tracing::warn!(%peer, error = %causes(&error), "forwarding failed");
                 // Only a request that never reached the peer (no connection) was certainly not
                 // taken; the caller may then serve it. Once it was sent, a timeout, a reset or
                 // an answer cut short may follow a produce on the peer: 504, never a second try.
-                if error.is_connect() || error.is_builder() || never_sent(&error) {
+                if error.is_connect() || error.is_builder() {
                     return None;
                 }
                 let what = if error.is_timeout() {

@@ -15,13 +15,11 @@ pub struct Admission {
     bytes: Semaphore,
     max_records: usize,
     max_bytes: usize,
-    /// Of the records handed over, those a shutdown that leaves them unreported does not lose:
-    /// the spool keeps them on disk, or their requester still waits for the outcome (and is
-    /// told: `503` or `504`).
-    covered: AtomicUsize,
-    /// Records handed to librdkafka and not yet reported. Not the room taken: a request
-    /// waiting for room may hold some of it before it is refused at a closed gate.
-    handed: AtomicUsize,
+    /// Records handed to librdkafka and not yet reported that a shutdown leaving them unreported
+    /// would lose: not covered (see [`Admission::hand`]). One count, read in one load. Not the
+    /// room taken: a request waiting for room may hold some of it before it is refused at a
+    /// closed gate.
+    uncovered: AtomicUsize,
 }
 
 /// Why room could not be had.
@@ -43,8 +41,7 @@ impl Admission {
             bytes: Semaphore::new(max_bytes),
             max_records,
             max_bytes,
-            covered: AtomicUsize::new(0),
-            handed: AtomicUsize::new(0),
+            uncovered: AtomicUsize::new(0),
         }
     }
 
@@ -121,36 +118,27 @@ impl Admission {
             .saturating_sub(self.records.available_permits())
     }
 
-    /// Notes that `records` records about to be handed over are covered: kept in the spool
-    /// (sent again at the next start), or waited for by a requester that is to be answered.
-    /// A shutdown that leaves them unreported loses nothing.
-    pub fn cover(&self, records: usize) {
-        self.covered.fetch_add(records, Ordering::SeqCst);
-    }
-
-    /// Undoes [`Admission::cover`], after [`Admission::unhand`]: a shutdown reading the counts in
-    /// between must not take the record for an uncovered one.
-    pub fn uncover(&self, records: usize) {
-        self.covered.fetch_sub(records, Ordering::SeqCst);
-    }
-
     /// Notes `records` more records handed to librdkafka (before the hand-over: a report may
-    /// come at once).
-    pub fn hand(&self, records: usize) {
-        self.handed.fetch_add(records, Ordering::SeqCst);
+    /// come at once). `covered` ones a shutdown that leaves them unreported does not lose: the
+    /// spool keeps them (and sends them again at the next start), or their requester still
+    /// waits for the outcome and gets no `2xx` without it.
+    pub fn hand(&self, records: usize, covered: bool) {
+        if !covered {
+            self.uncovered.fetch_add(records, Ordering::Relaxed);
+        }
     }
 
     /// Undoes [`Admission::hand`] for records librdkafka refused, or reported.
-    pub fn unhand(&self, records: usize) {
-        self.handed.fetch_sub(records, Ordering::SeqCst);
+    pub fn unhand(&self, records: usize, covered: bool) {
+        if !covered {
+            self.uncovered.fetch_sub(records, Ordering::Relaxed);
+        }
     }
 
     /// Records handed over and not yet reported that are not covered: the ones a shutdown
-    /// would lose after their clients' `2xx`. The covered count is read first: a record
-    /// reported in between (unhanded, then uncovered) is then not taken for a lost one.
+    /// would lose after their clients' `2xx`.
     pub fn uncovered(&self) -> usize {
-        let covered = self.covered.load(Ordering::SeqCst);
-        self.handed.load(Ordering::SeqCst).saturating_sub(covered)
+        self.uncovered.load(Ordering::Relaxed)
     }
 }
 

@@ -51,7 +51,7 @@ pub struct Waiter(pub Option<Box<Waiting>>);
 pub struct Waiting {
     /// Where the outcome goes.
     pub tx: oneshot::Sender<Outcome>,
-    /// Whether the record is also kept in the spool ([`Admission::cover`]).
+    /// Whether the record is also kept in the spool (covered: [`Admission::hand`]).
     pub spooled: bool,
     /// Whether its client was answered already ([`super::Report::AfterReply`]).
     pub replied: bool,
@@ -216,10 +216,7 @@ impl ProducerContext for Context {
         // Counted before it stops being counted as handed over: a shutdown reads what is
         // undelivered, then what failed, and must not miss a record between the two.
         self.admission.release(1, record_bytes(message));
-        self.admission.unhand(1);
-        if covered {
-            self.admission.uncover(1);
-        }
+        self.admission.unhand(1, covered);
         match (waiter.0, &outcome) {
             // The requester may have given up (deadline, disconnect); the outcome is counted anyway.
             (Some(waiting), _) => drop(waiting.tx.send(outcome)),

@@ -290,7 +290,8 @@ impl Producers {
         // counts waiting events (statistics, errors) as well: the records still holding room,
         // handed over and not yet reported, decide. Those the spool also holds are not lost
         // (they are sent again at the next start), nor those a requester still waits for: it is
-        // answered (`503` once they are purged below, or `504`).
+        // never answered `2xx` without it (`503` once purged below; no answer if in flight at
+        // the exit).
         let undelivered = producers.iter().map(|p| p.uncovered()).sum();
         let failed_after = self.lost();
         // What the deadline left unsent is given up now, not when the producers are dropped

@@ -189,7 +189,7 @@ impl Producer {
         let covered = matches!(report, Report::Spool | Report::Caller);
         let mut receivers = Vec::with_capacity(if waited { records.len() } else { 0 });
         let total = records.len();
-        self.admission.hand(total);
+        self.admission.hand(total, covered);
         let mut handed_bytes = 0;
         for (i, record) in records.into_iter().enumerate() {
             let waiter = if waited {
@@ -216,17 +216,11 @@ impl Producer {
                 // The last record of a request takes the shared copy itself.
                 base = base.headers(Arc::unwrap_or_clone(h));
             }
-            if covered {
-                self.admission.cover(1);
-            }
             if let Err((error, _)) = self.inner.send(base) {
                 // Give back the room of this record and of the ones never handed over; records
                 // already queued give theirs back through their delivery reports.
                 self.admission.release(total - i, bytes - handed_bytes);
-                self.admission.unhand(total - i);
-                if covered {
-                    self.admission.uncover(1);
-                }
+                self.admission.unhand(total - i, covered);
                 let error = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
                 return Err(SendError::Refused { accepted: i, error });
             }

@@ -21,8 +21,8 @@ use super::{Limits, Refusals, RequestId, linger, path, refuse};
 use crate::auth::ClientSubject;
 use crate::tls::Tls;
 
-/// How long a connection that has not brought its first request yet is kept open once the server
-/// stops. Its client connected before the listener closed and is sending that request now:
+/// How long (at most: half the shutdown's grace, if that is shorter) a connection that has not
+/// brought its first request yet is kept open once the server stops. Its client connected before the listener closed and is sending that request now:
 /// closing the connection under it would reset it, and a reset after a request was sent reads
 /// as "may have been taken" (to a forwarding peer too, which then answers `504`). Kept open, the
 /// request gets its answer: `503`, shutting down.
@@ -38,6 +38,8 @@ pub(super) struct Accepting {
     pub open: Arc<Semaphore>,
     pub refusals: Refusals,
     pub stop: watch::Receiver<bool>,
+    /// The shutdown's grace for open requests.
+    pub grace: Duration,
 }
 
 impl Accepting {
@@ -58,6 +60,7 @@ impl Accepting {
             router: self.router.clone(),
             peer,
             stop: self.stop.clone(),
+            first_request_wait: FIRST_REQUEST_WAIT.min(self.grace / 2),
         };
         let write_timeout = self.limits.write_timeout;
         match &self.tls {
@@ -133,6 +136,7 @@ struct Connection {
     router: Router,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
+    first_request_wait: Duration,
 }
 
 impl Connection {
@@ -172,7 +176,7 @@ impl Connection {
             let _ = self.stop.wait_for(|stopped| *stopped).await;
             if !first.seen.load(Relaxed) {
                 let came = first.came.notified();
-                let _ = tokio::time::timeout(FIRST_REQUEST_WAIT, came).await;
+                let _ = tokio::time::timeout(self.first_request_wait, came).await;
             }
         };
         let ended = tokio::select! {
