@@ -79,18 +79,24 @@ impl Cluster {
     }
 }
 
-/// Whether the request failed before any of it was written to the connection: the peer sent
-/// something before the request went out (a peer at its connection cap writes its `503` as it
-/// accepts), and hyper gave up the connection with the request unwritten. hyper reports that as
-/// an unexpected message (hyper-util, when the request came back to it unsent, as `Canceled`);
-/// neither kind is exposed but in its message. A fresh connection carries one request, so an
-/// unexpected message cannot be an answer to it.
+/// Whether the request failed before all of it was written to the connection, so the peer
+/// cannot have taken it (a kafboy node produces nothing before a request's whole body is in):
+/// - the peer sent something before the request went out (a peer at its connection cap writes
+///   its `503` as it accepts), and hyper gave the connection up with the request unwritten:
+///   an unexpected message (hyper-util, when the request came back to it unsent, says
+///   `Canceled`); neither kind is exposed but in its message. A fresh connection carries one
+///   request, so an unexpected message cannot be an answer to it;
+/// - a write met a closed connection (`EPIPE`): bytes of the request were still to go. Once
+///   they were all written no write is left to fail, whatever the peer did with them.
 fn never_sent(error: &reqwest::Error) -> bool {
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {
-        let unsent = match e.downcast_ref::<hyper_util::client::legacy::Error>() {
-            Some(e) => e.to_string() == "client error (Canceled)",
-            None => e.to_string() == "received unexpected message from connection",
+        let unsent = if let Some(e) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+            e.to_string() == "client error (Canceled)"
+        } else if let Some(e) = e.downcast_ref::<std::io::Error>() {
+            e.kind() == std::io::ErrorKind::BrokenPipe
+        } else {
+            e.to_string() == "received unexpected message from connection"
         };
         if unsent {
             return true;
