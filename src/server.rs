@@ -171,19 +171,20 @@ impl App {
             write_timeout: state.server.write_timeout,
         };
         let router = self.router();
+        let mut admin_drain = None;
         if let Some(admin) = self.admin {
             let admin_router = crate::operations::router(crate::operations::Listener::Admin)
                 .fallback(not_found)
                 .with_state(state.clone());
             let stop = stop_rx.clone();
-            tokio::spawn(crate::listener::serve(
+            admin_drain = Some(tokio::spawn(crate::listener::serve(
                 admin,
                 admin_router,
                 limits,
                 None,
                 stop,
                 grace,
-            ));
+            )));
         }
         if let Some(tls) = &self.tls {
             tls.spawn_watch();
@@ -191,6 +192,11 @@ impl App {
         let drained =
             crate::listener::serve(listener, router, limits, self.tls.clone(), stop_rx, grace)
                 .await;
+        // The admin listener drains beside the main one, started by the same stop: its
+        // connections' answers are out before the process goes on to exit.
+        if let Some(admin) = admin_drain {
+            let _ = admin.await;
+        }
         if !drained.in_time {
             tracing::warn!(?grace, "requests still open at the shutdown deadline");
         }

@@ -668,6 +668,7 @@ async fn a_connection_made_before_a_shutdown_gets_an_answer_to_its_first_request
         assert!(
             answer.starts_with("HTTP/1.1 503")
                 && answer.contains("retry-after")
+                && answer.contains("connection: close")
                 && answer.contains("shutting down"),
             "{answer}"
         );

@@ -38,6 +38,8 @@ pub(super) struct Accepting {
     pub open: Arc<Semaphore>,
     pub refusals: Refusals,
     pub stop: watch::Receiver<bool>,
+    /// Raised as the listener stops, for answers to say `Connection: close`.
+    pub stopping: Arc<AtomicBool>,
     /// The shutdown's grace for open requests.
     pub grace: Duration,
 }
@@ -60,6 +62,7 @@ impl Accepting {
             router: self.router.clone(),
             peer,
             stop: self.stop.clone(),
+            stopping: self.stopping.clone(),
             first_request_wait: FIRST_REQUEST_WAIT.min(self.grace / 2),
         };
         let write_timeout = self.limits.write_timeout;
@@ -107,8 +110,19 @@ async fn serve_tls(
     permit: OwnedSemaphorePermit,
 ) {
     let peer = connection.peer;
-    let handshake = limits.header_read_timeout;
-    match tokio::time::timeout(handshake, tls.acceptor().accept(tcp)).await {
+    let handshake = tokio::time::timeout(limits.header_read_timeout, tls.acceptor().accept(tcp));
+    // A handshake still to come once the server stops gets the first request's wait, as a
+    // plain connection's first request does, not the whole handshake timeout.
+    let (mut stop, wait) = (connection.stop.clone(), connection.first_request_wait);
+    let stopping = async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+        tokio::time::sleep(wait).await;
+    };
+    let handshake = tokio::select! {
+        done = handshake => done,
+        () = stopping => return tracing::debug!(%peer, "TLS handshake not done at the stop"),
+    };
+    match handshake {
         Ok(Ok(stream)) => {
             let subject = stream
                 .get_ref()
@@ -136,6 +150,7 @@ struct Connection {
     router: Router,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
+    stopping: Arc<AtomicBool>,
     first_request_wait: Duration,
 }
 
@@ -146,6 +161,7 @@ impl Connection {
     {
         let peer = self.peer;
         let router = self.router;
+        let stopping = self.stopping;
         let first = Arc::new(FirstRequest::default());
         let seen = first.clone();
         // Every response carries the request's id. A plain function around the router rather
@@ -160,13 +176,21 @@ impl Connection {
             if let Some(subject) = &subject {
                 extensions.insert(ClientSubject(subject.clone()));
             }
+            // A client that keeps the connection would send its next request into the close
+            // that follows: told now, it opens a new one (and finds the node gone). A request
+            // already open at the stop is told by hyper (the graceful shutdown below).
+            let closing = stopping.load(Relaxed);
             let answer = router.clone().oneshot(request);
             async move {
                 let mut response = answer.await?;
-                response
-                    .headers_mut()
-                    .entry(super::REQUEST_ID)
-                    .or_insert(id.0);
+                let headers = response.headers_mut();
+                headers.entry(super::REQUEST_ID).or_insert(id.0);
+                if closing {
+                    headers.insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
                 Ok::<_, Infallible>(response)
             }
         });
