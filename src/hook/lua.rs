@@ -226,6 +226,10 @@ mod tests {
     }
 
     fn request(body: &str) -> Arc<HookRequest> {
+        request_of(BodyKind::Json, body)
+    }
+
+    fn request_of(kind: BodyKind, body: &str) -> Arc<HookRequest> {
         Arc::new(HookRequest::new(
             "t".into(),
             Mode::Async,
@@ -235,7 +239,7 @@ mod tests {
             axum::http::HeaderMap::new(),
             None,
             Bytes::from(body.to_string()),
-            BodyKind::Json,
+            kind,
         ))
     }
 
@@ -690,18 +694,7 @@ mod tests {
             (BodyKind::Ndjson, "ndjson"),
             (BodyKind::Raw, "raw"),
         ] {
-            let request = HookRequest::new(
-                "t".into(),
-                Mode::Async,
-                axum::http::Method::POST,
-                "/async/t".into(),
-                None,
-                axum::http::HeaderMap::new(),
-                None,
-                Bytes::from_static(b"{}"),
-                kind,
-            );
-            match hook(script).call(Arc::new(request)) {
+            match hook(script).call(request_of(kind, "{}")) {
                 Ok(Verdict::Respond(r)) => assert_eq!(&r.body[..], name.as_bytes()),
                 other => panic!("{other:?}"),
             }
