@@ -68,6 +68,10 @@ pub enum IngestError {
     /// 503 + Retry-After: not accepted; definitely not written.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 + Retry-After, and `Connection: close`: the node is stopping; nothing written. A
+    /// client that kept the connection would send its next request into the close.
+    #[error("shutting down")]
+    ShuttingDown,
     /// 504: the outcome is unknown; the record may have been written.
     #[error("{0}")]
     Unknown(String),
@@ -106,7 +110,9 @@ impl IngestError {
             IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::UnsupportedType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            IngestError::Unavailable(_) | IngestError::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Unavailable(_) | IngestError::QueueFull | IngestError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             IngestError::Unknown(_) => StatusCode::GATEWAY_TIMEOUT,
             IngestError::Rejected { status, .. } | IngestError::Partial { status, .. } => *status,
             IngestError::HookFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -184,7 +190,7 @@ impl From<crate::spool::SpoolError> for IngestError {
         use crate::spool::SpoolError as S;
         match e {
             S::TooLarge(m) => IngestError::TooLarge(m),
-            S::Closed => IngestError::Unavailable("shutting down".into()),
+            S::Closed => IngestError::ShuttingDown,
             // Full and disk errors: not written, retry later.
             other => IngestError::Unavailable(other.to_string()),
         }
@@ -213,7 +219,7 @@ impl From<SendError> for IngestError {
                 IngestError::TooLarge("request larger than the producer queue".into())
             }
             SendError::Fatal => IngestError::Unavailable("producer hit a fatal error".into()),
-            SendError::Closed => IngestError::Unavailable("shutting down".into()),
+            SendError::Closed => IngestError::ShuttingDown,
             SendError::Refused { accepted: 0, error } => {
                 IngestError::from_delivery(error, Persisted::No)
             }
@@ -254,6 +260,10 @@ impl IntoResponse for IngestError {
             IngestError::Unauthenticated(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            IngestError::ShuttingDown => {
+                retry_soon(status, headers);
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => retry_soon(status, headers),
         }
         response
@@ -271,6 +281,16 @@ pub(crate) fn retry_soon(status: StatusCode, headers: &mut axum::http::HeaderMap
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shutting_down_answer_closes_the_connection() {
+        let response = IngestError::ShuttingDown.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::CONNECTION], "close");
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let response = IngestError::QueueFull.into_response();
+        assert!(!response.headers().contains_key(header::CONNECTION));
+    }
 
     #[test]
     fn not_persisted_is_503_possibly_persisted_is_504() {

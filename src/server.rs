@@ -194,10 +194,11 @@ impl App {
                 .await;
         // The admin listener drains beside the main one, started by the same stop: its
         // connections' answers are out before the process goes on to exit.
-        if let Some(admin) = admin_drain {
-            let _ = admin.await;
-        }
-        if !drained.in_time {
+        let admin_in_time = match admin_drain {
+            Some(admin) => admin.await.is_ok_and(|d| d.in_time),
+            None => true,
+        };
+        if !drained.in_time || !admin_in_time {
             tracing::warn!(?grace, "requests still open at the shutdown deadline");
         }
         let report = finish(&state, grace).await;

@@ -152,7 +152,7 @@ async fn ingest(
         return Err(IngestError::UnknownTopic(topic));
     }
     if app.shutting_down() {
-        return Err(IngestError::Unavailable("shutting down".into()));
+        return Err(IngestError::ShuttingDown);
     }
     let meta = RecordMeta::from_parts(&parts)?;
     // A raw route takes any body, whatever its Content-Type says (or how many it has).
