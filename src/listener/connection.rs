@@ -112,7 +112,8 @@ async fn serve_tls(
     let peer = connection.peer;
     let handshake = tokio::time::timeout(limits.header_read_timeout, tls.acceptor().accept(tcp));
     // A handshake still to come once the server stops gets the first request's wait, as a
-    // plain connection's first request does, not the whole handshake timeout.
+    // plain connection's first request does, not the whole handshake timeout (a handshake done
+    // within it then gets that wait again for its first request: two at most, in the grace).
     let (mut stop, wait) = (connection.stop.clone(), connection.first_request_wait);
     let stopping = async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
