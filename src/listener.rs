@@ -85,7 +85,6 @@ pub async fn serve(
     grace: Duration,
 ) -> Drained {
     let open = Arc::new(Semaphore::new(limits.max_connections));
-    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -103,7 +102,7 @@ pub async fn serve(
         open: open.clone(),
         refusals: Refusals::default(),
         stop: stop.clone(),
-        stopping: stopping.clone(),
+        stopping: Arc::default(),
         grace,
     };
     let stopped = async move {
@@ -127,8 +126,7 @@ pub async fn serve(
         };
         accepting.take(tcp, peer);
     }
-    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
-    accepting.take_backlog(listener);
+    accepting.stop(listener);
     let max = limits.max_connections;
     let in_time = tokio::time::timeout(grace, all_closed(&open, max))
         .await

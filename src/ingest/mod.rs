@@ -245,8 +245,9 @@ async fn ingest(
         request,
         meta,
         &mut seen.topic,
-    );
-    let handled = handled.await?;
+    )
+    .await?;
+    // The hook's records are queued (or it replied): an inflated body no longer waits.
     drop(inflated);
     match handled {
         Handled::Queued(queued) => queued.answer(app).await,

@@ -12,6 +12,7 @@ use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::oneshot;
 
+use super::Report;
 use super::admission::Admission;
 use crate::throttle::Throttle;
 
@@ -51,10 +52,8 @@ pub struct Waiter(pub Option<Box<Waiting>>);
 pub struct Waiting {
     /// Where the outcome goes.
     pub tx: oneshot::Sender<Outcome>,
-    /// Whether the record is also kept in the spool (covered: [`Admission::hand`]).
-    pub spooled: bool,
-    /// Whether its client was answered already ([`super::Report::AfterReply`]).
-    pub replied: bool,
+    /// Who waits: the caller, the caller after its client's answer, or the spool.
+    pub report: Report,
 }
 
 /// Counters of what happened to the records a producer accepted.
@@ -176,9 +175,8 @@ impl ProducerContext for Context {
             Ok(m) => (m, None),
             Err((e, m)) => (m, Some(e)),
         };
-        let spooled = waiter.0.as_ref().is_some_and(|w| w.spooled);
-        // As `Producer::send` covered it: the spool keeps it, or a requester waits for it.
-        let covered = waiter.0.as_ref().is_some_and(|w| w.spooled || !w.replied);
+        let report = waiter.0.as_ref().map_or(Report::None, |w| w.report);
+        let spooled = report == Report::Spool;
         // A spooled record's attempt is not its outcome: the spool sends it again after a
         // failure, and counts what finally happened to it (`Producer::count_delivered`).
         let outcome = match error {
@@ -204,7 +202,7 @@ impl ProducerContext for Context {
                 // Lost: a record whose only answer was a 2xx before its outcome. A sync
                 // requester hears of the failure (or was told `504`, maybe written) and may
                 // send it again.
-                if !given_up && waiter.0.as_ref().is_none_or(|w| w.replied) {
+                if !given_up && matches!(report, Report::None | Report::AfterReply) {
                     self.tally.lost.fetch_add(1, Ordering::Relaxed);
                 }
                 Outcome::Failed {
@@ -216,7 +214,7 @@ impl ProducerContext for Context {
         // Counted before it stops being counted as handed over: a shutdown reads what is
         // undelivered, then what failed, and must not miss a record between the two.
         self.admission.release(1, record_bytes(message));
-        self.admission.unhand(1, covered);
+        self.admission.unhand(1, report.covers());
         match (waiter.0, &outcome) {
             // The requester may have given up (deadline, disconnect); the outcome is counted anyway.
             (Some(waiting), _) => drop(waiting.tx.send(outcome)),

@@ -179,8 +179,7 @@ pub(crate) mod tests {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let waiter = Waiter(Some(Box::new(Waiting {
                 tx,
-                spooled: false,
-                replied: false,
+                report: crate::kafka::Report::Caller,
             })));
             let record =
                 BaseRecord::<[u8], [u8], Waiter>::with_opaque_to("t", waiter).payload(&b"x"[..]);

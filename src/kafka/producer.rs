@@ -34,6 +34,14 @@ pub enum Report {
     Spool,
 }
 
+impl Report {
+    /// Whether records reported so are covered ([`super::admission::Admission::hand`]): the
+    /// spool keeps them, or a requester waits for them and gets no `2xx` without them.
+    pub fn covers(self) -> bool {
+        matches!(self, Report::Spool | Report::Caller)
+    }
+}
+
 /// Why records were not (all) queued.
 #[derive(Debug)]
 pub enum SendError {
@@ -184,9 +192,7 @@ impl Producer {
             return Err(SendError::Closed);
         };
         let waited = report != Report::None;
-        let spooled = report == Report::Spool;
-        let replied = report == Report::AfterReply;
-        let covered = matches!(report, Report::Spool | Report::Caller);
+        let covered = report.covers();
         let mut receivers = Vec::with_capacity(if waited { records.len() } else { 0 });
         let total = records.len();
         self.admission.hand(total, covered);
@@ -195,11 +201,7 @@ impl Producer {
             let waiter = if waited {
                 let (tx, rx) = oneshot::channel();
                 receivers.push(rx);
-                Waiter(Some(Box::new(Waiting {
-                    tx,
-                    spooled,
-                    replied,
-                })))
+                Waiter(Some(Box::new(Waiting { tx, report })))
             } else {
                 Waiter(None)
             };

@@ -84,10 +84,12 @@ impl Accepting {
         }
     }
 
-    /// Takes the connections the kernel has completed and the listener not yet accepted: closing
-    /// the listener would reset them, after their clients may have sent a request. Each is
-    /// served as any other, and its request answered `503` (shutting down).
-    pub fn take_backlog(&mut self, listener: tokio::net::TcpListener) {
+    /// Stops taking connections: answers from now on say `Connection: close`, and the connections
+    /// the kernel has completed and the listener not yet accepted are taken (closing the
+    /// listener would reset them, after their clients may have sent a request). Each is served
+    /// as any other, and its request answered `503` (shutting down).
+    pub fn stop(&mut self, listener: tokio::net::TcpListener) {
+        self.stopping.store(true, Relaxed);
         let Ok(listener) = listener.into_std() else {
             return;
         };

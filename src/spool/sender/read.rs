@@ -226,16 +226,12 @@ impl Sender {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use std::collections::BTreeMap;
-    use std::path::Path;
 
     use bytes::Bytes;
 
     use super::*;
     use crate::spool::segment::Entry;
-
-    fn inner(dir: &Path, sealed: BTreeMap<u64, u64>) -> Inner {
-        crate::spool::test_inner(dir, sealed)
-    }
+    use crate::spool::test_inner as inner;
 
     /// Segment bytes holding records `seqs`.
     fn segment(seqs: std::ops::Range<u64>) -> Vec<u8> {
