@@ -549,6 +549,13 @@ async fn the_original_quick_start_works_as_printed() {
         curl(Some("hello=a")).await.unwrap().text().await.unwrap(),
         r#"{"ok":1}"#
     );
+    // An empty "hello" would be an empty record: refused, saying why.
+    let r = curl(Some("hello=")).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.text().await.unwrap(),
+        r#"{"error":"the hook set an empty body"}"#
+    );
     // JSON with curl -d and no -H: refused with a hint, though the demo hook reads fields.
     let r = curl(Some(r#"{"test":"a"}"#)).await.unwrap();
     assert_eq!(r.status(), 415);

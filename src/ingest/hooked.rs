@@ -12,7 +12,7 @@ use super::send::{Queued, Stake, enqueue, records_for};
 use super::topic::{check_partition, lookup};
 use crate::auth::Key;
 use crate::config::Mode;
-use crate::decode::{self, BodyKind, DecodeError};
+use crate::decode::{self, BodyKind};
 use crate::error::IngestError;
 use crate::hook::{Failure, Forward, Hook, HookError, HookFuture, HookRequest, Verdict};
 use crate::kafka::Record;
@@ -196,7 +196,10 @@ fn forwarded(
     });
     meta.headers.extend(forward.headers);
     let values = match forward.body {
-        Some(body) if body.is_empty() => return Err(DecodeError::Empty.into()),
+        // Not "empty body": the client's may not have been (`hello=` in the demo).
+        Some(body) if body.is_empty() => {
+            return Err(IngestError::BadRequest("the hook set an empty body".into()));
+        }
         Some(body) => vec![body],
         None => decode::decode(kind, body, &app.decode_limits)?,
     };
