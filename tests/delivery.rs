@@ -1077,6 +1077,45 @@ async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutd
     assert_eq!(report.undelivered, 1, "the retired producer's record");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_the_brokers_fenced_is_replaced_not_fed_more_records() {
+    let (cluster, topic) = cluster_with_topic("fenced", 1);
+    let bootstrap = cluster.bootstrap_servers();
+    let toml = "[kafka]\nmessage_timeout = \"5s\"\n[server]\nshutdown_timeout = \"1s\"";
+    let mut config = kafboy::Config::from_toml(toml).expect("config");
+    config.kafka.brokers = vec![bootstrap.clone()];
+    let app = kafboy::App::build(&config).expect("app");
+    let producers = app.producers().clone();
+    let gw = common::serve(app).await;
+    gw.wait_ready().await;
+    let mode = kafboy::config::Mode::Sync;
+    let path = format!("/sync/{topic}");
+    let (reply, _) = timed_post(&gw, &path, None, r#"{"first":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let fenced = std::sync::Arc::downgrade(&producers.for_mode(mode, &topic));
+    // What a broker answers a producer whose epoch it no longer takes (tansu, once
+    // librdkafka raised the epoch itself after records timed out): every later request of
+    // that producer would get the same.
+    let error = RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED;
+    cluster.request_errors(RDKafkaApiKey::Produce, &[error]);
+    let (reply, _) = timed_post(&gw, &path, None, r#"{"fenced":1}"#, PROMPT).await;
+    assert_unavailable(&reply, "a fenced record was refused: not written");
+    // The producer is replaced, and the next record goes through the new one.
+    let deadline = Instant::now() + PROMPT;
+    while std::ptr::eq(
+        std::sync::Arc::as_ptr(&producers.for_mode(mode, &topic)),
+        fenced.as_ptr(),
+    ) {
+        assert!(Instant::now() < deadline, "the fenced producer was kept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (reply, _) = timed_post(&gw, &path, None, r#"{"after":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let want = [r#"{"first":1}"#, r#"{"after":1}"#];
+    assert_holds(&bootstrap, &topic, &want, "the fenced record was written").await;
+    stop(gw).await;
+}
+
 /// Room a delivery report gives back is taken at once by requests waiting for it, while
 /// librdkafka still counts the reported records until it has handed over their whole batch of
 /// reports. Its own limits leave room for that: its QueueFull never refuses a request kafboy's

@@ -89,6 +89,9 @@ pub struct Context {
     /// Set by every error event. The event carries the underlying code, not "fatal", so the
     /// producer asks librdkafka whether it is fatal when this is set.
     pub error_seen: Arc<AtomicBool>,
+    /// Set when the brokers refuse the producer's id for good ([`fenced`]): librdkafka does
+    /// not count that as fatal, and would send every later record into the same refusal.
+    pub fenced: Arc<AtomicBool>,
     /// Per-topic delivery counters.
     pub topics: Arc<crate::metrics::Topics>,
     /// Broker states from the latest statistics, for the status page.
@@ -194,6 +197,9 @@ impl ProducerContext for Context {
                 if code == RDKafkaErrorCode::TopicAuthorizationFailed {
                     self.refusals.refused(message.topic());
                 }
+                if fenced(code) {
+                    self.fenced.store(true, Ordering::Release);
+                }
                 // Given up at the flush's deadline: counted undelivered there already.
                 let given_up = self.gate.given_up();
                 if !spooled && !given_up {
@@ -233,6 +239,17 @@ impl ProducerContext for Context {
             (None, Outcome::Delivered { .. }) => {}
         }
     }
+}
+
+/// Whether the brokers refused a record because they no longer take its producer's id and
+/// epoch, which only a new producer (a new id) gets past. librdkafka, after records time out,
+/// raises the epoch of an idempotent producer itself; Kafka takes that, other brokers (tansu)
+/// answer every later request of the producer so.
+fn fenced(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch
+    )
 }
 
 /// Value, key and header bytes: what [`Admission`] counts for a record

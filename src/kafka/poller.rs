@@ -144,6 +144,7 @@ pub(crate) mod tests {
             admission: Arc::new(Admission::new(100, 1 << 20)),
             tally: Arc::default(),
             error_seen: Arc::default(),
+            fenced: Arc::default(),
             topics: Arc::new(crate::metrics::Topics::new([])),
             brokers: Arc::new(Mutex::new(Vec::new())),
             client_errors: Throttle::new(Duration::from_secs(10)),

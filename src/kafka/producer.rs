@@ -121,6 +121,7 @@ pub struct Producer {
     admission: Arc<Admission>,
     tally: Arc<Tally>,
     error_seen: Arc<AtomicBool>,
+    fenced: Arc<AtomicBool>,
     fatal: AtomicBool,
     gate: Arc<Gate>,
 }
@@ -137,12 +138,14 @@ impl Producer {
             kafka.queue_max_bytes,
         ));
         let error_seen = Arc::new(AtomicBool::new(false));
+        let fenced = Arc::new(AtomicBool::new(false));
         set_queue_limits(&mut client, kafka);
         let context = Context {
             name: name.to_string(),
             admission: admission.clone(),
             tally: shared.tally.clone(),
             error_seen: error_seen.clone(),
+            fenced: fenced.clone(),
             topics: shared.topics.clone(),
             brokers: shared.brokers.clone(),
             client_errors: Throttle::new(Duration::from_secs(10)),
@@ -162,6 +165,7 @@ impl Producer {
             admission,
             tally: shared.tally.clone(),
             error_seen,
+            fenced,
             fatal: AtomicBool::new(false),
             gate: shared.gate.clone(),
         })
@@ -251,19 +255,24 @@ impl Producer {
         self.tally.counts()
     }
 
-    /// Whether librdkafka reported a fatal error. Only asks librdkafka after an error event.
+    /// Whether librdkafka reported a fatal error, or the brokers fenced the producer's id: either
+    /// way it writes nothing more, and is replaced. Only asks librdkafka after an error event.
     pub fn is_fatal(&self) -> bool {
         if self.fatal.load(Ordering::Relaxed) {
             return true;
         }
-        if self.error_seen.swap(false, Ordering::AcqRel)
+        let name = self.name();
+        if self.fenced.load(Ordering::Acquire) {
+            tracing::error!(producer = %name, "the brokers fenced this producer: not ready, refusing records");
+        } else if self.error_seen.swap(false, Ordering::AcqRel)
             && let Some((code, reason)) = self.inner.client().fatal_error()
         {
-            tracing::error!(%code, %reason, "fatal producer error: not ready, refusing records");
-            self.fatal.store(true, Ordering::Relaxed);
-            return true;
+            tracing::error!(producer = %name, %code, %reason, "fatal producer error: not ready, refusing records");
+        } else {
+            return false;
         }
-        false
+        self.fatal.store(true, Ordering::Relaxed);
+        true
     }
 
     /// Records holding room in kafboy's queue accounting.
