@@ -1078,10 +1078,17 @@ async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutd
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_producer_the_brokers_fenced_is_replaced_not_fed_more_records() {
-    let (cluster, topic) = cluster_with_topic("fenced", 1);
+async fn a_producer_the_brokers_fenced_is_replaced_and_still_sends_what_it_holds() {
+    // Partition 0 led by broker 1, partition 1 by broker 2.
+    let (cluster, topic) = common::mock_topic(2, "fenced", 2);
+    cluster
+        .partition_leader(&topic, 0, Some(1))
+        .expect("leader");
+    cluster
+        .partition_leader(&topic, 1, Some(2))
+        .expect("leader");
     let bootstrap = cluster.bootstrap_servers();
-    let toml = "[kafka]\nmessage_timeout = \"5s\"\n[server]\nshutdown_timeout = \"1s\"";
+    let toml = "[kafka]\nmessage_timeout = \"20s\"\n[server]\nshutdown_timeout = \"1s\"";
     let mut config = kafboy::Config::from_toml(toml).expect("config");
     config.kafka.brokers = vec![bootstrap.clone()];
     let app = kafboy::App::build(&config).expect("app");
@@ -1089,30 +1096,66 @@ async fn a_producer_the_brokers_fenced_is_replaced_not_fed_more_records() {
     let gw = common::serve(app).await;
     gw.wait_ready().await;
     let mode = kafboy::config::Mode::Sync;
-    let path = format!("/sync/{topic}");
-    let (reply, _) = timed_post(&gw, &path, None, r#"{"first":1}"#, PROMPT).await;
-    assert_eq!(reply.status, 200, "{reply:?}");
-    let fenced = std::sync::Arc::downgrade(&producers.for_mode(mode, &topic));
+    let to = |partition: i32| format!("/sync/{topic}?partition={partition}");
+    for partition in [0, 1] {
+        let (reply, _) = timed_post(&gw, &to(partition), None, r#"{"first":1}"#, PROMPT).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+    }
+    let fenced = producers.for_mode(mode, &topic);
+    // A record the producer holds while the fence comes: its partition's leader is down.
+    cluster.broker_down(2).expect("broker down");
+    let held = {
+        let request = common::client()
+            .post(format!("{}{}", gw.url, to(1)))
+            .body(r#"{"held":1}"#)
+            .send();
+        tokio::spawn(async move { Reply::read(request.await.expect("request")).await })
+    };
+    let deadline = Instant::now() + PROMPT;
+    while fenced.in_flight() == 0 {
+        assert!(Instant::now() < deadline, "the held record was not queued");
+        tokio::task::yield_now().await;
+    }
     // What a broker answers a producer whose epoch it no longer takes (tansu, once
-    // librdkafka raised the epoch itself after records timed out): every later request of
-    // that producer would get the same.
+    // librdkafka raised the epoch itself after records timed out).
     let error = RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED;
     cluster.request_errors(RDKafkaApiKey::Produce, &[error]);
-    let (reply, _) = timed_post(&gw, &path, None, r#"{"fenced":1}"#, PROMPT).await;
+    let (reply, _) = timed_post(&gw, &to(0), None, r#"{"fenced":1}"#, PROMPT).await;
     assert_unavailable(&reply, "a fenced record was refused: not written");
-    // The producer is replaced, and the next record goes through the new one.
+    // The fenced producer takes no more records; its replacement does.
     let deadline = Instant::now() + PROMPT;
     while std::ptr::eq(
         std::sync::Arc::as_ptr(&producers.for_mode(mode, &topic)),
-        fenced.as_ptr(),
+        std::sync::Arc::as_ptr(&fenced),
     ) {
         assert!(Instant::now() < deadline, "the fenced producer was kept");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (reply, _) = timed_post(&gw, &path, None, r#"{"after":1}"#, PROMPT).await;
+    assert!(fenced.is_fatal(), "replaced, and refusing records");
+    drop(fenced);
+    let (reply, _) = timed_post(&gw, &to(0), None, r#"{"after":1}"#, PROMPT).await;
     assert_eq!(reply.status, 200, "{reply:?}");
-    let want = [r#"{"first":1}"#, r#"{"after":1}"#];
-    assert_holds(&bootstrap, &topic, &want, "the fenced record was written").await;
+    // Kafka (and the mock) take the epoch librdkafka raised: the record the fenced producer
+    // held is sent once its leader is back, not purged with the producer.
+    cluster.broker_up(2).expect("broker up");
+    let held = tokio::time::timeout(Duration::from_secs(15), held)
+        .await
+        .expect("the held record answered")
+        .expect("held request");
+    assert_eq!(held.status, 200, "{held:?}");
+    let got = read_back(&bootstrap, &topic, 5, Duration::from_secs(10)).await;
+    let mut got = values(&got);
+    got.sort();
+    let want = [
+        r#"{"after":1}"#,
+        r#"{"first":1}"#,
+        r#"{"first":1}"#,
+        r#"{"held":1}"#,
+    ];
+    assert_eq!(
+        got, want,
+        "the fenced record is not written, the others are"
+    );
     stop(gw).await;
 }
 

@@ -37,7 +37,8 @@ pub struct TopicOverride {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Partitioner {
-    /// `key_hash` when the record has a key, otherwise `sticky`.
+    /// `key_hash` when the record has a key, otherwise librdkafka's sticky partitioner (a
+    /// partition for twice the producer's linger; random per record with no linger).
     #[default]
     Auto,
     /// A uniformly random partition for each record.

@@ -12,9 +12,31 @@ use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::oneshot;
 
-use super::Report;
 use super::admission::Admission;
 use crate::throttle::Throttle;
+
+/// Who waits for the delivery reports of the records of a [`super::Producer::send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// Nobody (async routes): a report gives the room back and is counted.
+    None,
+    /// The caller, through one receiver per record (sync routes).
+    Caller,
+    /// The same, for records a client was answered for already (a hook's reply before its
+    /// records' acknowledgements): one that fails is lost, as an async record is.
+    AfterReply,
+    /// The spool, through one receiver per record. The records are also on disk, so a
+    /// shutdown that leaves them unreported does not count them as undelivered.
+    Spool,
+}
+
+impl Report {
+    /// Whether records reported so are covered ([`super::admission::Admission::hand`]): the
+    /// spool keeps them, or a requester waits for them and gets no `2xx` without them.
+    pub fn covers(self) -> bool {
+        matches!(self, Report::Spool | Report::Caller)
+    }
+}
 
 /// Whether a record that failed may be on the broker anyway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,8 +111,10 @@ pub struct Context {
     /// Set by every error event. The event carries the underlying code, not "fatal", so the
     /// producer asks librdkafka whether it is fatal when this is set.
     pub error_seen: Arc<AtomicBool>,
-    /// Set when the brokers refuse the producer's id for good ([`fenced`]): librdkafka does
-    /// not count that as fatal, and would send every later record into the same refusal.
+    /// Set when the brokers fenced the producer ([`fenced`]). librdkafka does not count that
+    /// as fatal: it raises the producer's epoch itself and goes on. Kafka takes the raised
+    /// epoch; other brokers (tansu) refuse every later request of the producer so. Either way
+    /// the producer takes no new records and is replaced, and what it holds is still sent.
     pub fenced: Arc<AtomicBool>,
     /// Per-topic delivery counters.
     pub topics: Arc<crate::metrics::Topics>,
@@ -197,8 +221,8 @@ impl ProducerContext for Context {
                 if code == RDKafkaErrorCode::TopicAuthorizationFailed {
                     self.refusals.refused(message.topic());
                 }
-                if fenced(code) {
-                    self.fenced.store(true, Ordering::Release);
+                if fenced(code) && !self.fenced.swap(true, Ordering::AcqRel) {
+                    tracing::error!(producer = %self.name, %code, "the brokers fenced this producer: not ready, refusing records");
                 }
                 // Given up at the flush's deadline: counted undelivered there already.
                 let given_up = self.gate.given_up();
@@ -242,9 +266,8 @@ impl ProducerContext for Context {
 }
 
 /// Whether the brokers refused a record because they no longer take its producer's id and
-/// epoch, which only a new producer (a new id) gets past. librdkafka, after records time out,
-/// raises the epoch of an idempotent producer itself; Kafka takes that, other brokers (tansu)
-/// answer every later request of the producer so.
+/// epoch. (After records expire, librdkafka raises an idempotent producer's epoch itself,
+/// without asking the brokers: tansu answers that so.)
 fn fenced(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,

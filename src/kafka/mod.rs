@@ -16,8 +16,9 @@ mod record;
 mod retire;
 
 pub use client::{check, client_config};
+pub use delivery::Report;
 pub use gate::Gate;
-pub use producer::{Producer, Report, SendError, Shared, set_queue_limits};
+pub use producer::{Producer, SendError, Shared, set_queue_limits};
 pub use record::Record;
 
 use std::collections::HashMap;
@@ -34,8 +35,9 @@ use crate::lock;
 use client::Plan;
 use metadata::{Topics, WriteRefusals};
 
-/// A producer that is replaced when librdkafka reports a fatal error. Requests take the current
-/// one; a replaced producer keeps delivering what it had in flight, then goes.
+/// A producer that is replaced when librdkafka reports a fatal error or the brokers fence it.
+/// Requests take the current one; a replaced producer keeps delivering what it had in flight,
+/// then goes.
 pub struct Slot {
     name: String,
     recipe: ClientConfig,

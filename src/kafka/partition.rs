@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use crate::config::Partitioner;
 
-/// How long the `sticky` strategy stays on one partition (librdkafka's
-/// `sticky.partitioning.linger.ms` default).
+/// How long the `sticky` strategy stays on one partition (what librdkafka's sticky partitioner
+/// keeps one for behind the default 5 ms linger of `/async`, twice that).
 const STICKY_WINDOW_MS: u64 = 10;
 
 /// Per-topic state of the stateful strategies.

@@ -12,35 +12,12 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use tokio::sync::oneshot;
 
 use super::admission::{Admission, Refused};
-use super::delivery::{Context, Outcome, Tally, Waiter, Waiting};
+use super::delivery::{Context, Outcome, Report, Tally, Waiter, Waiting};
 use super::gate::Gate;
 use super::poller::Polled;
 use super::record::Record;
 use crate::config::KafkaConfig;
 use crate::throttle::Throttle;
-
-/// Who waits for the delivery reports of the records of a [`Producer::send`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Report {
-    /// Nobody (async routes): a report gives the room back and is counted.
-    None,
-    /// The caller, through one receiver per record (sync routes).
-    Caller,
-    /// The same, for records a client was answered for already (a hook's reply before its
-    /// records' acknowledgements): one that fails is lost, as an async record is.
-    AfterReply,
-    /// The spool, through one receiver per record. The records are also on disk, so a
-    /// shutdown that leaves them unreported does not count them as undelivered.
-    Spool,
-}
-
-impl Report {
-    /// Whether records reported so are covered ([`super::admission::Admission::hand`]): the
-    /// spool keeps them, or a requester waits for them and gets no `2xx` without them.
-    pub fn covers(self) -> bool {
-        matches!(self, Report::Spool | Report::Caller)
-    }
-}
 
 /// Why records were not (all) queued.
 #[derive(Debug)]
@@ -49,7 +26,7 @@ pub enum SendError {
     QueueFull,
     /// The request is bigger than the whole queue; nothing queued.
     TooBig,
-    /// The producer hit a fatal error; nothing queued.
+    /// The producer hit a fatal error, or the brokers fenced it; nothing queued.
     Fatal,
     /// The producers are closed for the final flush of a shutdown; nothing queued.
     Closed,
@@ -191,6 +168,11 @@ impl Producer {
                 Refused::Full => SendError::QueueFull,
                 Refused::TooBig => SendError::TooBig,
             })?;
+        // Again after the wait for room: that room may be what the fenced records gave back.
+        if self.is_fatal() {
+            self.admission.release(records.len(), bytes);
+            return Err(SendError::Fatal);
+        }
         let Some(_pass) = self.gate.enter() else {
             self.admission.release(records.len(), bytes);
             return Err(SendError::Closed);
@@ -255,24 +237,28 @@ impl Producer {
         self.tally.counts()
     }
 
-    /// Whether librdkafka reported a fatal error, or the brokers fenced the producer's id: either
-    /// way it writes nothing more, and is replaced. Only asks librdkafka after an error event.
+    /// Whether the producer takes no more records and is to be replaced: librdkafka reported a
+    /// fatal error ([`Producer::stopped`]), or the brokers fenced it (see
+    /// [`super::delivery::Context::fenced`]).
     pub fn is_fatal(&self) -> bool {
+        self.stopped() || self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Whether librdkafka reported a fatal error: it sends nothing more, so what its queue holds
+    /// would only wait out the message timeout there. Only asks librdkafka after an error event.
+    pub(super) fn stopped(&self) -> bool {
         if self.fatal.load(Ordering::Relaxed) {
             return true;
         }
-        let name = self.name();
-        if self.fenced.load(Ordering::Acquire) {
-            tracing::error!(producer = %name, "the brokers fenced this producer: not ready, refusing records");
-        } else if self.error_seen.swap(false, Ordering::AcqRel)
+        if self.error_seen.swap(false, Ordering::AcqRel)
             && let Some((code, reason)) = self.inner.client().fatal_error()
         {
-            tracing::error!(producer = %name, %code, %reason, "fatal producer error: not ready, refusing records");
-        } else {
-            return false;
+            if !self.fatal.swap(true, Ordering::Relaxed) {
+                tracing::error!(producer = %self.name(), %code, %reason, "fatal producer error: not ready, refusing records");
+            }
+            return true;
         }
-        self.fatal.store(true, Ordering::Relaxed);
-        true
+        false
     }
 
     /// Records holding room in kafboy's queue accounting.

@@ -48,8 +48,10 @@ impl Backoff {
 }
 
 impl Producers {
-    /// Replaces every producer that hit a fatal error. librdkafka has already purged its queue
-    /// (those records were answered 503); what it had in flight is flushed before it goes.
+    /// Replaces every producer that hit a fatal error or that the brokers fenced. After a fatal
+    /// error librdkafka has already purged its queue (those records were answered 503); what
+    /// the producer had in flight is flushed before it goes. A fenced producer still sends
+    /// (Kafka takes the epoch librdkafka raised): all it holds is flushed.
     pub fn replace_failed(&self) {
         for (index, slot) in self.slots().enumerate() {
             let current = slot.current();
@@ -57,14 +59,17 @@ impl Producers {
                 continue;
             }
             if !lock(&slot.backoff).take(Instant::now()) {
-                // Until its replacement, as after it: records that come back from its failed
-                // requests are answered at once, not after the message timeout.
-                current.inner.purge(PurgeConfig::default().queue());
+                // Until its replacement, as after it: records that come back from a stopped
+                // producer's failed requests are answered at once, not after the message
+                // timeout.
+                if current.stopped() {
+                    current.inner.purge(PurgeConfig::default().queue());
+                }
                 continue;
             }
             match slot.replace(&self.retiring) {
                 Ok(old) => {
-                    tracing::warn!(producer = %slot.name, "fatal error: producer replaced");
+                    tracing::warn!(producer = %slot.name, "producer replaced");
                     old.retire();
                     if index == 0 {
                         self.topics.set_client(slot.current().inner.clone());
@@ -78,12 +83,14 @@ impl Producers {
                         // timeout, and a producer that left the list here with records still
                         // held would stay for the life of the process.
                         while old.queued() > 0 && !gate.is_closed() {
-                            // A fatal producer sends nothing more: records that come back
+                            // A stopped producer sends nothing more: records that come back
                             // from its requests in flight (to be retried after those failed)
                             // would wait out the message timeout in its queue. Purged, they
                             // are reported at once, with what librdkafka knows of them kept
                             // (never sent: 503; maybe written: 504).
-                            old.inner.purge(PurgeConfig::default().queue());
+                            if old.stopped() {
+                                old.inner.purge(PurgeConfig::default().queue());
+                            }
                             ffi::flush(&old.inner, Duration::from_millis(100));
                         }
                         // Only a drained producer leaves the list (a fatal one takes no new
