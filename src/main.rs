@@ -72,33 +72,49 @@ fn main() -> ExitCode {
             println!("key:    {key}\nsha256: {digest}");
             ExitCode::SUCCESS
         }
-        None => match Config::load(cli.config.as_deref(), &overrides) {
-            Ok(config) => {
-                // Before the logs exist: a bad filter would hide its own error.
-                if let Err(e) = check_logs(&config) {
-                    return config_error(&e);
-                }
-                init_logs(config.log.format, &config.log.level);
-                for name in kafboy::config::ignored_env(&config) {
-                    tracing::warn!(
-                        variable = %name,
-                        "not a setting and ignored: settings are KAFBOY_SECTION__KEY, two underscores after the section"
-                    );
-                }
-                match runtime() {
-                    Ok(rt) => {
-                        let code = rt.block_on(serve(config));
-                        // The shutdown had its grace. A blocking task still running (a spool
-                        // file operation on a disk that hangs) would hold the runtime's drop,
-                        // and the exit, for as long as the disk hangs.
-                        rt.shutdown_timeout(std::time::Duration::from_secs(1));
-                        code
-                    }
-                    Err(e) => fail(&e),
-                }
+        None => {
+            // SIGHUP ends a process that does not handle it, and a key rotation may send one to
+            // a node just started: handled from here on (the handler stays for the process's
+            // life), before the configuration is read. So the runtime comes first.
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return fail(&e),
+            };
+            let _hangups = {
+                let _in = rt.enter();
+                kafboy::shutdown::hangups()
+            };
+            run(rt, Config::load(cli.config.as_deref(), &overrides))
+        }
+    }
+}
+
+/// Runs the server from `config` on `rt`, or says why the configuration cannot be used.
+fn run(
+    rt: tokio::runtime::Runtime,
+    config: Result<Config, kafboy::config::ConfigError>,
+) -> ExitCode {
+    match config {
+        Ok(config) => {
+            // Before the logs exist: a bad filter would hide its own error.
+            if let Err(e) = check_logs(&config) {
+                return config_error(&e);
             }
-            Err(e) => config_error(&e.to_string()),
-        },
+            init_logs(config.log.format, &config.log.level);
+            for name in kafboy::config::ignored_env(&config) {
+                tracing::warn!(
+                    variable = %name,
+                    "not a setting and ignored: settings are KAFBOY_SECTION__KEY, two underscores after the section"
+                );
+            }
+            let code = rt.block_on(serve(config));
+            // The shutdown had its grace. A blocking task still running (a spool file
+            // operation on a disk that hangs) would hold the runtime's drop, and the exit,
+            // for as long as the disk hangs.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            code
+        }
+        Err(e) => config_error(&e.to_string()),
     }
 }
 
@@ -232,10 +248,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 async fn serve(config: Config) -> ExitCode {
-    // SIGHUP ends a process that does not handle it, and a key rotation may send it to a node
-    // still starting (replaying a large spool, say): from here on it is handled. So are
-    // SIGTERM and SIGINT, which then end the node as soon as it serves.
-    let _hangups = kafboy::shutdown::hangups();
+    // SIGTERM and SIGINT from here on end the node as soon as it serves (SIGHUP is handled
+    // from the start, in `main`).
     let stopped = kafboy::shutdown::Stopped::listen();
     // Built on a blocking thread, so that a stop still ends a start that takes long (a spool
     // replaying, a disk that hangs): nothing has been accepted yet.
