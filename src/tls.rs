@@ -100,8 +100,16 @@ fn build(files: &TlsConfig) -> Result<(ServerConfig, CertificateDer<'static>), S
     let certs = read_certs(&files.cert).map_err(|e| format!("server.tls.cert {e}"))?;
     // `read_certs` found at least one.
     let leaf = certs[0].clone();
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| format!("server.tls.key {}: {e}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        // Its own PEM label, which the reader skips: it would say only "no items found".
+        let encrypted =
+            std::fs::read(&files.key).is_ok_and(|pem| pem.windows(9).any(|w| w == b"ENCRYPTED"));
+        let e = match encrypted {
+            true => "an encrypted key; decrypt it (openssl pkey -in KEY -out PLAIN)".to_string(),
+            false => e.to_string(),
+        };
+        format!("server.tls.key {}: {e}", files.key.display())
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -125,6 +133,14 @@ fn build(files: &TlsConfig) -> Result<(ServerConfig, CertificateDer<'static>), S
         .with_single_cert(certs, key)
         .map_err(|e| format!("server.tls: certificate and key do not fit: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // A resumed session skips the client certificate's verification: a certificate that has
+    // expired since, or that a new `client_ca` no longer admits, would go on working through
+    // a session cached while it was good. With client certificates, every connection makes a
+    // full handshake.
+    if files.client_ca.is_some() {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok((config, leaf))
 }
 
@@ -315,5 +331,97 @@ mod reload_tests {
         assert!(tls.reload().is_ok());
         write(&files, 2021, 4000);
         assert!(tls.reload().is_ok());
+        // A key kafboy cannot read without a passphrase says so.
+        let pem =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        std::fs::write(&files.key, pem).unwrap();
+        let error = tls.reload().unwrap_err();
+        assert!(error.contains("an encrypted key"), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod resumption_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use rustls::client::ClientConnection;
+    use rustls::server::ServerConnection;
+    use rustls::{ClientConfig, HandshakeKind};
+
+    /// A CA's files (server certificate for localhost, its key, the CA as `client_ca` when
+    /// `mtls`) and a client that trusts it and shows a certificate it issued.
+    fn setup(dir: &Path, mtls: bool) -> (TlsConfig, Arc<ClientConfig>) {
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issue = |san: Vec<String>| {
+            let key = KeyPair::generate().unwrap();
+            let params = CertificateParams::new(san).unwrap();
+            (params.signed_by(&key, &ca, &ca_key).unwrap(), key)
+        };
+        let (server, server_key) = issue(vec!["localhost".into()]);
+        let (client, client_key) = issue(vec![]);
+        let files = TlsConfig {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            client_ca: mtls.then(|| dir.join("ca.pem")),
+        };
+        std::fs::write(&files.cert, server.pem()).unwrap();
+        std::fs::write(&files.key, server_key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let key = PrivateKeyDer::try_from(client_key.serialize_der()).unwrap();
+        let config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(vec![client.der().clone()], key)
+                .unwrap();
+        (files, Arc::new(config))
+    }
+
+    /// A handshake in memory, with the session tickets that follow it: how it went.
+    fn handshake(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>) -> HandshakeKind {
+        let name = "localhost".try_into().unwrap();
+        let mut c = ClientConnection::new(client.clone(), name).unwrap();
+        let mut s = ServerConnection::new(server.clone()).unwrap();
+        while c.wants_write() || s.wants_write() {
+            let mut bytes = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut bytes).unwrap();
+            }
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                s.read_tls(&mut rest).unwrap();
+                s.process_new_packets().unwrap();
+            }
+            let mut bytes = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut bytes).unwrap();
+            }
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                c.read_tls(&mut rest).unwrap();
+                c.process_new_packets().unwrap();
+            }
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        s.handshake_kind().unwrap()
+    }
+
+    #[test]
+    fn with_client_certificates_no_session_is_resumed() {
+        for (mtls, second) in [(false, HandshakeKind::Resumed), (true, HandshakeKind::Full)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (files, client) = setup(dir.path(), mtls);
+            let server = Arc::new(build(&files).unwrap().0);
+            assert_eq!(handshake(&server, &client), HandshakeKind::Full);
+            assert_eq!(handshake(&server, &client), second, "client_ca: {mtls}");
+        }
     }
 }

@@ -96,6 +96,9 @@ impl Keys {
                 return Err(failed("empty".into()));
             }
             let parsed: KeyFile = toml::from_str(&text).map_err(|e| failed(e.to_string()))?;
+            // Checked alone first, so that a bad entry is named by the file and its place
+            // there; the whole set below finds a key that clashes with an inline one.
+            KeySet::new(&parsed.keys, self.mtls).map_err(failed)?;
             all.extend(parsed.keys);
         }
         let set = KeySet::new(&all, self.mtls).map_err(|e| (e, stamped))?;
@@ -324,5 +327,21 @@ mod tests {
         let e = Keys::load(&[], Some(&path), false).unwrap_err();
         assert!(e.contains("needs server.tls.client_ca"), "{e}");
         assert!(Keys::load(&[], Some(&path), true).is_ok());
+    }
+
+    #[test]
+    fn a_bad_entry_is_named_by_the_file_and_its_place_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let bad = "[[keys]]\nname = \"bad\"\nsha256 = \"zz\"\ntopics = [\"t\"]\n";
+        std::fs::write(&path, entry("b") + bad).unwrap();
+        let inline: Vec<KeyConfig> = toml::from_str::<KeyFile>(&entry("a")).unwrap().keys;
+        let e = Keys::load(&inline, Some(&path), false).unwrap_err();
+        let want = format!("{}: keys[1] (bad)", path.display());
+        assert!(e.starts_with(&want), "{e}");
+        // A clash between an inline key and one of the file names both.
+        std::fs::write(&path, entry("a").replace("name = \"a\"", "name = \"c\"")).unwrap();
+        let e = Keys::load(&inline, Some(&path), false).unwrap_err();
+        assert!(e.contains("(c)") && e.contains("as key a"), "{e}");
     }
 }
