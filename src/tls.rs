@@ -347,7 +347,7 @@ mod resumption_tests {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     use rustls::client::ClientConnection;
     use rustls::server::ServerConnection;
-    use rustls::{ClientConfig, HandshakeKind};
+    use rustls::{ClientConfig, Connection, HandshakeKind};
 
     /// A CA's files (server certificate for localhost, its key, the CA as `client_ca` when
     /// `mtls`) and a client that trusts it and shows a certificate it issued.
@@ -388,30 +388,27 @@ mod resumption_tests {
     /// A handshake in memory, with the session tickets that follow it: how it went.
     fn handshake(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>) -> HandshakeKind {
         let name = "localhost".try_into().unwrap();
-        let mut c = ClientConnection::new(client.clone(), name).unwrap();
-        let mut s = ServerConnection::new(server.clone()).unwrap();
+        let mut c = Connection::from(ClientConnection::new(client.clone(), name).unwrap());
+        let mut s = Connection::from(ServerConnection::new(server.clone()).unwrap());
         while c.wants_write() || s.wants_write() {
-            let mut bytes = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut bytes).unwrap();
-            }
-            let mut rest = &bytes[..];
-            while !rest.is_empty() {
-                s.read_tls(&mut rest).unwrap();
-                s.process_new_packets().unwrap();
-            }
-            let mut bytes = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut bytes).unwrap();
-            }
-            let mut rest = &bytes[..];
-            while !rest.is_empty() {
-                c.read_tls(&mut rest).unwrap();
-                c.process_new_packets().unwrap();
-            }
+            pass(&mut c, &mut s);
+            pass(&mut s, &mut c);
         }
         assert!(!c.is_handshaking() && !s.is_handshaking());
         s.handshake_kind().unwrap()
+    }
+
+    /// What `from` has to send, read by `to`.
+    fn pass(from: &mut Connection, to: &mut Connection) {
+        let mut bytes = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut bytes).unwrap();
+        }
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).unwrap();
+            to.process_new_packets().unwrap();
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! retry", 504 means "may have been written".
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Consumed, Gateway, Reply};
@@ -100,6 +101,17 @@ async fn warm_up(gw: &Gateway, bootstrap: &str, topic: &str) {
     assert_eq!(reply.status, 202, "warm-up: {reply:?}");
     let got = read_back(bootstrap, topic, 1, Duration::from_secs(10)).await;
     assert_eq!(values(&got), [WARM_UP], "warm-up: {got:?}");
+}
+
+/// kafboy from `toml` on `bootstrap`, ready, with a handle on its producers.
+async fn with_producers(bootstrap: &str, toml: &str) -> (Gateway, Arc<kafboy::kafka::Producers>) {
+    let mut config = kafboy::Config::from_toml(toml).expect("config");
+    config.kafka.brokers = vec![bootstrap.to_string()];
+    let app = kafboy::App::build(&config).expect("app");
+    let producers = app.producers().clone();
+    let gw = common::serve(app).await;
+    gw.wait_ready().await;
+    (gw, producers)
 }
 
 /// Stops the gateway; `shutdown_timeout` in every config below keeps this bounded.
@@ -1007,12 +1019,7 @@ async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutd
     // No linger: the record the fatal error finds is in flight, not waiting to be sent.
     let toml = "[kafka]\nmessage_timeout = \"60s\"\nlinger = \"0ms\"\n\
                 [server]\nsync_timeout = \"300ms\"\nshutdown_timeout = \"1s\"";
-    let mut config = kafboy::Config::from_toml(toml).expect("config");
-    config.kafka.brokers = vec![bootstrap.clone()];
-    let app = kafboy::App::build(&config).expect("app");
-    let producers = app.producers().clone();
-    let gw = common::serve(app).await;
-    gw.wait_ready().await;
+    let (gw, producers) = with_producers(&bootstrap, toml).await;
     let path = format!("/sync/{topic}");
     // The sync producer connected and holding its producer id (the first records may take
     // longer than the short sync timeout).
@@ -1039,7 +1046,7 @@ async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutd
     assert_eq!(reply.status, 202, "{reply:?}");
     // The producer the fatal error hits; a weak reference, so as not to hold it alive.
     let mode = kafboy::config::Mode::Async;
-    let hit = std::sync::Arc::downgrade(&producers.for_mode(mode, &topic));
+    let hit = Arc::downgrade(&producers.for_mode(mode, &topic));
     producers.inject_fatal_error(mode);
     // First the fatal error is seen (/ready says 503 for as long as that producer is in
     // place, which may be too short to catch), then the producer is replaced and /ready is
@@ -1048,7 +1055,7 @@ async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutd
     let mut seen_503 = false;
     loop {
         let current = producers.for_mode(mode, &topic);
-        if !std::ptr::eq(std::sync::Arc::as_ptr(&current), hit.as_ptr()) {
+        if !std::ptr::eq(Arc::as_ptr(&current), hit.as_ptr()) {
             break;
         }
         drop(current);
@@ -1089,12 +1096,7 @@ async fn a_producer_the_brokers_fenced_is_replaced_and_still_sends_what_it_holds
         .expect("leader");
     let bootstrap = cluster.bootstrap_servers();
     let toml = "[kafka]\nmessage_timeout = \"20s\"\n[server]\nshutdown_timeout = \"1s\"";
-    let mut config = kafboy::Config::from_toml(toml).expect("config");
-    config.kafka.brokers = vec![bootstrap.clone()];
-    let app = kafboy::App::build(&config).expect("app");
-    let producers = app.producers().clone();
-    let gw = common::serve(app).await;
-    gw.wait_ready().await;
+    let (gw, producers) = with_producers(&bootstrap, toml).await;
     let mode = kafboy::config::Mode::Sync;
     let to = |partition: i32| format!("/sync/{topic}?partition={partition}");
     for partition in [0, 1] {
@@ -1125,8 +1127,8 @@ async fn a_producer_the_brokers_fenced_is_replaced_and_still_sends_what_it_holds
     // The fenced producer takes no more records; its replacement does.
     let deadline = Instant::now() + PROMPT;
     while std::ptr::eq(
-        std::sync::Arc::as_ptr(&producers.for_mode(mode, &topic)),
-        std::sync::Arc::as_ptr(&fenced),
+        Arc::as_ptr(&producers.for_mode(mode, &topic)),
+        Arc::as_ptr(&fenced),
     ) {
         assert!(Instant::now() < deadline, "the fenced producer was kept");
         tokio::time::sleep(Duration::from_millis(20)).await;
