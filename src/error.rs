@@ -218,7 +218,9 @@ impl From<SendError> for IngestError {
             SendError::TooBig => {
                 IngestError::TooLarge("request larger than the producer queue".into())
             }
-            SendError::Fatal => IngestError::Unavailable("producer hit a fatal error".into()),
+            SendError::Fatal => IngestError::Unavailable(
+                "producer hit a fatal error or was fenced; it is being replaced".into(),
+            ),
             SendError::Closed => IngestError::ShuttingDown,
             SendError::Refused { accepted: 0, error } => {
                 IngestError::from_delivery(error, Persisted::No)

@@ -94,8 +94,9 @@ impl KeySet {
                     || (key.subject.is_some() && k.subject == key.subject)
             });
             if let Some(other) = clash {
+                // By name: the two may come from `[[auth.keys]]` and the key file.
                 return Err(format!(
-                    "keys[{i}] ({}): same sha256 or client_cert_subject as key {}",
+                    "key {} has the same sha256 or client_cert_subject as key {}",
                     key.name, other.name
                 ));
             }
@@ -402,7 +403,7 @@ mod tests {
     #[test]
     fn two_keys_with_one_identity_are_refused() {
         let e = KeySet::new(&[key("a", "s", &["t"]), key("b", "s", &["u"])], false).unwrap_err();
-        assert!(e.contains("keys[1] (b)") && e.contains("as key a"), "{e}");
+        assert!(e.contains("key b has the same") && e.contains("as key a"), "{e}");
         let by_cert = |name: &str| KeyConfig {
             sha256: None,
             client_cert_subject: Some("CN=x".into()),

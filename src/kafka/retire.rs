@@ -50,12 +50,22 @@ impl Backoff {
 impl Producers {
     /// Replaces every producer that hit a fatal error or that the brokers fenced. After a fatal
     /// error librdkafka has already purged its queue (those records were answered 503); what
-    /// the producer had in flight is flushed before it goes. A fenced producer still sends
-    /// (Kafka takes the epoch librdkafka raised): all it holds is flushed.
+    /// the producer had in flight is flushed before it goes. Not during a shutdown, whose
+    /// flush takes what the producers hold.
     pub fn replace_failed(&self) {
+        if self.gate.is_closed() {
+            return;
+        }
         for (index, slot) in self.slots().enumerate() {
             let current = slot.current();
             if !current.is_fatal() {
+                continue;
+            }
+            // A fenced producer still sends what it holds (Kafka takes the epoch librdkafka
+            // raised; tansu refuses it at once): replaced once that is done, so that its
+            // records and its replacement's do not interleave in a partition, nor their queues
+            // add up. Meanwhile it takes no new records.
+            if !current.stopped() && current.queued() > 0 {
                 continue;
             }
             if !lock(&slot.backoff).take(Instant::now()) {
