@@ -1163,6 +1163,62 @@ async fn a_producer_the_brokers_fenced_sends_what_it_holds_then_is_replaced() {
     stop(gw).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_records_refused_to_a_fenced_producer_are_sent_again_by_its_replacement() {
+    // Partition 0 led by broker 1, partition 1 by broker 2.
+    let (cluster, topic) = common::mock_topic(2, "rescued", 2);
+    cluster
+        .partition_leader(&topic, 0, Some(1))
+        .expect("leader");
+    cluster
+        .partition_leader(&topic, 1, Some(2))
+        .expect("leader");
+    let bootstrap = cluster.bootstrap_servers();
+    let toml = "[kafka]\nmessage_timeout = \"20s\"\n[server]\nshutdown_timeout = \"1s\"";
+    let (gw, producers) = with_producers(&bootstrap, toml).await;
+    let mode = kafboy::config::Mode::Async;
+    let to = |partition: i32| format!("/async/{topic}?partition={partition}");
+    for partition in [0, 1] {
+        let (reply, _) = timed_post(&gw, &to(partition), None, r#"{"first":1}"#, PROMPT).await;
+        assert_eq!(reply.status, 202, "{reply:?}");
+    }
+    read_back(&bootstrap, &topic, 2, Duration::from_secs(10)).await;
+    let fenced = producers.for_mode(mode, &topic);
+    // One record held (its partition's leader down), one sent; the brokers refuse both as
+    // fenced (tansu, once librdkafka raised the epoch itself after records timed out).
+    cluster.broker_down(2).expect("broker down");
+    let (reply, _) = timed_post(&gw, &to(1), None, r#"{"held":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    let error = RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED;
+    cluster.request_errors(RDKafkaApiKey::Produce, &[error, error]);
+    let (reply, _) = timed_post(&gw, &to(0), None, r#"{"sent":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    let deadline = Instant::now() + PROMPT;
+    while !fenced.is_fatal() {
+        assert!(Instant::now() < deadline, "the fence was not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (reply, _) = timed_post(&gw, &to(0), None, r#"{"refused":1}"#, PROMPT).await;
+    assert_unavailable(&reply, "a fenced producer takes no new record");
+    cluster.broker_up(2).expect("broker up");
+    // Both refused records come back and go out again through the replacement: every 202
+    // is at the broker, and nothing counts as failed.
+    read_back(&bootstrap, &topic, 4, Duration::from_secs(20)).await;
+    let got = read_back(&bootstrap, &topic, 5, Duration::from_secs(2)).await;
+    let mut got = values(&got);
+    got.sort();
+    let want = [
+        r#"{"first":1}"#,
+        r#"{"first":1}"#,
+        r#"{"held":1}"#,
+        r#"{"sent":1}"#,
+    ];
+    assert_eq!(got, want, "every 202 written once");
+    assert!(!Arc::ptr_eq(&producers.for_mode(mode, &topic), &fenced));
+    assert_eq!(producers.tally().1, 0, "none failed");
+    stop(gw).await;
+}
+
 /// Room a delivery report gives back is taken at once by requests waiting for it, while
 /// librdkafka still counts the reported records until it has handed over their whole batch of
 /// reports. Its own limits leave room for that: its QueueFull never refuses a request kafboy's

@@ -342,6 +342,9 @@ mod tests {
         // A clash between an inline key and one of the file names both.
         std::fs::write(&path, entry("a").replace("name = \"a\"", "name = \"c\"")).unwrap();
         let e = Keys::load(&inline, Some(&path), false).unwrap_err();
-        assert!(e.contains("key c has the same") && e.contains("as key a"), "{e}");
+        assert!(
+            e.contains("key c has the same") && e.contains("as key a"),
+            "{e}"
+        );
     }
 }

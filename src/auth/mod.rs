@@ -403,7 +403,10 @@ mod tests {
     #[test]
     fn two_keys_with_one_identity_are_refused() {
         let e = KeySet::new(&[key("a", "s", &["t"]), key("b", "s", &["u"])], false).unwrap_err();
-        assert!(e.contains("key b has the same") && e.contains("as key a"), "{e}");
+        assert!(
+            e.contains("key b has the same") && e.contains("as key a"),
+            "{e}"
+        );
         let by_cert = |name: &str| KeyConfig {
             sha256: None,
             client_cert_subject: Some("CN=x".into()),

@@ -138,6 +138,8 @@ pub struct Context {
     pub refusals: Arc<super::metadata::WriteRefusals>,
     /// The shutdown's gate: past the flush's deadline, a failure was counted undelivered.
     pub gate: Arc<super::gate::Gate>,
+    /// Where records refused to a fenced producer wait for its replacement.
+    pub rescue: Arc<super::rescue::Rescue>,
 }
 
 impl ClientContext for Context {
@@ -181,6 +183,13 @@ impl ClientContext for Context {
 }
 
 impl Context {
+    /// Marks the producer fenced (refusing records, to be replaced); says so once.
+    fn fence(&self, code: RDKafkaErrorCode) {
+        if !self.fenced.swap(true, Ordering::AcqRel) {
+            tracing::error!(producer = %self.name, %code, "the brokers fenced this producer: not ready, refusing records");
+        }
+    }
+
     /// Counts a record delivered: the producer's tally and the topic's counter.
     pub fn count_delivered(&self, topic: &str) {
         self.tally.delivered.fetch_add(1, Ordering::Relaxed);
@@ -202,6 +211,19 @@ impl ProducerContext for Context {
             Ok(m) => (m, None),
             Err((e, m)) => (m, Some(e)),
         };
+        let code = error.map(|e| e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail));
+        if let Some(code) = code.filter(|&code| fenced(code)) {
+            self.fence(code);
+            // A 202 that nobody waits for (sync requesters and the spool hear of the refusal
+            // and send again themselves): kept for the replacement to send, unless a shutdown
+            // has begun, which replaces nothing.
+            if waiter.0.is_none() && !self.gate.is_closed() {
+                self.rescue.keep(message);
+                self.admission.release(1, record_bytes(message));
+                self.admission.unhand(1, false);
+                return;
+            }
+        }
         let report = waiter.0.as_ref().map_or(Report::None, |w| w.report);
         let spooled = report == Report::Spool;
         // A spooled record's attempt is not its outcome: the spool sends it again after a
@@ -216,13 +238,10 @@ impl ProducerContext for Context {
                     offset: message.offset(),
                 }
             }
-            Some(error) => {
-                let code = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+            Some(_) => {
+                let code = code.unwrap_or(RDKafkaErrorCode::Fail);
                 if code == RDKafkaErrorCode::TopicAuthorizationFailed {
                     self.refusals.refused(message.topic());
-                }
-                if fenced(code) && !self.fenced.swap(true, Ordering::AcqRel) {
-                    tracing::error!(producer = %self.name, %code, "the brokers fenced this producer: not ready, refusing records");
                 }
                 // Given up at the flush's deadline: counted undelivered there already.
                 let given_up = self.gate.given_up();

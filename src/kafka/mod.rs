@@ -13,6 +13,7 @@ pub mod partition;
 mod poller;
 mod producer;
 mod record;
+mod rescue;
 mod retire;
 
 pub use client::{check, client_config};
@@ -64,6 +65,7 @@ impl Slot {
             exported: Arc::default(),
             gate: gate.clone(),
             refusals: refusals.clone(),
+            rescue: Arc::default(),
         };
         let producer = Producer::build(name, kafka, recipe.clone(), &shared)
             .map_err(|e| format!("{} ({name} producer)", describe(&e)))?;
@@ -103,12 +105,26 @@ impl Slot {
     /// Builds a fresh producer and puts it in place of the current one; returns the old one,
     /// which joins `retiring` before the new one can be seen: a shutdown's flush that finds
     /// the new producer finds the old one too.
+    /// The records its brokers refused to a fenced producer go into the new one first.
     fn replace(&self, retiring: &Mutex<Vec<Arc<Producer>>>) -> Result<Arc<Producer>, KafkaError> {
         let fresh = Producer::build(&self.name, &self.kafka, self.recipe.clone(), &self.shared)?;
+        self.resend(&fresh);
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         let old = std::mem::replace(&mut *current, Arc::new(fresh));
         lock(retiring).push(old.clone());
         Ok(old)
+    }
+}
+
+impl Slot {
+    /// Sends the records kept from a fenced producer through `to`.
+    fn resend(&self, to: &Producer) {
+        self.shared.rescue.resend(to, &self.shared);
+    }
+
+    /// Whether records kept from a fenced producer wait to be sent.
+    fn rescue_pending(&self) -> bool {
+        self.shared.rescue.len() > 0
     }
 }
 
@@ -294,7 +310,11 @@ impl Producers {
         // (they are sent again at the next start), nor those a requester still waits for: it is
         // never answered `2xx` without it (`503` once purged below; no answer if in flight at
         // the exit).
-        let undelivered = producers.iter().map(|p| p.uncovered()).sum();
+        // With the records kept from a fenced producer that no replacement sent, read second: a
+        // report keeps its record before it stops counting it as handed over.
+        let handed: usize = producers.iter().map(|p| p.uncovered()).sum();
+        let kept: usize = self.slots().map(|slot| slot.shared.rescue.len()).sum();
+        let undelivered = handed + kept;
         let failed_after = self.lost();
         // What the deadline left unsent is given up now, not when the producers are dropped
         // after the last answers: a sync request waiting for such a record gets its `503`

@@ -154,6 +154,7 @@ pub(crate) mod tests {
             exported: Arc::default(),
             refusals: Arc::default(),
             gate: Arc::default(),
+            rescue: Arc::default(),
         };
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", bootstrap);

@@ -55,6 +55,17 @@ pub struct Shared {
     pub gate: Arc<Gate>,
     /// Where topics the brokers refuse to let kafboy write are reported.
     pub refusals: Arc<super::metadata::WriteRefusals>,
+    /// Records a fenced producer's brokers refused, for its replacement to send again.
+    pub rescue: Arc<super::rescue::Rescue>,
+}
+
+impl Shared {
+    /// Counts a record lost after its client's `2xx`: failed, for `reason`.
+    pub fn count_lost(&self, topic: &str, reason: &str) {
+        self.tally.failed.fetch_add(1, Ordering::Relaxed);
+        self.tally.lost.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::failed(&self.topics.get(topic).label, reason);
+    }
 }
 
 impl SendError {
@@ -132,6 +143,7 @@ impl Producer {
             exported: shared.exported.clone(),
             refusals: shared.refusals.clone(),
             gate: shared.gate.clone(),
+            rescue: shared.rescue.clone(),
         };
         let inner = BaseProducer::from_config_and_context(&client, context)?;
         let inner = Polled::new(inner, name).map_err(|e| {

@@ -59,6 +59,9 @@ impl Producers {
         for (index, slot) in self.slots().enumerate() {
             let current = slot.current();
             if !current.is_fatal() {
+                // Kept from a fenced producer that was replaced before all its refusals came
+                // back (it was stopped too).
+                slot.resend(&current);
                 continue;
             }
             // A fenced producer still sends what it holds (Kafka takes the epoch librdkafka
@@ -144,7 +147,8 @@ impl Producers {
                     return;
                 };
                 // Building a producer reads files and starts threads: off the async workers.
-                if producers.all().iter().any(|p| p.is_fatal()) {
+                let pending = producers.slots().any(|slot| slot.rescue_pending());
+                if pending || producers.all().iter().any(|p| p.is_fatal()) {
                     let _ = tokio::task::spawn_blocking(move || producers.replace_failed()).await;
                 }
             }
