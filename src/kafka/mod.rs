@@ -15,118 +15,27 @@ mod producer;
 mod record;
 mod rescue;
 mod retire;
+mod slot;
 
 pub use client::{check, client_config};
 pub use delivery::Report;
 pub use gate::Gate;
-pub use producer::{Producer, SendError, Shared, set_queue_limits};
+pub use producer::{Producer, SendError, set_queue_limits};
 pub use record::Record;
+pub use slot::{Shared, Slot};
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer as _, PurgeConfig};
 
-use crate::config::{Config, KafkaConfig, Mode};
+use crate::config::{Config, Mode};
 use crate::lock;
 use client::Plan;
 use metadata::{Topics, WriteRefusals};
-
-/// A producer that is replaced when librdkafka reports a fatal error or the brokers fence it.
-/// Requests take the current one; a replaced producer keeps delivering what it had in flight,
-/// then goes.
-pub struct Slot {
-    name: String,
-    recipe: ClientConfig,
-    kafka: Arc<KafkaConfig>,
-    shared: Shared,
-    current: RwLock<Arc<Producer>>,
-    /// When the producer may be replaced again after a fatal error.
-    backoff: Mutex<retire::Backoff>,
-}
-
-impl Slot {
-    fn new(
-        name: &str,
-        kafka: &Arc<KafkaConfig>,
-        recipe: ClientConfig,
-        topics: &Arc<crate::metrics::Topics>,
-        gate: &Arc<Gate>,
-        refusals: &Arc<WriteRefusals>,
-    ) -> Result<Slot, String> {
-        let shared = Shared {
-            tally: Arc::default(),
-            topics: topics.clone(),
-            brokers: Arc::default(),
-            exported: Arc::default(),
-            gate: gate.clone(),
-            refusals: refusals.clone(),
-            rescue: Arc::default(),
-        };
-        let producer = Producer::build(name, kafka, recipe.clone(), &shared)
-            .map_err(|e| format!("{} ({name} producer)", describe(&e)))?;
-        Ok(Slot {
-            name: name.to_string(),
-            recipe,
-            kafka: kafka.clone(),
-            shared,
-            current: RwLock::new(Arc::new(producer)),
-            backoff: Mutex::default(),
-        })
-    }
-
-    /// The producer's name (`sync`, `async`, `batch`, `batch-N`).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Brokers as the latest statistics saw them.
-    pub fn brokers(&self) -> Vec<crate::metrics::BrokerState> {
-        self.shared
-            .brokers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// The producer requests use now.
-    pub fn current(&self) -> Arc<Producer> {
-        // A poisoned lock only means a panic elsewhere during a swap; the Arc in it is whole.
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Builds a fresh producer and puts it in place of the current one; returns the old one,
-    /// which joins `retiring` before the new one can be seen: a shutdown's flush that finds
-    /// the new producer finds the old one too.
-    /// The records its brokers refused to a fenced producer go into the new one first.
-    fn replace(&self, retiring: &Mutex<Vec<Arc<Producer>>>) -> Result<Arc<Producer>, KafkaError> {
-        let fresh = Producer::build(&self.name, &self.kafka, self.recipe.clone(), &self.shared)?;
-        self.resend(&fresh);
-        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        let old = std::mem::replace(&mut *current, Arc::new(fresh));
-        lock(retiring).push(old.clone());
-        Ok(old)
-    }
-}
-
-impl Slot {
-    /// Sends the records kept from a fenced producer through `to`.
-    fn resend(&self, to: &Producer) {
-        self.shared.rescue.resend(to, &self.shared);
-    }
-
-    /// Whether records kept from a fenced producer wait to be sent.
-    fn rescue_pending(&self) -> bool {
-        self.shared.rescue.len() > 0
-    }
-}
 
 /// A librdkafka error without the property's value (it may be a secret).
 pub fn describe(e: &KafkaError) -> String {

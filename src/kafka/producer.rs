@@ -16,6 +16,7 @@ use super::delivery::{Context, Outcome, Report, Tally, Waiter, Waiting};
 use super::gate::Gate;
 use super::poller::Polled;
 use super::record::Record;
+use super::slot::Shared;
 use crate::config::KafkaConfig;
 use crate::throttle::Throttle;
 
@@ -37,35 +38,6 @@ pub enum SendError {
         /// librdkafka's error.
         error: RDKafkaErrorCode,
     },
-}
-
-/// What a producer shares with the producers that replace it after a fatal error.
-#[derive(Clone)]
-pub struct Shared {
-    /// Delivery counts.
-    pub tally: Arc<Tally>,
-    /// Per-topic counters.
-    pub topics: Arc<crate::metrics::Topics>,
-    /// Broker states from statistics.
-    pub brokers: Arc<std::sync::Mutex<Vec<crate::metrics::BrokerState>>>,
-    /// Brokers the slot's producers have given a `kafboy_broker_up` series, the replaced ones
-    /// included: a series outlives the producer that made it.
-    pub exported: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-    /// Closed for the final flush.
-    pub gate: Arc<Gate>,
-    /// Where topics the brokers refuse to let kafboy write are reported.
-    pub refusals: Arc<super::metadata::WriteRefusals>,
-    /// Records a fenced producer's brokers refused, for its replacement to send again.
-    pub rescue: Arc<super::rescue::Rescue>,
-}
-
-impl Shared {
-    /// Counts a record lost after its client's `2xx`: failed, for `reason`.
-    pub fn count_lost(&self, topic: &str, reason: &str) {
-        self.tally.failed.fetch_add(1, Ordering::Relaxed);
-        self.tally.lost.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::failed(&self.topics.get(topic).label, reason);
-    }
 }
 
 impl SendError {

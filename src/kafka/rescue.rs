@@ -9,8 +9,9 @@ use bytes::Bytes;
 use rdkafka::message::{BorrowedMessage, Message};
 
 use super::delivery::Report;
-use super::producer::{Producer, Shared};
+use super::producer::Producer;
 use super::record::Record;
+use super::slot::Shared;
 use crate::lock;
 
 /// A slot's refused records, in the order their reports came.
