@@ -1219,6 +1219,48 @@ async fn async_records_refused_to_a_fenced_producer_are_sent_again_by_its_replac
     stop(gw).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_kept_from_a_fenced_producer_at_shutdown_count_as_undelivered() {
+    // Partition 0 led by broker 1, partition 1 by broker 2.
+    let (cluster, topic) = common::mock_topic(2, "kept", 2);
+    cluster
+        .partition_leader(&topic, 0, Some(1))
+        .expect("leader");
+    cluster
+        .partition_leader(&topic, 1, Some(2))
+        .expect("leader");
+    let bootstrap = cluster.bootstrap_servers();
+    let toml = "[kafka]\nmessage_timeout = \"20s\"\n[server]\nshutdown_timeout = \"1s\"";
+    let (gw, producers) = with_producers(&bootstrap, toml).await;
+    let to = |partition: i32| format!("/async/{topic}?partition={partition}");
+    for partition in [0, 1] {
+        let (reply, _) = timed_post(&gw, &to(partition), None, r#"{"first":1}"#, PROMPT).await;
+        assert_eq!(reply.status, 202, "{reply:?}");
+    }
+    read_back(&bootstrap, &topic, 2, Duration::from_secs(10)).await;
+    let fenced = producers.for_mode(kafboy::config::Mode::Async, &topic);
+    // One record held for good (its leader down), so the fenced producer is never empty and
+    // never replaced; one refused as fenced, and kept.
+    cluster.broker_down(2).expect("broker down");
+    let (reply, _) = timed_post(&gw, &to(1), None, r#"{"held":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    let error = RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED;
+    cluster.request_errors(RDKafkaApiKey::Produce, &[error]);
+    let (reply, _) = timed_post(&gw, &to(0), None, r#"{"kept":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    let deadline = Instant::now() + PROMPT;
+    while !fenced.is_fatal() {
+        assert!(Instant::now() < deadline, "the fence was not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(fenced);
+    // Both had a 202 and neither is written: the held one and the kept one.
+    let report = tokio::time::timeout(Duration::from_secs(10), gw.stop())
+        .await
+        .expect("gateway stops");
+    assert_eq!(report.undelivered, 2, "{report:?}");
+}
+
 /// Room a delivery report gives back is taken at once by requests waiting for it, while
 /// librdkafka still counts the reported records until it has handed over their whole batch of
 /// reports. Its own limits leave room for that: its QueueFull never refuses a request kafboy's

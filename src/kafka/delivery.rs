@@ -214,10 +214,14 @@ impl ProducerContext for Context {
         let code = error.map(|e| e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail));
         if let Some(code) = code.filter(|&code| fenced(code)) {
             self.fence(code);
-            // A 202 that nobody waits for (sync requesters and the spool hear of the refusal
-            // and send again themselves): kept for the replacement to send, unless a shutdown
-            // has begun, which replaces nothing.
-            if waiter.0.is_none() && !self.gate.is_closed() {
+            // A 202 that nobody waits for (a sync requester hears of the refusal, the spool
+            // sends again itself, a hook's reply after which its records are awaited counts
+            // them lost): kept for the replacement to send, unless a shutdown has begun, which
+            // replaces nothing, or an earlier attempt may have been written.
+            if waiter.0.is_none()
+                && !self.gate.is_closed()
+                && super::ffi::persisted(message) == Persisted::No
+            {
                 self.rescue.keep(message);
                 self.admission.release(1, record_bytes(message));
                 self.admission.unhand(1, false);

@@ -64,6 +64,10 @@ pub struct Producers {
     retiring: Arc<Mutex<Vec<Arc<Producer>>>>,
     /// Records lost before the shutdown began: the ones after count against its exit code.
     lost_at_stop: std::sync::OnceLock<u64>,
+    /// Held while producers are replaced (and kept records sent again), and by the shutdown's
+    /// flush before it looks at the producers: it then finds every record either kept or in
+    /// a producer it sees.
+    replacing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Producers {
@@ -103,6 +107,7 @@ impl Producers {
             topics,
             gate,
             retiring: Arc::default(),
+            replacing: Arc::default(),
             lost_at_stop: std::sync::OnceLock::new(),
         })
     }
@@ -191,6 +196,8 @@ impl Producers {
     pub async fn flush(&self, deadline: Duration) -> Flushed {
         // Nothing may be queued behind the flush's back: after it, dropping a producer purges.
         self.gate.close().await;
+        // A replacement under way ends first (none starts with the gate closed).
+        let _replaced = self.replacing.lock().await;
         let failed_before = self
             .lost_at_stop
             .get()

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use rdkafka::message::{Header, OwnedHeaders};
 
 /// One record ready to produce. The value is a slice of the request body.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Record {
     /// Record key.
     pub key: Option<Bytes>,

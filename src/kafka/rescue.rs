@@ -2,6 +2,7 @@
 //! sent again through the producer that replaces it. The brokers refused them, so nothing of
 //! them was written and sending them again cannot duplicate.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,14 +10,14 @@ use bytes::Bytes;
 use rdkafka::message::{BorrowedMessage, Message};
 
 use super::delivery::Report;
-use super::producer::Producer;
+use super::producer::{Producer, SendError};
 use super::record::Record;
 use super::slot::Shared;
 use crate::lock;
 
 /// A slot's refused records, in the order their reports came.
 #[derive(Debug, Default)]
-pub struct Rescue(Mutex<Vec<(String, Record)>>);
+pub struct Rescue(Mutex<VecDeque<(String, Record)>>);
 
 impl Rescue {
     /// Keeps a copy of `message`, bound to the partition it was refused for (so that keyed
@@ -28,7 +29,7 @@ impl Rescue {
             headers: message.headers().map(|h| Arc::new(h.detach())),
             value: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
         };
-        lock(&self.0).push((message.topic().to_string(), record));
+        lock(&self.0).push_back((message.topic().to_string(), record));
     }
 
     /// How many records are kept.
@@ -38,22 +39,30 @@ impl Rescue {
 
     /// Sends the kept records through `to`, in the order they were kept. A new producer gets
     /// them before any request can reach it, so they keep their place ahead of later records.
-    /// Called off the async workers (it waits for each send, which finds room at once).
+    /// What `to` does not take now (a shutdown began, its queue is full, it failed) stays kept,
+    /// for the next try or the shutdown's count. Blocks: for a blocking thread of the runtime.
     pub fn resend(&self, to: &Producer, shared: &Shared) {
-        let kept = std::mem::take(&mut *lock(&self.0));
+        let mut kept = lock(&self.0);
         if kept.is_empty() {
             return;
         }
-        let (count, mut lost) = (kept.len(), 0);
         let runtime = tokio::runtime::Handle::current();
-        for (topic, record) in kept {
-            let sent = to.send(&topic, vec![record], Report::None, Duration::ZERO);
-            // Refused (a shutdown under way, a queue that filled): lost after its 202.
-            if runtime.block_on(sent).is_err() {
-                lost += 1;
-                shared.count_lost(&topic, "ProducerFenced");
+        let (mut sent, mut lost) = (0, 0);
+        while let Some((topic, record)) = kept.front() {
+            // A copy (shared bytes): the record stays kept until `to` has taken it.
+            let sending = to.send(topic, vec![record.clone()], Report::None, Duration::ZERO);
+            match runtime.block_on(sending) {
+                Ok(_) => sent += 1,
+                Err(SendError::Closed | SendError::QueueFull | SendError::Fatal) => break,
+                // Refused for what it is: it would be refused again.
+                Err(_) => {
+                    lost += 1;
+                    shared.count_lost(topic, "ProducerFenced");
+                }
             }
+            kept.pop_front();
         }
-        tracing::warn!(producer = %to.name(), count, lost, "records refused to a fenced producer sent again");
+        let left = kept.len();
+        tracing::warn!(producer = %to.name(), sent, lost, left, "records refused to a fenced producer sent again");
     }
 }

@@ -52,7 +52,10 @@ impl Producers {
     /// error librdkafka has already purged its queue (those records were answered 503); what
     /// the producer had in flight is flushed before it goes. Not during a shutdown, whose
     /// flush takes what the producers hold.
+    ///
+    /// Blocks: for a blocking thread of the runtime.
     pub fn replace_failed(&self) {
+        let _replacing = self.replacing.blocking_lock();
         if self.gate.is_closed() {
             return;
         }
