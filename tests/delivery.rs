@@ -1084,19 +1084,25 @@ async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutd
     assert_eq!(report.undelivered, 1, "the retired producer's record");
 }
 
+/// A topic of two partitions, partition 0 led by broker 1 and partition 1 by broker 2, and
+/// kafboy in front of it with a handle on its producers.
+async fn two_leaders(prefix: &str) -> (Cluster, String, Gateway, Arc<kafboy::kafka::Producers>) {
+    let (cluster, topic) = common::mock_topic(2, prefix, 2);
+    for partition in [0, 1] {
+        let leader = Some(partition + 1);
+        cluster
+            .partition_leader(&topic, partition, leader)
+            .expect("leader");
+    }
+    let toml = "[kafka]\nmessage_timeout = \"20s\"\n[server]\nshutdown_timeout = \"1s\"";
+    let (gw, producers) = with_producers(&cluster.bootstrap_servers(), toml).await;
+    (cluster, topic, gw, producers)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_the_brokers_fenced_sends_what_it_holds_then_is_replaced() {
-    // Partition 0 led by broker 1, partition 1 by broker 2.
-    let (cluster, topic) = common::mock_topic(2, "fenced", 2);
-    cluster
-        .partition_leader(&topic, 0, Some(1))
-        .expect("leader");
-    cluster
-        .partition_leader(&topic, 1, Some(2))
-        .expect("leader");
+    let (cluster, topic, gw, producers) = two_leaders("fenced").await;
     let bootstrap = cluster.bootstrap_servers();
-    let toml = "[kafka]\nmessage_timeout = \"20s\"\n[server]\nshutdown_timeout = \"1s\"";
-    let (gw, producers) = with_producers(&bootstrap, toml).await;
     let mode = kafboy::config::Mode::Sync;
     let to = |partition: i32| format!("/sync/{topic}?partition={partition}");
     for partition in [0, 1] {
@@ -1165,17 +1171,8 @@ async fn a_producer_the_brokers_fenced_sends_what_it_holds_then_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_records_refused_to_a_fenced_producer_are_sent_again_by_its_replacement() {
-    // Partition 0 led by broker 1, partition 1 by broker 2.
-    let (cluster, topic) = common::mock_topic(2, "rescued", 2);
-    cluster
-        .partition_leader(&topic, 0, Some(1))
-        .expect("leader");
-    cluster
-        .partition_leader(&topic, 1, Some(2))
-        .expect("leader");
+    let (cluster, topic, gw, producers) = two_leaders("rescued").await;
     let bootstrap = cluster.bootstrap_servers();
-    let toml = "[kafka]\nmessage_timeout = \"20s\"\n[server]\nshutdown_timeout = \"1s\"";
-    let (gw, producers) = with_producers(&bootstrap, toml).await;
     let mode = kafboy::config::Mode::Async;
     let to = |partition: i32| format!("/async/{topic}?partition={partition}");
     for partition in [0, 1] {
@@ -1221,17 +1218,8 @@ async fn async_records_refused_to_a_fenced_producer_are_sent_again_by_its_replac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_kept_from_a_fenced_producer_at_shutdown_count_as_undelivered() {
-    // Partition 0 led by broker 1, partition 1 by broker 2.
-    let (cluster, topic) = common::mock_topic(2, "kept", 2);
-    cluster
-        .partition_leader(&topic, 0, Some(1))
-        .expect("leader");
-    cluster
-        .partition_leader(&topic, 1, Some(2))
-        .expect("leader");
+    let (cluster, topic, gw, producers) = two_leaders("kept").await;
     let bootstrap = cluster.bootstrap_servers();
-    let toml = "[kafka]\nmessage_timeout = \"20s\"\n[server]\nshutdown_timeout = \"1s\"";
-    let (gw, producers) = with_producers(&bootstrap, toml).await;
     let to = |partition: i32| format!("/async/{topic}?partition={partition}");
     for partition in [0, 1] {
         let (reply, _) = timed_post(&gw, &to(partition), None, r#"{"first":1}"#, PROMPT).await;
