@@ -234,7 +234,9 @@ impl Producer {
         if self.fatal.load(Ordering::Relaxed) {
             return true;
         }
-        if self.error_seen.swap(false, Ordering::AcqRel)
+        // A load first: the swap is a write, and this runs on every request.
+        if self.error_seen.load(Ordering::Relaxed)
+            && self.error_seen.swap(false, Ordering::AcqRel)
             && let Some((code, reason)) = self.inner.client().fatal_error()
         {
             if !self.fatal.swap(true, Ordering::Relaxed) {
