@@ -62,7 +62,10 @@ impl Rescue {
             }
             kept.pop_front();
         }
-        let left = kept.len();
-        tracing::warn!(producer = %to.name(), sent, lost, left, "records refused to a fenced producer sent again");
+        // Not a line per try while `to` has no room.
+        if sent + lost > 0 {
+            let left = kept.len();
+            tracing::warn!(producer = %to.name(), sent, lost, left, "records refused to a fenced producer sent again");
+        }
     }
 }
