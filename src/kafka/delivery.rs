@@ -207,11 +207,13 @@ impl ProducerContext for Context {
     type DeliveryOpaque = Waiter;
 
     fn delivery(&self, result: &DeliveryResult<'_>, waiter: Waiter) {
-        let (message, error) = match result {
+        let (message, code) = match result {
             Ok(m) => (m, None),
-            Err((e, m)) => (m, Some(e)),
+            Err((e, m)) => (
+                m,
+                Some(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail)),
+            ),
         };
-        let code = error.map(|e| e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail));
         if let Some(code) = code.filter(|&code| fenced(code)) {
             self.fence(code);
             // A 202 that nobody waits for (a sync requester hears of the refusal, the spool
@@ -232,7 +234,7 @@ impl ProducerContext for Context {
         let spooled = report == Report::Spool;
         // A spooled record's attempt is not its outcome: the spool sends it again after a
         // failure, and counts what finally happened to it (`Producer::count_delivered`).
-        let outcome = match error {
+        let outcome = match code {
             None => {
                 if !spooled {
                     self.count_delivered(message.topic());
@@ -242,8 +244,7 @@ impl ProducerContext for Context {
                     offset: message.offset(),
                 }
             }
-            Some(_) => {
-                let code = code.unwrap_or(RDKafkaErrorCode::Fail);
+            Some(code) => {
                 if code == RDKafkaErrorCode::TopicAuthorizationFailed {
                     self.refusals.refused(message.topic());
                 }

@@ -67,7 +67,7 @@ pub struct Producers {
     /// Held while producers are replaced (and kept records sent again), and by the shutdown's
     /// flush before it looks at the producers: it then finds every record either kept or in
     /// a producer it sees.
-    replacing: Arc<tokio::sync::Mutex<()>>,
+    replacing: tokio::sync::Mutex<()>,
 }
 
 impl Producers {
@@ -107,7 +107,7 @@ impl Producers {
             topics,
             gate,
             retiring: Arc::default(),
-            replacing: Arc::default(),
+            replacing: tokio::sync::Mutex::default(),
             lost_at_stop: std::sync::OnceLock::new(),
         })
     }

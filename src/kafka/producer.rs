@@ -262,6 +262,12 @@ impl Producer {
         }
     }
 
+    /// Counts a record lost after its client's `2xx`: failed, for `reason`.
+    pub(super) fn count_lost(&self, topic: &str, reason: &str) {
+        self.inner.context().count_failed(topic, reason);
+        self.tally.lost.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Marks this producer replaced: its statistics no longer speak for its slot.
     pub(super) fn retire(&self) {
         self.inner.context().retired.store(true, Ordering::Relaxed);

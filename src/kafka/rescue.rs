@@ -12,7 +12,6 @@ use rdkafka::message::{BorrowedMessage, Message};
 use super::delivery::Report;
 use super::producer::{Producer, SendError};
 use super::record::Record;
-use super::slot::Shared;
 use crate::lock;
 
 /// A slot's refused records, in the order their reports came.
@@ -37,11 +36,16 @@ impl Rescue {
         lock(&self.0).len()
     }
 
+    /// Whether no record is kept.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.0).is_empty()
+    }
+
     /// Sends the kept records through `to`, in the order they were kept. A new producer gets
     /// them before any request can reach it, so they keep their place ahead of later records.
     /// What `to` does not take now (a shutdown began, its queue is full, it failed) stays kept,
     /// for the next try or the shutdown's count. Blocks: for a blocking thread of the runtime.
-    pub fn resend(&self, to: &Producer, shared: &Shared) {
+    pub fn resend(&self, to: &Producer) {
         let mut kept = lock(&self.0);
         if kept.is_empty() {
             return;
@@ -57,7 +61,7 @@ impl Rescue {
                 // Refused for what it is: it would be refused again.
                 Err(_) => {
                     lost += 1;
-                    shared.count_lost(topic, "ProducerFenced");
+                    to.count_lost(topic, "ProducerFenced");
                 }
             }
             kept.pop_front();

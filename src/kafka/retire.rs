@@ -64,7 +64,7 @@ impl Producers {
             if !current.is_fatal() {
                 // Kept from a fenced producer that was replaced before all its refusals came
                 // back (it was stopped too).
-                slot.resend(&current);
+                slot.shared.rescue.resend(&current);
                 continue;
             }
             // A fenced producer still sends what it holds (Kafka takes the epoch librdkafka
@@ -150,7 +150,7 @@ impl Producers {
                     return;
                 };
                 // Building a producer reads files and starts threads: off the async workers.
-                let pending = producers.slots().any(|slot| slot.rescue_pending());
+                let pending = producers.slots().any(|slot| !slot.shared.rescue.is_empty());
                 if pending || producers.all().iter().any(|p| p.is_fatal()) {
                     let _ = tokio::task::spawn_blocking(move || producers.replace_failed()).await;
                 }

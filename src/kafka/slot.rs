@@ -1,7 +1,6 @@
 //! A producer's place: the producer requests take now, replaced after a fatal error or a
 //! fence, and what it shares with the producers that replace it.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use rdkafka::ClientConfig;
@@ -33,15 +32,6 @@ pub struct Shared {
     pub refusals: Arc<super::metadata::WriteRefusals>,
     /// Records a fenced producer's brokers refused, for its replacement to send again.
     pub rescue: Arc<super::rescue::Rescue>,
-}
-
-impl Shared {
-    /// Counts a record lost after its client's `2xx`: failed, for `reason`.
-    pub fn count_lost(&self, topic: &str, reason: &str) {
-        self.tally.failed.fetch_add(1, Ordering::Relaxed);
-        self.tally.lost.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::failed(&self.topics.get(topic).label, reason);
-    }
 }
 
 /// A producer that is replaced when librdkafka reports a fatal error or the brokers fence it.
@@ -94,11 +84,7 @@ impl Slot {
 
     /// Brokers as the latest statistics saw them.
     pub fn brokers(&self) -> Vec<crate::metrics::BrokerState> {
-        self.shared
-            .brokers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.shared.brokers).clone()
     }
 
     /// The producer requests use now.
@@ -119,20 +105,10 @@ impl Slot {
         retiring: &Mutex<Vec<Arc<Producer>>>,
     ) -> Result<Arc<Producer>, KafkaError> {
         let fresh = Producer::build(&self.name, &self.kafka, self.recipe.clone(), &self.shared)?;
-        self.resend(&fresh);
+        self.shared.rescue.resend(&fresh);
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         let old = std::mem::replace(&mut *current, Arc::new(fresh));
         lock(retiring).push(old.clone());
         Ok(old)
-    }
-
-    /// Sends the records kept from a fenced producer through `to`.
-    pub(super) fn resend(&self, to: &Producer) {
-        self.shared.rescue.resend(to, &self.shared);
-    }
-
-    /// Whether records kept from a fenced producer wait to be sent.
-    pub(super) fn rescue_pending(&self) -> bool {
-        self.shared.rescue.len() > 0
     }
 }
