@@ -28,7 +28,7 @@ struct RustEdit;
 impl Hook for RustEdit {
     fn on_request(&self, req: Arc<HookRequest>) -> HookFuture {
         ready((|| {
-            let json = req.json().map_err(HookError)?;
+            let json = req.json().map_err(|e| HookError(e.to_string()))?;
             if json.pointer("/user/id").is_none() {
                 return Err(HookError("no user".into()));
             }

@@ -1,5 +1,6 @@
-//! The demo hook in Rust: the same decisions as `hooks/demo.lua`, as a [`Hook`] from your own
-//! `main`. Run it with `cargo run --example demo_hook` and try the quick start's curl commands
+//! The demo hook in Rust: the decisions of `hooks/demo.lua` on the demo's JSON and form
+//! bodies, as a [`Hook`] from your own `main`. (It reads the body as a tree, so of a key given
+//! twice it sees the last, where the script's `fields()` lists both.) Run it with `cargo run --example demo_hook` and try the quick start's curl commands
 //! against 127.0.0.1:9903.
 
 use std::sync::Arc;
@@ -42,15 +43,10 @@ fn decide(req: &HookRequest) -> Result<Verdict, HookError> {
     if req.kind() == BodyKind::Ndjson {
         return Ok(Verdict::Forward(Forward::default()));
     }
-    // Not JSON: the 400 the route gives without a hook.
+    // Not JSON (or JSON sent as a form, ...): the refusal the route gives without a hook.
     let json = match req.json() {
         Ok(json) => json,
-        Err(message) => {
-            return Ok(Verdict::Reject {
-                status: StatusCode::BAD_REQUEST,
-                message,
-            });
-        }
+        Err(error) => return Ok(Verdict::bad_body(error)),
     };
     // Exactly one field, "hello", a string: produce that string, and reply as the route
     // normally does.

@@ -58,7 +58,7 @@ pub async fn run(
             )?)
         }
     };
-    let app = App::builder(config).hook(SharedHook(hook)).build()?;
+    let app = App::builder(config).hook(hook).build()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -83,19 +83,6 @@ pub async fn run(
         (undelivered, failed) => Err(format!(
             "{undelivered} records undelivered, {failed} failed during the shutdown"
         )),
-    }
-}
-
-/// Lets an `Arc<dyn Hook>` be handed to the builder, which takes a hook by value.
-struct SharedHook(Arc<dyn Hook>);
-
-impl Hook for SharedHook {
-    fn on_request(&self, request: Arc<crate::hook::HookRequest>) -> crate::hook::HookFuture {
-        self.0.on_request(request)
-    }
-
-    fn on_error(&self, failure: &crate::hook::Failure<'_>) {
-        self.0.on_error(failure);
     }
 }
 

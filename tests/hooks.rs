@@ -128,13 +128,13 @@ async fn decide(req: &HookRequest, errors: &Mutex<Vec<Seen>>) -> Result<Verdict,
         pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
     };
     let edited = |f: &dyn Fn(&mut Value)| -> Result<Bytes, HookError> {
-        let mut v = req.json().map_err(HookError)?.clone();
+        let mut v = req.json().map_err(|e| HookError(e.to_string()))?.clone();
         f(&mut v);
         Ok(Bytes::from(serde_json::to_vec(&v).unwrap()))
     };
     Ok(match case.as_str() {
         "edit" => {
-            let id = req.json().map_err(HookError)?["user"]["id"].clone();
+            let id = req.json().map_err(|e| HookError(e.to_string()))?["user"]["id"].clone();
             Verdict::Forward(Forward {
                 body: Some(edited(&|v| {
                     v["extra"] = json!(1);
@@ -530,8 +530,8 @@ async fn shutdown_waits_for_a_produce_the_hook_asked_for_after_its_reply() {
     let (mock, app, errors) = test_hook_app(TOML);
     let producers = app.producers().clone();
     let gw = common::serve(app).await;
-    // A topic the gateway has not looked up yet, behind a slow broker: the produce after the
-    // reply is still waiting for the topic's metadata when the shutdown starts.
+    // A topic the gateway has not looked up yet, behind a slow broker: the record the hook
+    // asked for is queued before the reply, and still undelivered when the shutdown starts.
     mock.create_topic("late", 1, 1).unwrap();
     mock.broker_round_trip_time(1, Duration::from_millis(700))
         .unwrap();
@@ -638,5 +638,102 @@ async fn a_full_queue_is_the_answer_to_a_respond_then_produce() {
     let r = post(&gw, "/async/from", "later-to", "{}").await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.error().contains("queue full"), "{}", r.body);
+    gw.stop().await;
+}
+
+/// A Rust hook that fails in the ways a Rust hook can: panics, blocks, answers what cannot be
+/// sent. Its error hook panics too.
+struct Unruly;
+
+impl Hook for Unruly {
+    fn on_request(&self, req: Arc<HookRequest>) -> HookFuture {
+        let case = req.headers["x-case"].to_str().unwrap().to_string();
+        if case == "panic" {
+            panic!("on_request");
+        }
+        if case == "block" {
+            // Blocks the worker past `hook.timeout`, then answers at once.
+            std::thread::sleep(Duration::from_millis(500));
+            return kafboy::hook::ready(Ok(Verdict::Forward(Forward::default())));
+        }
+        Box::pin(async move {
+            let respond = |status: u16, content_type: Option<&str>| {
+                Ok(Verdict::Respond(Respond {
+                    status: StatusCode::from_u16(status).unwrap(),
+                    body: Bytes::from_static(b"{}"),
+                    content_type: content_type.map(String::from),
+                    then: None,
+                }))
+            };
+            match case.as_str() {
+                "panic-later" => {
+                    tokio::task::yield_now().await;
+                    panic!("a later poll");
+                }
+                "early-hints" => respond(103, None),
+                "past-599" => respond(600, None),
+                "bad-type" => respond(200, Some("text/plain\nx: y")),
+                "below-0" => Ok(Verdict::Forward(Forward {
+                    partition: Some(-1),
+                    ..Forward::default()
+                })),
+                "json" => match req.json() {
+                    Ok(_) => Ok(Verdict::Forward(Forward::default())),
+                    Err(e) => Ok(Verdict::bad_body(e)),
+                },
+                _ => Ok(Verdict::Forward(Forward::default())),
+            }
+        })
+    }
+
+    fn on_error(&self, _: &Failure<'_>) {
+        panic!("on_error");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_rust_hook_that_panics_blocks_or_answers_the_unsendable_fails_with_500() {
+    let b = broker();
+    let topic = b.topic("hook-unruly", 1);
+    let mut config = kafboy::Config::from_toml(TOML).unwrap();
+    config.kafka.brokers = vec![b.addr.clone()];
+    // An embedder's shared hook is a hook.
+    let shared: Arc<dyn Hook> = Arc::new(Unruly);
+    let app = kafboy::App::builder(config).hook(shared).build().unwrap();
+    let gw = common::serve(app).await;
+    let p = format!("/sync/{topic}");
+    for (case, error) in [
+        ("panic", "hook failed"),
+        ("panic-later", "hook failed"),
+        ("block", "hook gave no answer within 300ms"),
+        ("early-hints", "hook failed"),
+        ("past-599", "hook failed"),
+        ("bad-type", "hook failed"),
+        ("below-0", "hook failed"),
+    ] {
+        let r = post(&gw, &p, case, r#"{"case":1}"#).await;
+        assert_eq!((r.status, r.error()), (500, error.into()), "{case}");
+    }
+    // The route's own refusals, through `json()` and `bad_body`: nested past
+    // `server.max_json_depth` (serde_json alone allows 128), and JSON sent as a form.
+    let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+    let r = post(&gw, &p, "json", &deep).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().contains("deep"), "{}", r.body);
+    let r = common::client()
+        .post(format!("{}{p}", gw.url))
+        .header("x-case", "json")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"a":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(Reply::read(r).await.status, 415);
+    // Nothing of the above was written; the panicking error hook changed no answer.
+    let r = post(&gw, &p, "json", r#"{"last":1}"#).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["offset"], 0, "{}", r.body);
+    let records = common::consume(&b.addr, &topic, 1);
+    assert_eq!(records[0].value, br#"{"last":1}"#);
     gw.stop().await;
 }

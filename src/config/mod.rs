@@ -17,7 +17,7 @@ mod topics;
 pub use kafka::{
     Acks, BatchConfig, Compression, KafkaConfig, KafkaTlsConfig, SaslConfig, SaslMechanism,
 };
-pub use server::{CorsConfig, ServerConfig, TlsConfig};
+pub use server::{CorsConfig, DEFAULT_MAX_JSON_DEPTH, ServerConfig, TlsConfig};
 pub use topics::{Mode, Partitioner, Payload, RouteConfig, TopicOverride, TopicsConfig};
 
 /// The longest duration any setting may ask for. Deadlines are `Instant`s, and one far enough

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// `server.max_json_depth`'s default.
+pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
+
 /// HTTP side.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -141,7 +144,7 @@ impl Default for ServerConfig {
             cors: None,
             max_body_bytes: 1_000_000,
             max_records: 10_000,
-            max_json_depth: 64,
+            max_json_depth: DEFAULT_MAX_JSON_DEPTH,
             enqueue_timeout: Duration::from_millis(100),
             sync_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),

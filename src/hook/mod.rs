@@ -33,11 +33,13 @@ pub struct HookRequest {
     pub headers: HeaderMap,
     /// Client address.
     pub peer: Option<SocketAddr>,
-    /// The body as received (may be empty).
+    /// The body as received, decompressed (may be empty; `headers` still name the
+    /// `Content-Encoding` it came in).
     pub body: Bytes,
     /// The record key the request asked for (`?key=` or `X-Kafka-Key`), if any.
     pub key: Option<Bytes>,
     kind: BodyKind,
+    max_depth: usize,
     parsed: OnceLock<Result<Value, DecodeError>>,
 }
 
@@ -67,8 +69,16 @@ impl HookRequest {
             body,
             key: None,
             kind,
+            max_depth: crate::config::DEFAULT_MAX_JSON_DEPTH,
             parsed,
         }
+    }
+
+    /// The same request, read with the route's nesting limit (`server.max_json_depth`) by
+    /// [`HookRequest::json`].
+    pub fn with_max_depth(mut self, max_depth: usize) -> HookRequest {
+        self.max_depth = max_depth;
+        self
     }
 
     /// The same request, asking for record key `key`.
@@ -83,20 +93,26 @@ impl HookRequest {
     }
 
     /// The body as JSON, parsed on first use: a JSON body as it is, a form as the object kafboy
-    /// would produce. NDJSON and raw bodies are not one JSON document.
-    pub fn json(&self) -> Result<&Value, String> {
+    /// would produce. NDJSON and raw bodies are not one JSON document. A body the route would
+    /// refuse (empty, not JSON, nested past `server.max_json_depth`, a form of too many fields)
+    /// is that refusal: [`Verdict::bad_body`] answers it as the route does.
+    pub fn json(&self) -> Result<&Value, &DecodeError> {
         self.parsed
-            .get_or_init(|| parse_body(self.kind, &self.body))
+            .get_or_init(|| parse_body(self.kind, &self.body, self.max_depth))
             .as_ref()
-            .map_err(ToString::to_string)
     }
 }
 
 /// Parses a body the way the route would decode it, into one JSON value. The error is the one
 /// the route gives the same body without a hook (a form of too many fields is a 413).
-pub fn parse_body(kind: BodyKind, body: &[u8]) -> Result<Value, DecodeError> {
+pub fn parse_body(kind: BodyKind, body: &[u8], max_depth: usize) -> Result<Value, DecodeError> {
+    if body.is_empty() && matches!(kind, BodyKind::Json | BodyKind::Form) {
+        return Err(DecodeError::Empty);
+    }
     match kind {
+        // serde_json's own limit is 128 levels; the route's is the config's.
         BodyKind::Json => {
+            crate::json::validate(body, max_depth).map_err(DecodeError::Json)?;
             serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))
         }
         BodyKind::Form => {
@@ -110,13 +126,15 @@ pub fn parse_body(kind: BodyKind, body: &[u8]) -> Result<Value, DecodeError> {
 /// What to produce: the route's records, with any of these replaced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Forward {
-    /// Produce these bytes as the one record, as they are (no validation).
+    /// Produce these bytes as the one record, as they are: not checked as JSON, so a hook may
+    /// write any format. Empty is a `400`; past `kafka.message_max_bytes`, a `413`.
     pub body: Option<Bytes>,
     /// Produce to this topic instead (it must pass the same checks).
     pub topic: Option<String>,
     /// Record key.
     pub key: Option<Bytes>,
-    /// Explicit partition.
+    /// Explicit partition, from 0 (a negative one fails the hook: `500`; one past the topic's
+    /// count is the client's `400`, as when the client asks for it).
     pub partition: Option<i32>,
     /// Record headers to set: each replaces the request's headers of its name (ASCII case
     /// aside).
@@ -126,13 +144,19 @@ pub struct Forward {
 /// A reply chosen by the hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Respond {
-    /// HTTP status.
+    /// HTTP status, 200 to 599 (anything else fails the hook: `500`).
     pub status: StatusCode,
     /// Body, sent as it is.
     pub body: Bytes,
-    /// Content-Type of `body`. Default `application/json`.
+    /// Content-Type of `body`. Default `application/json`. One that is not a valid header
+    /// value fails the hook: `500`.
     pub content_type: Option<String>,
-    /// After replying, produce this on that mode's path.
+    /// Also produce this on that mode's path (then `status` must be a 2xx). The records are
+    /// built and handed to the producer (or spool) before the reply, so a body, topic or
+    /// partition that cannot be produced, a full queue or a shutdown is the client's answer
+    /// (`400`, `404`, `503`, ...) instead of this one. On the sync modes the wait for the
+    /// brokers' acknowledgement comes after the reply; a failure there goes to the log and
+    /// [`Hook::on_error`] (with [`Failure::after_reply`] set).
     pub then: Option<(Mode, Forward)>,
 }
 
@@ -148,19 +172,35 @@ pub enum Verdict {
         /// Error message.
         message: String,
     },
-    /// Reply with this, then maybe produce.
+    /// Reply with this, and maybe produce as well.
     Respond(Respond),
+}
+
+impl Verdict {
+    /// The refusal the route gives `error` without a hook, from [`HookRequest::json`]: `400`
+    /// for a body that is not JSON (or too deep, or empty), `413` for a form of too many fields,
+    /// `415` for JSON sent as a form.
+    pub fn bad_body(error: &DecodeError) -> Verdict {
+        let status = crate::error::IngestError::from(error.clone()).status();
+        Verdict::Reject {
+            status,
+            message: error.to_string(),
+        }
+    }
 }
 
 /// A failed request, as the error hook sees it.
 #[derive(Debug, Clone)]
 pub struct Failure<'a> {
-    /// Status sent to the client.
+    /// The failure's status: the one sent to the client, unless `after_reply`.
     pub status: StatusCode,
-    /// Error message sent to the client.
+    /// The failure's message: the one sent to the client, unless `after_reply`.
     pub message: &'a str,
     /// Topic of the request, when it got that far.
     pub topic: Option<&'a str>,
+    /// The records a [`Respond`] asked for in a sync mode failed at the brokers after the
+    /// hook's own reply went out: the client got that reply, not this failure.
+    pub after_reply: bool,
 }
 
 /// Why a hook gave no verdict.
@@ -173,16 +213,33 @@ pub type HookFuture = Pin<Box<dyn Future<Output = Result<Verdict, HookError>> + 
 
 /// User code run on every produce request of the routes it is set for.
 pub trait Hook: Send + Sync + 'static {
-    /// Decides what to do with `request`. Runs under the configured time budget; a hook that
-    /// errors or runs out of time fails the request with 500 and produces nothing.
+    /// Decides what to do with `request`. Runs under `hook.timeout`, counted from the call: a
+    /// hook that errors, panics or runs out of time fails the request with `500` and produces
+    /// nothing (its future is dropped at the timeout). The call and every poll of the future
+    /// run on a worker thread that serves other connections: blocking work belongs in
+    /// `tokio::task::spawn_blocking`, and a hook that blocks past the timeout fails all the
+    /// same, its answer discarded.
     fn on_request(&self, request: Arc<HookRequest>) -> HookFuture;
 
     /// Called for the failed requests on the hook's routes that were admitted (past the checks
-    /// that cost nothing and the global rate limit), after the reply is decided. Not for a
-    /// refusal before that (`401`, `429`, `405`, the topic's name or allowlist, the key's topics
-    /// and modes, the headers and declared length, shutting down), which anyone can cause for
-    /// free.
+    /// that cost nothing and the global rate limit), once their reply is decided, and for the
+    /// records a [`Respond`] asked for in a sync mode that fail at the brokers after the reply.
+    /// Not for a refusal before that (`401`, `429`, `405`, the topic's name or allowlist, the
+    /// key's topics and modes, the headers and declared length, shutting down), which anyone
+    /// can cause for free. It runs on a worker thread, without a time budget: keep it short. A
+    /// panic in it is logged and goes no further.
     fn on_error(&self, _failure: &Failure<'_>) {}
+}
+
+/// A shared hook is a hook: an embedder may keep an `Arc` of its own.
+impl<H: Hook + ?Sized> Hook for Arc<H> {
+    fn on_request(&self, request: Arc<HookRequest>) -> HookFuture {
+        (**self).on_request(request)
+    }
+
+    fn on_error(&self, failure: &Failure<'_>) {
+        (**self).on_error(failure)
+    }
 }
 
 /// Wraps a synchronous decision as a [`HookFuture`].

@@ -1,12 +1,13 @@
 //! The produce handler's path through a hook: the hook's verdict, then the records it asked for
 //! (maybe on another topic or mode, maybe after the hook's own reply).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use axum::http::{HeaderValue, StatusCode};
 use bytes::Bytes;
-use tokio::time::error::Elapsed;
 
 use super::send::{Queued, Stake, enqueue, records_for};
 use super::topic::{check_partition, lookup};
@@ -14,7 +15,7 @@ use crate::auth::Key;
 use crate::config::Mode;
 use crate::decode::{self, BodyKind};
 use crate::error::IngestError;
-use crate::hook::{Failure, Forward, Hook, HookError, HookFuture, HookRequest, Verdict};
+use crate::hook::{Failure, Forward, Hook, HookError, HookRequest, Respond, Verdict};
 use crate::kafka::Record;
 use crate::record::RecordMeta;
 use crate::reply::Reply;
@@ -42,39 +43,21 @@ pub(super) async fn run(
     meta: RecordMeta,
     topic_seen: &mut Option<String>,
 ) -> Result<Handled, IngestError> {
-    let verdict = match decide(app.hook_timeout, hook.on_request(request.clone())).await {
-        Ok(Ok(verdict)) => verdict,
-        Ok(Err(e)) => {
-            // The detail (script path, traceback) is for the operator, not the client. A
-            // script that fails on what clients send fails for every request: a line a second.
-            if let Some(suppressed) = HOOK_FAILED.pass() {
-                tracing::error!(path = %route.path, error = %e, suppressed, "hook failed");
-            }
-            return Err(IngestError::HookFailed("hook failed".into()));
-        }
-        Err(_) => {
+    let verdict = match decide(app.hook_timeout, hook.as_ref(), request.clone()).await {
+        // The detail (script path, traceback) is for the operator, not the client.
+        Ok(verdict) => match unsendable(&verdict) {
+            Some(why) => return Err(hook_failed(route, &why, "hook failed".into())),
+            None => verdict,
+        },
+        Err(NoVerdict::Failed(e)) => return Err(hook_failed(route, &e.0, "hook failed".into())),
+        Err(NoVerdict::Late) => {
             // Not the script's detail: the client may see how long kafboy waited.
             let message = format!("hook gave no answer within {:?}", app.hook_timeout);
-            if let Some(suppressed) = HOOK_FAILED.pass() {
-                tracing::error!(path = %route.path, error = %message, suppressed, "hook failed");
-            }
-            return Err(IngestError::HookFailed(message));
+            return Err(hook_failed(route, &message, message.clone()));
         }
     };
     match verdict {
-        // A 2xx "rejection" would hide that nothing was written.
-        Verdict::Reject { status, .. }
-            if !status.is_client_error() && !status.is_server_error() =>
-        {
-            tracing::error!(path = %route.path, %status, "hook rejected with a status that is not an error");
-            Err(IngestError::HookFailed("hook failed".into()))
-        }
         Verdict::Reject { status, message } => Err(IngestError::Rejected { status, message }),
-        // A client told 503 (or 400) must be able to trust that nothing was written.
-        Verdict::Respond(respond) if respond.then.is_some() && !respond.status.is_success() => {
-            tracing::error!(path = %route.path, status = %respond.status, "hook replied with a status that is not 2xx and asked to produce");
-            Err(IngestError::HookFailed("hook failed".into()))
-        }
         Verdict::Forward(forward) => {
             let later = prepared(
                 app, route, key, request, meta, route.mode, forward, topic_seen,
@@ -119,15 +102,104 @@ pub(super) async fn run(
     }
 }
 
-/// The hook's answer, or `Elapsed` after `timeout`. A hook that answers on its first poll (a
-/// Lua hook always does; its own budget bounds it) never arms a timer.
+/// Why a hook gave no verdict.
+enum NoVerdict {
+    /// Its error, or its panic.
+    Failed(HookError),
+    /// No answer within the time budget, counted from the call.
+    Late,
+}
+
+/// The hook's answer within `timeout`, counted from the call. A hook that answers on its first
+/// poll (a Lua hook always does; its own budget bounds it) arms no timer, but one that blocked
+/// past the budget to give it is late all the same. A panic is the hook's failure, not the
+/// connection's: the client gets its `500`.
 async fn decide(
     timeout: Duration,
-    mut call: HookFuture,
-) -> Result<Result<Verdict, HookError>, Elapsed> {
-    match std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await {
-        Poll::Ready(answer) => Ok(answer),
-        Poll::Pending => tokio::time::timeout(timeout, call).await,
+    hook: &dyn Hook,
+    request: Arc<HookRequest>,
+) -> Result<Verdict, NoVerdict> {
+    let start = Instant::now();
+    let mut call = guarded(|| hook.on_request(request)).map_err(NoVerdict::Failed)?;
+    let mut poll = |cx: &mut std::task::Context<'_>| {
+        guarded(|| call.as_mut().poll(cx)).unwrap_or_else(|panic| Poll::Ready(Err(panic)))
+    };
+    let first = std::future::poll_fn(|cx| Poll::Ready(poll(cx))).await;
+    let answer = match first {
+        Poll::Ready(_) if start.elapsed() > timeout => return Err(NoVerdict::Late),
+        Poll::Ready(answer) => answer,
+        Poll::Pending => {
+            let left = timeout.saturating_sub(start.elapsed());
+            match tokio::time::timeout(left, std::future::poll_fn(poll)).await {
+                Ok(answer) => answer,
+                Err(_) => return Err(NoVerdict::Late),
+            }
+        }
+    };
+    answer.map_err(NoVerdict::Failed)
+}
+
+/// Runs `f`, a call into the hook, turning a panic into the hook's error.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, HookError> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        HookError(format!("the hook panicked: {what}"))
+    })
+}
+
+/// Calls `hook`'s error hook; a panic there is logged, and the request's answer stands.
+pub(super) fn report(hook: &dyn Hook, failure: &Failure<'_>) {
+    if let Err(e) = guarded(|| hook.on_error(failure)) {
+        tracing::error!(error = %e, "error hook failed");
+    }
+}
+
+/// Logs a hook's failure (a script that fails on what clients send fails for every request: a
+/// line a second) and answers the client `message`.
+fn hook_failed(route: &Route, error: &str, message: String) -> IngestError {
+    if let Some(suppressed) = HOOK_FAILED.pass() {
+        tracing::error!(path = %route.path, %error, suppressed, "hook failed");
+    }
+    IngestError::HookFailed(message)
+}
+
+/// What makes a verdict impossible to carry out as the client's answer. The client did nothing
+/// wrong: the hook failed.
+fn unsendable(verdict: &Verdict) -> Option<String> {
+    let why = |what: &str, status: StatusCode| Some(format!("the hook answered {what} ({status})"));
+    match verdict {
+        // A 2xx "rejection" would hide that nothing was written.
+        Verdict::Reject { status, .. }
+            if !status.is_client_error() && !status.is_server_error() =>
+        {
+            why("a rejection whose status is not an error", *status)
+        }
+        // hyper would not send these as they are.
+        Verdict::Respond(r) if r.status.is_informational() || r.status.as_u16() > 599 => {
+            why("a status that is not 200 to 599", r.status)
+        }
+        // A client told 503 (or 400) must be able to trust that nothing was written.
+        Verdict::Respond(r) if r.then.is_some() && !r.status.is_success() => {
+            why("a status that is not 2xx and asked to produce", r.status)
+        }
+        Verdict::Respond(r)
+            if r.content_type
+                .as_deref()
+                .is_some_and(|ct| HeaderValue::from_str(ct).is_err()) =>
+        {
+            Some("the hook answered a content type that is not a header value".into())
+        }
+        Verdict::Forward(f)
+        | Verdict::Respond(Respond {
+            then: Some((_, f)), ..
+        }) if f.partition.is_some_and(|p| p < 0) => {
+            Some("the hook asked for a partition below 0".into())
+        }
+        _ => None,
     }
 }
 
@@ -231,11 +303,15 @@ fn acks_after_reply(
             let status = error.status();
             let message = format!("after the hook's reply: {error}");
             tracing::warn!(path = %route.path, %status, %message, "produce failed");
-            hook.on_error(&Failure {
-                status,
-                message: &message,
-                topic: Some(&topic),
-            });
+            report(
+                hook.as_ref(),
+                &Failure {
+                    status,
+                    message: &message,
+                    topic: Some(&topic),
+                    after_reply: true,
+                },
+            );
         }
     });
 }

@@ -76,11 +76,13 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
             // request refused before that (no key, a bad topic name, a topic not allowed).
             if let Some(hook) = served.hook.as_ref().filter(|_| seen.admitted) {
                 let message = error.to_string();
-                hook.on_error(&Failure {
+                let failure = Failure {
                     status,
                     message: &message,
                     topic: seen.topic.as_deref(),
-                });
+                    after_reply: false,
+                };
+                hooked::report(hook.as_ref(), &failure);
             }
             error.into_response()
         }
@@ -235,7 +237,8 @@ async fn ingest(
             body,
             kind,
         )
-        .with_key(meta.key.clone()),
+        .with_key(meta.key.clone())
+        .with_max_depth(app.decode_limits.max_depth),
     );
     let handled = hooked::run(
         app,

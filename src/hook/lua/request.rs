@@ -146,7 +146,7 @@ impl LuaRequest {
                 .map_err(|e| refused(DecodeError::Json(e.to_string())))?;
             Doc::Raw { doc, edited: false }
         } else {
-            let value = crate::hook::parse_body(kind, body).map_err(refused)?;
+            let value = crate::hook::parse_body(kind, body, self.depth).map_err(refused)?;
             self.charge(tree_bytes(&value))?;
             Doc::Tree {
                 value,
