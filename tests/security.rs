@@ -687,14 +687,23 @@ fn kafka_tls_and_sasl_settings_are_accepted_by_librdkafka() {
     );
     let config = kafboy::Config::from_toml(&toml).unwrap();
     assert!(kafboy::App::build(&config).is_ok());
-    let toml = toml.replace(&ca, "/no/such/ca.pem");
-    let err = kafboy::App::build(&kafboy::Config::from_toml(&toml).unwrap())
-        .err()
-        .unwrap();
+    // A file mistake is named by its setting and path, not by librdkafka's property and
+    // OpenSSL's words ("system lib", "PEM lib"), and a certificate without its key (which
+    // librdkafka would quietly not present) is refused.
+    let refused = |toml: &str| {
+        kafboy::App::build(&kafboy::Config::from_toml(toml).unwrap())
+            .err()
+            .unwrap()
+    };
+    let err = refused(&toml.replace(&ca, "/no/such/ca.pem"));
+    assert!(err.contains("kafka.tls.ca_file: /no/such/ca.pem"), "{err}");
+    let err = refused(&toml.replace(&cert, &pw));
     assert!(
-        err.contains("/no/such/ca.pem") || err.contains("ssl.ca.location"),
+        err.contains("kafka.tls.cert_file") && err.contains("no PEM block"),
         "{err}"
     );
+    let err = refused(&toml.replace(&format!("key_file = {key:?}\n"), ""));
+    assert!(err.contains("cert_file needs kafka.tls.key_file"), "{err}");
     let err = kafboy::Config::from_toml(
         "[kafka.sasl]\nmechanism = \"plain\"\nusername = \"u\"\npassword = \"p\"",
     )

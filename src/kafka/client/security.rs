@@ -15,6 +15,7 @@ pub(super) fn security(kafka: &KafkaConfig, c: &mut ClientConfig) -> Result<(), 
     };
     c.set("security.protocol", protocol);
     if let Some(tls) = &kafka.tls {
+        check_tls_files(tls)?;
         let path = |p: &std::path::PathBuf| p.display().to_string();
         if let Some(ca) = &tls.ca_file {
             c.set("ssl.ca.location", path(ca));
@@ -26,10 +27,13 @@ pub(super) fn security(kafka: &KafkaConfig, c: &mut ClientConfig) -> Result<(), 
             c.set("ssl.key.location", path(key));
         }
         if let Some(var) = &tls.key_password_env {
-            c.set(
-                "ssl.key.password",
-                secret_from_env(var, "kafka.tls.key_password_env")?,
-            );
+            let password = secret_from_env(var, "kafka.tls.key_password_env")?;
+            if password.is_empty() {
+                return Err(format!(
+                    "kafka.tls.key_password_env: environment variable {var} is empty"
+                ));
+            }
+            c.set("ssl.key.password", password);
         }
         let check = if tls.skip_hostname_check {
             "none"
@@ -67,6 +71,38 @@ pub(super) fn security(kafka: &KafkaConfig, c: &mut ClientConfig) -> Result<(), 
         c.set("sasl.mechanisms", mechanism)
             .set("sasl.username", &sasl.username)
             .set("sasl.password", password);
+    }
+    Ok(())
+}
+
+/// The `[kafka.tls]` files, checked here so that a mistake is named by its setting and path:
+/// librdkafka names only its own property, with OpenSSL's words (`system lib`, `PEM lib`). It
+/// reads them only when a producer starts.
+fn check_tls_files(tls: &crate::config::KafkaTlsConfig) -> Result<(), String> {
+    // Without its key a certificate is not presented at all, and the brokers that require one
+    // only close the connection: nothing would point at the missing setting.
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(_), None) => return Err("kafka.tls.cert_file needs kafka.tls.key_file".into()),
+        (None, Some(_)) => return Err("kafka.tls.key_file needs kafka.tls.cert_file".into()),
+        _ => {}
+    }
+    if tls.key_password_env.is_some() && tls.key_file.is_none() {
+        return Err("kafka.tls.key_password_env needs kafka.tls.key_file".into());
+    }
+    for (key, path) in [
+        ("ca_file", &tls.ca_file),
+        ("cert_file", &tls.cert_file),
+        ("key_file", &tls.key_file),
+    ] {
+        let Some(path) = path else { continue };
+        let pem =
+            std::fs::read(path).map_err(|e| format!("kafka.tls.{key}: {}: {e}", path.display()))?;
+        if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
+            return Err(format!(
+                "kafka.tls.{key}: {} holds no PEM block (-----BEGIN ...)",
+                path.display()
+            ));
+        }
     }
     Ok(())
 }
