@@ -218,6 +218,9 @@ impl From<SendError> for IngestError {
             SendError::TooBig => {
                 IngestError::TooLarge("request larger than the producer queue".into())
             }
+            SendError::Credentials => IngestError::Unavailable(
+                "the brokers refuse kafboy's TLS or SASL credentials; nothing was queued".into(),
+            ),
             SendError::Fatal => IngestError::Unavailable(
                 "producer hit a fatal error or was fenced; it is being replaced".into(),
             ),

@@ -739,3 +739,140 @@ async fn a_topic_the_brokers_refuse_kafboy_is_403_not_404() {
     assert_eq!(gw.post_json("/sync/nowhere", "{}").await.status, 404);
     gw.stop().await;
 }
+
+/// A TLS front for a broker: what tansu would be behind TLS. [`TlsFront::serve`] swaps the
+/// certificate it presents and drops every open connection, so that clients handshake again.
+struct TlsFront {
+    addr: std::net::SocketAddr,
+    config: Arc<Mutex<Arc<rustls::ServerConfig>>>,
+    open: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl TlsFront {
+    /// Listens at once (so that the broker can advertise the address); forwards to `backend`
+    /// once it is set.
+    async fn bind(
+        config: rustls::ServerConfig,
+    ) -> (TlsFront, tokio::sync::oneshot::Sender<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (backend_tx, backend_rx) = tokio::sync::oneshot::channel::<String>();
+        let front = TlsFront {
+            addr: listener.local_addr().unwrap(),
+            config: Arc::new(Mutex::new(Arc::new(config))),
+            open: Arc::default(),
+        };
+        let (config, open) = (front.config.clone(), front.open.clone());
+        tokio::spawn(async move {
+            let backend = backend_rx.await.unwrap();
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let acceptor = tokio_rustls::TlsAcceptor::from(config.lock().unwrap().clone());
+                let backend = backend.clone();
+                let conn = tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut up = tokio::net::TcpStream::connect(backend).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                });
+                open.lock().unwrap().push(conn);
+            }
+        });
+        (front, backend_tx)
+    }
+
+    fn serve(&self, config: rustls::ServerConfig) {
+        *self.config.lock().unwrap() = Arc::new(config);
+        for conn in self.open.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+    }
+}
+
+impl Pki {
+    /// A server configuration presenting a certificate for 127.0.0.1 from this CA.
+    fn server(&self) -> rustls::ServerConfig {
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params
+            .signed_by(&key, &self.ca.cert, &self.ca.key_pair)
+            .unwrap();
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key.into())
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_that_refuse_kafboys_credentials_get_503_not_202() {
+    // The brokers' certificate is replaced by one kafboy does not trust (an expired or rotated
+    // CA at one end): librdkafka retries the handshake for ever and counts nothing fatal.
+    let (trusted, stranger) = (Pki::new(), Pki::new());
+    let (front, backend) = TlsFront::bind(trusted.server()).await;
+    let b = common::Broker::advertising(Some(&front.addr.to_string()));
+    backend.send(b.addr.clone()).unwrap();
+    let topic = b.topic("kafka-tls", 1);
+    let ca = trusted.dir.path().join("ca.pem");
+    let toml = format!("[kafka]\nstatistics_interval = \"100ms\"\n[kafka.tls]\nca_file = {ca:?}\n");
+    let gw = gateway(&front.addr.to_string(), &toml).await;
+    let path = format!("/async/{topic}");
+    assert_eq!(gw.post_json(&path, "{\"n\":1}").await.status, 202);
+
+    front.serve(stranger.server());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let r = gw.post_json(&path, "{\"refused\":true}").await;
+        if r.status == 503 {
+            break r;
+        }
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert!(
+            Instant::now() < deadline,
+            "still 202 with the handshake failing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(refused.error().contains("credentials"), "{}", refused.body);
+    assert!(refused.headers.contains_key("retry-after"));
+    let ready = client()
+        .get(format!("{}/ready", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("credentials"));
+
+    // Trusted again: taken again, without a restart.
+    front.serve(trusted.server());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gw.post_json(&path, "{\"n\":2}").await.status != 202 {
+        assert!(Instant::now() < deadline, "still refused after the heal");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = gw.stop().await;
+    assert_eq!(report.undelivered, 0);
+    let mut tls = rdkafka::ClientConfig::new();
+    tls.set("bootstrap.servers", front.addr.to_string())
+        .set("security.protocol", "ssl")
+        .set("ssl.ca.location", ca.display().to_string());
+    // Every record answered 202 is delivered once the brokers are trusted again; the last
+    // request's record comes last.
+    let consumer = common::consumer_from_start_with(tls, &topic);
+    let mut values = Vec::new();
+    while values.last().map(Vec::as_slice) != Some(&b"{\"n\":2}"[..]) {
+        let more = common::consume_from(&consumer, 1, Duration::from_secs(15));
+        assert!(!more.is_empty(), "{values:?}");
+        values.extend(more.into_iter().map(|c| c.value));
+    }
+    assert_eq!(values[0], b"{\"n\":1}");
+    assert!(
+        values[1..values.len() - 1]
+            .iter()
+            .all(|v| v == b"{\"refused\":true}")
+    );
+}

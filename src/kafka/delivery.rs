@@ -140,6 +140,8 @@ pub struct Context {
     pub gate: Arc<super::gate::Gate>,
     /// Where records refused to a fenced producer wait for its replacement.
     pub rescue: Arc<super::rescue::Rescue>,
+    /// Whether the brokers refuse the producer's TLS or SASL credentials.
+    pub credentials: Arc<super::credentials::Credentials>,
 }
 
 impl ClientContext for Context {
@@ -147,6 +149,8 @@ impl ClientContext for Context {
         if self.retired.load(Ordering::Relaxed) {
             return;
         }
+        let states = statistics.brokers.values().map(|b| b.state.as_str());
+        self.credentials.brokers(states);
         let mut totals = crate::lock(&self.broker_totals);
         let mut exported = crate::lock(&self.exported);
         let seen = crate::metrics::Seen {
@@ -173,6 +177,7 @@ impl ClientContext for Context {
 
     fn error(&self, error: KafkaError, reason: &str) {
         self.error_seen.store(true, Ordering::Release);
+        self.credentials.error(error.rdkafka_error_code());
         match self.client_errors.pass() {
             Some(suppressed) => {
                 tracing::warn!(producer = %self.name, %error, %reason, suppressed, "kafka client error")

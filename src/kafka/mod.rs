@@ -4,6 +4,7 @@
 
 pub mod admission;
 mod client;
+mod credentials;
 pub mod delivery;
 mod ffi;
 mod gate;
@@ -172,6 +173,8 @@ impl Producers {
             Some("no broker metadata yet")
         } else if self.all().iter().any(|p| p.is_fatal()) {
             Some("fatal producer error")
+        } else if self.all().iter().any(|p| p.credentials_refused()) {
+            Some("the brokers refuse kafboy's TLS or SASL credentials")
         } else {
             None
         }

@@ -155,6 +155,7 @@ pub(crate) mod tests {
             refusals: Arc::default(),
             gate: Arc::default(),
             rescue: Arc::default(),
+            credentials: Arc::default(),
         };
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", bootstrap);

@@ -12,6 +12,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use tokio::sync::oneshot;
 
 use super::admission::{Admission, Refused};
+use super::credentials::Credentials;
 use super::delivery::{Context, Outcome, Report, Tally, Waiter, Waiting};
 use super::gate::Gate;
 use super::poller::Polled;
@@ -29,6 +30,9 @@ pub enum SendError {
     TooBig,
     /// The producer hit a fatal error, or the brokers fenced it; nothing queued.
     Fatal,
+    /// The brokers refuse the producer's TLS or SASL credentials, and none is up; nothing
+    /// queued.
+    Credentials,
     /// The producers are closed for the final flush of a shutdown; nothing queued.
     Closed,
     /// librdkafka refused record number `accepted` (0-based); the ones before it are queued.
@@ -47,6 +51,7 @@ impl SendError {
             SendError::QueueFull => "queue_full",
             SendError::TooBig => "too_big",
             SendError::Fatal => "fatal",
+            SendError::Credentials => "credentials",
             SendError::Closed => "shutting_down",
             SendError::Refused { .. } => "refused",
         }
@@ -84,6 +89,7 @@ pub struct Producer {
     fenced: Arc<AtomicBool>,
     fatal: AtomicBool,
     gate: Arc<Gate>,
+    credentials: Arc<Credentials>,
 }
 
 impl Producer {
@@ -99,6 +105,7 @@ impl Producer {
         ));
         let error_seen = Arc::new(AtomicBool::new(false));
         let fenced = Arc::new(AtomicBool::new(false));
+        let credentials = Arc::new(Credentials::default());
         set_queue_limits(&mut client, kafka);
         let context = Context {
             name: name.to_string(),
@@ -116,6 +123,7 @@ impl Producer {
             refusals: shared.refusals.clone(),
             gate: shared.gate.clone(),
             rescue: shared.rescue.clone(),
+            credentials: credentials.clone(),
         };
         let inner = BaseProducer::from_config_and_context(&client, context)?;
         let inner = Polled::new(inner, name).map_err(|e| {
@@ -129,6 +137,7 @@ impl Producer {
             fenced,
             fatal: AtomicBool::new(false),
             gate: shared.gate.clone(),
+            credentials,
         })
     }
 
@@ -143,6 +152,11 @@ impl Producer {
     ) -> Result<Vec<oneshot::Receiver<Outcome>>, SendError> {
         if self.is_fatal() {
             return Err(SendError::Fatal);
+        }
+        // Refused now rather than `202` and expired later. Not a reason to replace the
+        // producer: a new one would have the same credentials.
+        if self.credentials.refused() {
+            return Err(SendError::Credentials);
         }
         let bytes: usize = records.iter().map(Record::queued_bytes).sum();
         self.admission
@@ -226,6 +240,11 @@ impl Producer {
     /// [`super::delivery::Context::fenced`]).
     pub fn is_fatal(&self) -> bool {
         self.stopped() || self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Whether the brokers refuse the producer's TLS or SASL credentials, none of them up.
+    pub fn credentials_refused(&self) -> bool {
+        self.credentials.refused()
     }
 
     /// Whether librdkafka reported a fatal error: it sends nothing more, so what its queue holds

@@ -57,7 +57,12 @@ impl Rescue {
             let sending = to.send(topic, vec![record.clone()], Report::None, Duration::ZERO);
             match runtime.block_on(sending) {
                 Ok(_) => sent += 1,
-                Err(SendError::Closed | SendError::QueueFull | SendError::Fatal) => break,
+                Err(
+                    SendError::Closed
+                    | SendError::QueueFull
+                    | SendError::Fatal
+                    | SendError::Credentials,
+                ) => break,
                 // Refused for what it is: it would be refused again.
                 Err(_) => {
                     lost += 1;

@@ -58,15 +58,29 @@ pub fn broker() -> &'static Broker {
 }
 
 fn start_broker() -> Broker {
+    start_tansu(None)
+}
+
+impl Broker {
+    /// A broker of its own (not the shared one), telling clients to reach it at `advertised`
+    /// (a proxy in front of it) instead of its own address. `addr` is its own address: tansu's
+    /// topic commands use it directly.
+    pub fn advertising(advertised: Option<&str>) -> Broker {
+        start_tansu(advertised)
+    }
+}
+
+fn start_tansu(advertised: Option<&str>) -> Broker {
     let tansu = tansu_path();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let dir = tempfile::tempdir().expect("temp dir").keep();
     let url = format!("tcp://{addr}");
+    let advertised = advertised.map_or(url.clone(), |a| format!("tcp://{a}"));
     // tansu reads .env from its working directory, hence the empty temp dir. The watchdog polls
     // this process and stops the broker when it is gone.
     let script = format!(
-        "\"$0\" broker --listener-url {url} --advertised-listener-url {url} \
+        "\"$0\" broker --listener-url {url} --advertised-listener-url {advertised} \
          --storage-engine memory://tansu/ >broker.log 2>&1 & b=$!; \
          while kill -0 {pid} 2>/dev/null && kill -0 $b 2>/dev/null; do sleep 1; done; kill $b",
         pid = std::process::id()
@@ -183,8 +197,14 @@ pub fn consume(brokers: &str, topic: &str, want: usize) -> Vec<Consumed> {
 
 /// A consumer assigned to every partition of `topic` from its first record.
 pub fn consumer_from_start(brokers: &str, topic: &str) -> BaseConsumer {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let mut base = ClientConfig::new();
+    base.set("bootstrap.servers", brokers);
+    consumer_from_start_with(base, topic)
+}
+
+/// The same, with `base`'s settings (brokers, TLS).
+pub fn consumer_from_start_with(mut base: ClientConfig, topic: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = base
         .set("group.id", format!("check-{topic}"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
@@ -229,7 +249,11 @@ pub fn mock_topic(
 
 /// Reads `topic` until `want` records arrived or `wait` passed, whichever is first.
 pub fn consume_for(brokers: &str, topic: &str, want: usize, wait: Duration) -> Vec<Consumed> {
-    let consumer = consumer_from_start(brokers, topic);
+    consume_from(&consumer_from_start(brokers, topic), want, wait)
+}
+
+/// Reads with `consumer` until `want` records arrived or `wait` passed.
+pub fn consume_from(consumer: &BaseConsumer, want: usize, wait: Duration) -> Vec<Consumed> {
     let deadline = Instant::now() + wait;
     let mut out = Vec::new();
     while out.len() < want && Instant::now() < deadline {

@@ -209,7 +209,9 @@ pub(super) fn refusal_of_send(error: &SendError) -> Option<Refusal> {
             missing: Missing::Nothing,
         }),
         SendError::Refused { error, .. } => refusal_of_delivery(*error, Persisted::No),
-        SendError::QueueFull | SendError::Fatal | SendError::Closed => None,
+        SendError::QueueFull | SendError::Fatal | SendError::Credentials | SendError::Closed => {
+            None
+        }
     }
 }
 
