@@ -21,6 +21,7 @@ mod linger;
 pub(crate) mod path;
 mod request_id;
 mod stall;
+mod unread;
 
 pub use cors::Cors;
 

@@ -320,3 +320,49 @@ async fn a_large_body_refused_before_it_is_read_still_gets_its_answer() {
     good_request(&gw, &topic).await;
     gw.stop().await;
 }
+
+/// Sends `head`, reads the answer's head, and returns it (lower case).
+async fn answer_head(s: &mut TcpStream, head: &str) -> String {
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&answer).to_ascii_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_body_is_read_says_connection_close() {
+    let b = broker();
+    let topic = b.topic("unread", 1);
+    let gw = gateway(&b.addr, &format!("[topics]\nallow = [\"{topic}\"]")).await;
+    let post = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\n\
+             content-length: 7\r\n\r\n"
+        )
+    };
+    // Refused on its head alone (a topic outside the allowlist, a bad name, no such path), the
+    // body still to come: the client must not send another request on this connection.
+    for path in ["/async/elsewhere", "/async/a%20b", "/no/such/path"] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        let head = answer_head(&mut s, &post(path)).await;
+        assert!(head.contains("connection: close"), "{path}: {head}");
+        s.write_all(b"{\"a\":1}").await.unwrap();
+    }
+    // Read to its end: the connection stays, and takes the next request.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let path = format!("/async/{topic}");
+    for _ in 0..2 {
+        let head = answer_head(&mut s, &format!("{}{{\"a\":1}}", post(&path))).await;
+        assert!(head.starts_with("http/1.1 202"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+    gw.stop().await;
+}

@@ -17,6 +17,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tower::ServiceExt;
 
 use super::stall::Stall;
+use super::unread::Unread;
 use super::{Limits, Refusals, RequestId, linger, path, refuse};
 use crate::auth::ClientSubject;
 use crate::tls::Tls;
@@ -167,10 +168,13 @@ impl Connection {
         let stopping = self.stopping;
         let first = Arc::new(FirstRequest::default());
         let seen = first.clone();
+        let unread = Unread::default();
         // Every response carries the request's id. A plain function around the router rather
         // than a layer on it, which would box a future per request.
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             seen.note();
+            let (mut request, has_body) = unread.track(request);
+            let unread = has_body.then(|| unread.clone());
             path::normalize(request.uri_mut());
             let id = RequestId::of(request.headers());
             let extensions = request.extensions_mut();
@@ -181,14 +185,15 @@ impl Connection {
             }
             // A client that keeps the connection would send its next request into the close
             // that follows: told now, it opens a new one (and finds the node gone). A request
-            // already open at the stop is told by hyper (the graceful shutdown below).
+            // already open at the stop is told by hyper (the graceful shutdown below). So is one
+            // whose body was refused before it was read (see `unread`).
             let closing = stopping.load(Relaxed);
             let answer = router.clone().oneshot(request);
             async move {
                 let mut response = answer.await?;
                 let headers = response.headers_mut();
                 headers.entry(super::REQUEST_ID).or_insert(id.0);
-                if closing {
+                if closing || unread.is_some_and(|u| u.left()) {
                     headers.insert(
                         axum::http::header::CONNECTION,
                         axum::http::HeaderValue::from_static("close"),
