@@ -234,7 +234,9 @@ fn start_background(state: &Arc<AppState>) {
     });
     if let Some(spool) = &state.spool {
         let producers = state.producers.clone();
-        spool.start_sender(move |topic| producers.for_mode(crate::config::Mode::BatchAsync, topic));
+        let for_topic =
+            move |topic: &str| producers.for_mode(crate::config::Mode::BatchAsync, topic);
+        spool.start_sender(for_topic, state.producers.message_timeout());
     }
     if let Some(cluster) = &state.cluster {
         cluster.spawn();

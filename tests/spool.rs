@@ -37,7 +37,8 @@ fn producers(brokers: &str, toml: &str) -> Arc<Producers> {
 /// Starts the sender of `spool` on the `async` producer of `producers`.
 fn start_sender(spool: &Spool, producers: &Arc<Producers>) {
     let producers = producers.clone();
-    spool.start_sender(move |topic| producers.for_mode(Mode::Async, topic));
+    let timeout = producers.message_timeout();
+    spool.start_sender(move |topic| producers.for_mode(Mode::Async, topic), timeout);
 }
 
 /// A spool config with fast checkpoints and small segments, so tests see deletions.

@@ -113,6 +113,12 @@ impl Producers {
         })
     }
 
+    /// How long a record may take to be delivered, retries included, before it fails
+    /// (`kafka.message_timeout`; the sync producer's may be shorter).
+    pub fn message_timeout(&self) -> Duration {
+        self.batch.kafka().message_timeout
+    }
+
     /// The producer that serves `mode` for `topic`.
     pub fn for_mode(&self, mode: Mode, topic: &str) -> Arc<Producer> {
         match mode {

@@ -77,6 +77,11 @@ impl Slot {
         })
     }
 
+    /// The settings its producers are built with.
+    pub(super) fn kafka(&self) -> &KafkaConfig {
+        &self.kafka
+    }
+
     /// The producer's name (`sync`, `async`, `batch`, `batch-N`).
     pub fn name(&self) -> &str {
         &self.name

@@ -158,9 +158,10 @@ impl Spool {
     }
 
     /// Starts the task that sends spooled records, in order, through the producer
-    /// `producer_for(topic)` returns (called per send, so a replaced producer is picked up).
-    /// Needs a tokio runtime. Only the first call starts a sender.
-    pub fn start_sender<F>(&self, producer_for: F)
+    /// `producer_for(topic)` returns (called per send, so a replaced producer is picked up),
+    /// whose records fail after `message_timeout` at most. Needs a tokio runtime. Only the
+    /// first call starts a sender.
+    pub fn start_sender<F>(&self, producer_for: F, message_timeout: Duration)
     where
         F: Fn(&str) -> Arc<Producer> + Send + Sync + 'static,
     {
@@ -173,6 +174,7 @@ impl Spool {
             self.durable.clone(),
             cursor,
             Box::new(producer_for),
+            message_timeout,
         );
         *lock(&self.sender) = Some(handle);
     }

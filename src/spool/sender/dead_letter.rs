@@ -4,6 +4,7 @@
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use rdkafka::error::RDKafkaErrorCode;
@@ -57,11 +58,7 @@ impl Sender {
             }
         };
         let gone = &mut list[at];
-        // While an outage lasts, a refused record is sent again at most `retry_backoff_max`
-        // after its refusal, though the next refusal may take much longer (a delivery report).
-        // A record sent longer than that (and a grace) after the last refusal finds a new
-        // outage (the topic may have come back in between), with its own grace.
-        let quiet = grace.max(self.inner.config.retry_backoff_max);
+        let quiet = quiet(grace, self.inner.config.retry_backoff_max, self.attempt_max);
         if sent.saturating_duration_since(gone.last) > quiet {
             gone.since = now;
         }
@@ -215,6 +212,17 @@ pub(super) fn refusal_of_send(error: &SendError) -> Option<Refusal> {
     }
 }
 
+/// How long after a record's last "missing" refusal a send of it finds a new outage (the topic
+/// may have come back in between), with a grace of its own. While an outage lasts, a refused
+/// record is sent again at most `backoff_max` after its refusal; but an attempt in between may
+/// end otherwise, after as long as `attempt_max` (librdkafka's message timeout: it allows 30 s
+/// for a topic's metadata to show it missing, and a shorter timeout ends the attempt first),
+/// and be retried after another backoff. Without those, every refusal would start the grace
+/// again, for ever.
+fn quiet(grace: Duration, backoff_max: Duration, attempt_max: Duration) -> Duration {
+    grace.max(backoff_max.saturating_mul(2).saturating_add(attempt_max))
+}
+
 /// One line of the dead-letter file.
 fn dead_letter_line(entry: &Entry, refusal: &Refusal, attempts: u32) -> Vec<u8> {
     let (key, key_encoding) = match &entry.key {
@@ -278,6 +286,17 @@ fn text_or_hex(bytes: &[u8]) -> (String, &'static str) {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn an_outage_lasts_across_an_attempt_that_timed_out() {
+        let s = Duration::from_secs;
+        // A grace of 15 s, retries at most 5 s apart, attempts of up to 20 s: a refusal, an
+        // attempt that times out 20 s later, and a refusal again 30 s after the first are one
+        // outage (they were 15 s apart at most before, and the grace started again each time).
+        assert_eq!(quiet(s(15), s(5), s(20)), s(30));
+        // The grace when it is longer (the defaults: 5 min, 5 s, 2 min).
+        assert_eq!(quiet(s(300), s(5), s(120)), s(300));
+    }
 
     #[test]
     fn permanent_refusals_follow_the_status_mapping() {

@@ -59,6 +59,7 @@ pub(super) fn spawn(
     durable: watch::Receiver<Durable>,
     cursor: Cursor,
     producer_for: ProducerFor,
+    attempt_max: Duration,
 ) -> Handle {
     let (stop, stop_rx) = watch::channel(None);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -66,6 +67,7 @@ pub(super) fn spawn(
     let sender = Sender {
         inner,
         producer_for,
+        attempt_max,
         durable,
         cursor: Arc::new(Mutex::new(cursor)),
         window: VecDeque::new(),
@@ -126,6 +128,8 @@ struct Event {
 struct Sender {
     inner: Arc<Inner>,
     producer_for: ProducerFor,
+    /// The longest one attempt to send a record may take: the producer's message timeout.
+    attempt_max: Duration,
     durable: watch::Receiver<Durable>,
     cursor: Arc<Mutex<Cursor>>,
     /// Records read and not yet acknowledged, in seq order.
