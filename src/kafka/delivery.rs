@@ -123,6 +123,10 @@ pub struct Context {
     /// Client errors: at most one line per 10 s. They come and go with broker restarts and
     /// librdkafka retries them itself; during an outage they arrive dozens a second.
     pub client_errors: Throttle,
+    /// librdkafka's own error and warning lines: at most one per 10 s. A broker that refuses a
+    /// handshake gets one every reconnect (each second), with details that differ each time,
+    /// so librdkafka's suppression of identical lines does not catch them.
+    pub log_lines: Throttle,
     /// Replaced after a fatal error and still flushing: its statistics are no longer the
     /// slot's (they would overwrite the new producer's broker states).
     pub retired: AtomicBool,
@@ -166,8 +170,16 @@ impl ClientContext for Context {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => tracing::error!(producer = %name, fac, "{message}"),
-            RDKafkaLogLevel::Warning => tracing::warn!(producer = %name, fac, "{message}"),
+            | RDKafkaLogLevel::Error => {
+                if let Some(suppressed) = self.log_lines.pass() {
+                    tracing::error!(producer = %name, fac, suppressed, "{message}")
+                }
+            }
+            RDKafkaLogLevel::Warning => {
+                if let Some(suppressed) = self.log_lines.pass() {
+                    tracing::warn!(producer = %name, fac, suppressed, "{message}")
+                }
+            }
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 tracing::info!(producer = %name, fac, "{message}")
             }

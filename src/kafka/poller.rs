@@ -148,6 +148,7 @@ pub(crate) mod tests {
             topics: Arc::new(crate::metrics::Topics::new([])),
             brokers: Arc::new(Mutex::new(Vec::new())),
             client_errors: Throttle::new(Duration::from_secs(10)),
+            log_lines: Throttle::new(Duration::from_secs(10)),
             failures: Throttle::new(Duration::from_secs(1)),
             retired: AtomicBool::new(false),
             broker_totals: Mutex::default(),

@@ -116,6 +116,7 @@ impl Producer {
             topics: shared.topics.clone(),
             brokers: shared.brokers.clone(),
             client_errors: Throttle::new(Duration::from_secs(10)),
+            log_lines: Throttle::new(Duration::from_secs(10)),
             failures: Throttle::new(Duration::from_secs(1)),
             retired: AtomicBool::new(false),
             broker_totals: Mutex::default(),
