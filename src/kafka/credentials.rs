@@ -3,29 +3,46 @@
 //! certificate expired or whose password was rotated at the brokers would go on answering `202`
 //! for records that can only expire, and stay ready.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use rdkafka::types::RDKafkaErrorCode;
 
+/// librdkafka reports a broker's error again only once the same error has lasted 30 s: a
+/// refusal seen this recently still stands when the broker goes down again after a moment up.
+const REPEATS_AFTER: Duration = Duration::from_secs(40);
+
 /// A producer's view of its own credentials, from its error events and statistics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Credentials {
-    /// A TLS or SASL failure came since the last statistics that found a broker up.
+    /// A refusal came since the last statistics that found a broker up.
     failed: AtomicBool,
+    /// When the latest refusal came, in ms since `epoch`; 0 for never.
+    last_ms: AtomicU64,
+    epoch: Instant,
     /// The last statistics found brokers, and none of them up. (Without statistics nothing is
-    /// known, and nothing is refused: a failed handshake alone may be one broker's restart.)
+    /// known, and nothing is refused.)
     none_up: AtomicBool,
 }
 
+impl Default for Credentials {
+    fn default() -> Self {
+        Credentials {
+            failed: AtomicBool::new(false),
+            last_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            none_up: AtomicBool::new(false),
+        }
+    }
+}
+
 impl Credentials {
-    /// Notes a client error event's code.
-    pub fn error(&self, code: Option<RDKafkaErrorCode>) {
-        // `Authentication`: a SASL login refused, or its mechanism. `SSL`: a handshake that
-        // failed, or a broker certificate that did not verify.
-        if matches!(
-            code,
-            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
-        ) {
+    /// Notes a client error event.
+    pub fn error(&self, code: Option<RDKafkaErrorCode>, reason: &str) {
+        if refusal(code, reason) {
+            let ms = self.epoch.elapsed().as_millis().max(1);
+            self.last_ms
+                .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
             self.failed.store(true, Ordering::Relaxed);
         }
     }
@@ -44,45 +61,123 @@ impl Credentials {
         self.none_up.store(known && !up, Ordering::Relaxed);
     }
 
-    /// Whether the brokers refuse the credentials: a TLS or SASL failure, and no broker up
-    /// since. Two loads on every request; the first is almost always false.
+    /// Whether the brokers refuse the credentials: none up at the last statistics, after a
+    /// refusal with no broker up since, or one recent enough that librdkafka would not have
+    /// reported it again. The first load is almost always false.
     pub fn refused(&self) -> bool {
-        self.failed.load(Ordering::Relaxed) && self.none_up.load(Ordering::Relaxed)
+        self.none_up.load(Ordering::Relaxed)
+            && (self.failed.load(Ordering::Relaxed) || self.recent())
     }
+
+    fn recent(&self) -> bool {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        last != 0 && Duration::from_millis(last) + REPEATS_AFTER > self.epoch.elapsed()
+    }
+}
+
+/// Whether an error event says the brokers refuse the credentials, as opposed to failing to
+/// talk at all. librdkafka gives the same codes to both: `Authentication` to a SASL handshake
+/// that timed out, `SSL` to a connection reset mid-handshake. Those must not take a node out of
+/// service in an ordinary outage; only what a broker (or the certificate check) says does.
+fn refusal(code: Option<RDKafkaErrorCode>, reason: &str) -> bool {
+    const REFUSED: [&str; 7] = [
+        // The broker's certificate, checked here.
+        "certificate verify failed",
+        "failed to verify broker certificate",
+        "did not provide a certificate",
+        // A TLS alert from the broker: a client certificate it does not take (bad, unknown
+        // CA, expired, revoked, required), or a handshake it refuses.
+        " alert ",
+        // The broker's SASL answers.
+        "authentication failed",
+        "authentication error",
+        "unsupported sasl mechanism",
+    ];
+    if !matches!(
+        code,
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+    ) {
+        return false;
+    }
+    let reason = reason.to_ascii_lowercase();
+    REFUSED.iter().any(|marker| reason.contains(marker))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const BAD_CA: &str = "ssl://127.0.0.1:9093/bootstrap: SSL handshake failed: \
+        error:0A000086:SSL routines::certificate verify failed: broker certificate could not be \
+        verified, verify that ssl.ca.location is correctly configured (after 3ms in state \
+        SSL_HANDSHAKE)";
+
     #[test]
     fn refused_only_with_a_credentials_error_and_no_broker_up() {
+        use RDKafkaErrorCode as E;
         let c = Credentials::default();
         // A cluster down alone is an outage, not a refusal.
         c.brokers(["DOWN", "CONNECT"].into_iter());
         assert!(!c.refused());
-        c.error(Some(RDKafkaErrorCode::BrokerTransportFailure));
-        c.error(Some(RDKafkaErrorCode::AllBrokersDown));
+        c.error(Some(E::BrokerTransportFailure), "Connection refused");
+        c.error(Some(E::AllBrokersDown), "3/3 brokers are down");
+        // The same codes for a failure to talk: a timeout, a reset mid-handshake.
+        c.error(
+            Some(E::Authentication),
+            "SASL SCRAM-SHA-256 mechanism handshake failed: Local: Timed out: broker's supported mechanisms: ",
+        );
+        c.error(
+            Some(E::SSL),
+            "SSL transport error: Connection reset by peer (after 2ms in state SSL_HANDSHAKE)",
+        );
         assert!(!c.refused());
-        c.error(Some(RDKafkaErrorCode::Authentication));
+        c.error(Some(E::SSL), BAD_CA);
         assert!(c.refused());
         // One broker that refuses a handshake while another takes the producer: not refused.
         c.brokers(["UP", "AUTH_HANDSHAKE"].into_iter());
-        c.error(Some(RDKafkaErrorCode::SSL));
         assert!(!c.refused());
-        // The failure outlives the statistics until a broker is up again.
+        // Down again within librdkafka's 30 s, which reports the same refusal no sooner.
         c.brokers(["DOWN", "DOWN"].into_iter());
         assert!(c.refused());
-        c.brokers(["DOWN", "DOWN"].into_iter());
-        assert!(c.refused());
-        c.brokers(["UP", "DOWN"].into_iter());
-        c.brokers(["DOWN", "DOWN"].into_iter());
-        assert!(!c.refused(), "a broker up since clears it");
-        // No statistics yet, or none at all: nothing is known, nothing refused.
+        // A refusal long past, and a broker up since: an outage now is only an outage.
+        let old = Credentials {
+            epoch: Instant::now() - Duration::from_secs(60),
+            ..Credentials::default()
+        };
+        old.error(
+            Some(E::Authentication),
+            "SASL authentication error: Authentication failed: Invalid username or password",
+        );
+        assert!(!old.refused(), "no statistics yet: nothing known");
+        old.brokers(["DOWN"].into_iter());
+        assert!(old.refused());
+        old.brokers(["UP"].into_iter());
+        old.last_ms.store(1, Ordering::Relaxed);
+        old.brokers(["DOWN"].into_iter());
+        assert!(!old.refused(), "a refusal 60 s old, a broker up since");
+        // Without statistics nothing is known, and nothing refused.
         let fresh = Credentials::default();
-        fresh.error(Some(RDKafkaErrorCode::SSL));
-        assert!(!fresh.refused());
+        fresh.error(Some(E::SSL), BAD_CA);
         fresh.brokers(std::iter::empty());
         assert!(!fresh.refused());
+    }
+
+    #[test]
+    fn the_brokers_own_refusals_are_told_from_failures_to_talk() {
+        use RDKafkaErrorCode as E;
+        for reason in [
+            BAD_CA,
+            "SSL handshake failed: ssl/record/rec_layer_s3.c:1586: error:0A000418:SSL routines::tlsv1 alert unknown ca",
+            "SSL handshake failed: error:0A000415:SSL routines::sslv3 alert certificate expired",
+            "SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-256",
+            "SASL PLAIN mechanism handshake failed: Broker: Unsupported SASL mechanism: broker's supported mechanisms: SCRAM-SHA-512",
+        ] {
+            assert!(
+                refusal(Some(E::SSL), reason) || refusal(Some(E::Authentication), reason),
+                "{reason}"
+            );
+        }
+        assert!(!refusal(Some(E::BrokerTransportFailure), BAD_CA));
+        assert!(!refusal(Some(E::SSL), "SSL transport error: Broken pipe"));
     }
 }

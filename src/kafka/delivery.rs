@@ -189,7 +189,7 @@ impl ClientContext for Context {
 
     fn error(&self, error: KafkaError, reason: &str) {
         self.error_seen.store(true, Ordering::Release);
-        self.credentials.error(error.rdkafka_error_code());
+        self.credentials.error(error.rdkafka_error_code(), reason);
         match self.client_errors.pass() {
             Some(suppressed) => {
                 tracing::warn!(producer = %self.name, %error, %reason, suppressed, "kafka client error")
