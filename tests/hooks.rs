@@ -666,6 +666,11 @@ impl Hook for Unruly {
                 }))
             };
             match case.as_str() {
+                "block-later" => {
+                    tokio::task::yield_now().await;
+                    std::thread::sleep(Duration::from_millis(500));
+                    Ok(Verdict::Forward(Forward::default()))
+                }
                 "panic-later" => {
                     tokio::task::yield_now().await;
                     panic!("a later poll");
@@ -677,8 +682,9 @@ impl Hook for Unruly {
                     partition: Some(-1),
                     ..Forward::default()
                 })),
+                // Read, and answered without producing: a body `json` takes shows as a 200.
                 "json" => match req.json() {
-                    Ok(_) => Ok(Verdict::Forward(Forward::default())),
+                    Ok(_) => respond(200, None),
                     Err(e) => Ok(Verdict::bad_body(e)),
                 },
                 _ => Ok(Verdict::Forward(Forward::default())),
@@ -706,6 +712,7 @@ async fn a_rust_hook_that_panics_blocks_or_answers_the_unsendable_fails_with_500
         ("panic", "hook failed"),
         ("panic-later", "hook failed"),
         ("block", "hook gave no answer within 300ms"),
+        ("block-later", "hook gave no answer within 300ms"),
         ("early-hints", "hook failed"),
         ("past-599", "hook failed"),
         ("bad-type", "hook failed"),
@@ -730,7 +737,7 @@ async fn a_rust_hook_that_panics_blocks_or_answers_the_unsendable_fails_with_500
         .unwrap();
     assert_eq!(Reply::read(r).await.status, 415);
     // Nothing of the above was written; the panicking error hook changed no answer.
-    let r = post(&gw, &p, "json", r#"{"last":1}"#).await;
+    let r = post(&gw, &p, "plain", r#"{"last":1}"#).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["offset"], 0, "{}", r.body);
     let records = common::consume(&b.addr, &topic, 1);

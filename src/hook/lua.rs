@@ -160,6 +160,10 @@ impl Hook for LuaHook {
             tracing::warn!(error = %e, "lua on_error failed");
         }
     }
+
+    fn bounds_itself(&self) -> bool {
+        true
+    }
 }
 
 /// Whether the state has filled more than three quarters of the room its script's top-level

@@ -2,6 +2,7 @@
 //! edited), rejects it, or answers it itself (maybe producing afterwards). A hook is either Rust
 //! (implement [`Hook`] and pass it to [`crate::AppBuilder::hook`]) or a Lua script ([`lua`]).
 
+pub(crate) mod call;
 pub mod lua;
 
 use std::future::Future;
@@ -179,7 +180,9 @@ pub enum Verdict {
 impl Verdict {
     /// The refusal the route gives `error` without a hook, from [`HookRequest::json`]: `400`
     /// for a body that is not JSON (or too deep, or empty), `413` for a form of too many fields,
-    /// `415` for JSON sent as a form.
+    /// `415` for JSON sent as a form. An NDJSON or raw body, which the route takes but `json`
+    /// does not read (`DecodeError::NotOneDocument`), gets `400` here: check
+    /// [`HookRequest::kind`] first.
     pub fn bad_body(error: &DecodeError) -> Verdict {
         let status = crate::error::IngestError::from(error.clone()).status();
         Verdict::Reject {
@@ -191,6 +194,7 @@ impl Verdict {
 
 /// A failed request, as the error hook sees it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Failure<'a> {
     /// The failure's status: the one sent to the client, unless `after_reply`.
     pub status: StatusCode,
@@ -229,6 +233,15 @@ pub trait Hook: Send + Sync + 'static {
     /// can cause for free. It runs on a worker thread, without a time budget: keep it short. A
     /// panic in it is logged and goes no further.
     fn on_error(&self, _failure: &Failure<'_>) {}
+
+    /// Whether the hook bounds the time of each call itself, as the Lua host does (its
+    /// instruction budget and `hook.timeout`, from the moment the script is entered): kafboy
+    /// then takes an answer given on the first poll however long the call took (a Lua state is
+    /// built, its top-level code run, on a thread's first call). Default false: an answer that
+    /// comes after `hook.timeout` is discarded.
+    fn bounds_itself(&self) -> bool {
+        false
+    }
 }
 
 /// A shared hook is a hook: an embedder may keep an `Arc` of its own.
@@ -239,6 +252,10 @@ impl<H: Hook + ?Sized> Hook for Arc<H> {
 
     fn on_error(&self, failure: &Failure<'_>) {
         (**self).on_error(failure)
+    }
+
+    fn bounds_itself(&self) -> bool {
+        (**self).bounds_itself()
     }
 }
 

@@ -1,10 +1,8 @@
 //! The produce handler's path through a hook: the hook's verdict, then the records it asked for
 //! (maybe on another topic or mode, maybe after the hook's own reply).
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode};
 use bytes::Bytes;
@@ -15,7 +13,8 @@ use crate::auth::Key;
 use crate::config::Mode;
 use crate::decode::{self, BodyKind};
 use crate::error::IngestError;
-use crate::hook::{Failure, Forward, Hook, HookError, HookRequest, Respond, Verdict};
+use crate::hook::call::{self, NoVerdict};
+use crate::hook::{Failure, Forward, Hook, HookRequest, Respond, Verdict};
 use crate::kafka::Record;
 use crate::record::RecordMeta;
 use crate::reply::Reply;
@@ -43,7 +42,7 @@ pub(super) async fn run(
     meta: RecordMeta,
     topic_seen: &mut Option<String>,
 ) -> Result<Handled, IngestError> {
-    let verdict = match decide(app.hook_timeout, hook.as_ref(), request.clone()).await {
+    let verdict = match call::decide(app.hook_timeout, hook.as_ref(), request.clone()).await {
         // The detail (script path, traceback) is for the operator, not the client.
         Ok(verdict) => match unsendable(&verdict) {
             Some(why) => return Err(hook_failed(route, &why, "hook failed".into())),
@@ -99,62 +98,6 @@ pub(super) async fn run(
                 content_type,
             }))
         }
-    }
-}
-
-/// Why a hook gave no verdict.
-enum NoVerdict {
-    /// Its error, or its panic.
-    Failed(HookError),
-    /// No answer within the time budget, counted from the call.
-    Late,
-}
-
-/// The hook's answer within `timeout`, counted from the call. A hook that answers on its first
-/// poll (a Lua hook always does; its own budget bounds it) arms no timer, but one that blocked
-/// past the budget to give it is late all the same. A panic is the hook's failure, not the
-/// connection's: the client gets its `500`.
-async fn decide(
-    timeout: Duration,
-    hook: &dyn Hook,
-    request: Arc<HookRequest>,
-) -> Result<Verdict, NoVerdict> {
-    let start = Instant::now();
-    let mut call = guarded(|| hook.on_request(request)).map_err(NoVerdict::Failed)?;
-    let mut poll = |cx: &mut std::task::Context<'_>| {
-        guarded(|| call.as_mut().poll(cx)).unwrap_or_else(|panic| Poll::Ready(Err(panic)))
-    };
-    let first = std::future::poll_fn(|cx| Poll::Ready(poll(cx))).await;
-    let answer = match first {
-        Poll::Ready(_) if start.elapsed() > timeout => return Err(NoVerdict::Late),
-        Poll::Ready(answer) => answer,
-        Poll::Pending => {
-            let left = timeout.saturating_sub(start.elapsed());
-            match tokio::time::timeout(left, std::future::poll_fn(poll)).await {
-                Ok(answer) => answer,
-                Err(_) => return Err(NoVerdict::Late),
-            }
-        }
-    };
-    answer.map_err(NoVerdict::Failed)
-}
-
-/// Runs `f`, a call into the hook, turning a panic into the hook's error.
-fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, HookError> {
-    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        HookError(format!("the hook panicked: {what}"))
-    })
-}
-
-/// Calls `hook`'s error hook; a panic there is logged, and the request's answer stands.
-pub(super) fn report(hook: &dyn Hook, failure: &Failure<'_>) {
-    if let Err(e) = guarded(|| hook.on_error(failure)) {
-        tracing::error!(error = %e, "error hook failed");
     }
 }
 
@@ -303,7 +246,7 @@ fn acks_after_reply(
             let status = error.status();
             let message = format!("after the hook's reply: {error}");
             tracing::warn!(path = %route.path, %status, %message, "produce failed");
-            report(
+            call::report(
                 hook.as_ref(),
                 &Failure {
                     status,

@@ -82,7 +82,7 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
                     topic: seen.topic.as_deref(),
                     after_reply: false,
                 };
-                hooked::report(hook.as_ref(), &failure);
+                crate::hook::call::report(hook.as_ref(), &failure);
             }
             error.into_response()
         }

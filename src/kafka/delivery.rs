@@ -123,9 +123,10 @@ pub struct Context {
     /// Client errors: at most one line per 10 s. They come and go with broker restarts and
     /// librdkafka retries them itself; during an outage they arrive dozens a second.
     pub client_errors: Throttle,
-    /// librdkafka's own error and warning lines: at most one per 10 s. A broker that refuses a
-    /// handshake gets one every reconnect (each second), with details that differ each time,
-    /// so librdkafka's suppression of identical lines does not catch them.
+    /// librdkafka's own error and warning lines: at most one per 10 s, the rest at debug (its
+    /// critical ones always). A broker that refuses a handshake gets one every reconnect (each
+    /// second), with details that differ each time, so librdkafka's suppression of identical
+    /// lines does not catch them.
     pub log_lines: Throttle,
     /// Replaced after a fatal error and still flushing: its statistics are no longer the
     /// slot's (they would overwrite the new producer's broker states).
@@ -167,19 +168,17 @@ impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         let name = &self.name;
         match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                if let Some(suppressed) = self.log_lines.pass() {
-                    tracing::error!(producer = %name, fac, suppressed, "{message}")
-                }
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+                tracing::error!(producer = %name, fac, "{message}")
             }
-            RDKafkaLogLevel::Warning => {
-                if let Some(suppressed) = self.log_lines.pass() {
-                    tracing::warn!(producer = %name, fac, suppressed, "{message}")
-                }
-            }
+            RDKafkaLogLevel::Error => match self.log_lines.pass() {
+                Some(suppressed) => tracing::error!(producer = %name, fac, suppressed, "{message}"),
+                None => tracing::debug!(producer = %name, fac, "{message}"),
+            },
+            RDKafkaLogLevel::Warning => match self.log_lines.pass() {
+                Some(suppressed) => tracing::warn!(producer = %name, fac, suppressed, "{message}"),
+                None => tracing::debug!(producer = %name, fac, "{message}"),
+            },
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 tracing::info!(producer = %name, fac, "{message}")
             }
