@@ -352,26 +352,37 @@ async fn an_answer_before_the_body_is_read_says_connection_close() {
     let b = broker();
     let topic = b.topic("unread", 1);
     let gw = gateway(&b.addr, &format!("[topics]\nallow = [\"{topic}\"]")).await;
-    let post = |path: &str| {
+    let post = |path: &str, length: usize| {
         format!(
             "POST {path} HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\n\
-             content-length: 7\r\n\r\n"
+             content-length: {length}\r\n\r\n"
         )
     };
+    let good = format!("{}{{\"a\":1}}", post(&format!("/async/{topic}"), 7));
     // Refused on its head alone (a topic outside the allowlist, a bad name, no such path), the
-    // body still to come: the client must not send another request on this connection.
+    // body not there yet: the client must not send another request on this connection.
     for path in ["/async/elsewhere", "/async/a%20b", "/no/such/path"] {
         let mut s = TcpStream::connect(gw.addr).await.unwrap();
-        let head = answer_head(&mut s, &post(path)).await;
+        let head = answer_head(&mut s, &post(path, 7)).await;
         assert!(head.contains("connection: close"), "{path}: {head}");
         s.write_all(b"{\"a\":1}").await.unwrap();
     }
-    // Read to its end: the connection stays, and takes the next request.
+    // A large body left unread: the same, at once.
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    let path = format!("/async/{topic}");
-    for _ in 0..2 {
-        let head = answer_head(&mut s, &format!("{}{{\"a\":1}}", post(&path))).await;
-        assert!(head.starts_with("http/1.1 202"), "{head}");
+    let head = answer_head(&mut s, &post("/async/elsewhere", 100_000)).await;
+    assert!(head.contains("connection: close"), "{head}");
+    // A small body that came with its head is read and dropped: the connection stays, and
+    // takes the next request; so does one read to its end.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let refused = format!("{}{{\"a\":1}}", post("/async/elsewhere", 7));
+    for (request, status) in [
+        (&refused, "404"),
+        (&good, "202"),
+        (&refused, "404"),
+        (&good, "202"),
+    ] {
+        let head = answer_head(&mut s, request).await;
+        assert!(head.starts_with(&format!("http/1.1 {status}")), "{head}");
         assert!(!head.contains("connection: close"), "{head}");
     }
     gw.stop().await;

@@ -193,7 +193,11 @@ impl Connection {
                 let mut response = answer.await?;
                 let headers = response.headers_mut();
                 headers.entry(super::REQUEST_ID).or_insert(id.0);
-                if closing || unread.is_some_and(|u| u.left()) {
+                let unsettled = match unread {
+                    Some(unread) if !closing => !unread.settled().await,
+                    _ => false,
+                };
+                if closing || unsettled {
                     headers.insert(
                         axum::http::header::CONNECTION,
                         axum::http::HeaderValue::from_static("close"),
