@@ -367,6 +367,21 @@ async fn an_answer_before_the_body_is_read_says_connection_close() {
         assert!(head.contains("connection: close"), "{path}: {head}");
         s.write_all(b"{\"a\":1}").await.unwrap();
     }
+    // An HTTP/1.0 client that asked to keep the connection is told `close` alone (hyper adds
+    // `keep-alive` to an HTTP/1.1 answer for it).
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let head = answer_head(
+        &mut s,
+        &post("/async/elsewhere", 7)
+            .replace("HTTP/1.1", "HTTP/1.0")
+            .replace("host: a\r\n", "host: a\r\nconnection: keep-alive\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("http/1.0 404"), "{head}");
+    assert!(
+        head.contains("connection: close") && !head.contains("keep-alive"),
+        "{head}"
+    );
     // A large body left unread: the same, at once.
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let head = answer_head(&mut s, &post("/async/elsewhere", 100_000)).await;

@@ -71,10 +71,10 @@ impl Accepting {
             None => {
                 tokio::spawn(async move {
                     let (io, mut back) = Stall::new(tcp, write_timeout);
-                    connection.serve(TokioIo::new(io), None).await;
+                    let unread = connection.serve(TokioIo::new(io), None).await;
                     drop(permit);
                     if let Ok(tcp) = back.try_recv() {
-                        linger::linger(tcp).await;
+                        linger::linger(tcp, unread).await;
                     }
                 });
             }
@@ -136,11 +136,11 @@ async fn serve_tls(
                 // Empty for a subject that is not text: no key's, but a certificate all the same.
                 .map(|c| crate::tls::client_subject(c).unwrap_or_default());
             let (io, mut back) = Stall::new(stream, limits.write_timeout);
-            connection.serve(TokioIo::new(io), subject).await;
+            let unread = connection.serve(TokioIo::new(io), subject).await;
             drop(permit);
             // Lingering on the socket beneath: what arrives is dropped unread.
             if let Ok(stream) = back.try_recv() {
-                linger::linger(stream.into_inner().0).await;
+                linger::linger(stream.into_inner().0, unread).await;
             }
         }
         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
@@ -159,7 +159,9 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve<IO>(mut self, io: TokioIo<IO>, subject: Option<String>)
+    /// Serves the connection until it ends; true when its last request's body was left
+    /// unread (its client may still be sending it).
+    async fn serve<IO>(mut self, io: TokioIo<IO>, subject: Option<String>) -> bool
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -169,6 +171,7 @@ impl Connection {
         let first = Arc::new(FirstRequest::default());
         let seen = first.clone();
         let unread = Unread::default();
+        let last = unread.clone();
         // Every response carries the request's id. A plain function around the router rather
         // than a layer on it, which would box a future per request.
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -188,6 +191,7 @@ impl Connection {
             // already open at the stop is told by hyper (the graceful shutdown below). So is one
             // whose body was refused before it was read (see `unread`).
             let closing = stopping.load(Relaxed);
+            let version = request.version();
             let answer = router.clone().oneshot(request);
             async move {
                 let mut response = answer.await?;
@@ -202,6 +206,15 @@ impl Connection {
                         axum::http::header::CONNECTION,
                         axum::http::HeaderValue::from_static("close"),
                     );
+                }
+                // An HTTP/1.0 client asked to keep the connection, and an answer that says
+                // `close` as HTTP/1.1 would get hyper's `keep-alive` beside it; as HTTP/1.0 it
+                // only closes.
+                if version == axum::http::Version::HTTP_10
+                    && response.headers().get(axum::http::header::CONNECTION)
+                        == Some(&axum::http::HeaderValue::from_static("close"))
+                {
+                    *response.version_mut() = axum::http::Version::HTTP_10;
                 }
                 Ok::<_, Infallible>(response)
             }
@@ -226,6 +239,7 @@ impl Connection {
         if let Err(error) = ended {
             tracing::debug!(%peer, %error, "connection ended with an error");
         }
+        !last.all_read()
     }
 }
 

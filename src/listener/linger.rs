@@ -24,9 +24,22 @@ const LINGER_FOR: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 16 << 20;
 
 /// Shuts the write side of `tcp` (if hyper did not), then reads and drops what the client
-/// sends until it closes, or [`LINGER_FOR`] and [`LINGER_BYTES`] run out.
-pub async fn linger(mut tcp: TcpStream) {
+/// sends until it closes, or [`LINGER_FOR`] and [`LINGER_BYTES`] run out. Only when the client
+/// may still be sending: `unread`, its last request's body was not read to its end, or input is
+/// waiting now. An idle connection closed by its timeout takes no slot: with slots held by
+/// those, a refused upload would be reset.
+pub async fn linger(mut tcp: TcpStream, unread: bool) {
     let _ = tcp.shutdown().await;
+    if !unread {
+        let mut probe = [0u8; 1];
+        match tcp.try_read(&mut probe) {
+            // Nothing waiting: closed now, no reset.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            // The client closed too, or the socket failed.
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
     drain(tcp, &LINGERING, LINGERING_MAX).await;
 }
 
@@ -68,4 +81,45 @@ async fn drain(mut tcp: TcpStream, taken: &'static AtomicUsize, max: usize) {
         }
     };
     let _ = tokio::time::timeout(LINGER_FOR, reading).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        (listener.accept().await.unwrap().0, client)
+    }
+
+    #[tokio::test]
+    async fn only_a_connection_whose_client_may_still_send_lingers() {
+        // Idle, its requests read: closed at once, with the client still connected.
+        let (server, _client) = pair().await;
+        tokio::time::timeout(Duration::from_millis(500), linger(server, false))
+            .await
+            .expect("an idle connection lingered");
+        // Input waiting, or a body left unread: read until the client closes.
+        for waiting in [true, false] {
+            let (server, mut client) = pair().await;
+            if waiting {
+                client.write_all(b"more").await.unwrap();
+                client.flush().await.unwrap();
+                // Until the kernel has it on the server's side.
+                let mut peek = [0u8; 1];
+                server.peek(&mut peek).await.unwrap();
+            }
+            let lingering = tokio::spawn(linger(server, !waiting));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!lingering.is_finished(), "waiting {waiting}");
+            drop(client);
+            tokio::time::timeout(Duration::from_secs(1), lingering)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
 }

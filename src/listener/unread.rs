@@ -46,6 +46,11 @@ impl Unread {
         (tracked, has_body)
     }
 
+    /// Whether the body of the request in progress (or the last one) was read to its end.
+    pub fn all_read(&self) -> bool {
+        self.0.read.load(Relaxed)
+    }
+
     /// Whether the connection can go on after the answer: the body of the request in progress
     /// was read to its end, or what was left of it is, now, within [`DRAIN_BYTES`] and
     /// [`DRAIN_FOR`].
