@@ -239,7 +239,7 @@ impl Connection {
         if let Err(error) = ended {
             tracing::debug!(%peer, %error, "connection ended with an error");
         }
-        !last.all_read()
+        last.pending()
     }
 }
 

@@ -29,7 +29,8 @@ pub struct Unread(Arc<Note>);
 
 #[derive(Default)]
 struct Note {
-    read: AtomicBool,
+    /// The body of the request in progress is not read to its end yet (false with no request).
+    pending: AtomicBool,
     left: Mutex<Option<Incoming>>,
 }
 
@@ -37,7 +38,7 @@ impl Unread {
     /// `request` with its body tracked, and whether it has a body at all.
     pub fn track(&self, request: Request<Incoming>) -> (Request<Tracked>, bool) {
         let has_body = !request.body().is_end_stream();
-        self.0.read.store(!has_body, Relaxed);
+        self.0.pending.store(has_body, Relaxed);
         let note = self.0.clone();
         let tracked = request.map(|inner| Tracked {
             inner: Some(inner),
@@ -46,16 +47,16 @@ impl Unread {
         (tracked, has_body)
     }
 
-    /// Whether the body of the request in progress (or the last one) was read to its end.
-    pub fn all_read(&self) -> bool {
-        self.0.read.load(Relaxed)
+    /// Whether the body of the request in progress (or the last one) was left unread.
+    pub fn pending(&self) -> bool {
+        self.0.pending.load(Relaxed)
     }
 
     /// Whether the connection can go on after the answer: the body of the request in progress
     /// was read to its end, or what was left of it is, now, within [`DRAIN_BYTES`] and
     /// [`DRAIN_FOR`].
     pub async fn settled(&self) -> bool {
-        if self.0.read.load(Relaxed) {
+        if !self.pending() {
             return true;
         }
         let Some(mut body) = crate::lock(&self.0.left).take() else {
@@ -76,7 +77,11 @@ impl Unread {
             }
             true
         };
-        tokio::time::timeout(DRAIN_FOR, drain).await == Ok(true)
+        let drained = tokio::time::timeout(DRAIN_FOR, drain).await == Ok(true);
+        if drained {
+            self.0.pending.store(false, Relaxed);
+        }
+        drained
     }
 }
 
@@ -102,7 +107,7 @@ impl hyper::body::Body for Tracked {
         };
         let polled = Pin::new(&mut *inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None)) || inner.is_end_stream() {
-            this.note.read.store(true, Relaxed);
+            this.note.pending.store(false, Relaxed);
         }
         polled
     }
@@ -120,7 +125,7 @@ impl hyper::body::Body for Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        if !self.note.read.load(Relaxed) {
+        if self.note.pending.load(Relaxed) {
             *crate::lock(&self.note.left) = self.inner.take();
         }
     }
