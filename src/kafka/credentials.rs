@@ -23,6 +23,8 @@ pub struct Credentials {
     /// The last statistics found brokers, and none of them up. (Without statistics nothing is
     /// known, and nothing is refused.)
     none_up: AtomicBool,
+    /// What was last logged: refused or not.
+    logged: AtomicBool,
 }
 
 impl Default for Credentials {
@@ -32,6 +34,7 @@ impl Default for Credentials {
             last_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             none_up: AtomicBool::new(false),
+            logged: AtomicBool::new(false),
         }
     }
 }
@@ -69,6 +72,13 @@ impl Credentials {
             && (self.failed.load(Ordering::Relaxed) || self.recent())
     }
 
+    /// Whether [`Credentials::refused`] changed since the last call: `Some(now)` once per
+    /// change, for one log line each way.
+    pub fn changed(&self) -> Option<bool> {
+        let now = self.refused();
+        (self.logged.swap(now, Ordering::Relaxed) != now).then_some(now)
+    }
+
     fn recent(&self) -> bool {
         let last = self.last_ms.load(Ordering::Relaxed);
         last != 0 && Duration::from_millis(last) + REPEATS_AFTER > self.epoch.elapsed()
@@ -79,28 +89,37 @@ impl Credentials {
 /// talk at all. librdkafka gives the same codes to both: `Authentication` to a SASL handshake
 /// that timed out, `SSL` to a connection reset mid-handshake. Those must not take a node out of
 /// service in an ordinary outage; only what a broker (or the certificate check) says does.
+/// Under TLS 1.3 a broker refuses a client certificate after the client's side of the
+/// handshake is done: its alert comes as a transport failure.
 fn refusal(code: Option<RDKafkaErrorCode>, reason: &str) -> bool {
-    const REFUSED: [&str; 7] = [
+    const REFUSED: [&str; 12] = [
         // The broker's certificate, checked here.
         "certificate verify failed",
         "failed to verify broker certificate",
         "did not provide a certificate",
         // A TLS alert from the broker: a client certificate it does not take (bad, unknown
-        // CA, expired, revoked, required), or a handshake it refuses.
-        " alert ",
+        // CA, expired, revoked, required, unsupported), or a handshake it refuses.
+        "alert bad certificate",
+        "alert certificate",
+        "alert unknown ca",
+        "alert access denied",
+        "alert unsupported certificate",
+        "alert handshake failure",
         // The broker's SASL answers.
         "authentication failed",
         "authentication error",
         "unsupported sasl mechanism",
     ];
-    if !matches!(
-        code,
-        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
-    ) {
-        return false;
-    }
+    let alert_only = match code {
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL) => false,
+        Some(RDKafkaErrorCode::BrokerTransportFailure) => true,
+        _ => return false,
+    };
     let reason = reason.to_ascii_lowercase();
-    REFUSED.iter().any(|marker| reason.contains(marker))
+    REFUSED
+        .iter()
+        .filter(|marker| !alert_only || marker.starts_with("alert"))
+        .any(|marker| reason.contains(marker))
 }
 
 #[cfg(test)]
@@ -131,8 +150,10 @@ mod tests {
             "SSL transport error: Connection reset by peer (after 2ms in state SSL_HANDSHAKE)",
         );
         assert!(!c.refused());
+        assert_eq!(c.changed(), None);
         c.error(Some(E::SSL), BAD_CA);
         assert!(c.refused());
+        assert_eq!((c.changed(), c.changed()), (Some(true), None));
         // One broker that refuses a handshake while another takes the producer: not refused.
         c.brokers(["UP", "AUTH_HANDSHAKE"].into_iter());
         assert!(!c.refused());
@@ -177,7 +198,21 @@ mod tests {
                 "{reason}"
             );
         }
+        // TLS 1.3: the broker's refusal of the client certificate, after the handshake.
+        assert!(refusal(
+            Some(E::BrokerTransportFailure),
+            "ssl://b:9093/1: error:0A000414:SSL routines::sslv3 alert certificate revoked: SSL \
+             alert number 44 (after 0ms in state APIVERSION_QUERY)"
+        ));
         assert!(!refusal(Some(E::BrokerTransportFailure), BAD_CA));
+        assert!(!refusal(
+            Some(E::BrokerTransportFailure),
+            "Connection refused"
+        ));
+        assert!(!refusal(
+            Some(E::SSL),
+            "SSL handshake failed: error:0A00010B:SSL routines::wrong version number"
+        ));
         assert!(!refusal(Some(E::SSL), "SSL transport error: Broken pipe"));
     }
 }

@@ -156,6 +156,7 @@ impl ClientContext for Context {
         }
         let states = statistics.brokers.values().map(|b| b.state.as_str());
         self.credentials.brokers(states);
+        self.log_credentials();
         let mut totals = crate::lock(&self.broker_totals);
         let mut exported = crate::lock(&self.exported);
         let seen = crate::metrics::Seen {
@@ -189,6 +190,7 @@ impl ClientContext for Context {
     fn error(&self, error: KafkaError, reason: &str) {
         self.error_seen.store(true, Ordering::Release);
         self.credentials.error(error.rdkafka_error_code(), reason);
+        self.log_credentials();
         match self.client_errors.pass() {
             Some(suppressed) => {
                 tracing::warn!(producer = %self.name, %error, %reason, suppressed, "kafka client error")
@@ -199,6 +201,21 @@ impl ClientContext for Context {
 }
 
 impl Context {
+    /// One line each way as the brokers start or stop refusing the producer's credentials.
+    fn log_credentials(&self) {
+        match self.credentials.changed() {
+            Some(true) => tracing::error!(
+                producer = %self.name,
+                "the brokers refuse this producer's TLS or SASL credentials: not ready, refusing records"
+            ),
+            Some(false) => tracing::warn!(
+                producer = %self.name,
+                "the brokers no longer refuse this producer's credentials"
+            ),
+            None => {}
+        }
+    }
+
     /// Marks the producer fenced (refusing records, to be replaced); says so once.
     fn fence(&self, code: RDKafkaErrorCode) {
         if !self.fenced.swap(true, Ordering::AcqRel) {

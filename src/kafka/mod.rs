@@ -175,12 +175,13 @@ impl Producers {
 
     /// Why the server is not ready, if it is not.
     pub fn not_ready(&self) -> Option<&'static str> {
-        if !self.topics.fetched() {
+        // First: at start, it is also why there is no metadata.
+        if self.all().iter().any(|p| p.credentials_refused()) {
+            Some("the brokers refuse kafboy's TLS or SASL credentials")
+        } else if !self.topics.fetched() {
             Some("no broker metadata yet")
         } else if self.all().iter().any(|p| p.is_fatal()) {
             Some("fatal producer error")
-        } else if self.all().iter().any(|p| p.credentials_refused()) {
-            Some("the brokers refuse kafboy's TLS or SASL credentials")
         } else {
             None
         }
