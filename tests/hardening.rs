@@ -382,6 +382,22 @@ async fn an_answer_before_the_body_is_read_says_connection_close() {
         head.contains("connection: close") && !head.contains("keep-alive"),
         "{head}"
     );
+    // A client waiting for `100 Continue` is not asked for a body that is refused: the answer
+    // comes at once, says close, and the connection ends (a body nobody reads or drops would
+    // keep hyper from reading the connection, which would then never end).
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let head = answer_head(
+        &mut s,
+        &post("/async/elsewhere", 7).replace("host: a\r\n", "host: a\r\nexpect: 100-continue\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 404"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the connection did not end")
+        .unwrap();
     // A large body left unread: the same, at once.
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let head = answer_head(&mut s, &post("/async/elsewhere", 100_000)).await;

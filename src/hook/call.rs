@@ -42,10 +42,12 @@ pub(crate) async fn decide(
             }
         }
     };
+    // Judged as it came, not after the drop below.
+    let late = start.elapsed() > timeout && !hook.bounds_itself();
     // Its drop is the hook's code too.
     guarded(|| drop(call)).map_err(NoVerdict::Failed)?;
     match answer {
-        Some(Ok(_)) if start.elapsed() > timeout && !hook.bounds_itself() => Err(NoVerdict::Late),
+        Some(Ok(_)) if late => Err(NoVerdict::Late),
         Some(Ok(verdict)) => Ok(verdict),
         Some(Err(error)) => Err(NoVerdict::Failed(error)),
         None => Err(NoVerdict::Late),
@@ -69,9 +71,9 @@ thread_local! {
 /// Runs `f`, a call into the hook, turning a panic into the hook's error.
 fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, HookError> {
     quiet_hook_panics();
-    IN_HOOK.set(true);
+    let outer = IN_HOOK.replace(true);
     let result = std::panic::catch_unwind(AssertUnwindSafe(f));
-    IN_HOOK.set(false);
+    IN_HOOK.set(outer);
     result.map_err(|panic| {
         let what = panic
             .downcast_ref::<&str>()
@@ -92,7 +94,8 @@ fn quiet_hook_panics() {
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if IN_HOOK.get() {
+            // Built to abort, a panic ends the process: it must say why.
+            if IN_HOOK.get() && !cfg!(panic = "abort") {
                 let at = info.location().map(ToString::to_string);
                 PANICKED_AT.set(at);
             } else {

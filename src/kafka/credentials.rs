@@ -3,23 +3,15 @@
 //! certificate expired or whose password was rotated at the brokers would go on answering `202`
 //! for records that can only expire, and stay ready.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rdkafka::types::RDKafkaErrorCode;
-
-/// librdkafka reports a broker's error again only once the same error has lasted 30 s: a
-/// refusal seen this recently still stands when the broker goes down again after a moment up.
-const REPEATS_AFTER: Duration = Duration::from_secs(40);
 
 /// A producer's view of its own credentials, from its error events and statistics.
 #[derive(Debug)]
 pub struct Credentials {
     /// A refusal came since the last statistics that found a broker up.
     failed: AtomicBool,
-    /// When the latest refusal came, in ms since `epoch`; 0 for never.
-    last_ms: AtomicU64,
-    epoch: Instant,
     /// The last statistics found brokers, and none of them up. (Without statistics nothing is
     /// known, and nothing is refused.)
     none_up: AtomicBool,
@@ -31,8 +23,6 @@ impl Default for Credentials {
     fn default() -> Self {
         Credentials {
             failed: AtomicBool::new(false),
-            last_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
             none_up: AtomicBool::new(false),
             logged: AtomicBool::new(false),
         }
@@ -43,9 +33,6 @@ impl Credentials {
     /// Notes a client error event.
     pub fn error(&self, code: Option<RDKafkaErrorCode>, reason: &str) {
         if refusal(code, reason) {
-            let ms = self.epoch.elapsed().as_millis().max(1);
-            self.last_ms
-                .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
             self.failed.store(true, Ordering::Relaxed);
         }
     }
@@ -56,7 +43,8 @@ impl Credentials {
         let (mut known, mut up) = (false, false);
         for state in states {
             known = true;
-            up |= state == "UP";
+            // The states librdkafka counts as up.
+            up |= matches!(state, "UP" | "UPDATE" | "REAUTH");
         }
         if up {
             self.failed.store(false, Ordering::Relaxed);
@@ -64,12 +52,12 @@ impl Credentials {
         self.none_up.store(known && !up, Ordering::Relaxed);
     }
 
-    /// Whether the brokers refuse the credentials: none up at the last statistics, after a
-    /// refusal with no broker up since, or one recent enough that librdkafka would not have
-    /// reported it again. The first load is almost always false.
+    /// Whether the brokers refuse the credentials: a refusal, and none up at the last
+    /// statistics since. (librdkafka reports a broker's same error again only after 30 s: a
+    /// refusal that comes back after a moment up shows again within that.) The first load is
+    /// almost always false.
     pub fn refused(&self) -> bool {
-        self.none_up.load(Ordering::Relaxed)
-            && (self.failed.load(Ordering::Relaxed) || self.recent())
+        self.none_up.load(Ordering::Relaxed) && self.failed.load(Ordering::Relaxed)
     }
 
     /// Whether [`Credentials::refused`] changed since the last call: `Some(now)` once per
@@ -77,11 +65,6 @@ impl Credentials {
     pub fn changed(&self) -> Option<bool> {
         let now = self.refused();
         (self.logged.swap(now, Ordering::Relaxed) != now).then_some(now)
-    }
-
-    fn recent(&self) -> bool {
-        let last = self.last_ms.load(Ordering::Relaxed);
-        last != 0 && Duration::from_millis(last) + REPEATS_AFTER > self.epoch.elapsed()
     }
 }
 
@@ -157,25 +140,21 @@ mod tests {
         // One broker that refuses a handshake while another takes the producer: not refused.
         c.brokers(["UP", "AUTH_HANDSHAKE"].into_iter());
         assert!(!c.refused());
-        // Down again within librdkafka's 30 s, which reports the same refusal no sooner.
+        assert_eq!(c.changed(), Some(false));
+        // A broker up since the refusal: an outage now is only an outage, until a refusal
+        // comes again.
         c.brokers(["DOWN", "DOWN"].into_iter());
-        assert!(c.refused());
-        // A refusal long past, and a broker up since: an outage now is only an outage.
-        let old = Credentials {
-            epoch: Instant::now() - Duration::from_secs(60),
-            ..Credentials::default()
-        };
-        old.error(
+        assert!(!c.refused());
+        c.error(
             Some(E::Authentication),
             "SASL authentication error: Authentication failed: Invalid username or password",
         );
-        assert!(!old.refused(), "no statistics yet: nothing known");
-        old.brokers(["DOWN"].into_iter());
-        assert!(old.refused());
-        old.brokers(["UP"].into_iter());
-        old.last_ms.store(1, Ordering::Relaxed);
-        old.brokers(["DOWN"].into_iter());
-        assert!(!old.refused(), "a refusal 60 s old, a broker up since");
+        assert!(c.refused());
+        // The states librdkafka counts as up.
+        for up in ["UPDATE", "REAUTH"] {
+            c.brokers([up].into_iter());
+            assert!(!c.refused(), "{up}");
+        }
         // Without statistics nothing is known, and nothing refused.
         let fresh = Credentials::default();
         fresh.error(Some(E::SSL), BAD_CA);

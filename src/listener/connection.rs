@@ -192,14 +192,21 @@ impl Connection {
             // whose body was refused before it was read (see `unread`).
             let closing = stopping.load(Relaxed);
             let version = request.version();
+            let expects_continue =
+                has_body && request.headers().contains_key(axum::http::header::EXPECT);
             let answer = router.clone().oneshot(request);
             async move {
                 let mut response = answer.await?;
                 let headers = response.headers_mut();
                 headers.entry(super::REQUEST_ID).or_insert(id.0);
                 let unsettled = match unread {
-                    Some(unread) if !closing => !unread.settled().await,
-                    _ => false,
+                    Some(unread) if !closing => !unread.settled(expects_continue).await,
+                    // Closing anyway: a body left unread is dropped, for hyper to close on.
+                    Some(unread) => {
+                        drop(unread.take());
+                        false
+                    }
+                    None => false,
                 };
                 if closing || unsettled {
                     headers.insert(
@@ -236,10 +243,11 @@ impl Connection {
                 connection.await
             }
         };
-        if let Err(error) = ended {
+        // hyper's own refusals (a bad head, one too large) leave input unread as well.
+        if let Err(error) = &ended {
             tracing::debug!(%peer, %error, "connection ended with an error");
         }
-        last.pending()
+        last.pending() || ended.is_err()
     }
 }
 

@@ -7,7 +7,7 @@
 //! need not connect again for its retry); else the answer says `Connection: close`.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,20 +29,33 @@ pub struct Unread(Arc<Note>);
 
 #[derive(Default)]
 struct Note {
-    /// The body of the request in progress is not read to its end yet (false with no request).
+    /// The request in progress: a body's notes about an earlier one (held by a task past its
+    /// answer) are ignored.
+    request: AtomicU64,
+    /// Its body is not read to its end yet (false with no request).
     pending: AtomicBool,
-    left: Mutex<Option<Incoming>>,
+    /// Its body, left by the handler, until the answer takes it; and the last request whose
+    /// answer did (a body dropped after that is dropped, not left).
+    left: Mutex<Left>,
+}
+
+#[derive(Default)]
+struct Left {
+    body: Option<Incoming>,
+    taken_for: u64,
 }
 
 impl Unread {
     /// `request` with its body tracked, and whether it has a body at all.
     pub fn track(&self, request: Request<Incoming>) -> (Request<Tracked>, bool) {
         let has_body = !request.body().is_end_stream();
+        let number = self.0.request.fetch_add(1, Relaxed) + 1;
         self.0.pending.store(has_body, Relaxed);
         let note = self.0.clone();
         let tracked = request.map(|inner| Tracked {
             inner: Some(inner),
             note,
+            number,
         });
         (tracked, has_body)
     }
@@ -54,16 +67,19 @@ impl Unread {
 
     /// Whether the connection can go on after the answer: the body of the request in progress
     /// was read to its end, or what was left of it is, now, within [`DRAIN_BYTES`] and
-    /// [`DRAIN_FOR`].
-    pub async fn settled(&self) -> bool {
+    /// [`DRAIN_FOR`]. Not for a request that announced `Expect: 100-continue`: reading its
+    /// body would ask the client to send what is refused.
+    pub async fn settled(&self, expects_continue: bool) -> bool {
+        let left = self.take();
         if !self.pending() {
             return true;
         }
-        let Some(mut body) = crate::lock(&self.0.left).take() else {
-            // Still held by the handler (or a task it started).
+        // Without the body (still held by the handler, or a task it started), or with a body
+        // it must not ask for, the connection closes.
+        let Some(mut body) = left.filter(|_| !expects_continue) else {
             return false;
         };
-        if body.size_hint().upper().is_none_or(|n| n > DRAIN_BYTES) {
+        if body.size_hint().lower() > DRAIN_BYTES {
             return false;
         }
         let drain = async {
@@ -83,6 +99,15 @@ impl Unread {
         }
         drained
     }
+
+    /// Takes the body left for the request in progress, and keeps any body of it dropped from
+    /// now on from being left: a body nobody reads or drops stops hyper reading the connection,
+    /// which then never ends.
+    pub fn take(&self) -> Option<Incoming> {
+        let mut left = crate::lock(&self.0.left);
+        left.taken_for = self.0.request.load(Relaxed);
+        left.body.take()
+    }
 }
 
 /// A request body that notes when it has been read to its end, and is left to its connection
@@ -91,6 +116,15 @@ pub struct Tracked {
     /// Taken only by `drop`.
     inner: Option<Incoming>,
     note: Arc<Note>,
+    /// Which of the connection's requests it is the body of.
+    number: u64,
+}
+
+impl Tracked {
+    /// Whether this is the body of the connection's request in progress.
+    fn current(&self) -> bool {
+        self.note.request.load(Relaxed) == self.number
+    }
 }
 
 impl hyper::body::Body for Tracked {
@@ -106,7 +140,7 @@ impl hyper::body::Body for Tracked {
             return Poll::Ready(None);
         };
         let polled = Pin::new(&mut *inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) || inner.is_end_stream() {
+        if (matches!(polled, Poll::Ready(None)) || inner.is_end_stream()) && this.current() {
             this.note.pending.store(false, Relaxed);
         }
         polled
@@ -125,8 +159,12 @@ impl hyper::body::Body for Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        if self.note.pending.load(Relaxed) {
-            *crate::lock(&self.note.left) = self.inner.take();
+        if !self.note.pending.load(Relaxed) || !self.current() {
+            return;
+        }
+        let mut left = crate::lock(&self.note.left);
+        if left.taken_for < self.number {
+            left.body = self.inner.take();
         }
     }
 }
