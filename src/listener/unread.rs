@@ -70,10 +70,11 @@ impl Unread {
     /// [`DRAIN_FOR`]. Not for a request that announced `Expect: 100-continue`: reading its
     /// body would ask the client to send what is refused.
     pub async fn settled(&self, expects_continue: bool) -> bool {
-        let left = self.take();
+        // A body read to its end is never left: no lock for the usual request.
         if !self.pending() {
             return true;
         }
+        let left = self.take();
         // Without the body (still held by the handler, or a task it started), or with a body
         // it must not ask for, the connection closes.
         let Some(mut body) = left.filter(|_| !expects_continue) else {
