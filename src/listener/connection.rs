@@ -243,11 +243,13 @@ impl Connection {
                 connection.await
             }
         };
-        // hyper's own refusals (a bad head, one too large) leave input unread as well.
+        // Not every error means input is left: an idle connection ends with hyper's header
+        // timeout. What hyper refused itself (a bad head, one too large) is found by the peek
+        // at the socket before it closes.
         if let Err(error) = &ended {
             tracing::debug!(%peer, %error, "connection ended with an error");
         }
-        last.pending() || ended.is_err()
+        last.pending()
     }
 }
 
