@@ -58,7 +58,7 @@ pub fn broker() -> &'static Broker {
 }
 
 fn start_broker() -> Broker {
-    start_tansu(None)
+    Broker::advertising(None)
 }
 
 impl Broker {
@@ -66,45 +66,41 @@ impl Broker {
     /// (a proxy in front of it) instead of its own address. `addr` is its own address: tansu's
     /// topic commands use it directly.
     pub fn advertising(advertised: Option<&str>) -> Broker {
-        start_tansu(advertised)
-    }
-}
-
-fn start_tansu(advertised: Option<&str>) -> Broker {
-    let tansu = tansu_path();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let dir = tempfile::tempdir().expect("temp dir").keep();
-    let url = format!("tcp://{addr}");
-    let advertised = advertised.map_or(url.clone(), |a| format!("tcp://{a}"));
-    // tansu reads .env from its working directory, hence the empty temp dir. The watchdog polls
-    // this process and stops the broker when it is gone.
-    let script = format!(
-        "\"$0\" broker --listener-url {url} --advertised-listener-url {advertised} \
+        let tansu = tansu_path();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let dir = tempfile::tempdir().expect("temp dir").keep();
+        let url = format!("tcp://{addr}");
+        let advertised = advertised.map_or(url.clone(), |a| format!("tcp://{a}"));
+        // tansu reads .env from its working directory, hence the empty temp dir. The watchdog polls
+        // this process and stops the broker when it is gone.
+        let script = format!(
+            "\"$0\" broker --listener-url {url} --advertised-listener-url {advertised} \
          --storage-engine memory://tansu/ >broker.log 2>&1 & b=$!; \
          while kill -0 {pid} 2>/dev/null && kill -0 $b 2>/dev/null; do sleep 1; done; kill $b",
-        pid = std::process::id()
-    );
-    let watchdog = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .arg(&tansu)
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start tansu");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "tansu did not listen on {addr}; see {}/broker.log",
-            dir.display()
+            pid = std::process::id()
         );
-        std::thread::yield_now();
-    }
-    Broker {
-        addr,
-        _watchdog: watchdog,
+        let watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(&tansu)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not listen on {addr}; see {}/broker.log",
+                dir.display()
+            );
+            std::thread::yield_now();
+        }
+        Broker {
+            addr,
+            _watchdog: watchdog,
+        }
     }
 }
 
