@@ -407,7 +407,7 @@ mod tests {
         }
         // A hook reads the body through the same conversion.
         assert_eq!(
-            crate::hook::parse_body(BodyKind::Form, b"{\"a\":1}", 64),
+            crate::hook::parse_body(BodyKind::Form, &Bytes::from_static(b"{\"a\":1}"), 64),
             Err(DecodeError::JsonAsForm)
         );
         let status = crate::error::IngestError::from(DecodeError::JsonAsForm).status();

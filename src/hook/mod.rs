@@ -106,22 +106,21 @@ impl HookRequest {
 
 /// Parses a body the way the route would decode it, into one JSON value. The error is the one
 /// the route gives the same body without a hook (a form of too many fields is a 413).
-pub fn parse_body(kind: BodyKind, body: &[u8], max_depth: usize) -> Result<Value, DecodeError> {
-    if body.is_empty() && matches!(kind, BodyKind::Json | BodyKind::Form) {
-        return Err(DecodeError::Empty);
-    }
-    match kind {
-        // serde_json's own limit is 128 levels; the route's is the config's.
-        BodyKind::Json => {
-            crate::json::validate(body, max_depth).map_err(DecodeError::Json)?;
-            serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))
-        }
-        BodyKind::Form => {
-            let json = decode::form_to_json(body)?;
-            serde_json::from_slice(&json).map_err(|e| DecodeError::Form(e.to_string()))
-        }
-        BodyKind::Ndjson | BodyKind::Raw => Err(DecodeError::NotOneDocument),
-    }
+pub fn parse_body(kind: BodyKind, body: &Bytes, max_depth: usize) -> Result<Value, DecodeError> {
+    let as_json: fn(String) -> DecodeError = match kind {
+        BodyKind::Json => DecodeError::Json,
+        BodyKind::Form => DecodeError::Form,
+        BodyKind::Ndjson | BodyKind::Raw => return Err(DecodeError::NotOneDocument),
+    };
+    // The route's own decoding (its emptiness, JSON and depth checks, the form's conversion):
+    // one value for these kinds.
+    let limits = decode::Limits {
+        max_records: 1,
+        max_depth,
+    };
+    let values = decode::decode(kind, body.clone(), &limits)?;
+    let one = values.first().ok_or(DecodeError::Empty)?;
+    serde_json::from_slice(one).map_err(|e| as_json(e.to_string()))
 }
 
 /// What to produce: the route's records, with any of these replaced.
