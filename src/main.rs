@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use kafboy::config::{LogFormat, Overrides, split_list};
 use kafboy::{App, Config};
 
@@ -15,28 +16,59 @@ use kafboy::{App, Config};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    flags: Flags,
+}
+
+/// What the server's configuration is read from. Only the server and `check-config` read it, so
+/// only they take these flags.
+#[derive(clap::Args, Debug)]
+struct Flags {
     /// TOML configuration file (see kafboy.example.toml).
-    #[arg(long, short, env = "KAFBOY_CONFIG", global = true)]
+    #[arg(long, short, env = "KAFBOY_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 0.0.0.0:8000 (overrides server.listen).
-    #[arg(long, global = true)]
+    #[arg(long)]
     listen: Option<SocketAddr>,
     /// Bootstrap brokers, HOST:PORT[,HOST:PORT...] (overrides kafka.brokers).
-    #[arg(long, global = true)]
+    #[arg(long)]
     brokers: Option<String>,
+}
+
+impl Flags {
+    /// These flags, each given here or else before the subcommand (`kafboy -c FILE check-config`).
+    fn or(self, outer: Flags) -> Flags {
+        Flags {
+            config: self.config.or(outer.config),
+            listen: self.listen.or(outer.listen),
+            brokers: self.brokers.or(outer.brokers),
+        }
+    }
+
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen,
+            brokers: self.brokers.as_deref().map(split_list),
+        }
+    }
 }
 
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Run the original quick start: an embedded Kafka broker, kafboy with the demo hook, and a
-    /// printout of every record that lands. Needs nothing else. Listens on 127.0.0.1:9903
-    /// unless --listen says otherwise.
-    Demo,
+    /// printout of every record that lands. Needs nothing else, and reads no configuration.
+    Demo {
+        /// Address to listen on. Default 127.0.0.1:9903.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
     /// Check a configuration file and print the effective configuration (defaults, file,
     /// KAFBOY_* environment and flags merged). Exits 64 if it is not valid.
     CheckConfig {
         /// The file to check; without it, the one --config or KAFBOY_CONFIG names, if any.
         file: Option<PathBuf>,
+        #[command(flatten)]
+        flags: Flags,
     },
     /// Print a new random API key and the SHA-256 to put in the config (`sha256 = "..."`).
     HashKey,
@@ -46,8 +78,11 @@ enum Command {
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, m)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         // --help and --version are not errors; a bad flag is a configuration error like any.
         Err(e) => {
             let _ = e.print();
@@ -58,14 +93,21 @@ fn main() -> ExitCode {
             };
         }
     };
-    let overrides = Overrides {
-        listen: cli.listen,
-        brokers: cli.brokers.as_deref().map(split_list),
-    };
     match cli.command {
-        Some(Command::Demo) => demo(cli.listen),
-        Some(Command::CheckConfig { file }) => {
-            check_config(file.or(cli.config).as_deref(), &overrides)
+        Some(Command::Demo { listen }) => {
+            // The demo brings its own broker and configuration: a file or brokers named for
+            // it on the command line would be ignored without a word (KAFBOY_CONFIG is not).
+            let given = |id| matches.value_source(id) == Some(ValueSource::CommandLine);
+            if given("config") || given("brokers") {
+                return config_error(
+                    "the demo runs its own broker and configuration: --config and --brokers do not apply to it",
+                );
+            }
+            demo(listen.or(cli.flags.listen))
+        }
+        Some(Command::CheckConfig { file, flags }) => {
+            let flags = flags.or(cli.flags);
+            check_config(file.or(flags.config.clone()).as_deref(), &flags.overrides())
         }
         Some(Command::HashKey) => {
             let (key, digest) = kafboy::auth::new_key();
@@ -84,7 +126,11 @@ fn main() -> ExitCode {
                 let _in = rt.enter();
                 kafboy::shutdown::hangups()
             };
-            run(rt, Config::load(cli.config.as_deref(), &overrides))
+            let flags = cli.flags;
+            run(
+                rt,
+                Config::load(flags.config.as_deref(), &flags.overrides()),
+            )
         }
     }
 }

@@ -168,8 +168,8 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[server]\nadmin_listen = \"127.0.0.1:9\"\nlisten = \"0.0.0.0:9\"".into(), "admin_listen"),
         ("[server]\nadmin_listen = \"[::]:9\"\nlisten = \"127.0.0.1:9\"".into(), "admin_listen"),
         ("[cluster]\npeers = [\"http://a:1\"]\nname = \"a\\u0001b\"".into(), "cluster.name"),
-        // librdkafka's own checks, run when a producer is created.
-        ("[kafka]\nmessage_timeout = \"3ms\"".into(), "message.timeout.ms"),
+        // Below the default linger, and librdkafka's own checks, run when a producer is created.
+        ("[kafka]\nmessage_timeout = \"3ms\"".into(), "kafka.message_timeout"),
         ("[kafka.options]\n\"retries\" = \"0\"".into(), "retries"),
         ("[server]\nsync_timeout = \"0s\"".into(), "server.sync_timeout"),
         (
@@ -198,6 +198,14 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[server]\nmax_body_bytes = 0".into(), "server.max_body_bytes"),
         ("[[routes]]\npath = \"/a/../:topic\"\nmode = \"async\"".into(), "dot segment"),
         ("[spool]\ndir = \"/tmp\"\ncommit_interval = \"10m\"".into(), "spool.commit_interval"),
+        // librdkafka's own refusals name its properties, not kafboy's settings.
+        ("[batch]\nflush_timeout = \"3m\"".into(), "batch.flush_timeout"),
+        ("[batch]\nbatch_size = 0".into(), "batch.batch_size"),
+        ("[kafka]\nlinger = \"20m\"".into(), "kafka.linger"),
+        (
+            "[topics.overrides.t]\nflush_timeout = \"2m\"".into(),
+            "topics.overrides.t.flush_timeout",
+        ),
     ];
     for (toml, want) in &refused {
         let file = config_file(toml);
@@ -231,6 +239,11 @@ fn config_errors_exit_64_and_name_the_key() {
         (&["--listen", "nonsense"][..], 64),
         (&["--no-such-flag"][..], 64),
         (&["--help"][..], 0),
+        // The demo and hash-key read no configuration: flags that name one are refused, not
+        // ignored.
+        (&["demo", "--config", "x.toml"][..], 64),
+        (&["--brokers", "127.0.0.1:1", "demo"][..], 64),
+        (&["hash-key", "--config", "x.toml"][..], 64),
     ] {
         let out = run_to_end({
             let mut c = kafboy();

@@ -167,8 +167,9 @@ pub struct ConfigError(pub String);
 
 impl From<figment::Error> for ConfigError {
     fn from(err: figment::Error) -> Self {
-        // figment's Display already names the key and the source (file or env var) of the value.
-        ConfigError(err.to_string())
+        // figment's Display already names the key and the source (file or env var) of the
+        // value, a file's key behind figment's profile name, which no kafboy file has.
+        ConfigError(err.to_string().replace("for key \"default.", "for key \""))
     }
 }
 
@@ -346,6 +347,15 @@ mod tests {
     fn unknown_keys_are_named() {
         let err = Config::from_toml("[kafka]\nbroker = \"a:1\"").unwrap_err();
         assert!(err.to_string().contains("broker"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_is_named_by_its_key_as_the_file_writes_it() {
+        let err = Config::from_toml("[server]\nsync_timeout = \"soon\"").unwrap_err();
+        assert!(
+            err.to_string().contains("for key \"server.sync_timeout\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -60,8 +60,37 @@ fn check_librdkafka_ranges(config: &Config) -> Result<(), String> {
             ))
         }));
     for (name, size) in batch_sizes {
-        if size > 1_000_000 {
-            return Err(format!("{name} must be at most 1000000"));
+        if !(1..=1_000_000).contains(&size) {
+            return Err(format!("{name} must be between 1 and 1000000"));
+        }
+    }
+    // librdkafka refuses these only when it creates the producer, in its own words
+    // (`linger.ms`, `message.timeout.ms`), which name no setting of kafboy's.
+    let lingers = [
+        ("kafka.linger".to_string(), k.linger),
+        ("kafka.sync_linger".to_string(), k.sync_linger),
+        (
+            "batch.flush_timeout".to_string(),
+            config.batch.flush_timeout,
+        ),
+    ]
+    .into_iter()
+    .chain(config.topics.overrides.iter().filter_map(|(topic, o)| {
+        Some((
+            format!("topics.overrides.{topic}.flush_timeout"),
+            o.flush_timeout?,
+        ))
+    }));
+    for (name, linger) in lingers {
+        if linger > Duration::from_secs(900) {
+            return Err(format!("{name} must be at most 15m"));
+        }
+        if linger >= k.message_timeout {
+            return Err(format!(
+                "{name} must be below kafka.message_timeout ({:?}): records would expire \
+                 waiting for their batch",
+                k.message_timeout
+            ));
         }
     }
     if config.hook.max_memory_bytes < 1 << 20 {
