@@ -200,6 +200,18 @@ impl TopicCounters {
     }
 }
 
+/// Shows the counters whose labels are known at start at 0 from the first scrape: a series
+/// that first appears at 1 is one whose `increase()` misses its first event. Failed and dropped
+/// records are labelled by topic and reason, a set known only once it happens.
+pub fn register_counters(cluster: bool) {
+    counter!(CONNECTIONS_REFUSED).increment(0);
+    if cluster {
+        for direction in ["sent", "received"] {
+            counter!(FORWARDED, "direction" => direction).increment(0);
+        }
+    }
+}
+
 /// A record that failed after it was queued.
 pub fn failed(label: &str, reason: &str) {
     counter!(FAILED, "topic" => label.to_string(), "reason" => reason.to_string()).increment(1);

@@ -96,6 +96,7 @@ impl AppState {
             })
             .collect();
         let cluster = crate::cluster::Cluster::new(config)?.map(Arc::new);
+        metrics::register_counters(cluster.is_some());
         // Opened whenever a directory is set, even if no route spools, so leftovers are replayed.
         let spool = match &config.spool.dir {
             Some(dir) => Some(Arc::new(

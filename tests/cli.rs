@@ -485,6 +485,12 @@ async fn sigterm_with_brokers_down_reports_undelivered_and_exits_1() {
         .env("KAFBOY_SERVER__SHUTDOWN_TIMEOUT", "1s")
         .env("KAFBOY_KAFKA__MESSAGE_TIMEOUT", "5m");
     let (child, url) = start(cmd).await;
+    // A fresh process shows the counters it knows the labels of at 0, before any event.
+    let metrics = common::get_text(&format!("{url}/metrics")).await;
+    assert!(
+        metrics.contains("\nkafboy_connections_refused_total 0\n"),
+        "{metrics}"
+    );
     cluster.broker_down(1).unwrap();
     for i in 0..5 {
         let r = common::client()
