@@ -49,6 +49,12 @@ pub fn statistics(
             // idle) and nothing needs it: not up, whatever it read before.
             if exported.contains(&b.name) {
                 gauge!(BROKER_UP, &labels).set(0.0);
+                // And the status page shows it as it is, not gone.
+                view.push(BrokerState {
+                    name: b.name.clone(),
+                    state: b.state.clone(),
+                    rtt_ms: None,
+                });
             }
             continue;
         }
