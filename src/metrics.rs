@@ -24,7 +24,8 @@ pub const REQUEST_RECORDS: &str = "kafboy_request_records";
 pub const ACCEPTED: &str = "kafboy_records_accepted_total";
 /// Records acknowledged by the broker, by topic.
 pub const DELIVERED: &str = "kafboy_records_delivered_total";
-/// Records that failed after they were queued, by topic and reason.
+/// Records that failed after they were queued, by topic, reason and whether they may have been
+/// written all the same (`persisted`: `no`, `possibly`).
 pub const FAILED: &str = "kafboy_records_failed_total";
 /// Records the producer refused to queue (`queue_full`, `fatal`, `too_big`, `refused`), by topic
 /// and reason; each got a 503 (413 for `too_big`), never a 2xx. Requests refused earlier
@@ -212,9 +213,10 @@ pub fn register_counters(cluster: bool) {
     }
 }
 
-/// A record that failed after it was queued.
-pub fn failed(label: &str, reason: &str) {
-    counter!(FAILED, "topic" => label.to_string(), "reason" => reason.to_string()).increment(1);
+/// A record that failed after it was queued; `persisted` is `no` (not written) or `possibly`.
+pub fn failed(label: &str, reason: &str, persisted: &'static str) {
+    counter!(FAILED, "topic" => label.to_string(), "reason" => reason.to_string(), "persisted" => persisted)
+        .increment(1);
 }
 
 /// Records refused before they were queued.

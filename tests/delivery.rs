@@ -224,7 +224,12 @@ async fn async_records_that_expire_with_the_brokers_down_are_counted_failed_and_
         assert_eq!(reply.status, 202, "accepted into the queue: {reply:?}");
     }
     // A 202 is not a delivery: each of them fails at the message timeout, and says so.
-    let failed = [("topic", topic.as_str()), ("reason", "MessageTimedOut")];
+    // Never sent, so not written: `persisted="no"`.
+    let failed = [
+        ("topic", topic.as_str()),
+        ("reason", "MessageTimedOut"),
+        ("persisted", "no"),
+    ];
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = get(&gw, "/metrics").await.body;
@@ -365,11 +370,12 @@ async fn sync_ndjson_with_one_leader_down_is_504_and_says_which_records_were_wri
 async fn sync_with_rtt_beyond_message_timeout_is_504() {
     let (cluster, topic) = cluster_with_topic("slow-ack", 1);
     let message_timeout = Duration::from_millis(1500);
-    let gw = common::gateway(
-        &cluster.bootstrap_servers(),
-        "[kafka]\nmessage_timeout = \"1500ms\"\n[server]\nsync_timeout = \"30s\"\nshutdown_timeout = \"1s\"",
-    )
-    .await;
+    // Named in the allowlist, so its metrics carry its own label.
+    let toml = format!(
+        "[topics]\nallow = [\"{topic}\"]\n[kafka]\nmessage_timeout = \"1500ms\"\n\
+         [server]\nsync_timeout = \"30s\"\nshutdown_timeout = \"1s\""
+    );
+    let gw = common::gateway(&cluster.bootstrap_servers(), &toml).await;
     // Ready only means metadata: the connection to the leader and the idempotent producer id
     // may still be on their way, and with those delayed the record would never be sent (503).
     warm_up(&gw, &cluster.bootstrap_servers(), &topic).await;
@@ -395,6 +401,14 @@ async fn sync_with_rtt_beyond_message_timeout_is_504() {
     assert!(
         elapsed < Duration::from_secs(15),
         "answered too late: {elapsed:?}"
+    );
+    // Counted failed, and as a record that may be on the broker all the same.
+    let text = get(&gw, "/metrics").await.body;
+    let failed = [("topic", topic.as_str()), ("persisted", "possibly")];
+    assert_eq!(
+        metric(&text, "kafboy_records_failed_total", &failed),
+        Some(1.0),
+        "{text}"
     );
     cluster
         .broker_round_trip_time(ALL_BROKERS, Duration::ZERO)

@@ -47,6 +47,16 @@ pub enum Persisted {
     Possibly,
 }
 
+impl Persisted {
+    /// Its value as a metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Persisted::No => "no",
+            Persisted::Possibly => "possibly",
+        }
+    }
+}
+
 /// What became of one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -230,9 +240,9 @@ impl Context {
     }
 
     /// Counts a record failed after it was accepted, for `reason`.
-    pub fn count_failed(&self, topic: &str, reason: &str) {
+    pub fn count_failed(&self, topic: &str, reason: &str, persisted: Persisted) {
         self.tally.failed.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::failed(&self.topics.get(topic).label, reason);
+        crate::metrics::failed(&self.topics.get(topic).label, reason, persisted.label());
     }
 }
 
@@ -265,6 +275,8 @@ impl ProducerContext for Context {
         }
         let report = waiter.0.as_ref().map_or(Report::None, |w| w.report);
         let spooled = report == Report::Spool;
+        // Given up at the flush's deadline: counted (and logged) as undelivered there already.
+        let given_up = code.is_some() && self.gate.given_up();
         // A spooled record's attempt is not its outcome: the spool sends it again after a
         // failure, and counts what finally happened to it (`Producer::count_delivered`).
         let outcome = match code {
@@ -281,10 +293,9 @@ impl ProducerContext for Context {
                 if code == RDKafkaErrorCode::TopicAuthorizationFailed {
                     self.refusals.refused(message.topic());
                 }
-                // Given up at the flush's deadline: counted undelivered there already.
-                let given_up = self.gate.given_up();
                 if !spooled && !given_up {
-                    self.count_failed(message.topic(), &format!("{code:?}"));
+                    let persisted = super::ffi::persisted(message);
+                    self.count_failed(message.topic(), &format!("{code:?}"), persisted);
                 }
                 // Lost: a record whose only answer was a 2xx before its outcome. A sync
                 // requester hears of the failure (or was told `504`, maybe written) and may
@@ -305,7 +316,7 @@ impl ProducerContext for Context {
         match (waiter.0, &outcome) {
             // The requester may have given up (deadline, disconnect); the outcome is counted anyway.
             (Some(waiting), _) => drop(waiting.tx.send(outcome)),
-            (None, Outcome::Failed { error, persisted }) => {
+            (None, Outcome::Failed { error, persisted }) if !given_up => {
                 if let Some(suppressed) = self.failures.pass() {
                     tracing::warn!(
                         producer = %self.name,
@@ -317,7 +328,7 @@ impl ProducerContext for Context {
                     );
                 }
             }
-            (None, Outcome::Delivered { .. }) => {}
+            (None, _) => {}
         }
     }
 }

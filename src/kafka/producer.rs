@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use super::admission::{Admission, Refused};
 use super::credentials::Credentials;
-use super::delivery::{Context, Outcome, Report, Tally, Waiter, Waiting};
+use super::delivery::{Context, Outcome, Persisted, Report, Tally, Waiter, Waiting};
 use super::gate::Gate;
 use super::poller::Polled;
 use super::record::Record;
@@ -278,13 +278,16 @@ impl Producer {
         let context = self.inner.context();
         match failed {
             None => context.count_delivered(topic),
-            Some(reason) => context.count_failed(topic, reason),
+            // Dead-lettered: refused for good, so not written.
+            Some(reason) => context.count_failed(topic, reason, Persisted::No),
         }
     }
 
     /// Counts a record lost after its client's `2xx`: failed, for `reason`.
     pub(super) fn count_lost(&self, topic: &str, reason: &str) {
-        self.inner.context().count_failed(topic, reason);
+        self.inner
+            .context()
+            .count_failed(topic, reason, Persisted::No);
         self.tally.lost.fetch_add(1, Ordering::Relaxed);
     }
 
