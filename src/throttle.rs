@@ -2,47 +2,132 @@
 //! most one per interval, carrying the count of those left out. The log writes to stdout from
 //! the async workers, so an unthrottled line per refused request would slow the server most
 //! when it is already overloaded.
+//!
+//! Lines left out are told on the next line that passes, or, if none comes within the
+//! interval, on a line of their own ("lines left out", from [`report_left_out`] each second):
+//! a burst followed by silence is not hidden until the next, unrelated, event.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
+
+/// The level of a throttled kind of line, for the line that tells what it left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// `warn`.
+    Warn,
+    /// `error`.
+    Error,
+}
 
 /// One kind of log line, written at most once per `every`.
 #[derive(Debug)]
-pub struct Throttle {
+pub struct Throttle(Arc<State>);
+
+#[derive(Debug)]
+struct State {
     every_ms: u64,
-    /// When the last line was written, in ms since start (0: never).
+    /// When the last line (or report of lines left out) was written, in ms since start (0:
+    /// never).
     last_ms: AtomicU64,
     /// Lines left out since then.
     suppressed: AtomicU64,
+    /// The lines' message, and the producer they are about, if any.
+    what: &'static str,
+    producer: Option<String>,
+    level: Level,
+}
+
+/// Every throttle alive, for [`report_left_out`].
+fn registry() -> &'static Mutex<Vec<Weak<State>>> {
+    static REGISTRY: OnceLock<Mutex<Vec<Weak<State>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Mutex::default)
 }
 
 impl Throttle {
-    /// At most one line per `every`.
-    pub const fn new(every: Duration) -> Throttle {
-        Throttle {
+    /// At most one `what` line per `every`; `producer` names the producer the lines are about.
+    pub fn new(every: Duration, level: Level, what: &'static str, producer: Option<&str>) -> Self {
+        let state = Arc::new(State {
             every_ms: every.as_millis() as u64,
             last_ms: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
-        }
+            what,
+            producer: producer.map(str::to_string),
+            level,
+        });
+        let mut all = registry().lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|s| s.strong_count() > 0);
+        all.push(Arc::downgrade(&state));
+        Throttle(state)
     }
 
     /// `Some(lines left out since the last one)` when this line may be written, else `None`
     /// (and it is counted as left out).
     pub fn pass(&self) -> Option<u64> {
+        let s = &self.0;
         let now = crate::metrics::uptime_ms().max(1);
-        let last = self.last_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= self.every_ms;
+        let last = s.last_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= s.every_ms;
         // Of the threads that find it due at once, one writes.
         if due
-            && self
-                .last_ms
+            && s.last_ms
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+            return Some(s.suppressed.swap(0, Ordering::Relaxed));
         }
-        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        s.suppressed.fetch_add(1, Ordering::Relaxed);
         None
+    }
+}
+
+impl Drop for Throttle {
+    /// A producer replaced or shut down tells what it left out last.
+    fn drop(&mut self) {
+        self.0.tell(self.0.suppressed.swap(0, Ordering::Relaxed));
+    }
+}
+
+impl State {
+    /// The lines left out, taken, when there are some and the interval since the last line
+    /// has passed at `now` (ms since start); that counts as a line.
+    fn due(&self, now: u64) -> Option<u64> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let waiting = self.suppressed.load(Ordering::Relaxed) > 0
+            && now.saturating_sub(last) >= self.every_ms;
+        (waiting
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok())
+        .then(|| self.suppressed.swap(0, Ordering::Relaxed))
+    }
+
+    fn tell(&self, left_out: u64) {
+        if left_out == 0 {
+            return;
+        }
+        let (what, producer) = (self.what, self.producer.as_deref());
+        match self.level {
+            Level::Warn => tracing::warn!(what, producer, left_out, "lines left out"),
+            Level::Error => tracing::error!(what, producer, left_out, "lines left out"),
+        }
+    }
+}
+
+/// Tells, for every throttle whose interval has passed since its last line, how many lines it
+/// left out since. Called every second from the metrics upkeep thread.
+pub fn report_left_out() {
+    let now = crate::metrics::uptime_ms().max(1);
+    let alive: Vec<Arc<State>> = {
+        let mut all = registry().lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|s| s.strong_count() > 0);
+        all.iter().filter_map(Weak::upgrade).collect()
+    };
+    for state in alive {
+        if let Some(left_out) = state.due(now) {
+            state.tell(left_out);
+        }
     }
 }
 
@@ -52,14 +137,28 @@ mod tests {
 
     #[test]
     fn one_line_per_interval_with_the_count_left_out() {
-        let t = Throttle::new(Duration::from_secs(3600));
+        let t = Throttle::new(Duration::from_secs(3600), Level::Warn, "test", None);
         assert_eq!(t.pass(), Some(0));
         assert_eq!(t.pass(), None);
         assert_eq!(t.pass(), None);
-        // Due again (as if the interval had passed): the two left out are told.
-        t.last_ms.store(1, Ordering::Relaxed);
-        let t = Throttle { every_ms: 0, ..t };
+        // Due again (as if no line had been written yet): the two left out are told.
+        t.0.last_ms.store(0, Ordering::Relaxed);
         assert_eq!(t.pass(), Some(2));
+        assert_eq!(t.pass(), None);
+    }
+
+    #[test]
+    fn lines_left_out_are_told_once_the_interval_has_passed_without_another_line() {
+        let t = Throttle::new(Duration::from_secs(1), Level::Warn, "test", None);
         assert_eq!(t.pass(), Some(0));
+        assert_eq!(t.pass(), None);
+        assert_eq!(t.pass(), None);
+        let last = t.0.last_ms.load(Ordering::Relaxed);
+        // Within the interval: not yet, they may still go on the next line.
+        assert_eq!(t.0.due(last + 999), None);
+        // Past it: taken once, and the interval starts again from there.
+        assert_eq!(t.0.due(last + 1000), Some(2));
+        assert_eq!(t.0.due(last + 5000), None);
+        assert_eq!(t.0.last_ms.load(Ordering::Relaxed), last + 1000);
     }
 }

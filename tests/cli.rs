@@ -512,6 +512,79 @@ async fn sigterm_with_brokers_down_reports_undelivered_and_exits_1() {
     );
 }
 
+/// A burst of failed records writes one line, and the count of the rest on a line of its own
+/// once the throttle's second has passed: not on some later, unrelated failure, nor never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_left_out_of_the_log_are_told_within_seconds() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("burst", 1, 1).unwrap();
+    let mut cmd = kafboy();
+    cmd.args(["--brokers", &cluster.bootstrap_servers()])
+        .env("KAFBOY_KAFKA__MESSAGE_TIMEOUT", "1s")
+        .env("KAFBOY_SERVER__SHUTDOWN_TIMEOUT", "1s");
+    let (mut child, url) = start(cmd).await;
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn({
+        let log = log.clone();
+        move || {
+            let mut buf = [0; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                log.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    });
+    cluster.broker_down(1).unwrap();
+    const BURST: u64 = 5;
+    for i in 0..BURST {
+        let r = common::client()
+            .post(format!("{url}/async/burst"))
+            .body(format!("{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    // Every record is on a line of its own or in a count: suppressed= on a later line of the
+    // same kind, left_out= on the line that tells them.
+    let told = |log: &str| -> u64 {
+        let field = |line: &str, name: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name)?.parse().ok())
+                .unwrap_or(0)
+        };
+        log.lines()
+            .map(|line| {
+                if line.contains("accepted record not delivered producer") {
+                    1 + field(line, "suppressed=")
+                } else if line.contains("lines left out") {
+                    field(line, "left_out=")
+                } else {
+                    0
+                }
+            })
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = log.lock().unwrap().clone();
+        if text.contains("lines left out") && told(&text) == BURST {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "told {} of {BURST}:\n{text}",
+            told(&text)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sigterm(&child);
+    wait_exit(&mut child, Duration::from_secs(30));
+    reader.join().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_original_quick_start_works_as_printed() {
     let mut child = kafboy()

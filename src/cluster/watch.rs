@@ -1,7 +1,7 @@
 //! Keeping the view of the peers current: each peer's `/ready` every `health_interval`, the
 //! discovery list every `refresh`.
 
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use metrics::gauge;
 
 use super::{Cluster, MAX_DISCOVERED, Peer, capped, normalize};
-use crate::throttle::Throttle;
+use crate::throttle::{Level, Throttle};
 
 impl Cluster {
     /// Records a peer's state from a check or a failed forward.
@@ -58,7 +58,10 @@ impl Cluster {
             failed => {
                 // A peer that never became ready would otherwise leave no trace (only changes
                 // are logged): a wrong URL, a port that speaks TLS.
-                static FAILED: Throttle = Throttle::new(Duration::from_secs(30));
+                static FAILED: LazyLock<Throttle> = LazyLock::new(|| {
+                    let what = "peer health check failed";
+                    Throttle::new(Duration::from_secs(30), Level::Warn, what, None)
+                });
                 if let Some(suppressed) = FAILED.pass() {
                     let why = match failed {
                         Ok(r) => format!("answered {}", r.status()),

@@ -5,12 +5,12 @@
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use super::{Failure, Hook, HookError, HookFuture, HookRequest, Verdict, ready};
-use crate::throttle::Throttle;
+use crate::throttle::{Level, Throttle};
 
 mod convert;
 mod pattern;
@@ -113,7 +113,10 @@ impl LuaHook {
                 _ => None,
             };
             if let Some(why) = why {
-                static REPLACED: Throttle = Throttle::new(Duration::from_secs(1));
+                static REPLACED: LazyLock<Throttle> = LazyLock::new(|| {
+                    let what = "hook state replaced";
+                    Throttle::new(Duration::from_secs(1), Level::Warn, what, None)
+                });
                 if let Some(suppressed) = REPLACED.pass() {
                     tracing::warn!(script = %self.path.display(), error = %why, suppressed, "hook state replaced");
                 }

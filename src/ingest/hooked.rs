@@ -1,7 +1,7 @@
 //! The produce handler's path through a hook: the hook's verdict, then the records it asked for
 //! (maybe on another topic or mode, maybe after the hook's own reply).
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode};
@@ -20,10 +20,11 @@ use crate::record::RecordMeta;
 use crate::reply::Reply;
 use crate::routes::{Route, validate_topic};
 use crate::state::AppState;
-use crate::throttle::Throttle;
+use crate::throttle::{Level, Throttle};
 
 /// Hook failures: at most one line a second.
-static HOOK_FAILED: Throttle = Throttle::new(Duration::from_secs(1));
+static HOOK_FAILED: LazyLock<Throttle> =
+    LazyLock::new(|| Throttle::new(Duration::from_secs(1), Level::Error, "hook failed", None));
 
 /// What a hook's verdict came to: records queued, whose answer may wait for acks, or a reply.
 pub(super) enum Handled {

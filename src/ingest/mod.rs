@@ -3,7 +3,7 @@
 //! never reaches Kafka.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request};
@@ -18,7 +18,7 @@ use crate::record::RecordMeta;
 use crate::reply::Reply;
 use crate::routes::{Route, validate_topic};
 use crate::state::{AppState, Served};
-use crate::throttle::Throttle;
+use crate::throttle::{Level, Throttle};
 
 mod hooked;
 mod overflow;
@@ -58,7 +58,9 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
             if status.is_server_error() {
                 // Under overload every request may fail the same way: a line a second, and
                 // the rest at debug level.
-                static FAILED: Throttle = Throttle::new(Duration::from_secs(1));
+                static FAILED: LazyLock<Throttle> = LazyLock::new(|| {
+                    Throttle::new(Duration::from_secs(1), Level::Warn, "request failed", None)
+                });
                 match FAILED.pass() {
                     Some(suppressed) => {
                         tracing::warn!(request_id = id, %path, %status, %error, suppressed, "request failed")

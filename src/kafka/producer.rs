@@ -19,7 +19,7 @@ use super::poller::Polled;
 use super::record::Record;
 use super::slot::Shared;
 use crate::config::KafkaConfig;
-use crate::throttle::Throttle;
+use crate::throttle::{Level, Throttle};
 
 /// Why records were not (all) queued.
 #[derive(Debug)]
@@ -115,9 +115,24 @@ impl Producer {
             fenced: fenced.clone(),
             topics: shared.topics.clone(),
             brokers: shared.brokers.clone(),
-            client_errors: Throttle::new(Duration::from_secs(10)),
-            log_lines: Throttle::new(Duration::from_secs(10)),
-            failures: Throttle::new(Duration::from_secs(1)),
+            client_errors: Throttle::new(
+                Duration::from_secs(10),
+                Level::Warn,
+                "kafka client error",
+                Some(name),
+            ),
+            log_lines: Throttle::new(
+                Duration::from_secs(10),
+                Level::Warn,
+                "librdkafka log",
+                Some(name),
+            ),
+            failures: Throttle::new(
+                Duration::from_secs(1),
+                Level::Warn,
+                "accepted record not delivered",
+                Some(name),
+            ),
             retired: AtomicBool::new(false),
             broker_totals: Mutex::default(),
             exported: shared.exported.clone(),

@@ -55,6 +55,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use crate::lock;
+use crate::throttle::{Level, Throttle};
 use std::time::Duration;
 
 pub use append::Appending;
@@ -239,8 +240,10 @@ impl Inner {
             tracing::error!(dir = %self.dir.display(), %message, "spool: disk error, not ready");
         } else {
             // Every refused append of an outage comes here: a line a second at most.
-            static REPEATS: crate::throttle::Throttle =
-                crate::throttle::Throttle::new(std::time::Duration::from_secs(1));
+            static REPEATS: std::sync::LazyLock<Throttle> = std::sync::LazyLock::new(|| {
+                let every = std::time::Duration::from_secs(1);
+                Throttle::new(every, Level::Warn, "spool: disk error", None)
+            });
             if let Some(suppressed) = REPEATS.pass() {
                 tracing::warn!(dir = %self.dir.display(), %message, suppressed, "spool: disk error");
             }

@@ -1,6 +1,7 @@
 //! The window of records in flight: handing what is due to the producer in order, retries
 //! with backoff, delivery reports, and popping the acknowledged prefix.
 
+use std::sync::LazyLock;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use crate::kafka::delivery::Outcome;
 use crate::kafka::{Record, Report, SendError};
 use crate::spool::ID_HEADER;
 use crate::spool::segment::Entry;
-use crate::throttle::Throttle;
+use crate::throttle::{Level, Throttle};
 
 /// How long one send waits for room in the producer's queue before it counts as a retriable
 /// failure.
@@ -127,7 +128,10 @@ impl Sender {
             .min(c.retry_backoff_max);
         // A line every 10 s at most: a spool that keeps retrying (brokers away, or refusing
         // its producer) shows why in the log, not only in its gauges.
-        static RETRIES: Throttle = Throttle::new(Duration::from_secs(10));
+        static RETRIES: LazyLock<Throttle> = LazyLock::new(|| {
+            let what = "spool: sends failing; retrying";
+            Throttle::new(Duration::from_secs(10), Level::Warn, what, None)
+        });
         if let Some(suppressed) = RETRIES.pass() {
             let topic = &f.entry.topic;
             tracing::warn!(%topic, why, suppressed, "spool: sends failing; retrying");
