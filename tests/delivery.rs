@@ -1013,6 +1013,23 @@ async fn record_headers_take_queue_room_for_every_record_they_go_with() {
         got.iter().all(|r| r.value == b"1"
             && r.headers == [("big".to_string(), Some(big.clone().into_bytes()))])
     );
+    // Empty headers take room too, for what librdkafka holds for each: 2000 records of 1 byte
+    // with ten of them are 42 KB counted by their names alone, 1.6 MB in memory.
+    let mut empties = common::client()
+        .post(format!("{}/batch/async/{topic}", gw.url))
+        .header("content-type", "application/x-ndjson");
+    for i in 0..10 {
+        empties = empties.header(format!("x-kafka-header-e{i}"), "");
+    }
+    let reply = Reply::read(
+        empties
+            .body("1\n".repeat(2000))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(reply.status, 413, "{reply:?}");
     // And the delivery reports give all their room back.
     let deadline = Instant::now() + PROMPT;
     loop {

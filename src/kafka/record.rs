@@ -57,10 +57,17 @@ impl Record {
     }
 }
 
-/// Header names and values, in bytes: what the queue accounting counts of a record's headers.
+/// What librdkafka holds for each header besides its name and value: its `rd_kafka_header_t`
+/// (three sizes and a pointer), the two terminating NULs, malloc's chunk header and rounding,
+/// and the header list's slot. Measured at ~73 bytes: without it, records of many empty
+/// headers held 35 times what the queue accounting counted (700 MB against 19 MB).
+pub const HEADER_OVERHEAD: usize = 80;
+
+/// Header names and values, in bytes, with librdkafka's own [`HEADER_OVERHEAD`] for each: what
+/// the queue accounting counts of a record's headers.
 pub fn header_bytes<'a>(headers: impl Iterator<Item = Header<'a, &'a [u8]>>) -> usize {
     headers
-        .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+        .map(|h| HEADER_OVERHEAD + h.key.len() + h.value.map_or(0, <[u8]>::len))
         .sum()
 }
 
