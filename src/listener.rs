@@ -3,7 +3,7 @@
 //! get 431 from hyper, and past the connection cap a new connection gets a 503 and is closed at
 //! once instead of waiting in the backlog.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -13,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
+use crate::throttle::{Level, Throttle};
 use crate::tls::Tls;
 
 mod connection;
@@ -75,6 +76,40 @@ impl Drained {
     }
 }
 
+/// Warns at start when the process may open fewer files than `connections` (the open
+/// connections all listeners may hold, and a margin for the 320 connections that may be
+/// lingering, the brokers' sockets, the spool and the log): past its open-file limit kafboy cannot accept a connection, even to refuse it
+/// with `503`, so a client waits unanswered. Linux only (`/proc/self/limits`).
+pub fn warn_if_few_files(connections: usize) {
+    const MARGIN: u64 = 400;
+    let Some(limit) = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| open_files(&text))
+    else {
+        return;
+    };
+    let wanted = (connections as u64).saturating_add(MARGIN);
+    if limit < wanted {
+        tracing::warn!(
+            limit,
+            wanted,
+            "the open-file limit is below server.max_connections and a margin: past it clients wait \
+             unanswered instead of getting 503; raise it (LimitNOFILE=, ulimit -n) or lower \
+             server.max_connections"
+        );
+    }
+}
+
+/// The soft limit of open files in the text of `/proc/self/limits`, unless unlimited.
+fn open_files(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Serves `router` on `listener` until `stop` turns true, then lets open connections finish
 /// their requests for up to `grace`.
 pub async fn serve(
@@ -117,8 +152,14 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
-                    // Out of file descriptors and the like: pause instead of spinning.
-                    tracing::warn!(%error, "accept failed");
+                    // Out of file descriptors and the like: pause instead of spinning, and a
+                    // line a second, not one per pause, while it lasts.
+                    static FAILED: LazyLock<Throttle> = LazyLock::new(|| {
+                        Throttle::new(Duration::from_secs(1), Level::Warn, "accept failed", None)
+                    });
+                    if let Some(suppressed) = FAILED.pass() {
+                        tracing::warn!(%error, suppressed, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -180,5 +221,22 @@ impl Refusals {
             self.unlogged = 0;
             self.logged_at = Some(std::time::Instant::now());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soft_open_file_limit_is_read_from_proc_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             95088                95088                processes \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(open_files(limits), Some(1024));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(open_files(unlimited), None);
+        assert_eq!(open_files(""), None);
     }
 }

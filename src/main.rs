@@ -332,6 +332,8 @@ async fn serve(config: Config) -> ExitCode {
             Err(e) => return bind_failed(admin, &e),
         }
     }
+    let listeners = 1 + usize::from(config.server.admin_listen.is_some());
+    kafboy::listener::warn_if_few_files(config.server.max_connections.saturating_mul(listeners));
     let addr = listener.local_addr().map_or(config.server.listen, |a| a);
     if !addr.ip().is_loopback() && config.auth.keys.is_empty() && config.auth.keys_file.is_none() {
         tracing::warn!(%addr, "auth is off and kafboy listens beyond loopback: anyone who can reach it can write; see docs/SECURITY.md");
