@@ -93,11 +93,12 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Flags given on the command line before the subcommand (KAFBOY_CONFIG is not one).
+    let given = |id| matches.value_source(id) == Some(ValueSource::CommandLine);
     match cli.command {
         Some(Command::Demo { listen }) => {
             // The demo brings its own broker and configuration: a file or brokers named for
-            // it on the command line would be ignored without a word (KAFBOY_CONFIG is not).
-            let given = |id| matches.value_source(id) == Some(ValueSource::CommandLine);
+            // it would be ignored without a word.
             if given("config") || given("brokers") {
                 return config_error(
                     "the demo runs its own broker and configuration: --config and --brokers do not apply to it",
@@ -105,11 +106,22 @@ fn main() -> ExitCode {
             }
             demo(listen.or(cli.flags.listen))
         }
-        Some(Command::CheckConfig { file, flags }) => {
+        Some(Command::CheckConfig { file, mut flags }) => {
+            // KAFBOY_CONFIG fills the subcommand's --config as well: a --config given before
+            // the subcommand wins over it.
+            let sub = matches.subcommand_matches("check-config");
+            if sub.and_then(|m| m.value_source("config")) != Some(ValueSource::CommandLine) {
+                flags.config = None;
+            }
             let flags = flags.or(cli.flags);
             check_config(file.or(flags.config.clone()).as_deref(), &flags.overrides())
         }
         Some(Command::HashKey) => {
+            if given("config") || given("brokers") || given("listen") {
+                return config_error(
+                    "hash-key reads no configuration: --config, --brokers and --listen do not apply to it",
+                );
+            }
             let (key, digest) = kafboy::auth::new_key();
             println!("key:    {key}\nsha256: {digest}");
             ExitCode::SUCCESS

@@ -133,8 +133,7 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 /// Folds histogram samples into their buckets every second on a thread of its own, for as long
-/// as the process lives (the recorder is global, so is this), and tells the log lines that
-/// throttles left out ([`crate::throttle::report_left_out`]). Without it samples pile up until
+/// as the process lives (the recorder is global, so is this). Without it samples pile up until
 /// `/metrics` is scraped; folded on a runtime worker, they held up the requests behind them.
 pub fn spawn_upkeep() {
     static STARTED: std::sync::Once = std::sync::Once::new();
@@ -145,7 +144,6 @@ pub fn spawn_upkeep() {
                 loop {
                     std::thread::sleep(std::time::Duration::from_secs(1));
                     handle().run_upkeep();
-                    crate::throttle::report_left_out();
                 }
             });
         if let Err(error) = spawned {

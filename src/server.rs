@@ -203,6 +203,8 @@ impl App {
         }
         let report = finish(&state, grace).await;
         drained.settle(LAST_ANSWERS).await;
+        // The log lines of the last second, before the process ends.
+        crate::throttle::tell_all();
         report
     }
 }

@@ -4,11 +4,12 @@
 //! when it is already overloaded.
 //!
 //! Lines left out are told on the next line that passes, or, if none comes within the
-//! interval, on a line of their own ("lines left out", from [`report_left_out`] each second):
-//! a burst followed by silence is not hidden until the next, unrelated, event.
+//! interval (and a second's grace), on a line of their own ("lines left out", from a thread
+//! that looks every second): a burst followed by silence is not hidden until the next,
+//! unrelated, event.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Once, OnceLock, Weak};
 use std::time::Duration;
 
 /// The level of a throttled kind of line, for the line that tells what it left out.
@@ -38,6 +39,9 @@ struct State {
     level: Level,
 }
 
+/// How often [`report_left_out`] runs.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+
 /// Every throttle alive, for [`report_left_out`].
 fn registry() -> &'static Mutex<Vec<Weak<State>>> {
     static REGISTRY: OnceLock<Mutex<Vec<Weak<State>>>> = OnceLock::new();
@@ -58,6 +62,7 @@ impl Throttle {
         let mut all = registry().lock().unwrap_or_else(|e| e.into_inner());
         all.retain(|s| s.strong_count() > 0);
         all.push(Arc::downgrade(&state));
+        start_reporter();
         Throttle(state)
     }
 
@@ -90,11 +95,13 @@ impl Drop for Throttle {
 
 impl State {
     /// The lines left out, taken, when there are some and the interval since the last line
-    /// has passed at `now` (ms since start); that counts as a line.
+    /// has passed at `now` (ms since start) by a report's period; that counts as a line. The
+    /// period's grace lets a line of their kind that comes on time (failures that come in
+    /// bursts a second apart, as librdkafka expires records) tell them with its details.
     fn due(&self, now: u64) -> Option<u64> {
         let last = self.last_ms.load(Ordering::Relaxed);
         let waiting = self.suppressed.load(Ordering::Relaxed) > 0
-            && now.saturating_sub(last) >= self.every_ms;
+            && now.saturating_sub(last) >= self.every_ms + REPORT_EVERY.as_millis() as u64;
         (waiting
             && self
                 .last_ms
@@ -115,20 +122,48 @@ impl State {
     }
 }
 
+/// Starts, once per process, the thread that runs [`report_left_out`] every [`REPORT_EVERY`]:
+/// a thread of its own, so that a log output that blocks holds up nothing else.
+fn start_reporter() {
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("kafboy-log-throttle".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(REPORT_EVERY);
+                    report_left_out();
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "no log throttle thread: lines left out are told on the next line only");
+        }
+    });
+}
+
 /// Tells, for every throttle whose interval has passed since its last line, how many lines it
-/// left out since. Called every second from the metrics upkeep thread.
-pub fn report_left_out() {
+/// left out since.
+fn report_left_out() {
     let now = crate::metrics::uptime_ms().max(1);
-    let alive: Vec<Arc<State>> = {
-        let mut all = registry().lock().unwrap_or_else(|e| e.into_inner());
-        all.retain(|s| s.strong_count() > 0);
-        all.iter().filter_map(Weak::upgrade).collect()
-    };
-    for state in alive {
+    for state in alive() {
         if let Some(left_out) = state.due(now) {
             state.tell(left_out);
         }
     }
+}
+
+/// Tells what every throttle has left out, due or not: at the end of a shutdown, so that the
+/// last second's lines are not lost with the process.
+pub fn tell_all() {
+    for state in alive() {
+        state.tell(state.suppressed.swap(0, Ordering::Relaxed));
+    }
+}
+
+fn alive() -> Vec<Arc<State>> {
+    let mut all = registry().lock().unwrap_or_else(|e| e.into_inner());
+    all.retain(|s| s.strong_count() > 0);
+    all.iter().filter_map(Weak::upgrade).collect()
 }
 
 #[cfg(test)]
@@ -154,11 +189,12 @@ mod tests {
         assert_eq!(t.pass(), None);
         assert_eq!(t.pass(), None);
         let last = t.0.last_ms.load(Ordering::Relaxed);
-        // Within the interval: not yet, they may still go on the next line.
-        assert_eq!(t.0.due(last + 999), None);
+        // Within the interval and a report's period: not yet, they may still go on the next
+        // line of their kind.
+        assert_eq!(t.0.due(last + 1999), None);
         // Past it: taken once, and the interval starts again from there.
-        assert_eq!(t.0.due(last + 1000), Some(2));
+        assert_eq!(t.0.due(last + 2000), Some(2));
         assert_eq!(t.0.due(last + 5000), None);
-        assert_eq!(t.0.last_ms.load(Ordering::Relaxed), last + 1000);
+        assert_eq!(t.0.last_ms.load(Ordering::Relaxed), last + 2000);
     }
 }

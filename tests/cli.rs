@@ -244,6 +244,7 @@ fn config_errors_exit_64_and_name_the_key() {
         (&["demo", "--config", "x.toml"][..], 64),
         (&["--brokers", "127.0.0.1:1", "demo"][..], 64),
         (&["hash-key", "--config", "x.toml"][..], 64),
+        (&["-c", "x.toml", "hash-key"][..], 64),
     ] {
         let out = run_to_end({
             let mut c = kafboy();
@@ -274,12 +275,18 @@ fn check_config_says_what_a_start_would_warn_of() {
 #[test]
 fn check_config_without_a_file_checks_the_one_config_names() {
     let bad = config_file("[server]\nmax_body_bytes = 0");
-    for how in ["flag", "env"] {
+    let good = config_file("");
+    for how in ["flag", "env", "flag over env"] {
         let out = run_to_end({
             let mut c = kafboy();
             match how {
                 "flag" => c.arg("--config").arg(bad.path()).arg("check-config"),
-                _ => c.arg("check-config").env("KAFBOY_CONFIG", bad.path()),
+                "env" => c.arg("check-config").env("KAFBOY_CONFIG", bad.path()),
+                _ => c
+                    .arg("--config")
+                    .arg(bad.path())
+                    .arg("check-config")
+                    .env("KAFBOY_CONFIG", good.path()),
             };
             c
         });
@@ -559,7 +566,7 @@ async fn failures_left_out_of_the_log_are_told_within_seconds() {
             .map(|line| {
                 if line.contains("accepted record not delivered producer") {
                     1 + field(line, "suppressed=")
-                } else if line.contains("lines left out") {
+                } else if line.contains("lines left out what=\"accepted record not delivered\"") {
                     field(line, "left_out=")
                 } else {
                     0
@@ -570,7 +577,7 @@ async fn failures_left_out_of_the_log_are_told_within_seconds() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = log.lock().unwrap().clone();
-        if text.contains("lines left out") && told(&text) == BURST {
+        if text.contains("lines left out what=") && told(&text) == BURST {
             break;
         }
         assert!(
