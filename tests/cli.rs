@@ -483,15 +483,42 @@ async fn sigterm_flushes_every_accepted_record_and_exits_0() {
     assert_eq!(got, want);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_with_brokers_down_reports_undelivered_and_exits_1() {
+/// The binary against a one-broker mock cluster with `topic`, a shutdown timeout of 1 s and
+/// records that expire after `message_timeout`.
+async fn start_on_mock(
+    topic: &str,
+    message_timeout: &str,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    Child,
+    String,
+) {
     let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("down", 1, 1).unwrap();
+    cluster.create_topic(topic, 1, 1).unwrap();
     let mut cmd = kafboy();
     cmd.args(["--brokers", &cluster.bootstrap_servers()])
         .env("KAFBOY_SERVER__SHUTDOWN_TIMEOUT", "1s")
-        .env("KAFBOY_KAFKA__MESSAGE_TIMEOUT", "5m");
+        .env("KAFBOY_KAFKA__MESSAGE_TIMEOUT", message_timeout);
     let (child, url) = start(cmd).await;
+    (cluster, child, url)
+}
+
+/// Posts `n` records to `/async/{topic}`, each answered 202.
+async fn post_accepted(url: &str, topic: &str, n: u64) {
+    for i in 0..n {
+        let r = common::client()
+            .post(format!("{url}/async/{topic}"))
+            .body(format!("{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_brokers_down_reports_undelivered_and_exits_1() {
+    let (cluster, child, url) = start_on_mock("down", "5m").await;
     // A fresh process shows the counters it knows the labels of at 0, before any event.
     let metrics = common::get_text(&format!("{url}/metrics")).await;
     assert!(
@@ -499,15 +526,7 @@ async fn sigterm_with_brokers_down_reports_undelivered_and_exits_1() {
         "{metrics}"
     );
     cluster.broker_down(1).unwrap();
-    for i in 0..5 {
-        let r = common::client()
-            .post(format!("{url}/async/down"))
-            .body(format!("{i}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-    }
+    post_accepted(&url, "down", 5).await;
     let start = Instant::now();
     sigterm(&child);
     let (code, log) = output_of(child);
@@ -523,13 +542,7 @@ async fn sigterm_with_brokers_down_reports_undelivered_and_exits_1() {
 /// once the throttle's second has passed: not on some later, unrelated failure, nor never.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_left_out_of_the_log_are_told_within_seconds() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("burst", 1, 1).unwrap();
-    let mut cmd = kafboy();
-    cmd.args(["--brokers", &cluster.bootstrap_servers()])
-        .env("KAFBOY_KAFKA__MESSAGE_TIMEOUT", "1s")
-        .env("KAFBOY_SERVER__SHUTDOWN_TIMEOUT", "1s");
-    let (mut child, url) = start(cmd).await;
+    let (cluster, mut child, url) = start_on_mock("burst", "1s").await;
     let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let mut stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn({
@@ -545,15 +558,7 @@ async fn failures_left_out_of_the_log_are_told_within_seconds() {
     });
     cluster.broker_down(1).unwrap();
     const BURST: u64 = 5;
-    for i in 0..BURST {
-        let r = common::client()
-            .post(format!("{url}/async/burst"))
-            .body(format!("{i}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-    }
+    post_accepted(&url, "burst", BURST).await;
     // Every record is on a line of its own or in a count: suppressed= on a later line of the
     // same kind, left_out= on the line that tells them.
     let told = |log: &str| -> u64 {
