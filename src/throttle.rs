@@ -40,7 +40,7 @@ struct State {
 }
 
 /// How often [`report_left_out`] runs.
-pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// Every throttle alive, for [`report_left_out`].
 fn registry() -> &'static Mutex<Vec<Weak<State>>> {
