@@ -158,7 +158,9 @@ impl BodyKind {
             && media
                 .get(media.len() - 5..)
                 .is_some_and(|s| s.eq_ignore_ascii_case("+json"));
-        if is("application/json") || is("text/json") || json_suffix {
+        // `text/plain` is what a browser's `navigator.sendBeacon(url, string)`, and any
+        // `fetch` of a string body, sends: read as no Content-Type is, as JSON.
+        if is("application/json") || is("text/json") || json_suffix || is("text/plain") {
             Ok(BodyKind::Json)
         } else if is("application/x-www-form-urlencoded") {
             Ok(BodyKind::Form)
@@ -288,8 +290,9 @@ mod tests {
             Ok(BodyKind::Form)
         );
         assert_eq!(of(Some("application/x-ndjson")), Ok(BodyKind::Ndjson));
+        assert_eq!(of(Some("text/plain;charset=UTF-8")), Ok(BodyKind::Json));
         assert!(matches!(
-            of(Some("text/plain")),
+            of(Some("text/csv")),
             Err(DecodeError::UnsupportedType(_))
         ));
         assert_eq!(

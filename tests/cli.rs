@@ -198,6 +198,10 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[server]\nmax_body_bytes = 0".into(), "server.max_body_bytes"),
         ("[[routes]]\npath = \"/a/../:topic\"\nmode = \"async\"".into(), "dot segment"),
         ("[spool]\ndir = \"/tmp\"\ncommit_interval = \"10m\"".into(), "spool.commit_interval"),
+        (
+            "[server.cors]\nallowed_origins = [\"*\"]\nallow_credentials = true".into(),
+            "server.cors.allow_credentials",
+        ),
         // librdkafka's own refusals name its properties, not kafboy's settings.
         ("[batch]\nflush_timeout = \"3m\"".into(), "batch.flush_timeout"),
         ("[batch]\nbatch_size = 0".into(), "batch.batch_size"),

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{MARKER, Reply, before_markers, broker, client, gateway, values};
+use common::{MARKER, Reply, before_markers, broker, client, consume, gateway, values};
 use sha2::{Digest, Sha256};
 
 fn sha(key: &str) -> String {
@@ -337,6 +337,62 @@ async fn the_key_file_reloads_and_a_bad_one_keeps_the_old_keys() {
     gw.stop().await;
 }
 
+/// What browsers send for analytics beacons: `navigator.sendBeacon(url, JSON.stringify(x))`
+/// posts `text/plain;charset=UTF-8` (read as JSON), and a beacon of a JSON `Blob` is a
+/// credentialed request, which a listed origin may make once `allow_credentials` is on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_beacons_are_written() {
+    let b = broker();
+    let topic = b.topic("beacon", 1);
+    let gw = gateway(
+        &b.addr,
+        "[server.cors]\nallowed_origins = [\"https://app.example\"]\nallow_credentials = true",
+    )
+    .await;
+    let url = format!("{}/async/{topic}", gw.url);
+    let r = client()
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-credentials"], "true");
+    let beacons = [
+        ("text/plain;charset=UTF-8", r#"{"beacon":"string"}"#),
+        ("application/json", r#"{"beacon":"blob"}"#),
+    ];
+    for (content_type, body) in beacons {
+        let r = client()
+            .post(&url)
+            .header("origin", "https://app.example")
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{content_type}");
+        assert_eq!(r.headers()["access-control-allow-credentials"], "true");
+    }
+    // Text that is not JSON is refused as any body that is not.
+    let r = client()
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let got: Vec<Vec<u8>> = consume(&b.addr, &topic, 2)
+        .into_iter()
+        .map(|c| c.value)
+        .collect();
+    assert_eq!(got, beacons.map(|(_, body)| body.as_bytes().to_vec()));
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_is_answered_without_kafka() {
     let b = broker();
@@ -359,6 +415,12 @@ async fn cors_preflight_is_answered_without_kafka() {
     assert_eq!(
         r.headers()["access-control-allow-origin"],
         "https://app.example"
+    );
+    // Credentials only when the config asks for them.
+    assert!(
+        r.headers()
+            .get("access-control-allow-credentials")
+            .is_none()
     );
     assert!(
         r.headers()["access-control-allow-methods"]

@@ -111,6 +111,10 @@ pub struct CorsConfig {
     /// How long a browser may cache a preflight answer. Default 10m.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// Answer listed origins with `Access-Control-Allow-Credentials: true`, which requests a
+    /// browser sends with credentials need (`navigator.sendBeacon` of a JSON `Blob`, `fetch`
+    /// with `credentials: "include"`). kafboy reads no cookies. Not with `*`. Default false.
+    pub allow_credentials: bool,
 }
 
 impl Default for CorsConfig {
@@ -131,6 +135,7 @@ impl Default for CorsConfig {
             .map(String::from)
             .to_vec(),
             max_age: Duration::from_secs(600),
+            allow_credentials: false,
         }
     }
 }

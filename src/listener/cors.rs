@@ -41,6 +41,13 @@ impl Cors {
                 "server.cors.allowed_origins: \"*\" allows every origin; list it alone".into(),
             );
         }
+        // Browsers refuse credentials with `*`, and tower-http panics on the pair.
+        if any && c.allow_credentials {
+            return Err(
+                "server.cors.allow_credentials needs allowed_origins to list origins, not \"*\""
+                    .into(),
+            );
+        }
         let origins = if any {
             AllowOrigin::any()
         } else {
@@ -87,7 +94,8 @@ impl Cors {
                 HeaderName::from_static("x-request-id"),
                 axum::http::header::RETRY_AFTER,
             ])
-            .max_age(c.max_age);
+            .max_age(c.max_age)
+            .allow_credentials(c.allow_credentials);
         Ok(Cors {
             layer,
             headers: Arc::new(headers),
