@@ -146,6 +146,8 @@ pub async fn read(
         bytes: 0,
     };
     let inflated = match encoding {
+        // An empty body is refused as empty (`decode`), however it says it is encoded.
+        _ if raw.is_empty() => return Ok((raw, held)),
         Encoding::Identity => return Ok((raw, held)),
         Encoding::Gzip => inflate(flate2::read::MultiGzDecoder::new(&raw[..]), limit, "gzip")?,
         Encoding::Zstd => {
@@ -455,6 +457,11 @@ mod tests {
             read(zs, Encoding::Zstd, None, &limits(100)).await.unwrap(),
             &b"[1,2]"[..]
         );
+        // Nothing at all is an empty body, for the route to refuse as such, not a broken stream.
+        for encoding in [Encoding::Gzip, Encoding::Zstd] {
+            let empty = read(Body::empty(), encoding, None, &limits(100)).await;
+            assert_eq!(empty.unwrap(), &b""[..]);
+        }
     }
 
     #[tokio::test(start_paused = true)]
