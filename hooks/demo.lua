@@ -1,10 +1,11 @@
 -- The demo hook: the original kafboy's massage_json, in Lua.
 --
 -- kafboy calls on_request(req) for every produce request on the routes this script is set for,
--- and on_error(status, message, topic) for every request that failed.
+-- and on_error(status, message, topic, request_id) for every request that failed.
 --
 -- req gives: req:topic(), req:mode(), req:kind(), req:method(), req:path(), req:query([name]),
--- req:header(name), req:peer(), req:body(), req:get(path), req:fields(), req:key();
+-- req:header(name), req:peer(), req:request_id(), req:body(), req:get(path), req:fields(),
+-- req:key();
 -- and edits: req:set_topic(t), req:set_body(s), req:set(path, v), req:delete(path),
 -- req:set_key(k), req:set_partition(n), req:set_header(name, value).
 -- Return forward() (or nothing) to produce, reject(status, message) to refuse,

@@ -74,6 +74,8 @@ function on_request(req)
   elseif case == "later-far" then
     req:set_partition(99)
     return respond(200, '{"ok":"fast reply"}', "async")
+  elseif case == "id" then
+    return respond(200, req:request_id())
   elseif case == "key" then
     local asked = tostring(req:key())
     req:set_key("mine")
@@ -86,8 +88,8 @@ function on_error(status, message, topic)
 end
 "#;
 
-/// A failure as the error hook saw it: status, message, topic.
-type Seen = (u16, String, Option<String>);
+/// A failure as the error hook saw it: status, message, topic, request id.
+type Seen = (u16, String, Option<String>, Option<String>);
 type Errors = Arc<Mutex<Vec<Seen>>>;
 
 /// Requests the Rust hook held on to after its verdict.
@@ -112,6 +114,7 @@ impl Hook for TestHook {
             f.status.as_u16(),
             f.message.to_string(),
             f.topic.map(String::from),
+            f.request_id.map(String::from),
         ));
     }
 }
@@ -214,6 +217,12 @@ async fn decide(req: &HookRequest, errors: &Mutex<Vec<Seen>>) -> Result<Verdict,
             Verdict::Forward(Forward::default())
         }
         "fail" => return Err(HookError("boom".into())),
+        "id" => Verdict::Respond(Respond {
+            status: StatusCode::OK,
+            body: Bytes::from(req.request_id.clone().unwrap_or_default()),
+            content_type: None,
+            then: None,
+        }),
         "errors" => Verdict::Respond(Respond {
             status: StatusCode::OK,
             body: Bytes::from(errors.lock().unwrap().len().to_string()),
@@ -291,6 +300,19 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
     );
     let r = post(gw, &p, "reject", body).await;
     assert_eq!((r.status, r.error()), (403, format!("no {topic}")));
+    // The request's id, as its answer gives it: the client's own, or the one kafboy made.
+    let r = common::client()
+        .post(format!("{}{p}", gw.url))
+        .header("x-case", "id")
+        .header("x-request-id", "req-42")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(Reply::read(r).await.body, "req-42");
+    let r = post(gw, &p, "id", body).await;
+    assert_eq!(r.body, r.headers["x-request-id"].to_str().unwrap());
+    assert_eq!(r.body.len(), 16, "{}", r.body);
     let r = post(gw, &p, "reject-busy", body).await;
     assert_eq!(
         (r.status, r.headers["retry-after"].to_str().unwrap()),
@@ -483,12 +505,12 @@ async fn rust_hook_outcomes() {
     let seen = errors.lock().unwrap().clone();
     assert!(
         seen.iter()
-            .any(|(s, m, t)| *s == 403 && m.starts_with("no ") && t.is_some()),
+            .any(|(s, m, t, id)| *s == 403 && m.starts_with("no ") && t.is_some() && id.is_some()),
         "{seen:?}"
     );
     assert!(
         seen.iter()
-            .any(|(s, m, _)| *s == 500 && m.contains("300ms")),
+            .any(|(s, m, _, _)| *s == 500 && m.contains("300ms")),
         "{seen:?}"
     );
     // A refusal before admission (here a topic's name) costs nothing and reaches no hook.

@@ -156,7 +156,12 @@ impl Hook for LuaHook {
 
     fn on_error(&self, failure: &Failure<'_>) {
         let result = self.with_state(|state| match &state.on_error {
-            Some(f) => f.call::<()>((failure.status.as_u16(), failure.message, failure.topic)),
+            Some(f) => f.call::<()>((
+                failure.status.as_u16(),
+                failure.message,
+                failure.topic,
+                failure.request_id,
+            )),
             None => Ok(()),
         });
         if let Err(e) = result {

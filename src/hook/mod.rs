@@ -39,6 +39,9 @@ pub struct HookRequest {
     pub body: Bytes,
     /// The record key the request asked for (`?key=` or `X-Kafka-Key`), if any.
     pub key: Option<Bytes>,
+    /// The request's id, as its answer's `X-Request-Id` and kafboy's log lines give it: the
+    /// client's own, when it sent a sane one (`headers` has it then too), or one kafboy made.
+    pub request_id: Option<String>,
     kind: BodyKind,
     max_depth: usize,
     parsed: OnceLock<Result<Value, DecodeError>>,
@@ -69,10 +72,17 @@ impl HookRequest {
             peer,
             body,
             key: None,
+            request_id: None,
             kind,
             max_depth: crate::config::DEFAULT_MAX_JSON_DEPTH,
             parsed,
         }
+    }
+
+    /// The same request, with its id.
+    pub fn with_request_id(mut self, request_id: Option<String>) -> HookRequest {
+        self.request_id = request_id;
+        self
     }
 
     /// The same request, read with the route's nesting limit (`server.max_json_depth`) by
@@ -201,6 +211,8 @@ pub struct Failure<'a> {
     pub message: &'a str,
     /// Topic of the request, when it got that far.
     pub topic: Option<&'a str>,
+    /// The request's id ([`HookRequest::request_id`]), if it has one.
+    pub request_id: Option<&'a str>,
     /// The records a [`Respond`] asked for in a sync mode failed at the brokers after the
     /// hook's own reply went out: the client got that reply, not this failure.
     pub after_reply: bool,

@@ -73,6 +73,7 @@ pub(super) async fn run(
         }
         Verdict::Respond(respond) => {
             if let Some((mode, forward)) = respond.then {
+                let request_id = request.request_id.clone();
                 // Everything that can be checked is, before the reply: a body that does not
                 // decode, a topic the brokers do not have, a record that cannot be built must
                 // not get the hook's 2xx and then vanish.
@@ -87,7 +88,8 @@ pub(super) async fn run(
                 let stake = Stake::Replied;
                 let queued = enqueue(app, route, mode, topic.clone(), records, kind, stake).await?;
                 if let Queued::Acks { .. } = queued {
-                    acks_after_reply(app.clone(), route.clone(), hook.clone(), topic, queued);
+                    let hook = hook.clone();
+                    acks_after_reply(app.clone(), route.clone(), hook, topic, request_id, queued);
                 }
             }
             let content_type = respond
@@ -238,6 +240,7 @@ fn acks_after_reply(
     route: Arc<Route>,
     hook: Arc<dyn Hook>,
     topic: String,
+    request_id: Option<String>,
     queued: Queued,
 ) {
     let running = app.background.start();
@@ -253,6 +256,7 @@ fn acks_after_reply(
                     status,
                     message: &message,
                     topic: Some(&topic),
+                    request_id: request_id.as_deref(),
                     after_reply: true,
                 },
             );

@@ -54,7 +54,8 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
         }
         Err(error) => {
             let (status, path) = (error.status(), &served.route.path);
-            let id = id.as_ref().and_then(|i| i.to_str().ok()).unwrap_or("-");
+            let request_id = id.as_ref().and_then(|i| i.to_str().ok());
+            let id = request_id.unwrap_or("-");
             if status.is_server_error() {
                 // Under overload every request may fail the same way: a line a second, and
                 // the rest at debug level.
@@ -82,6 +83,7 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
                     status,
                     message: &message,
                     topic: seen.topic.as_deref(),
+                    request_id,
                     after_reply: false,
                 };
                 crate::hook::call::report(hook.as_ref(), &failure);
@@ -94,6 +96,12 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
     app.stats.answer(status);
     counted.answered = true;
     response
+}
+
+/// The request's id as text, as the listener settled it.
+fn request_id(extensions: &axum::http::Extensions) -> Option<String> {
+    let id = extensions.get::<RequestId>()?;
+    id.0.to_str().ok().map(str::to_string)
 }
 
 /// A request whose client went away before its answer: hyper drops the handler then, so it is
@@ -240,6 +248,7 @@ async fn ingest(
             kind,
         )
         .with_key(meta.key.clone())
+        .with_request_id(request_id(&parts.extensions))
         .with_max_depth(app.decode_limits.max_depth),
     );
     let handled = hooked::run(

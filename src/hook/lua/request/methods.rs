@@ -55,6 +55,7 @@ impl UserData for LuaRequest {
         m.add_method("peer", |_, this, ()| {
             Ok(this.req.peer.map(|p| p.to_string()))
         });
+        m.add_method("request_id", |_, this, ()| Ok(this.req.request_id.clone()));
         // The body as it stands, the script's edits included.
         m.add_method("body", |lua, this, ()| {
             within_budget(lua)?;
