@@ -95,19 +95,17 @@ impl Drop for Throttle {
 
 impl State {
     /// The lines left out, taken, when there are some and the interval since the last line
-    /// has passed at `now` (ms since start) by a report's period; that counts as a line. The
-    /// period's grace lets a line of their kind that comes on time (failures that come in
-    /// bursts a second apart, as librdkafka expires records) tell them with its details.
+    /// has passed at `now` (ms since start) by a report's period. The period's grace lets a
+    /// line of their kind that comes on time (failures that come in bursts a second apart, as
+    /// librdkafka expires records) tell them with its details. A report is not a line: the
+    /// next event, past the interval since the last line, is written with its details.
     fn due(&self, now: u64) -> Option<u64> {
         let last = self.last_ms.load(Ordering::Relaxed);
-        let waiting = self.suppressed.load(Ordering::Relaxed) > 0
-            && now.saturating_sub(last) >= self.every_ms + REPORT_EVERY.as_millis() as u64;
-        (waiting
-            && self
-                .last_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok())
-        .then(|| self.suppressed.swap(0, Ordering::Relaxed))
+        if now.saturating_sub(last) < self.every_ms + REPORT_EVERY.as_millis() as u64 {
+            return None;
+        }
+        // Taken once: `pass` and this both swap, so each line left out is told once.
+        Some(self.suppressed.swap(0, Ordering::Relaxed)).filter(|&n| n > 0)
     }
 
     fn tell(&self, left_out: u64) {
@@ -192,9 +190,11 @@ mod tests {
         // Within the interval and a report's period: not yet, they may still go on the next
         // line of their kind.
         assert_eq!(t.0.due(last + 1999), None);
-        // Past it: taken once, and the interval starts again from there.
+        // Past it: taken once.
         assert_eq!(t.0.due(last + 2000), Some(2));
         assert_eq!(t.0.due(last + 5000), None);
-        assert_eq!(t.0.last_ms.load(Ordering::Relaxed), last + 2000);
+        // A report is not a line: the interval still counts from the last line, so the next
+        // event past it is written with its details.
+        assert_eq!(t.0.last_ms.load(Ordering::Relaxed), last);
     }
 }

@@ -376,6 +376,17 @@ async fn browser_beacons_are_written() {
         assert_eq!(r.status(), 202, "{content_type}");
         assert_eq!(r.headers()["access-control-allow-credentials"], "true");
     }
+    // Said to listed origins only: not to another, nor to a request without an Origin.
+    for origin in [Some("https://evil.example"), None] {
+        let mut post = client().post(&url).body("{}");
+        if let Some(origin) = origin {
+            post = post.header("origin", origin);
+        }
+        let r = post.send().await.unwrap();
+        assert_eq!(r.status(), 202);
+        let credentials = r.headers().get("access-control-allow-credentials");
+        assert!(credentials.is_none(), "{origin:?}");
+    }
     // Text that is not JSON is refused as any body that is not.
     let r = client()
         .post(&url)

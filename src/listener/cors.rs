@@ -10,7 +10,7 @@ use axum::extract::Request;
 use axum::http::header::ACCESS_CONTROL_REQUEST_HEADERS;
 use axum::http::{HeaderName, HeaderValue, Method};
 use tower::util::MapRequestLayer;
-use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+use tower_http::cors::{AllowCredentials, AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::config::CorsConfig;
 use crate::state::AppState;
@@ -48,15 +48,25 @@ impl Cors {
                     .into(),
             );
         }
+        let listed = if any {
+            Vec::new()
+        } else {
+            c.allowed_origins
+                .iter()
+                .map(|o| origin(o))
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let origins = if any {
             AllowOrigin::any()
         } else {
-            let list = c
-                .allowed_origins
-                .iter()
-                .map(|o| origin(o))
-                .collect::<Result<Vec<_>, _>>()?;
-            AllowOrigin::list(list)
+            AllowOrigin::list(listed.clone())
+        };
+        // For a listed origin only: tower-http's plain `true` would say it to any request,
+        // with no Origin or another one.
+        let credentials = if c.allow_credentials {
+            AllowCredentials::predicate(move |origin, _| listed.contains(origin))
+        } else {
+            AllowCredentials::from(false)
         };
         let methods = c
             .allowed_methods
@@ -95,7 +105,7 @@ impl Cors {
                 axum::http::header::RETRY_AFTER,
             ])
             .max_age(c.max_age)
-            .allow_credentials(c.allow_credentials);
+            .allow_credentials(credentials);
         Ok(Cors {
             layer,
             headers: Arc::new(headers),
