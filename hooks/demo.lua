@@ -38,6 +38,6 @@ function on_request(req)
   return respond(200, '{"ok":"fast reply"}', "batch_async")
 end
 
-function on_error(status, message, topic)
+function on_error(status, message, topic, request_id)
   print("some " .. status .. " error: " .. message .. " (topic " .. tostring(topic) .. ")")
 end

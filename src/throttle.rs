@@ -28,8 +28,8 @@ pub struct Throttle(Arc<State>);
 #[derive(Debug)]
 struct State {
     every_ms: u64,
-    /// When the last line (or report of lines left out) was written, in ms since start (0:
-    /// never).
+    /// When the last line was written, in ms since start (0: never); a report of lines left
+    /// out does not move it.
     last_ms: AtomicU64,
     /// Lines left out since then.
     suppressed: AtomicU64,
@@ -101,7 +101,13 @@ impl State {
     /// next event, past the interval since the last line, is written with its details.
     fn due(&self, now: u64) -> Option<u64> {
         let last = self.last_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < self.every_ms + REPORT_EVERY.as_millis() as u64 {
+        if now.saturating_sub(last) < self.every_ms + REPORT_EVERY.as_millis() as u64
+            // Not if a line passed since `last` was read: what it left out is its own.
+            || self
+                .last_ms
+                .compare_exchange(last, last, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
             return None;
         }
         // Taken once: `pass` and this both swap, so each line left out is told once.

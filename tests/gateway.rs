@@ -369,9 +369,15 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
         (gw.post_json(&p, "").await, 400, "empty body"),
         (gw.post(&p, FORM, "").await, 400, "empty body"),
         (
-            gw.post(&p, Some("text/plain"), "hi").await,
+            gw.post(&p, Some("text/csv"), "hi").await,
             415,
             "unsupported content type",
+        ),
+        // Text is read as JSON (what a browser's sendBeacon of a string sends).
+        (
+            gw.post(&p, Some("text/plain"), "hi").await,
+            400,
+            "invalid json",
         ),
         (
             gw.post_json(&p, &format!("\"{}\"", "x".repeat(1000))).await,
