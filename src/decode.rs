@@ -198,11 +198,23 @@ pub fn decode(kind: BodyKind, body: Bytes, limits: &Limits) -> Result<Vec<Bytes>
     match kind {
         BodyKind::Raw => Ok(vec![body]),
         BodyKind::Json => {
-            check_json(&body, limits.max_depth).map_err(DecodeError::Json)?;
+            check_json(&body, limits.max_depth).map_err(|e| DecodeError::Json(several(e)))?;
             Ok(vec![body])
         }
         BodyKind::Form => Ok(vec![form_to_json(&body)?]),
         BodyKind::Ndjson => ndjson(body, limits),
+    }
+}
+
+/// A JSON body with more after its document is most often several records, one per line
+/// (a log shipper's, a string beacon's): say how to send those.
+fn several(error: String) -> String {
+    if error.starts_with("trailing characters") {
+        format!(
+            "{error} (one JSON document per body; for one record per line, send Content-Type: application/x-ndjson)"
+        )
+    } else {
+        error
     }
 }
 
@@ -392,6 +404,10 @@ mod tests {
             decode(BodyKind::Json, Bytes::new(), &lim(10)),
             Err(DecodeError::Empty)
         );
+        // Several documents, one per line: the error says how to send those.
+        let lines = Bytes::from_static(b"{\"a\":1}\n{\"a\":2}\n");
+        let err = decode(BodyKind::Json, lines, &lim(10)).unwrap_err();
+        assert!(err.to_string().contains("application/x-ndjson"), "{err}");
     }
 
     #[test]
