@@ -48,18 +48,15 @@ impl Cors {
                     .into(),
             );
         }
-        let listed = if any {
-            Vec::new()
+        let (origins, listed) = if any {
+            (AllowOrigin::any(), Vec::new())
         } else {
-            c.allowed_origins
+            let listed = c
+                .allowed_origins
                 .iter()
                 .map(|o| origin(o))
-                .collect::<Result<Vec<_>, _>>()?
-        };
-        let origins = if any {
-            AllowOrigin::any()
-        } else {
-            AllowOrigin::list(listed.clone())
+                .collect::<Result<Vec<_>, _>>()?;
+            (AllowOrigin::list(listed.clone()), listed)
         };
         // For a listed origin only: tower-http's plain `true` would say it to any request,
         // with no Origin or another one.
