@@ -337,27 +337,40 @@ async fn the_key_file_reloads_and_a_bad_one_keeps_the_old_keys() {
     gw.stop().await;
 }
 
+/// A gateway whose `[server.cors]` lists `https://app.example`, with `more` settings of that
+/// section, a new topic named after `name`, and the URL of `/async/{topic}` on the gateway.
+async fn cors_gateway(
+    b: &common::Broker,
+    name: &str,
+    more: &str,
+) -> (common::Gateway, String, String) {
+    let topic = b.topic(name, 1);
+    let toml = format!("[server.cors]\nallowed_origins = [\"https://app.example\"]\n{more}");
+    let gw = gateway(&b.addr, &toml).await;
+    let url = format!("{}/async/{topic}", gw.url);
+    (gw, topic, url)
+}
+
+/// A preflight from `https://app.example` for a POST with `headers`.
+async fn preflight(url: &str, headers: &str) -> reqwest::Response {
+    client()
+        .request(reqwest::Method::OPTIONS, url)
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", headers)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// What browsers send for analytics beacons: `navigator.sendBeacon(url, JSON.stringify(x))`
 /// posts `text/plain;charset=UTF-8` (read as JSON), and a beacon of a JSON `Blob` is a
 /// credentialed request, which a listed origin may make once `allow_credentials` is on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_beacons_are_written() {
     let b = broker();
-    let topic = b.topic("beacon", 1);
-    let gw = gateway(
-        &b.addr,
-        "[server.cors]\nallowed_origins = [\"https://app.example\"]\nallow_credentials = true",
-    )
-    .await;
-    let url = format!("{}/async/{topic}", gw.url);
-    let r = client()
-        .request(reqwest::Method::OPTIONS, &url)
-        .header("origin", "https://app.example")
-        .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "content-type")
-        .send()
-        .await
-        .unwrap();
+    let (gw, topic, url) = cors_gateway(b, "beacon", "allow_credentials = true").await;
+    let r = preflight(&url, "content-type").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["access-control-allow-credentials"], "true");
     let beacons = [
@@ -407,21 +420,8 @@ async fn browser_beacons_are_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_is_answered_without_kafka() {
     let b = broker();
-    let topic = b.topic("cors", 1);
-    let gw = gateway(
-        &b.addr,
-        "[server.cors]\nallowed_origins = [\"https://app.example\"]",
-    )
-    .await;
-    let url = format!("{}/async/{topic}", gw.url);
-    let r = client()
-        .request(reqwest::Method::OPTIONS, &url)
-        .header("origin", "https://app.example")
-        .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "content-type,x-api-key")
-        .send()
-        .await
-        .unwrap();
+    let (gw, topic, url) = cors_gateway(b, "cors", "").await;
+    let r = preflight(&url, "content-type,x-api-key").await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()["access-control-allow-origin"],
