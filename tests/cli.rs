@@ -309,6 +309,28 @@ fn check_config_without_a_file_checks_the_one_config_names() {
 }
 
 #[test]
+fn a_bad_value_from_the_environment_names_its_key_and_variable() {
+    for (var, value, key) in [
+        ("KAFBOY_BATCH__BATCH_SIZE", "abc", "\"batch.batch_size\""),
+        (
+            "KAFBOY_KAFKA__OPTIONS",
+            "{\"socket.timeout.ms\"=1}",
+            "\"kafka.options.socket.timeout.ms\"",
+        ),
+    ] {
+        let out = run_to_end({
+            let mut c = kafboy();
+            c.arg("check-config").env(var, value);
+            c
+        });
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        let named = format!("for key {key} in environment variable {var}");
+        assert!(stderr.contains(&named), "{stderr}");
+    }
+}
+
+#[test]
 fn environment_values_are_read_as_the_readme_says() {
     let file = config_file("");
     let out = run_to_end({

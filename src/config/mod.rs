@@ -167,10 +167,30 @@ pub struct ConfigError(pub String);
 
 impl From<figment::Error> for ConfigError {
     fn from(err: figment::Error) -> Self {
-        // figment's Display already names the key and the source (file or env var) of the
-        // value, a file's key behind figment's profile name, which no kafboy file has.
-        ConfigError(err.to_string().replace("for key \"default.", "for key \""))
+        let lines: Vec<String> = err.into_iter().map(|e| error_line(&e)).collect();
+        ConfigError(lines.join("\n"))
     }
+}
+
+/// One of figment's errors, naming the key as a file writes it and, for a value from the
+/// environment, the variable it came from (figment says `"BATCH.BATCH_SIZE"` in "`KAFBOY_`
+/// environment variable(s)", and a file's key behind its profile name, `default.`).
+fn error_line(e: &figment::Error) -> String {
+    let from_env = e
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.name.contains("environment"));
+    // The variable is the longest start of the key that is set: a value deeper than that is
+    // inside it (an inline table, `KAFBOY_KAFKA__OPTIONS='{...}'`).
+    let var = (1..=e.path.len()).rev().find_map(|n| {
+        let var = format!("KAFBOY_{}", e.path[..n].join("__").to_ascii_uppercase());
+        std::env::var_os(&var).map(|_| var)
+    });
+    if let Some(var) = var.filter(|_| from_env) {
+        let key = e.path.join(".").to_ascii_lowercase();
+        return format!("{} for key {key:?} in environment variable {var}", e.kind);
+    }
+    e.to_string().replace("for key \"default.", "for key \"")
 }
 
 /// Settings given on the command line; they win over every other source.
