@@ -219,7 +219,7 @@ async fn decide(req: &HookRequest, errors: &Mutex<Vec<Seen>>) -> Result<Verdict,
         "fail" => return Err(HookError("boom".into())),
         "id" => Verdict::Respond(Respond {
             status: StatusCode::OK,
-            body: Bytes::from(req.request_id.clone().unwrap_or_default()),
+            body: Bytes::from(req.request_id().unwrap_or_default().to_string()),
             content_type: None,
             then: None,
         }),

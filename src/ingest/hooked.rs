@@ -73,7 +73,7 @@ pub(super) async fn run(
         }
         Verdict::Respond(respond) => {
             if let Some((mode, forward)) = respond.then {
-                let request_id = request.request_id.clone();
+                let request_id = request.request_id().map(str::to_string);
                 // Everything that can be checked is, before the reply: a body that does not
                 // decode, a topic the brokers do not have, a record that cannot be built must
                 // not get the hook's 2xx and then vanish.

@@ -98,10 +98,9 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
     response
 }
 
-/// The request's id as text, as the listener settled it.
-fn request_id(extensions: &axum::http::Extensions) -> Option<String> {
-    let id = extensions.get::<RequestId>()?;
-    id.0.to_str().ok().map(str::to_string)
+/// The request's id, as the listener settled it.
+fn request_id(extensions: &axum::http::Extensions) -> Option<axum::http::HeaderValue> {
+    extensions.get::<RequestId>().map(|id| id.0.clone())
 }
 
 /// A request whose client went away before its answer: hyper drops the handler then, so it is

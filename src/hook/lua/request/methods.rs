@@ -55,7 +55,9 @@ impl UserData for LuaRequest {
         m.add_method("peer", |_, this, ()| {
             Ok(this.req.peer.map(|p| p.to_string()))
         });
-        m.add_method("request_id", |_, this, ()| Ok(this.req.request_id.clone()));
+        m.add_method("request_id", |_, this, ()| {
+            Ok(this.req.request_id().map(str::to_string))
+        });
         // The body as it stands, the script's edits included.
         m.add_method("body", |lua, this, ()| {
             within_budget(lua)?;
