@@ -77,9 +77,10 @@ impl Drained {
 }
 
 /// Warns at start when the process may open fewer files than `connections` (the open
-/// connections all listeners may hold, and a margin for the 320 connections that may be
-/// lingering, the brokers' sockets, the spool and the log): past its open-file limit kafboy cannot accept a connection, even to refuse it
-/// with `503`, so a client waits unanswered. Linux only (`/proc/self/limits`).
+/// connections all listeners may hold) and a margin (the 320 connections that may be
+/// lingering, the brokers' sockets, the spool, the log): past its open-file limit kafboy cannot
+/// accept a connection, even to refuse it with `503`, so a client waits unanswered. Linux only
+/// (`/proc/self/limits`).
 pub fn warn_if_few_files(connections: usize) {
     const MARGIN: u64 = 400;
     let Some(limit) = std::fs::read_to_string("/proc/self/limits")

@@ -182,11 +182,13 @@ fn error_line(e: &figment::Error) -> String {
         .is_some_and(|m| m.name.contains("environment"));
     // The variable is the longest start of the key that is set: a value deeper than that is
     // inside it (an inline table, `KAFBOY_KAFKA__OPTIONS='{...}'`).
-    let var = (1..=e.path.len()).rev().find_map(|n| {
-        let var = format!("KAFBOY_{}", e.path[..n].join("__").to_ascii_uppercase());
-        std::env::var_os(&var).map(|_| var)
-    });
-    if let Some(var) = var.filter(|_| from_env) {
+    let var = || {
+        (1..=e.path.len()).rev().find_map(|n| {
+            let var = format!("KAFBOY_{}", e.path[..n].join("__").to_ascii_uppercase());
+            std::env::var_os(&var).map(|_| var)
+        })
+    };
+    if let Some(var) = from_env.then(var).flatten() {
         let key = e.path.join(".").to_ascii_lowercase();
         return format!("{} for key {key:?} in environment variable {var}", e.kind);
     }

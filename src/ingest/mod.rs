@@ -42,10 +42,7 @@ pub async fn handle(app: Arc<AppState>, served: Arc<Served>, request: Request) -
         start,
         answered: false,
     };
-    let id = request
-        .extensions()
-        .get::<RequestId>()
-        .map(|id| id.0.clone());
+    let id = request_id(request.extensions());
     let mut seen = Seen::default();
     let response = match ingest(&app, &served.route, &served.hook, request, &mut seen).await {
         Ok(reply) => {

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -13,7 +14,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::oneshot;
 
 use super::admission::Admission;
-use crate::throttle::Throttle;
+use crate::throttle::{Level, Throttle};
 
 /// Who waits for the delivery reports of the records of a [`super::Producer::send`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +212,17 @@ impl ClientContext for Context {
 }
 
 impl Context {
+    /// The throttles of producer `name`'s lines: client errors, librdkafka's own log lines,
+    /// failed records.
+    pub(crate) fn throttles(name: &str) -> [Throttle; 3] {
+        let throttle = |every, what| Throttle::new(every, Level::Warn, what, Some(name));
+        [
+            throttle(Duration::from_secs(10), "kafka client error"),
+            throttle(Duration::from_secs(10), "librdkafka log"),
+            throttle(Duration::from_secs(1), "accepted record not delivered"),
+        ]
+    }
+
     /// One line each way as the brokers start or stop refusing the producer's credentials.
     fn log_credentials(&self) {
         match self.credentials.changed() {

@@ -135,10 +135,10 @@ pub(crate) mod tests {
     use super::*;
     use crate::kafka::admission::Admission;
     use crate::kafka::delivery::{Outcome, Waiter, Waiting};
-    use crate::throttle::{Level, Throttle};
 
     /// A producer with kafboy's context on `bootstrap`, for tests of this crate.
     pub(crate) fn producer(bootstrap: &str) -> BaseProducer<Context> {
+        let [client_errors, log_lines, failures] = Context::throttles("test");
         let context = Context {
             name: "test".into(),
             admission: Arc::new(Admission::new(100, 1 << 20)),
@@ -147,24 +147,9 @@ pub(crate) mod tests {
             fenced: Arc::default(),
             topics: Arc::new(crate::metrics::Topics::new([])),
             brokers: Arc::new(Mutex::new(Vec::new())),
-            client_errors: Throttle::new(
-                Duration::from_secs(10),
-                Level::Warn,
-                "kafka client error",
-                Some("test"),
-            ),
-            log_lines: Throttle::new(
-                Duration::from_secs(10),
-                Level::Warn,
-                "librdkafka log",
-                Some("test"),
-            ),
-            failures: Throttle::new(
-                Duration::from_secs(1),
-                Level::Warn,
-                "accepted record not delivered",
-                Some("test"),
-            ),
+            client_errors,
+            log_lines,
+            failures,
             retired: AtomicBool::new(false),
             broker_totals: Mutex::default(),
             exported: Arc::default(),

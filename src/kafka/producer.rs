@@ -19,7 +19,6 @@ use super::poller::Polled;
 use super::record::Record;
 use super::slot::Shared;
 use crate::config::KafkaConfig;
-use crate::throttle::{Level, Throttle};
 
 /// Why records were not (all) queued.
 #[derive(Debug)]
@@ -107,6 +106,7 @@ impl Producer {
         let fenced = Arc::new(AtomicBool::new(false));
         let credentials = Arc::new(Credentials::default());
         set_queue_limits(&mut client, kafka);
+        let [client_errors, log_lines, failures] = Context::throttles(name);
         let context = Context {
             name: name.to_string(),
             admission: admission.clone(),
@@ -115,24 +115,9 @@ impl Producer {
             fenced: fenced.clone(),
             topics: shared.topics.clone(),
             brokers: shared.brokers.clone(),
-            client_errors: Throttle::new(
-                Duration::from_secs(10),
-                Level::Warn,
-                "kafka client error",
-                Some(name),
-            ),
-            log_lines: Throttle::new(
-                Duration::from_secs(10),
-                Level::Warn,
-                "librdkafka log",
-                Some(name),
-            ),
-            failures: Throttle::new(
-                Duration::from_secs(1),
-                Level::Warn,
-                "accepted record not delivered",
-                Some(name),
-            ),
+            client_errors,
+            log_lines,
+            failures,
             retired: AtomicBool::new(false),
             broker_totals: Mutex::default(),
             exported: shared.exported.clone(),
