@@ -402,6 +402,11 @@ async fn a_root_topic_route_leaves_kafboys_own_paths_alone() {
             "GET {path}"
         );
     }
+    // Nor a `%` that starts no escape: `%%36D` does not become `%6D` by decoding around it,
+    // which the topic's own decoding would then take for `m`.
+    let r = gw.post_json("/%%36Detrics", "{}").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("topic"), "{}", r.body);
     assert_eq!(gw.post_json(&format!("/{topic}"), "{}").await.status, 202);
     assert_eq!(gw.post_json(&format!("/{topic}/"), "{}").await.status, 202);
     assert_eq!(status_of(&format!("{admin_url}/metrics")).await, 200);

@@ -30,10 +30,20 @@ pub(super) fn normalize(uri: &mut Uri) {
     }
 }
 
-/// The path with its unreserved escapes decoded, or `None` when it has none. Routes' own paths
-/// from the config go through it too, so they match what requests become.
+/// The path with its unreserved escapes decoded, or `None` when it has none, or has a `%` that
+/// starts no escape: decoding around that one could make a new escape (`%%36%38` would become
+/// `%68`), which the topic's own decoding would then take for `h`, and the path would reach a
+/// pattern's topic past the route that names it. Left as it is, its topic holds a `%`, which
+/// no topic name may. Routes' own paths from the config go through it too, so they match what
+/// requests become.
 pub(crate) fn decoded(path: &str) -> Option<String> {
     let b = path.as_bytes();
+    let stray = b.iter().enumerate().any(|(i, &c)| {
+        c == b'%' && !matches!((b.get(i + 1), b.get(i + 2)), (Some(&hi), Some(&lo)) if hex(hi).is_some() && hex(lo).is_some())
+    });
+    if stray {
+        return None;
+    }
     let mut out = Vec::with_capacity(b.len());
     let mut changed = false;
     let mut i = 0;
@@ -83,6 +93,12 @@ mod tests {
         assert_eq!(normalized("/a/%2F%00%C3%A9%25"), "/a/%2F%00%C3%A9%25");
         assert_eq!(normalized("/a/%7"), "/a/%7");
         assert_eq!(normalized("/a/%zz%"), "/a/%zz%");
+        assert_eq!(
+            normalized("/%%36%38ealth"),
+            "/%%36%38ealth",
+            "no new escape made around a stray %"
+        );
+        assert_eq!(normalized("/%73ync/%zz%6"), "/%73ync/%zz%6");
         assert_eq!(
             normalized("/a/%2561"),
             "/a/%2561",
