@@ -31,8 +31,8 @@ pub struct App {
 /// What shutdown left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Records accepted but neither delivered nor failed when the flush deadline passed,
-    /// and not kept in the spool either: the ones lost.
+    /// Records accepted but given up at the flush deadline, or still in flight a second after
+    /// it, and not kept in the spool either: the ones lost.
     pub undelivered: usize,
     /// Records kept in the spool for the next start.
     pub spooled: u64,
@@ -201,8 +201,7 @@ impl App {
         if !drained.in_time || !admin_in_time {
             tracing::warn!(?grace, "requests still open at the shutdown deadline");
         }
-        let report = finish(&state, grace).await;
-        drained.settle(LAST_ANSWERS).await;
+        let report = finish(&state, grace, &drained).await;
         // The log lines of the last second, before the process ends.
         crate::throttle::tell_all();
         report
@@ -249,8 +248,13 @@ fn start_background(state: &Arc<AppState>) {
 }
 
 /// After the listener stopped: sends the spool's last records, flushes the producers and lets
-/// hooks that replied before their acks have them, all at once, under one more `grace`.
-async fn finish(state: &AppState, grace: std::time::Duration) -> ShutdownReport {
+/// hooks that replied before their acks have them, all at once, under one more `grace`; then
+/// gives requests still running and records still in flight their last second.
+async fn finish(
+    state: &AppState,
+    grace: std::time::Duration,
+    drained: &crate::listener::Drained,
+) -> ShutdownReport {
     // The spool's last sends and the producers' flush run at once, under one grace: a stop
     // takes at most two (the drain's and this one), as the docs size a supervisor's
     // timeout, and a spool backlog cannot leave the flush of records held only in memory
@@ -272,8 +276,12 @@ async fn finish(state: &AppState, grace: std::time::Duration) -> ShutdownReport 
             );
         }
     };
-    let ((), spooled, flushed) =
+    let ((), spooled, ()) =
         tokio::join!(acks_after_replies, spool_done, state.producers.flush(grace));
+    let (flushed, ()) = tokio::join!(
+        state.producers.outcome(LAST_ANSWERS),
+        drained.settle(LAST_ANSWERS)
+    );
     let crate::kafka::Flushed {
         undelivered,
         failed,
@@ -282,10 +290,7 @@ async fn finish(state: &AppState, grace: std::time::Duration) -> ShutdownReport 
         tracing::info!(spooled, "records kept in the spool for the next start");
     }
     if undelivered > 0 {
-        tracing::error!(
-            undelivered,
-            "records still undelivered at the flush deadline"
-        );
+        tracing::error!(undelivered, "records undelivered at the shutdown");
     }
     if failed > 0 {
         tracing::error!(failed, "records failed during the shutdown");

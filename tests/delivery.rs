@@ -1043,6 +1043,35 @@ async fn record_headers_take_queue_room_for_every_record_they_go_with() {
     stop(gw).await;
 }
 
+/// A record in flight at the flush's deadline whose ack comes in the second after it is
+/// delivered, and not counted undelivered: the exit's `undelivered=N` is what was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_just_after_the_flush_deadline_is_delivered_not_undelivered() {
+    let (cluster, topic) = cluster_with_topic("late-ack", 1);
+    let bootstrap = cluster.bootstrap_servers();
+    let toml = "[kafka]\nlinger = \"0ms\"\n[server]\nshutdown_timeout = \"1s\"";
+    let (gw, _producers) = with_producers(&bootstrap, toml).await;
+    let path = format!("/async/{topic}");
+    // The async producer connected.
+    let (reply, _) = timed_post(&gw, &path, None, r#"{"first":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    read_back(&bootstrap, &topic, 1, Duration::from_secs(10)).await;
+    // Its ack comes half a second after the flush's deadline (1 s).
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::from_millis(1500))
+        .expect("slow broker");
+    let (reply, _) = timed_post(&gw, &path, None, r#"{"late":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    let report = gw.stop().await;
+    cluster
+        .broker_round_trip_time(ALL_BROKERS, Duration::ZERO)
+        .expect("fast broker");
+    let values = common::values(&read_back(&bootstrap, &topic, 2, Duration::from_secs(10)).await);
+    assert_eq!(values, [r#"{"first":1}"#, r#"{"late":1}"#]);
+    assert_eq!(report.undelivered, 0, "written, yet counted undelivered");
+    assert_eq!(report.failed, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutdown() {
     let (cluster, topic) = cluster_with_topic("retiring", 1);

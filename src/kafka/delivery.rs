@@ -287,8 +287,11 @@ impl ProducerContext for Context {
         }
         let report = waiter.0.as_ref().map_or(Report::None, |w| w.report);
         let spooled = report == Report::Spool;
-        // Given up at the flush's deadline: counted (and logged) as undelivered there already.
+        // Given up at the flush's deadline: undelivered, not failed (nor logged as such).
         let given_up = code.is_some() && self.gate.given_up();
+        if given_up && !report.covers() {
+            self.gate.count_given_up();
+        }
         // A spooled record's attempt is not its outcome: the spool sends it again after a
         // failure, and counts what finally happened to it (`Producer::count_delivered`).
         let outcome = match code {

@@ -11,8 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub struct Gate {
     closed: AtomicBool,
     passing: AtomicUsize,
-    /// The flush's deadline passed: what it left was counted undelivered, and is purged.
+    /// The flush's deadline passed: what it left is purged, and counted undelivered.
     given_up: AtomicBool,
+    /// Records that failed since then whose clients had a `2xx`: undelivered.
+    records_given_up: AtomicUsize,
 }
 
 /// Leave to hand records over; see [`Gate`].
@@ -29,8 +31,8 @@ impl Gate {
         Some(Pass(self))
     }
 
-    /// Marks what is left after the flush's deadline as given up (counted undelivered):
-    /// its purge reports are not failures on top.
+    /// Marks what is left after the flush's deadline as given up: its failures (the purge's
+    /// reports) count as undelivered, not failed.
     pub fn give_up(&self) {
         self.given_up.store(true, Ordering::SeqCst);
     }
@@ -38,6 +40,16 @@ impl Gate {
     /// Whether [`Gate::give_up`] was called.
     pub fn given_up(&self) -> bool {
         self.given_up.load(Ordering::SeqCst)
+    }
+
+    /// Counts a record whose client had a `2xx` that failed once the flush gave up.
+    pub(super) fn count_given_up(&self) {
+        self.records_given_up.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Records counted by [`Gate::count_given_up`].
+    pub(super) fn records_given_up(&self) -> usize {
+        self.records_given_up.load(Ordering::SeqCst)
     }
 
     /// Whether a shutdown closed it.

@@ -7,6 +7,7 @@ mod client;
 mod credentials;
 pub mod delivery;
 mod ffi;
+mod flush;
 mod gate;
 mod listing;
 pub mod metadata;
@@ -20,6 +21,7 @@ mod slot;
 
 pub use client::{check, client_config};
 pub use delivery::Report;
+pub use flush::Flushed;
 pub use gate::Gate;
 pub use producer::{Producer, SendError, set_queue_limits};
 pub use record::Record;
@@ -31,7 +33,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{Producer as _, PurgeConfig};
 
 use crate::config::{Config, Mode};
 use crate::lock;
@@ -199,72 +200,4 @@ impl Producers {
             .map(|slot| slot.shared.tally.lost.load(Ordering::Relaxed))
             .sum()
     }
-
-    /// For shutdown: closes the producers to new records (later sends get `Closed`), then waits
-    /// until every queued record is delivered or failed, or `deadline` passes; what is still
-    /// queued then is purged (counted undelivered, not failed).
-    pub async fn flush(&self, deadline: Duration) -> Flushed {
-        // Nothing may be queued behind the flush's back: after it, dropping a producer purges.
-        self.gate.close().await;
-        // A replacement under way ends first (none starts with the gate closed).
-        let _replaced = self.replacing.lock().await;
-        let failed_before = self
-            .lost_at_stop
-            .get()
-            .copied()
-            .unwrap_or_else(|| self.lost());
-        let mut producers = self.all();
-        // A producer replaced since `all` read the slots is in both.
-        for old in lock(&self.retiring).iter() {
-            if !producers.iter().any(|p| Arc::ptr_eq(p, old)) {
-                producers.push(old.clone());
-            }
-        }
-        let flushes: Vec<_> = producers
-            .iter()
-            .map(|p| {
-                let p = p.clone();
-                tokio::task::spawn_blocking(move || ffi::flush(&p.inner, deadline))
-            })
-            .collect();
-        for f in flushes {
-            let _ = f.await;
-        }
-        // librdkafka#4103: flush's return code is not trusted. Nor is its queue length, which
-        // counts waiting events (statistics, errors) as well: the records still holding room,
-        // handed over and not yet reported, decide. Those the spool also holds are not lost
-        // (they are sent again at the next start), nor those a requester still waits for: it is
-        // never answered `2xx` without it (`503` once purged below; no answer if in flight at
-        // the exit).
-        // With the records kept from a fenced producer that no replacement sent, read second: a
-        // report keeps its record before it stops counting it as handed over.
-        let handed: usize = producers.iter().map(|p| p.uncovered()).sum();
-        let kept: usize = self.slots().map(|slot| slot.shared.rescue.len()).sum();
-        let undelivered = handed + kept;
-        let failed_after = self.lost();
-        // What the deadline left unsent is given up now, not when the producers are dropped
-        // after the last answers: a sync request waiting for such a record gets its `503`
-        // while it can still write it. Records in flight keep their last second: an ack may
-        // still come (a `200`), and a purge would make it a `504`. Not blocking: a broker
-        // thread stuck in a connect would hold the purge, and the exit, with it.
-        self.gate.give_up();
-        for p in &producers {
-            p.inner.purge(PurgeConfig::default().queue().non_blocking());
-        }
-        Flushed {
-            undelivered,
-            failed: failed_after.saturating_sub(failed_before),
-        }
-    }
-}
-
-/// What a shutdown's flush left.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Flushed {
-    /// Records still handed over and unreported at the deadline whose clients had a `2xx`
-    /// (those the spool keeps, and those a requester still waits for, aside).
-    pub undelivered: usize,
-    /// Records reported failed since the shutdown began (refused, or past their message
-    /// timeout with the brokers away, during the drain or the flush): accepted, and lost.
-    pub failed: u64,
 }

@@ -78,8 +78,12 @@ impl Producers {
                 // Until its replacement, as after it: records that come back from a stopped
                 // producer's failed requests are answered at once, not after the message
                 // timeout.
+                // Not blocking: a broker thread stuck in a connect (a DNS lookup) would hold
+                // the purge, and this slot's lock, which a shutdown's flush waits for.
                 if current.stopped() {
-                    current.inner.purge(PurgeConfig::default().queue());
+                    current
+                        .inner
+                        .purge(PurgeConfig::default().queue().non_blocking());
                 }
                 continue;
             }
@@ -105,7 +109,8 @@ impl Producers {
                             // are reported at once, with what librdkafka knows of them kept
                             // (never sent: 503; maybe written: 504).
                             if old.stopped() {
-                                old.inner.purge(PurgeConfig::default().queue());
+                                old.inner
+                                    .purge(PurgeConfig::default().queue().non_blocking());
                             }
                             ffi::flush(&old.inner, Duration::from_millis(100));
                         }
