@@ -350,6 +350,9 @@ async fn serve(config: Config) -> ExitCode {
     if !addr.ip().is_loopback() && config.auth.keys.is_empty() && config.auth.keys_file.is_none() {
         tracing::warn!(%addr, "auth is off and kafboy listens beyond loopback: anyone who can reach it can write; see docs/SECURITY.md");
     }
+    for setting in kafboy::config::batch_waits_past_sync_timeout(&config) {
+        tracing::warn!(%setting, "not below server.sync_timeout: a /batch/sync request whose batch does not fill first is answered 504, and its record written after");
+    }
     tracing::info!(%addr, brokers = %config.kafka.brokers.join(","), version = env!("CARGO_PKG_VERSION"), "kafboy listening");
     let report = app.run(listener, stopped.wait()).await;
     if report.undelivered > 0 || report.failed > 0 {

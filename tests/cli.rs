@@ -203,12 +203,15 @@ fn config_errors_exit_64_and_name_the_key() {
             "server.cors.allow_credentials",
         ),
         // librdkafka's own refusals name its properties, not kafboy's settings.
-        ("[batch]\nflush_timeout = \"3m\"".into(), "batch.flush_timeout"),
+        (
+            "[batch]\nflush_timeout = \"3m\"\n[server]\nsync_timeout = \"10m\"".into(),
+            "batch.flush_timeout must be below kafka.message_timeout",
+        ),
         ("[batch]\nbatch_size = 0".into(), "batch.batch_size"),
         ("[kafka]\nlinger = \"20m\"".into(), "kafka.linger"),
         (
-            "[topics.overrides.t]\nflush_timeout = \"2m\"".into(),
-            "topics.overrides.t.flush_timeout",
+            "[server]\nsync_timeout = \"10m\"\n[topics.overrides.t]\nflush_timeout = \"2m\"".into(),
+            "topics.overrides.t.flush_timeout must be below kafka.message_timeout",
         ),
     ];
     for (toml, want) in &refused {

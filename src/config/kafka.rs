@@ -62,7 +62,9 @@ pub struct KafkaConfig {
     /// `topics.allow` to list exact names. Default false.
     pub auto_create_topics: bool,
     /// How often librdkafka reports statistics (broker state, round-trip times, retries) for
-    /// `/metrics` and the status page; 0 turns them off. Default 5s.
+    /// `/metrics` and the status page, and for telling when the brokers refuse kafboy's TLS or
+    /// SASL credentials; 0 turns them off, and that check with them (`/ready` stays `200` and
+    /// records are accepted until they expire). Default 5s.
     #[serde(with = "humantime_serde")]
     pub statistics_interval: Duration,
     /// TLS to the brokers. Default: plaintext.

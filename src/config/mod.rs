@@ -239,6 +239,33 @@ impl Config {
     }
 }
 
+/// The batch flush timeouts (`batch.flush_timeout`, per-topic overrides) not below
+/// `server.sync_timeout`: a `/batch/sync` request whose batch does not fill first is answered
+/// `504`, and its record written after. Allowed (such batches may serve async requests only);
+/// warned of at start.
+pub fn batch_waits_past_sync_timeout(config: &Config) -> Vec<String> {
+    config
+        .flush_timeouts()
+        .filter(|(_, wait)| *wait >= config.server.sync_timeout)
+        .map(|(name, _)| name)
+        .collect()
+}
+
+impl Config {
+    /// Every batch flush timeout, with the key that sets it: `batch.flush_timeout` and each
+    /// topic's override.
+    pub fn flush_timeouts(&self) -> impl Iterator<Item = (String, Duration)> + '_ {
+        let overrides = self.topics.overrides.iter().filter_map(|(topic, o)| {
+            Some((
+                format!("topics.overrides.{topic}.flush_timeout"),
+                o.flush_timeout?,
+            ))
+        });
+        std::iter::once(("batch.flush_timeout".to_string(), self.batch.flush_timeout))
+            .chain(overrides)
+    }
+}
+
 /// `KAFBOY_*` variables that are neither settings (`KAFBOY_SECTION__KEY`) nor read by name
 /// (`KAFBOY_CONFIG`, `KAFBOY_LOG`, a password variable `config` names): most likely a setting
 /// with one underscore where two belong (`KAFBOY_SERVER_LISTEN`), which would otherwise be
@@ -342,6 +369,19 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn batch_flush_timeouts_past_the_sync_timeout_are_named() {
+        let toml = "[server]\nsync_timeout = \"2s\"\n[batch]\nflush_timeout = \"2s\"\n\
+                    [topics.overrides.a]\nflush_timeout = \"1s\"\n\
+                    [topics.overrides.b]\nflush_timeout = \"3s\"";
+        let config = Config::from_toml(toml).unwrap();
+        assert_eq!(
+            batch_waits_past_sync_timeout(&config),
+            ["batch.flush_timeout", "topics.overrides.b.flush_timeout"]
+        );
+        assert!(batch_waits_past_sync_timeout(&Config::default()).is_empty());
+    }
 
     #[test]
     fn defaults_survive_an_empty_file() {

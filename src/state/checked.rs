@@ -69,18 +69,9 @@ fn check_librdkafka_ranges(config: &Config) -> Result<(), String> {
     let lingers = [
         ("kafka.linger".to_string(), k.linger),
         ("kafka.sync_linger".to_string(), k.sync_linger),
-        (
-            "batch.flush_timeout".to_string(),
-            config.batch.flush_timeout,
-        ),
     ]
     .into_iter()
-    .chain(config.topics.overrides.iter().filter_map(|(topic, o)| {
-        Some((
-            format!("topics.overrides.{topic}.flush_timeout"),
-            o.flush_timeout?,
-        ))
-    }));
+    .chain(config.flush_timeouts());
     for (name, linger) in lingers {
         if linger > Duration::from_secs(900) {
             return Err(format!("{name} must be at most 15m"));
