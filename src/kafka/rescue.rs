@@ -63,10 +63,15 @@ impl Rescue {
                     | SendError::Fatal
                     | SendError::Credentials,
                 ) => break,
-                // Refused for what it is: it would be refused again.
-                Err(_) => {
+                // Refused for what it is (too large, a partition gone): it would be refused
+                // again. Counted under librdkafka's name for it, as a failed report is.
+                Err(e) => {
                     lost += 1;
-                    to.count_lost(topic, "ProducerFenced");
+                    let reason = match e {
+                        SendError::Refused { error, .. } => format!("{error:?}"),
+                        other => other.reason().to_string(),
+                    };
+                    to.count_lost(topic, &reason);
                 }
             }
             kept.pop_front();
