@@ -59,6 +59,7 @@ impl Producers {
         for p in &producers {
             p.inner.purge(PurgeConfig::default().queue().non_blocking());
         }
+        let_go(producers);
     }
 
     /// After [`Producers::flush`]: waits at most `wait` for the records still in flight (an
@@ -83,6 +84,7 @@ impl Producers {
         let kept: usize = self.slots().map(|slot| slot.shared.rescue.len()).sum();
         let given_up = self.gate.records_given_up();
         let failed_before = self.lost_at_stop.get().copied().unwrap_or_default();
+        let_go(producers);
         Flushed {
             undelivered: in_flight + kept + given_up,
             failed: self.lost().saturating_sub(failed_before),
@@ -100,4 +102,11 @@ impl Producers {
         }
         producers
     }
+}
+
+/// Drops `producers` off the async workers: a replaced producer drained during the shutdown
+/// has left the list, and the last reference to it may be here. Dropping that one destroys
+/// its librdkafka client, which joins its threads.
+fn let_go(producers: Vec<Arc<Producer>>) {
+    tokio::task::spawn_blocking(move || drop(producers));
 }
