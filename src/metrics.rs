@@ -24,6 +24,9 @@ pub const REQUEST_RECORDS: &str = "kafboy_request_records";
 pub const ACCEPTED: &str = "kafboy_records_accepted_total";
 /// Records acknowledged by the broker, by topic.
 pub const DELIVERED: &str = "kafboy_records_delivered_total";
+/// Records acknowledged without an offset, by topic: a batch the brokers said they already had
+/// (the retry of a request whose answer was lost), or sent with `acks` = none.
+pub const UNNUMBERED: &str = "kafboy_records_delivered_without_offset_total";
 /// Records that failed after they were queued, by topic, reason and whether they may have been
 /// written all the same (`persisted`: `no`, `possibly`).
 pub const FAILED: &str = "kafboy_records_failed_total";

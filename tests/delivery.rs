@@ -604,6 +604,47 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
     stop(gw).await;
 }
 
+/// A batch the broker says it already had (a duplicate sequence number: the retry of a request
+/// whose answer was lost) is acknowledged without an offset, and every record of it is `null`
+/// in the reply. librdkafka numbers such a batch from the missing base, -1, 0, 1, ..., and
+/// those numbers would point at other records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_acknowledged_as_a_duplicate_has_no_offsets_in_the_reply() {
+    let (cluster, topic) = cluster_with_topic("duplicate", 1);
+    let gw = common::gateway(
+        &cluster.bootstrap_servers(),
+        "[server]\nshutdown_timeout = \"1s\"",
+    )
+    .await;
+    let path = format!("/sync/{topic}");
+    let (reply, _) = timed_post(&gw, &path, None, r#"{"first":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let duplicate = RDKafkaRespErr::RD_KAFKA_RESP_ERR_DUPLICATE_SEQUENCE_NUMBER;
+    cluster.request_errors(RDKafkaApiKey::Produce, &[duplicate]);
+    let (reply, _) = timed_post(
+        &gw,
+        &path,
+        Some("application/x-ndjson"),
+        "1\n2\n3\n",
+        PROMPT,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let records = reply.json()["records"].as_array().cloned().unwrap();
+    assert_eq!(records.len(), 3, "{reply:?}");
+    assert!(records.iter().all(|r| r["offset"].is_null()), "{reply:?}");
+    // The next batch has its offset again.
+    let (reply, _) = timed_post(&gw, &path, None, r#"{"next":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.json()["offset"].is_i64(), "{reply:?}");
+    let metrics = common::get_text(&format!("{}/metrics", gw.url)).await;
+    assert!(
+        metrics.contains("kafboy_records_delivered_without_offset_total{topic=\"other\"} 3"),
+        "{metrics}"
+    );
+    stop(gw).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retriable_produce_errors_are_retried_inside_and_written_once() {
     let (cluster, topic) = cluster_with_topic("retried", 1);

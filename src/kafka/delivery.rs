@@ -158,6 +158,8 @@ pub struct Context {
     pub rescue: Arc<super::rescue::Rescue>,
     /// Whether the brokers refuse the producer's TLS or SASL credentials.
     pub credentials: Arc<super::credentials::Credentials>,
+    /// Offsets librdkafka made up for records acknowledged without one.
+    pub unnumbered: super::unnumbered::Unnumbered,
 }
 
 impl ClientContext for Context {
@@ -299,10 +301,14 @@ impl ProducerContext for Context {
                 if !spooled {
                     self.count_delivered(message.topic());
                 }
-                Outcome::Delivered {
-                    partition: message.partition(),
-                    offset: message.offset(),
+                let (topic, partition) = (message.topic(), message.partition());
+                let offset = self.unnumbered.offset(topic, partition, message.offset());
+                if offset < 0 {
+                    let label = &self.topics.get(topic).label;
+                    ::metrics::counter!(crate::metrics::UNNUMBERED, "topic" => label.to_string())
+                        .increment(1);
                 }
+                Outcome::Delivered { partition, offset }
             }
             Some(code) => {
                 if code == RDKafkaErrorCode::TopicAuthorizationFailed {

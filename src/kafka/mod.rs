@@ -18,6 +18,7 @@ mod record;
 mod rescue;
 mod retire;
 mod slot;
+mod unnumbered;
 
 pub use client::{check, client_config};
 pub use delivery::Report;

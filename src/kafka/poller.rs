@@ -157,6 +157,7 @@ pub(crate) mod tests {
             gate: Arc::default(),
             rescue: Arc::default(),
             credentials: Arc::default(),
+            unnumbered: Default::default(),
         };
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", bootstrap);

@@ -125,6 +125,7 @@ impl Producer {
             gate: shared.gate.clone(),
             rescue: shared.rescue.clone(),
             credentials: credentials.clone(),
+            unnumbered: Default::default(),
         };
         let inner = BaseProducer::from_config_and_context(&client, context)?;
         let inner = Polled::new(inner, name).map_err(|e| {

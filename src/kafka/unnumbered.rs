@@ -1,0 +1,71 @@
+//! Offsets librdkafka makes up. A batch the brokers acknowledged without its base offset (one
+//! they said they already had: the retry of a request whose answer was lost; or any batch
+//! sent with `acks` = none) has its records numbered from that missing base, -1, 0, 1, ...
+//! (`rd_kafka_msgq_set_metadata`): only the first says it is unknown, and the others would
+//! point at unrelated records.
+
+use std::sync::Mutex;
+
+use crate::lock;
+
+/// Follows the reports of such a batch. They come one after another on the report thread, so
+/// the records that follow one delivered at -1 on its partition, at 0, 1, ..., are of its batch.
+/// (A batch the brokers did write holds at least as many records as were numbered so far, so
+/// the next real batch of the partition starts past the numbers the made-up run expects.)
+#[derive(Debug, Default)]
+pub struct Unnumbered(Mutex<Option<Run>>);
+
+#[derive(Debug)]
+struct Run {
+    topic: String,
+    partition: i32,
+    next: i64,
+}
+
+impl Unnumbered {
+    /// The offset of a record delivered at `offset`, or -1 when librdkafka does not know it.
+    pub fn offset(&self, topic: &str, partition: i32, offset: i64) -> i64 {
+        let mut run = lock(&self.0);
+        if offset == -1 {
+            *run = Some(Run {
+                topic: topic.to_string(),
+                partition,
+                next: 0,
+            });
+            return -1;
+        }
+        if let Some(r) = run.as_mut() {
+            if r.partition == partition && r.next == offset && r.topic == topic {
+                r.next += 1;
+                return -1;
+            }
+            *run = None;
+        }
+        offset.max(-1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_numbered_from_a_missing_base_is_unknown_throughout() {
+        let u = Unnumbered::default();
+        assert_eq!(u.offset("t", 0, 7), 7);
+        // A duplicate batch of three: -1, 0, 1.
+        assert_eq!(u.offset("t", 0, -1), -1);
+        assert_eq!(u.offset("t", 0, 0), -1);
+        assert_eq!(u.offset("t", 0, 1), -1);
+        // The partition's next real batch.
+        assert_eq!(u.offset("t", 0, 10), 10);
+        assert_eq!(u.offset("t", 0, 11), 11);
+        // Another partition's or topic's report ends the run.
+        assert_eq!(u.offset("t", 0, -1), -1);
+        assert_eq!(u.offset("t", 1, 0), 0);
+        assert_eq!(u.offset("t", 0, -1), -1);
+        assert_eq!(u.offset("u", 0, 0), 0);
+        // Records acknowledged by a later request's success carry no offset at all.
+        assert_eq!(u.offset("t", 0, -1001), -1);
+    }
+}
