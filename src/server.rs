@@ -34,6 +34,8 @@ pub struct ShutdownReport {
     /// Records accepted but given up at the flush deadline, or still in flight a second after
     /// it, and not kept in the spool either: the ones lost.
     pub undelivered: usize,
+    /// Of those, the records sent with no answer: a broker may have written them, or may yet.
+    pub maybe_written: usize,
     /// Records kept in the spool for the next start.
     pub spooled: u64,
     /// Records that failed since the shutdown began, in its drain or its flush (the brokers
@@ -284,13 +286,18 @@ async fn finish(
     );
     let crate::kafka::Flushed {
         undelivered,
+        maybe_written,
         failed,
     } = flushed;
     if spooled > 0 {
         tracing::info!(spooled, "records kept in the spool for the next start");
     }
     if undelivered > 0 {
-        tracing::error!(undelivered, "records undelivered at the shutdown");
+        tracing::error!(
+            undelivered,
+            maybe_written,
+            "records undelivered at the shutdown"
+        );
     }
     if failed > 0 {
         tracing::error!(failed, "records failed during the shutdown");
@@ -300,6 +307,7 @@ async fn finish(
     }
     ShutdownReport {
         undelivered,
+        maybe_written,
         spooled,
         failed,
     }

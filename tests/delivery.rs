@@ -1183,6 +1183,7 @@ async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutd
         .expect("the stop waited out the message timeout");
     eprintln!("the stop took {:?}", started.elapsed());
     assert_eq!(report.undelivered, 1, "the retired producer's record");
+    assert_eq!(report.maybe_written, 1, "in flight at the exit");
 }
 
 /// A topic of two partitions, partition 0 led by broker 1 and partition 1 by broker 2, and
@@ -1348,6 +1349,10 @@ async fn records_kept_from_a_fenced_producer_at_shutdown_count_as_undelivered() 
         .await
         .expect("gateway stops");
     assert_eq!(report.undelivered, 2, "{report:?}");
+    assert_eq!(
+        report.maybe_written, 0,
+        "refused, or never sent: {report:?}"
+    );
 }
 
 /// Room a delivery report gives back is taken at once by requests waiting for it, while

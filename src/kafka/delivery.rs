@@ -292,7 +292,7 @@ impl ProducerContext for Context {
         // Given up at the flush's deadline: undelivered, not failed (nor logged as such).
         let given_up = code.is_some() && self.gate.given_up();
         if given_up && !report.covers() {
-            self.gate.count_given_up();
+            self.gate.count_given_up(super::ffi::persisted(message));
         }
         // A spooled record's attempt is not its outcome: the spool sends it again after a
         // failure, and counts what finally happened to it (`Producer::count_delivered`).

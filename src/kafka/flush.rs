@@ -16,6 +16,9 @@ pub struct Flushed {
     /// whose clients had a `2xx` (those the spool keeps, and those a requester still waits
     /// for, aside): neither delivered nor counted failed.
     pub undelivered: usize,
+    /// Of those, the records sent with no answer (still in flight, or sent before and given up
+    /// while queued for another try): a broker may have written them, or may yet.
+    pub maybe_written: usize,
     /// Records reported failed since the shutdown began (refused, or past their message
     /// timeout with the brokers away, during the drain or the flush): accepted, and lost.
     pub failed: u64,
@@ -82,11 +85,12 @@ impl Producers {
         // over, so one reported between two reads is counted twice, never missed.
         let in_flight = handed();
         let kept: usize = self.slots().map(|slot| slot.shared.rescue.len()).sum();
-        let given_up = self.gate.records_given_up();
+        let (given_up, given_up_maybe_written) = self.gate.records_given_up();
         let failed_before = self.lost_at_stop.get().copied().unwrap_or_default();
         let_go(producers);
         Flushed {
             undelivered: in_flight + kept + given_up,
+            maybe_written: in_flight + given_up_maybe_written,
             failed: self.lost().saturating_sub(failed_before),
         }
     }

@@ -2,6 +2,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use super::delivery::Persisted;
+
 /// What closes every producer to new records before the final flush of a shutdown. A send
 /// holds a pass while it hands records to librdkafka (no await in between); closing waits for
 /// the passes out, so each send either queued its records before the flush looks at the queues
@@ -13,8 +15,10 @@ pub struct Gate {
     passing: AtomicUsize,
     /// The flush's deadline passed: what it left is purged, and counted undelivered.
     given_up: AtomicBool,
-    /// Records that failed since then whose clients had a `2xx`: undelivered.
+    /// Records that failed since then whose clients had a `2xx`: undelivered. Those sent
+    /// before, with no answer, may have been written.
     records_given_up: AtomicUsize,
+    maybe_written: AtomicUsize,
 }
 
 /// Leave to hand records over; see [`Gate`].
@@ -43,13 +47,19 @@ impl Gate {
     }
 
     /// Counts a record whose client had a `2xx` that failed once the flush gave up.
-    pub(super) fn count_given_up(&self) {
+    pub(super) fn count_given_up(&self, persisted: Persisted) {
+        if persisted == Persisted::Possibly {
+            self.maybe_written.fetch_add(1, Ordering::SeqCst);
+        }
         self.records_given_up.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Records counted by [`Gate::count_given_up`].
-    pub(super) fn records_given_up(&self) -> usize {
-        self.records_given_up.load(Ordering::SeqCst)
+    /// Records counted by [`Gate::count_given_up`], and how many of them may have been written.
+    pub(super) fn records_given_up(&self) -> (usize, usize) {
+        // This order: a record is counted maybe written before it is counted given up.
+        let given_up = self.records_given_up.load(Ordering::SeqCst);
+        let maybe_written = self.maybe_written.load(Ordering::SeqCst);
+        (given_up, maybe_written.min(given_up))
     }
 
     /// Whether a shutdown closed it.
