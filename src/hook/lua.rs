@@ -99,7 +99,12 @@ impl LuaHook {
             };
             let state = &states[index].1;
             arm(&state.lua, &self.limits).map_err(|e| HookError(e.to_string()))?;
-            let result = f(state);
+            let mut result = f(state);
+            // What the VM's checks did not stop (a C function that ran on past the budget)
+            // fails all the same once it returns: the answer is late, and the budget spent.
+            if result.is_ok() && spent(&state.lua) {
+                result = Err(mlua::Error::runtime("time budget exceeded"));
+            }
             // A script stopped by its memory limit or a budget may have left its globals
             // full or half-changed, and would fail the same way on every later call: the next
             // call gets a new state instead. So does a state left nearly full whatever the
@@ -588,6 +593,13 @@ mod tests {
              return n == 1 and 0 or math.maxinteger - 1 end}) table.insert(t, 1, 1)",
             "local n = 0 local t = setmetatable({}, {__len = function() n = n + 1 \
              return n == 1 and 0 or math.maxinteger - 1 end}) table.remove(t, 1)",
+            // A C function as the metamethod a C loop calls for each element runs no VM
+            // instruction: a move into a table whose __newindex unpacks a million values each
+            // time, and an unpack whose __index logs.
+            "local a = {} for i = 1, 3000 do a[i] = 900000 end \
+             table.move(a, 1, 3000, 1, setmetatable({}, {__newindex = table.unpack}))",
+            "table.unpack(setmetatable({}, {__index = print}), 1, 999000)",
+            "table.unpack(setmetatable({}, {__len = function() return math.maxinteger end}))",
         ]
         .into_iter()
         .map(String::from)
@@ -618,6 +630,14 @@ mod tests {
             assert(removed == 1 and table.remove(u) == 3 and #u == 2 and u[1] == 0 and u[2] == 2)
             assert(table.remove(setmetatable({}, {})) == nil)
             assert(not pcall(table.insert, u, 9, 1) and not pcall(table.insert, u, 1, 2, 3))
+            -- Unpacked and moved in Lua, as C would.
+            local w = setmetatable({10, 20, 30}, {})
+            local x, y, z = table.unpack(w)
+            assert(x == 10 and y == 20 and z == 30 and select('#', table.unpack(w, 2, 3)) == 2)
+            assert(select('#', table.unpack(w, 3, 2)) == 0)
+            assert(table.move(w, 1, 3, 2) == w and w[2] == 10 and w[3] == 20 and w[4] == 30)
+            assert(table.move({1, 2, 3}, 1, 3, 1, setmetatable({}, {}))[3] == 3)
+            assert(not pcall(table.move, w, 1, 2, math.maxinteger))
             req:set("r", string.rep("ab", 3, "-") .. #m .. string.rep("", 5) .. string.rep(7, "2"))
             return forward()
         end"#;

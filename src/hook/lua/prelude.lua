@@ -45,9 +45,13 @@ end
 -- convert them (numeric strings included) before they are checked. A table with a metatable
 -- (whose __len may answer anything, and differently each time), or whose length is past the
 -- limit (a length is any border: {[1]=1, [2]=1, [4]=1, ..., [2^40]=1} may have one near 2^40),
--- is shifted here, in Lua, where the budget sees every step.
+-- is shifted here, in Lua, where the budget sees every step. So is a table with a metatable
+-- that a move or an unpack reads or writes element by element: C would call its __index or
+-- __newindex from its loop, and a C function there (another unpack) runs no instruction at
+-- all, so each step of the loop could be a million steps of unchecked work.
 do
-  local rep, move, insert, remove = string.rep, table.move, table.insert, table.remove
+  local rep, move, insert, remove, unpack =
+    string.rep, table.move, table.insert, table.remove, table.unpack
   local error, type, tostring, tonumber, toint, getmetatable, select, rawlen =
     error, type, tostring, tonumber, math.tointeger, getmetatable, select, rawlen
   local LIMIT = 1000000
@@ -65,13 +69,55 @@ do
     end
     return rep(s, count or n, sep)
   end
+  local maxinteger = math.maxinteger
+  -- ltablib.c's tmove, for tables with metatables.
+  local function lua_move(a1, f, e, t, a2)
+    if e >= f then
+      if not (f > 0 or e < maxinteger + f) then
+        error("bad argument #3 to 'move' (too many elements to move)", 3)
+      end
+      local n = e - f + 1
+      if t > maxinteger - n + 1 then
+        error("bad argument #4 to 'move' (destination wrap around)", 3)
+      end
+      if t > e or t <= f or a1 ~= a2 then
+        for i = 0, n - 1 do a2[t + i] = a1[f + i] end
+      else
+        for i = n - 1, 0, -1 do a2[t + i] = a1[f + i] end
+      end
+    end
+    return a2
+  end
   table.move = function(a1, f, e, t, a2)
-    local first, last = int(f), int(e)
+    local first, last, to = int(f), int(e), int(t)
     -- In floats: integers would wrap around on the widest ranges.
     if first and last and (last + 0.0) - first > LIMIT then
       error("table.move of more than " .. LIMIT .. " elements", 2)
     end
+    local dest = a2
+    if dest == nil then dest = a1 end
+    if first and last and to and type(a1) == "table" and type(dest) == "table"
+        and (getmetatable(a1) ~= nil or getmetatable(dest) ~= nil) then
+      return lua_move(a1, first, last, to, dest)
+    end
     return move(a1, first or f, last or e, t, a2)
+  end
+  table.unpack = function(t, i, j)
+    local first, last = int(i), int(j)
+    -- Bad arguments, and plain tables: the C function.
+    if type(t) ~= "table" or getmetatable(t) == nil or (i ~= nil and not first)
+        or (j ~= nil and not last) then
+      return unpack(t, i, j)
+    end
+    first = first or 1
+    last = last or int(#t) or error("object length is not an integer", 2)
+    if first > last then return end
+    if (last + 0.0) - first >= LIMIT then error("too many results to unpack", 2) end
+    local copy = {}
+    for k = first, last do
+      copy[k] = t[k]
+    end
+    return unpack(copy, first, last)
   end
   local function lua_insert(t, ...)
     local e = #t + 1

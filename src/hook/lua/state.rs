@@ -142,7 +142,9 @@ impl LuaHook {
         }
         globals.set(
             "print",
-            lua.create_function(|_, values: mlua::Variadic<mlua::Value>| {
+            lua.create_function(|lua, values: mlua::Variadic<mlua::Value>| {
+                // Called from a C loop (as a metamethod), it would run free of the VM's checks.
+                within_budget(lua)?;
                 tracing::info!(target: "kafboy::hook::lua", "{}", print_line(&values));
                 Ok(())
             })?,

@@ -78,14 +78,22 @@ fn probe(lua: &Lua, s: &[u8], p: &[u8], init: i64, repl: &[u8]) -> String {
     lua.load(PROBE).call((s, p, init, repl)).unwrap()
 }
 
-/// Runs `f` on the hook's state (this thread's) under a fresh budget.
+/// Runs `f` on the hook's state (this thread's) under a fresh budget. What `f` returns is the
+/// result, a budget error included: the budget is armed again after it, so that the hook does
+/// not fail the call on top.
 fn in_hook<R>(hook: &LuaHook, f: impl FnOnce(&Lua) -> R) -> R {
     hook.with_state(|state| {
-        let limits = hook.limits;
-        let budget = state.lua.app_data_ref::<Budget>().unwrap();
-        budget.arm(&limits);
-        drop(budget);
-        Ok(f(&state.lua))
+        let arm = || {
+            state
+                .lua
+                .app_data_ref::<Budget>()
+                .unwrap()
+                .arm(&hook.limits)
+        };
+        arm();
+        let result = f(&state.lua);
+        arm();
+        Ok(result)
     })
     .unwrap()
 }
