@@ -734,6 +734,32 @@ mod tests {
     }
 
     #[test]
+    fn a_forms_body_is_the_record_it_becomes() {
+        let form = || request_of(BodyKind::Form, "a=1&b=x+y&a=2");
+        let json = br#"{"a":["1","2"],"b":"x y"}"#;
+        let script = "function on_request(req) return respond(200, req:body()) end";
+        match hook(script).call(form()) {
+            Ok(Verdict::Respond(r)) => assert_eq!(&r.body[..], json),
+            other => panic!("{other:?}"),
+        }
+        // Handed back as the body, it is what the route would have produced.
+        let script = "function on_request(req) req:set_body(req:body()) return forward() end";
+        match hook(script).call(form()) {
+            Ok(Verdict::Forward(f)) => assert_eq!(f.body.as_deref(), Some(&json[..])),
+            other => panic!("{other:?}"),
+        }
+        // After an edit, the edited object.
+        let script =
+            r#"function on_request(req) req:set("c", 1) return respond(200, req:body()) end"#;
+        match hook(script).call(form()) {
+            Ok(Verdict::Respond(r)) => {
+                assert_eq!(&r.body[..], br#"{"a":["1","2"],"b":"x y","c":1}"#)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn strings_that_are_not_utf8_are_written_with_replacement_characters() {
         let script = r#"function on_request(req)
             req:set("ua", "caf\xe9 " .. ("\u{e9}"):sub(1, 1))

@@ -4,6 +4,7 @@ use bytes::Bytes;
 use mlua::{UserData, UserDataMethods};
 
 use super::{Doc, LuaRequest};
+use crate::decode::{BodyKind, form_to_json};
 use crate::hook::lua::within_budget;
 
 impl UserData for LuaRequest {
@@ -58,9 +59,18 @@ impl UserData for LuaRequest {
         m.add_method("request_id", |_, this, ()| {
             Ok(this.req.request_id().map(str::to_string))
         });
-        // The body as it stands, the script's edits included.
-        m.add_method("body", |lua, this, ()| {
+        // The body as it stands, the script's edits included. A form's is the JSON object of
+        // its fields, the record it becomes, not the bytes the client sent.
+        m.add_method_mut("body", |lua, this, ()| {
             within_budget(lua)?;
+            if this.forward.body.is_none() && this.req.kind() == BodyKind::Form {
+                // Refuses a bad form as the route would, then converts it as the route does.
+                this.load()?;
+                if let Doc::Tree { dirty: false, .. } = this.doc {
+                    let json = form_to_json(&this.req.body).map_err(mlua::Error::external)?;
+                    return lua.create_string(json);
+                }
+            }
             match &this.doc {
                 Doc::Raw { doc, edited: true } => lua.create_string(doc.bytes()),
                 Doc::Tree { value, dirty: true } => {
