@@ -89,16 +89,19 @@ impl Writer {
         let interval = self.inner.config.commit_interval;
         let max_records = self.inner.config.commit_records;
         let mut stopping = false;
+        let mut idled = Instant::now();
         while !stopping {
-            // Woken every `PROBE_EVERY` even while healthy: the sender's disk errors (a
-            // checkpoint, a segment read, a dead letter) mark the spool unhealthy too, and only
-            // a probe here marks it healthy again.
-            let first = match queue.recv_timeout(PROBE_EVERY) {
+            // Every `PROBE_EVERY` even while healthy, and while appends keep coming: the
+            // sender's disk errors (a checkpoint, a segment read, a dead letter) mark the spool
+            // unhealthy too, and only a probe here marks it healthy again; and appends that
+            // fail on a full disk never close the segment that holds its room.
+            if idled.elapsed() >= PROBE_EVERY {
+                self.busy(Writer::idle);
+                idled = Instant::now();
+            }
+            let first = match queue.recv_timeout(PROBE_EVERY.saturating_sub(idled.elapsed())) {
                 Ok(c) => c,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.busy(Writer::idle);
-                    continue;
-                }
+                Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             let Command::Append(first) = first else {

@@ -89,8 +89,8 @@ impl Sender {
     }
 
     /// Writes record `i` to the dead-letter file (fsynced) and marks it done; if the file cannot
-    /// be written, the record is retried instead.
-    pub(super) async fn dead_letter(&mut self, i: usize, refusal: Refusal) {
+    /// be written, the record is retried instead. Whether it was written.
+    pub(super) async fn dead_letter(&mut self, i: usize, refusal: Refusal) -> bool {
         let f = &self.window[i];
         let line = dead_letter_line(&f.entry, &refusal, f.attempts);
         let inner = self.inner.clone();
@@ -117,6 +117,7 @@ impl Sender {
                 self.inner.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 self.count_outcome(i, Some(&refusal.error));
                 self.set_state(i, State::Done);
+                true
             }
             Err(error) => {
                 // The record goes back to Kafka, and may yet be delivered (a topic created, an
@@ -124,6 +125,7 @@ impl Sender {
                 // writer's probe, in the same directory, tells when the disk takes writes again.
                 self.inner.disk_error("dead-letter file", &error);
                 self.retry(i, "dead-letter file not writable");
+                false
             }
         }
     }

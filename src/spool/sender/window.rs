@@ -89,7 +89,13 @@ impl Sender {
                     }
                 }
                 Err(error) => match refusal_of_send(&error) {
-                    Some(refusal) if !self.waits(i, &refusal) => self.dead_letter(i, refusal).await,
+                    Some(refusal) if !self.waits(i, &refusal) => {
+                        // Not written to the dead-letter file: it goes back to Kafka later,
+                        // and holds back the records behind it as any retry does.
+                        if !self.dead_letter(i, refusal).await {
+                            return;
+                        }
+                    }
                     Some(refusal) => {
                         let why = self.missing_why(&refusal);
                         self.retry(i, &why);
@@ -165,7 +171,9 @@ impl Sender {
             }
             Ok(Outcome::Failed { error, persisted }) => {
                 match refusal_of_delivery(error, persisted) {
-                    Some(refusal) if !self.waits(i, &refusal) => self.dead_letter(i, refusal).await,
+                    Some(refusal) if !self.waits(i, &refusal) => {
+                        self.dead_letter(i, refusal).await;
+                    }
                     Some(refusal) => {
                         let why = self.missing_why(&refusal);
                         self.retry(i, &why);
