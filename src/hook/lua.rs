@@ -169,8 +169,19 @@ impl Hook for LuaHook {
             )),
             None => Ok(()),
         });
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "lua on_error failed");
+        // A line a second: an `on_error` that fails does so for every failed request.
+        static FAILED: LazyLock<Throttle> = LazyLock::new(|| {
+            Throttle::new(
+                Duration::from_secs(1),
+                Level::Warn,
+                "lua on_error failed",
+                None,
+            )
+        });
+        if let Err(e) = result
+            && let Some(suppressed) = FAILED.pass()
+        {
+            tracing::warn!(error = %e, suppressed, "lua on_error failed");
         }
     }
 

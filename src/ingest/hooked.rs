@@ -249,7 +249,13 @@ fn acks_after_reply(
         if let Err(error) = queued.answer(&app).await {
             let status = error.status();
             let message = format!("after the hook's reply: {error}");
-            tracing::warn!(path = %route.path, %status, %message, "produce failed");
+            // A line a second: with the brokers away, every such request fails.
+            static FAILED: LazyLock<Throttle> = LazyLock::new(|| {
+                Throttle::new(Duration::from_secs(1), Level::Warn, "produce failed", None)
+            });
+            if let Some(suppressed) = FAILED.pass() {
+                tracing::warn!(path = %route.path, %status, %message, suppressed, "produce failed");
+            }
             call::report(
                 hook.as_ref(),
                 &Failure {
