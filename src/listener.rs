@@ -199,28 +199,30 @@ async fn refuse(mut tcp: TcpStream) {
     linger::refused(tcp).await;
 }
 
-/// Connections refused at the cap: counted, and logged at most once a second, so a flood of
-/// connections is not a flood of log lines.
-#[derive(Default)]
-struct Refusals {
-    unlogged: u64,
-    logged_at: Option<std::time::Instant>,
+/// Connections refused at `server.max_connections`: counted, and logged at most once a second
+/// with the count of lines left out (told on a line of its own if no refusal follows).
+pub(crate) struct Refusals(Throttle);
+
+impl Default for Refusals {
+    fn default() -> Self {
+        let what = "connections refused";
+        Refusals(Throttle::new(
+            Duration::from_secs(1),
+            Level::Warn,
+            what,
+            None,
+        ))
+    }
 }
 
 impl Refusals {
-    fn note(&mut self) {
+    fn note(&self) {
         ::metrics::counter!(crate::metrics::CONNECTIONS_REFUSED).increment(1);
-        self.unlogged += 1;
-        if self
-            .logged_at
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
-        {
+        if let Some(suppressed) = self.0.pass() {
             tracing::warn!(
-                refused = self.unlogged,
+                suppressed,
                 "connections refused: server.max_connections are open"
             );
-            self.unlogged = 0;
-            self.logged_at = Some(std::time::Instant::now());
         }
     }
 }
