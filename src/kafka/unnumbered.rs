@@ -5,6 +5,7 @@
 //! point at unrelated records.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::lock;
 
@@ -13,7 +14,11 @@ use crate::lock;
 /// (A batch the brokers did write holds at least as many records as were numbered so far, so
 /// the next real batch of the partition starts past the numbers the made-up run expects.)
 #[derive(Debug, Default)]
-pub struct Unnumbered(Mutex<Option<Run>>);
+pub struct Unnumbered {
+    run: Mutex<Option<Run>>,
+    /// Whether `run` holds one: a report with an offset outside a run takes no lock.
+    running: AtomicBool,
+}
 
 #[derive(Debug)]
 struct Run {
@@ -25,13 +30,18 @@ struct Run {
 impl Unnumbered {
     /// The offset of a record delivered at `offset`, or -1 when librdkafka does not know it.
     pub fn offset(&self, topic: &str, partition: i32, offset: i64) -> i64 {
-        let mut run = lock(&self.0);
+        // Reports come from one thread per producer: the flag is only its own.
+        if offset >= 0 && !self.running.load(Ordering::Relaxed) {
+            return offset;
+        }
+        let mut run = lock(&self.run);
         if offset == -1 {
             *run = Some(Run {
                 topic: topic.to_string(),
                 partition,
                 next: 0,
             });
+            self.running.store(true, Ordering::Relaxed);
             return -1;
         }
         if let Some(r) = run.as_mut() {
@@ -40,6 +50,7 @@ impl Unnumbered {
                 return -1;
             }
             *run = None;
+            self.running.store(false, Ordering::Relaxed);
         }
         offset.max(-1)
     }
