@@ -3,7 +3,7 @@
 //! get 431 from hyper, and past the connection cap a new connection gets a 503 and is closed at
 //! once instead of waiting in the backlog.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use crate::throttle::{Level, Throttle};
+use crate::throttle::{Level, Throttle, throttled};
 use crate::tls::Tls;
 
 mod connection;
@@ -155,12 +155,7 @@ pub async fn serve(
                 Err(error) => {
                     // Out of file descriptors and the like: pause instead of spinning, and a
                     // line a second, not one per pause, while it lasts.
-                    static FAILED: LazyLock<Throttle> = LazyLock::new(|| {
-                        Throttle::new(Duration::from_secs(1), Level::Warn, "accept failed", None)
-                    });
-                    if let Some(suppressed) = FAILED.pass() {
-                        tracing::warn!(%error, suppressed, "accept failed");
-                    }
+                    throttled!(warn, "accept failed", %error);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

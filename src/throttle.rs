@@ -12,6 +12,33 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once, OnceLock, Weak};
 use std::time::Duration;
 
+/// Logs `message` with its fields at `warn` or `error` at most once a second from this call
+/// site, with `suppressed`, the count of the lines left out before it: a [`Throttle`] of the
+/// call site's own. `throttled!(warn, "accept failed", %error)`.
+macro_rules! throttled {
+    (warn, $message:literal $(, $($field:tt)+)?) => {
+        $crate::throttle::throttled!(@ Warn, warn, $message $(, $($field)+)?)
+    };
+    (error, $message:literal $(, $($field:tt)+)?) => {
+        $crate::throttle::throttled!(@ Error, error, $message $(, $($field)+)?)
+    };
+    (@ $level:ident, $log:ident, $message:literal $(, $($field:tt)+)?) => {{
+        static THROTTLE: std::sync::LazyLock<$crate::throttle::Throttle> =
+            std::sync::LazyLock::new(|| {
+                $crate::throttle::Throttle::new(
+                    std::time::Duration::from_secs(1),
+                    $crate::throttle::Level::$level,
+                    $message,
+                    None,
+                )
+            });
+        if let Some(suppressed) = THROTTLE.pass() {
+            tracing::$log!($($($field)+,)? suppressed, $message);
+        }
+    }};
+}
+pub(crate) use throttled;
+
 /// The level of a throttled kind of line, for the line that tells what it left out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {

@@ -2,12 +2,12 @@
 
 use std::cell::{Cell, RefCell};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, LazyLock, Once};
+use std::sync::{Arc, Once};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use super::{Failure, Hook, HookError, HookRequest, Verdict};
-use crate::throttle::{Level, Throttle};
+use crate::throttle::throttled;
 
 /// Why a hook gave no verdict.
 pub(crate) enum NoVerdict {
@@ -58,18 +58,8 @@ pub(crate) async fn decide(
 /// Calls `hook`'s error hook; a panic there is logged (a line a second: an error hook that fails
 /// on every failure fails for every bad request), and the request's answer stands.
 pub(crate) fn report(hook: &dyn Hook, failure: &Failure<'_>) {
-    static FAILED: LazyLock<Throttle> = LazyLock::new(|| {
-        Throttle::new(
-            Duration::from_secs(1),
-            Level::Error,
-            "error hook failed",
-            None,
-        )
-    });
-    if let Err(e) = guarded(|| hook.on_error(failure))
-        && let Some(suppressed) = FAILED.pass()
-    {
-        tracing::error!(error = %e, suppressed, "error hook failed");
+    if let Err(e) = guarded(|| hook.on_error(failure)) {
+        throttled!(error, "error hook failed", error = %e);
     }
 }
 

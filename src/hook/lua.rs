@@ -5,12 +5,12 @@
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use super::{Failure, Hook, HookError, HookFuture, HookRequest, Verdict, ready};
-use crate::throttle::{Level, Throttle};
+use crate::throttle::throttled;
 
 mod convert;
 mod pattern;
@@ -118,13 +118,7 @@ impl LuaHook {
                 _ => None,
             };
             if let Some(why) = why {
-                static REPLACED: LazyLock<Throttle> = LazyLock::new(|| {
-                    let what = "hook state replaced";
-                    Throttle::new(Duration::from_secs(1), Level::Warn, what, None)
-                });
-                if let Some(suppressed) = REPLACED.pass() {
-                    tracing::warn!(script = %self.path.display(), error = %why, suppressed, "hook state replaced");
-                }
+                throttled!(warn, "hook state replaced", script = %self.path.display(), error = %why);
                 states.swap_remove(index);
             }
             result.map_err(|e| HookError(format!("{}: {}", self.path.display(), flatten(&e))))
@@ -170,18 +164,8 @@ impl Hook for LuaHook {
             None => Ok(()),
         });
         // A line a second: an `on_error` that fails does so for every failed request.
-        static FAILED: LazyLock<Throttle> = LazyLock::new(|| {
-            Throttle::new(
-                Duration::from_secs(1),
-                Level::Warn,
-                "lua on_error failed",
-                None,
-            )
-        });
-        if let Err(e) = result
-            && let Some(suppressed) = FAILED.pass()
-        {
-            tracing::warn!(error = %e, suppressed, "lua on_error failed");
+        if let Err(e) = result {
+            throttled!(warn, "lua on_error failed", error = %e);
         }
     }
 

@@ -20,7 +20,7 @@ use crate::record::RecordMeta;
 use crate::reply::Reply;
 use crate::routes::{Route, validate_topic};
 use crate::state::AppState;
-use crate::throttle::{Level, Throttle};
+use crate::throttle::{Level, Throttle, throttled};
 
 /// Hook failures: at most one line a second.
 static HOOK_FAILED: LazyLock<Throttle> =
@@ -250,12 +250,7 @@ fn acks_after_reply(
             let status = error.status();
             let message = format!("after the hook's reply: {error}");
             // A line a second: with the brokers away, every such request fails.
-            static FAILED: LazyLock<Throttle> = LazyLock::new(|| {
-                Throttle::new(Duration::from_secs(1), Level::Warn, "produce failed", None)
-            });
-            if let Some(suppressed) = FAILED.pass() {
-                tracing::warn!(path = %route.path, %status, %message, suppressed, "produce failed");
-            }
+            throttled!(warn, "produce failed", path = %route.path, %status, %message);
             call::report(
                 hook.as_ref(),
                 &Failure {

@@ -51,12 +51,12 @@ mod writer;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use crate::lock;
-use crate::throttle::{Level, Throttle};
+use crate::throttle::throttled;
 
 pub use append::Appending;
 pub use config::SpoolConfig;
@@ -240,17 +240,7 @@ impl Inner {
             tracing::error!(dir = %self.dir.display(), %message, "spool: disk error, not ready");
         } else {
             // Every refused append of an outage comes here: a line a second at most.
-            static REPEATS: LazyLock<Throttle> = LazyLock::new(|| {
-                Throttle::new(
-                    Duration::from_secs(1),
-                    Level::Warn,
-                    "spool: disk error",
-                    None,
-                )
-            });
-            if let Some(suppressed) = REPEATS.pass() {
-                tracing::warn!(dir = %self.dir.display(), %message, suppressed, "spool: disk error");
-            }
+            throttled!(warn, "spool: disk error", dir = %self.dir.display(), %message);
         }
         self.disk_errors.fetch_add(1, Ordering::Relaxed);
         *lock(&self.last_error) = Some(message.clone());
