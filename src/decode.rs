@@ -426,8 +426,14 @@ mod tests {
         ] {
             assert_eq!(form(json), Err(DecodeError::JsonAsForm), "{json:?}");
         }
-        // Forms that only look like it stay forms.
-        for not_json in [&b"{a=1"[..], b"[x]=1&y=2", b"a={\"b\":1}"] {
+        // Forms that only look like it stay forms, quotes in their values too.
+        for not_json in [
+            &b"{a=1"[..],
+            b"[x]=1&y=2",
+            b"a={\"b\":1}",
+            b"[x]=1&y=\"q\"",
+            b"{a}=\"b\"",
+        ] {
             assert!(form(not_json).is_ok(), "{not_json:?}");
         }
         // A hook reads the body through the same conversion.

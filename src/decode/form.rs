@@ -62,16 +62,18 @@ pub fn form_to_json(body: &[u8]) -> Result<Bytes, DecodeError> {
 
 /// Whether a form body is JSON (or NDJSON, or JSON with a mistake in it) that a client sent
 /// without its Content-Type: it starts with `{` or `[` (which a browser's form encoding
-/// escapes) and is JSON, or has a raw `"` (escaped too) or no `=` in it at all. As a form it
-/// would be written as one field's name, cut at its first `=`.
+/// escapes) and is JSON, or opens with a quoted name or string (`{"`, `[{"`: a raw `"` is
+/// escaped too), or has no `=` in it at all. As a form it would be written as one field's
+/// name, cut at its first `=`.
 fn json_sent_as_form(body: &[u8]) -> bool {
-    let start = body.iter().find(|b| !b.is_ascii_whitespace());
+    let mut text = body.iter().filter(|b| !b.is_ascii_whitespace());
+    if !matches!(text.next(), Some(b'{' | b'[')) {
+        return false;
+    }
+    let quoted = text.find(|&&b| b != b'{' && b != b'[') == Some(&b'"');
     // The deepest nesting kafboy's settings allow: nothing is refused for depth here.
     const DEEPEST: usize = 127;
-    matches!(start, Some(b'{' | b'['))
-        && (!body.contains(&b'=')
-            || body.contains(&b'"')
-            || crate::json::validate(body, DEEPEST).is_ok())
+    !body.contains(&b'=') || quoted || crate::json::validate(body, DEEPEST).is_ok()
 }
 
 /// The fields of a form body as browsers encode them: `&` between fields, the first `=` between

@@ -729,6 +729,27 @@ mod tests {
     }
 
     #[test]
+    fn a_call_that_returns_past_its_budget_fails() {
+        // Long C calls a few instructions apart, which the VM's checks between instructions
+        // may not see: the call fails as it returns, the budget spent.
+        let limits = Limits {
+            timeout: Duration::from_millis(20),
+            ..limits(128)
+        };
+        let script = r#"function on_request(req)
+            local s = string.rep("\u{e9}", 3 * 1024 * 1024)
+            local n = utf8.len(s) + utf8.len(s) + utf8.len(s) + utf8.len(s)
+            return forward()
+        end"#;
+        let hook = LuaHook::from_source(Path::new("test.lua"), script, limits).unwrap();
+        let error = hook.call(request("{}")).err();
+        assert!(
+            error.as_ref().is_some_and(|e| e.0.contains("budget")),
+            "{error:?}"
+        );
+    }
+
+    #[test]
     fn a_forms_body_is_the_record_it_becomes() {
         let form = || request_of(BodyKind::Form, "a=1&b=x+y&a=2");
         let json = br#"{"a":["1","2"],"b":"x y"}"#;

@@ -128,17 +128,18 @@ impl Admission {
         }
     }
 
-    /// Undoes [`Admission::hand`] for records librdkafka refused, or reported.
+    /// Undoes [`Admission::hand`] for records librdkafka refused, or reported. Release: what
+    /// a report counted before (failed, given up) is seen by whoever sees this.
     pub fn unhand(&self, records: usize, covered: bool) {
         if !covered {
-            self.uncovered.fetch_sub(records, Ordering::Relaxed);
+            self.uncovered.fetch_sub(records, Ordering::Release);
         }
     }
 
     /// Records handed over and not yet reported that are not covered: the ones a shutdown
     /// would lose after their clients' `2xx`.
     pub fn uncovered(&self) -> usize {
-        self.uncovered.load(Ordering::Relaxed)
+        self.uncovered.load(Ordering::Acquire)
     }
 }
 

@@ -37,17 +37,11 @@ impl Producers {
         // Failures from here on count against the shutdown (unless `note_stop` came first).
         self.note_stop();
         let producers = self.everyone();
-        // A producer stopped by a fatal error sends nothing more: what came back to its queue
-        // from failed requests would take the whole deadline, then count as undelivered.
-        // Purged, it is reported at once (failed: never sent, or maybe written).
-        for p in producers.iter().filter(|p| p.stopped()) {
-            p.inner.purge(PurgeConfig::default().queue().non_blocking());
-        }
         let flushes: Vec<_> = producers
             .iter()
             .map(|p| {
                 let p = p.clone();
-                tokio::task::spawn_blocking(move || ffi::flush(&p.inner, deadline))
+                tokio::task::spawn_blocking(move || flush_one(&p, deadline))
             })
             .collect();
         for f in flushes {
@@ -107,6 +101,29 @@ impl Producers {
         producers
     }
 }
+
+/// Flushes `p` for at most `deadline`. A producer stopped by a fatal error sends nothing more:
+/// what comes back to its queue from its failed requests would wait there for the whole
+/// deadline, then count as undelivered. It is purged as it comes (reported at once: failed,
+/// never sent or maybe written), in steps, as a retiring producer's is.
+fn flush_one(p: &Producer, deadline: Duration) {
+    let until = Instant::now() + deadline;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if !p.stopped() {
+            ffi::flush(&p.inner, left);
+            return;
+        }
+        p.inner.purge(PurgeConfig::default().queue().non_blocking());
+        if left.is_zero() || p.in_flight() == 0 {
+            return;
+        }
+        ffi::flush(&p.inner, left.min(STEP));
+    }
+}
+
+/// How often a stopped producer's queue is purged during the flush.
+const STEP: Duration = Duration::from_millis(100);
 
 /// Drops `producers` off the async workers: a replaced producer drained during the shutdown
 /// has left the list, and the last reference to it may be here. Dropping that one destroys

@@ -19,8 +19,9 @@ use tokio::sync::Notify;
 use super::metadata::Listed;
 use crate::lock;
 
-/// Least time between two listings. A listing of a cluster of thousands of topics is a
-/// megabyte: a flood of made-up names costs the brokers and kafboy at most four a second.
+/// Least time between two listings (or half of `kafka.metadata_timeout`, if that is less). A
+/// listing of a cluster of thousands of topics is a megabyte: a flood of made-up names costs
+/// the brokers and kafboy at most four a second.
 const SPACING: Duration = Duration::from_millis(250);
 
 /// The cluster's topics as one listing gave them.
@@ -66,6 +67,9 @@ impl Listings {
         F: FnOnce(Duration) -> Result<Vec<(String, Listed)>, String> + Send + 'static,
     {
         let timed_out = || "metadata lookup timed out".to_string();
+        // Within half the lookup's own time, however short `kafka.metadata_timeout` is: a
+        // lookup must not time out waiting for its turn behind the spacing alone.
+        let spacing = SPACING.min(deadline.saturating_duration_since(arrived) / 2);
         loop {
             let ended = self.done.notified();
             tokio::pin!(ended);
@@ -83,7 +87,7 @@ impl Listings {
                     Some(
                         state
                             .asked
-                            .map_or(Instant::now(), |(at, took)| at + took.max(SPACING)),
+                            .map_or(Instant::now(), |(at, took)| at + took.max(spacing)),
                     )
                 }
             };

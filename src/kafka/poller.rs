@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rdkafka::producer::BaseProducer;
+use rdkafka::producer::{BaseProducer, Producer as _};
 
 use super::delivery::Context;
 use super::ffi::MainQueue;
@@ -99,9 +99,10 @@ fn serve(
 ) {
     let mut buf = [0u8; 64];
     loop {
-        // A zero-timeout poll serves one event.
+        // A zero-timeout poll serves one event: the reports of one batch, at most.
         while !queue.is_empty() {
             producer.poll(Duration::ZERO);
+            producer.context().unnumbered.end_batch();
         }
         if stop.load(Ordering::Acquire) {
             return;

@@ -9,10 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::lock;
 
-/// Follows the reports of such a batch. They come one after another on the report thread, so
-/// the records that follow one delivered at -1 on its partition, at 0, 1, ..., are of its batch.
-/// (A batch the brokers did write holds at least as many records as were numbered so far, so
-/// the next real batch of the partition starts past the numbers the made-up run expects.)
+/// Follows the reports of such a batch. They come one after another, in one event, so the
+/// records that follow one delivered at -1 on its partition, at 0, 1, ..., up to the end of the
+/// event ([`Unnumbered::end_batch`]), are of its batch.
 #[derive(Debug, Default)]
 pub struct Unnumbered {
     run: Mutex<Option<Run>>,
@@ -54,6 +53,14 @@ impl Unnumbered {
         }
         offset.max(-1)
     }
+
+    /// The reports of one event are done: the next report starts afresh.
+    pub fn end_batch(&self) {
+        if self.running.load(Ordering::Relaxed) {
+            *lock(&self.run) = None;
+            self.running.store(false, Ordering::Relaxed);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -71,6 +78,11 @@ mod tests {
         // The partition's next real batch.
         assert_eq!(u.offset("t", 0, 10), 10);
         assert_eq!(u.offset("t", 0, 11), 11);
+        // A duplicate of one record, then the next batch, in another event: its offset 0 is
+        // its own (a broker that lost the duplicate's records may number from there).
+        assert_eq!(u.offset("t", 0, -1), -1);
+        u.end_batch();
+        assert_eq!(u.offset("t", 0, 0), 0);
         // Another partition's or topic's report ends the run.
         assert_eq!(u.offset("t", 0, -1), -1);
         assert_eq!(u.offset("t", 1, 0), 0);
