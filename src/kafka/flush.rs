@@ -19,8 +19,9 @@ pub struct Flushed {
     /// Of those, the records sent with no answer (still in flight, or sent before and given up
     /// while queued for another try): a broker may have written them, or may yet.
     pub maybe_written: usize,
-    /// Records reported failed since the shutdown began (refused, or past their message
-    /// timeout with the brokers away, during the drain or the flush): accepted, and lost.
+    /// Records reported failed since the shutdown began (refused, past their message timeout
+    /// with the brokers away, or purged from a producer a fatal error stopped; during the
+    /// drain or the flush): accepted, and lost.
     pub failed: u64,
 }
 
