@@ -142,6 +142,8 @@ pub struct Repaired {
     pub cut: u64,
     /// Why the cut was made, when one was.
     pub corruption: Option<Corruption>,
+    /// Valid records the cut took after a damaged one (0 for a tail a crash tore).
+    pub lost: u64,
 }
 
 /// Reads a segment file, calling `visit` with each valid record and its frame offset and size;
@@ -173,25 +175,67 @@ pub fn repair(
     };
     let valid_len = corruption.as_ref().map_or(file_len, |c| c.offset);
     let cut = file_len - valid_len;
+    let mut lost = 0;
     if cut > 0 {
+        // Readable records past the damaged one: flipped bits, not a write a crash cut short
+        // (which ends the file). They go with it, answered `2xx` as they were.
+        lost = readable_after(path, valid_len).unwrap_or(0);
         let file = OpenOptions::new().write(true).open(path)?;
         file.set_len(valid_len)?;
         file.sync_all()?;
-        tracing::warn!(
-            segment = %path.display(),
-            offset = valid_len,
-            cut_bytes = cut,
-            kept_records = records,
-            reason = corruption.as_ref().map_or("", |c| c.reason.as_str()),
-            "spool: cut a torn or corrupt segment tail"
-        );
+        let reason = corruption.as_ref().map_or("", |c| c.reason.as_str());
+        if lost > 0 {
+            tracing::error!(
+                segment = %path.display(),
+                offset = valid_len,
+                cut_bytes = cut,
+                kept_records = records,
+                lost_records = lost,
+                reason,
+                "spool: cut a segment at a damaged record; the readable records after it are lost"
+            );
+        } else {
+            tracing::warn!(
+                segment = %path.display(),
+                offset = valid_len,
+                cut_bytes = cut,
+                kept_records = records,
+                reason,
+                "spool: cut a torn or corrupt segment tail"
+            );
+        }
     }
     Ok(Repaired {
         records,
         valid_len,
         cut,
         corruption,
+        lost,
     })
+}
+
+/// How many valid records follow the damaged frame at `at`, reading on past it by its length
+/// (which no checksum covers: a damaged length finds none).
+fn readable_after(path: &Path, at: u64) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(at))?;
+    let mut header = [0u8; FRAME_HEADER];
+    if read_full(&mut file, &mut header)? < FRAME_HEADER {
+        return Ok(0);
+    }
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if !(MIN_PAYLOAD..=MAX_PAYLOAD).contains(&len) {
+        return Ok(0);
+    }
+    let next = at + (FRAME_HEADER + len) as u64;
+    file.seek(SeekFrom::Start(next))?;
+    let mut reader = Reader::new(BufReader::new(file), next);
+    let mut records = 0;
+    while let Item::Record { .. } = reader.read_next()? {
+        records += 1;
+    }
+    Ok(records)
 }
 
 #[cfg(test)]
@@ -215,6 +259,31 @@ mod tests {
             matches!(end, Item::Corrupt(Corruption { offset, .. }) if offset == good),
             "{end:?}"
         );
+    }
+
+    #[test]
+    fn a_damaged_record_in_the_middle_counts_the_readable_records_cut_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(segment_name(1));
+        let mut buf = Vec::new();
+        let mut starts = Vec::new();
+        for seq in 0..4 {
+            starts.push(buf.len());
+            entry_with(seq, "t", b"value").encode_frame(&mut buf);
+        }
+        // A flipped bit in the second record's value.
+        buf[starts[2] - 2] ^= 1;
+        std::fs::write(&path, &buf).unwrap();
+        let r = repair(&path, |_, _, _| Ok(())).unwrap();
+        assert_eq!((r.records, r.lost), (1, 2), "{r:?}");
+        assert_eq!(r.valid_len, starts[1] as u64);
+        // A torn tail (the second record mended) has nothing readable after it.
+        let mut torn = buf[..starts[2]].to_vec();
+        torn[starts[2] - 2] ^= 1;
+        torn.extend_from_slice(&buf[starts[2]..starts[2] + 11]);
+        std::fs::write(&path, &torn).unwrap();
+        let r = repair(&path, |_, _, _| Ok(())).unwrap();
+        assert_eq!((r.records, r.lost), (2, 0), "{r:?}");
     }
 
     #[test]
