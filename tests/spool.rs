@@ -610,6 +610,45 @@ async fn records_kafka_refuses_for_good_are_dead_lettered_not_retried() {
     spool.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A record refused for good whose dead-letter write fails is retried, and holds back the
+/// records behind it as any retry does: they are not sent ahead of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_dead_letter_write_fails_holds_back_the_records_behind_it() {
+    let (cluster, topic) = mock_cluster("spool-dead-held");
+    let bootstrap = cluster.bootstrap_servers();
+    let producers = producers(
+        &bootstrap,
+        "[kafka]\nmessage_max_bytes = 10000\nmessage_timeout = \"10s\"",
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), &config()).expect("open");
+    // The dead-letter file cannot be written: a directory stands in its place.
+    let dead_letters = dir.path().join(kafboy::spool::DEAD_LETTER_FILE);
+    std::fs::create_dir(&dead_letters).expect("dir in the way");
+    start_sender(&spool, &producers);
+    let big = "B".repeat(20_000);
+    spool
+        .append(&topic, &[record("before"), record(big), record("after")])
+        .await
+        .expect("append");
+    // Two failed dead-letter writes: the refused record has been retried once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spool.stats().disk_errors < 2 {
+        assert!(Instant::now() < deadline, "{:?}", spool.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(spool.stats().delivered, 1, "sent past the refused record");
+    // Once the file can be written, the refused record is dead-lettered, then the next sent.
+    std::fs::remove_dir(&dead_letters).expect("clear the way");
+    wait_drained(&spool, Duration::from_secs(10)).await;
+    let stats = spool.stats();
+    assert_eq!((stats.dead_lettered, stats.delivered), (1, 2), "{stats:?}");
+    let want = ["before", "after"].map(String::from).into();
+    let got = read_topic(&bootstrap, &topic, want, Duration::from_secs(10)).await;
+    assert_eq!(values(&got), ["before", "after"]);
+    spool.shutdown(Duration::from_secs(5)).await;
+}
+
 /// A spool in `dir` whose sender has delivered the record `first` to `topic` (so the producer
 /// knows the topic).
 async fn sending_to_a_known_topic(
