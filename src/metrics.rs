@@ -216,6 +216,11 @@ pub fn register_counters(cluster: bool) {
     }
 }
 
+/// A record acknowledged without an offset.
+pub fn delivered_without_offset(label: &str) {
+    counter!(UNNUMBERED, "topic" => label.to_string()).increment(1);
+}
+
 /// A record that failed after it was queued; `persisted` is `no` (not written) or `possibly`.
 pub fn failed(label: &str, reason: &str, persisted: &'static str) {
     counter!(FAILED, "topic" => label.to_string(), "reason" => reason.to_string(), "persisted" => persisted)

@@ -531,17 +531,26 @@ async fn a_corrupt_segment_tail_is_cut_at_the_last_valid_record() {
     spool.shutdown(Duration::from_secs(5)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_kafka_refuses_for_good_are_dead_lettered_not_retried() {
-    let (cluster, topic) = mock_cluster("spool-dead");
-    let bootstrap = cluster.bootstrap_servers();
-    // librdkafka refuses a record over message.max.bytes itself; the broker refuses the other.
+/// A cluster with a topic, producers that refuse a record over 10000 bytes themselves, and a
+/// spool in a new directory, its sender not started.
+fn refusing_large_records(
+    prefix: &str,
+) -> (Cluster, String, Arc<Producers>, tempfile::TempDir, Spool) {
+    let (cluster, topic) = mock_cluster(prefix);
     let producers = producers(
-        &bootstrap,
+        &cluster.bootstrap_servers(),
         "[kafka]\nmessage_max_bytes = 10000\nmessage_timeout = \"10s\"",
     );
     let dir = tempfile::tempdir().expect("dir");
     let spool = Spool::open(dir.path(), &config()).expect("open");
+    (cluster, topic, producers, dir, spool)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_kafka_refuses_for_good_are_dead_lettered_not_retried() {
+    // librdkafka refuses a record over message.max.bytes itself; the broker refuses the other.
+    let (cluster, topic, producers, dir, spool) = refusing_large_records("spool-dead");
+    let bootstrap = cluster.bootstrap_servers();
     // A line a crash cut short: the next one starts on a line of its own.
     let dead_letters = dir.path().join(kafboy::spool::DEAD_LETTER_FILE);
     std::fs::write(&dead_letters, "{\"torn by a crash").expect("torn line");
@@ -614,14 +623,8 @@ async fn records_kafka_refuses_for_good_are_dead_lettered_not_retried() {
 /// records behind it as any retry does: they are not sent ahead of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_whose_dead_letter_write_fails_holds_back_the_records_behind_it() {
-    let (cluster, topic) = mock_cluster("spool-dead-held");
+    let (cluster, topic, producers, dir, spool) = refusing_large_records("spool-dead-held");
     let bootstrap = cluster.bootstrap_servers();
-    let producers = producers(
-        &bootstrap,
-        "[kafka]\nmessage_max_bytes = 10000\nmessage_timeout = \"10s\"",
-    );
-    let dir = tempfile::tempdir().expect("dir");
-    let spool = Spool::open(dir.path(), &config()).expect("open");
     // The dead-letter file cannot be written: a directory stands in its place.
     let dead_letters = dir.path().join(kafboy::spool::DEAD_LETTER_FILE);
     std::fs::create_dir(&dead_letters).expect("dir in the way");

@@ -304,9 +304,7 @@ impl ProducerContext for Context {
                 let (topic, partition) = (message.topic(), message.partition());
                 let offset = self.unnumbered.offset(topic, partition, message.offset());
                 if offset < 0 {
-                    let label = &self.topics.get(topic).label;
-                    ::metrics::counter!(crate::metrics::UNNUMBERED, "topic" => label.to_string())
-                        .increment(1);
+                    crate::metrics::delivered_without_offset(&self.topics.get(topic).label);
                 }
                 Outcome::Delivered { partition, offset }
             }

@@ -38,34 +38,24 @@ pub(super) fn normalize(uri: &mut Uri) {
 /// requests become.
 pub(crate) fn decoded(path: &str) -> Option<String> {
     let b = path.as_bytes();
-    let stray = b.iter().enumerate().any(|(i, &c)| {
-        c == b'%' && !matches!((b.get(i + 1), b.get(i + 2)), (Some(&hi), Some(&lo)) if hex(hi).is_some() && hex(lo).is_some())
-    });
-    if stray {
-        return None;
-    }
     let mut out = Vec::with_capacity(b.len());
     let mut changed = false;
     let mut i = 0;
     while i < b.len() {
-        let unreserved = match (b[i], b.get(i + 1), b.get(i + 2)) {
-            (b'%', Some(&hi), Some(&lo)) => hex(hi)
-                .zip(hex(lo))
-                .map(|(hi, lo)| hi << 4 | lo)
-                .filter(|&c| c.is_ascii_alphanumeric() || b"-._~".contains(&c)),
-            _ => None,
-        };
-        match unreserved {
-            Some(c) => {
-                out.push(c);
-                changed = true;
-                i += 3;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
+        if b[i] != b'%' {
+            out.push(b[i]);
+            i += 1;
+            continue;
         }
+        let escape = |at: usize| b.get(at).copied().and_then(hex);
+        let c = escape(i + 1)? << 4 | escape(i + 2)?;
+        if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+            out.push(c);
+            changed = true;
+        } else {
+            out.extend_from_slice(&b[i..i + 3]);
+        }
+        i += 3;
     }
     // Escapes of ASCII replaced by ASCII: what was UTF-8 (a path may hold raw UTF-8) still is.
     changed.then(|| String::from_utf8(out).ok()).flatten()

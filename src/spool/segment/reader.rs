@@ -81,7 +81,7 @@ impl<R: Read> Reader<R> {
             }
             _ => {}
         }
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let len = frame_len(&header);
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         if len < MIN_PAYLOAD {
             return corrupt(format!(
@@ -115,6 +115,11 @@ impl<R: Read> Reader<R> {
             Err(why) => corrupt(format!("undecodable payload: {why}")),
         }
     }
+}
+
+/// The payload length a frame's header gives.
+fn frame_len(header: &[u8; FRAME_HEADER]) -> usize {
+    u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.
@@ -224,7 +229,7 @@ fn readable_after(path: &Path, at: u64) -> io::Result<u64> {
     if read_full(&mut file, &mut header)? < FRAME_HEADER {
         return Ok(0);
     }
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let len = frame_len(&header);
     if !(MIN_PAYLOAD..=MAX_PAYLOAD).contains(&len) {
         return Ok(0);
     }
