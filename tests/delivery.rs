@@ -611,12 +611,14 @@ async fn full_queue_is_503_all_or_nothing_and_drains_once_brokers_return() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_acknowledged_as_a_duplicate_has_no_offsets_in_the_reply() {
     let (cluster, topic) = cluster_with_topic("duplicate", 1);
+    // A batching route whose batch is two records: the two of one request go in one batch
+    // (on `/sync`, with no linger, they may go in two).
     let gw = common::gateway(
         &cluster.bootstrap_servers(),
-        "[server]\nshutdown_timeout = \"1s\"",
+        "[server]\nshutdown_timeout = \"1s\"\n[batch]\nbatch_size = 2\nflush_timeout = \"20ms\"",
     )
     .await;
-    let path = format!("/sync/{topic}");
+    let path = format!("/batch/sync/{topic}");
     let (reply, _) = timed_post(&gw, &path, None, r#"{"first":1}"#, PROMPT).await;
     assert_eq!(reply.status, 200, "{reply:?}");
     let duplicate = RDKafkaRespErr::RD_KAFKA_RESP_ERR_DUPLICATE_SEQUENCE_NUMBER;
