@@ -17,7 +17,7 @@ use crate::state::AppState;
 
 mod answers;
 
-pub use answers::json;
+pub use answers::{json, sized_json};
 use answers::{method_not_allowed, not_found, reserve};
 
 /// A server ready to run: config turned into runtime types.

@@ -168,7 +168,10 @@ async fn prepared(
     }
     let kind = request.kind();
     let (topic, meta, values) = forwarded(app, request, meta, forward)?;
-    *topic_seen = Some(topic.clone());
+    // Set to the route's topic already, unless the hook moved the record.
+    if topic_seen.as_deref() != Some(topic.as_str()) {
+        *topic_seen = Some(topic.clone());
+    }
     let info = lookup(app, &topic).await?;
     check_partition(app, &topic, &info, meta.partition).await?;
     let records = records_for(app, route, mode, &topic, &info, meta, values)?;

@@ -1,6 +1,8 @@
 //! The answers the router gives itself: JSON bodies, a wrong method, no route.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
+
+use bytes::Bytes;
 
 use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -15,13 +17,42 @@ use crate::state::{AppState, Served};
 /// A JSON response.
 pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     // Serializing these plain structs cannot fail; an empty object is the fallback anyway.
-    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut response = (status, bytes).into_response();
-    response.headers_mut().insert(
+    // Written on the stack first, so that the body is one allocation of its exact size: a
+    // `Vec` with room to spare becomes `Bytes` through a second one.
+    let mut room = [0u8; 512];
+    let mut cursor = std::io::Cursor::new(&mut room[..]);
+    let bytes = match serde_json::to_writer(&mut cursor, body) {
+        Ok(()) => {
+            let len = cursor.position() as usize;
+            Bytes::copy_from_slice(&room[..len])
+        }
+        Err(_) => Bytes::from(serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec())),
+    };
+    sized_json(status, bytes)
+}
+
+/// A JSON response of `body`, its Content-Length given: axum would otherwise format it into
+/// a header value of its own, an allocation per response.
+pub fn sized_json(status: StatusCode, body: Bytes) -> Response {
+    let length = content_length(body.len());
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    headers.insert(header::CONTENT_LENGTH, length);
     response
+}
+
+/// A Content-Length value: the small ones are made once and shared.
+fn content_length(n: usize) -> HeaderValue {
+    static SMALL: LazyLock<Vec<HeaderValue>> =
+        LazyLock::new(|| (0..512usize).map(HeaderValue::from).collect());
+    SMALL
+        .get(n)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(n))
 }
 
 pub(super) async fn method_not_allowed(app: Arc<AppState>, served: Arc<Served>) -> Response {
