@@ -146,6 +146,7 @@ impl RecordMeta {
                     partition,
                     headers: headers.clone(),
                     value,
+                    timestamp: None,
                 })
             })
             .collect()

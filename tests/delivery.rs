@@ -91,6 +91,14 @@ fn values(records: &[Consumed]) -> Vec<String> {
         .collect()
 }
 
+/// The wall clock in ms since the epoch, as records are stamped.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock past 1970")
+        .as_millis() as i64
+}
+
 const WARM_UP: &str = r#"{"warm_up":true}"#;
 
 /// One record written and read back, so the producer is connected to the leader and has its
@@ -1187,6 +1195,14 @@ async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutd
 /// A topic of two partitions, partition 0 led by broker 1 and partition 1 by broker 2, and
 /// kafboy in front of it with a handle on its producers.
 async fn two_leaders(prefix: &str) -> (Cluster, String, Gateway, Arc<kafboy::kafka::Producers>) {
+    two_leaders_timing(prefix, "20s").await
+}
+
+/// [`two_leaders`], with records that time out after `message_timeout`.
+async fn two_leaders_timing(
+    prefix: &str,
+    message_timeout: &str,
+) -> (Cluster, String, Gateway, Arc<kafboy::kafka::Producers>) {
     let (cluster, topic) = common::mock_topic(2, prefix, 2);
     for partition in [0, 1] {
         let leader = Some(partition + 1);
@@ -1194,8 +1210,10 @@ async fn two_leaders(prefix: &str) -> (Cluster, String, Gateway, Arc<kafboy::kaf
             .partition_leader(&topic, partition, leader)
             .expect("leader");
     }
-    let toml = "[kafka]\nmessage_timeout = \"20s\"\n[server]\nshutdown_timeout = \"1s\"";
-    let (gw, producers) = with_producers(&cluster.bootstrap_servers(), toml).await;
+    let toml = format!(
+        "[kafka]\nmessage_timeout = \"{message_timeout}\"\n[server]\nshutdown_timeout = \"1s\""
+    );
+    let (gw, producers) = with_producers(&cluster.bootstrap_servers(), &toml).await;
     (cluster, topic, gw, producers)
 }
 
@@ -1297,11 +1315,17 @@ async fn async_records_refused_to_a_fenced_producer_are_sent_again_by_its_replac
     }
     let (reply, _) = timed_post(&gw, &to(0), None, r#"{"refused":1}"#, PROMPT).await;
     assert_unavailable(&reply, "a fenced producer takes no new record");
+    let refused_by = now_ms();
     cluster.broker_up(2).expect("broker up");
     // Both refused records come back and go out again through the replacement: every 202
     // is at the broker, and nothing counts as failed.
     read_back(&bootstrap, &topic, 4, Duration::from_secs(20)).await;
     let got = read_back(&bootstrap, &topic, 5, Duration::from_secs(2)).await;
+    // Sent again, they keep the time they were first given, not the time of the resend.
+    for record in got.iter().filter(|r| r.value != br#"{"first":1}"#) {
+        let time = record.timestamp.expect("a timestamp");
+        assert!(time < refused_by, "{record:?} stamped at its resend");
+    }
     let mut got = values(&got);
     got.sort();
     let want = [
@@ -1313,6 +1337,50 @@ async fn async_records_refused_to_a_fenced_producer_are_sent_again_by_its_replac
     assert_eq!(got, want, "every 202 written once");
     assert!(!Arc::ptr_eq(&producers.for_mode(mode, &topic), &fenced));
     assert_eq!(producers.tally().1, 0, "none failed");
+    stop(gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_fenced_again_and_again_fails_once_older_than_the_message_timeout() {
+    let (cluster, topic, gw, producers) = two_leaders_timing("refenced", "2s").await;
+    let bootstrap = cluster.bootstrap_servers();
+    let to = format!("/async/{topic}?partition=0");
+    let (reply, _) = timed_post(&gw, &to, None, r#"{"first":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    read_back(&bootstrap, &topic, 1, Duration::from_secs(10)).await;
+    // The record and both of its resends are refused as fenced. Replacements that keep
+    // failing wait 1 s, then 2 s: the third resend would come 3 s after the record was first
+    // handed over, past its 2 s.
+    let error = RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED;
+    cluster.request_errors(RDKafkaApiKey::Produce, &[error; 3]);
+    let (reply, _) = timed_post(&gw, &to, None, r#"{"fenced":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while producers.tally().1 == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the record kept going round; at the broker: {:?}",
+            values(&read_back(&bootstrap, &topic, 2, Duration::ZERO).await)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Failed, not written; and the producer now in place writes what comes next.
+    let (reply, _) = timed_post(&gw, &to, None, r#"{"next":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    read_back(&bootstrap, &topic, 2, Duration::from_secs(10)).await;
+    let want = [r#"{"first":1}"#, r#"{"next":1}"#];
+    assert_holds(
+        &bootstrap,
+        &topic,
+        &want,
+        "the expired record is not written",
+    )
+    .await;
+    assert_eq!(
+        producers.tally().1,
+        1,
+        "the expired record counted failed once"
+    );
     stop(gw).await;
 }
 

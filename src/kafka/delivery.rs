@@ -81,12 +81,16 @@ pub enum Outcome {
 /// `None` (async records) costs no allocation: it travels as a null pointer.
 pub struct Waiter(pub Option<Box<Waiting>>);
 
-/// Someone waiting for a record's outcome.
+/// Someone waiting for a record's outcome, or a record sent again that carries its first time.
 pub struct Waiting {
     /// Where the outcome goes.
     pub tx: oneshot::Sender<Outcome>,
-    /// Who waits: the caller, the caller after its client's answer, or the spool.
+    /// Who waits: the caller, the caller after its client's answer, or the spool; nobody for
+    /// a record sent again.
     pub report: Report,
+    /// For a record sent again after a fenced producer's brokers refused it: when it was first
+    /// handed over (ms since the epoch). A failed record's report has no timestamp.
+    pub first: Option<i64>,
 }
 
 /// Counters of what happened to the records a producer accepted.
@@ -277,11 +281,13 @@ impl ProducerContext for Context {
             // sends again itself, a hook's reply after which its records are awaited counts
             // them lost): kept for the replacement to send, unless a shutdown has begun, which
             // replaces nothing, or an earlier attempt may have been written.
-            if waiter.0.is_none()
+            let nobody_waits = waiter.0.as_ref().is_none_or(|w| w.report == Report::None);
+            if nobody_waits
                 && !self.gate.is_closed()
                 && super::ffi::persisted(message) == Persisted::No
             {
-                self.rescue.keep(message);
+                self.rescue
+                    .keep(message, waiter.0.as_ref().and_then(|w| w.first));
                 self.admission.release(1, record_bytes(message));
                 self.admission.unhand(1, false);
                 return;
@@ -332,22 +338,24 @@ impl ProducerContext for Context {
         // undelivered, then what failed, and must not miss a record between the two.
         self.admission.release(1, record_bytes(message));
         self.admission.unhand(1, report.covers());
-        match (waiter.0, &outcome) {
-            // The requester may have given up (deadline, disconnect); the outcome is counted anyway.
-            (Some(waiting), _) => drop(waiting.tx.send(outcome)),
-            (None, Outcome::Failed { error, persisted }) if !given_up => {
-                if let Some(suppressed) = self.failures.pass() {
-                    tracing::warn!(
-                        producer = %self.name,
-                        topic = message.topic(),
-                        error = %error,
-                        ?persisted,
-                        suppressed,
-                        "accepted record not delivered"
-                    );
-                }
+        if let Outcome::Failed { error, persisted } = &outcome
+            && report == Report::None
+            && !given_up
+        {
+            if let Some(suppressed) = self.failures.pass() {
+                tracing::warn!(
+                    producer = %self.name,
+                    topic = message.topic(),
+                    error = %error,
+                    ?persisted,
+                    suppressed,
+                    "accepted record not delivered"
+                );
             }
-            (None, _) => {}
+        }
+        // The requester may have given up (deadline, disconnect); the outcome is counted anyway.
+        if let Some(waiting) = waiter.0 {
+            drop(waiting.tx.send(outcome));
         }
     }
 }

@@ -45,6 +45,16 @@ pub fn persisted(message: &BorrowedMessage<'_>) -> Persisted {
     }
 }
 
+/// How long ago librdkafka took `message` in. Its reports give this for a failed record too,
+/// where they give no timestamp.
+pub fn age(message: &BorrowedMessage<'_>) -> Option<std::time::Duration> {
+    // SAFETY: as in `persisted`; rd_kafka_message_latency only reads the message.
+    let micros = unsafe { rdkafka::bindings::rd_kafka_message_latency(message.ptr()) };
+    u64::try_from(micros)
+        .ok()
+        .map(std::time::Duration::from_micros)
+}
+
 /// Waits until `producer` has no queued or in-flight records, or `timeout` passes, sending
 /// lingering batches at once. rust-rdkafka's own `flush` calls `rd_kafka_flush` with a zero
 /// timeout in a loop, so librdkafka's "flushing" state (which makes linger.ms immediate) is only

@@ -186,6 +186,7 @@ pub(crate) mod tests {
             let waiter = Waiter(Some(Box::new(Waiting {
                 tx,
                 report: crate::kafka::Report::Caller,
+                first: None,
             })));
             let record =
                 BaseRecord::<[u8], [u8], Waiter>::with_opaque_to("t", waiter).payload(&b"x"[..]);

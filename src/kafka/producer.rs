@@ -187,7 +187,19 @@ impl Producer {
             let waiter = if waited {
                 let (tx, rx) = oneshot::channel();
                 receivers.push(rx);
-                Waiter(Some(Box::new(Waiting { tx, report })))
+                Waiter(Some(Box::new(Waiting {
+                    tx,
+                    report,
+                    first: None,
+                })))
+            } else if let Some(first) = record.timestamp {
+                // Sent again: its first time goes with it, for the day it is refused again.
+                let (tx, _) = oneshot::channel();
+                Waiter(Some(Box::new(Waiting {
+                    tx,
+                    report,
+                    first: Some(first),
+                })))
             } else {
                 Waiter(None)
             };
@@ -199,6 +211,9 @@ impl Producer {
             }
             if let Some(p) = record.partition {
                 base = base.partition(p);
+            }
+            if let Some(t) = record.timestamp {
+                base = base.timestamp(t);
             }
             if let Some(h) = record.headers {
                 // The last record of a request takes the shared copy itself.

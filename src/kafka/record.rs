@@ -20,6 +20,9 @@ pub struct Record {
     pub headers: Option<Arc<OwnedHeaders>>,
     /// Record value.
     pub value: Bytes,
+    /// The record's time (CreateTime, ms since the epoch), or `None` for the time it is
+    /// handed to librdkafka. Set for a record sent again, which keeps the time it first had.
+    pub timestamp: Option<i64>,
 }
 
 impl Record {
@@ -134,6 +137,7 @@ mod tests {
                     partition: None,
                     headers: (!headers.is_empty()).then(|| Arc::new(owned)),
                     value: Bytes::from(vec![b'x'; value_len]),
+                    timestamp: None,
                 }
             };
             let fits = LIMIT - record(0).wire_size();

@@ -1,10 +1,12 @@
 //! Records that a fenced producer's brokers refused after their clients had a `202`: kept, and
 //! sent again through the producer that replaces it. The brokers refused them, so nothing of
-//! them was written and sending them again cannot duplicate.
+//! them was written and sending them again cannot duplicate. A record keeps its first time
+//! through every resend, and fails once it is older than `kafka.message_timeout`: brokers that
+//! keep fencing cannot keep it going round for ever.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -14,19 +16,28 @@ use super::producer::{Producer, SendError};
 use super::record::Record;
 use crate::lock;
 
-/// A slot's refused records, in the order their reports came.
+/// A slot's refused records, in the order their reports came, each with its topic.
 #[derive(Debug, Default)]
 pub struct Rescue(Mutex<VecDeque<(String, Record)>>);
 
+/// librdkafka's name for a record that outlived `message.timeout.ms`, as its reports give it.
+const TIMED_OUT: &str = "MessageTimedOut";
+
 impl Rescue {
     /// Keeps a copy of `message`, bound to the partition it was refused for (so that keyed
-    /// records stay where their key put them).
-    pub fn keep(&self, message: &BorrowedMessage<'_>) {
+    /// records stay where their key put them), with the time it was first handed over: `first`
+    /// for a record sent again, else when librdkafka took it in.
+    pub fn keep(&self, message: &BorrowedMessage<'_>, first: Option<i64>) {
+        let taken = || {
+            let age = super::ffi::age(message).unwrap_or_default();
+            now_ms() - age.as_millis() as i64
+        };
         let record = Record {
             key: message.key().map(Bytes::copy_from_slice),
             partition: Some(message.partition()),
             headers: message.headers().map(|h| Arc::new(h.detach())),
             value: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
+            timestamp: Some(first.unwrap_or_else(taken)),
         };
         lock(&self.0).push_back((message.topic().to_string(), record));
     }
@@ -44,15 +55,25 @@ impl Rescue {
     /// Sends the kept records through `to`, in the order they were kept. A new producer gets
     /// them before any request can reach it, so they keep their place ahead of later records.
     /// What `to` does not take now (a shutdown began, its queue is full, it failed) stays kept,
-    /// for the next try or the shutdown's count. Blocks: for a blocking thread of the runtime.
-    pub fn resend(&self, to: &Producer) {
+    /// for the next try or the shutdown's count. A record first handed over more than
+    /// `message_timeout` ago fails as a record librdkafka timed out would; one sent again gets
+    /// librdkafka's whole timeout anew, so a record lasts two timeouts at most. Blocks: for a
+    /// blocking thread of the runtime.
+    pub fn resend(&self, to: &Producer, message_timeout: Duration) {
         let mut kept = lock(&self.0);
         if kept.is_empty() {
             return;
         }
         let runtime = tokio::runtime::Handle::current();
-        let (mut sent, mut lost) = (0, 0);
+        let (mut sent, mut lost, mut expired) = (0, 0, 0);
+        let oldest = now_ms().saturating_sub(message_timeout.as_millis() as i64);
         while let Some((topic, record)) = kept.front() {
+            if record.timestamp.is_some_and(|t| t < oldest) {
+                expired += 1;
+                to.count_lost(topic, TIMED_OUT);
+                kept.pop_front();
+                continue;
+            }
             // A copy (shared bytes): the record stays kept until `to` has taken it.
             let sending = to.send(topic, vec![record.clone()], Report::None, Duration::ZERO);
             match runtime.block_on(sending) {
@@ -77,9 +98,16 @@ impl Rescue {
             kept.pop_front();
         }
         // Not a line per try while `to` has no room.
-        if sent + lost > 0 {
+        if sent + lost + expired > 0 {
             let left = kept.len();
-            tracing::warn!(producer = %to.name(), sent, lost, left, "records refused to a fenced producer sent again");
+            tracing::warn!(producer = %to.name(), sent, lost, expired, left, "records refused to a fenced producer sent again");
         }
     }
+}
+
+/// The wall clock in ms since the epoch, as librdkafka stamps records.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -64,7 +64,7 @@ impl Producers {
             if !current.is_fatal() {
                 // Kept from a fenced producer that was replaced before all its refusals came
                 // back (it was stopped too).
-                slot.shared.rescue.resend(&current);
+                slot.resend_kept(&current);
                 continue;
             }
             // A fenced producer still sends what it holds (Kafka takes the epoch librdkafka

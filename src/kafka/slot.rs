@@ -101,6 +101,11 @@ impl Slot {
             .clone()
     }
 
+    /// Sends the records kept from a fenced producer through `to` ([`super::rescue::Rescue::resend`]).
+    pub(super) fn resend_kept(&self, to: &Producer) {
+        self.shared.rescue.resend(to, self.kafka.message_timeout);
+    }
+
     /// Builds a fresh producer and puts it in place of the current one; returns the old one,
     /// which joins `retiring` before the new one can be seen: a shutdown's flush that finds
     /// the new producer finds the old one too.
@@ -110,7 +115,7 @@ impl Slot {
         retiring: &Mutex<Vec<Arc<Producer>>>,
     ) -> Result<Arc<Producer>, KafkaError> {
         let fresh = Producer::build(&self.name, &self.kafka, self.recipe.clone(), &self.shared)?;
-        self.shared.rescue.resend(&fresh);
+        self.resend_kept(&fresh);
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         let old = std::mem::replace(&mut *current, Arc::new(fresh));
         lock(retiring).push(old.clone());

@@ -338,6 +338,7 @@ mod tests {
                     partition: None,
                     headers: None,
                     value: bytes::Bytes::from_static(b"v"),
+                    timestamp: None,
                 };
                 let (payloads, bytes) = super::super::append::encode(1, "t", &[record]).unwrap();
                 let (reply, _) = oneshot::channel();

@@ -162,6 +162,8 @@ pub struct Consumed {
     pub value: Vec<u8>,
     /// Name and value; a null value is `None`, apart from an empty one.
     pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The record's time, ms since the epoch.
+    pub timestamp: Option<i64>,
 }
 
 /// The headers of a consumed message, null values kept apart from empty ones.
@@ -183,6 +185,7 @@ pub fn consumed(msg: &impl Message) -> Consumed {
         key: msg.key().map(<[u8]>::to_vec),
         value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         headers: headers_of(msg),
+        timestamp: msg.timestamp().to_millis(),
     }
 }
 
