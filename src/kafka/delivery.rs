@@ -341,17 +341,16 @@ impl ProducerContext for Context {
         if let Outcome::Failed { error, persisted } = &outcome
             && report == Report::None
             && !given_up
+            && let Some(suppressed) = self.failures.pass()
         {
-            if let Some(suppressed) = self.failures.pass() {
-                tracing::warn!(
-                    producer = %self.name,
-                    topic = message.topic(),
-                    error = %error,
-                    ?persisted,
-                    suppressed,
-                    "accepted record not delivered"
-                );
-            }
+            tracing::warn!(
+                producer = %self.name,
+                topic = message.topic(),
+                error = %error,
+                ?persisted,
+                suppressed,
+                "accepted record not delivered"
+            );
         }
         // The requester may have given up (deadline, disconnect); the outcome is counted anyway.
         if let Some(waiting) = waiter.0 {
