@@ -123,7 +123,7 @@ fn main() -> ExitCode {
                 );
             }
             let (key, digest) = kafboy::auth::new_key();
-            println!("key:    {key}\nsha256: {digest}");
+            let _ = writeln!(std::io::stdout(), "key:    {key}\nsha256: {digest}");
             ExitCode::SUCCESS
         }
         None => {
@@ -234,9 +234,9 @@ fn check_config(file: Option<&std::path::Path>, overrides: &Overrides) -> ExitCo
         return config_error(&e);
     }
     for name in kafboy::config::ignored_env(&config) {
-        eprintln!(
+        complain(format_args!(
             "warning: {name} is not a setting and ignored: settings are KAFBOY_SECTION__KEY, two underscores after the section"
-        );
+        ));
     }
     // Key digests stay out of what is printed: a key a person chose can be guessed from its
     // digest offline.
@@ -363,11 +363,17 @@ async fn serve(config: Config) -> ExitCode {
 }
 
 fn fail(message: &str) -> ExitCode {
-    eprintln!("kafboy: {message}");
+    complain(format_args!("kafboy: {message}"));
     ExitCode::FAILURE
 }
 
 fn config_error(message: &str) -> ExitCode {
-    eprintln!("kafboy: config error: {message}");
+    complain(format_args!("kafboy: config error: {message}"));
     ExitCode::from(EXIT_CONFIG)
+}
+
+/// A line on stderr. Not `eprintln!`, which panics (exit 101) when stderr is a pipe closed
+/// early (`kafboy check-config 2>&1 | head -1`): the exit code is the answer that matters.
+fn complain(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }

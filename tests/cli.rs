@@ -263,6 +263,22 @@ fn config_errors_exit_64_and_name_the_key() {
 }
 
 #[test]
+fn a_closed_stderr_does_not_change_the_exit_code() {
+    // `kafboy check-config 2>&1 | head -1`: the reader gone before kafboy writes its error.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let bad = config_file("[server]\nlisten = \"nowhere\"\n");
+    let status = kafboy()
+        .arg("check-config")
+        .arg(bad.path())
+        .stdout(Stdio::null())
+        .stderr(writer)
+        .status()
+        .expect("run kafboy");
+    assert_eq!(status.code(), Some(64), "a config error, not a panic");
+}
+
+#[test]
 fn check_config_says_what_a_start_would_warn_of() {
     let file = config_file(
         "[kafka.sasl]\nmechanism = \"plain\"\nusername = \"u\"\npassword_env = \"KAFBOY_TEST_PW\"",
