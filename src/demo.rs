@@ -3,6 +3,7 @@
 //! hook (`hooks/demo.lua`, built in), and a consumer that prints every record that lands.
 
 use std::future::Future;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -66,14 +67,16 @@ pub async fn run(
     let listen = listener.local_addr().unwrap_or(listen);
     let stop = Arc::new(AtomicBool::new(false));
     let printer = spawn_printer(brokers.clone(), stop.clone());
-    println!(
-        "kafboy demo: embedded broker at {brokers}, topics {}",
+    // Not `println!`, which panics once stdout is a closed pipe (`kafboy demo | head -3`).
+    let _ = writeln!(
+        std::io::stdout(),
+        "kafboy demo: embedded broker at {brokers}, topics {}\n\
+         kafboy demo: listening on http://{listen}; try\n  \
+         curl {listen}/batch/async/ekaf -XPOST -d 'test=a'\n  \
+         curl {listen}/batch/async/ekaf -XPOST -d 'hello=a'\n  \
+         curl {listen}/batch/async/ekaf -XPOST",
         TOPICS.join(", ")
     );
-    println!("kafboy demo: listening on http://{listen}; try");
-    println!("  curl {listen}/batch/async/ekaf -XPOST -d 'test=a'");
-    println!("  curl {listen}/batch/async/ekaf -XPOST -d 'hello=a'");
-    println!("  curl {listen}/batch/async/ekaf -XPOST");
     let report = app.run(listener, shutdown).await;
     stop.store(true, Ordering::Relaxed);
     let _ = printer.join();
@@ -97,7 +100,7 @@ fn spawn_printer(brokers: String, stop: Arc<AtomicBool>) -> std::thread::JoinHan
             .create()
         {
             Ok(c) => c,
-            Err(e) => return eprintln!("kafboy demo: no printer: {e}"),
+            Err(e) => return drop(writeln!(std::io::stderr(), "kafboy demo: no printer: {e}")),
         };
         // Assigned, not subscribed: no group rebalance to wait for before the first record shows.
         let mut assignment = TopicPartitionList::new();
@@ -105,7 +108,7 @@ fn spawn_printer(brokers: String, stop: Arc<AtomicBool>) -> std::thread::JoinHan
             let _ = assignment.add_partition_offset(topic, 0, Offset::Beginning);
         }
         if let Err(e) = consumer.assign(&assignment) {
-            return eprintln!("kafboy demo: no printer: {e}");
+            return drop(writeln!(std::io::stderr(), "kafboy demo: no printer: {e}"));
         }
         while !stop.load(Ordering::Relaxed) {
             let Some(Ok(msg)) = consumer.poll(Duration::from_millis(100)) else {
@@ -114,7 +117,8 @@ fn spawn_printer(brokers: String, stop: Arc<AtomicBool>) -> std::thread::JoinHan
             let show = |b: Option<&[u8]>| {
                 b.map_or("-".into(), |b| String::from_utf8_lossy(b).into_owned())
             };
-            println!(
+            let _ = writeln!(
+                std::io::stdout(),
                 "delivered topic={} partition={} offset={} key={} value={}",
                 msg.topic(),
                 msg.partition(),

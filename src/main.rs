@@ -123,8 +123,11 @@ fn main() -> ExitCode {
                 );
             }
             let (key, digest) = kafboy::auth::new_key();
-            let _ = writeln!(std::io::stdout(), "key:    {key}\nsha256: {digest}");
-            ExitCode::SUCCESS
+            // The key exists nowhere else: output that did not get out is a failure.
+            match writeln!(std::io::stdout(), "key:    {key}\nsha256: {digest}") {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("cannot write the key: {e}")),
+            }
         }
         None => {
             // SIGHUP ends a process that does not handle it, and a key rotation may send one to

@@ -146,7 +146,7 @@ impl RecordMeta {
                     partition,
                     headers: headers.clone(),
                     value,
-                    timestamp: None,
+                    first: None,
                 })
             })
             .collect()

@@ -263,7 +263,7 @@ fn config_errors_exit_64_and_name_the_key() {
 }
 
 #[test]
-fn a_closed_stderr_does_not_change_the_exit_code() {
+fn a_closed_output_gives_its_exit_code_not_a_panic() {
     // `kafboy check-config 2>&1 | head -1`: the reader gone before kafboy writes its error.
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
@@ -276,6 +276,16 @@ fn a_closed_stderr_does_not_change_the_exit_code() {
         .status()
         .expect("run kafboy");
     assert_eq!(status.code(), Some(64), "a config error, not a panic");
+    // A key whose output did not get out exists nowhere: a failure, not a success.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let status = kafboy()
+        .arg("hash-key")
+        .stdout(writer)
+        .stderr(Stdio::null())
+        .status()
+        .expect("run kafboy");
+    assert_eq!(status.code(), Some(1), "a key that was not written");
 }
 
 #[test]

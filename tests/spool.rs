@@ -65,7 +65,7 @@ fn record(value: impl Into<Bytes>) -> Record {
         partition: None,
         headers: None,
         value: value.into(),
-        timestamp: None,
+        first: None,
     }
 }
 

@@ -89,8 +89,8 @@ pub struct Waiting {
     /// a record sent again.
     pub report: Report,
     /// For a record sent again after a fenced producer's brokers refused it: when it was first
-    /// handed over (ms since the epoch). A failed record's report has no timestamp.
-    pub first: Option<i64>,
+    /// handed over. A failed record's report has no timestamp.
+    pub first: Option<super::record::First>,
 }
 
 /// Counters of what happened to the records a producer accepted.

@@ -25,7 +25,7 @@ pub use delivery::Report;
 pub use flush::Flushed;
 pub use gate::Gate;
 pub use producer::{Producer, SendError, set_queue_limits};
-pub use record::Record;
+pub use record::{First, Record};
 pub use slot::{Shared, Slot};
 
 use std::collections::HashMap;

@@ -192,7 +192,7 @@ impl Producer {
                     report,
                     first: None,
                 })))
-            } else if let Some(first) = record.timestamp {
+            } else if let Some(first) = record.first {
                 // Sent again: its first time goes with it, for the day it is refused again.
                 let (tx, _) = oneshot::channel();
                 Waiter(Some(Box::new(Waiting {
@@ -212,8 +212,8 @@ impl Producer {
             if let Some(p) = record.partition {
                 base = base.partition(p);
             }
-            if let Some(t) = record.timestamp {
-                base = base.timestamp(t);
+            if let Some(first) = record.first {
+                base = base.timestamp(first.stamp);
             }
             if let Some(h) = record.headers {
                 // The last record of a request takes the shared copy itself.

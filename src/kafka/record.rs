@@ -2,6 +2,7 @@
 //! accounting and its size on the wire.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -20,9 +21,20 @@ pub struct Record {
     pub headers: Option<Arc<OwnedHeaders>>,
     /// Record value.
     pub value: Bytes,
-    /// The record's time (CreateTime, ms since the epoch), or `None` for the time it is
-    /// handed to librdkafka. Set for a record sent again, which keeps the time it first had.
-    pub timestamp: Option<i64>,
+    /// For a record sent again after a fenced producer's brokers refused it: when it was first
+    /// handed to librdkafka. `None` for every other record, which librdkafka stamps itself.
+    pub first: Option<First>,
+}
+
+/// When a record was first handed to librdkafka, on both clocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct First {
+    /// Its time as librdkafka stamped it (CreateTime, ms since the epoch, to the millisecond):
+    /// the time it keeps when sent again.
+    pub stamp: i64,
+    /// The same moment on the monotonic clock, which the age that gives a record up is
+    /// measured on: a step of the wall clock must not expire kept records, nor keep them.
+    pub at: Instant,
 }
 
 impl Record {
@@ -137,7 +149,7 @@ mod tests {
                     partition: None,
                     headers: (!headers.is_empty()).then(|| Arc::new(owned)),
                     value: Bytes::from(vec![b'x'; value_len]),
-                    timestamp: None,
+                    first: None,
                 }
             };
             let fits = LIMIT - record(0).wire_size();

@@ -6,14 +6,14 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rdkafka::message::{BorrowedMessage, Message};
 
 use super::delivery::Report;
 use super::producer::{Producer, SendError};
-use super::record::Record;
+use super::record::{First, Record};
 use crate::lock;
 
 /// A slot's refused records, in the order their reports came, each with its topic.
@@ -27,17 +27,21 @@ impl Rescue {
     /// Keeps a copy of `message`, bound to the partition it was refused for (so that keyed
     /// records stay where their key put them), with the time it was first handed over: `first`
     /// for a record sent again, else when librdkafka took it in.
-    pub fn keep(&self, message: &BorrowedMessage<'_>, first: Option<i64>) {
+    pub fn keep(&self, message: &BorrowedMessage<'_>, first: Option<First>) {
         let taken = || {
             let age = super::ffi::age(message).unwrap_or_default();
-            now_ms() - age.as_millis() as i64
+            let now = Instant::now();
+            First {
+                stamp: now_ms() - age.as_millis() as i64,
+                at: now.checked_sub(age).unwrap_or(now),
+            }
         };
         let record = Record {
             key: message.key().map(Bytes::copy_from_slice),
             partition: Some(message.partition()),
             headers: message.headers().map(|h| Arc::new(h.detach())),
             value: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
-            timestamp: Some(first.unwrap_or_else(taken)),
+            first: Some(first.unwrap_or_else(taken)),
         };
         lock(&self.0).push_back((message.topic().to_string(), record));
     }
@@ -56,9 +60,10 @@ impl Rescue {
     /// them before any request can reach it, so they keep their place ahead of later records.
     /// What `to` does not take now (a shutdown began, its queue is full, it failed) stays kept,
     /// for the next try or the shutdown's count. A record first handed over more than
-    /// `message_timeout` ago fails as a record librdkafka timed out would; one sent again gets
-    /// librdkafka's whole timeout anew, so a record lasts two timeouts at most. Blocks: for a
-    /// blocking thread of the runtime.
+    /// `message_timeout` ago fails as a record librdkafka timed out would, and is not sent
+    /// again. (One sent again gets librdkafka's whole timeout anew: it may still be refused
+    /// once more up to twice that after it was first handed over, and is given up at the next
+    /// resend.) Blocks: for a blocking thread of the runtime.
     pub fn resend(&self, to: &Producer, message_timeout: Duration) {
         let mut kept = lock(&self.0);
         if kept.is_empty() {
@@ -66,9 +71,11 @@ impl Rescue {
         }
         let runtime = tokio::runtime::Handle::current();
         let (mut sent, mut lost, mut expired) = (0, 0, 0);
-        let oldest = now_ms().saturating_sub(message_timeout.as_millis() as i64);
         while let Some((topic, record)) = kept.front() {
-            if record.timestamp.is_some_and(|t| t < oldest) {
+            if record
+                .first
+                .is_some_and(|f| f.at.elapsed() > message_timeout)
+            {
                 expired += 1;
                 to.count_lost(topic, TIMED_OUT);
                 kept.pop_front();

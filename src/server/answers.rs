@@ -45,10 +45,15 @@ pub fn sized_json(status: StatusCode, body: Bytes) -> Response {
     response
 }
 
-/// A Content-Length value: the small ones are made once and shared.
+/// A Content-Length value: the small ones are made once, as static text, whose copies share
+/// no count (a shared `Bytes` would have every worker write one atomic per response).
 fn content_length(n: usize) -> HeaderValue {
-    static SMALL: LazyLock<Vec<HeaderValue>> =
-        LazyLock::new(|| (0..512usize).map(HeaderValue::from).collect());
+    static SMALL: LazyLock<Vec<HeaderValue>> = LazyLock::new(|| {
+        // Leaked once, for the life of the process: 512 short strings.
+        (0..512usize)
+            .map(|n| HeaderValue::from_static(String::leak(n.to_string())))
+            .collect()
+    });
     SMALL
         .get(n)
         .cloned()

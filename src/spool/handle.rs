@@ -312,7 +312,7 @@ mod tests {
             partition: None,
             headers: None,
             value: bytes::Bytes::from_static(b"x"),
-            timestamp: None,
+            first: None,
         };
         let refused = spool.append("t", &[record]).await;
         assert_eq!(refused, Err(SpoolError::Stalled));

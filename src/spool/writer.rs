@@ -338,7 +338,7 @@ mod tests {
                     partition: None,
                     headers: None,
                     value: bytes::Bytes::from_static(b"v"),
-                    timestamp: None,
+                    first: None,
                 };
                 let (payloads, bytes) = super::super::append::encode(1, "t", &[record]).unwrap();
                 let (reply, _) = oneshot::channel();

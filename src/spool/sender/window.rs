@@ -240,7 +240,7 @@ fn to_record(entry: &Entry) -> Record {
         partition: entry.partition,
         headers: Some(std::sync::Arc::new(headers)),
         value: entry.value.clone(),
-        timestamp: None,
+        first: None,
     }
 }
 
