@@ -236,6 +236,8 @@ fn check_config(file: Option<&std::path::Path>, overrides: &Overrides) -> ExitCo
     if let Err(e) = check_logs(&config).and_then(|()| kafboy::state::AppState::check(&config)) {
         return config_error(&e);
     }
+    // Under this shell's open-file limit, which may not be the service's.
+    warn_of(&config, config.server.listen);
     for name in kafboy::config::ignored_env(&config) {
         complain(format_args!(
             "warning: {name} is not a setting and ignored: settings are KAFBOY_SECTION__KEY, two underscores after the section"
@@ -347,21 +349,27 @@ async fn serve(config: Config) -> ExitCode {
             Err(e) => return bind_failed(admin, &e),
         }
     }
-    let listeners = 1 + usize::from(config.server.admin_listen.is_some());
-    kafboy::listener::warn_if_few_files(config.server.max_connections.saturating_mul(listeners));
     let addr = listener.local_addr().map_or(config.server.listen, |a| a);
-    if !addr.ip().is_loopback() && config.auth.keys.is_empty() && config.auth.keys_file.is_none() {
-        tracing::warn!(%addr, "auth is off and kafboy listens beyond loopback: anyone who can reach it can write; see docs/SECURITY.md");
-    }
-    for setting in kafboy::config::batch_waits_past_sync_timeout(&config) {
-        tracing::warn!(%setting, "not below server.sync_timeout: a /batch/sync request whose batch does not fill first is answered 504, and its record written after");
-    }
+    warn_of(&config, addr);
     tracing::info!(%addr, brokers = %config.kafka.brokers.join(","), version = env!("CARGO_PKG_VERSION"), "kafboy listening");
     let report = app.run(listener, stopped.wait()).await;
     if report.undelivered > 0 || report.failed > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// What a start warns of, and `check-config` too: a setting that works, but not as its
+/// operator may think. `addr` is where the main listener listens.
+fn warn_of(config: &Config, addr: std::net::SocketAddr) {
+    let listeners = 1 + usize::from(config.server.admin_listen.is_some());
+    kafboy::listener::warn_if_few_files(config.server.max_connections.saturating_mul(listeners));
+    if !addr.ip().is_loopback() && config.auth.keys.is_empty() && config.auth.keys_file.is_none() {
+        tracing::warn!(%addr, "auth is off and kafboy listens beyond loopback: anyone who can reach it can write; see docs/SECURITY.md");
+    }
+    for setting in kafboy::config::batch_waits_past_sync_timeout(config) {
+        tracing::warn!(%setting, "not below server.sync_timeout: a /batch/sync request whose batch does not fill first is answered 504, and its record written after");
     }
 }
 

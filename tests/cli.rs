@@ -291,7 +291,9 @@ fn a_closed_output_gives_its_exit_code_not_a_panic() {
 #[test]
 fn check_config_says_what_a_start_would_warn_of() {
     let file = config_file(
-        "[kafka.sasl]\nmechanism = \"plain\"\nusername = \"u\"\npassword_env = \"KAFBOY_TEST_PW\"",
+        "[server]\nlisten = \"0.0.0.0:8000\"\nmax_connections = 1000000000\n\
+         [batch]\nflush_timeout = \"60s\"\n\
+         [kafka.sasl]\nmechanism = \"plain\"\nusername = \"u\"\npassword_env = \"KAFBOY_TEST_PW\"",
     );
     let out = run_to_end({
         let mut c = kafboy();
@@ -303,6 +305,16 @@ fn check_config_says_what_a_start_would_warn_of() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("in clear"), "{stderr}");
+    assert!(stderr.contains("auth is off"), "{stderr}");
+    assert!(stderr.contains("not below server.sync_timeout"), "{stderr}");
+    // Unless this machine sets no limit at all, a billion connections are past it.
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let unlimited = limits
+        .lines()
+        .any(|l| l.starts_with("Max open files") && l.contains("unlimited"));
+    if !limits.is_empty() && !unlimited {
+        assert!(stderr.contains("open-file limit"), "{stderr}");
+    }
 }
 
 #[test]
