@@ -630,6 +630,9 @@ async fn a_peer_that_refuses_wrote_nothing_and_the_node_serves_the_request() {
         "404 Not Found",
         // The headers forwarding adds took the request past the peer's limit.
         "431 Request Header Fields Too Large",
+        // Something in front of the peer sent the request elsewhere: no kafboy node redirects.
+        "307 Temporary Redirect",
+        "308 Permanent Redirect",
     ] {
         let peer = FakePeer::start(Produce::Refuse(refusal)).await;
         let (mock, a) = forwarding_to(&peer.url, "").await;
@@ -721,6 +724,7 @@ async fn a_peer_url_that_leads_back_to_the_node_itself_is_never_forwarded_to() {
     let s = status(&a).await;
     assert_eq!(counter(&s, "forwarded_received"), 0, "{s}");
     assert_eq!(s["peers"][0]["ready"], false, "{s}");
+    assert_eq!(s["peers"][0]["headroom"], 0.0, "no room to offer: {s}");
     assert_eq!(
         written(&mock.bootstrap_servers(), 3).await,
         [r#"{"id":0}"#, r#"{"id":1}"#, r#"{"id":2}"#]

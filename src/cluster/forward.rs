@@ -122,18 +122,21 @@ fn causes(error: &reqwest::Error) -> String {
 /// A peer's answer that says nothing was written there and this node, which admitted the
 /// request, may serve it: the peer is full, not ready or shutting down, over its own rate
 /// limit, does not (yet) know the key or the topic (a key file or metadata not reloaded
-/// there yet), or refused the headers before reading the request.
+/// there yet), or refused the headers before reading the request; or a redirect, which no
+/// kafboy node answers (something in front of the peer sent the request elsewhere, and a
+/// client told of it would not know where: the answer does not carry its `Location`).
 pub(crate) fn declined(status: StatusCode) -> bool {
-    [
-        StatusCode::SERVICE_UNAVAILABLE,
-        StatusCode::TOO_MANY_REQUESTS,
-        StatusCode::UNAUTHORIZED,
-        StatusCode::FORBIDDEN,
-        StatusCode::NOT_FOUND,
-        // The few headers forwarding adds took the request past the peer's header limit.
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-    ]
-    .contains(&status)
+    status.is_redirection()
+        || [
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::FORBIDDEN,
+            StatusCode::NOT_FOUND,
+            // The few headers forwarding adds took the request past the peer's header limit.
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        ]
+        .contains(&status)
 }
 
 fn hop_by_hop(name: &HeaderName) -> bool {

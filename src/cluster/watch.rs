@@ -22,7 +22,8 @@ impl Cluster {
                 tracing::info!(peer = %url, ready, "peer state changed");
             }
             peer.ready = ready;
-            peer.headroom = headroom;
+            // Room that is never used (this node itself) is not shown as room.
+            peer.headroom = if ready { headroom } else { 0.0 };
             gauge!(crate::metrics::PEER_READY, "peer" => url.to_string()).set(if ready {
                 1.0
             } else {
