@@ -196,6 +196,36 @@ async fn rate_limits_are_per_key_and_global() {
     gw.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_a_hook_moves_to_is_judged_as_a_clients_would_be() {
+    let b = broker();
+    let topic = b.topic("moved", 1);
+    let mut script = tempfile::Builder::new().suffix(".lua").tempfile().unwrap();
+    script
+        .write_all(b"function on_request(req)\n  req:set_topic(req:query(\"to\"))\n  return forward()\nend\n")
+        .unwrap();
+    let toml = format!(
+        "[hook]\nscript = {:?}\n\
+         [[auth.keys]]\nname = \"web\"\nsha256 = \"{}\"\ntopics = [\"{topic}\"]\n",
+        script.path().display().to_string(),
+        sha("web-key")
+    );
+    let gw = gateway(&b.addr, &toml).await;
+    let web = Some(("x-api-key", "web-key"));
+    let to = |target: &str| format!("{}/async/{topic}?to={target}", gw.url);
+    // A name no key could allow: the grammar's 400, as a client sending it gets, not the
+    // key's 403.
+    for bad in ["__internal", "bad%20name"] {
+        let r = post(&to(bad), web).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+    // A good name outside the key's topics: the key's 403.
+    let r = post(&to("elsewhere"), web).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(post(&to(&topic), web).await.status, 202);
+    gw.stop().await;
+}
+
 async fn futures_join(url: &str, n: usize) -> Vec<u16> {
     let mut out = Vec::new();
     for _ in 0..n {

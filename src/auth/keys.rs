@@ -72,15 +72,18 @@ impl Keys {
     }
 
     /// The keys of the config and the file, with the stamp of the file read. A failure says
-    /// which version of the file failed (`None` when it changed while being read: the next
-    /// check reads it again).
+    /// which version of the file failed (`None` when it changed while being read, or could
+    /// not be read at all, out of file descriptors say: the next check reads it again).
     fn read(&self) -> Result<(KeySet, Option<Stamp>), (String, Option<Stamp>)> {
         let mut all = self.inline.clone();
         let mut stamped = None;
         if let Some(path) = &self.file {
             let before = stamp(path);
             let failed = |e: String| (format!("{}: {e}", path.display()), before);
-            let text = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+            // Not held against this version of the file: a revocation in it must not wait for
+            // the next edit because one read ran out of file descriptors.
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| (format!("{}: {e}", path.display()), None))?;
             // A file being written as it was read (an empty one, say, which parses as no keys)
             // must not replace the keys in force.
             if stamp(path) != before {
@@ -95,7 +98,7 @@ impl Keys {
             if text.trim().is_empty() {
                 return Err(failed("empty".into()));
             }
-            let parsed: KeyFile = toml::from_str(&text).map_err(|e| failed(e.to_string()))?;
+            let parsed: KeyFile = toml::from_str(&text).map_err(|e| failed(unquoted(&text, &e)))?;
             // Checked alone first, so that a bad entry is named by the file and its place
             // there; the whole set below finds a key that clashes with an inline one.
             KeySet::new(&parsed.keys, self.mtls).map_err(failed)?;
@@ -154,6 +157,21 @@ impl Keys {
     /// Whether there is a key file to watch.
     pub fn has_file(&self) -> bool {
         self.file.is_some()
+    }
+}
+
+/// A parse error of the key file without the line it quotes: a key written where its digest
+/// belongs would go to the log in clear.
+fn unquoted(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message();
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("TOML parse error at line {line}, column {column}: {message}")
+        }
+        None => format!("TOML parse error: {message}"),
     }
 }
 
@@ -313,6 +331,39 @@ mod tests {
         watch.signalled();
         assert!(!watch.beat(&keys), "it changed since the last beat");
         assert!(watch.beat(&keys), "held still for a beat");
+    }
+
+    #[test]
+    fn a_file_that_could_not_be_read_is_read_again_at_the_next_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, entry("a")).unwrap();
+        let keys = Keys::load(&[], Some(&path), false).unwrap();
+        // Stat works and the read fails, as when the process is out of file descriptors.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(!keys.file_settled());
+        assert!(keys.file_settled());
+        assert!(keys.reload().is_err());
+        assert!(
+            keys.file_settled(),
+            "not held against this version of the file"
+        );
+        assert_eq!(keys.current().keys.len(), 1, "the keys in force stay");
+    }
+
+    #[test]
+    fn a_parse_error_names_the_line_without_quoting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, entry("a")).unwrap();
+        let keys = Keys::load(&[], Some(&path), false).unwrap();
+        // A key pasted where its digest belongs, with the quote left open.
+        let pasted = entry("b").replace(&"cd".repeat(32), "kb_secret\nmodes = [");
+        std::fs::write(&path, pasted).unwrap();
+        let e = keys.reload().unwrap_err();
+        assert!(!e.contains("kb_secret"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
     }
 
     #[test]

@@ -163,6 +163,11 @@ async fn prepared(
     forward: Forward,
     topic_seen: &mut Option<String>,
 ) -> Result<Later, IngestError> {
+    // The topic's own rules first, as for a client's topic: a name no key could allow is
+    // `400` (or `404` outside the allowlist), not the key's `403`.
+    if let Some(topic) = &forward.topic {
+        check_topic(app, topic)?;
+    }
     if let Some(key) = key {
         key.allows(forward.topic.as_deref().unwrap_or(&request.topic), mode)?;
     }
@@ -197,14 +202,8 @@ fn forwarded(
         Ok(request) => (request.topic, request.body),
         Err(shared) => (shared.topic.clone(), shared.body.clone()),
     };
-    let topic = match forward.topic {
-        Some(topic) => {
-            check_topic(app, &topic)?;
-            topic
-        }
-        // Checked before the hook ran.
-        None => route_topic,
-    };
+    // A hook's topic was checked in `prepared`, the route's before the hook ran.
+    let topic = forward.topic.unwrap_or(route_topic);
     meta.key = forward.key.or(meta.key);
     meta.partition = forward.partition.or(meta.partition);
     // A header the hook sets replaces the client's of that name: a hook that stamps a
