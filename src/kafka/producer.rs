@@ -184,21 +184,16 @@ impl Producer {
         self.admission.hand(total, covered);
         let mut handed_bytes = 0;
         for (i, record) in records.into_iter().enumerate() {
-            let waiter = if waited {
+            // A record sent again carries its first time, for the day it is refused again.
+            let waiter = if waited || record.first.is_some() {
                 let (tx, rx) = oneshot::channel();
-                receivers.push(rx);
+                if waited {
+                    receivers.push(rx);
+                }
                 Waiter(Some(Box::new(Waiting {
                     tx,
                     report,
-                    first: None,
-                })))
-            } else if let Some(first) = record.first {
-                // Sent again: its first time goes with it, for the day it is refused again.
-                let (tx, _) = oneshot::channel();
-                Waiter(Some(Box::new(Waiting {
-                    tx,
-                    report,
-                    first: Some(first),
+                    first: record.first,
                 })))
             } else {
                 Waiter(None)
