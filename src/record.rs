@@ -177,7 +177,8 @@ fn form_decode(component: &str) -> Vec<u8> {
 fn parse_partition(raw: &[u8]) -> Result<i32, IngestError> {
     std::str::from_utf8(raw)
         .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
+        // Spaces and tabs around it, as the README says; not a newline or a no-break space.
+        .and_then(|s| s.trim_matches([' ', '\t']).parse::<i32>().ok())
         .filter(|p| *p >= 0)
         .ok_or_else(|| IngestError::BadRequest("partition must be a non-negative integer".into()))
 }
@@ -224,6 +225,24 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn a_partition_is_digits_with_spaces_around_at_most() {
+        for (given, want) in [
+            ("1", Some(1)),
+            ("%201%20", Some(1)),
+            ("+1", Some(1)),
+            ("01", Some(1)),
+        ] {
+            let got = meta(&format!("/a?partition={given}"), &[])
+                .ok()
+                .and_then(|m| m.partition);
+            assert_eq!(got, want, "{given}");
+        }
+        for bad in ["1%0A", "%C2%A01", "1e0", "-1", ""] {
+            assert!(meta(&format!("/a?partition={bad}"), &[]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -17,20 +17,24 @@ pub(super) async fn lookup(app: &AppState, topic: &str) -> Result<Arc<TopicInfo>
         .topics
         .lookup(topic)
         .await
-        .map_err(|e| match e {
-            LookupError::Unknown => IngestError::UnknownTopic(topic.to_string()),
-            LookupError::Denied => {
-                IngestError::Forbidden(format!("kafka refuses kafboy the topic {topic}"))
-            }
-            LookupError::Unavailable(why) => {
-                IngestError::Unavailable(format!("kafka metadata: {why}"))
-            }
-        })
+        .map_err(|e| refused(topic, e))
+}
+
+/// The answer to a topic the brokers do not have, refuse kafboy, or could not be asked about.
+fn refused(topic: &str, error: LookupError) -> IngestError {
+    match error {
+        LookupError::Unknown => IngestError::UnknownTopic(topic.to_string()),
+        LookupError::Denied => {
+            IngestError::Forbidden(format!("kafka refuses kafboy the topic {topic}"))
+        }
+        LookupError::Unavailable(why) => IngestError::Unavailable(format!("kafka metadata: {why}")),
+    }
 }
 
 /// A partition past the cached count may have been added since the last metadata refresh: a
 /// listing made now settles whether it is out of range (left to [`RecordMeta::into_records`]:
-/// `400`) or not yet known to every producer (`503`; used from the next refreshes on).
+/// `400`), not yet known to every producer (`503`; used from the next refreshes on), or in a
+/// topic that is gone (`404`).
 pub(super) async fn check_partition(
     app: &AppState,
     topic: &str,
@@ -43,11 +47,12 @@ pub(super) async fn check_partition(
     }
     // Boxed: the listing's future is large, and every request's future would carry its room.
     match Box::pin(app.producers.topics.listed_partitions(topic, info)).await {
-        Ok(Some(n)) if p < n => Err(IngestError::Unavailable(format!(
+        Ok(n) if p < n => Err(IngestError::Unavailable(format!(
             "partition {p} was just added; kafboy writes to it from its next metadata refresh"
         ))),
         Ok(_) => Ok(()),
-        Err(why) => Err(IngestError::Unavailable(format!("kafka metadata: {why}"))),
+        // Deleted (or refused) since the last refresh: as a lookup would answer.
+        Err(error) => Err(refused(topic, error)),
     }
 }
 

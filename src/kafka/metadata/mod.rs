@@ -3,7 +3,7 @@
 //! A name not in the cache is looked up in a listing of the whole cluster ([`super::listing`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -33,10 +33,10 @@ pub struct TopicInfo {
     pub added: i32,
     /// State of the round-robin and sticky strategies.
     pub rotation: Rotation,
-    /// The partition count a listing gave when a request named a partition past
-    /// `partitions` (`None`: listed without partitions for now), and when: one listing per
-    /// `unknown_topic_ttl` settles the requests that do so.
-    pub(super) listed: std::sync::Mutex<Option<(Instant, Option<i32>)>>,
+    /// What a listing said of the topic when a request named a partition past `partitions`
+    /// (`None`: not listed), and when: one listing per `unknown_topic_ttl` settles the
+    /// requests that do so.
+    pub(super) listed: std::sync::Mutex<Option<(Instant, Option<Listed>)>>,
 }
 
 impl TopicInfo {
@@ -101,6 +101,10 @@ type Turn = Option<tokio::sync::OwnedMutexGuard<()>>;
 /// Remembered missing topics beyond this are forgotten early, so random names cannot grow memory.
 const MAX_MISSING: usize = 10_000;
 
+/// Misses between two counts of the remembered ones, on a cache past [`MAX_MISSING`] entries:
+/// at most this many more are remembered.
+const COUNT_EVERY: usize = 1_000;
+
 /// The cache, shared by all requests.
 pub struct Topics {
     entries: RwLock<HashMap<String, Entry>>,
@@ -119,6 +123,8 @@ pub struct Topics {
     by_name: bool,
     /// Topics the producers found the brokers refuse kafboy to write.
     refusals: Arc<WriteRefusals>,
+    /// Misses remembered since [`make_room`] last counted them.
+    misses: AtomicUsize,
 }
 
 impl Topics {
@@ -142,6 +148,7 @@ impl Topics {
             missing_ttl,
             by_name,
             refusals,
+            misses: AtomicUsize::new(0),
         }
     }
 
@@ -221,7 +228,7 @@ impl Topics {
         }
         let listed = listed.map(|l| (topic, l));
         if !matches!(listed, Some((_, Listed::Partitions(p))) if p > 0) {
-            make_room(&mut entries, self.missing_ttl);
+            make_room(&mut entries, self.missing_ttl, &self.misses);
         }
         let answer = match listed {
             Some((_, Listed::Partitions(partitions))) if partitions > 0 => {
@@ -312,15 +319,21 @@ impl Topics {
 
 /// Room for one more miss: past [`MAX_MISSING`] remembered, misses are forgotten, all but
 /// refusals to write within their TTL (which random names cannot be). Known topics do not
-/// count: on a cluster of more topics than that, every miss would forget the others.
-fn make_room(entries: &mut HashMap<String, Entry>, ttl: Duration) {
+/// count: on a cluster of more topics than that, every miss would forget the others. On such
+/// a cluster they are counted once per [`COUNT_EVERY`] misses (`since` counts them), not at
+/// every one: a count reads the whole cache, under its write lock.
+fn make_room(entries: &mut HashMap<String, Entry>, ttl: Duration, since: &AtomicUsize) {
     let missing = |entries: &HashMap<String, Entry>| {
         entries
             .values()
             .filter(|e| matches!(e, Entry::Refused(..)))
             .count()
     };
-    if entries.len() <= MAX_MISSING || missing(entries) <= MAX_MISSING {
+    if entries.len() <= MAX_MISSING || since.fetch_add(1, Ordering::Relaxed) + 1 < COUNT_EVERY {
+        return;
+    }
+    since.store(0, Ordering::Relaxed);
+    if missing(entries) <= MAX_MISSING {
         return;
     }
     entries.retain(|_, e| match e {
@@ -366,7 +379,8 @@ mod tests {
             .map(|i| (format!("t{i}"), known()))
             .collect();
         entries.insert("ordrs".into(), miss());
-        make_room(&mut entries, TTL);
+        let since = AtomicUsize::new(COUNT_EVERY - 1);
+        make_room(&mut entries, TTL, &since);
         assert!(
             entries.contains_key("ordrs"),
             "a big cluster forgot its miss"
@@ -376,7 +390,13 @@ mod tests {
             "denied".into(),
             Entry::Refused(Instant::now(), LookupError::Denied),
         );
-        make_room(&mut entries, TTL);
+        // Counted once per COUNT_EVERY misses, not at every one.
+        let all = entries.len();
+        for _ in 0..COUNT_EVERY - 1 {
+            make_room(&mut entries, TTL, &since);
+        }
+        assert_eq!(entries.len(), all, "not counted yet");
+        make_room(&mut entries, TTL, &since);
         assert_eq!(
             entries.len(),
             MAX_MISSING + 2000 + 1,
@@ -536,6 +556,28 @@ mod tests {
         // answers it.
         cluster.create_topic("new", 2, 1).unwrap();
         assert_eq!(topics.lookup("new").await.unwrap().partitions, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_past_the_count_of_a_topic_since_deleted_is_the_topics_404() {
+        let (_cluster, topics) = cache(&[("real", 3)]);
+        let topics = Arc::new(topics);
+        // Known to the cache, gone from the brokers (deleted since the last refresh).
+        let info = Arc::new(TopicInfo::with_partitions(3));
+        let made = topics.listings();
+        for _ in 0..5 {
+            assert_eq!(
+                topics.listed_partitions("gone", &info).await,
+                Err(LookupError::Unknown)
+            );
+        }
+        assert_eq!(topics.listings(), made + 1, "one listing answers them all");
+        assert_eq!(
+            topics
+                .listed_partitions("real", &Arc::new(TopicInfo::with_partitions(1)))
+                .await,
+            Ok(3)
+        );
     }
 
     #[test]

@@ -76,45 +76,48 @@ impl Topics {
         }
     }
 
-    /// How many partitions the brokers list for `topic` now, for a request that names a
+    /// The partition count of `topic` as the brokers list it now, for a request that names a
     /// partition past the cached count (it may have been added since the last refresh): from
     /// a listing made for it, or one made for another such request within `unknown_topic_ttl`.
-    /// `None` for a topic not listed; an error for one listed without partitions for now
-    /// (being made again, or between leaders): whether the partition will exist is not known.
+    /// A topic the listing does not have (deleted since the last refresh) or refuses is an
+    /// error as a lookup's would be, and remembered as long: such requests cost no listing
+    /// each. So is one listed without partitions for now (being made again, or between
+    /// leaders): whether the partition will exist is not known.
     pub async fn listed_partitions(
         self: &Arc<Self>,
         topic: &str,
         info: &TopicInfo,
-    ) -> Result<Option<i32>, String> {
-        // A count, or `None` for a topic listed without partitions (kept too: its `503` invites
-        // retries, each of which would make a listing).
-        let answer = |n: Option<i32>| {
-            n.map(Some)
-                .ok_or_else(|| format!("topic {topic:?} has no usable partitions now"))
+    ) -> Result<i32, LookupError> {
+        let answer = |seen: Option<Listed>| match seen {
+            Some(Listed::Partitions(n)) => Ok(n),
+            Some(Listed::Settling(_)) => Err(LookupError::Unavailable(format!(
+                "topic {topic:?} has no usable partitions now"
+            ))),
+            Some(Listed::Denied) => Err(LookupError::Denied),
+            None => Err(LookupError::Unknown),
         };
-        if let Some((at, n)) = *lock(&info.listed)
+        if let Some((at, seen)) = *lock(&info.listed)
             && at.elapsed() < self.missing_ttl
         {
-            return answer(n);
+            return answer(seen);
         }
         let arrived = Instant::now();
         let deadline = arrived + self.timeout;
         let mut turn = self
             .turn(deadline)
             .await
-            .map_err(|_| "metadata lookup timed out".to_string())?;
+            .map_err(|_| LookupError::Unavailable("metadata lookup timed out".into()))?;
         // Requests that waited together for the turn share the first one's listing.
-        if let Some((at, n)) = *lock(&info.listed)
+        if let Some((at, seen)) = *lock(&info.listed)
             && at >= arrived
         {
-            return answer(n);
+            return answer(seen);
         }
-        let listed = match self.listed(topic, arrived, deadline, &mut turn).await? {
-            Some(Listed::Partitions(n)) => Some(n),
-            Some(Listed::Settling(_)) => None,
-            Some(Listed::Denied) | None => return Ok(None),
-        };
-        *lock(&info.listed) = Some((Instant::now(), listed));
-        answer(listed)
+        let seen = self
+            .listed(topic, arrived, deadline, &mut turn)
+            .await
+            .map_err(LookupError::Unavailable)?;
+        *lock(&info.listed) = Some((Instant::now(), seen));
+        answer(seen)
     }
 }
