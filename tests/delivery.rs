@@ -993,6 +993,32 @@ async fn sync_records_that_fail_during_the_drain_are_answered_not_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_record_answered_504_then_given_up_at_the_shutdown_counts_as_undelivered() {
+    let (cluster, topic) = cluster_with_topic("gave-up", 1);
+    let bootstrap = cluster.bootstrap_servers();
+    let toml = "[kafka]\nmessage_timeout = \"60s\"\n\
+                [server]\nsync_timeout = \"1s\"\nshutdown_timeout = \"1s\"";
+    let gw = common::gateway(&bootstrap, toml).await;
+    warm_up(&gw, &bootstrap, &topic).await;
+    cluster.broker_down(ALL_BROKERS).expect("brokers down");
+    // Its requester is told "maybe written" and goes; the record waits in the queue.
+    let path = format!("/sync/{topic}");
+    let (reply, _) = timed_post(&gw, &path, None, r#"{"s":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 504, "{reply:?}");
+    let report = tokio::time::timeout(Duration::from_secs(15), gw.stop())
+        .await
+        .expect("gateway stops");
+    // Given up at the flush, never sent: nobody hears of it but the shutdown's count.
+    assert_eq!(
+        (report.undelivered, report.maybe_written, report.failed),
+        (1, 0, 0),
+        "{report:?}"
+    );
+    cluster.broker_up(ALL_BROKERS).expect("brokers up");
+    assert_holds(&bootstrap, &topic, &[WARM_UP], "given up").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_request_still_waiting_after_the_flush_is_answered_not_cut_off() {
     let (cluster, topic) = cluster_with_topic("past-flush", 1);
     // The record outlives both the drain and the flush (1 s each): its request is still

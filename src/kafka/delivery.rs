@@ -295,9 +295,12 @@ impl ProducerContext for Context {
         }
         let report = waiter.0.as_ref().map_or(Report::None, |w| w.report);
         let spooled = report == Report::Spool;
-        // Given up at the flush's deadline: undelivered, not failed (nor logged as such).
+        // Given up at the flush's deadline: undelivered, not failed (nor logged as such). A
+        // requester that is gone (answered `504` at its deadline, or its client left) hears of
+        // nothing: its record is the shutdown's to count, as an async one is.
         let given_up = code.is_some() && self.gate.given_up();
-        if given_up && !report.covers() {
+        let heard = report == Report::Spool || waiter.0.as_ref().is_some_and(|w| !w.tx.is_closed());
+        if given_up && !(report.covers() && heard) {
             self.gate.count_given_up(super::ffi::persisted(message));
         }
         // A spooled record's attempt is not its outcome: the spool sends it again after a

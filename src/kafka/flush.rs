@@ -61,12 +61,15 @@ impl Producers {
     }
 
     /// After [`Producers::flush`]: waits at most `wait` for the records still in flight (an
-    /// ack that comes makes one delivered after all), then counts what the shutdown left.
+    /// ack that comes makes one delivered after all) and for the reports of those the flush
+    /// gave up (a sync record whose requester already had its `504` is counted by its report),
+    /// then counts what the shutdown left.
     pub async fn outcome(&self, wait: Duration) -> Flushed {
         let producers = self.everyone();
         let handed = || producers.iter().map(|p| p.uncovered()).sum::<usize>();
+        let held = || producers.iter().map(|p| p.queued()).sum::<usize>();
         let until = Instant::now() + wait;
-        while handed() > 0 && Instant::now() < until {
+        while held() > 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // librdkafka#4103: flush's return code is not trusted. Nor is its queue length, which
