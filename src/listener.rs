@@ -96,7 +96,8 @@ pub fn warn_if_few_files(connections: usize) {
             wanted,
             "the open-file limit is below server.max_connections and a margin: past it clients wait \
              unanswered instead of getting 503; raise it (LimitNOFILE=, ulimit -n) or lower \
-             server.max_connections"
+             server.max_connections (this process's limit: check-config run from a shell has the \
+             shell's, which a service manager may set otherwise)"
         );
     }
 }

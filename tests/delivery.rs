@@ -1019,6 +1019,28 @@ async fn a_sync_record_answered_504_then_given_up_at_the_shutdown_counts_as_unde
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_record_answered_504_that_fails_during_the_flush_counts_as_failed() {
+    let (cluster, topic) = cluster_with_topic("gone-fails", 1);
+    let bootstrap = cluster.bootstrap_servers();
+    // It expires 3 s after it was queued, well inside the flush's 8 s.
+    let toml = "[kafka]\nmessage_timeout = \"3s\"\n\
+                [server]\nsync_timeout = \"1s\"\nshutdown_timeout = \"8s\"";
+    let gw = common::gateway(&bootstrap, toml).await;
+    warm_up(&gw, &bootstrap, &topic).await;
+    cluster.broker_down(ALL_BROKERS).expect("brokers down");
+    let path = format!("/sync/{topic}");
+    let (reply, _) = timed_post(&gw, &path, None, r#"{"s":1}"#, PROMPT).await;
+    assert_eq!(reply.status, 504, "{reply:?}");
+    let report = tokio::time::timeout(Duration::from_secs(15), gw.stop())
+        .await
+        .expect("gateway stops");
+    // Its requester is gone: nobody hears of the failure but the shutdown's count.
+    assert_eq!((report.undelivered, report.failed), (0, 1), "{report:?}");
+    cluster.broker_up(ALL_BROKERS).expect("brokers up");
+    assert_holds(&bootstrap, &topic, &[WARM_UP], "expired").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_request_still_waiting_after_the_flush_is_answered_not_cut_off() {
     let (cluster, topic) = cluster_with_topic("past-flush", 1);
     // The record outlives both the drain and the flush (1 s each): its request is still

@@ -205,8 +205,8 @@ async fn a_topic_a_hook_moves_to_is_judged_as_a_clients_would_be() {
         .write_all(b"function on_request(req)\n  req:set_topic(req:query(\"to\"))\n  return forward()\nend\n")
         .unwrap();
     let toml = format!(
-        "[hook]\nscript = {:?}\n\
-         [[auth.keys]]\nname = \"web\"\nsha256 = \"{}\"\ntopics = [\"{topic}\"]\n",
+        "[hook]\nscript = {:?}\n[topics]\nallow = [\"{topic}\", \"listed\"]\n\
+         [[auth.keys]]\nname = \"web\"\nsha256 = \"{}\"\ntopics = [\"{topic}\", \"unlisted\"]\n",
         script.path().display().to_string(),
         sha("web-key")
     );
@@ -219,9 +219,13 @@ async fn a_topic_a_hook_moves_to_is_judged_as_a_clients_would_be() {
         let r = post(&to(bad), web).await;
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
     }
-    // A good name outside the key's topics: the key's 403.
-    let r = post(&to("elsewhere"), web).await;
-    assert_eq!(r.status, 403, "{}", r.body);
+    // Then the key, then the allowlist, as for a client's topic.
+    for (target, want) in [("elsewhere", 403), ("listed", 403), ("unlisted", 404)] {
+        let r = post(&to(target), web).await;
+        assert_eq!(r.status, want, "{target}: {}", r.body);
+        let r = post(&format!("{}/async/{target}", gw.url), web).await;
+        assert_eq!(r.status, want, "{target} sent by a client: {}", r.body);
+    }
     assert_eq!(post(&to(&topic), web).await.status, 202);
     gw.stop().await;
 }

@@ -80,10 +80,10 @@ impl Keys {
         if let Some(path) = &self.file {
             let before = stamp(path);
             let failed = |e: String| (format!("{}: {e}", path.display()), before);
-            // Not held against this version of the file: a revocation in it must not wait for
-            // the next edit because one read ran out of file descriptors.
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| (format!("{}: {e}", path.display()), None))?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                let version = if held_against(e.kind()) { before } else { None };
+                (format!("{}: {e}", path.display()), version)
+            })?;
             // A file being written as it was read (an empty one, say, which parses as no keys)
             // must not replace the keys in force.
             if stamp(path) != before {
@@ -160,19 +160,56 @@ impl Keys {
     }
 }
 
-/// A parse error of the key file without the line it quotes: a key written where its digest
-/// belongs would go to the log in clear.
+/// Whether a failed read of the key file stays failed until the file changes: what the file
+/// is (not readable by kafboy, a directory, not UTF-8). Anything else (out of file
+/// descriptors, an I/O error) is tried again at the next check: a revocation in the file must
+/// not wait for its next edit.
+fn held_against(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::{InvalidData, IsADirectory, NotFound, PermissionDenied};
+    matches!(
+        kind,
+        PermissionDenied | IsADirectory | NotFound | InvalidData
+    )
+}
+
+/// A parse error of the key file without the line it quotes, nor a long value its message
+/// quotes: a key written where its digest belongs would go to the log in clear.
 fn unquoted(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message();
+    let message = elided(error.message());
     match error.span() {
         Some(span) => {
-            let before = &text[..span.start.min(text.len())];
+            let before = text.get(..span.start).unwrap_or(text);
             let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = before[start..].chars().count() + 1;
             format!("TOML parse error at line {line}, column {column}: {message}")
         }
         None => format!("TOML parse error: {message}"),
     }
+}
+
+/// `message` with every quoted span (in `"` or backticks) of more than 12 characters left
+/// out: a mode or a field name is shorter, a key is not.
+fn elided(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find(['"', '`']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        let Some(len) = rest[open + 1..].find(quote) else {
+            break;
+        };
+        let inner = &rest[open + 1..open + 1 + len];
+        out.push_str(&rest[..=open]);
+        out.push_str(if inner.chars().count() > 12 {
+            "…"
+        } else {
+            inner
+        });
+        out.push(quote);
+        rest = &rest[open + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// When the key file is due for a reload, decided on a fixed beat.
@@ -334,21 +371,24 @@ mod tests {
     }
 
     #[test]
-    fn a_file_that_could_not_be_read_is_read_again_at_the_next_check() {
+    fn a_read_that_failed_for_want_of_resources_is_tried_again() {
+        // Out of file descriptors (EMFILE, ENFILE), an I/O error (EIO): tried again at the
+        // next check.
+        for errno in [24, 23, 5] {
+            let kind = std::io::Error::from_raw_os_error(errno).kind();
+            assert!(!held_against(kind), "{errno}: {kind:?}");
+        }
+        // What the file is: tried again once it changes.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.toml");
         std::fs::write(&path, entry("a")).unwrap();
         let keys = Keys::load(&[], Some(&path), false).unwrap();
-        // Stat works and the read fails, as when the process is out of file descriptors.
         std::fs::remove_file(&path).unwrap();
         std::fs::create_dir(&path).unwrap();
         assert!(!keys.file_settled());
         assert!(keys.file_settled());
         assert!(keys.reload().is_err());
-        assert!(
-            keys.file_settled(),
-            "not held against this version of the file"
-        );
+        assert!(!keys.file_settled(), "a directory stays one");
         assert_eq!(keys.current().keys.len(), 1, "the keys in force stay");
     }
 
@@ -364,6 +404,16 @@ mod tests {
         let e = keys.reload().unwrap_err();
         assert!(!e.contains("kb_secret"), "{e}");
         assert!(e.contains("line 3"), "{e}");
+        // Nor a value its message quotes, where a key went in place of a number.
+        let pasted = entry("b") + "rate = \"kb_0123456789abcdef\"\n";
+        std::fs::write(&path, pasted).unwrap();
+        let e = keys.reload().unwrap_err();
+        assert!(!e.contains("kb_0123456789"), "{e}");
+        assert!(e.contains("line 5"), "{e}");
+        // Columns count characters.
+        std::fs::write(&path, "[[keys]]\nname = \"é\" x\n").unwrap();
+        let e = keys.reload().unwrap_err();
+        assert!(e.contains("line 2, column 12"), "{e}");
     }
 
     #[test]

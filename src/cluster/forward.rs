@@ -42,11 +42,16 @@ impl Cluster {
             .body(body);
         match request.send().await {
             Ok(answer) if declined(answer.status()) => {
-                tracing::debug!(%peer, status = %answer.status(), "peer declined a forwarded request");
-                // Full or stopping: not asked again until its next check. (Not for a 429: one
-                // key's own bucket may be empty there, and the peer serves every other key.)
-                if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
+                let status = answer.status();
+                tracing::debug!(%peer, %status, "peer declined a forwarded request");
+                // Full or stopping, or behind something that sends requests elsewhere: not
+                // asked again until its next check. (Not for a 429: one key's own bucket may be
+                // empty there, and the peer serves every other key.)
+                if status == StatusCode::SERVICE_UNAVAILABLE || status.is_redirection() {
                     self.mark(&peer, false, 0.0);
+                }
+                if status.is_redirection() {
+                    crate::throttle::throttled!(warn, "peer redirects forwarded requests; check its URL", %peer, %status);
                 }
                 None
             }

@@ -163,13 +163,19 @@ async fn prepared(
     forward: Forward,
     topic_seen: &mut Option<String>,
 ) -> Result<Later, IngestError> {
-    // The topic's own rules first, as for a client's topic: a name no key could allow is
-    // `400` (or `404` outside the allowlist), not the key's `403`.
-    if let Some(topic) = &forward.topic {
-        check_topic(app, topic)?;
+    // In the order a client's topic is checked: its name (`400`), the key (`403`), the
+    // allowlist (`404`).
+    let moved = forward.topic.as_deref();
+    if let Some(topic) = moved {
+        validate_topic(topic).map_err(|e| IngestError::BadRequest(e.into()))?;
     }
     if let Some(key) = key {
-        key.allows(forward.topic.as_deref().unwrap_or(&request.topic), mode)?;
+        key.allows(moved.unwrap_or(&request.topic), mode)?;
+    }
+    if let Some(topic) = moved
+        && !app.allow.allows(topic)
+    {
+        return Err(IngestError::UnknownTopic(topic.to_string()));
     }
     let kind = request.kind();
     let (topic, meta, values) = forwarded(app, request, meta, forward)?;
@@ -265,14 +271,4 @@ fn acks_after_reply(
             );
         }
     });
-}
-
-/// The rules the route's topic passed, for a topic the hook moved the record to: Kafka's name
-/// grammar and the allowlist.
-fn check_topic(app: &AppState, topic: &str) -> Result<(), IngestError> {
-    validate_topic(topic).map_err(|e| IngestError::BadRequest(e.into()))?;
-    if !app.allow.allows(topic) {
-        return Err(IngestError::UnknownTopic(topic.to_string()));
-    }
-    Ok(())
 }

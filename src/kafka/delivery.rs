@@ -325,10 +325,12 @@ impl ProducerContext for Context {
                     let persisted = super::ffi::persisted(message);
                     self.count_failed(message.topic(), &format!("{code:?}"), persisted);
                 }
-                // Lost: a record whose only answer was a 2xx before its outcome. A sync
-                // requester hears of the failure (or was told `504`, maybe written) and may
-                // send it again.
-                if !given_up && matches!(report, Report::None | Report::AfterReply) {
+                // Lost: a record whose only answer was a 2xx before its outcome, or whose sync
+                // requester is gone (told `504`, maybe written, or its client left): nobody
+                // hears of this failure but the counts. A requester still waiting hears of it.
+                let unheard = matches!(report, Report::None | Report::AfterReply)
+                    || (report == Report::Caller && !heard);
+                if !given_up && unheard {
                     self.tally.lost.fetch_add(1, Ordering::Relaxed);
                 }
                 Outcome::Failed {

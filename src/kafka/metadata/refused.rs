@@ -89,12 +89,13 @@ impl Topics {
         info: &TopicInfo,
     ) -> Result<i32, LookupError> {
         let answer = |seen: Option<Listed>| match seen {
+            // No error and no partitions: a topic on its way out, which `lookup` calls missing.
+            Some(Listed::Partitions(0)) | None => Err(LookupError::Unknown),
             Some(Listed::Partitions(n)) => Ok(n),
             Some(Listed::Settling(_)) => Err(LookupError::Unavailable(format!(
                 "topic {topic:?} has no usable partitions now"
             ))),
             Some(Listed::Denied) => Err(LookupError::Denied),
-            None => Err(LookupError::Unknown),
         };
         if let Some((at, seen)) = *lock(&info.listed)
             && at.elapsed() < self.missing_ttl
