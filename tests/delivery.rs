@@ -992,52 +992,46 @@ async fn sync_records_that_fail_during_the_drain_are_answered_not_lost() {
     assert_holds(&bootstrap, &topic, &[WARM_UP, "{}"], "expired records").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sync_record_answered_504_then_given_up_at_the_shutdown_counts_as_undelivered() {
-    let (cluster, topic) = cluster_with_topic("gave-up", 1);
+/// A sync record answered `504` (its requester told "maybe written", and gone) with the brokers
+/// away, then a shutdown under `toml`: its report, once nothing of the record is at the broker.
+async fn shutdown_after_a_504(prefix: &str, toml: &str) -> kafboy::ShutdownReport {
+    let (cluster, topic) = cluster_with_topic(prefix, 1);
     let bootstrap = cluster.bootstrap_servers();
-    let toml = "[kafka]\nmessage_timeout = \"60s\"\n\
-                [server]\nsync_timeout = \"1s\"\nshutdown_timeout = \"1s\"";
     let gw = common::gateway(&bootstrap, toml).await;
     warm_up(&gw, &bootstrap, &topic).await;
     cluster.broker_down(ALL_BROKERS).expect("brokers down");
-    // Its requester is told "maybe written" and goes; the record waits in the queue.
     let path = format!("/sync/{topic}");
     let (reply, _) = timed_post(&gw, &path, None, r#"{"s":1}"#, PROMPT).await;
     assert_eq!(reply.status, 504, "{reply:?}");
     let report = tokio::time::timeout(Duration::from_secs(15), gw.stop())
         .await
         .expect("gateway stops");
-    // Given up at the flush, never sent: nobody hears of it but the shutdown's count.
+    cluster.broker_up(ALL_BROKERS).expect("brokers up");
+    assert_holds(&bootstrap, &topic, &[WARM_UP], "not written").await;
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_record_answered_504_then_given_up_at_the_shutdown_counts_as_undelivered() {
+    // The record waits in the queue until the flush gives it up; never sent.
+    let toml = "[kafka]\nmessage_timeout = \"60s\"\n\
+                [server]\nsync_timeout = \"1s\"\nshutdown_timeout = \"1s\"";
+    let report = shutdown_after_a_504("gave-up", toml).await;
+    // Nobody hears of it but the shutdown's count.
     assert_eq!(
         (report.undelivered, report.maybe_written, report.failed),
         (1, 0, 0),
         "{report:?}"
     );
-    cluster.broker_up(ALL_BROKERS).expect("brokers up");
-    assert_holds(&bootstrap, &topic, &[WARM_UP], "given up").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_record_answered_504_that_fails_during_the_flush_counts_as_failed() {
-    let (cluster, topic) = cluster_with_topic("gone-fails", 1);
-    let bootstrap = cluster.bootstrap_servers();
     // It expires 3 s after it was queued, well inside the flush's 8 s.
     let toml = "[kafka]\nmessage_timeout = \"3s\"\n\
                 [server]\nsync_timeout = \"1s\"\nshutdown_timeout = \"8s\"";
-    let gw = common::gateway(&bootstrap, toml).await;
-    warm_up(&gw, &bootstrap, &topic).await;
-    cluster.broker_down(ALL_BROKERS).expect("brokers down");
-    let path = format!("/sync/{topic}");
-    let (reply, _) = timed_post(&gw, &path, None, r#"{"s":1}"#, PROMPT).await;
-    assert_eq!(reply.status, 504, "{reply:?}");
-    let report = tokio::time::timeout(Duration::from_secs(15), gw.stop())
-        .await
-        .expect("gateway stops");
-    // Its requester is gone: nobody hears of the failure but the shutdown's count.
+    let report = shutdown_after_a_504("gone-fails", toml).await;
     assert_eq!((report.undelivered, report.failed), (0, 1), "{report:?}");
-    cluster.broker_up(ALL_BROKERS).expect("brokers up");
-    assert_holds(&bootstrap, &topic, &[WARM_UP], "expired").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
