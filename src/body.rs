@@ -275,6 +275,9 @@ fn inflate(decoder: impl Read, limit: usize, name: &str) -> Result<Bytes, Ingest
             "body larger than {limit} bytes once inflated"
         )));
     }
+    // The buffer doubled as it filled: the room past its end would be held with the body,
+    // outside the budget, which counts the body's length.
+    out.shrink_to_fit();
     Ok(Bytes::from(out))
 }
 
@@ -319,6 +322,20 @@ mod tests {
             .unwrap();
         assert_eq!((&plain[..], l.buffer.used()), (&b"{}"[..], 0));
         drop(held);
+    }
+
+    #[test]
+    fn an_inflated_body_holds_no_more_than_its_length() {
+        // The budget counts the length: the buffer's room to spare must not come along.
+        let raw = gzip(&[b'0'; 300_000]);
+        let body = inflate(
+            flate2::read::MultiGzDecoder::new(&raw[..]),
+            1_000_000,
+            "gzip",
+        )
+        .unwrap();
+        let held = body.try_into_mut().expect("the only reference");
+        assert_eq!((held.len(), held.capacity()), (300_000, 300_000));
     }
 
     fn gzip(data: &[u8]) -> Vec<u8> {

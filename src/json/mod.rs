@@ -15,8 +15,9 @@ mod scalar;
 
 pub(crate) use scalar::special_offset;
 
-/// Deepest nesting this checker tracks; serde_json's own limit is 128.
-const MAX_TRACKED_DEPTH: usize = 128;
+/// Deepest nesting this checker tracks: serde_json's own limit, which takes 127 levels (it
+/// starts at 128 and refuses a document when that reaches 0).
+const MAX_TRACKED_DEPTH: usize = 127;
 
 /// Checks that `bytes` is one UTF-8 JSON document, with nothing but whitespace around it,
 /// nested at most `max_depth` deep. The error says what is wrong and where.
@@ -353,6 +354,16 @@ mod tests {
         assert!(validate(big.as_bytes(), 128).is_ok());
         let huge = "9".repeat(400);
         assert!(validate(huge.as_bytes(), 128).is_err());
+    }
+
+    #[test]
+    fn nesting_is_refused_where_serde_json_refuses_it() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let serde = |doc: &str| serde_json::from_str::<serde_json::Value>(doc).is_ok();
+        assert!(validate(nested(127).as_bytes(), 1000).is_ok());
+        assert!(serde(&nested(127)));
+        assert!(validate(nested(128).as_bytes(), 1000).is_err());
+        assert!(!serde(&nested(128)));
     }
 
     #[test]
