@@ -402,6 +402,16 @@ async fn an_answer_before_the_body_is_read_says_connection_close() {
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let head = answer_head(&mut s, &post("/async/elsewhere", 100_000)).await;
     assert!(head.contains("connection: close"), "{head}");
+    // A body whose framing breaks (a chunk longer than it said): hyper ends the connection,
+    // and the answer says so.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let broken = format!(
+        "POST /async/{topic} HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\n\
+         transfer-encoding: chunked\r\n\r\n8\r\n{{\"c\":\"1\"}}\r\n0\r\n\r\n"
+    );
+    let head = answer_head(&mut s, &broken).await;
+    assert!(head.starts_with("http/1.1 400"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
     // A small body that came with its head is read and dropped: the connection stays, and
     // takes the next request; so does one read to its end.
     let mut s = TcpStream::connect(gw.addr).await.unwrap();

@@ -34,6 +34,9 @@ struct Note {
     request: AtomicU64,
     /// Its body is not read to its end yet (false with no request).
     pending: AtomicBool,
+    /// Reading its body failed (broken framing, a client gone): hyper closes the connection,
+    /// and no drain can keep it, though the broken body reads as ended from then on.
+    broken: AtomicBool,
     /// Its body, left by the handler, until the answer takes it; and the last request whose
     /// answer did (a body dropped after that is dropped, not left).
     left: Mutex<Left>,
@@ -51,6 +54,7 @@ impl Unread {
         let has_body = !request.body().is_end_stream();
         let number = self.0.request.fetch_add(1, Relaxed) + 1;
         self.0.pending.store(has_body, Relaxed);
+        self.0.broken.store(false, Relaxed);
         let note = self.0.clone();
         let tracked = request.map(|inner| Tracked {
             inner: Some(inner),
@@ -73,6 +77,10 @@ impl Unread {
         // A body read to its end is never left: no lock for the usual request.
         if !self.pending() {
             return true;
+        }
+        if self.0.broken.load(Relaxed) {
+            drop(self.take());
+            return false;
         }
         let left = self.take();
         // Without the body (still held by the handler, or a task it started), or with a body
@@ -141,8 +149,14 @@ impl hyper::body::Body for Tracked {
             return Poll::Ready(None);
         };
         let polled = Pin::new(&mut *inner).poll_frame(cx);
-        if (matches!(polled, Poll::Ready(None)) || inner.is_end_stream()) && this.current() {
-            this.note.pending.store(false, Relaxed);
+        let ended = matches!(polled, Poll::Ready(None)) || inner.is_end_stream();
+        let failed = matches!(polled, Poll::Ready(Some(Err(_))));
+        if this.current() {
+            if failed {
+                this.note.broken.store(true, Relaxed);
+            } else if ended {
+                this.note.pending.store(false, Relaxed);
+            }
         }
         polled
     }
