@@ -151,10 +151,10 @@ impl hyper::body::Body for Tracked {
         let polled = Pin::new(&mut *inner).poll_frame(cx);
         let ended = matches!(polled, Poll::Ready(None)) || inner.is_end_stream();
         let failed = matches!(polled, Poll::Ready(Some(Err(_))));
-        if this.current() {
+        if (failed || ended) && this.current() {
             if failed {
                 this.note.broken.store(true, Relaxed);
-            } else if ended {
+            } else {
                 this.note.pending.store(false, Relaxed);
             }
         }
