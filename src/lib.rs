@@ -61,6 +61,13 @@ pub(crate) fn hex64(n: u64) -> [u8; 16] {
     std::array::from_fn(|i| HEX[(n >> (60 - 4 * i) & 0xf) as usize])
 }
 
+/// Unix time in milliseconds (the wall clock, as librdkafka stamps records).
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Locks a mutex, ignoring poisoning: a panic elsewhere mid-update leaves the data behind these
 /// locks consistent.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

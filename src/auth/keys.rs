@@ -292,6 +292,16 @@ pub fn spawn_watch(keys: &Arc<Keys>) {
 mod tests {
     use super::*;
 
+    /// Keys loaded from a file holding key `a`, the file's path, and its directory (dropped,
+    /// it removes them).
+    fn loaded_a() -> (tempfile::TempDir, std::path::PathBuf, Keys) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, entry("a")).unwrap();
+        let keys = Keys::load(&[], Some(&path), false).unwrap();
+        (dir, path, keys)
+    }
+
     fn entry(name: &str) -> String {
         let digest = if name == "a" { "ab" } else { "cd" }.repeat(32);
         format!("[[keys]]\nname = \"{name}\"\nsha256 = \"{digest}\"\ntopics = [\"t\"]\n")
@@ -299,10 +309,7 @@ mod tests {
 
     #[test]
     fn a_rewrite_within_one_clock_tick_is_still_seen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.toml");
-        std::fs::write(&path, entry("a")).unwrap();
-        let keys = Keys::load(&[], Some(&path), false).unwrap();
+        let (_dir, path, keys) = loaded_a();
         let when = std::fs::metadata(&path).unwrap().modified().unwrap();
         assert!(!keys.file_settled());
         // Rewritten in place, and the clock did not move on (coarse timestamps).
@@ -328,10 +335,7 @@ mod tests {
 
     #[test]
     fn a_file_written_in_pieces_is_applied_once_it_holds_still() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.toml");
-        std::fs::write(&path, entry("a")).unwrap();
-        let keys = Keys::load(&[], Some(&path), false).unwrap();
+        let (_dir, path, keys) = loaded_a();
         assert!(!keys.file_settled());
         // The first piece of a new file: a key whose topics line has not been written yet.
         std::fs::write(
@@ -352,10 +356,7 @@ mod tests {
 
     #[test]
     fn a_sighup_waits_for_the_file_to_hold_still_for_a_beat() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.toml");
-        std::fs::write(&path, entry("a")).unwrap();
-        let keys = Keys::load(&[], Some(&path), false).unwrap();
+        let (_dir, path, keys) = loaded_a();
         let mut watch = Watch::default();
         assert!(!watch.beat(&keys), "unchanged, not asked");
         // Asked with no change: the next beat reloads.
@@ -379,10 +380,7 @@ mod tests {
             assert!(!held_against(kind), "{errno}: {kind:?}");
         }
         // What the file is: tried again once it changes.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.toml");
-        std::fs::write(&path, entry("a")).unwrap();
-        let keys = Keys::load(&[], Some(&path), false).unwrap();
+        let (_dir, path, keys) = loaded_a();
         std::fs::remove_file(&path).unwrap();
         std::fs::create_dir(&path).unwrap();
         assert!(!keys.file_settled());
@@ -394,10 +392,7 @@ mod tests {
 
     #[test]
     fn a_parse_error_names_the_line_without_quoting_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.toml");
-        std::fs::write(&path, entry("a")).unwrap();
-        let keys = Keys::load(&[], Some(&path), false).unwrap();
+        let (_dir, path, keys) = loaded_a();
         // A key pasted where its digest belongs, with the quote left open.
         let pasted = entry("b").replace(&"cd".repeat(32), "kb_secret\nmodes = [");
         std::fs::write(&path, pasted).unwrap();

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -32,7 +32,7 @@ impl Rescue {
             let age = super::ffi::age(message).unwrap_or_default();
             let now = Instant::now();
             First {
-                stamp: now_ms() - age.as_millis() as i64,
+                stamp: crate::unix_ms() as i64 - age.as_millis() as i64,
                 at: now.checked_sub(age).unwrap_or(now),
             }
         };
@@ -110,11 +110,4 @@ impl Rescue {
             tracing::warn!(producer = %to.name(), sent, lost, expired, left, "records refused to a fenced producer sent again");
         }
     }
-}
-
-/// The wall clock in ms since the epoch, as librdkafka stamps records.
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

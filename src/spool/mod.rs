@@ -296,12 +296,7 @@ fn mono_ms() -> u64 {
         + DAY_MS
 }
 
-/// Unix time in milliseconds.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::unix_ms;
 
 /// A spool's shared state over `dir`, for the modules' tests.
 #[cfg(test)]
