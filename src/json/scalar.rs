@@ -163,13 +163,9 @@ fn magnitude(integer: &[u8], fraction: &[u8], exponent: i64) -> i64 {
 pub(crate) fn special_offset(b: &[u8]) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let mut chunks = b.chunks_exact(8);
-    for (n, chunk) in chunks.by_ref().enumerate() {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let w = u64::from_le_bytes(word);
-        // Per byte, the high bit marks a zero after the XOR (a quote or a backslash) or a value
-        // below 0x20. Borrows only run upward from a marked byte, so the lowest mark is exact.
+    let mut rest = b;
+    while let Some((word, tail)) = rest.split_first_chunk::<8>() {
+        let w = u64::from_le_bytes(*word);
         let quote = w ^ (ONES * u64::from(b'"'));
         let backslash = w ^ (ONES * u64::from(b'\\'));
         let marks = (quote.wrapping_sub(ONES) & !quote)
@@ -177,12 +173,11 @@ pub(crate) fn special_offset(b: &[u8]) -> usize {
             | (w.wrapping_sub(ONES * 0x20) & !w);
         let marks = marks & HIGHS;
         if marks != 0 {
-            return n * 8 + (marks.trailing_zeros() / 8) as usize;
+            return b.len() - rest.len() + (marks.trailing_zeros() / 8) as usize;
         }
+        rest = tail;
     }
-    let rest = chunks.remainder();
-    let offset = b.len() - rest.len();
-    offset
+    b.len() - rest.len()
         + rest
             .iter()
             .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
