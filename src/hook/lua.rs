@@ -237,6 +237,16 @@ mod tests {
         LuaHook::from_source(Path::new("test.lua"), script, limits(128)).unwrap()
     }
 
+    /// [`hook`] with a time budget wide enough that another limit is the one a call reaches:
+    /// work of megabytes in a debug build on a busy machine can take most of a second.
+    fn unhurried(script: &str) -> LuaHook {
+        let limits = Limits {
+            timeout: Duration::from_secs(60),
+            ..limits(128)
+        };
+        LuaHook::from_source(Path::new("test.lua"), script, limits).unwrap()
+    }
+
     fn request(body: &str) -> Arc<HookRequest> {
         request_of(BodyKind::Json, body)
     }
@@ -363,7 +373,7 @@ mod tests {
     fn edits_kept_in_a_tree_are_charged_what_the_tree_holds() {
         // A key twice keeps edits in a tree, where 100 000 zeros take some 6 MB, not the
         // 200 KB of their text: the 16 MiB allows two such edits, not eighty.
-        let verdict = run(
+        let verdict = unhurried(
             r#"function on_request(req)
                 local t = {}
                 for i = 1, 100000 do t[i] = 0 end
@@ -371,8 +381,8 @@ mod tests {
                 while n < 100 and pcall(req.set, req, "u.k" .. n, t) do n = n + 1 end
                 return reject(400, tostring(n))
             end"#,
-            r#"{"u":{},"u":{}}"#,
-        );
+        )
+        .call(request(r#"{"u":{},"u":{}}"#));
         match verdict {
             Ok(Verdict::Reject { message, .. }) => {
                 let n: usize = message.parse().unwrap();
@@ -452,16 +462,9 @@ mod tests {
                 "__gc is not allowed",
             ),
         ];
-        // Copying megabytes into the record is slow in a debug build on a busy machine: the time
-        // budget is wide so that the memory budget is the one these cases reach.
-        let wide = Limits {
-            timeout: Duration::from_secs(60),
-            ..limits(128)
-        };
         for (body, want) in cases {
             let script = format!("function on_request(req) {body} end");
-            let hook = LuaHook::from_source(Path::new("test.lua"), &script, wide).unwrap();
-            let error = hook.call(request(r#"{"a":1}"#)).err();
+            let error = unhurried(&script).call(request(r#"{"a":1}"#)).err();
             assert!(
                 error.as_ref().is_some_and(|e| e.0.contains(want)),
                 "{body}: {error:?}"
@@ -545,17 +548,18 @@ mod tests {
     #[test]
     fn edits_are_measured_before_they_are_copied_out_of_lua() {
         let started = std::time::Instant::now();
-        // Twenty-two levels of a table held twice: four million leaves for a few hundred bytes
-        // of Lua heap, converted outside its limit.
+        // Twenty-five levels of a table held twice: 32 million leaves for a few hundred bytes
+        // of Lua heap, converted outside its limit. Measured, the call stops at the limit's
+        // few megabytes; converted first, it would take many times the bound below.
         let shared = r#"function on_request(req)
             local t = {1}
-            for i = 1, 22 do t = {t, t} end
+            for i = 1, 25 do t = {t, t} end
             req:set("x", t)
             return forward()
         end"#;
-        let err = run(shared, "{}").unwrap_err();
+        let err = unhurried(shared).call(request("{}")).unwrap_err();
         assert!(err.0.contains("max_memory_bytes"), "{err}");
-        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(started.elapsed() < Duration::from_secs(20));
         for value in ["0/0", "1e309", "-1e309", "{1, 0/0}"] {
             let script =
                 format!("function on_request(req) req:set(\"r\", {value}) return forward() end");
@@ -613,8 +617,15 @@ mod tests {
         }))
         {
             let script = format!("function on_request(req) {call} return forward() end");
+            // A short budget, so that a loop stopped at it ends far inside the bound on a busy
+            // machine; unbounded, these run for hours.
+            let limits = Limits {
+                timeout: Duration::from_millis(300),
+                ..limits(128)
+            };
+            let hook = LuaHook::from_source(Path::new("test.lua"), &script, limits).unwrap();
             let started = std::time::Instant::now();
-            let _ = run(&script, "{}");
+            let _ = hook.call(request("{}"));
             assert!(started.elapsed() < Duration::from_secs(3), "{call}");
         }
         // What they are for still works.
@@ -651,8 +662,9 @@ mod tests {
 
     #[test]
     fn methods_over_a_large_body_stop_at_the_time_budget() {
-        // Each `get` parses and converts a 50,000-element array: a hundred instructions of
-        // such calls, the interval at which the VM checks the budget, take seconds.
+        // Each `get` parses and converts a 100,000-element array: a hundred instructions of
+        // such calls, the interval at which the VM checks the budget, take many seconds, where
+        // a call stopped in time takes its 200 ms and one `get`.
         let limits = Limits {
             timeout: Duration::from_millis(200),
             max_instructions: u64::MAX / 2,
@@ -661,12 +673,12 @@ mod tests {
         };
         let script = "function on_request(req) while true do req:get('a') end end";
         let hook = LuaHook::from_source(Path::new("test.lua"), script, limits).unwrap();
-        let items: Vec<String> = (0..50_000).map(|i| i.to_string()).collect();
+        let items: Vec<String> = (0..100_000).map(|i| i.to_string()).collect();
         let body = format!("{{\"a\":[{}]}}", items.join(","));
         let started = std::time::Instant::now();
         assert!(hook.call(request(&body)).is_err());
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < Duration::from_secs(5),
             "{:?}",
             started.elapsed()
         );
@@ -682,13 +694,15 @@ mod tests {
             ..limits(128)
         };
         // A closer that sorts, and one whose C calls no guard knows (utf8.len over 8 MiB,
-        // thirty times in a few instructions), in each of 101 frames. (The innermost frame's,
-        // where the budget runs out, run unchecked inside the hook: see `budget_hook`.)
+        // three times in a few instructions), in each of 101 frames. (The innermost frame's,
+        // where the budget runs out, run unchecked inside the hook: see `budget_hook`. Each
+        // closer takes tens of milliseconds in a debug build, so unguarded, the hundred frames
+        // would take seconds past the bound.)
         let script = r#"
             local function rec(t, s, n)
               local c <close> = setmetatable({}, {__close = function() table.sort(t) end})
               local d <close> = setmetatable({}, {__close = function()
-                for i = 1, 30 do utf8.len(s) end
+                for i = 1, 3 do utf8.len(s) end
               end})
               if n > 0 then return rec(t, s, n - 1) end
               while true do end

@@ -506,7 +506,8 @@ mod tests {
         cluster.create_topic("real", 3, 1).unwrap();
         let client = crate::kafka::poller::tests::producer(&cluster.bootstrap_servers());
         let refusals = Arc::new(WriteRefusals::default());
-        let ttl = Duration::from_millis(300);
+        // Long enough to cover a refresh on a busy machine: the refusal must outlast it.
+        let ttl = Duration::from_secs(3);
         let topics = Arc::new(Topics::new(
             Polled::new(client, "meta").unwrap(),
             Duration::from_secs(10),
@@ -515,8 +516,8 @@ mod tests {
             refusals.clone(),
         ));
         assert!(topics.lookup("real").await.is_ok());
-        refusals.refused("real");
         let refused_at = Instant::now();
+        refusals.refused("real");
         assert_eq!(
             topics.lookup("real").await.unwrap_err(),
             LookupError::Denied
@@ -527,7 +528,7 @@ mod tests {
             topics.lookup("real").await.unwrap_err(),
             LookupError::Denied
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while topics.lookup("real").await.is_err() {
             assert!(Instant::now() < deadline, "still refused");
             tokio::time::sleep(Duration::from_millis(20)).await;

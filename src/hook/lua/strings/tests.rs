@@ -331,8 +331,9 @@ fn replacement_walks_and_long_sets_count_against_the_budget() {
 
 #[test]
 fn a_plain_find_is_linear_in_the_subject() {
-    // A needle that almost matches everywhere: a byte-by-byte compare is quadratic.
-    let hook = hook(Duration::from_secs(1));
+    // A needle that almost matches everywhere: a byte-by-byte compare is quadratic, and
+    // would take minutes past the budget, where a linear search takes milliseconds.
+    let hook = hook(Duration::from_secs(5));
     let found: Option<i64> = run_in(
         &hook,
         r#"local s = string.rep("a", 1000000)
