@@ -354,4 +354,49 @@ mod tests {
             );
         }
     }
+
+    #[tokio::test]
+    async fn a_peer_that_redirects_or_is_full_is_not_asked_again_until_its_next_check() {
+        use axum::http::{Method, StatusCode, header};
+        use axum::response::IntoResponse;
+        use bytes::Bytes;
+        // A peer whose answer is the status the request's path names.
+        let app = axum::Router::new().route(
+            "/{status}",
+            axum::routing::post(
+                |axum::extract::Path(status): axum::extract::Path<u16>| async move {
+                    let status = StatusCode::from_u16(status).unwrap();
+                    (status, [(header::LOCATION, "http://elsewhere/")], "{}").into_response()
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let c = cluster(&format!("peers = [\"{peer}\"]")).unwrap().unwrap();
+        let none = HeaderMap::new();
+        for (status, served_here, still_asked) in [
+            (200, false, true),
+            (400, false, true),
+            (429, true, true),
+            (307, true, false),
+            (308, true, false),
+            (503, true, false),
+        ] {
+            c.mark(&peer, true, 1.0);
+            let uri: axum::http::Uri = format!("/{status}").parse().unwrap();
+            let answer = c
+                .forward(peer.clone(), Method::POST, &uri, &none, None, Bytes::new())
+                .await;
+            match answer {
+                None => assert!(served_here, "{status} was declined"),
+                Some(answer) => {
+                    assert!(!served_here, "{status} was relayed");
+                    assert_eq!(answer.status().as_u16(), status);
+                }
+            }
+            let asked = c.peer_for(1.0, true, &none).is_some();
+            assert_eq!(asked, still_asked, "after a {status}");
+        }
+    }
 }
