@@ -80,8 +80,24 @@ async fn read_back(bootstrap: &str, topic: &str, want: usize, wait: Duration) ->
 /// Reads `topic` back and checks it holds exactly `want`, in order: waits a little past the
 /// last of them, so a record that should not be there has time to show.
 async fn assert_holds(bootstrap: &str, topic: &str, want: &[&str], what: &str) {
-    let got = read_back(bootstrap, topic, want.len() + 1, Duration::from_secs(3)).await;
+    let got = common::read_all(bootstrap, topic, want.len()).await;
     assert_eq!(values(&got), want, "{what}");
+}
+
+/// Posts [`MARKER`] to `/sync/{topic}` until it is written. Just after an outage the producer
+/// may still be reconnecting when the record's timeout ends its wait: a `503` says it was not
+/// written, so it is sent again.
+async fn sync_marker(gw: &Gateway, topic: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (reply, _) = timed_post(gw, &format!("/sync/{topic}"), None, MARKER, PROMPT * 2).await;
+        if reply.status == 503 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert_eq!(reply.status, 200, "after the brokers returned: {reply:?}");
+        return;
+    }
 }
 
 fn values(records: &[Consumed]) -> Vec<String> {
@@ -155,8 +171,7 @@ async fn sync_with_all_brokers_down(prefix: &str, toml: &str, given_up: Duration
     );
     // "Definitely not written": once the brokers are back, only what comes after is there.
     cluster.broker_up(ALL_BROKERS).expect("brokers up");
-    let (reply, _) = timed_post(&gw, &format!("/sync/{topic}"), None, MARKER, PROMPT * 2).await;
-    assert_eq!(reply.status, 200, "after the brokers returned: {reply:?}");
+    sync_marker(&gw, &topic).await;
     let written = "the 503'd record was written after all";
     assert_holds(&cluster.bootstrap_servers(), &topic, &[MARKER], written).await;
     stop(gw).await;
@@ -249,8 +264,7 @@ async fn async_records_that_expire_with_the_brokers_down_are_counted_failed_and_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cluster.broker_up(ALL_BROKERS).expect("brokers up");
-    let (reply, _) = timed_post(&gw, &format!("/sync/{topic}"), None, MARKER, PROMPT * 2).await;
-    assert_eq!(reply.status, 200, "after the brokers returned: {reply:?}");
+    sync_marker(&gw, &topic).await;
     let landed = "an expired record landed";
     assert_holds(
         &cluster.bootstrap_servers(),
@@ -314,7 +328,7 @@ async fn sync_ndjson_with_one_leader_down_is_504_and_says_which_records_were_wri
     }
     let gw = common::gateway(
         &cluster.bootstrap_servers(),
-        "[kafka]\nmessage_timeout = \"1500ms\"\n[server]\nsync_timeout = \"10s\"\n\
+        "[kafka]\nmessage_timeout = \"5s\"\n[server]\nsync_timeout = \"10s\"\n\
          shutdown_timeout = \"1s\"\n[topics]\npartitioner = \"round_robin\"",
     )
     .await;
@@ -326,12 +340,13 @@ async fn sync_ndjson_with_one_leader_down_is_504_and_says_which_records_were_wri
     assert_eq!(reply.status, 200, "warm-up: {reply:?}");
     cluster.broker_down(2).expect("leader of partition 1 down");
     let lines = ["{\"i\":0}", "{\"i\":1}", "{\"i\":2}"];
+    // Answered once the record for the downed leader times out (5 s), before sync_timeout.
     let (reply, _) = timed_post(
         &gw,
         &path,
         ndjson,
         &lines.join("\n"),
-        Duration::from_secs(10),
+        Duration::from_secs(20),
     )
     .await;
     eprintln!("one leader down: {} {}", reply.status, reply.body);
@@ -352,13 +367,8 @@ async fn sync_ndjson_with_one_leader_down_is_504_and_says_which_records_were_wri
     );
     // What the reply says was written is there, at the offsets it names; the rest is not.
     cluster.broker_up(2).expect("broker up");
-    let got = read_back(
-        &cluster.bootstrap_servers(),
-        &topic,
-        6,
-        Duration::from_secs(4),
-    )
-    .await;
+    // The warm-up's three and the two written; a sixth would be the failed one.
+    let got = common::read_all(&cluster.bootstrap_servers(), &topic, 5).await;
     for (i, p, o) in &written {
         let at = got.iter().find(|c| c.partition == *p && c.offset == *o);
         let value = at.map(|c| String::from_utf8_lossy(&c.value).into_owned());
@@ -1041,7 +1051,7 @@ async fn a_sync_request_still_waiting_after_the_flush_is_answered_not_cut_off() 
     // waiting when they are over.
     let toml = format!(
         "[topics]\nallow = [\"{topic}\"]\n[kafka]\nmessage_timeout = \"30s\"\n\
-         [server]\nsync_timeout = \"10s\"\nshutdown_timeout = \"1s\""
+         [server]\nsync_timeout = \"30s\"\nshutdown_timeout = \"1s\""
     );
     let gw = common::gateway(&cluster.bootstrap_servers(), &toml).await;
     cluster.broker_down(ALL_BROKERS).expect("brokers down");
@@ -1059,10 +1069,10 @@ async fn a_sync_request_still_waiting_after_the_flush_is_answered_not_cut_off() 
         .expect("task")
         .expect("an answer, not a closed connection");
     // Within the last second for answers: a process exits then, and a later answer (at the
-    // sync producer's own timeout, 8 s) would never be written.
+    // sync producer's own timeout, 28 s) would never be written.
     let answered = stopping.elapsed();
     assert!(
-        answered < Duration::from_secs(5),
+        answered < Duration::from_secs(15),
         "answered after {answered:?}"
     );
     let sync = Reply::read(sync).await;
@@ -1096,7 +1106,7 @@ async fn record_headers_take_queue_room_for_every_record_they_go_with() {
     // 40 of them fit: written with their headers.
     let reply = Reply::read(post(40).await.expect("request")).await;
     assert_eq!(reply.status, 202, "{reply:?}");
-    let got = read_back(&bootstrap, &topic, 41, Duration::from_secs(3)).await;
+    let got = common::read_all(&bootstrap, &topic, 40).await;
     assert_eq!(got.len(), 40, "the refused request wrote nothing");
     assert!(
         got.iter().all(|r| r.value == b"1"
@@ -1145,13 +1155,21 @@ async fn an_ack_just_after_the_flush_deadline_is_delivered_not_undelivered() {
     let (reply, _) = timed_post(&gw, &path, None, r#"{"first":1}"#, PROMPT).await;
     assert_eq!(reply.status, 202, "{reply:?}");
     read_back(&bootstrap, &topic, 1, Duration::from_secs(10)).await;
-    // Its ack comes half a second after the flush's deadline (1 s).
+    // Its ack comes a fifth of a second after the flush's deadline (1 s from the stop, which
+    // follows the 202 at once), well inside the second after it that still counts acks, so
+    // that a busy machine's delay in the mock broker does not take it past that.
     cluster
-        .broker_round_trip_time(ALL_BROKERS, Duration::from_millis(1500))
+        .broker_round_trip_time(ALL_BROKERS, Duration::from_millis(1200))
         .expect("slow broker");
     let (reply, _) = timed_post(&gw, &path, None, r#"{"late":1}"#, PROMPT).await;
     assert_eq!(reply.status, 202, "{reply:?}");
+    let stopping = Instant::now();
     let report = gw.stop().await;
+    // A flush that had every ack returns before its deadline.
+    eprintln!(
+        "the stop took {:?}: the ack came after the flush deadline if that is over 1 s",
+        stopping.elapsed()
+    );
     cluster
         .broker_round_trip_time(ALL_BROKERS, Duration::ZERO)
         .expect("fast broker");
@@ -1189,7 +1207,7 @@ async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutd
     // A record in flight for a long while (its client had its 202), in the producer a fatal
     // error then retires.
     cluster
-        .broker_round_trip_time(ALL_BROKERS, Duration::from_secs(5))
+        .broker_round_trip_time(ALL_BROKERS, Duration::from_secs(30))
         .expect("slow broker");
     let (reply, _) = timed_post(&gw, &async_path, None, r#"{"slow":1}"#, PROMPT).await;
     assert_eq!(reply.status, 202, "{reply:?}");
@@ -1223,7 +1241,7 @@ async fn a_producer_replaced_after_a_fatal_error_is_flushed_and_counted_at_shutd
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The stop gives up on the retired producer's record at shutdown_timeout (1 s) instead
-    // of waiting for its ack (5 s away, and then it would not count as undelivered) or its
+    // of waiting for its ack (30 s away, and then it would not count as undelivered) or its
     // message timeout (60 s).
     let started = Instant::now();
     let report = tokio::time::timeout(Duration::from_secs(30), gw.stop())
@@ -1282,7 +1300,7 @@ async fn a_producer_the_brokers_fenced_sends_what_it_holds_then_is_replaced() {
     let deadline = Instant::now() + PROMPT;
     while fenced.in_flight() == 0 {
         assert!(Instant::now() < deadline, "the held record was not queued");
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // What a broker answers a producer whose epoch it no longer takes (tansu, once
     // librdkafka raised the epoch itself after records timed out).
@@ -1361,8 +1379,7 @@ async fn async_records_refused_to_a_fenced_producer_are_sent_again_by_its_replac
     cluster.broker_up(2).expect("broker up");
     // Both refused records come back and go out again through the replacement: every 202
     // is at the broker, and nothing counts as failed.
-    read_back(&bootstrap, &topic, 4, Duration::from_secs(20)).await;
-    let got = read_back(&bootstrap, &topic, 5, Duration::from_secs(2)).await;
+    let got = common::read_all(&bootstrap, &topic, 4).await;
     // Sent again, they keep the time they were first given, not the time of the resend.
     for record in got.iter().filter(|r| r.value != br#"{"first":1}"#) {
         let time = record.timestamp.expect("a timestamp");

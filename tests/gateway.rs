@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Consumed, MARKER, before_markers, broker, consume, gateway};
@@ -548,7 +549,7 @@ async fn a_topic_created_after_start_is_found() {
         404
     );
     b.create_topic(&name, 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = gw.post_json(&format!("/sync/{name}"), "{}").await;
         if r.status == 200 {
@@ -669,9 +670,13 @@ async fn a_connection_made_before_a_shutdown_gets_an_answer_to_its_first_request
         "POST /async/{topic} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
          expect: 100-continue\r\ncontent-length: 100000\r\n\r\n"
     );
-    for (i, mut tcp) in early.into_iter().enumerate() {
+    // Every request written before any answer is read: each connection's request is on its
+    // way while the stop is, not only after the previous one was answered.
+    for (i, tcp) in early.iter_mut().enumerate() {
         let request = if i == 2 { &waiting } else { &request };
         tcp.write_all(request.as_bytes()).await.unwrap();
+    }
+    for mut tcp in early {
         let mut answer = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer));
         read.await
@@ -805,12 +810,21 @@ async fn a_fatal_producer_error_gets_503_until_the_producer_is_replaced() {
     }
     let post = || client.post(format!("{url}/sync/{topic}")).body("{}").send();
     assert_eq!(post().await.unwrap().status(), 200);
-    producers.inject_fatal_error(kafboy::config::Mode::Sync);
+    // The producer the fatal error hits; a weak reference, so as not to hold it alive.
+    let mode = kafboy::config::Mode::Sync;
+    let hit = Arc::downgrade(&producers.for_mode(mode, &topic));
+    producers.inject_fatal_error(mode);
     // librdkafka refuses new records at once; kafboy answers 503 until the producer is replaced.
+    // The supervisor may have replaced it already (it looks every 100 ms): only then a 200.
     let r = common::Reply::read(post().await.unwrap()).await;
-    assert_eq!(r.status, 503, "{}", r.body);
-    assert_eq!(r.headers["retry-after"], "1");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let replaced = !std::ptr::eq(Arc::as_ptr(&producers.for_mode(mode, &topic)), hit.as_ptr());
+    if r.status == 200 && replaced {
+        eprintln!("replaced before the first request after the fatal error");
+    } else {
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert_eq!(r.headers["retry-after"], "1");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = post().await.unwrap();
         if r.status() == 200 {

@@ -50,8 +50,8 @@ async fn slow_headers_are_cut_off_while_good_clients_are_served() {
     let b = broker();
     let topic = b.topic("slowloris", 1);
     // Long enough that the good requests below are surely served inside it.
-    let header_read_timeout = Duration::from_secs(10);
-    let gw = gateway(&b.addr, "[server]\nheader_read_timeout = \"10s\"").await;
+    let header_read_timeout = Duration::from_secs(20);
+    let gw = gateway(&b.addr, "[server]\nheader_read_timeout = \"20s\"").await;
     let mut slow = Vec::new();
     let opened = Instant::now();
     for _ in 0..200 {
@@ -97,8 +97,10 @@ async fn a_stalled_body_gets_408() {
     let head = format!(
         "POST /async/{topic} HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"a\":"
     );
-    s.write_all(head.as_bytes()).await.unwrap();
+    // Before the write: the server's wait starts once it has the head, which may be before
+    // the write returns here.
     let start = Instant::now();
+    s.write_all(head.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     // Without the timeout the server would wait for the body for ever.
     let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut answer)).await;
@@ -443,7 +445,7 @@ async fn an_idle_connection_closed_by_its_timeout_does_not_linger() {
     let deadline = Instant::now() + Duration::from_secs(1);
     while s.write_all(b"GET /health HTTP/1.1\r\n\r\n").await.is_ok() {
         assert!(Instant::now() < deadline, "no reset within 1 s: lingering");
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     gw.stop().await;
 }

@@ -233,7 +233,7 @@ async fn decide(req: &HookRequest, errors: &Mutex<Vec<Seen>>) -> Result<Verdict,
     })
 }
 
-const TOML: &str = "[hook]\ntimeout = \"300ms\"\nmax_memory_bytes = 16777216\n";
+const TOML: &str = "[hook]\ntimeout = \"2s\"\nmax_memory_bytes = 16777216\n";
 
 async fn lua_gateway(addr: &str, escaped: &std::path::Path) -> Gateway {
     let mut file = tempfile::Builder::new().suffix(".lua").tempfile().unwrap();
@@ -407,7 +407,7 @@ async fn every_outcome(gw: &Gateway, b: &common::Broker) {
         let r = post(gw, &p, case, body).await;
         assert_eq!(r.status, 500, "{case}: {}", r.body);
         assert!(
-            start.elapsed() < Duration::from_secs(3),
+            start.elapsed() < Duration::from_secs(6),
             "{case} took {:?}",
             start.elapsed()
         );
@@ -439,7 +439,7 @@ async fn lua_hook_outcomes() {
     let r = post(&gw, p, "trim", &long).await;
     assert_eq!(r.status, 500, "{:.100}", r.body);
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(8),
         "{:?}",
         started.elapsed()
     );
@@ -510,7 +510,7 @@ async fn rust_hook_outcomes() {
     );
     assert!(
         seen.iter()
-            .any(|(s, m, _, _)| *s == 500 && m.contains("300ms")),
+            .any(|(s, m, _, _)| *s == 500 && m.contains("within 2s")),
         "{seen:?}"
     );
     // A refusal before admission (here a topic's name) costs nothing and reaches no hook.
@@ -675,7 +675,7 @@ impl Hook for Unruly {
         }
         if case == "block" {
             // Blocks the worker past `hook.timeout`, then answers at once.
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(Duration::from_millis(2500));
             return kafboy::hook::ready(Ok(Verdict::Forward(Forward::default())));
         }
         Box::pin(async move {
@@ -690,7 +690,7 @@ impl Hook for Unruly {
             match case.as_str() {
                 "block-later" => {
                     tokio::task::yield_now().await;
-                    std::thread::sleep(Duration::from_millis(500));
+                    std::thread::sleep(Duration::from_millis(2500));
                     Ok(Verdict::Forward(Forward::default()))
                 }
                 "panic-later" => {
@@ -733,8 +733,8 @@ async fn a_rust_hook_that_panics_blocks_or_answers_the_unsendable_fails_with_500
     for (case, error) in [
         ("panic", "hook failed"),
         ("panic-later", "hook failed"),
-        ("block", "hook gave no answer within 300ms"),
-        ("block-later", "hook gave no answer within 300ms"),
+        ("block", "hook gave no answer within 2s"),
+        ("block-later", "hook gave no answer within 2s"),
         ("early-hints", "hook failed"),
         ("past-599", "hook failed"),
         ("bad-type", "hook failed"),

@@ -648,7 +648,7 @@ async fn openapi_describes_exactly_the_routes_served() {
 async fn a_broker_connection_that_ended_reads_as_down() {
     let (cluster, topic) = common::mock_topic(1, "idle", 1);
     let toml = "[kafka]\nstatistics_interval = \"100ms\"\nmetadata_refresh = \"1h\"\n\
-                [kafka.options]\n\"connections.max.idle.ms\" = \"1000\"";
+                [kafka.options]\n\"connections.max.idle.ms\" = \"5000\"";
     let gw = gateway(&cluster.bootstrap_servers(), toml).await;
     // The broker's label is unique to this test: its mock cluster's port.
     let labels = |samples: &[Sample]| -> Vec<(String, f64)> {
@@ -685,7 +685,7 @@ async fn a_broker_connection_that_ended_reads_as_down() {
         }
     };
     read(1.0).await;
-    // Idle for a second: librdkafka closes the connection, and nothing needs another.
+    // Idle for five seconds: librdkafka closes the connection, and nothing needs another.
     read(0.0).await;
     // The status page shows it too, as it is, not as if no statistics had come (a first
     // reading may still be the DOWN it went through).

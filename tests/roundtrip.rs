@@ -12,7 +12,7 @@
 //!
 //! Each case is one sync request; its reply names the partition and offset, where a consumer
 //! that stays assigned for the whole run finds the record. At the end every acknowledged record
-//! is read once more through `common::consume`, and nothing else is on the topic.
+//! is read once more through `common::consume_all`, and nothing else is on the topic.
 
 #![allow(clippy::unwrap_used)]
 
@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{Consumed, broker, client, consume, consume_for, gateway};
+use common::{Consumed, broker, client, gateway};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rdkafka::config::ClientConfig;
@@ -236,10 +236,12 @@ fn what_is_consumed_is_what_was_sent() {
 
     // Everything acknowledged is on the broker, once, as sent; nothing else is.
     let acked = acked.into_inner();
-    let all = consume(&b.addr, &topic, acked.len());
-    assert_eq!(all.len(), acked.len());
-    let more = consume_for(&b.addr, &topic, acked.len() + 1, Duration::from_secs(2));
-    assert_eq!(more.len(), acked.len(), "records nobody acknowledged");
+    let all = common::consume_all(&b.addr, &topic, acked.len());
+    assert_eq!(
+        all.len(),
+        acked.len(),
+        "records nobody acknowledged, or missing"
+    );
     for (case, partition, offset) in &acked {
         let got = all
             .iter()

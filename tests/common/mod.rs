@@ -95,7 +95,7 @@ impl Broker {
                 "tansu did not listen on {addr}; see {}/broker.log",
                 dir.display()
             );
-            std::thread::yield_now();
+            std::thread::sleep(Duration::from_millis(20));
         }
         Broker {
             addr,
@@ -261,6 +261,68 @@ pub fn consume_from(consumer: &BaseConsumer, want: usize, wait: Duration) -> Vec
         };
         let msg = msg.expect("consume");
         out.push(consumed(&msg));
+    }
+    out.sort_by_key(|c| (c.partition, c.offset));
+    out
+}
+
+/// How long [`consume_all`] waits for the records a test expects: a fresh consumer's first
+/// fetch and the first delivery can take seconds on a busy machine.
+pub const EXPECTED_WAIT: Duration = Duration::from_secs(30);
+
+/// How long [`consume_all`] goes on reading once the expected records are in, for any beyond
+/// them. The consumer is fetching by then, so a record already written shows at once.
+pub const EXTRA_GRACE: Duration = Duration::from_secs(2);
+
+/// Reads with `consumer` until `want` records arrived (or `wait` passed), then for `grace` more
+/// to catch records beyond them: a result longer than `want` holds one that should not be there.
+pub fn consume_with_grace(
+    consumer: &BaseConsumer,
+    want: usize,
+    wait: Duration,
+    grace: Duration,
+) -> Vec<Consumed> {
+    let mut out = consume_from(consumer, want, wait);
+    if out.len() == want {
+        out.extend(consume_from(consumer, 1, grace));
+        out.sort_by_key(|c| (c.partition, c.offset));
+    }
+    out
+}
+
+/// Reads `topic` from the start: `want` records (up to [`EXPECTED_WAIT`] for them), and any
+/// that come within [`EXTRA_GRACE`] after them.
+pub fn consume_all(brokers: &str, topic: &str, want: usize) -> Vec<Consumed> {
+    let consumer = consumer_from_start(brokers, topic);
+    consume_with_grace(&consumer, want, EXPECTED_WAIT, EXTRA_GRACE)
+}
+
+/// [`consume_all`] on a blocking thread, for async tests.
+pub async fn read_all(brokers: &str, topic: &str, want: usize) -> Vec<Consumed> {
+    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || consume_all(&brokers, &topic, want))
+        .await
+        .expect("consumer task")
+}
+
+/// Reads with `consumer` until `done` holds for what was read, failing after `wait`.
+pub fn consume_until(
+    consumer: &BaseConsumer,
+    wait: Duration,
+    done: impl Fn(&[Consumed]) -> bool,
+) -> Vec<Consumed> {
+    let deadline = Instant::now() + wait;
+    let mut out = Vec::new();
+    while !done(&out) {
+        assert!(
+            Instant::now() < deadline,
+            "not found within {wait:?}; read: {:?}",
+            values(&out)
+        );
+        let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        out.push(consumed(&msg.expect("consume")));
     }
     out.sort_by_key(|c| (c.partition, c.offset));
     out
