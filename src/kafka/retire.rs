@@ -62,8 +62,9 @@ impl Producers {
         for (index, slot) in self.slots().enumerate() {
             let current = slot.current();
             if !current.is_fatal() {
-                // Kept from a fenced producer that was replaced before all its refusals came
-                // back (it was stopped too).
+                // Refused with a batch for another record the brokers named invalid, or kept
+                // from a fenced producer that was replaced before all its refusals came back
+                // (it was stopped too).
                 slot.resend_kept(&current);
                 continue;
             }
