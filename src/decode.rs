@@ -221,7 +221,14 @@ fn several(error: String) -> String {
 /// Strict JSON check ([`crate::json::validate`]): one UTF-8 JSON document with nothing but
 /// whitespace around it, nested at most `max_depth` deep. No tree is built.
 pub fn check_json(bytes: &[u8], max_depth: usize) -> Result<(), String> {
-    crate::json::validate(bytes, max_depth)
+    crate::json::validate(bytes, max_depth).map_err(|error| {
+        // Editors on some systems write one; the error at column 1 would not say what it is.
+        if bytes.starts_with(b"\xEF\xBB\xBF") {
+            format!("{error} (a UTF-8 byte order mark, which JSON does not allow)")
+        } else {
+            error
+        }
+    })
 }
 
 /// A line of JSON whitespace only (space, tab, carriage return), skipped in NDJSON. Not
@@ -286,6 +293,18 @@ mod tests {
         assert!(check_json(in_string.as_bytes(), 4).is_ok(), "{in_string}");
         assert!(check_json(br#"{"a":[{"b":[1]}],"c":{}}"#, 4).is_ok());
         assert!(check_json(br#"{"a":[{"b":[[1]]}]}"#, 4).is_err());
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_named() {
+        let bom = "\u{feff}{\"a\":1}";
+        let json = decode(BodyKind::Json, Bytes::from(bom), &lim(10)).unwrap_err();
+        let line = decode(BodyKind::Ndjson, Bytes::from(format!("{bom}\n")), &lim(10));
+        for error in [json, line.unwrap_err()] {
+            assert!(error.to_string().contains("byte order mark"), "{error}");
+        }
+        // Anywhere else, the same bytes are a string's.
+        assert!(check_json("[\"\u{feff}\"]".as_bytes(), 4).is_ok());
     }
 
     #[test]
