@@ -88,8 +88,8 @@ pub struct Waiting {
     /// Who waits: the caller, the caller after its client's answer, or the spool; nobody for
     /// a record sent again.
     pub report: Report,
-    /// For a record sent again after the brokers refused it through no fault of its own:
-    /// when it was first handed over. A failed record's report has no timestamp.
+    /// For a record sent again after a fenced producer's brokers refused it: when it was first
+    /// handed over. A failed record's report has no timestamp.
     pub first: Option<super::record::First>,
 }
 
@@ -158,7 +158,7 @@ pub struct Context {
     pub refusals: Arc<super::metadata::WriteRefusals>,
     /// The shutdown's gate: past the flush's deadline, a failure was counted undelivered.
     pub gate: Arc<super::gate::Gate>,
-    /// Where records refused through no fault of their own wait to be sent again.
+    /// Where records refused to a fenced producer wait for its replacement.
     pub rescue: Arc<super::rescue::Rescue>,
     /// Whether the brokers refuse the producer's TLS or SASL credentials.
     pub credentials: Arc<super::credentials::Credentials>,
@@ -275,15 +275,12 @@ impl ProducerContext for Context {
                 Some(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail)),
             ),
         };
-        if let Some(code) = code.filter(|&code| sent_again(code)) {
-            if fenced(code) {
-                self.fence(code);
-            }
+        if let Some(code) = code.filter(|&code| fenced(code)) {
+            self.fence(code);
             // A 202 that nobody waits for (a sync requester hears of the refusal, the spool
             // sends again itself, a hook's reply after which its records are awaited counts
-            // them lost): kept to be sent again (by the replacement of a fenced producer),
-            // unless a shutdown has begun, which sends nothing again, or an earlier attempt
-            // may have been written.
+            // them lost): kept for the replacement to send, unless a shutdown has begun, which
+            // replaces nothing, or an earlier attempt may have been written.
             let nobody_waits = waiter.0.as_ref().is_none_or(|w| w.report == Report::None);
             if nobody_waits
                 && !self.gate.is_closed()
@@ -377,13 +374,6 @@ fn fenced(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-/// Whether a record refused so is kept and sent again when nobody waits for it: refused to a
-/// fenced producer, or refused only for an invalid record in the same batch, which the brokers
-/// named (Kafka 2.4 and later). Neither was written, and neither is its own fault.
-fn sent_again(code: RDKafkaErrorCode) -> bool {
-    fenced(code) || code == RDKafkaErrorCode::InvalidDifferentRecord
-}
-
 /// Value, key and header bytes: what [`Admission`] counts for a record
 /// ([`super::Record::queued_bytes`]).
 pub fn record_bytes(message: &BorrowedMessage<'_>) -> usize {
@@ -393,32 +383,4 @@ pub fn record_bytes(message: &BorrowedMessage<'_>) -> usize {
         + message
             .headers()
             .map_or(0, |h| super::record::header_bytes(h.iter()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_refused_for_the_producer_or_a_named_neighbour_are_sent_again() {
-        use RDKafkaErrorCode as E;
-        for code in [
-            E::ProducerFenced,
-            E::InvalidProducerEpoch,
-            E::InvalidDifferentRecord,
-        ] {
-            assert!(sent_again(code), "{code:?}");
-        }
-        // The record's own refusal, and failures whose record may have been written or would
-        // be refused again.
-        for code in [
-            E::InvalidRecord,
-            E::MessageSizeTooLarge,
-            E::MessageTimedOut,
-            E::TopicAuthorizationFailed,
-            E::UnknownTopicOrPartition,
-        ] {
-            assert!(!sent_again(code), "{code:?}");
-        }
-    }
 }

@@ -74,8 +74,8 @@ impl Producers {
         }
         // librdkafka#4103: flush's return code is not trusted. Nor is its queue length, which
         // counts waiting events (statistics, errors) as well: the records still holding room,
-        // handed over and not yet reported, decide, with those given up and those kept to be
-        // sent again that were not. Those the spool also holds are not lost
+        // handed over and not yet reported, decide, with those given up and those kept from a
+        // fenced producer that no replacement sent. Those the spool also holds are not lost
         // (they are sent again at the next start), nor those a requester still waits for: it
         // is never answered `2xx` without them (`503` once given up; no answer if in flight
         // at the exit).

@@ -21,9 +21,8 @@ pub struct Record {
     pub headers: Option<Arc<OwnedHeaders>>,
     /// Record value.
     pub value: Bytes,
-    /// For a record sent again after the brokers refused it through no fault of its own:
-    /// when it was first handed to librdkafka. `None` for every other record, which
-    /// librdkafka stamps itself.
+    /// For a record sent again after a fenced producer's brokers refused it: when it was first
+    /// handed to librdkafka. `None` for every other record, which librdkafka stamps itself.
     pub first: Option<First>,
 }
 

@@ -1,7 +1,5 @@
-//! Records the brokers refused after their clients had a `202`, through no fault of their own:
-//! refused to a fenced producer, or with a batch for another record in it that the brokers
-//! named invalid. Kept, and sent again: through the producer that replaces a fenced one, or
-//! the same producer at the supervisor's next look. The brokers refused them, so nothing of
+//! Records that a fenced producer's brokers refused after their clients had a `202`: kept, and
+//! sent again through the producer that replaces it. The brokers refused them, so nothing of
 //! them was written and sending them again cannot duplicate. A record keeps its first time
 //! through every resend, and fails once it is older than `kafka.message_timeout`: brokers that
 //! keep fencing cannot keep it going round for ever.
@@ -109,7 +107,7 @@ impl Rescue {
         // Not a line per try while `to` has no room.
         if sent + lost + expired > 0 {
             let left = kept.len();
-            tracing::warn!(producer = %to.name(), sent, lost, expired, left, "records the brokers refused through no fault of their own sent again");
+            tracing::warn!(producer = %to.name(), sent, lost, expired, left, "records refused to a fenced producer sent again");
         }
     }
 }

@@ -62,9 +62,8 @@ impl Producers {
         for (index, slot) in self.slots().enumerate() {
             let current = slot.current();
             if !current.is_fatal() {
-                // Refused with a batch for another record the brokers named invalid, or kept
-                // from a fenced producer that was replaced before all its refusals came back
-                // (it was stopped too).
+                // Kept from a fenced producer that was replaced before all its refusals came
+                // back (it was stopped too).
                 slot.resend_kept(&current);
                 continue;
             }

@@ -30,7 +30,7 @@ pub struct Shared {
     pub gate: Arc<Gate>,
     /// Where topics the brokers refuse to let kafboy write are reported.
     pub refusals: Arc<super::metadata::WriteRefusals>,
-    /// Records the brokers refused through no fault of their own, to be sent again.
+    /// Records a fenced producer's brokers refused, for its replacement to send again.
     pub rescue: Arc<super::rescue::Rescue>,
 }
 
@@ -101,7 +101,7 @@ impl Slot {
             .clone()
     }
 
-    /// Sends the records kept to be sent again through `to` ([`super::rescue::Rescue::resend`]).
+    /// Sends the records kept from a fenced producer through `to` ([`super::rescue::Rescue::resend`]).
     pub(super) fn resend_kept(&self, to: &Producer) {
         self.shared.rescue.resend(to, self.kafka.message_timeout);
     }
