@@ -221,14 +221,7 @@ fn several(error: String) -> String {
 /// Strict JSON check ([`crate::json::validate`]): one UTF-8 JSON document with nothing but
 /// whitespace around it, nested at most `max_depth` deep. No tree is built.
 pub fn check_json(bytes: &[u8], max_depth: usize) -> Result<(), String> {
-    crate::json::validate(bytes, max_depth).map_err(|error| {
-        // Editors on some systems write one; the error at column 1 would not say what it is.
-        if bytes.starts_with(b"\xEF\xBB\xBF") {
-            format!("{error} (a UTF-8 byte order mark, which JSON does not allow)")
-        } else {
-            error
-        }
-    })
+    crate::json::validate(bytes, max_depth)
 }
 
 /// A line of JSON whitespace only (space, tab, carriage return), skipped in NDJSON. Not
@@ -303,8 +296,13 @@ mod tests {
         for error in [json, line.unwrap_err()] {
             assert!(error.to_string().contains("byte order mark"), "{error}");
         }
-        // Anywhere else, the same bytes are a string's.
+        // Anywhere else, the same bytes are a string's; a body that is not UTF-8 says that.
         assert!(check_json("[\"\u{feff}\"]".as_bytes(), 4).is_ok());
+        let broken = check_json(b"\xEF\xBB\xBF{\"a\":\"\xFF\"}", 4).unwrap_err();
+        assert!(!broken.contains("byte order mark"), "{broken}");
+        // The hooked path reads the body through the same check.
+        let indexed = crate::json::validate_indexed(bom.as_bytes(), 4).unwrap_err();
+        assert!(indexed.contains("byte order mark"), "{indexed}");
     }
 
     #[test]

@@ -360,18 +360,20 @@ mod tests {
         use axum::http::{Method, StatusCode, header};
         use axum::response::IntoResponse;
         use bytes::Bytes;
-        // A peer whose answer is the status the request's path names.
+        // A peer whose answer is the status the request's path names. Its redirects lead to
+        // its own 200: followed, they would be relayed.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = format!("http://{}", listener.local_addr().unwrap());
+        let location = format!("{peer}/200");
         let app = axum::Router::new().route(
             "/{status}",
             axum::routing::post(
-                |axum::extract::Path(status): axum::extract::Path<u16>| async move {
+                move |axum::extract::Path(status): axum::extract::Path<u16>| async move {
                     let status = StatusCode::from_u16(status).unwrap();
-                    (status, [(header::LOCATION, "http://elsewhere/")], "{}").into_response()
+                    (status, [(header::LOCATION, location)], "{}").into_response()
                 },
             ),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let peer = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
         let c = cluster(&format!("peers = [\"{peer}\"]")).unwrap().unwrap();
         let none = HeaderMap::new();

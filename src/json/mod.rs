@@ -102,7 +102,13 @@ fn check<const INDEX: bool>(
             Fault::TooDeep => format!("nested deeper than {max_depth} levels"),
             Fault::Syntax(what) => what.to_string(),
         };
-        describe(bytes, at, &what)
+        let described = describe(bytes, at, &what);
+        // Editors on some systems write one; "at column 1" would not say what it is.
+        if at == 0 && bytes.starts_with("\u{feff}".as_bytes()) {
+            format!("{described} (a UTF-8 byte order mark, which JSON does not allow)")
+        } else {
+            described
+        }
     })
 }
 

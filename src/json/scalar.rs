@@ -166,6 +166,8 @@ pub(crate) fn special_offset(b: &[u8]) -> usize {
     let mut rest = b;
     while let Some((word, tail)) = rest.split_first_chunk::<8>() {
         let w = u64::from_le_bytes(*word);
+        // Per byte, the high bit marks a zero after the XOR (a quote or a backslash) or a value
+        // below 0x20. Borrows only run upward from a marked byte, so the lowest mark is exact.
         let quote = w ^ (ONES * u64::from(b'"'));
         let backslash = w ^ (ONES * u64::from(b'\\'));
         let marks = (quote.wrapping_sub(ONES) & !quote)
