@@ -305,5 +305,12 @@ mod tests {
         }
         AppState::check(&Config::from_toml("[server]\nshutdown_timeout = \"1day\"").unwrap())
             .unwrap();
+        // Counts past a TOML integer, which only the environment can give.
+        let mut config = Config::from_toml("").unwrap();
+        config.server.max_records = usize::MAX;
+        let error = AppState::check(&config).unwrap_err();
+        assert!(error.contains("server.max_records"), "{error}");
+        config.server.max_records = i64::MAX as usize;
+        AppState::check(&config).unwrap();
     }
 }

@@ -209,6 +209,16 @@ fn config_errors_exit_64_and_name_the_key() {
         ),
         ("[batch]\nbatch_size = 0".into(), "batch.batch_size"),
         ("[kafka]\nlinger = \"20m\"".into(), "kafka.linger"),
+        // Blank or empty values that would otherwise mean something wider, or break later.
+        ("[topics]\nallow = [\"\"]".into(), "blank entry"),
+        ("[spool]\ndir = \"\"".into(), "spool.dir"),
+        ("[kafka]\nstatistics_interval = \"500us\"".into(), "kafka.statistics_interval"),
+        ("[kafka]\nmetadata_refresh = \"400days\"".into(), "kafka.metadata_refresh"),
+        ("[spool]\ndir = \"/tmp\"\ncheckpoint_interval = \"1ns\"".into(), "spool.checkpoint_interval"),
+        (
+            "[kafka.options]\n\"internal.termination.signal\" = \"15\"".into(),
+            "not allowed",
+        ),
         (
             "[server]\nsync_timeout = \"10m\"\n[topics.overrides.t]\nflush_timeout = \"2m\"".into(),
             "topics.overrides.t.flush_timeout must be below kafka.message_timeout",

@@ -12,12 +12,34 @@ use serde::{Deserialize, Serialize};
 pub struct TopicsConfig {
     /// Topics that may be written: exact names and `prefix*` patterns. Empty allows every valid
     /// name the brokers have. A topic outside the list gets 404 without any request to Kafka.
-    #[serde(deserialize_with = "crate::config::string_or_list")]
+    #[serde(deserialize_with = "allow_list")]
     pub allow: Vec<String>,
     /// Default partition strategy. Default `auto`.
     pub partitioner: Partitioner,
     /// Per-topic settings, keyed by exact topic name (a topic `allow` admits, when it is set).
     pub overrides: BTreeMap<String, TopicOverride>,
+}
+
+/// [`crate::config::string_or_list`], but a blank entry is an error: dropped, it could leave the
+/// list empty, which allows every topic (a template's unset variable, `KAFBOY_TOPICS__ALLOW=`).
+fn allow_list<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    let entries: Vec<String> = match Either::deserialize(de)? {
+        Either::One(s) => s.split(',').map(String::from).collect(),
+        Either::Many(v) => v,
+    };
+    if entries.iter().any(|e| e.trim().is_empty()) {
+        return Err(serde::de::Error::custom(
+            "a blank entry; an empty list allows every topic: leave `allow` out (or write []) \
+             for that",
+        ));
+    }
+    Ok(entries.iter().map(|e| e.trim().to_string()).collect())
 }
 
 /// Settings for one topic.
@@ -112,4 +134,33 @@ pub enum Payload {
     Auto,
     /// Any bytes, forwarded unchanged.
     Raw,
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Config;
+
+    #[test]
+    fn a_blank_allow_entry_is_an_error_not_every_topic() {
+        for bad in [
+            "allow = [\"\"]",
+            "allow = [\" \", \"a\"]",
+            "allow = \"\"",
+            "allow = \"a,,b\"",
+        ] {
+            let error = Config::from_toml(&format!("[topics]\n{bad}")).err();
+            assert!(
+                error.is_some_and(|e| e.to_string().contains("blank entry")),
+                "{bad}"
+            );
+        }
+        for (good, want) in [
+            ("allow = []", vec![]),
+            ("allow = [\" a \", \"b*\"]", vec!["a", "b*"]),
+            ("allow = \"a, b\"", vec!["a", "b"]),
+        ] {
+            let config = Config::from_toml(&format!("[topics]\n{good}")).unwrap();
+            assert_eq!(config.topics.allow, want, "{good}");
+        }
+    }
 }

@@ -141,6 +141,11 @@ const BROKEN_BY: &[(&str, &str)] = &[
         "log.queue",
         "librdkafka's logs would pile up in a queue nobody reads",
     ),
+    (
+        "internal.termination.signal",
+        "librdkafka's threads would take a signal kafboy handles itself: SIGTERM would not \
+         stop it, SIGHUP would not reload",
+    ),
 ];
 
 /// librdkafka properties that typed settings own; `kafka.options` may not set them.
@@ -382,6 +387,7 @@ mod tests {
             "plugin.library.paths",
             "test.mock.num.brokers",
             "log.queue",
+            "internal.termination.signal",
         ] {
             let mut kafka = KafkaConfig::default();
             kafka.options.insert(key.into(), "true".into());

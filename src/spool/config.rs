@@ -76,6 +76,17 @@ const MIN_BYTES: u64 = 4096;
 impl SpoolConfig {
     /// Checks the settings; the message names the key at fault.
     pub fn check(&self) -> Result<(), String> {
+        // An unset template variable: no directory at all, where leaving `dir` out means no
+        // spool.
+        if self
+            .dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().to_string_lossy().trim().is_empty())
+        {
+            return Err(
+                "spool.dir is empty: name a directory, or leave it out for no spool".into(),
+            );
+        }
         // Four segments at least: most of a full spool's room is then in closed segments,
         // whose deletion frees it. One large append can still take the current segment far
         // past its size; the writer closes such a segment while it idles.
@@ -94,8 +105,10 @@ impl SpoolConfig {
         if self.window_records == 0 || self.window_bytes == 0 {
             return Err("spool.window_records and spool.window_bytes must be above 0".into());
         }
-        if self.checkpoint_interval.is_zero() {
-            return Err("spool.checkpoint_interval must be above 0".into());
+        // Each checkpoint is a file written and synced: more often than this would keep a core
+        // busy with no traffic at all.
+        if self.checkpoint_interval < Duration::from_millis(10) {
+            return Err("spool.checkpoint_interval must be at least 10ms".into());
         }
         // Past what the clock can hold, the writer or the sender would panic on the first
         // append or retry; a long group commit would hold every spooled 202 as long.

@@ -49,6 +49,11 @@ fn check_librdkafka_ranges(config: &Config) -> Result<(), String> {
     if k.statistics_interval > Duration::from_secs(86_400) {
         return Err("kafka.statistics_interval must be at most 1 day".into());
     }
+    // librdkafka takes whole milliseconds: less would be 0, statistics off, and with them the
+    // check of brokers refusing the producer's credentials. Off is written "0s".
+    if !k.statistics_interval.is_zero() && k.statistics_interval < Duration::from_millis(1) {
+        return Err("kafka.statistics_interval must be 0s (off) or at least 1ms".into());
+    }
     if k.message_max_bytes > 1_000_000_000 {
         return Err("kafka.message_max_bytes must be at most 1000000000".into());
     }
@@ -124,6 +129,7 @@ fn check_ranges(config: &Config) -> Result<(), String> {
         ("hook.timeout", config.hook.timeout),
         ("kafka.metadata_timeout", config.kafka.metadata_timeout),
         ("kafka.unknown_topic_ttl", config.kafka.unknown_topic_ttl),
+        ("kafka.metadata_refresh", config.kafka.metadata_refresh),
     ];
     if let Some((name, _)) = durations
         .iter()
@@ -203,6 +209,31 @@ fn check_ranges(config: &Config) -> Result<(), String> {
                 || s.listen.ip().is_unspecified())
     }) {
         return Err("server.admin_listen must not take server.listen's port".into());
+    }
+    // TOML integers are 64-bit signed: past that, `check-config` could not print the setting
+    // (only an environment variable can set one), and no machine has that much of anything.
+    let sp = &config.spool;
+    let counts = [
+        ("server.max_records", s.max_records as u64),
+        (
+            "server.max_body_buffer_bytes",
+            s.max_body_buffer_bytes as u64,
+        ),
+        (
+            "kafka.queue_max_messages",
+            config.kafka.queue_max_messages as u64,
+        ),
+        ("kafka.queue_max_bytes", config.kafka.queue_max_bytes as u64),
+        ("hook.max_instructions", config.hook.max_instructions),
+        ("hook.max_memory_bytes", config.hook.max_memory_bytes as u64),
+        ("spool.max_bytes", sp.max_bytes),
+        ("spool.segment_bytes", sp.segment_bytes),
+        ("spool.commit_records", sp.commit_records as u64),
+        ("spool.window_records", sp.window_records as u64),
+        ("spool.window_bytes", sp.window_bytes),
+    ];
+    if let Some((name, _)) = counts.iter().find(|(_, n)| *n > i64::MAX as u64) {
+        return Err(format!("{name} must be at most {}", i64::MAX));
     }
     let most = tokio::sync::Semaphore::MAX_PERMITS;
     if !(1..=most).contains(&s.max_connections) {
