@@ -190,7 +190,7 @@ fn unquoted(text: &str, error: &toml::de::Error) -> String {
 
 /// `message` with every quoted span (in `"` or backticks) of more than 12 characters left
 /// out: a mode or a field name is shorter, a key is not.
-fn elided(message: &str) -> String {
+pub(crate) fn elided(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(open) = rest.find(['"', '`']) {

@@ -17,6 +17,7 @@ mod bucket;
 mod keys;
 
 pub use bucket::Bucket;
+pub(crate) use keys::elided;
 pub use keys::{Keys, spawn_watch};
 
 /// One API key as configured.

@@ -188,11 +188,21 @@ fn error_line(e: &figment::Error) -> String {
             std::env::var_os(&var).map(|_| var)
         })
     };
+    // A key pasted into the wrong field of an inline API key is quoted by the message, as in
+    // the key file, where such values are left out of it.
+    let kind = e.kind.to_string();
+    let what = if e.path.iter().any(|p| p.eq_ignore_ascii_case("auth")) {
+        crate::auth::elided(&kind)
+    } else {
+        kind.clone()
+    };
     if let Some(var) = from_env.then(var).flatten() {
         let key = e.path.join(".").to_ascii_lowercase();
-        return format!("{} for key {key:?} in environment variable {var}", e.kind);
+        return format!("{what} for key {key:?} in environment variable {var}");
     }
-    e.to_string().replace("for key \"default.", "for key \"")
+    e.to_string()
+        .replacen(&kind, &what, 1)
+        .replace("for key \"default.", "for key \"")
 }
 
 /// Settings given on the command line; they win over every other source.
@@ -340,6 +350,23 @@ pub fn split_list(s: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_key_pasted_into_an_inline_key_field_is_left_out_of_the_error() {
+        let secret = "kb_3718e7e3d0c1f00dfeedfacecafe";
+        let toml = format!(
+            "[[auth.keys]]\nname = \"a\"\nsha256 = \"{}\"\ntopics = [\"*\"]\nrate = \"{secret}\"",
+            "a".repeat(64)
+        );
+        let error = super::Config::from_toml(&toml).unwrap_err().to_string();
+        assert!(!error.contains(secret), "{error}");
+        assert!(error.contains("auth.keys.0.rate"), "{error}");
+        // Elsewhere a value is quoted whole: it is no secret, and says what is wrong.
+        let error = super::Config::from_toml("[server]\nmax_records = \"a-long-bad-value\"")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("a-long-bad-value"), "{error}");
+    }
+
     #[test]
     fn log_levels_are_filters_and_bare_words_are_levels() {
         let check = |level: &str| {
