@@ -140,6 +140,10 @@ fn compile_one(rc: &RouteConfig) -> Result<Route, String> {
     let mut has_topic = false;
     // As requests' paths are before routing: `/a%2Db` is `/a-b`.
     let path = crate::listener::path::decoded(&rc.path).unwrap_or_else(|| rc.path.clone());
+    // Routed as `/a/b`, where a request for `/a//b` as written finds no route.
+    if path.contains("//") {
+        return Err("an empty segment (`//`); write the path as clients send it".into());
+    }
     for seg in path.split('/').filter(|s| !s.is_empty()) {
         let name = seg
             .strip_prefix(':')

@@ -197,6 +197,7 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[server]\nmax_headers = 2".into(), "server.max_headers"),
         ("[server]\nmax_body_bytes = 0".into(), "server.max_body_bytes"),
         ("[[routes]]\npath = \"/a/../:topic\"\nmode = \"async\"".into(), "dot segment"),
+        ("[[routes]]\npath = \"/a//:topic\"\nmode = \"async\"".into(), "empty segment"),
         ("[spool]\ndir = \"/tmp\"\ncommit_interval = \"10m\"".into(), "spool.commit_interval"),
         (
             "[server.cors]\nallowed_origins = [\"*\"]\nallow_credentials = true".into(),
