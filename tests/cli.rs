@@ -198,6 +198,8 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[server]\nmax_body_bytes = 0".into(), "server.max_body_bytes"),
         ("[[routes]]\npath = \"/a/../:topic\"\nmode = \"async\"".into(), "dot segment"),
         ("[[routes]]\npath = \"/a//:topic\"\nmode = \"async\"".into(), "empty segment"),
+        ("[server]\nlisten = \"224.0.0.1:8000\"".into(), "server.listen"),
+        ("[kafka]\nbrokers = [\"h;1:9092\"]".into(), "kafka.brokers"),
         ("[spool]\ndir = \"/tmp\"\ncommit_interval = \"10m\"".into(), "spool.commit_interval"),
         (
             "[server.cors]\nallowed_origins = [\"*\"]\nallow_credentials = true".into(),

@@ -210,7 +210,23 @@ fn check_address(address: &str) -> Result<(), &'static str> {
         return Err("is no IPv6 address; write one with a port as [address]:port");
     }
     let host = bracketed.unwrap_or(host);
-    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || "/@[]".contains(c)) {
+    // A name is letters, digits, `-`, `.` and `_` (as container names have); anything else
+    // (`h;1`, `*`, `%`) would only fail later, in the lookup, as a broker never reached.
+    let name = |h: &str| {
+        h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+    };
+    // A bracketed IPv6 address may name its interface (`[fe80::1%eth0]`).
+    let address = |h: &str| match bracketed {
+        Some(_) => h
+            .split('%')
+            .next()
+            .unwrap_or(h)
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok(),
+        None => h.parse::<std::net::IpAddr>().is_ok(),
+    };
+    if host.is_empty() || !(name(host) || address(host)) {
         return Err("is not host:port");
     }
     match port {
@@ -269,6 +285,7 @@ mod tests {
             &["kafka1:9092", "10.0.0.2:9093"][..],
             &["kafka1"],
             &["[::1]:9092"],
+            &["[fe80::1%eth0]:9092"],
             &["PLAINTEXT://kafka1:9094/"],
             &["a:1,b:2,"],
             &["fd00::beef"],
@@ -288,6 +305,10 @@ mod tests {
             &["kafka://kafka1:9094"],
             &[],
             &[" , "],
+            &["h;1:9092"],
+            &["*:9092"],
+            &["h%:9092"],
+            &["kafka\u{e9}:9092"],
         ] {
             assert!(check(bad).is_err(), "{bad:?}");
         }

@@ -199,6 +199,21 @@ fn check_ranges(config: &Config) -> Result<(), String> {
             "server.max_body_buffer_bytes must be at least twice server.max_body_bytes".into(),
         );
     }
+    // A multicast or broadcast address binds, and no client can connect to it.
+    let unreachable = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => v4.is_multicast() || v4.is_broadcast(),
+        std::net::IpAddr::V6(v6) => v6.is_multicast(),
+    };
+    for (name, address) in [
+        ("server.listen", Some(s.listen)),
+        ("server.admin_listen", s.admin_listen),
+    ] {
+        if address.is_some_and(|a| unreachable(a.ip())) {
+            return Err(format!(
+                "{name} is a multicast or broadcast address, which no client can connect to"
+            ));
+        }
+    }
     // The same port on the same address, or on any address when either is a wildcard
     // (0.0.0.0 or [::] takes the port on every address): the second bind would fail at start.
     if s.admin_listen.is_some_and(|a| {
