@@ -138,20 +138,20 @@ pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
 
 /// Whether every path `a` matches, `b` matches too (`/a/x` and `/a/{topic}`).
 fn narrower(a: &str, b: &str) -> bool {
-    let (a, b) = (shape(a), shape(b));
-    let (a, b): (Vec<&str>, Vec<&str>) = (a.split('/').collect(), b.split('/').collect());
-    a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x == y || *y == "{}")
+    segment_pairs(a, b).is_some_and(|mut p| p.all(|(x, y)| x == y || y == "{}"))
 }
 
 /// Whether some path matches both patterns (same shape is a clash, found before).
 fn overlaps(a: &str, b: &str) -> bool {
-    let (a, b) = (shape(a), shape(b));
-    let (a, b): (Vec<&str>, Vec<&str>) = (a.split('/').collect(), b.split('/').collect());
-    a.len() == b.len()
-        && a != b
-        && a.iter()
-            .zip(&b)
-            .all(|(x, y)| x == y || *x == "{}" || *y == "{}")
+    shape(a) != shape(b)
+        && segment_pairs(a, b).is_some_and(|mut p| p.all(|(x, y)| x == y || x == "{}" || y == "{}"))
+}
+
+/// The segments of two patterns' shapes side by side, when they have as many.
+fn segment_pairs(a: &str, b: &str) -> Option<impl Iterator<Item = (String, String)>> {
+    let split = |p: &str| -> Vec<String> { shape(p).split('/').map(String::from).collect() };
+    let (a, b) = (split(a), split(b));
+    (a.len() == b.len()).then(|| a.into_iter().zip(b))
 }
 
 fn compile_one(rc: &RouteConfig) -> Result<Route, String> {

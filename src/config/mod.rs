@@ -316,6 +316,17 @@ pub fn ignored_env(config: &Config) -> Vec<String> {
 /// Accepts `["a:1", "b:2"]` as well as `"a:1,b:2"` (what an environment variable holds).
 /// Blank entries are dropped.
 pub(crate) fn string_or_list<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    // A blank entry is no broker or topic at all; the list form drops them as a string does.
+    Ok(list_entries(de)?
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+/// The entries of a list or of a comma-separated string, as written (blanks kept).
+pub(crate) fn list_entries<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Either {
@@ -323,14 +334,8 @@ pub(crate) fn string_or_list<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<Str
         Many(Vec<String>),
     }
     Ok(match Either::deserialize(de)? {
-        Either::One(s) => split_list(&s),
-        // A blank entry is no broker or topic at all; the list form drops them as a string does.
-        Either::Many(v) => v
-            .iter()
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
+        Either::One(s) => s.split(',').map(String::from).collect(),
+        Either::Many(v) => v,
     })
 }
 

@@ -23,16 +23,7 @@ pub struct TopicsConfig {
 /// [`crate::config::string_or_list`], but a blank entry is an error: dropped, it could leave the
 /// list empty, which allows every topic (a template's unset variable, `KAFBOY_TOPICS__ALLOW=`).
 fn allow_list<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Either {
-        One(String),
-        Many(Vec<String>),
-    }
-    let entries: Vec<String> = match Either::deserialize(de)? {
-        Either::One(s) => s.split(',').map(String::from).collect(),
-        Either::Many(v) => v,
-    };
+    let entries = crate::config::list_entries(de)?;
     if entries.iter().any(|e| e.trim().is_empty()) {
         return Err(serde::de::Error::custom(
             "a blank entry; an empty list allows every topic: leave `allow` out (or write []) \
