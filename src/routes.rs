@@ -112,16 +112,20 @@ pub fn compile(config: &Config) -> Result<Vec<Route>, String> {
         // need not be what either route's author meant (`/clicks/events` under
         // `/:topic/events` and `/clicks/:topic`): only one fixed path beside a `:topic` may
         // share paths.
+        // (A route of its own for the paths both match settles them: its fixed segments win.)
         if a.mode == b.mode
             && overlaps(&a.pattern, &b.pattern)
             && !narrower(&a.pattern, &b.pattern)
             && !narrower(&b.pattern, &a.pattern)
         {
-            return Err(format!(
-                "routes {} and {} both match some paths, and neither only where the other does: \
-                 give one a path of its own",
-                a.path, b.path
-            ));
+            let shared = shared_path(&a.pattern, &b.pattern);
+            if !routes.iter().any(|r| shape(&r.pattern) == shape(&shared)) {
+                return Err(format!(
+                    "routes {} and {} both match {shared}, and neither only paths the other \
+                     matches: give one a path of its own, or {shared} a route",
+                    a.path, b.path
+                ));
+            }
         }
         if a.mode != b.mode && overlaps(&a.pattern, &b.pattern) {
             return Err(format!(
@@ -145,6 +149,18 @@ fn narrower(a: &str, b: &str) -> bool {
 fn overlaps(a: &str, b: &str) -> bool {
     shape(a) != shape(b)
         && segment_pairs(a, b).is_some_and(|mut p| p.all(|(x, y)| x == y || x == "{}" || y == "{}"))
+}
+
+/// The path two overlapping patterns both match, each `{topic}` taken from the other (one
+/// `{topic}` per route: where both have it, the rest is equal and the patterns clash).
+fn shared_path(a: &str, b: &str) -> String {
+    let (a, b) = (shape(a), shape(b));
+    let segments: Vec<&str> = a
+        .split('/')
+        .zip(b.split('/'))
+        .map(|(x, y)| if x == "{}" { y } else { x })
+        .collect();
+    format!("/{}", segments.join("/"))
 }
 
 /// The segments of two patterns' shapes side by side, when they have as many.
@@ -375,7 +391,15 @@ mod tests {
              [[routes]]\npath = \"/clicks/:topic\"\nmode = \"async\"\npayload = \"raw\"",
         );
         let err = compile(&c).unwrap_err();
-        assert!(err.contains("neither only where the other does"), "{err}");
+        assert!(err.contains("both match /clicks/events"), "{err}");
+        // A route of its own for that path settles it.
+        let settled = "[[routes]]\npath = \"/clicks/events\"\ntopic = \"ce\"\nmode = \"async\"";
+        let c = config(&format!(
+            "[server]\ndefault_routes = false\n\
+             [[routes]]\npath = \"/:topic/events\"\nmode = \"async\"\n\
+             [[routes]]\npath = \"/clicks/:topic\"\nmode = \"async\"\n{settled}"
+        ));
+        assert!(compile(&c).is_ok());
     }
 
     #[test]

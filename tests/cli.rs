@@ -199,6 +199,7 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[[routes]]\npath = \"/a/../:topic\"\nmode = \"async\"".into(), "dot segment"),
         ("[[routes]]\npath = \"/a//:topic\"\nmode = \"async\"".into(), "empty segment"),
         ("[server]\nlisten = \"224.0.0.1:8000\"".into(), "server.listen"),
+        ("[server]\nlisten = \"[::ffff:224.0.0.1]:8000\"".into(), "server.listen"),
         ("[kafka]\nbrokers = [\"h;1:9092\"]".into(), "kafka.brokers"),
         ("[spool]\ndir = \"/tmp\"\ncommit_interval = \"10m\"".into(), "spool.commit_interval"),
         (
@@ -213,7 +214,7 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[batch]\nbatch_size = 0".into(), "batch.batch_size"),
         ("[kafka]\nlinger = \"20m\"".into(), "kafka.linger"),
         // Blank or empty values that would otherwise mean something wider, or break later.
-        ("[topics]\nallow = [\"\"]".into(), "blank entry"),
+        ("[topics]\nallow = [\"\"]".into(), "allows every topic"),
         ("[spool]\ndir = \"\"".into(), "spool.dir"),
         ("[kafka]\nstatistics_interval = \"500us\"".into(), "kafka.statistics_interval"),
         ("[kafka]\nmetadata_refresh = \"400days\"".into(), "kafka.metadata_refresh"),

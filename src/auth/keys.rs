@@ -195,7 +195,18 @@ pub(crate) fn elided(message: &str) -> String {
     let mut rest = message;
     while let Some(open) = rest.find(['"', '`']) {
         let quote = rest[open..].chars().next().unwrap_or('"');
-        let Some(len) = rest[open + 1..].find(quote) else {
+        // The closing quote is the first one not escaped: a value quoted inside another comes
+        // as `\"`.
+        let inside = &rest[open + 1..];
+        let Some(len) = inside
+            .char_indices()
+            .scan(false, |escaped, (i, c)| {
+                let close = c == quote && !*escaped;
+                *escaped = c == '\\' && !*escaped;
+                Some((i, close))
+            })
+            .find_map(|(i, close)| close.then_some(i))
+        else {
             break;
         };
         let inner = &rest[open + 1..open + 1 + len];

@@ -217,14 +217,11 @@ fn check_address(address: &str) -> Result<(), &'static str> {
             .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
     };
     // A bracketed IPv6 address may name its interface (`[fe80::1%eth0]`).
-    let address = |h: &str| match bracketed {
-        Some(_) => h
-            .split('%')
-            .next()
-            .unwrap_or(h)
-            .parse::<std::net::Ipv6Addr>()
-            .is_ok(),
-        None => h.parse::<std::net::IpAddr>().is_ok(),
+    let address = |h: &str| match (bracketed, h.split_once('%')) {
+        (Some(_), Some((ip, zone))) => {
+            ip.parse::<std::net::Ipv6Addr>().is_ok() && !zone.is_empty() && name(zone)
+        }
+        _ => h.parse::<std::net::IpAddr>().is_ok(),
     };
     if host.is_empty() || !(name(host) || address(host)) {
         return Err("is not host:port");
@@ -306,6 +303,9 @@ mod tests {
             &[],
             &[" , "],
             &["h;1:9092"],
+            &["[::1%eth 0]:9092"],
+            &["[::1%]:9092"],
+            &["[fe80::1%eth0/x]:9092"],
             &["*:9092"],
             &["h%:9092"],
             &["kafka\u{e9}:9092"],

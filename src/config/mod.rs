@@ -200,9 +200,28 @@ fn error_line(e: &figment::Error) -> String {
         let key = e.path.join(".").to_ascii_lowercase();
         return format!("{what} for key {key:?} in environment variable {var}");
     }
-    e.to_string()
+    let line = e
+        .to_string()
         .replacen(&kind, &what, 1)
-        .replace("for key \"default.", "for key \"")
+        .replace("for key \"default.", "for key \"");
+    without_source(&line)
+}
+
+/// A TOML parse error without the lines of the file it quotes: the line at fault may hold an
+/// API key pasted into `[[auth.keys]]` (as the key file's errors do, it keeps the line and
+/// column).
+fn without_source(message: &str) -> String {
+    if !message.starts_with("TOML parse error") {
+        return message.to_string();
+    }
+    let quoted = |l: &str| {
+        let l = l.trim_start();
+        l.starts_with('|')
+            || l.split_once(" |")
+                .is_some_and(|(n, _)| n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let kept: Vec<&str> = message.lines().filter(|l| !quoted(l)).collect();
+    kept.join("\n").replace("\n in ", " in ")
 }
 
 /// Settings given on the command line; they win over every other source.
@@ -365,6 +384,16 @@ mod tests {
         let error = super::Config::from_toml(&toml).unwrap_err().to_string();
         assert!(!error.contains(secret), "{error}");
         assert!(error.contains("auth.keys.0.rate"), "{error}");
+        // Nor in the line a parse error would quote, nor inside a value quoted in another
+        // (a list mistyped in KAFBOY_AUTH__KEYS comes back whole, its quotes escaped).
+        let unquoted = toml.replace(&format!("\"{secret}\""), secret);
+        let error = super::Config::from_toml(&unquoted).unwrap_err().to_string();
+        assert!(
+            !error.contains(secret) && error.contains("line 5"),
+            "{error}"
+        );
+        let nested = format!(r#"found string "[{{sha256=\"{secret}\"]", expected a sequence"#);
+        assert!(!crate::auth::elided(&nested).contains(secret));
         // Elsewhere a value is quoted whole: it is no secret, and says what is wrong.
         let error = super::Config::from_toml("[server]\nmax_records = \"a-long-bad-value\"")
             .unwrap_err()

@@ -20,17 +20,29 @@ pub struct TopicsConfig {
     pub overrides: BTreeMap<String, TopicOverride>,
 }
 
-/// [`crate::config::string_or_list`], but a blank entry is an error: dropped, it could leave the
-/// list empty, which allows every topic (a template's unset variable, `KAFBOY_TOPICS__ALLOW=`).
+/// [`crate::config::string_or_list`], but entries that are all blank, or a bare `*`, are an
+/// error: an empty list allows every topic, and a template's unset variable
+/// (`KAFBOY_TOPICS__ALLOW=`, `"${PREFIX}*"`) must not open them all without a word.
 fn allow_list<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
     let entries = crate::config::list_entries(de)?;
-    if entries.iter().any(|e| e.trim().is_empty()) {
+    let allow: Vec<String> = entries
+        .iter()
+        .map(|e| e.trim())
+        .filter(|e| !e.is_empty())
+        .map(String::from)
+        .collect();
+    if allow.is_empty() && !entries.is_empty() {
         return Err(serde::de::Error::custom(
-            "a blank entry; an empty list allows every topic: leave `allow` out (or write []) \
-             for that",
+            "only blank entries; an empty list allows every topic: leave `allow` out (or write \
+             []) for that",
         ));
     }
-    Ok(entries.iter().map(|e| e.trim().to_string()).collect())
+    if allow.iter().any(|e| e == "*") {
+        return Err(serde::de::Error::custom(
+            "`*` allows every topic: leave `allow` out (or write []) for that",
+        ));
+    }
+    Ok(allow)
 }
 
 /// Settings for one topic.
@@ -132,16 +144,18 @@ mod tests {
     use crate::Config;
 
     #[test]
-    fn a_blank_allow_entry_is_an_error_not_every_topic() {
+    fn an_allowlist_that_would_allow_every_topic_by_accident_is_an_error() {
         for bad in [
             "allow = [\"\"]",
-            "allow = [\" \", \"a\"]",
+            "allow = [\" \", \"\"]",
             "allow = \"\"",
-            "allow = \"a,,b\"",
+            "allow = \" , \"",
+            "allow = [\"*\"]",
+            "allow = \"a,*\"",
         ] {
             let error = Config::from_toml(&format!("[topics]\n{bad}")).err();
             assert!(
-                error.is_some_and(|e| e.to_string().contains("blank entry")),
+                error.is_some_and(|e| e.to_string().contains("allows every topic")),
                 "{bad}"
             );
         }
@@ -149,6 +163,9 @@ mod tests {
             ("allow = []", vec![]),
             ("allow = [\" a \", \"b*\"]", vec!["a", "b*"]),
             ("allow = \"a, b\"", vec!["a", "b"]),
+            // A blank beside real entries narrows nothing: an unset `${EXTRA}` in `a,${EXTRA}`.
+            ("allow = \"a,b,\"", vec!["a", "b"]),
+            ("allow = [\"a\", \"\"]", vec!["a"]),
         ] {
             let config = Config::from_toml(&format!("[topics]\n{good}")).unwrap();
             assert_eq!(config.topics.allow, want, "{good}");

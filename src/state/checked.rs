@@ -200,7 +200,7 @@ fn check_ranges(config: &Config) -> Result<(), String> {
         );
     }
     // A multicast or broadcast address binds, and no client can connect to it.
-    let unreachable = |ip: std::net::IpAddr| match ip {
+    let unreachable = |ip: std::net::IpAddr| match ip.to_canonical() {
         std::net::IpAddr::V4(v4) => v4.is_multicast() || v4.is_broadcast(),
         std::net::IpAddr::V6(v6) => v6.is_multicast(),
     };
