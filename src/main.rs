@@ -365,8 +365,19 @@ async fn serve(config: Config) -> ExitCode {
 fn warn_of(config: &Config, addr: std::net::SocketAddr) {
     let listeners = 1 + usize::from(config.server.admin_listen.is_some());
     kafboy::listener::warn_if_few_files(config.server.max_connections.saturating_mul(listeners));
-    if !addr.ip().is_loopback() && config.auth.keys.is_empty() && config.auth.keys_file.is_none() {
-        tracing::warn!(%addr, "auth is off and kafboy listens beyond loopback: anyone who can reach it can write; see docs/SECURITY.md");
+    let auth_off = config.auth.keys.is_empty() && config.auth.keys_file.is_none();
+    // With client certificates required, only their holders can write: a different warning.
+    let certificates = config
+        .server
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca.is_some());
+    if !addr.ip().is_loopback() && auth_off {
+        if certificates {
+            tracing::warn!(%addr, "no API keys: every holder of a certificate server.tls.client_ca admits can write to every topic; see docs/SECURITY.md");
+        } else {
+            tracing::warn!(%addr, "auth is off and kafboy listens beyond loopback: anyone who can reach it can write; see docs/SECURITY.md");
+        }
     }
     for setting in kafboy::config::batch_waits_past_sync_timeout(config) {
         tracing::warn!(%setting, "not below server.sync_timeout: a /batch/sync request whose batch does not fill first is answered 504, and its record written after");

@@ -119,6 +119,9 @@ fn build(files: &TlsConfig) -> Result<(ServerConfig, CertificateDer<'static>), S
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in read_certs(ca).map_err(|e| format!("server.tls.client_ca {e}"))? {
+                if let Some(why) = not_an_issuer(&cert) {
+                    return Err(format!("server.tls.client_ca {}: {why}", ca.display()));
+                }
                 roots
                     .add(cert)
                     .map_err(|e| format!("server.tls.client_ca {}: {e}", ca.display()))?;
@@ -161,6 +164,31 @@ fn warn_if_not_valid_now(path: &Path, leaf: &CertificateDer<'_>) {
     if let Some(why) = not_valid_now(leaf) {
         tracing::warn!(cert = %path.display(), "server.tls.cert {why}: clients will refuse it");
     }
+}
+
+/// Why `cert`, in `client_ca`, may not issue client certificates, if it may not: rustls takes
+/// any certificate there as a trust anchor, so a client's own certificate pinned there (marked
+/// not a CA) would let its holder sign a certificate with any other client's subject, and be
+/// that client. (One x509-parser cannot read is left to rustls.)
+fn not_an_issuer(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let subject = parsed.subject().to_string();
+    if let Ok(Some(basic)) = parsed.basic_constraints()
+        && !basic.value.ca
+    {
+        return Some(format!(
+            "{subject} is marked not a CA (CA:FALSE); list the CA that issues client certificates"
+        ));
+    }
+    if let Ok(Some(usage)) = parsed.key_usage()
+        && !usage.value.key_cert_sign()
+    {
+        return Some(format!(
+            "{subject} may not sign certificates (no keyCertSign); list the CA that issues \
+             client certificates"
+        ));
+    }
+    None
 }
 
 /// Whether `leaf`'s validity has ended; `None` when x509-parser cannot read it.
@@ -420,5 +448,38 @@ mod resumption_tests {
             assert_eq!(handshake(&server, &client), HandshakeKind::Full);
             assert_eq!(handshake(&server, &client), second, "client_ca: {mtls}");
         }
+    }
+
+    #[test]
+    fn a_certificate_that_may_not_issue_is_no_client_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, _) = setup(dir.path(), true);
+        // A client's own certificate, pinned: marked not a CA, or not to sign certificates.
+        for (ca, usages) in [
+            (IsCa::ExplicitNoCa, vec![]),
+            (
+                IsCa::Ca(BasicConstraints::Unconstrained),
+                vec![rcgen::KeyUsagePurpose::DigitalSignature],
+            ),
+        ] {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = ca;
+            params.key_usages = usages;
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "partner-b");
+            let pinned = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+            let ca_pem = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+            let bundle = dir.path().join("bundle.pem");
+            std::fs::write(&bundle, format!("{ca_pem}{}", pinned.pem())).unwrap();
+            let files = TlsConfig {
+                client_ca: Some(bundle),
+                ..files.clone()
+            };
+            let error = build(&files).err().unwrap_or_default();
+            assert!(error.contains("CN=partner-b"), "{error}");
+        }
+        // The CA itself is one.
+        assert!(build(&files).is_ok());
     }
 }
