@@ -232,8 +232,28 @@ fn check_host(host: &str) -> Result<(), &'static str> {
     {
         return Err("has a port that is not 1 to 65535");
     }
+    if port.is_some_and(|p| p.starts_with('0')) {
+        return Err("writes its port with a leading zero, which browsers leave out");
+    }
+    // Browsers send an address in one form: IPv4 as four decimal numbers (`127.1` and
+    // `0x7f.0.0.1` become `127.0.0.1`), IPv6 compressed, in hexadecimal only.
+    let canonical_v4 = |n: &str| {
+        n.parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| a.to_string() == n)
+    };
+    let numeric = |n: &str| {
+        n.rsplit('.')
+            .find(|label| !label.is_empty())
+            .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()) || last.starts_with("0x"))
+    };
     let ok = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
-        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        Some(v6) => {
+            !v6.contains('.')
+                && v6
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok_and(|a| a.to_string() == v6)
+        }
+        None if numeric(name) => canonical_v4(name),
         None => {
             !name.is_empty()
                 && name
@@ -332,6 +352,13 @@ mod tests {
             "javascript://x",
             "1http://x",
             "http://[::1",
+            "https://app.example:08443",
+            "https://app.example:0443",
+            "http://127.1",
+            "http://0x7f.0.0.1",
+            "http://2130706433",
+            "http://[0:0:0:0:0:0:0:1]",
+            "http://[::ffff:127.0.0.1]",
         ] {
             let err = Cors::new(&config(&[bad], &[])).err().unwrap();
             assert!(err.contains(bad), "{bad}: {err}");
