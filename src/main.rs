@@ -372,9 +372,9 @@ fn warn_of(config: &Config, addr: std::net::SocketAddr) {
         .tls
         .as_ref()
         .is_some_and(|t| t.client_ca.is_some());
-    if !addr.ip().is_loopback() && auth_off {
+    if !addr.ip().to_canonical().is_loopback() && auth_off {
         if certificates {
-            tracing::warn!(%addr, "no API keys: every holder of a certificate server.tls.client_ca admits can write to every topic; see docs/SECURITY.md");
+            tracing::warn!(%addr, "no API keys: every holder of a certificate server.tls.client_ca admits can write to any topic topics.allow admits; see docs/SECURITY.md");
         } else {
             tracing::warn!(%addr, "auth is off and kafboy listens beyond loopback: anyone who can reach it can write; see docs/SECURITY.md");
         }

@@ -173,22 +173,32 @@ fn warn_if_not_valid_now(path: &Path, leaf: &CertificateDer<'_>) {
 fn not_an_issuer(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let subject = parsed.subject().to_string();
-    if let Ok(Some(basic)) = parsed.basic_constraints()
-        && !basic.value.ca
-    {
-        return Some(format!(
-            "{subject} is marked not a CA (CA:FALSE); list the CA that issues client certificates"
+    let why = |what: &str| format!("{subject} {what}; list the CA that issues client certificates");
+    // Either extension unreadable is refused too: webpki does not read them in an anchor, and
+    // x509-parser reports an unreadable basic constraints as none.
+    use x509_parser::extensions::ParsedExtension;
+    use x509_parser::oid_registry::{OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE};
+    let unreadable = parsed.extensions().iter().any(|e| {
+        (e.oid == OID_X509_EXT_BASIC_CONSTRAINTS || e.oid == OID_X509_EXT_KEY_USAGE)
+            && matches!(e.parsed_extension(), ParsedExtension::ParseError { .. })
+    });
+    if unreadable {
+        return Some(why(
+            "has basic constraints or a key usage that cannot be read",
         ));
     }
-    if let Ok(Some(usage)) = parsed.key_usage()
-        && !usage.value.key_cert_sign()
-    {
-        return Some(format!(
-            "{subject} may not sign certificates (no keyCertSign); list the CA that issues \
-             client certificates"
-        ));
+    match parsed.basic_constraints() {
+        Ok(Some(basic)) if !basic.value.ca => return Some(why("is marked not a CA (CA:FALSE)")),
+        Err(_) => return Some(why("has basic constraints that cannot be read")),
+        _ => {}
     }
-    None
+    match parsed.key_usage() {
+        Ok(Some(usage)) if !usage.value.key_cert_sign() => {
+            Some(why("may not sign certificates (no keyCertSign)"))
+        }
+        Err(_) => Some(why("has a key usage that cannot be read")),
+        _ => None,
+    }
 }
 
 /// Whether `leaf`'s validity has ended; `None` when x509-parser cannot read it.
@@ -455,16 +465,26 @@ mod resumption_tests {
         let dir = tempfile::tempdir().unwrap();
         let (files, _) = setup(dir.path(), true);
         // A client's own certificate, pinned: marked not a CA, or not to sign certificates.
-        for (ca, usages) in [
-            (IsCa::ExplicitNoCa, vec![]),
+        // A key usage that is no bit string: unreadable, so not known to allow signing.
+        let unreadable =
+            rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 15], vec![0x04, 0x01, 0x00]);
+        for (ca, usages, custom) in [
+            (IsCa::ExplicitNoCa, vec![], vec![]),
             (
                 IsCa::Ca(BasicConstraints::Unconstrained),
                 vec![rcgen::KeyUsagePurpose::DigitalSignature],
+                vec![],
+            ),
+            (
+                IsCa::Ca(BasicConstraints::Unconstrained),
+                vec![],
+                vec![unreadable],
             ),
         ] {
             let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
             params.is_ca = ca;
             params.key_usages = usages;
+            params.custom_extensions = custom;
             params
                 .distinguished_name
                 .push(DnType::CommonName, "partner-b");

@@ -200,6 +200,10 @@ fn config_errors_exit_64_and_name_the_key() {
         ("[[routes]]\npath = \"/a//:topic\"\nmode = \"async\"".into(), "empty segment"),
         ("[server]\nlisten = \"224.0.0.1:8000\"".into(), "server.listen"),
         ("[server]\nlisten = \"[::ffff:224.0.0.1]:8000\"".into(), "server.listen"),
+        (
+            "[server]\nlisten = \"127.0.0.1:8000\"\nadmin_listen = \"[::ffff:127.0.0.1]:8000\"".into(),
+            "server.admin_listen",
+        ),
         ("[kafka]\nbrokers = [\"h;1:9092\"]".into(), "kafka.brokers"),
         ("[spool]\ndir = \"/tmp\"\ncommit_interval = \"10m\"".into(), "spool.commit_interval"),
         (

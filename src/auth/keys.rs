@@ -195,22 +195,25 @@ pub(crate) fn elided(message: &str) -> String {
     let mut rest = message;
     while let Some(open) = rest.find(['"', '`']) {
         let quote = rest[open..].chars().next().unwrap_or('"');
-        // The closing quote is the first one not escaped: a value quoted inside another comes
-        // as `\"`.
+        // The closing quote is the first one not escaped. Only `"` spans escape (they are
+        // Rust's debug form, where a value quoted inside another comes as `\"`); backtick
+        // spans are written raw.
         let inside = &rest[open + 1..];
-        let Some(len) = inside
+        let close = inside
             .char_indices()
             .scan(false, |escaped, (i, c)| {
                 let close = c == quote && !*escaped;
-                *escaped = c == '\\' && !*escaped;
+                *escaped = quote == '"' && c == '\\' && !*escaped;
                 Some((i, close))
             })
-            .find_map(|(i, close)| close.then_some(i))
-        else {
-            break;
-        };
-        let inner = &rest[open + 1..open + 1 + len];
+            .find_map(|(i, close)| close.then_some(i));
         out.push_str(&rest[..=open]);
+        let Some(len) = close else {
+            // Never closed: whatever follows is left out.
+            out.push('…');
+            return out;
+        };
+        let inner = &inside[..len];
         out.push_str(if inner.chars().count() > 12 {
             "…"
         } else {

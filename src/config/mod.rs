@@ -221,7 +221,8 @@ fn without_source(message: &str) -> String {
                 .is_some_and(|(n, _)| n.bytes().all(|b| b.is_ascii_digit()))
     };
     let kept: Vec<&str> = message.lines().filter(|l| !quoted(l)).collect();
-    kept.join("\n").replace("\n in ", " in ")
+    // The message itself may quote a key name (`duplicate key `kb_...``).
+    crate::auth::elided(&kept.join("\n").replace("\n in ", " in "))
 }
 
 /// Settings given on the command line; they win over every other source.
@@ -394,6 +395,12 @@ mod tests {
         );
         let nested = format!(r#"found string "[{{sha256=\"{secret}\"]", expected a sequence"#);
         assert!(!crate::auth::elided(&nested).contains(secret));
+        let raw = format!("duplicate field `{secret}\\` in `auth.keys`");
+        assert!(!crate::auth::elided(&raw).contains(secret), "{raw}");
+        // A key pasted as a key name, twice: the parse error names it.
+        let twice = format!("[[auth.keys]]\n{secret} = 1\n{secret} = 2\n");
+        let error = super::Config::from_toml(&twice).unwrap_err().to_string();
+        assert!(!error.contains(secret), "{error}");
         // Elsewhere a value is quoted whole: it is no secret, and says what is wrong.
         let error = super::Config::from_toml("[server]\nmax_records = \"a-long-bad-value\"")
             .unwrap_err()

@@ -241,24 +241,40 @@ fn check_host(host: &str) -> Result<(), &'static str> {
         n.parse::<std::net::Ipv4Addr>()
             .is_ok_and(|a| a.to_string() == n)
     };
+    // WHATWG's "ends in a number": the last label (one trailing dot dropped) all digits, or
+    // `0x` and hexadecimal digits.
     let numeric = |n: &str| {
-        n.rsplit('.')
-            .find(|label| !label.is_empty())
-            .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()) || last.starts_with("0x"))
+        let last = n
+            .strip_suffix('.')
+            .unwrap_or(n)
+            .rsplit('.')
+            .next()
+            .unwrap_or("");
+        !last.is_empty()
+            && (last.bytes().all(|b| b.is_ascii_digit())
+                || last
+                    .strip_prefix("0x")
+                    .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit())))
+    };
+    // WHATWG writes every IPv6 address in hexadecimal groups, an IPv4-mapped one too
+    // (`::ffff:7f00:1`), where Rust writes that one with a dotted tail.
+    let whatwg = |a: std::net::Ipv6Addr| match a.to_ipv4_mapped() {
+        Some(_) => format!("::ffff:{:x}:{:x}", a.segments()[6], a.segments()[7]),
+        None => a.to_string(),
     };
     let ok = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
         Some(v6) => {
             !v6.contains('.')
                 && v6
                     .parse::<std::net::Ipv6Addr>()
-                    .is_ok_and(|a| a.to_string() == v6)
+                    .is_ok_and(|a| whatwg(a) == v6)
         }
         None if numeric(name) => canonical_v4(name),
         None => {
             !name.is_empty()
                 && name
                     .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
         }
     };
     if !ok {
@@ -328,6 +344,9 @@ mod tests {
             "*",
             "https://a.example:8443",
             "http://[::1]:8080",
+            "http://[::ffff:7f00:1]",
+            "http://0xproxy:8080",
+            "http://web_app:3000",
             "https://xn--bcher-kva.example",
             "chrome-extension://abcdefghijklmnop",
         ] {

@@ -216,12 +216,13 @@ fn check_ranges(config: &Config) -> Result<(), String> {
     }
     // The same port on the same address, or on any address when either is a wildcard
     // (0.0.0.0 or [::] takes the port on every address): the second bind would fail at start.
+    // (`[::ffff:127.0.0.1]` is 127.0.0.1.)
+    let (listen_ip, port) = (s.listen.ip().to_canonical(), s.listen.port());
     if s.admin_listen.is_some_and(|a| {
-        a.port() == s.listen.port()
-            && a.port() != 0
-            && (a.ip() == s.listen.ip()
-                || a.ip().is_unspecified()
-                || s.listen.ip().is_unspecified())
+        let ip = a.ip().to_canonical();
+        a.port() == port
+            && port != 0
+            && (ip == listen_ip || ip.is_unspecified() || listen_ip.is_unspecified())
     }) {
         return Err("server.admin_listen must not take server.listen's port".into());
     }
