@@ -125,6 +125,9 @@ pub struct Topics {
     refusals: Arc<WriteRefusals>,
     /// Misses remembered since [`make_room`] last counted them.
     misses: AtomicUsize,
+    /// Topics known once that the brokers no longer list, with the partitions they were used
+    /// with: created again, they start from those ([`refresh::listed_anew`]).
+    gone: std::sync::Mutex<HashMap<String, i32>>,
 }
 
 impl Topics {
@@ -149,6 +152,7 @@ impl Topics {
             by_name,
             refusals,
             misses: AtomicUsize::new(0),
+            gone: std::sync::Mutex::default(),
         }
     }
 
@@ -232,7 +236,8 @@ impl Topics {
         }
         let answer = match listed {
             Some((_, Listed::Partitions(partitions))) if partitions > 0 => {
-                let info = Arc::new(TopicInfo::with_partitions(partitions));
+                let info = refresh::listed_anew(&mut crate::lock(&self.gone), topic, partitions);
+                let info = Arc::new(info);
                 entries.insert(topic.to_string(), Entry::Known(info.clone()));
                 return Ok(info);
             }
@@ -456,6 +461,37 @@ mod tests {
             Some(Entry::Refused(_, LookupError::Unknown))
         ));
         assert!(!fresh.contains_key("new") && !fresh.contains_key("dropped"));
+    }
+
+    #[test]
+    fn a_topic_created_again_with_more_partitions_starts_from_those_it_had() {
+        use super::refresh::{listed_anew, merged_with};
+        let known = |p| Entry::Known(Arc::new(TopicInfo::with_partitions(p)));
+        let counts = |entries: &HashMap<String, Entry>| match entries.get("t") {
+            Some(Entry::Known(info)) => (info.partitions, info.added),
+            _ => panic!("t is not known"),
+        };
+        let listed = |p| vec![("t".to_string(), Listed::Partitions(p))];
+        let mut gone = HashMap::new();
+        let mut entries = HashMap::from([("t".to_string(), known(2))]);
+        // Deleted: no longer listed, remembered with its count.
+        let mut fresh = merged_with(&mut entries, vec![], TTL, &mut gone);
+        assert!(!fresh.contains_key("t"));
+        assert_eq!(gone.get("t"), Some(&2));
+        // Created again with four: the producers may know only two until the next refresh.
+        let mut fresh = merged_with(&mut fresh, listed(4), TTL, &mut gone);
+        assert_eq!(counts(&fresh), (2, 4));
+        let fresh = merged_with(&mut fresh, listed(4), TTL, &mut gone);
+        assert_eq!(counts(&fresh), (4, 0));
+        // A lookup that finds it first does the same; created with fewer, or never known, the
+        // listed count holds at once.
+        gone.insert("t".into(), 2);
+        let info = listed_anew(&mut gone, "t", 4);
+        assert_eq!((info.partitions, info.added), (2, 4));
+        assert!(gone.is_empty());
+        gone.insert("t".into(), 8);
+        assert_eq!(listed_anew(&mut gone, "t", 4).partitions, 4);
+        assert_eq!(listed_anew(&mut gone, "u", 4).partitions, 4);
     }
 
     #[test]

@@ -35,7 +35,10 @@ impl Topics {
                 return true;
             };
             match listed.get(name) {
-                None => false,
+                None => {
+                    remember_gone(&mut crate::lock(&self.gone), name, info.partitions);
+                    false
+                }
                 Some(Listed::Partitions(p)) if *p > 0 && *p < info.partitions => {
                     *info = Arc::new(TopicInfo::with_partitions(*p));
                     true
@@ -50,7 +53,8 @@ impl Topics {
     pub fn refresh_all(&self) -> Result<usize, String> {
         let found = self.fetch(None, self.timeout)?;
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        let fresh = merged(&mut entries, found, self.missing_ttl);
+        let mut gone = crate::lock(&self.gone);
+        let fresh = merged_with(&mut entries, found, self.missing_ttl, &mut gone);
         let count = fresh.len();
         *entries = fresh;
         self.fetched.store(true, Ordering::Release);
@@ -86,10 +90,51 @@ impl Topics {
 /// while their partition count is unchanged), known topics between leaders kept as they were,
 /// missing and refused ones remembered until their TTL (`ttl`) runs out, listed or not: a topic
 /// kafboy may describe but not write is listed like any other.
+#[cfg(test)]
 pub(super) fn merged(
     entries: &mut HashMap<String, Entry>,
     found: Vec<(String, Listed)>,
     ttl: Duration,
+) -> HashMap<String, Entry> {
+    merged_with(entries, found, ttl, &mut HashMap::new())
+}
+
+/// Most topics remembered as gone ([`Topics::gone`]); past it they are forgotten, and one
+/// created again is used with its listed count at once.
+const MAX_GONE: usize = 10_000;
+
+/// Remembers that `name`, used with `partitions`, is gone.
+pub(super) fn remember_gone(gone: &mut HashMap<String, i32>, name: &str, partitions: i32) {
+    if gone.len() >= MAX_GONE {
+        gone.clear();
+    }
+    gone.insert(name.to_string(), partitions);
+}
+
+/// A topic newly listed with `partitions`: if it was known with fewer before it went (deleted
+/// and created again), the producers may still know only those, so the rest are used from the
+/// next refresh, as partitions added to a topic are (see [`TopicInfo::added`]).
+pub(super) fn listed_anew(
+    gone: &mut HashMap<String, i32>,
+    name: &str,
+    partitions: i32,
+) -> TopicInfo {
+    match gone.remove(name) {
+        Some(before) if before > 0 && before < partitions => TopicInfo {
+            partitions: before,
+            added: partitions,
+            ..TopicInfo::default()
+        },
+        _ => TopicInfo::with_partitions(partitions),
+    }
+}
+
+/// [`merged`], remembering in `gone` the known topics the answer no longer lists.
+pub(super) fn merged_with(
+    entries: &mut HashMap<String, Entry>,
+    found: Vec<(String, Listed)>,
+    ttl: Duration,
+    gone: &mut HashMap<String, i32>,
 ) -> HashMap<String, Entry> {
     let mut fresh = HashMap::with_capacity(found.len());
     let mut usable = Vec::with_capacity(found.len());
@@ -125,14 +170,22 @@ pub(super) fn merged(
                     ..TopicInfo::default()
                 })
             }
-            _ => Arc::new(TopicInfo::with_partitions(partitions)),
+            Some(Entry::Known(_)) => Arc::new(TopicInfo::with_partitions(partitions)),
+            _ => Arc::new(listed_anew(gone, &name, partitions)),
         };
         fresh.insert(name, Entry::Known(info));
     }
-    // Topics still missing or refused are remembered until their TTL runs out.
+    // Topics still missing or refused are remembered until their TTL runs out; known ones no
+    // longer listed, as gone.
     for (name, entry) in entries.drain() {
-        if let Entry::Refused(..) = entry {
-            fresh.entry(name).or_insert(entry);
+        match entry {
+            Entry::Refused(..) => {
+                fresh.entry(name).or_insert(entry);
+            }
+            Entry::Known(info) if !fresh.contains_key(&name) => {
+                remember_gone(gone, &name, info.partitions)
+            }
+            Entry::Known(_) => {}
         }
     }
     fresh
