@@ -31,6 +31,9 @@ pub struct TopicInfo {
     /// refresh, as often as kafboy's; records spread over partitions some producer lacks would
     /// be refused midway through a request, after others of it were queued.
     pub added: i32,
+    /// `added` was set by a lookup, not a refresh: it waits for the refresh after the next,
+    /// since the next one may come at any moment after the lookup.
+    pub(super) added_by_lookup: bool,
     /// State of the round-robin and sticky strategies.
     pub rotation: Rotation,
     /// What a listing said of the topic when a request named a partition past `partitions`
@@ -236,7 +239,9 @@ impl Topics {
         }
         let answer = match listed {
             Some((_, Listed::Partitions(partitions))) if partitions > 0 => {
-                let info = refresh::listed_anew(&mut crate::lock(&self.gone), topic, partitions);
+                let mut info =
+                    refresh::listed_anew(&mut crate::lock(&self.gone), topic, partitions);
+                info.added_by_lookup = info.added > 0;
                 let info = Arc::new(info);
                 entries.insert(topic.to_string(), Entry::Known(info.clone()));
                 return Ok(info);
@@ -488,6 +493,16 @@ mod tests {
         gone.insert("t".into(), 2);
         let info = listed_anew(&mut gone, "t", 4);
         assert_eq!((info.partitions, info.added), (2, 4));
+        // Seen first by a lookup, the next refresh may come at once: the one after uses them.
+        let looked_up = TopicInfo {
+            added_by_lookup: true,
+            ..info
+        };
+        let mut entries = HashMap::from([("t".to_string(), Entry::Known(Arc::new(looked_up)))]);
+        let mut fresh = merged_with(&mut entries, listed(4), TTL, &mut gone);
+        assert_eq!(counts(&fresh), (2, 4));
+        let fresh = merged_with(&mut fresh, listed(4), TTL, &mut gone);
+        assert_eq!(counts(&fresh), (4, 0));
         assert!(gone.is_empty());
         gone.insert("t".into(), 8);
         assert_eq!(listed_anew(&mut gone, "t", 4).partitions, 4);

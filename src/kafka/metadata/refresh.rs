@@ -86,10 +86,7 @@ impl Topics {
     }
 }
 
-/// The cache after a full metadata answer: listed topics known (keeping their rotation state
-/// while their partition count is unchanged), known topics between leaders kept as they were,
-/// missing and refused ones remembered until their TTL (`ttl`) runs out, listed or not: a topic
-/// kafboy may describe but not write is listed like any other.
+/// [`merged_with`], forgetting what went.
 #[cfg(test)]
 pub(super) fn merged(
     entries: &mut HashMap<String, Entry>,
@@ -129,7 +126,11 @@ pub(super) fn listed_anew(
     }
 }
 
-/// [`merged`], remembering in `gone` the known topics the answer no longer lists.
+/// The cache after a full metadata answer: listed topics known (keeping their rotation state
+/// while their partition count is unchanged), known topics between leaders kept as they were,
+/// missing and refused ones remembered until their TTL (`ttl`) runs out, listed or not: a topic
+/// kafboy may describe but not write is listed like any other.
+/// Known topics the answer no longer lists go into `gone`.
 pub(super) fn merged_with(
     entries: &mut HashMap<String, Entry>,
     found: Vec<(String, Listed)>,
@@ -163,7 +164,10 @@ pub(super) fn merged_with(
             }
             Some(Entry::Known(old)) if old.partitions == partitions => old,
             // Added since the last refresh: used from the next one.
-            Some(Entry::Known(old)) if partitions > old.partitions && old.added != partitions => {
+            Some(Entry::Known(old))
+                if partitions > old.partitions
+                    && (old.added != partitions || old.added_by_lookup) =>
+            {
                 Arc::new(TopicInfo {
                     partitions: old.partitions,
                     added: partitions,
