@@ -154,10 +154,9 @@ fn overlaps(a: &str, b: &str) -> bool {
 /// The path two overlapping patterns both match, each `{topic}` taken from the other (one
 /// `{topic}` per route: where both have it, the rest is equal and the patterns clash).
 fn shared_path(a: &str, b: &str) -> String {
-    let (a, b) = (shape(a), shape(b));
-    let segments: Vec<&str> = a
-        .split('/')
-        .zip(b.split('/'))
+    let segments: Vec<String> = segment_pairs(a, b)
+        .into_iter()
+        .flatten()
         .map(|(x, y)| if x == "{}" { y } else { x })
         .collect();
     format!("/{}", segments.join("/"))

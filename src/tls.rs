@@ -178,27 +178,28 @@ fn not_an_issuer(cert: &CertificateDer<'_>) -> Option<String> {
     // x509-parser reports an unreadable basic constraints as none.
     use x509_parser::extensions::ParsedExtension;
     use x509_parser::oid_registry::{OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE};
-    let unreadable = parsed.extensions().iter().any(|e| {
-        (e.oid == OID_X509_EXT_BASIC_CONSTRAINTS || e.oid == OID_X509_EXT_KEY_USAGE)
-            && matches!(e.parsed_extension(), ParsedExtension::ParseError { .. })
-    });
+    let unreadable = parsed.basic_constraints().is_err()
+        || parsed.key_usage().is_err()
+        || parsed.extensions().iter().any(|e| {
+            (e.oid == OID_X509_EXT_BASIC_CONSTRAINTS || e.oid == OID_X509_EXT_KEY_USAGE)
+                && matches!(e.parsed_extension(), ParsedExtension::ParseError { .. })
+        });
     if unreadable {
         return Some(why(
             "has basic constraints or a key usage that cannot be read",
         ));
     }
-    match parsed.basic_constraints() {
-        Ok(Some(basic)) if !basic.value.ca => return Some(why("is marked not a CA (CA:FALSE)")),
-        Err(_) => return Some(why("has basic constraints that cannot be read")),
-        _ => {}
+    if let Ok(Some(basic)) = parsed.basic_constraints()
+        && !basic.value.ca
+    {
+        return Some(why("is marked not a CA (CA:FALSE)"));
     }
-    match parsed.key_usage() {
-        Ok(Some(usage)) if !usage.value.key_cert_sign() => {
-            Some(why("may not sign certificates (no keyCertSign)"))
-        }
-        Err(_) => Some(why("has a key usage that cannot be read")),
-        _ => None,
+    if let Ok(Some(usage)) = parsed.key_usage()
+        && !usage.value.key_cert_sign()
+    {
+        return Some(why("may not sign certificates (no keyCertSign)"));
     }
+    None
 }
 
 /// Whether `leaf`'s validity has ended; `None` when x509-parser cannot read it.

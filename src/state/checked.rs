@@ -199,33 +199,6 @@ fn check_ranges(config: &Config) -> Result<(), String> {
             "server.max_body_buffer_bytes must be at least twice server.max_body_bytes".into(),
         );
     }
-    // A multicast or broadcast address binds, and no client can connect to it.
-    let unreachable = |ip: std::net::IpAddr| match ip.to_canonical() {
-        std::net::IpAddr::V4(v4) => v4.is_multicast() || v4.is_broadcast(),
-        std::net::IpAddr::V6(v6) => v6.is_multicast(),
-    };
-    for (name, address) in [
-        ("server.listen", Some(s.listen)),
-        ("server.admin_listen", s.admin_listen),
-    ] {
-        if address.is_some_and(|a| unreachable(a.ip())) {
-            return Err(format!(
-                "{name} is a multicast or broadcast address, which no client can connect to"
-            ));
-        }
-    }
-    // The same port on the same address, or on any address when either is a wildcard
-    // (0.0.0.0 or [::] takes the port on every address): the second bind would fail at start.
-    // (`[::ffff:127.0.0.1]` is 127.0.0.1.)
-    let (listen_ip, port) = (s.listen.ip().to_canonical(), s.listen.port());
-    if s.admin_listen.is_some_and(|a| {
-        let ip = a.ip().to_canonical();
-        a.port() == port
-            && port != 0
-            && (ip == listen_ip || ip.is_unspecified() || listen_ip.is_unspecified())
-    }) {
-        return Err("server.admin_listen must not take server.listen's port".into());
-    }
     // TOML integers are 64-bit signed: past that, `check-config` could not print the setting
     // (only an environment variable can set one), and no machine has that much of anything.
     let sp = &config.spool;
@@ -260,6 +233,38 @@ fn check_ranges(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the listeners bind: addresses a client can reach, and ports that do not collide.
+fn check_listen(s: &crate::config::ServerConfig) -> Result<(), String> {
+    // A multicast or broadcast address binds, and no client can connect to it.
+    let unreachable = |ip: std::net::IpAddr| match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.is_multicast() || v4.is_broadcast(),
+        std::net::IpAddr::V6(v6) => v6.is_multicast(),
+    };
+    for (name, address) in [
+        ("server.listen", Some(s.listen)),
+        ("server.admin_listen", s.admin_listen),
+    ] {
+        if address.is_some_and(|a| unreachable(a.ip())) {
+            return Err(format!(
+                "{name} is a multicast or broadcast address, which no client can connect to"
+            ));
+        }
+    }
+    // The same port on the same address, or on any address when either is a wildcard
+    // (0.0.0.0 or [::] takes the port on every address): the second bind would fail at start.
+    // (`[::ffff:127.0.0.1]` is 127.0.0.1.)
+    let (listen_ip, port) = (s.listen.ip().to_canonical(), s.listen.port());
+    if s.admin_listen.is_some_and(|a| {
+        let ip = a.ip().to_canonical();
+        a.port() == port
+            && port != 0
+            && (ip == listen_ip || ip.is_unspecified() || listen_ip.is_unspecified())
+    }) {
+        return Err("server.admin_listen must not take server.listen's port".into());
+    }
+    Ok(())
+}
+
 /// The parts of a config that are checked and compiled before any producer exists.
 pub(super) struct Checked {
     pub(super) routes: Vec<(Arc<Route>, crate::ingest::RouteHook)>,
@@ -285,6 +290,7 @@ impl Checked {
             return Err("server.max_json_depth must be between 1 and 127".into());
         }
         check_ranges(config)?;
+        check_listen(&config.server)?;
         config.kafka.check_brokers()?;
         check_librdkafka_ranges(config)?;
         check_auto_create(config)?;
